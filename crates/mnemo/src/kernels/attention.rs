@@ -1,0 +1,340 @@
+//! Fused causal attention with an online softmax (FlashAttention-2 style, Dao 2023) on CPU.
+//!
+//! `O = softmax(Q·Kᵀ/√d_h + causal mask)·V`, computed block by block so that memory stays
+//! `O(T·d_h)`: no `T×T` score matrix is ever stored. The forward pass keeps the row
+//! log-sum-exp `lse`; the backward pass recomputes each score block from it:
+//!
+//! ```text
+//! P = exp(S − lse),  dV += Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − D),  D = rowsum(dO ⊙ O)
+//! dQ += dS·K/√d_h,   dK += dSᵀ·Q/√d_h
+//! ```
+//!
+//! Grouped-query attention: query head `h` reads kv head `h / (H / KV)` (KV = 1 is MQA).
+//!
+//! Shapes: queries are rows of `batch·tq`, keys rows of `batch·tk`; row `r` of head `h` lives at
+//! `data[r·rs + off + h·d_h ..]` of a [`Heads`] view, so q, k and v can sit inside one fused
+//! `[q | k | v]` projection row. Query `i` of a sequence has absolute position `q_pos0 + i`,
+//! key `s` has position `s`, and `s` is visible to the query iff `s ≤ q_pos0 + i`
+//! (training: `q_pos0 = 0, tq = tk`; decoding with a KV cache: `q_pos0 = cached length`).
+//! Output `o: [batch·tq, H·d_h]`, `lse: [batch, H, tq]`.
+
+use super::matmul::{gemm_ptr, MatRef};
+use super::SendPtr;
+use rayon::prelude::*;
+
+/// Block size (queries and keys) of the tiled loops.
+pub const BLOCK: usize = 64;
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub q_pos0: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Strided per-head view: row `r`, head `h` at `data[r·rs + off + h·head_dim ..][..head_dim]`.
+#[derive(Clone, Copy)]
+pub struct Heads<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub off: usize,
+}
+
+impl<'a> Heads<'a> {
+    fn block(&self, row0: usize, rows: usize, head: usize, hd: usize) -> MatRef<'a> {
+        let start = row0 * self.rs + self.off + head * hd;
+        MatRef::strided(&self.data[start..], rows, hd, self.rs)
+    }
+}
+
+
+/// Forward pass. Parallel over (sequence, head, query block).
+pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse: &mut [f32]) {
+    let AttnDims { batch, tq, tk, q_pos0, n_heads, n_kv_heads, head_dim: hd } = dims;
+    assert!(n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
+    assert!(q_pos0 + tq <= tk, "queries reach past the keys");
+    assert_eq!(o.len(), batch * tq * n_heads * hd);
+    assert_eq!(lse.len(), batch * n_heads * tq);
+    let rep = n_heads / n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let nqb = tq.div_ceil(BLOCK);
+    let o_ptr = SendPtr(o.as_mut_ptr());
+    let lse_ptr = SendPtr(lse.as_mut_ptr());
+    let o_rs = n_heads * hd;
+    (0..batch * n_heads * nqb).into_par_iter().for_each(|task| {
+        let qb = task % nqb;
+        let h = (task / nqb) % n_heads;
+        let b = task / (nqb * n_heads);
+        let g = h / rep;
+        let t0 = qb * BLOCK;
+        let bq = BLOCK.min(tq - t0);
+        let last_pos = q_pos0 + t0 + bq - 1;
+        let qm = q.block(b * tq + t0, bq, h, hd);
+        let mut acc = vec![0.0f32; bq * hd];
+        let mut m = vec![f32::NEG_INFINITY; bq];
+        let mut l = vec![0.0f32; bq];
+        let mut s = vec![0.0f32; bq * BLOCK];
+        let mut s0 = 0;
+        while s0 <= last_pos {
+            let bk = BLOCK.min(tk - s0);
+            let km = k.block(b * tk + s0, bk, g, hd);
+            let vm = v.block(b * tk + s0, bk, g, hd);
+            // S = scale · Q Kᵀ  [bq, bk]
+            unsafe { gemm_ptr(s.as_mut_ptr(), bk, qm, km.t(), scale, false) };
+            for i in 0..bq {
+                let pos = q_pos0 + t0 + i;
+                let row = &mut s[i * bk..(i + 1) * bk];
+                let valid = (pos + 1).saturating_sub(s0).min(bk);
+                let mut mx = m[i];
+                for &x in &row[..valid] {
+                    mx = mx.max(x);
+                }
+                if mx == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let corr = (m[i] - mx).exp();
+                let mut sum = 0.0f32;
+                for x in row[..valid].iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                row[valid..].fill(0.0);
+                l[i] = l[i] * corr + sum;
+                m[i] = mx;
+                if corr != 1.0 {
+                    for a in &mut acc[i * hd..(i + 1) * hd] {
+                        *a *= corr;
+                    }
+                }
+            }
+            // acc += P V
+            unsafe {
+                gemm_ptr(acc.as_mut_ptr(), hd, MatRef::new(&s[..bq * bk], bq, bk), vm, 1.0, true)
+            };
+            s0 += BLOCK;
+        }
+        for i in 0..bq {
+            let inv = 1.0 / l[i];
+            let row = b * tq + t0 + i;
+            // SAFETY: (row, head h) columns and lse[b, h, t0+i] belong to this task only.
+            unsafe {
+                let dst = o_ptr.get().add(row * o_rs + h * hd);
+                for c in 0..hd {
+                    *dst.add(c) = acc[i * hd + c] * inv;
+                }
+                *lse_ptr.get().add((b * n_heads + h) * tq + t0 + i) = m[i] + l[i].ln();
+            }
+        }
+    });
+}
+
+/// Layout of a fused `[q | k | v]` projection buffer: row stride and column offsets.
+#[derive(Clone, Copy, Debug)]
+pub struct QkvLayout {
+    pub rs: usize,
+    pub q_off: usize,
+    pub k_off: usize,
+    pub v_off: usize,
+}
+
+/// Backward pass (training: `q_pos0 = 0`, `tq = tk`). Writes `dqkv` (same layout as `qkv`)
+/// entirely. Parallel over (sequence, kv head): each task owns the dq columns of its query heads
+/// and the dk/dv columns of its kv head, so the accumulation order is fixed.
+pub fn backward(dims: AttnDims, qkv: &[f32], lay: QkvLayout, o: &[f32], lse: &[f32], dout: &[f32], dqkv: &mut [f32]) {
+    let AttnDims { batch, tq, tk, q_pos0, n_heads, n_kv_heads, head_dim: hd } = dims;
+    assert!(q_pos0 == 0 && tq == tk, "attention backward supports training layout only");
+    assert_eq!(qkv.len(), dqkv.len());
+    let t = tq;
+    let rep = n_heads / n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let o_rs = n_heads * hd;
+    let nb = t.div_ceil(BLOCK);
+    let dptr = SendPtr(dqkv.as_mut_ptr());
+    let view = |off| Heads { data: qkv, rs: lay.rs, off };
+    let (qv, kv, vv) = (view(lay.q_off), view(lay.k_off), view(lay.v_off));
+    let dov = Heads { data: dout, rs: o_rs, off: 0 };
+    (0..batch * n_kv_heads).into_par_iter().for_each(|task| {
+        let b = task / n_kv_heads;
+        let g = task % n_kv_heads;
+        let base = b * t;
+        let d = dptr.get();
+        // Zero this task's columns of dq (heads of group g), dk and dv (kv head g).
+        for r in base..base + t {
+            unsafe {
+                let row = d.add(r * lay.rs);
+                std::ptr::write_bytes(row.add(lay.q_off + g * rep * hd), 0, rep * hd);
+                std::ptr::write_bytes(row.add(lay.k_off + g * hd), 0, hd);
+                std::ptr::write_bytes(row.add(lay.v_off + g * hd), 0, hd);
+            }
+        }
+        let mut p = vec![0.0f32; BLOCK * BLOCK];
+        let mut dp = vec![0.0f32; BLOCK * BLOCK];
+        let mut dsum = vec![0.0f32; t];
+        for h in g * rep..(g + 1) * rep {
+            for (i, ds) in dsum.iter_mut().enumerate() {
+                let orow = &o[(base + i) * o_rs + h * hd..][..hd];
+                let drow = &dout[(base + i) * o_rs + h * hd..][..hd];
+                *ds = orow.iter().zip(drow).map(|(a, b)| a * b).sum();
+            }
+            let lse_h = &lse[(b * n_heads + h) * t..][..t];
+            for kb in 0..nb {
+                let s0 = kb * BLOCK;
+                let bk = BLOCK.min(t - s0);
+                let km = kv.block(base + s0, bk, g, hd);
+                let vm = vv.block(base + s0, bk, g, hd);
+                let dk_ptr = unsafe { d.add((base + s0) * lay.rs + lay.k_off + g * hd) };
+                let dv_ptr = unsafe { d.add((base + s0) * lay.rs + lay.v_off + g * hd) };
+                for qb in kb..nb {
+                    let t0 = qb * BLOCK;
+                    let bq = BLOCK.min(t - t0);
+                    let qm = qv.block(base + t0, bq, h, hd);
+                    let dom = dov.block(base + t0, bq, h, hd);
+                    // P = exp(scale·Q Kᵀ − lse), masked.
+                    unsafe { gemm_ptr(p.as_mut_ptr(), bk, qm, km.t(), scale, false) };
+                    for i in 0..bq {
+                        let pos = t0 + i;
+                        let valid = (pos + 1).saturating_sub(s0).min(bk);
+                        let row = &mut p[i * bk..(i + 1) * bk];
+                        let li = lse_h[t0 + i];
+                        for x in row[..valid].iter_mut() {
+                            *x = (*x - li).exp();
+                        }
+                        row[valid..].fill(0.0);
+                    }
+                    let pm = MatRef::new(&p[..bq * bk], bq, bk);
+                    // dV += Pᵀ dO
+                    unsafe { gemm_ptr(dv_ptr, lay.rs, pm.t(), dom, 1.0, true) };
+                    // dP = dO Vᵀ
+                    unsafe { gemm_ptr(dp.as_mut_ptr(), bk, dom, vm.t(), 1.0, false) };
+                    // dS = P ⊙ (dP − D), stored in dp
+                    for i in 0..bq {
+                        let di = dsum[t0 + i];
+                        for j in 0..bk {
+                            dp[i * bk + j] = p[i * bk + j] * (dp[i * bk + j] - di);
+                        }
+                    }
+                    let dsm = MatRef::new(&dp[..bq * bk], bq, bk);
+                    // dQ += scale · dS K ; dK += scale · dSᵀ Q
+                    unsafe {
+                        let dq_ptr = d.add((base + t0) * lay.rs + lay.q_off + h * hd);
+                        gemm_ptr(dq_ptr, lay.rs, dsm, km, scale, true);
+                        gemm_ptr(dk_ptr, lay.rs, dsm.t(), qm, scale, true);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Reference implementation (materialises the score matrix); used by tests only.
+#[cfg(test)]
+pub fn naive_forward(dims: AttnDims, q: Heads, k: Heads, v: Heads) -> Vec<f32> {
+    let AttnDims { batch, tq, tk, q_pos0, n_heads, n_kv_heads, head_dim: hd } = dims;
+    let rep = n_heads / n_kv_heads;
+    let mut o = vec![0.0f32; batch * tq * n_heads * hd];
+    for b in 0..batch {
+        for h in 0..n_heads {
+            let g = h / rep;
+            for i in 0..tq {
+                let qr = &q.data[(b * tq + i) * q.rs + q.off + h * hd..][..hd];
+                let pos = q_pos0 + i;
+                let mut sc: Vec<f64> = (0..=pos)
+                    .map(|s| {
+                        let kr = &k.data[(b * tk + s) * k.rs + k.off + g * hd..][..hd];
+                        qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let mx = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut z = 0.0;
+                for x in sc.iter_mut() {
+                    *x = (*x - mx).exp();
+                    z += *x;
+                }
+                for c in 0..hd {
+                    let mut acc = 0.0;
+                    for (s, w) in sc.iter().enumerate() {
+                        acc += w / z * v.data[(b * tk + s) * v.rs + v.off + g * hd + c] as f64;
+                    }
+                    o[(b * tq + i) * n_heads * hd + h * hd + c] = acc as f32;
+                }
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gradcheck::check;
+    use crate::rng::Rng;
+
+    fn setup(batch: usize, t: usize, h: usize, kv: usize, hd: usize, seed: u64) -> (AttnDims, QkvLayout, Vec<f32>) {
+        let dims = AttnDims { batch, tq: t, tk: t, q_pos0: 0, n_heads: h, n_kv_heads: kv, head_dim: hd };
+        let rs = (h + 2 * kv) * hd;
+        let lay = QkvLayout { rs, q_off: 0, k_off: h * hd, v_off: (h + kv) * hd };
+        let mut qkv = vec![0.0; batch * t * rs];
+        Rng::new(seed).fill_normal(&mut qkv, 1.0);
+        (dims, lay, qkv)
+    }
+
+    fn run_fwd(dims: AttnDims, lay: QkvLayout, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let mut o = vec![0.0; dims.batch * dims.tq * dims.n_heads * dims.head_dim];
+        let mut lse = vec![0.0; dims.batch * dims.n_heads * dims.tq];
+        let hv = |off| Heads { data: qkv, rs: lay.rs, off };
+        forward(dims, hv(lay.q_off), hv(lay.k_off), hv(lay.v_off), &mut o, &mut lse);
+        (o, lse)
+    }
+
+    #[test]
+    fn forward_matches_naive_across_block_boundaries() {
+        for &(b, t, h, kv, hd) in &[(2, 5, 2, 2, 4), (1, 150, 4, 2, 8), (2, 130, 3, 1, 16)] {
+            let (dims, lay, qkv) = setup(b, t, h, kv, hd, 1);
+            let (o, _) = run_fwd(dims, lay, &qkv);
+            let hv = |off| Heads { data: &qkv, rs: lay.rs, off };
+            let want = naive_forward(dims, hv(lay.q_off), hv(lay.k_off), hv(lay.v_off));
+            for (x, y) in o.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_with_offset_matches_full_forward() {
+        // Queries at positions 100..130 against 130 keys equal the last rows of a full pass.
+        let (dims, lay, qkv) = setup(1, 130, 4, 2, 8, 3);
+        let (full, _) = run_fwd(dims, lay, &qkv);
+        let p0 = 100;
+        let d2 = AttnDims { tq: 30, q_pos0: p0, ..dims };
+        let mut o = vec![0.0; 30 * 4 * 8];
+        let mut lse = vec![0.0; 4 * 30];
+        let q = Heads { data: &qkv[p0 * lay.rs..], rs: lay.rs, off: lay.q_off };
+        let hv = |off| Heads { data: &qkv, rs: lay.rs, off };
+        forward(d2, q, hv(lay.k_off), hv(lay.v_off), &mut o, &mut lse);
+        for (x, y) in o.iter().zip(&full[p0 * 32..]) {
+            assert!((x - y).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        for &(b, t, h, kv, hd) in &[(2, 6, 2, 1, 4), (1, 70, 2, 2, 4)] {
+            let (dims, lay, qkv) = setup(b, t, h, kv, hd, 7);
+            let mut g = vec![0.0; b * t * h * hd];
+            Rng::new(8).fill_normal(&mut g, 1.0);
+            let loss = |p: &[f32]| {
+                let (o, _) = run_fwd(dims, lay, p);
+                o.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
+            };
+            let (o, lse) = run_fwd(dims, lay, &qkv);
+            let mut d = vec![f32::NAN; qkv.len()];
+            backward(dims, &qkv, lay, &o, &lse, &g, &mut d);
+            check(&qkv, &d, loss, 1e-2, 5e-3);
+        }
+    }
+}

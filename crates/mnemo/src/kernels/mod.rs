@@ -1,0 +1,24 @@
+//! Compute kernels over contiguous f32 buffers. They know nothing about models: each takes
+//! slices and shapes, and every kernel with a backward pass has a finite-difference check.
+
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+#[cfg(test)]
+pub mod gradcheck;
+pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
+
+/// A raw pointer that parallel tasks may share, for kernels whose tasks write provably
+/// disjoint parts of one buffer (each use states why its writes are disjoint).
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+impl SendPtr {
+    pub(crate) fn get(&self) -> *mut f32 {
+        self.0
+    }
+}

@@ -1,0 +1,20 @@
+//! # mnemo
+//!
+//! An engine that trains, evaluates and runs DeepSeek-V4-family language models on CPU.
+//!
+//! Data flows one way: the CLI (`mnemo-cli`) builds a [`config`], the [`model`] uses the
+//! [`kernels`], and nothing below knows about what is above it.
+//!
+//! - [`kernels`]: matmul, RMSNorm, RoPE, fused causal attention, SwiGLU, cross-entropy,
+//!   embedding, AdamW — forward and backward over f32 slices.
+//! - [`config`]: the serde model config with presets and validation.
+//! - [`model`]: the dense transformer: parameters, forward, backward, initialisation.
+//! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
+//! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
+
+pub mod config;
+pub mod kernels;
+pub mod model;
+pub mod rng;
+pub mod safetensors_io;
+pub mod util;

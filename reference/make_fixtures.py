@@ -1,0 +1,267 @@
+"""Generate numerical fixtures for mnemo's Rust tests.
+
+For each config below, writes crates/mnemo/tests/fixtures/<name>.safetensors with
+
+  metadata: {"config": <config JSON>, "batch": str(B), "seq_len": str(T)}
+  tensors:  "tokens" int64 [B,T], "targets" int64 [B,T],
+            every parameter by name (float32),
+            "logits" float32 [B,T,V], "loss" float32 [1],
+            "grad.<param name>" float32 for every parameter (d mean-loss / d param).
+
+Parameters and tokens are drawn with a seeded torch.Generator; parameters are
+drawn in float32 (these exact float32 values are stored), then the model is cast
+to float64 and forward + backward run in float64; results are stored as float32.
+
+Before writing, the script self-checks (in float64):
+  * manual causal GQA attention == F.scaled_dot_product_attention (causal);
+  * RoPE "interleaved" == complex multiplication, "half" == permuted "interleaved";
+  * whole-model logits with manual attention == with SDPA attention;
+  * autograd gradients == finite differences (gradcheck on one parameter
+    plus central-difference spot checks on entries of every parameter).
+
+Usage (from the repo root):
+    python reference/make_fixtures.py [--out crates/mnemo/tests/fixtures]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model import (Config, Transformer, apply_rope, manual_causal_attention,  # noqa: E402
+                   rope_cos_sin)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "mnemo", "tests", "fixtures")
+
+PARAM_STD = 0.2          # std of matrices / embeddings (activations O(1))
+NORM_STD = 0.1           # norm weights = 1 + NORM_STD * N(0, 1)
+BASE_SEED = 20240601
+
+# name: V, d, L, H, KV, hd, rope_dim, layout, F, tied, B, T
+FIXTURES = [
+    ("mha_tied_interleaved",    64, 32, 2, 4, 4, 8, 8, "interleaved", 48, True, 2, 7),
+    ("gqa_untied_half_partial", 64, 32, 2, 4, 2, 8, 4, "half", 40, False, 2, 9),
+    ("mqa_tied_half",           64, 32, 2, 4, 1, 12, 8, "half", 40, True, 2, 11),
+    ("gqa_long_untied",         96, 48, 1, 6, 3, 8, 8, "interleaved", 64, False, 1, 150),
+]
+
+
+def make_config(V, d, L, H, KV, hd, rope_dim, layout, Fh, tied) -> Config:
+    return Config(vocab_size=V, d_model=d, n_layers=L, n_heads=H, n_kv_heads=KV,
+                  head_dim=hd, rope_theta=10000.0, rope_dim=rope_dim, rope_layout=layout,
+                  ffn_hidden=Fh, tied_embeddings=tied, norm_eps=1e-5, init_std=0.02,
+                  max_seq_len=256)
+
+
+def draw_fixture_inputs(cfg: Config, B: int, T: int, seed: int):
+    """Returns (model in float32 with drawn params, tokens, targets)."""
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(cfg, attn_impl="manual")
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # deterministic registration order
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + NORM_STD * noise)
+            else:
+                p.copy_(PARAM_STD * noise)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g, dtype=torch.int64)
+    targets = torch.randint(0, cfg.vocab_size, (B, T), generator=g, dtype=torch.int64)
+    return model, tokens, targets
+
+
+# --------------------------------------------------------------------------
+# Self-checks
+# --------------------------------------------------------------------------
+
+def check_attention_vs_sdpa():
+    g = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for (B, H, KV, T, hd) in [(2, 4, 4, 7, 8), (2, 4, 2, 9, 8), (1, 4, 1, 11, 12), (1, 6, 3, 150, 8)]:
+        q = torch.randn(B, H, T, hd, generator=g, dtype=torch.float64)
+        k = torch.randn(B, KV, T, hd, generator=g, dtype=torch.float64)
+        v = torch.randn(B, KV, T, hd, generator=g, dtype=torch.float64)
+        ours = manual_causal_attention(q, k, v)
+        rep = H // KV
+        ref = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), is_causal=True)
+        # also with an explicit boolean mask
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        ref2 = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask)
+        err = max((ours - ref).abs().max().item(), (ours - ref2).abs().max().item())
+        worst = max(worst, err)
+        assert err < 1e-12, f"manual attention != SDPA: {err}"
+    print(f"[check] manual attention == SDPA (causal, GQA), max abs err {worst:.2e}")
+
+
+def check_rope():
+    g = torch.Generator().manual_seed(2)
+    B, T, nh, hd, rd, theta = 2, 13, 3, 12, 8, 10000.0
+    x = torch.randn(B, T, nh, hd, generator=g, dtype=torch.float64)
+    cos, sin = rope_cos_sin(T, rd, theta, torch.float64, x.device)
+    # interleaved == complex multiplication by exp(i * t * freq)
+    y = apply_rope(x, cos, sin, rd, "interleaved")
+    xc = torch.view_as_complex(x[..., :rd].reshape(B, T, nh, rd // 2, 2).contiguous())
+    rot = torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[None, :, None, :]
+    yc = torch.view_as_real(xc * rot).flatten(-2)
+    err_i = (y[..., :rd] - yc).abs().max().item()
+    assert torch.equal(y[..., rd:], x[..., rd:]), "rope touched pass-through dims"
+    # half == interleaved after permuting dims (i, i+half) <-> (2i, 2i+1)
+    half = rd // 2
+    perm = torch.empty(rd, dtype=torch.long)
+    perm[0::2] = torch.arange(half)
+    perm[1::2] = torch.arange(half) + half
+    full_perm = torch.cat([perm, torch.arange(rd, hd)])
+    inv = torch.argsort(full_perm)
+    yh = apply_rope(x, cos, sin, rd, "half")
+    yh_via_i = apply_rope(x[..., full_perm], cos, sin, rd, "interleaved")[..., inv]
+    err_h = (yh - yh_via_i).abs().max().item()
+    assert err_i < 1e-12 and err_h < 1e-12, (err_i, err_h)
+    print(f"[check] rope interleaved == complex mult ({err_i:.1e}), half == permuted interleaved ({err_h:.1e})")
+
+
+def check_model_sdpa(model64, tokens):
+    with torch.no_grad():
+        l_manual, _ = model64(tokens)
+        model64.set_attn_impl("sdpa")
+        l_sdpa, _ = model64(tokens)
+        model64.set_attn_impl("manual")
+    err = (l_manual - l_sdpa).abs().max().item()
+    assert err < 1e-10, f"model logits manual vs sdpa differ: {err}"
+    return err
+
+
+def check_gradients(model64, tokens, targets, name):
+    """Finite-difference checks in float64 on the given (float64) model."""
+    params = dict(model64.named_parameters())
+
+    # 1) torch.autograd.gradcheck of the loss w.r.t. one full parameter
+    pname = "layers.0.attention.wq.weight"
+    p0 = params[pname].detach().clone()
+
+    def loss_of(w):
+        # functional substitution of one parameter
+        return torch.func.functional_call(model64, {pname: w}, (tokens, targets))[1]
+
+    w = p0.clone().requires_grad_(True)
+    ok = torch.autograd.gradcheck(loss_of, (w,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert ok and torch.equal(params[pname].detach(), p0)
+    print(f"[check] {name}: torch.autograd.gradcheck on {pname} passed")
+
+    # 2) central-difference spot checks on a few entries of every parameter
+    model64.zero_grad(set_to_none=True)
+    _, loss = model64(tokens, targets)
+    loss.backward()
+    g = torch.Generator().manual_seed(3)
+    worst_rel = 0.0
+    h = 1e-6
+    for pn, p in model64.named_parameters():
+        flat = p.data.view(-1)
+        gflat = p.grad.view(-1)
+        idx = torch.randint(0, flat.numel(), (3,), generator=g).tolist()
+        idx.append(int(gflat.abs().argmax()))
+        for i in idx:
+            orig = flat[i].item()
+            with torch.no_grad():
+                flat[i] = orig + h
+                lp = model64(tokens, targets)[1].item()
+                flat[i] = orig - h
+                lm = model64(tokens, targets)[1].item()
+                flat[i] = orig
+            fd = (lp - lm) / (2 * h)
+            ad = gflat[i].item()
+            err = abs(fd - ad)
+            rel = err / max(abs(ad), 1e-6)
+            assert err < 1e-7 + 1e-5 * abs(ad), f"{pn}[{i}]: fd {fd} vs autograd {ad}"
+            worst_rel = max(worst_rel, rel if abs(ad) > 1e-6 else 0.0)
+    model64.zero_grad(set_to_none=True)
+    print(f"[check] {name}: finite-difference spot checks on all params passed "
+          f"(worst rel err {worst_rel:.1e})")
+
+
+def canonicalize_header(path: str):
+    """Make the file byte-reproducible: safetensors writes __metadata__ keys in
+    hash-map (random) order; rewrite the header JSON with them sorted. Tensor
+    entries and data offsets are unchanged; the header keeps its length
+    (space-padded, as safetensors itself pads)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":")).encode()
+        assert len(new) <= n, (len(new), n)
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+
+
+# --------------------------------------------------------------------------
+
+def build_fixture(cfg: Config, B: int, T: int, seed: int, name: str, deep_check: bool):
+    model32, tokens, targets = draw_fixture_inputs(cfg, B, T, seed)
+    params32 = {n: p.detach().clone() for n, p in model32.named_parameters()}
+
+    model64 = model32.to(torch.float64)
+    err = check_model_sdpa(model64, tokens)
+    if deep_check:
+        check_gradients(model64, tokens, targets, name)
+
+    model64.zero_grad(set_to_none=True)
+    logits, loss = model64(tokens, targets)
+    loss.backward()
+
+    # sanity: float64 params are exactly the stored float32 values
+    for n, p in model64.named_parameters():
+        assert torch.equal(p.detach().float(), params32[n])
+
+    tensors = {"tokens": tokens.contiguous(), "targets": targets.contiguous()}
+    for n, p in params32.items():
+        tensors[n] = p.contiguous()
+    tensors["logits"] = logits.detach().float().contiguous()
+    tensors["loss"] = loss.detach().float().reshape(1).contiguous()
+    for n, p in model64.named_parameters():
+        tensors[f"grad.{n}"] = p.grad.detach().float().contiguous()
+    metadata = {"config": cfg.to_json(), "batch": str(B), "seq_len": str(T)}
+
+    gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in model64.parameters())).item()
+    print(f"{name}: loss = {loss.item():.10f}  (logits std {logits.std().item():.3f}, "
+          f"grad norm {gnorm:.4f}, manual-vs-sdpa {err:.1e})")
+    return tensors, metadata
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    check_attention_vs_sdpa()
+    check_rope()
+
+    os.makedirs(args.out, exist_ok=True)
+    for k, (name, V, d, L, H, KV, hd, rd, layout, Fh, tied, B, T) in enumerate(FIXTURES):
+        cfg = make_config(V, d, L, H, KV, hd, rd, layout, Fh, tied)
+        tensors, metadata = build_fixture(cfg, B, T, BASE_SEED + k, name,
+                                          deep_check=(k in (0, 1)))
+        path = os.path.join(args.out, f"{name}.safetensors")
+        save_file(tensors, path, metadata=metadata)
+        canonicalize_header(path)
+        with safe_open(path, "pt") as f:  # round-trip check
+            assert f.metadata() == metadata and set(f.keys()) == set(tensors)
+            assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+        print(f"  wrote {os.path.relpath(path, REPO_ROOT)} ({os.path.getsize(path)} bytes)")
+    print(f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
