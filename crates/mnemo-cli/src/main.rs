@@ -1,1 +1,575 @@
-fn main(){}
+//! `mnemo`: train, evaluate and sample DeepSeek-V4-family language models on CPU.
+//!
+//! This binary only parses arguments and resolves configs; all work happens in the `mnemo`
+//! library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mnemo::config::ModelConfig;
+use mnemo::data::CorpusSpec;
+use mnemo::train::{RunConfig, TrainConfig, TrainOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "mnemo",
+    version,
+    about = "Train, evaluate and run DeepSeek-V4-family language models on CPU.",
+    long_about = "Train, evaluate and run DeepSeek-V4-family language models on CPU.\n\n\
+    Quick start: `mnemo train` trains the `tiny` preset on the source files of the current \
+    directory; `mnemo generate runs/tiny --prompt 'fn main'` samples from it."
+)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model from scratch on a directory of text/code (or resume a run).
+    Train(TrainArgs),
+    /// Print validation loss and bits per byte of a trained run.
+    Eval(EvalArgs),
+    /// Generate text from a trained run, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+    /// Print the resolved run config (preset + config file + overrides) as JSON.
+    Config(ConfigArgs),
+    /// Benchmarks: a training step, or the GEMM peak.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Model preset: tiny (~3.5M parameters, minutes on 2 cores) or small (~22M).
+    #[arg(long)]
+    preset: Option<String>,
+    /// JSON config file: {"preset": ..., "model": {...}, "train": {...}, "data": {...}}; every
+    /// field optional, overriding the preset.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override any config field: `--set d_model=512`, `--set train.lr=1e-3`,
+    /// `--set rope_layout=half` (repeatable; bare names are looked up in model, train, data).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Directory of text/code files to train on [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Only files matching these globs (repeatable) [default: common source extensions].
+    #[arg(long, value_name = "GLOB")]
+    include: Vec<String>,
+    /// Skip files matching these globs (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Optimizer steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Random seed (initialisation and data order).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Run directory for checkpoints and metrics [default: runs/<preset>, or the first free runs/<preset>-N].
+    #[arg(long, value_name = "RUN_DIR")]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint (bit-identical to an
+    /// uninterrupted run). `--steps` may raise the step budget.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
+    resume: Option<PathBuf>,
+    /// Use this tokenizer.json instead of training a byte-level BPE on the data.
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Where tokenized corpora are cached [default: $MNEMO_CACHE or ~/.cache/mnemo].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Run directory (or checkpoint directory).
+    run_dir: PathBuf,
+    /// Data to evaluate on [default: the run's training data directory]; its validation split is used.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Number of batches of validation windows.
+    #[arg(long, default_value_t = 32)]
+    batches: usize,
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Run directory (or checkpoint directory).
+    run_dir: PathBuf,
+    /// Text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Softmax temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// Nucleus sampling: smallest set of tokens with this total probability.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a byte-level BPE on a directory and save tokenizer.json.
+    Train {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Vocabulary size (including the 256 byte tokens and <|endoftext|>).
+        #[arg(long, default_value_t = 4096)]
+        vocab: usize,
+        #[arg(long, default_value = "tokenizer.json")]
+        out: PathBuf,
+        /// Use at most this many bytes of text.
+        #[arg(long, default_value_t = 64 << 20)]
+        max_bytes: u64,
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time full training steps (forward, backward, clip, AdamW) on random tokens; prints JSON.
+    TrainStep {
+        #[command(flatten)]
+        cfg: Box<ConfigArgs>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
+    /// f32 GEMM throughput of the gemm crate at n×n×n (the peak for MFU); prints JSON.
+    Gemm {
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
+}
+
+fn main() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("MNEMO_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot start the thread pool")?;
+    }
+    match cli.cmd {
+        Cmd::Train(a) => cmd_train(a),
+        Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Tokenizer(TokenizerCmd::Train {
+            data,
+            vocab,
+            out,
+            max_bytes,
+            include,
+            exclude,
+        }) => {
+            let mut spec = CorpusSpec::new(&data);
+            spec.include = include;
+            spec.exclude = exclude;
+            spec.val_fraction = 0.0;
+            let corpus = mnemo::data::scan(&spec)?;
+            if vocab < 257 {
+                bail!("--vocab {vocab} is too small: a byte-level BPE needs at least 257 entries");
+            }
+            eprintln!(
+                "training a byte-level BPE (vocab {vocab}) on {} files under {}",
+                corpus.files.len(),
+                data.display()
+            );
+            let tok = mnemo::tokenizer::Tokenizer::train(
+                mnemo::data::texts(&corpus, mnemo::data::Split::Train, max_bytes),
+                vocab,
+            )?;
+            tok.save(&out)?;
+            println!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
+            Ok(())
+        }
+        Cmd::Config(a) => {
+            let (run, _) = resolve(&a)?;
+            println!("{}", serde_json::to_string_pretty(&run)?);
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::TrainStep { cfg, iters, warmup }) => {
+            let (run, _) = resolve(&cfg)?;
+            let r = mnemo::train::bench_steps(
+                &run.model,
+                run.train.batch_size,
+                run.train.seq_len,
+                iters.max(1),
+                warmup,
+                run.train.seed,
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Gemm { size, iters }) => {
+            let r = mnemo::kernels::matmul::bench_gemm(size, iters.max(1));
+            println!(
+                "{}",
+                serde_json::json!({"size": size, "threads": rayon::current_num_threads(), "gflops_median": r})
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Preset → config file → flags → `--set`, then deserialised (unknown fields are errors).
+fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
+    let mut file: serde_json::Value = serde_json::json!({});
+    if let Some(p) = &a.config {
+        let s = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read config file {}", p.display()))?;
+        file = serde_json::from_str(&s)
+            .with_context(|| format!("config file {} is not valid JSON", p.display()))?;
+        if !file.is_object() {
+            bail!("config file {} must hold a JSON object", p.display());
+        }
+    }
+    let preset = a
+        .preset
+        .clone()
+        .or_else(|| {
+            file.get("preset")
+                .and_then(|v| v.as_str())
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "tiny".into());
+    let model = ModelConfig::preset(&preset).with_context(|| {
+        format!(
+            "unknown preset `{preset}` (available: {})",
+            ModelConfig::PRESETS.join(", ")
+        )
+    })?;
+    let data_root = a.data.clone().unwrap_or_else(|| PathBuf::from("."));
+    let mut v = serde_json::json!({
+        "model": model,
+        "train": TrainConfig::default(),
+        "data": CorpusSpec::new(data_root),
+    });
+    for section in ["model", "train", "data"] {
+        if let Some(obj) = file.get(section) {
+            let o = obj
+                .as_object()
+                .with_context(|| format!("config file: `{section}` must be an object"))?;
+            for (k, val) in o {
+                v[section][k] = val.clone();
+            }
+        }
+    }
+    if let Some(obj) = file.as_object() {
+        for k in obj.keys() {
+            if !["preset", "model", "train", "data"].contains(&k.as_str()) {
+                bail!("config file: unknown top-level key `{k}` (expected preset, model, train, data)");
+            }
+        }
+    }
+    let t = &mut v["train"];
+    if let Some(x) = a.steps {
+        t["max_steps"] = x.into();
+    }
+    if let Some(x) = a.batch_size {
+        t["batch_size"] = x.into();
+    }
+    if let Some(x) = a.seq_len {
+        t["seq_len"] = x.into();
+    }
+    if let Some(x) = a.lr {
+        t["lr"] = x.into();
+        t["min_lr"] = (x / 10.0).into();
+    }
+    if let Some(x) = a.seed {
+        t["seed"] = x.into();
+    }
+    if a.data.is_some() {
+        v["data"]["root"] = serde_json::to_value(a.data.clone())?;
+    }
+    if !a.include.is_empty() {
+        v["data"]["include"] = serde_json::to_value(&a.include)?;
+    }
+    if !a.exclude.is_empty() {
+        v["data"]["exclude"] = serde_json::to_value(&a.exclude)?;
+    }
+    for s in &a.sets {
+        let (key, val) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s}: expected KEY=VALUE"))?;
+        let parsed: serde_json::Value = serde_json::from_str(val)
+            .unwrap_or_else(|_| serde_json::Value::String(val.to_string()));
+        let (section, field) = match key.split_once('.') {
+            Some((sec, f)) => (sec.to_string(), f.to_string()),
+            None => {
+                let sec = ["model", "train", "data"]
+                    .into_iter()
+                    .find(|sec| v[*sec].get(key).is_some())
+                    .with_context(|| {
+                        format!("--set {s}: no config field named `{key}` (see `mnemo config`)")
+                    })?;
+                (sec.to_string(), key.to_string())
+            }
+        };
+        if v.get(&section).is_none() || v[&section].get(&field).is_none() {
+            bail!("--set {s}: no config field `{section}.{field}` (see `mnemo config`)");
+        }
+        v[&section][&field] = parsed;
+    }
+    let run: RunConfig = serde_json::from_value(v).context("invalid config")?;
+    run.model.validate()?;
+    run.train.validate(&run.model)?;
+    Ok((run, preset))
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)"
+            );
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let cache_root = a
+        .cache_dir
+        .clone()
+        .unwrap_or_else(mnemo::data::default_cache_root);
+    let (opts, resume) = if let Some(dir) = &a.resume {
+        // The run's own config is authoritative; only the step budget may be raised.
+        let (mut run, _) = resolve(&a.cfg)?;
+        if a.cfg.steps.is_none() {
+            run.train.max_steps = 0;
+        }
+        (
+            TrainOptions {
+                out: dir.clone(),
+                run,
+                tokenizer: None,
+                resume: true,
+                cache_root,
+                progress: !a.quiet,
+            },
+            true,
+        )
+    } else {
+        let (run, preset) = resolve(&a.cfg)?;
+        if a.cfg.data.is_none() && a.cfg.config.is_none() {
+            let here = std::env::current_dir()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| ".".into());
+            eprintln!("no --data given: training the `{preset}` preset on the source files of the current directory ({here})");
+        }
+        let out = match &a.out {
+            Some(o) => o.clone(),
+            None => free_run_dir(&preset),
+        };
+        eprintln!("run directory: {}", out.display());
+        (
+            TrainOptions {
+                out,
+                run,
+                tokenizer: a.tokenizer.clone(),
+                resume: false,
+                cache_root,
+                progress: !a.quiet,
+            },
+            false,
+        )
+    };
+    let out = opts.out.clone();
+    let s = mnemo::train::train(opts, &stop)?;
+    if s.stopped_early {
+        eprintln!(
+            "stopped at step {}; resume with: mnemo train --resume {}",
+            s.steps,
+            out.display()
+        );
+        std::process::exit(130);
+    }
+    let _ = resume;
+    match (s.val_loss, s.val_bpb) {
+        (Some(l), Some(b)) => eprintln!(
+            "done: {} steps, train loss {:.4}, val loss {l:.4} nats/token ({b:.4} bits/byte) vs unigram entropy {:.3}; {:.0} tok/s",
+            s.steps, s.final_loss, s.unigram_entropy, s.tokens_per_s
+        ),
+        _ => eprintln!("done: {} steps, train loss {:.4} (no validation split)", s.steps, s.final_loss),
+    }
+    eprintln!(
+        "sample with: mnemo generate {} --prompt 'fn main'",
+        out.display()
+    );
+    Ok(())
+}
+
+fn free_run_dir(preset: &str) -> PathBuf {
+    let base = Path::new("runs");
+    let first = base.join(preset);
+    if !first.exists() {
+        return first;
+    }
+    (2..)
+        .map(|i| base.join(format!("{preset}-{i}")))
+        .find(|p| !p.exists())
+        .expect("unbounded")
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let l = mnemo::checkpoint::load(&a.run_dir, false)?;
+    let run: Option<RunConfig> = l
+        .state
+        .as_ref()
+        .and_then(|s| serde_json::from_value(s.run.clone()).ok());
+    let mut spec = match (&a.data, &run) {
+        (Some(d), Some(r)) => CorpusSpec {
+            root: d.clone(),
+            ..r.data.clone()
+        },
+        (Some(d), None) => CorpusSpec::new(d),
+        (None, Some(r)) => r.data.clone(),
+        (None, None) => bail!(
+            "{}: no training data recorded; pass --data DIR",
+            a.run_dir.display()
+        ),
+    };
+    if spec.val_fraction <= 0.0 {
+        spec.val_fraction = 0.05;
+    }
+    let t = run
+        .as_ref()
+        .map(|r| r.train.seq_len)
+        .unwrap_or(l.model.cfg.max_seq_len.min(256));
+    let b = run.as_ref().map(|r| r.train.batch_size).unwrap_or(8);
+    let corpus = mnemo::data::scan(&spec)?;
+    let cache_root = a.cache_dir.unwrap_or_else(mnemo::data::default_cache_root);
+    let cache = mnemo::data::prepare(&corpus, &spec, &l.tokenizer, &cache_root, true)?;
+    let mut ws = mnemo::model::Workspace::default();
+    let (loss, bpb) = mnemo::train::evaluate(&l.model, &cache.val, b, t, a.batches, &mut ws)
+        .with_context(|| {
+            format!(
+                "the validation split of {} is shorter than one window of {t} tokens",
+                spec.root.display()
+            )
+        })?;
+    println!(
+        "val loss {loss:.4} nats/token, {bpb:.4} bits/byte ({} val tokens, {} windows of {t})",
+        cache.val.n_tokens,
+        (a.batches * b).min(cache.val.n_tokens / t.max(1)).max(1)
+    );
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!("--temperature must be >= 0");
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    let l = mnemo::checkpoint::load(&a.run_dir, false)?;
+    let tok = &l.tokenizer;
+    let prompt = tok.encode(&a.prompt)?;
+    let room = l.model.cfg.max_seq_len.saturating_sub(prompt.len());
+    if room == 0 {
+        bail!(
+            "the prompt is {} tokens; the model's context is {}",
+            prompt.len(),
+            l.model.cfg.max_seq_len
+        );
+    }
+    let s = mnemo::generate::Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+    };
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", a.prompt)?;
+    stdout.flush()?;
+    let mut ids: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let n_valid = tok.vocab_size();
+    mnemo::generate::generate(
+        &l.model,
+        &prompt,
+        a.max_tokens.min(room),
+        s,
+        a.seed,
+        n_valid,
+        Some(tok.eot()),
+        |t| {
+            ids.push(t);
+            let text = tok.decode(&ids)?;
+            // Hold back an incomplete UTF-8 sequence until its last byte arrives.
+            if !text.ends_with('\u{FFFD}') && text.len() > printed {
+                write!(stdout, "{}", &text[printed..])?;
+                stdout.flush()?;
+                printed = text.len();
+            }
+            Ok(())
+        },
+    )?;
+    writeln!(stdout)?;
+    Ok(())
+}

@@ -45,7 +45,10 @@ pub struct ConfigError {
 }
 
 fn err(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { field, problem: problem.into() }
+    ConfigError {
+        field,
+        problem: problem.into(),
+    }
 }
 
 impl ModelConfig {
@@ -93,7 +96,13 @@ impl ModelConfig {
 
     /// Check every shape constraint; the error names the field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let pos = |v: usize, f: &'static str| if v == 0 { Err(err(f, "must be > 0")) } else { Ok(()) };
+        let pos = |v: usize, f: &'static str| {
+            if v == 0 {
+                Err(err(f, "must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
         pos(self.vocab_size, "vocab_size")?;
         pos(self.d_model, "d_model")?;
         pos(self.n_layers, "n_layers")?;
@@ -108,22 +117,31 @@ impl ModelConfig {
         if self.n_heads % self.n_kv_heads != 0 {
             return Err(err(
                 "n_kv_heads",
-                format!("({}) must divide n_heads ({})", self.n_kv_heads, self.n_heads),
+                format!(
+                    "({}) must divide n_heads ({})",
+                    self.n_kv_heads, self.n_heads
+                ),
             ));
         }
         if self.rope_dim % 2 != 0 || self.rope_dim > self.head_dim {
             return Err(err(
                 "rope_dim",
-                format!("({}) must be even and at most head_dim ({})", self.rope_dim, self.head_dim),
+                format!(
+                    "({}) must be even and at most head_dim ({})",
+                    self.rope_dim, self.head_dim
+                ),
             ));
         }
-        if !(self.rope_theta > 1.0) || !self.rope_theta.is_finite() {
-            return Err(err("rope_theta", format!("({}) must be a finite number > 1", self.rope_theta)));
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(err(
+                "rope_theta",
+                format!("({}) must be a finite number > 1", self.rope_theta),
+            ));
         }
-        if !(self.norm_eps > 0.0) || !self.norm_eps.is_finite() {
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return Err(err("norm_eps", "must be a finite number > 0"));
         }
-        if !(self.init_std > 0.0) || !self.init_std.is_finite() {
+        if !(self.init_std.is_finite() && self.init_std > 0.0) {
             return Err(err("init_std", "must be a finite number > 0"));
         }
         Ok(())
@@ -140,7 +158,11 @@ impl ModelConfig {
     pub fn train_flops(&self, b: usize, t: usize) -> f64 {
         let n = (b * t) as f64;
         let (d, hd) = (self.d_model as f64, self.head_dim as f64);
-        let (h, f, v) = (self.n_heads as f64, self.ffn_hidden as f64, self.vocab_size as f64);
+        let (h, f, v) = (
+            self.n_heads as f64,
+            self.ffn_hidden as f64,
+            self.vocab_size as f64,
+        );
         let per_layer = 2.0 * n * d * self.qkv_dim() as f64
             + 2.0 * n * h * hd * d
             + 2.0 * n * d * 2.0 * f
@@ -168,7 +190,9 @@ mod tests {
         c.rope_dim = 65;
         assert_eq!(c.validate().unwrap_err().field, "rope_dim");
         let bad = r#"{"vocab_size": 1, "d_modle": 3}"#;
-        let e = serde_json::from_str::<ModelConfig>(bad).unwrap_err().to_string();
+        let e = serde_json::from_str::<ModelConfig>(bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("d_modle"), "{e}");
     }
 }

@@ -12,9 +12,15 @@
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
 
+pub mod checkpoint;
 pub mod config;
+pub mod data;
+pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod plot;
 pub mod rng;
 pub mod safetensors_io;
+pub mod tokenizer;
+pub mod train;
 pub mod util;

@@ -82,7 +82,12 @@ impl ParamLayout {
         let mut add = |name: String, shape: Vec<usize>, decay: bool| {
             let o = off;
             off += shape.iter().product::<usize>();
-            tensors.push(TensorSpec { name, shape, offset: o, decay });
+            tensors.push(TensorSpec {
+                name,
+                shape,
+                offset: o,
+                decay,
+            });
             o
         };
         let (d, hd, f) = (c.d_model, c.head_dim, c.ffn_hidden);
@@ -99,7 +104,14 @@ impl ParamLayout {
             let w13 = add(p("feed_forward.w1.weight"), vec![f, d], true);
             add(p("feed_forward.w3.weight"), vec![f, d], true);
             let w2 = add(p("feed_forward.w2.weight"), vec![d, f], true);
-            layers.push(LayerOffsets { attn_norm, wqkv, wo, ffn_norm, w13, w2 });
+            layers.push(LayerOffsets {
+                attn_norm,
+                wqkv,
+                wo,
+                ffn_norm,
+                w13,
+                w2,
+            });
         }
         let norm = add("norm.weight".into(), vec![d], false);
         let output = if c.tied_embeddings {
@@ -107,7 +119,14 @@ impl ParamLayout {
         } else {
             add("output.weight".into(), vec![c.vocab_size, d], true)
         };
-        ParamLayout { tensors, embed, layers, norm, output, total: off }
+        ParamLayout {
+            tensors,
+            embed,
+            layers,
+            norm,
+            output,
+            total: off,
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {
@@ -213,8 +232,18 @@ impl Model {
     pub fn new(cfg: ModelConfig) -> Result<Self, crate::config::ConfigError> {
         cfg.validate()?;
         let layout = ParamLayout::new(&cfg);
-        let rope = RopeTable::new(cfg.rope_dim, cfg.rope_theta, cfg.max_seq_len, cfg.rope_layout);
-        Ok(Model { params: vec![0.0; layout.total], layout, rope, cfg })
+        let rope = RopeTable::new(
+            cfg.rope_dim,
+            cfg.rope_theta,
+            cfg.max_seq_len,
+            cfg.rope_layout,
+        );
+        Ok(Model {
+            params: vec![0.0; layout.total],
+            layout,
+            rope,
+            cfg,
+        })
     }
 
     /// The documented initialisation (module docs), fully determined by `seed`.
@@ -226,7 +255,9 @@ impl Model {
             let p = &mut self.params[t.range()];
             if t.shape.len() == 1 {
                 p.fill(1.0);
-            } else if t.name.ends_with("attention.wo.weight") || t.name.ends_with("feed_forward.w2.weight") {
+            } else if t.name.ends_with("attention.wo.weight")
+                || t.name.ends_with("feed_forward.w2.weight")
+            {
                 rng.fill_normal(p, std * resid_scale);
             } else {
                 rng.fill_normal(p, std);
@@ -235,7 +266,14 @@ impl Model {
     }
 
     pub fn counts(&self) -> ParamCounts {
-        let mut c = ParamCounts { total: 0, embedding: 0, attention: 0, ffn: 0, norms: 0, output: 0 };
+        let mut c = ParamCounts {
+            total: 0,
+            embedding: 0,
+            attention: 0,
+            ffn: 0,
+            norms: 0,
+            output: 0,
+        };
         for t in &self.layout.tensors {
             let n = t.len();
             c.total += n;
@@ -263,37 +301,112 @@ impl Model {
     pub fn forward(&self, tokens: &[u32], b: usize, t: usize, ws: &mut Workspace) {
         let c = &self.cfg;
         assert_eq!(tokens.len(), b * t, "tokens must be [b, t]");
-        assert!(t <= c.max_seq_len, "sequence length {t} exceeds max_seq_len {}", c.max_seq_len);
+        assert!(
+            t <= c.max_seq_len,
+            "sequence length {t} exceeds max_seq_len {}",
+            c.max_seq_len
+        );
         ws.ensure(c, b, t);
         let n = b * t;
         let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
         let (h, kv) = (c.n_heads, c.n_kv_heads);
         let qd = c.qkv_dim();
-        let lay = QkvLayout { rs: qd, q_off: 0, k_off: h * hd, v_off: (h + kv) * hd };
-        let dims = AttnDims { batch: b, tq: t, tk: t, q_pos0: 0, n_heads: h, n_kv_heads: kv, head_dim: hd };
+        let lay = QkvLayout {
+            rs: qd,
+            q_off: 0,
+            k_off: h * hd,
+            v_off: (h + kv) * hd,
+        };
+        let dims = AttnDims {
+            batch: b,
+            tq: t,
+            tk: t,
+            q_pos0: 0,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+        };
         embedding::forward(&mut ws.xs[0], self.w(self.layout.embed, v * d), tokens, d);
         for (l, lo) in self.layout.layers.iter().enumerate() {
             let (before, after) = ws.xs.split_at_mut(l + 1);
             let x = &before[l];
             let xnext = &mut after[0];
             let la = &mut ws.layers[l];
-            rmsnorm::forward(&mut la.a, &mut la.rstd1, x, self.w(lo.attn_norm, d), d, c.norm_eps);
+            rmsnorm::forward(
+                &mut la.a,
+                &mut la.rstd1,
+                x,
+                self.w(lo.attn_norm, d),
+                d,
+                c.norm_eps,
+            );
             linear_forward(&mut la.qkv, &la.a, self.w(lo.wqkv, qd * d), n, d, qd, false);
-            self.rope.apply(&mut la.qkv, n, qd, lay.q_off, h, hd, |r| r % t, false);
-            self.rope.apply(&mut la.qkv, n, qd, lay.k_off, kv, hd, |r| r % t, false);
-            let hv = |off| Heads { data: &la.qkv, rs: qd, off };
-            attention::forward(dims, hv(lay.q_off), hv(lay.k_off), hv(lay.v_off), &mut la.o, &mut la.lse);
+            self.rope
+                .apply(&mut la.qkv, n, qd, lay.q_off, h, hd, |r| r % t, false);
+            self.rope
+                .apply(&mut la.qkv, n, qd, lay.k_off, kv, hd, |r| r % t, false);
+            let hv = |off| Heads {
+                data: &la.qkv,
+                rs: qd,
+                off,
+            };
+            attention::forward(
+                dims,
+                hv(lay.q_off),
+                hv(lay.k_off),
+                hv(lay.v_off),
+                &mut la.o,
+                &mut la.lse,
+            );
             la.xmid.copy_from_slice(x);
-            linear_forward(&mut la.xmid, &la.o, self.w(lo.wo, d * h * hd), n, h * hd, d, true);
-            rmsnorm::forward(&mut la.f, &mut la.rstd2, &la.xmid, self.w(lo.ffn_norm, d), d, c.norm_eps);
-            linear_forward(&mut la.h13, &la.f, self.w(lo.w13, 2 * f * d), n, d, 2 * f, false);
+            linear_forward(
+                &mut la.xmid,
+                &la.o,
+                self.w(lo.wo, d * h * hd),
+                n,
+                h * hd,
+                d,
+                true,
+            );
+            rmsnorm::forward(
+                &mut la.f,
+                &mut la.rstd2,
+                &la.xmid,
+                self.w(lo.ffn_norm, d),
+                d,
+                c.norm_eps,
+            );
+            linear_forward(
+                &mut la.h13,
+                &la.f,
+                self.w(lo.w13, 2 * f * d),
+                n,
+                d,
+                2 * f,
+                false,
+            );
             swiglu::forward(&mut la.g, &la.h13, f);
             xnext.copy_from_slice(&la.xmid);
             linear_forward(xnext, &la.g, self.w(lo.w2, d * f), n, f, d, true);
         }
         let xl = &ws.xs[c.n_layers];
-        rmsnorm::forward(&mut ws.hf, &mut ws.rstd_f, xl, self.w(self.layout.norm, d), d, c.norm_eps);
-        linear_forward(&mut ws.logits, &ws.hf, self.w(self.layout.output, v * d), n, d, v, false);
+        rmsnorm::forward(
+            &mut ws.hf,
+            &mut ws.rstd_f,
+            xl,
+            self.w(self.layout.norm, d),
+            d,
+            c.norm_eps,
+        );
+        linear_forward(
+            &mut ws.logits,
+            &ws.hf,
+            self.w(self.layout.output, v * d),
+            n,
+            d,
+            v,
+            false,
+        );
     }
 
     /// Mean cross-entropy of the logits left by [`Model::forward`] (no gradient).
@@ -323,11 +436,30 @@ impl Model {
         let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
         let (h, kv) = (c.n_heads, c.n_kv_heads);
         let qd = c.qkv_dim();
-        let lay = QkvLayout { rs: qd, q_off: 0, k_off: h * hd, v_off: (h + kv) * hd };
-        let dims = AttnDims { batch: b, tq: t, tk: t, q_pos0: 0, n_heads: h, n_kv_heads: kv, head_dim: hd };
+        let lay = QkvLayout {
+            rs: qd,
+            q_off: 0,
+            k_off: h * hd,
+            v_off: (h + kv) * hd,
+        };
+        let dims = AttnDims {
+            batch: b,
+            tq: t,
+            tk: t,
+            q_pos0: 0,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+        };
         let ly = &self.layout;
 
-        cross_entropy::forward_backward(&mut ws.losses, &mut ws.logits, targets, v, grad_scale / n as f32);
+        cross_entropy::forward_backward(
+            &mut ws.losses,
+            &mut ws.logits,
+            targets,
+            v,
+            grad_scale / n as f32,
+        );
         let loss = cross_entropy::sum(&ws.losses) / n as f64;
         // Output projection and final norm. ws.dtmp = dL/dhf.
         let out_w = self.w(ly.output, v * d);
@@ -397,8 +529,10 @@ impl Model {
                 d,
             );
             attention::backward(dims, &la.qkv, lay, &la.o, &la.lse, &ws.dattn, &mut ws.dqkv);
-            self.rope.apply(&mut ws.dqkv, n, qd, lay.q_off, h, hd, |r| r % t, true);
-            self.rope.apply(&mut ws.dqkv, n, qd, lay.k_off, kv, hd, |r| r % t, true);
+            self.rope
+                .apply(&mut ws.dqkv, n, qd, lay.q_off, h, hd, |r| r % t, true);
+            self.rope
+                .apply(&mut ws.dqkv, n, qd, lay.k_off, kv, hd, |r| r % t, true);
             linear_backward(
                 Some((&mut ws.dtmp, false)),
                 &mut grads[lo.wqkv..lo.wqkv + qd * d],
@@ -451,7 +585,10 @@ mod tests {
 
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
-        for (tied, kv, layout) in [(true, 2, RopeLayout::Interleaved), (false, 1, RopeLayout::Half)] {
+        for (tied, kv, layout) in [
+            (true, 2, RopeLayout::Interleaved),
+            (false, 1, RopeLayout::Half),
+        ] {
             let mut m = Model::new(small_cfg(tied, kv, layout)).unwrap();
             m.init(1);
             // Perturb norms away from 1 so their gradients are exercised generically.
@@ -471,7 +608,10 @@ mod tests {
             m.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
             let params = m.params.clone();
             let loss = |p: &[f32]| {
-                let mm = Model { params: p.to_vec(), ..Model::new(m.cfg.clone()).unwrap() };
+                let mm = Model {
+                    params: p.to_vec(),
+                    ..Model::new(m.cfg.clone()).unwrap()
+                };
                 let mut ws = Workspace::default();
                 mm.forward(&tokens, b, t, &mut ws);
                 mm.loss(&targets, &mut ws)

@@ -13,13 +13,22 @@ pub struct TensorFile {
 
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the file is opened read-only; mnemo never modifies checkpoint files in place
         // (they are replaced by rename), so the mapping does not change under us.
-        let mmap = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
-        SafeTensors::deserialize(&mmap)
-            .with_context(|| format!("{} is not a valid safetensors file (corrupt or truncated?)", path.display()))?;
-        Ok(TensorFile { path: path.to_path_buf(), mmap })
+        let mmap = unsafe { memmap2::Mmap::map(&f) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        SafeTensors::deserialize(&mmap).with_context(|| {
+            format!(
+                "{} is not a valid safetensors file (corrupt or truncated?)",
+                path.display()
+            )
+        })?;
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            mmap,
+        })
     }
 
     fn st(&self) -> SafeTensors<'_> {
@@ -34,7 +43,11 @@ impl TensorFile {
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.st().names().into_iter().map(|s| s.to_string()).collect()
+        self.st()
+            .names()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     /// A tensor as f32 values (F32 stored; F16/BF16 converted), checking the shape if given.
@@ -45,13 +58,24 @@ impl TensorFile {
             .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
         if let Some(s) = shape {
             if t.shape() != s {
-                bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", self.path.display(), t.shape(), s);
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, expected {:?}",
+                    self.path.display(),
+                    t.shape(),
+                    s
+                );
             }
         }
         let data = t.data();
         Ok(match t.dtype() {
-            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            other => bail!("{}: tensor `{name}` has dtype {other:?}; only F32 is supported", self.path.display()),
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            other => bail!(
+                "{}: tensor `{name}` has dtype {other:?}; only F32 is supported",
+                self.path.display()
+            ),
         })
     }
 
@@ -63,16 +87,31 @@ impl TensorFile {
             .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
         let d = t.data();
         Ok(match t.dtype() {
-            Dtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect(),
-            Dtype::I32 => d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32).collect(),
-            Dtype::U32 => d.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect(),
-            other => bail!("{}: tensor `{name}` has dtype {other:?}, expected an integer type", self.path.display()),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+                .collect(),
+            Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32)
+                .collect(),
+            Dtype::U32 => d
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            other => bail!(
+                "{}: tensor `{name}` has dtype {other:?}, expected an integer type",
+                self.path.display()
+            ),
         })
     }
 }
 
 /// Serialise named f32 tensors (name, shape, data) plus string metadata to safetensors bytes.
-pub fn serialize(tensors: &[(String, Vec<usize>, &[f32])], metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+pub fn serialize(
+    tensors: &[(String, Vec<usize>, &[f32])],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -82,6 +121,10 @@ pub fn serialize(tensors: &[(String, Vec<usize>, &[f32])], metadata: HashMap<Str
         .zip(&bytes)
         .map(|((n, s, _), b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let meta = if metadata.is_empty() { None } else { Some(metadata) };
+    let meta = if metadata.is_empty() {
+        None
+    } else {
+        Some(metadata)
+    };
     Ok(safetensors::serialize(views, meta)?)
 }

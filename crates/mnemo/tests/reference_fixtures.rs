@@ -18,7 +18,9 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn check_fixture(name: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.safetensors"));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{name}.safetensors"));
     let f = TensorFile::open(&path).unwrap();
     let meta = f.metadata().unwrap();
     let cfg: ModelConfig = serde_json::from_str(&meta["config"]).unwrap();
@@ -39,20 +41,32 @@ fn check_fixture(name: &str) {
     let loss = model.loss(&targets, &mut ws);
     let want_loss = f.f32("loss", Some(&[1])).unwrap()[0] as f64;
     let le = (loss - want_loss).abs() / want_loss.abs();
-    assert!(le < 1e-5, "{name}: loss {loss} vs {want_loss} (relative error {le:.2e})");
+    assert!(
+        le < 1e-5,
+        "{name}: loss {loss} vs {want_loss} (relative error {le:.2e})"
+    );
     let mut grads = vec![0.0; model.layout.total];
     let loss2 = model.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
     assert_eq!(loss, loss2);
     let mut worst = (0.0, String::new());
     for spec in &model.layout.tensors {
-        let want = f.f32(&format!("grad.{}", spec.name), Some(&spec.shape)).unwrap();
+        let want = f
+            .f32(&format!("grad.{}", spec.name), Some(&spec.shape))
+            .unwrap();
         let e = rel_err(&grads[spec.range()], &want);
         if e > worst.0 {
             worst = (e, spec.name.clone());
         }
-        assert!(e < 1e-4, "{name}: gradient of {} relative error {e:.2e}", spec.name);
+        assert!(
+            e < 1e-4,
+            "{name}: gradient of {} relative error {e:.2e}",
+            spec.name
+        );
     }
-    eprintln!("{name}: logits {e:.1e}, loss {le:.1e}, worst gradient {:.1e} ({})", worst.0, worst.1);
+    eprintln!(
+        "{name}: logits {e:.1e}, loss {le:.1e}, worst gradient {:.1e} ({})",
+        worst.0, worst.1
+    );
 }
 
 #[test]

@@ -17,7 +17,15 @@ pub struct AdamWParams {
 }
 
 /// One update of a contiguous block. `step` is 1-based.
-pub fn step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamWParams, step: u64, decay: bool) {
+pub fn step(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    h: AdamWParams,
+    step: u64,
+    decay: bool,
+) {
     let bc1 = 1.0 - (h.beta1 as f64).powi(step as i32);
     let bc2 = 1.0 - (h.beta2 as f64).powi(step as i32);
     let step_size = (h.lr as f64 / bc1) as f32;
@@ -46,14 +54,23 @@ mod tests {
     #[test]
     fn first_step_moves_by_lr_times_sign() {
         // With bias correction, the first Adam step is lr·g/(|g|+ε) ≈ lr·sign(g).
-        let h = AdamWParams { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 };
+        let h = AdamWParams {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
         let mut p = vec![1.0, 1.0, 1.0];
         let g = vec![0.5, -2.0, 0.0];
         let (mut m, mut v) = (vec![0.0; 3], vec![0.0; 3]);
         step(&mut p, &g, &mut m, &mut v, h, 1, true);
         assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] - 1.1).abs() < 1e-6 && p[2] == 1.0);
         // Decoupled weight decay shrinks parameters even with zero gradient.
-        let h = AdamWParams { weight_decay: 0.5, ..h };
+        let h = AdamWParams {
+            weight_decay: 0.5,
+            ..h
+        };
         let mut p = vec![2.0];
         let (mut m, mut v) = (vec![0.0], vec![0.0]);
         step(&mut p, &[0.0], &mut m, &mut v, h, 1, true);
@@ -62,7 +79,13 @@ mod tests {
 
     #[test]
     fn minimises_a_quadratic() {
-        let h = AdamWParams { lr: 0.05, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+        let h = AdamWParams {
+            lr: 0.05,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
         let target = [3.0f32, -1.0];
         let mut p = vec![0.0, 0.0];
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
@@ -70,6 +93,9 @@ mod tests {
             let g: Vec<f32> = p.iter().zip(&target).map(|(a, b)| 2.0 * (a - b)).collect();
             step(&mut p, &g, &mut m, &mut v, h, t, false);
         }
-        assert!((p[0] - 3.0).abs() < 1e-2 && (p[1] + 1.0).abs() < 1e-2, "{p:?}");
+        assert!(
+            (p[0] - 3.0).abs() < 1e-2 && (p[1] + 1.0).abs() < 1e-2,
+            "{p:?}"
+        );
     }
 }

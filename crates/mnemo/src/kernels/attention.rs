@@ -51,11 +51,21 @@ impl<'a> Heads<'a> {
     }
 }
 
-
 /// Forward pass. Parallel over (sequence, head, query block).
 pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse: &mut [f32]) {
-    let AttnDims { batch, tq, tk, q_pos0, n_heads, n_kv_heads, head_dim: hd } = dims;
-    assert!(n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
+    let AttnDims {
+        batch,
+        tq,
+        tk,
+        q_pos0,
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = dims;
+    assert!(
+        n_heads % n_kv_heads == 0,
+        "n_heads must be a multiple of n_kv_heads"
+    );
     assert!(q_pos0 + tq <= tk, "queries reach past the keys");
     assert_eq!(o.len(), batch * tq * n_heads * hd);
     assert_eq!(lse.len(), batch * n_heads * tq);
@@ -114,7 +124,14 @@ pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse:
             }
             // acc += P V
             unsafe {
-                gemm_ptr(acc.as_mut_ptr(), hd, MatRef::new(&s[..bq * bk], bq, bk), vm, 1.0, true)
+                gemm_ptr(
+                    acc.as_mut_ptr(),
+                    hd,
+                    MatRef::new(&s[..bq * bk], bq, bk),
+                    vm,
+                    1.0,
+                    true,
+                )
             };
             s0 += BLOCK;
         }
@@ -145,9 +162,28 @@ pub struct QkvLayout {
 /// Backward pass (training: `q_pos0 = 0`, `tq = tk`). Writes `dqkv` (same layout as `qkv`)
 /// entirely. Parallel over (sequence, kv head): each task owns the dq columns of its query heads
 /// and the dk/dv columns of its kv head, so the accumulation order is fixed.
-pub fn backward(dims: AttnDims, qkv: &[f32], lay: QkvLayout, o: &[f32], lse: &[f32], dout: &[f32], dqkv: &mut [f32]) {
-    let AttnDims { batch, tq, tk, q_pos0, n_heads, n_kv_heads, head_dim: hd } = dims;
-    assert!(q_pos0 == 0 && tq == tk, "attention backward supports training layout only");
+pub fn backward(
+    dims: AttnDims,
+    qkv: &[f32],
+    lay: QkvLayout,
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
+    let AttnDims {
+        batch,
+        tq,
+        tk,
+        q_pos0,
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = dims;
+    assert!(
+        q_pos0 == 0 && tq == tk,
+        "attention backward supports training layout only"
+    );
     assert_eq!(qkv.len(), dqkv.len());
     let t = tq;
     let rep = n_heads / n_kv_heads;
@@ -155,9 +191,17 @@ pub fn backward(dims: AttnDims, qkv: &[f32], lay: QkvLayout, o: &[f32], lse: &[f
     let o_rs = n_heads * hd;
     let nb = t.div_ceil(BLOCK);
     let dptr = SendPtr(dqkv.as_mut_ptr());
-    let view = |off| Heads { data: qkv, rs: lay.rs, off };
+    let view = |off| Heads {
+        data: qkv,
+        rs: lay.rs,
+        off,
+    };
     let (qv, kv, vv) = (view(lay.q_off), view(lay.k_off), view(lay.v_off));
-    let dov = Heads { data: dout, rs: o_rs, off: 0 };
+    let dov = Heads {
+        data: dout,
+        rs: o_rs,
+        off: 0,
+    };
     (0..batch * n_kv_heads).into_par_iter().for_each(|task| {
         let b = task / n_kv_heads;
         let g = task % n_kv_heads;
@@ -234,7 +278,15 @@ pub fn backward(dims: AttnDims, qkv: &[f32], lay: QkvLayout, o: &[f32], lse: &[f
 /// Reference implementation (materialises the score matrix); used by tests only.
 #[cfg(test)]
 pub fn naive_forward(dims: AttnDims, q: Heads, k: Heads, v: Heads) -> Vec<f32> {
-    let AttnDims { batch, tq, tk, q_pos0, n_heads, n_kv_heads, head_dim: hd } = dims;
+    let AttnDims {
+        batch,
+        tq,
+        tk,
+        q_pos0,
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = dims;
     let rep = n_heads / n_kv_heads;
     let mut o = vec![0.0f32; batch * tq * n_heads * hd];
     for b in 0..batch {
@@ -246,7 +298,11 @@ pub fn naive_forward(dims: AttnDims, q: Heads, k: Heads, v: Heads) -> Vec<f32> {
                 let mut sc: Vec<f64> = (0..=pos)
                     .map(|s| {
                         let kr = &k.data[(b * tk + s) * k.rs + k.off + g * hd..][..hd];
-                        qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (hd as f64).sqrt()
+                        qr.iter()
+                            .zip(kr)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
                     })
                     .collect();
                 let mx = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -274,10 +330,30 @@ mod tests {
     use crate::kernels::gradcheck::check;
     use crate::rng::Rng;
 
-    fn setup(batch: usize, t: usize, h: usize, kv: usize, hd: usize, seed: u64) -> (AttnDims, QkvLayout, Vec<f32>) {
-        let dims = AttnDims { batch, tq: t, tk: t, q_pos0: 0, n_heads: h, n_kv_heads: kv, head_dim: hd };
+    fn setup(
+        batch: usize,
+        t: usize,
+        h: usize,
+        kv: usize,
+        hd: usize,
+        seed: u64,
+    ) -> (AttnDims, QkvLayout, Vec<f32>) {
+        let dims = AttnDims {
+            batch,
+            tq: t,
+            tk: t,
+            q_pos0: 0,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+        };
         let rs = (h + 2 * kv) * hd;
-        let lay = QkvLayout { rs, q_off: 0, k_off: h * hd, v_off: (h + kv) * hd };
+        let lay = QkvLayout {
+            rs,
+            q_off: 0,
+            k_off: h * hd,
+            v_off: (h + kv) * hd,
+        };
         let mut qkv = vec![0.0; batch * t * rs];
         Rng::new(seed).fill_normal(&mut qkv, 1.0);
         (dims, lay, qkv)
@@ -286,8 +362,19 @@ mod tests {
     fn run_fwd(dims: AttnDims, lay: QkvLayout, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let mut o = vec![0.0; dims.batch * dims.tq * dims.n_heads * dims.head_dim];
         let mut lse = vec![0.0; dims.batch * dims.n_heads * dims.tq];
-        let hv = |off| Heads { data: qkv, rs: lay.rs, off };
-        forward(dims, hv(lay.q_off), hv(lay.k_off), hv(lay.v_off), &mut o, &mut lse);
+        let hv = |off| Heads {
+            data: qkv,
+            rs: lay.rs,
+            off,
+        };
+        forward(
+            dims,
+            hv(lay.q_off),
+            hv(lay.k_off),
+            hv(lay.v_off),
+            &mut o,
+            &mut lse,
+        );
         (o, lse)
     }
 
@@ -296,7 +383,11 @@ mod tests {
         for &(b, t, h, kv, hd) in &[(2, 5, 2, 2, 4), (1, 150, 4, 2, 8), (2, 130, 3, 1, 16)] {
             let (dims, lay, qkv) = setup(b, t, h, kv, hd, 1);
             let (o, _) = run_fwd(dims, lay, &qkv);
-            let hv = |off| Heads { data: &qkv, rs: lay.rs, off };
+            let hv = |off| Heads {
+                data: &qkv,
+                rs: lay.rs,
+                off,
+            };
             let want = naive_forward(dims, hv(lay.q_off), hv(lay.k_off), hv(lay.v_off));
             for (x, y) in o.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-5, "{x} vs {y}");
@@ -310,11 +401,23 @@ mod tests {
         let (dims, lay, qkv) = setup(1, 130, 4, 2, 8, 3);
         let (full, _) = run_fwd(dims, lay, &qkv);
         let p0 = 100;
-        let d2 = AttnDims { tq: 30, q_pos0: p0, ..dims };
+        let d2 = AttnDims {
+            tq: 30,
+            q_pos0: p0,
+            ..dims
+        };
         let mut o = vec![0.0; 30 * 4 * 8];
         let mut lse = vec![0.0; 4 * 30];
-        let q = Heads { data: &qkv[p0 * lay.rs..], rs: lay.rs, off: lay.q_off };
-        let hv = |off| Heads { data: &qkv, rs: lay.rs, off };
+        let q = Heads {
+            data: &qkv[p0 * lay.rs..],
+            rs: lay.rs,
+            off: lay.q_off,
+        };
+        let hv = |off| Heads {
+            data: &qkv,
+            rs: lay.rs,
+            off,
+        };
         forward(d2, q, hv(lay.k_off), hv(lay.v_off), &mut o, &mut lse);
         for (x, y) in o.iter().zip(&full[p0 * 32..]) {
             assert!((x - y).abs() < 1e-5);

@@ -20,7 +20,13 @@ pub fn forward(losses: &mut [f32], logits: &[f32], targets: &[u32], v: usize) {
 }
 
 /// Per-row losses into `losses`, and `logits` replaced by `scale · dloss/dlogits`.
-pub fn forward_backward(losses: &mut [f32], logits: &mut [f32], targets: &[u32], v: usize, scale: f32) {
+pub fn forward_backward(
+    losses: &mut [f32],
+    logits: &mut [f32],
+    targets: &[u32],
+    v: usize,
+    scale: f32,
+) {
     losses
         .par_iter_mut()
         .zip(logits.par_chunks_mut(v))

@@ -6,10 +6,12 @@
 use rayon::prelude::*;
 
 pub fn forward(out: &mut [f32], table: &[f32], tokens: &[u32], d: usize) {
-    out.par_chunks_mut(d).zip(tokens.par_iter()).for_each(|(o, &t)| {
-        let t = t as usize;
-        o.copy_from_slice(&table[t * d..(t + 1) * d]);
-    });
+    out.par_chunks_mut(d)
+        .zip(tokens.par_iter())
+        .for_each(|(o, &t)| {
+            let t = t as usize;
+            o.copy_from_slice(&table[t * d..(t + 1) * d]);
+        });
 }
 
 /// `dE[tokens[i]] += dout[i]`.

@@ -23,15 +23,33 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// Contiguous row-major `[rows, cols]`.
     pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef { data, rows, cols, rs: cols, cs: 1 }
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// Row-major `[rows, cols]` with a given row stride (a column block of a wider matrix).
     pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
-        MatRef { data, rows, cols, rs, cs: 1 }
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
     }
     /// The transposed view (no copy).
     pub fn t(self) -> Self {
-        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
     fn check(&self, what: &str) {
         if self.rows > 0 && self.cols > 0 {
@@ -65,11 +83,18 @@ pub fn gemm(
     parallel: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "gemm: inner dimensions differ ({}x{} · {}x{})", a.rows, a.cols, b.rows, b.cols);
+    assert_eq!(
+        b.rows, k,
+        "gemm: inner dimensions differ ({}x{} · {}x{})",
+        a.rows, a.cols, b.rows, b.cols
+    );
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * c_rs + n <= c.len(), "gemm: output view exceeds its buffer");
+    assert!(
+        (m - 1) * c_rs + n <= c.len(),
+        "gemm: output view exceeds its buffer"
+    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -113,7 +138,14 @@ pub fn gemm(
 /// # Safety
 /// `c` must be valid for writes at `i·c_rs + j` for `i < a.rows`, `j < b.cols`, and no other
 /// thread may access those elements during the call.
-pub unsafe fn gemm_ptr(c: *mut f32, c_rs: usize, a: MatRef, b: MatRef, alpha: f32, accumulate: bool) {
+pub unsafe fn gemm_ptr(
+    c: *mut f32,
+    c_rs: usize,
+    a: MatRef,
+    b: MatRef,
+    alpha: f32,
+    accumulate: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm_ptr: inner dimensions differ");
     if m == 0 || n == 0 || k == 0 {
@@ -146,8 +178,24 @@ pub unsafe fn gemm_ptr(c: *mut f32, c_rs: usize, a: MatRef, b: MatRef, alpha: f3
 }
 
 /// Linear layer forward: `y[n, out] (+)= x[n, in] · Wᵀ` with `W` stored `[out, in]`.
-pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], n: usize, din: usize, dout: usize, accumulate: bool) {
-    gemm(y, dout, MatRef::new(x, n, din), MatRef::new(w, dout, din).t(), 1.0, accumulate, true);
+pub fn linear_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+    accumulate: bool,
+) {
+    gemm(
+        y,
+        dout,
+        MatRef::new(x, n, din),
+        MatRef::new(w, dout, din).t(),
+        1.0,
+        accumulate,
+        true,
+    );
 }
 
 /// Linear layer backward. `dx[n, in] (+)= dy · W` (when `dx` is given) and `dW[out, in] += dyᵀ · x`.
@@ -163,9 +211,58 @@ pub fn linear_backward(
     dout: usize,
 ) {
     if let Some((dx, acc)) = dx {
-        gemm(dx, din, MatRef::new(dy, n, dout), MatRef::new(w, dout, din), 1.0, acc, true);
+        gemm(
+            dx,
+            din,
+            MatRef::new(dy, n, dout),
+            MatRef::new(w, dout, din),
+            1.0,
+            acc,
+            true,
+        );
     }
-    gemm(dw, din, MatRef::new(dy, n, dout).t(), MatRef::new(x, n, din), 1.0, true, true);
+    gemm(
+        dw,
+        din,
+        MatRef::new(dy, n, dout).t(),
+        MatRef::new(x, n, din),
+        1.0,
+        true,
+        true,
+    );
+}
+
+/// Median GFLOP/s of `n×n×n` f32 GEMMs over `iters` runs (the peak used for MFU).
+pub fn bench_gemm(n: usize, iters: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0.0f32; n * n];
+    gemm(
+        &mut c,
+        n,
+        MatRef::new(&a, n, n),
+        MatRef::new(&b, n, n),
+        1.0,
+        false,
+        true,
+    );
+    let mut rates: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            gemm(
+                &mut c,
+                n,
+                MatRef::new(&a, n, n),
+                MatRef::new(&b, n, n),
+                1.0,
+                false,
+                true,
+            );
+            2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    rates.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    rates[rates.len() / 2]
 }
 
 #[cfg(test)]
@@ -197,7 +294,15 @@ mod tests {
             r.fill_normal(&mut b, 1.0);
             let want = naive(&a, &b, m, k, n);
             let mut c = vec![0.0; m * n];
-            gemm(&mut c, n, MatRef::new(&a, m, k), MatRef::new(&b, k, n), 1.0, false, true);
+            gemm(
+                &mut c,
+                n,
+                MatRef::new(&a, m, k),
+                MatRef::new(&b, k, n),
+                1.0,
+                false,
+                true,
+            );
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
             }
@@ -205,9 +310,20 @@ mod tests {
             let at: Vec<f32> = (0..k * m).map(|idx| a[(idx % m) * k + idx / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
             let mut c2 = vec![1.0; m * n];
-            gemm(&mut c2, n, MatRef::new(&at, k, m).t(), MatRef::new(&bt, n, k).t(), 2.0, true, true);
+            gemm(
+                &mut c2,
+                n,
+                MatRef::new(&at, k, m).t(),
+                MatRef::new(&bt, n, k).t(),
+                2.0,
+                true,
+                true,
+            );
             for (x, y) in c2.iter().zip(&want) {
-                assert!((x - (1.0 + 2.0 * y)).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+                assert!(
+                    (x - (1.0 + 2.0 * y)).abs() < 1e-4 * (1.0 + y.abs()),
+                    "{x} vs {y}"
+                );
             }
         }
     }

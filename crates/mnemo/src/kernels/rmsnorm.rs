@@ -45,7 +45,12 @@ pub fn backward(
         .zip(rstd.par_chunks(ROWS_PER_TASK))
         .map(|(((dx, dy), x), rstd)| {
             let mut dw_part = vec![0.0f32; d];
-            for (((dx, dy), x), &s) in dx.chunks_mut(d).zip(dy.chunks(d)).zip(x.chunks(d)).zip(rstd) {
+            for (((dx, dy), x), &s) in dx
+                .chunks_mut(d)
+                .zip(dy.chunks(d))
+                .zip(x.chunks(d))
+                .zip(rstd)
+            {
                 let mut dot = 0.0f32;
                 for i in 0..d {
                     let xh = x[i] * s;

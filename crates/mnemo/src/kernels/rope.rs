@@ -44,7 +44,12 @@ impl RopeTable {
                 sin[p * half + i] = a.sin() as f32;
             }
         }
-        RopeTable { rope_dim, layout, cos, sin }
+        RopeTable {
+            rope_dim,
+            layout,
+            cos,
+            sin,
+        }
     }
 
     pub fn max_pos(&self) -> usize {
@@ -141,7 +146,13 @@ mod tests {
             }
             let mut dx = g.clone();
             t.apply(&mut dx, rows, heads * hd, 0, heads, hd, |r| r + 3, true);
-            let loss = |p: &[f32]| fwd(p).iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let loss = |p: &[f32]| {
+                fwd(p)
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum()
+            };
             check(&x, &dx, loss, 1e-2, 1e-3);
         }
     }

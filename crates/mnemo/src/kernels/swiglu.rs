@@ -12,12 +12,14 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 pub fn forward(g: &mut [f32], h: &[f32], f: usize) {
-    g.par_chunks_mut(f).zip(h.par_chunks(2 * f)).for_each(|(g, h)| {
-        let (a, b) = h.split_at(f);
-        for i in 0..f {
-            g[i] = a[i] * sigmoid(a[i]) * b[i];
-        }
-    });
+    g.par_chunks_mut(f)
+        .zip(h.par_chunks(2 * f))
+        .for_each(|(g, h)| {
+            let (a, b) = h.split_at(f);
+            for i in 0..f {
+                g[i] = a[i] * sigmoid(a[i]) * b[i];
+            }
+        });
 }
 
 /// Writes `dh: [n, 2f]` from `dg: [n, f]`.

@@ -1,0 +1,135 @@
+//! The command line on bad input: one clear error naming the file/field, a non-zero exit code,
+//! never a panic.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn mnemo(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mnemo"))
+        .args(args)
+        .env(
+            "MNEMO_CACHE",
+            std::env::temp_dir().join(format!("mnemo-cli-cache-{}", std::process::id())),
+        )
+        .output()
+        .expect("run mnemo");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mnemo-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn assert_fails(args: &[&str], needle: &str) {
+    let (code, _, err) = mnemo(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected `{needle}` in:\n{err}"
+    );
+}
+
+#[test]
+fn bad_data_directories() {
+    assert_fails(
+        &[
+            "train",
+            "--data",
+            "/nonexistent/mnemo-data",
+            "--out",
+            "/tmp/x",
+        ],
+        "/nonexistent/mnemo-data",
+    );
+    let empty = tmpdir("empty");
+    assert_fails(
+        &[
+            "train",
+            "--data",
+            empty.to_str().unwrap(),
+            "--out",
+            empty.join("run").to_str().unwrap(),
+        ],
+        "no text files",
+    );
+}
+
+#[test]
+fn inconsistent_configs_name_the_field() {
+    assert_fails(&["config", "--set", "n_kv_heads=3"], "n_kv_heads");
+    assert_fails(&["config", "--set", "d_modle=3"], "d_modle");
+    assert_fails(&["config", "--set", "rope_dim=7"], "rope_dim");
+    assert_fails(&["config", "--preset", "huge"], "unknown preset `huge`");
+    assert_fails(&["config", "--seq-len", "100000"], "seq_len");
+    let d = tmpdir("cfg");
+    let f = d.join("bad.json");
+    std::fs::write(&f, r#"{"model": {"d_model": 64, "n_heads": 5}}"#).unwrap();
+    assert_fails(&["config", "--config", f.to_str().unwrap()], "n_kv_heads");
+    std::fs::write(&f, "{not json").unwrap();
+    assert_fails(&["config", "--config", f.to_str().unwrap()], "bad.json");
+    let (code, out, _) = mnemo(&[
+        "config",
+        "--set",
+        "train.lr=0.01",
+        "--set",
+        "rope_layout=half",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("\"lr\": 0.01") && out.contains("\"rope_layout\": \"half\""),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_checkpoints_and_tokenizers() {
+    let d = tmpdir("ckpt");
+    assert_fails(
+        &["generate", d.to_str().unwrap(), "--prompt", "x"],
+        "holds no checkpoint",
+    );
+    assert_fails(&["eval", "/nonexistent/run"], "does not exist");
+    let ck = d.join("checkpoint");
+    std::fs::create_dir_all(&ck).unwrap();
+    std::fs::write(ck.join("config.json"), "{}").unwrap();
+    std::fs::write(ck.join("model.safetensors"), "junk").unwrap();
+    assert_fails(
+        &["generate", d.to_str().unwrap(), "--prompt", "x"],
+        "config.json",
+    );
+    let tok = d.join("tokenizer.json");
+    std::fs::write(&tok, "not a tokenizer").unwrap();
+    let data = tmpdir("tokdata");
+    std::fs::write(data.join("a.rs"), "fn main() {}\n".repeat(200)).unwrap();
+    std::fs::write(data.join("b.rs"), "fn other() {}\n".repeat(200)).unwrap();
+    assert_fails(
+        &[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--out",
+            d.join("r").to_str().unwrap(),
+        ],
+        "tokenizer.json",
+    );
+}
+
+#[test]
+fn help_explains_the_default() {
+    let (code, out, _) = mnemo(&["train", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("--resume") && out.contains("current directory"),
+        "{out}"
+    );
+}

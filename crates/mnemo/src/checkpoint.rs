@@ -1,0 +1,230 @@
+//! Run directories and checkpoints.
+//!
+//! ```text
+//! RUN_DIR/
+//!   run.json          the resolved run config (model + training + data), written at start
+//!   metrics.jsonl     one JSON object per logged step (deterministic values only)
+//!   loss.png          loss curves, redrawn at every evaluation
+//!   checkpoint/       the latest checkpoint, everything needed to resume:
+//!     model.safetensors       parameters by name ([out, in] linear weights)
+//!     optimizer.safetensors   AdamW moments `adam.m`, `adam.v` (flat, parameter layout order)
+//!     state.json              step, tokens seen, data RNG, run config
+//!     config.json             the model config (so the directory loads on its own)
+//!     tokenizer.json          the tokenizer
+//! ```
+//!
+//! A checkpoint is written to `RUN_DIR/.checkpoint.tmp`, synced, and swapped in by two
+//! renames (`checkpoint` → `checkpoint.prev`, tmp → `checkpoint`); loading falls back to
+//! `checkpoint.prev` if a crash happened between them. A partly written checkpoint is never
+//! taken for a complete one.
+
+use crate::config::ModelConfig;
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::safetensors_io::{serialize, TensorFile};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+const PREV_DIR: &str = "checkpoint.prev";
+const TMP_DIR: &str = ".checkpoint.tmp";
+
+/// Training state beside the weights.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format_version: u32,
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub data_rng: Rng,
+    /// The run config (model, train, data) as JSON.
+    pub run: serde_json::Value,
+}
+
+/// What a checkpoint holds once loaded.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub state: Option<TrainState>,
+    pub adam: Option<(Vec<f32>, Vec<f32>)>,
+    pub dir: PathBuf,
+}
+
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let p = dir.join(name);
+    let mut f =
+        std::fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;
+    std::io::Write::write_all(&mut f, bytes)
+        .with_context(|| format!("cannot write {}", p.display()))?;
+    f.sync_all()
+        .with_context(|| format!("cannot sync {}", p.display()))?;
+    Ok(())
+}
+
+/// The model's tensors as safetensors bytes.
+pub fn model_bytes(model: &Model) -> Result<Vec<u8>> {
+    // One metadata key only: safetensors stores the map unordered, and checkpoints must be
+    // byte-reproducible.
+    let mut meta = HashMap::new();
+    meta.insert("mnemo_config".into(), serde_json::to_string(&model.cfg)?);
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = model
+        .layout
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), &model.params[t.range()]))
+        .collect();
+    serialize(&tensors, meta)
+}
+
+/// Save a complete checkpoint atomically into `run_dir/checkpoint`.
+pub fn save(
+    run_dir: &Path,
+    model: &Model,
+    tok: &Tokenizer,
+    adam: (&[f32], &[f32]),
+    state: &TrainState,
+) -> Result<()> {
+    let tmp = run_dir.join(TMP_DIR);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    write_file(&tmp, "model.safetensors", &model_bytes(model)?)?;
+    let n = model.layout.total;
+    let opt = serialize(
+        &[
+            ("adam.m".into(), vec![n], adam.0),
+            ("adam.v".into(), vec![n], adam.1),
+        ],
+        HashMap::new(),
+    )?;
+    write_file(&tmp, "optimizer.safetensors", &opt)?;
+    write_file(
+        &tmp,
+        "state.json",
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    write_file(
+        &tmp,
+        "config.json",
+        serde_json::to_string_pretty(&model.cfg)?.as_bytes(),
+    )?;
+    write_file(&tmp, "tokenizer.json", tok.to_json()?.as_bytes())?;
+    if let Ok(d) = std::fs::File::open(&tmp) {
+        d.sync_all().ok();
+    }
+    let cur = run_dir.join(CHECKPOINT_DIR);
+    let prev = run_dir.join(PREV_DIR);
+    if prev.exists() {
+        std::fs::remove_dir_all(&prev)
+            .with_context(|| format!("cannot remove {}", prev.display()))?;
+    }
+    if cur.exists() {
+        std::fs::rename(&cur, &prev)
+            .with_context(|| format!("cannot move {} aside", cur.display()))?;
+    }
+    std::fs::rename(&tmp, &cur)
+        .with_context(|| format!("cannot move the new checkpoint into {}", cur.display()))?;
+    if prev.exists() {
+        std::fs::remove_dir_all(&prev).ok();
+    }
+    if let Ok(d) = std::fs::File::open(run_dir) {
+        d.sync_all().ok();
+    }
+    Ok(())
+}
+
+/// Find the checkpoint directory for a run directory (or accept a checkpoint directory itself).
+pub fn locate(path: &Path) -> Result<PathBuf> {
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    if path.join("model.safetensors").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    for name in [CHECKPOINT_DIR, PREV_DIR] {
+        let c = path.join(name);
+        if c.join("model.safetensors").is_file() && c.join("config.json").is_file() {
+            return Ok(c);
+        }
+    }
+    bail!(
+        "{} holds no checkpoint (expected {}/model.safetensors; was the run saved?)",
+        path.display(),
+        CHECKPOINT_DIR
+    )
+}
+
+/// Read a model config file.
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    let s =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let c: ModelConfig = serde_json::from_str(&s)
+        .with_context(|| format!("{} is not a valid model config", path.display()))?;
+    c.validate()
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok(c)
+}
+
+/// Load model weights from a safetensors file into `model`, checking every name and shape.
+pub fn load_weights(model: &mut Model, path: &Path) -> Result<()> {
+    let f = TensorFile::open(path)?;
+    for t in model.layout.tensors.clone() {
+        let w = f.f32(&t.name, Some(&t.shape))?;
+        if w.iter().any(|x| !x.is_finite()) {
+            bail!(
+                "{}: tensor `{}` contains NaN or infinite values",
+                path.display(),
+                t.name
+            );
+        }
+        model.params[t.range()].copy_from_slice(&w);
+    }
+    Ok(())
+}
+
+/// Load a checkpoint (model, tokenizer, and training state when present) from a run directory.
+pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
+    let dir = locate(path)?;
+    let cfg = read_config(&dir.join("config.json"))?;
+    let mut model = Model::new(cfg)?;
+    load_weights(&mut model, &dir.join("model.safetensors"))?;
+    let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
+    if tokenizer.vocab_size() > model.cfg.vocab_size {
+        bail!(
+            "{}: tokenizer has {} tokens but the model's vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            model.cfg.vocab_size
+        );
+    }
+    let state_path = dir.join("state.json");
+    let state = if state_path.is_file() {
+        let s = std::fs::read_to_string(&state_path)
+            .with_context(|| format!("cannot read {}", state_path.display()))?;
+        Some(
+            serde_json::from_str::<TrainState>(&s)
+                .with_context(|| format!("{} is corrupt", state_path.display()))?,
+        )
+    } else {
+        None
+    };
+    let adam = if with_optimizer {
+        let p = dir.join("optimizer.safetensors");
+        let f = TensorFile::open(&p)?;
+        let n = model.layout.total;
+        Some((f.f32("adam.m", Some(&[n]))?, f.f32("adam.v", Some(&[n]))?))
+    } else {
+        None
+    };
+    Ok(Loaded {
+        model,
+        tokenizer,
+        state,
+        adam,
+        dir,
+    })
+}

@@ -1,0 +1,328 @@
+//! Autoregressive generation with a KV cache, and token sampling.
+//!
+//! The prompt is prefilled in chunks (bounded memory), then one token at a time: each new
+//! token's q/k/v are computed once, k/v appended to the per-layer cache `[len, KV·d_h]`, and
+//! attention reads the cache through the same fused kernel as training (queries at positions
+//! `q_pos0..q_pos0+n` against keys `0..q_pos0+n`).
+//!
+//! Sampling: `temperature = 0` is greedy; otherwise logits are divided by the temperature,
+//! restricted to the `top_k` largest (0 = all), then to the smallest set whose probability
+//! reaches `top_p` (nucleus), renormalised and sampled with a seeded [`Rng`].
+
+use crate::kernels::attention::{self, AttnDims, Heads};
+use crate::kernels::matmul::linear_forward;
+use crate::kernels::{embedding, rmsnorm, swiglu};
+use crate::model::Model;
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+
+/// Per-layer key/value cache of one sequence.
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    cap: usize,
+}
+
+impl KvCache {
+    pub fn new(model: &Model) -> Self {
+        let c = &model.cfg;
+        let w = c.n_kv_heads * c.head_dim;
+        KvCache {
+            k: (0..c.n_layers)
+                .map(|_| vec![0.0; c.max_seq_len * w])
+                .collect(),
+            v: (0..c.n_layers)
+                .map(|_| vec![0.0; c.max_seq_len * w])
+                .collect(),
+            len: 0,
+            cap: c.max_seq_len,
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+}
+
+/// Tokens processed per prefill chunk.
+pub const PREFILL_CHUNK: usize = 256;
+
+impl Model {
+    /// Run `tokens` (positions `cache.len()..`) through the model, appending to the cache;
+    /// returns the logits `[V]` of the last token.
+    pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            bail!("forward_cached needs at least one token");
+        }
+        if cache.len + tokens.len() > cache.cap {
+            bail!(
+                "context of {} tokens exceeds the model's max_seq_len {}",
+                cache.len + tokens.len(),
+                cache.cap
+            );
+        }
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            logits = self.forward_chunk(chunk, cache);
+        }
+        Ok(logits)
+    }
+
+    fn forward_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let c = &self.cfg;
+        let n = tokens.len();
+        let p0 = cache.len;
+        let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
+        let (h, kv) = (c.n_heads, c.n_kv_heads);
+        let qd = c.qkv_dim();
+        let kw = kv * hd;
+        let ly = &self.layout;
+        let w = |off: usize, len: usize| &self.params[off..off + len];
+        let mut x = vec![0.0f32; n * d];
+        let mut a = vec![0.0f32; n * d];
+        let mut rstd = vec![0.0f32; n];
+        let mut qkv = vec![0.0f32; n * qd];
+        let mut o = vec![0.0f32; n * h * hd];
+        let mut lse = vec![0.0f32; h * n];
+        let mut h13 = vec![0.0f32; n * 2 * f];
+        let mut g = vec![0.0f32; n * f];
+        embedding::forward(&mut x, w(ly.embed, v * d), tokens, d);
+        for (l, lo) in ly.layers.iter().enumerate() {
+            rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.attn_norm, d), d, c.norm_eps);
+            linear_forward(&mut qkv, &a, w(lo.wqkv, qd * d), n, d, qd, false);
+            self.rope
+                .apply(&mut qkv, n, qd, 0, h, hd, |r| p0 + r, false);
+            self.rope
+                .apply(&mut qkv, n, qd, h * hd, kv, hd, |r| p0 + r, false);
+            for r in 0..n {
+                let row = &qkv[r * qd..(r + 1) * qd];
+                cache.k[l][(p0 + r) * kw..(p0 + r + 1) * kw]
+                    .copy_from_slice(&row[h * hd..h * hd + kw]);
+                cache.v[l][(p0 + r) * kw..(p0 + r + 1) * kw]
+                    .copy_from_slice(&row[h * hd + kw..h * hd + 2 * kw]);
+            }
+            let dims = AttnDims {
+                batch: 1,
+                tq: n,
+                tk: p0 + n,
+                q_pos0: p0,
+                n_heads: h,
+                n_kv_heads: kv,
+                head_dim: hd,
+            };
+            attention::forward(
+                dims,
+                Heads {
+                    data: &qkv,
+                    rs: qd,
+                    off: 0,
+                },
+                Heads {
+                    data: &cache.k[l][..(p0 + n) * kw],
+                    rs: kw,
+                    off: 0,
+                },
+                Heads {
+                    data: &cache.v[l][..(p0 + n) * kw],
+                    rs: kw,
+                    off: 0,
+                },
+                &mut o,
+                &mut lse,
+            );
+            linear_forward(&mut x, &o, w(lo.wo, d * h * hd), n, h * hd, d, true);
+            rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.ffn_norm, d), d, c.norm_eps);
+            linear_forward(&mut h13, &a, w(lo.w13, 2 * f * d), n, d, 2 * f, false);
+            swiglu::forward(&mut g, &h13, f);
+            linear_forward(&mut x, &g, w(lo.w2, d * f), n, f, d, true);
+        }
+        cache.len = p0 + n;
+        let last = &x[(n - 1) * d..];
+        let mut hf = vec![0.0f32; d];
+        let mut r1 = [0.0f32];
+        rmsnorm::forward(&mut hf, &mut r1, last, w(ly.norm, d), d, c.norm_eps);
+        let mut logits = vec![0.0f32; v];
+        linear_forward(&mut logits, &hf, w(ly.output, v * d), 1, d, v, false);
+        logits
+    }
+}
+
+/// Sampling settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
+
+/// Pick the next token from `logits` (only the first `n_valid` entries are real tokens).
+pub fn sample(logits: &[f32], n_valid: usize, s: Sampling, rng: &mut Rng) -> u32 {
+    let logits = &logits[..n_valid.min(logits.len())];
+    if s.temperature <= 0.0 {
+        let mut best = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            if x > logits[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| {
+        logits[b]
+            .partial_cmp(&logits[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    if s.top_k > 0 {
+        idx.truncate(s.top_k);
+    }
+    let m = logits[idx[0]];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - m) / s.temperature) as f64).exp())
+        .collect();
+    let z: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if s.top_p > 0.0 && s.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= s.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+        let z: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
+    }
+    let u = rng.next_f64();
+    let mut cum = 0.0;
+    for (p, &i) in probs.iter().zip(&idx) {
+        cum += p;
+        if u < cum {
+            return i as u32;
+        }
+    }
+    *idx.last().expect("non-empty") as u32
+}
+
+/// Generate up to `max_new` tokens after `prompt`, calling `on_token` with each new id; stops
+/// early at `stop_token` or when the context is full. Returns the new ids.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    max_new: usize,
+    s: Sampling,
+    seed: u64,
+    n_valid: usize,
+    stop_token: Option<u32>,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let mut cache = KvCache::new(model);
+    let mut rng = Rng::new(seed);
+    let mut logits = model.forward_cached(prompt, &mut cache)?;
+    let mut out = Vec::new();
+    for _ in 0..max_new {
+        let t = sample(&logits, n_valid, s, &mut rng);
+        if Some(t) == stop_token {
+            break;
+        }
+        out.push(t);
+        on_token(t)?;
+        if cache.len() >= cache.capacity() {
+            break;
+        }
+        logits = model.forward_cached(&[t], &mut cache)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::kernels::rope::RopeLayout;
+    use crate::model::Workspace;
+
+    #[test]
+    fn cached_decoding_matches_the_training_forward() {
+        let cfg = ModelConfig {
+            vocab_size: 23,
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rope_theta: 10000.0,
+            rope_dim: 8,
+            rope_layout: RopeLayout::Half,
+            ffn_hidden: 24,
+            tied_embeddings: false,
+            norm_eps: 1e-5,
+            init_std: 0.2,
+            max_seq_len: 300,
+        };
+        let mut m = Model::new(cfg).unwrap();
+        m.init(3);
+        let toks: Vec<u32> = (0..280).map(|i| (i * 7 % 23) as u32).collect();
+        let mut ws = Workspace::default();
+        m.forward(&toks, 1, toks.len(), &mut ws);
+        // Prefill 270 (two chunks), then decode the rest one by one.
+        let mut cache = KvCache::new(&m);
+        let mut last = m.forward_cached(&toks[..270], &mut cache).unwrap();
+        for (i, &t) in toks[270..].iter().enumerate() {
+            let want = &ws.logits[(269 + i) * 23..(270 + i) * 23];
+            for (a, b) in last.iter().zip(want) {
+                assert!((a - b).abs() < 1e-4, "position {}: {a} vs {b}", 269 + i);
+            }
+            last = m.forward_cached(&[t], &mut cache).unwrap();
+        }
+        assert!(
+            m.forward_cached(&[0; 21], &mut cache).is_err(),
+            "overflow must be an error"
+        );
+    }
+
+    #[test]
+    fn sampling_respects_greedy_top_k_and_top_p() {
+        let logits = [0.0, 3.0, 1.0, 2.9];
+        let mut r = Rng::new(1);
+        let greedy = Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        assert_eq!(sample(&logits, 4, greedy, &mut r), 1);
+        let k2 = Sampling {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+        };
+        for _ in 0..200 {
+            let t = sample(&logits, 4, k2, &mut r);
+            assert!(t == 1 || t == 3);
+        }
+        let p = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.3,
+        };
+        for _ in 0..100 {
+            assert_eq!(sample(&logits, 4, p, &mut r), 1);
+        }
+        // Only the first n_valid logits may be chosen.
+        assert_eq!(sample(&logits, 1, greedy, &mut r), 0);
+    }
+}

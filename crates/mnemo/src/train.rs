@@ -1,0 +1,638 @@
+//! The training loop: AdamW with warm-up + cosine schedule, gradient clipping and
+//! accumulation, periodic validation (loss and bits per byte), JSONL metrics with a loss-curve
+//! PNG, atomic checkpoints, bit-identical resumption, and a clean stop on request (Ctrl-C).
+//!
+//! Determinism: every kernel reduces in a fixed order that does not depend on thread
+//! scheduling, the data windows come from a seeded [`Rng`] saved in the checkpoint, and
+//! `metrics.jsonl` holds only values that are functions of (config, seed, step) — timings go to
+//! the progress bar, not the file. So a run resumed from step `s` writes the same bytes for
+//! steps `> s` as an uninterrupted run.
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::ModelConfig;
+use crate::data::{self, CorpusSpec, TokenSplit};
+use crate::kernels::adamw::{self, AdamWParams};
+use crate::model::{Model, Workspace};
+use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
+use crate::util::{det_sum_sq, human_count};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Optimisation and bookkeeping settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub max_steps: u64,
+    /// Peak learning rate (after warm-up).
+    pub lr: f32,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f32,
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub adam_eps: f32,
+    /// Clip the global gradient norm to this value (0 = off).
+    pub grad_clip: f32,
+    pub log_interval: u64,
+    pub eval_interval: u64,
+    /// Validation batches (of `batch_size` windows) per evaluation.
+    pub eval_batches: usize,
+    pub save_interval: u64,
+    pub seed: u64,
+    /// Bytes of training text used to train the tokenizer when the run trains its own.
+    pub tokenizer_max_bytes: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 16,
+            seq_len: 128,
+            grad_accum: 1,
+            max_steps: 500,
+            lr: 2e-3,
+            min_lr: 2e-4,
+            warmup_steps: 50,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            adam_eps: 1e-8,
+            grad_clip: 1.0,
+            log_interval: 10,
+            eval_interval: 100,
+            eval_batches: 8,
+            save_interval: 250,
+            seed: 1337,
+            tokenizer_max_bytes: 32 << 20,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        let bad = |f: &str, why: String| anyhow::anyhow!("invalid training config: `{f}` {why}");
+        if self.batch_size == 0 {
+            return Err(bad("batch_size", "must be > 0".into()));
+        }
+        if self.seq_len == 0 || self.seq_len > model.max_seq_len {
+            return Err(bad(
+                "seq_len",
+                format!(
+                    "({}) must be in 1..={} (the model's max_seq_len)",
+                    self.seq_len, model.max_seq_len
+                ),
+            ));
+        }
+        if self.grad_accum == 0 {
+            return Err(bad("grad_accum", "must be > 0".into()));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(bad(
+                "lr",
+                format!("({}) must be a finite number > 0", self.lr),
+            ));
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return Err(bad(
+                "min_lr",
+                format!("({}) must be in [0, lr]", self.min_lr),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(bad("beta1/beta2", "must be in [0, 1)".into()));
+        }
+        if self.log_interval == 0 || self.eval_interval == 0 || self.save_interval == 0 {
+            return Err(bad(
+                "log_interval/eval_interval/save_interval",
+                "must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Learning rate at 1-based `step`: linear warm-up to `lr`, then cosine to `min_lr`.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        if step <= self.warmup_steps {
+            return self.lr * step as f32 / self.warmup_steps.max(1) as f32;
+        }
+        let span = self.max_steps.saturating_sub(self.warmup_steps).max(1);
+        let p = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        let c = 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
+        (self.min_lr as f64 + (self.lr - self.min_lr) as f64 * c) as f32
+    }
+}
+
+/// Everything that defines a run; saved as `run.json` and inside every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub data: CorpusSpec,
+}
+
+/// Options of one `train` invocation that are not part of the run's identity.
+pub struct TrainOptions {
+    pub out: PathBuf,
+    pub run: RunConfig,
+    /// Use this tokenizer instead of training one.
+    pub tokenizer: Option<PathBuf>,
+    /// Continue from `out/checkpoint`.
+    pub resume: bool,
+    pub cache_root: PathBuf,
+    pub progress: bool,
+}
+
+/// Result of a finished (or stopped) run.
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub val_loss: Option<f64>,
+    pub val_bpb: Option<f64>,
+    pub unigram_entropy: f64,
+    pub stopped_early: bool,
+    pub tokens_per_s: f64,
+}
+
+/// Validation loss (nats/token) and bits per byte over fixed windows of `split`.
+pub fn evaluate(
+    model: &Model,
+    split: &TokenSplit,
+    b: usize,
+    t: usize,
+    batches: usize,
+    ws: &mut Workspace,
+) -> Option<(f64, f64)> {
+    let starts = data::eval_windows(split, t, batches * b);
+    if starts.is_empty() {
+        return None;
+    }
+    let toks = split.tokens();
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for chunk in starts.chunks(b) {
+        let mut x = Vec::with_capacity(chunk.len() * t);
+        let mut y = Vec::with_capacity(chunk.len() * t);
+        for &s in chunk {
+            x.extend_from_slice(&toks[s..s + t]);
+            y.extend_from_slice(&toks[s + 1..s + t + 1]);
+        }
+        model.forward(&x, chunk.len(), t, ws);
+        sum += model.loss(&y, ws) * y.len() as f64;
+        count += y.len();
+    }
+    let loss = sum / count as f64;
+    let bpb = loss / std::f64::consts::LN_2 * split.n_tokens as f64 / split.n_bytes.max(1) as f64;
+    Some((loss, bpb))
+}
+
+/// Entropy (nats/token) of the unigram distribution of `tokens`: the loss of a model that
+/// ignores context, the bar a trained model must get well below.
+pub fn unigram_entropy(tokens: &[u32], vocab: usize) -> f64 {
+    let mut counts = vec![0u64; vocab.max(1)];
+    for &t in tokens {
+        if (t as usize) < counts.len() {
+            counts[t as usize] += 1;
+        }
+    }
+    let n = tokens.len().max(1) as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.ln()
+        })
+        .sum()
+}
+
+fn append_metrics(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(f, "{v}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Keep only the metric lines with `step <= keep` (used when resuming).
+fn truncate_metrics(path: &Path, keep: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let s =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = String::new();
+    for line in s.lines() {
+        let step = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["step"].as_u64());
+        if matches!(step, Some(st) if st <= keep) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    crate::util::write_atomic(path, out.as_bytes())
+}
+
+/// Obtain the run's tokenizer: given file, the one in the run dir (resume), or train one.
+fn get_tokenizer(opts: &TrainOptions, corpus: &data::Corpus) -> Result<Tokenizer> {
+    if let Some(p) = &opts.tokenizer {
+        return Tokenizer::load(p);
+    }
+    let in_run = opts.out.join("tokenizer.json");
+    if in_run.is_file() {
+        return Tokenizer::load(&in_run);
+    }
+    let vocab = opts.run.model.vocab_size;
+    eprintln!("training a byte-level BPE tokenizer (vocab {vocab}) on the training split…");
+    let t0 = Instant::now();
+    let tok = Tokenizer::train(
+        data::texts(
+            corpus,
+            data::Split::Train,
+            opts.run.train.tokenizer_max_bytes,
+        ),
+        vocab,
+    )?;
+    eprintln!(
+        "  done in {:.1}s ({} tokens)",
+        t0.elapsed().as_secs_f64(),
+        tok.vocab_size()
+    );
+    Ok(tok)
+}
+
+/// Train (or resume) a run. `stop` is polled after every step: when set, the run saves a
+/// checkpoint and returns.
+pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create run directory {}", out.display()))?;
+    let metrics_path = out.join("metrics.jsonl");
+    let (mut model, tok, mut state, mut adam_m, mut adam_v, run) = if opts.resume {
+        let l = checkpoint::load(out, true)
+            .with_context(|| format!("cannot resume from {}", out.display()))?;
+        let state = l
+            .state
+            .with_context(|| format!("{}: state.json is missing", l.dir.display()))?;
+        let mut run: RunConfig = serde_json::from_value(state.run.clone()).with_context(|| {
+            format!(
+                "{}: state.json holds an unreadable run config",
+                l.dir.display()
+            )
+        })?;
+        // Allow extending a run: the caller may raise max_steps.
+        if opts.run.train.max_steps > run.train.max_steps {
+            run.train.max_steps = opts.run.train.max_steps;
+        }
+        let (m, v) = l.adam.expect("requested");
+        truncate_metrics(&metrics_path, state.step)?;
+        eprintln!("resuming {} from step {}", out.display(), state.step);
+        (l.model, Some(l.tokenizer), state, m, v, run)
+    } else {
+        if out.join(checkpoint::CHECKPOINT_DIR).exists() {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                out.display()
+            );
+        }
+        let run = opts.run.clone();
+        run.model.validate()?;
+        run.train.validate(&run.model)?;
+        (
+            Model::new(run.model.clone())?,
+            None,
+            TrainState {
+                format_version: 1,
+                step: 0,
+                tokens_seen: 0,
+                data_rng: Rng::derived(run.train.seed, "data"),
+                run: serde_json::to_value(&run)?,
+            },
+            Vec::new(),
+            Vec::new(),
+            run,
+        )
+    };
+    let tc = run.train.clone();
+    let corpus = data::scan(&run.data)?;
+    let tok = match tok {
+        Some(t) => t,
+        None => get_tokenizer(&opts, &corpus)?,
+    };
+    if tok.vocab_size() > run.model.vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model's vocab_size is {}: raise vocab_size or use a smaller tokenizer",
+            tok.vocab_size(),
+            run.model.vocab_size
+        );
+    }
+    if !opts.resume {
+        model.init(tc.seed);
+        adam_m = vec![0.0; model.layout.total];
+        adam_v = vec![0.0; model.layout.total];
+        crate::util::write_atomic(
+            &out.join("run.json"),
+            serde_json::to_string_pretty(&run)?.as_bytes(),
+        )?;
+        tok.save(&out.join("tokenizer.json"))?;
+        if metrics_path.exists() {
+            std::fs::remove_file(&metrics_path).ok();
+        }
+    }
+    let cache = data::prepare(&corpus, &run.data, &tok, &opts.cache_root, opts.progress)?;
+    eprintln!(
+        "data: {} files, train {} tokens ({} bytes), val {} tokens; token cache {}{}",
+        corpus.files.len(),
+        human_count(cache.train.n_tokens as f64),
+        human_count(cache.train.n_bytes as f64),
+        human_count(cache.val.n_tokens as f64),
+        cache.dir.display(),
+        if cache.reused { " (reused)" } else { "" }
+    );
+    let (b, t) = (tc.batch_size, tc.seq_len);
+    if cache.train.n_tokens < t + 1 {
+        bail!(
+            "the training split has only {} tokens, fewer than seq_len + 1 = {}: use more data or a smaller --seq-len",
+            cache.train.n_tokens,
+            t + 1
+        );
+    }
+    let h = model.counts();
+    let unigram = unigram_entropy(cache.train.tokens(), run.model.vocab_size);
+    eprintln!(
+        "model: {} parameters (embedding {}, attention {}, ffn {}, norms {}, output {}); {:.1} GFLOP per step",
+        human_count(h.total as f64),
+        human_count(h.embedding as f64),
+        human_count(h.attention as f64),
+        human_count(h.ffn as f64),
+        human_count(h.norms as f64),
+        human_count(h.output as f64),
+        run.model.train_flops(b, t) * tc.grad_accum as f64 / 1e9
+    );
+    eprintln!("unigram entropy of the training tokens: {unigram:.3} nats/token (the loss to beat)");
+
+    let mut grads = vec![0.0f32; model.layout.total];
+    let mut ws = Workspace::default();
+    let mut eval_ws = Workspace::default();
+    let mut x = vec![0u32; b * t];
+    let mut y = vec![0u32; b * t];
+    let pb = progress_bar(opts.progress, state.step, tc.max_steps);
+    let started = Instant::now();
+    let start_step = state.step;
+    let mut last = (0.0f64, None::<(f64, f64)>);
+    let mut stopped_early = false;
+    let plot_title = out
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    while state.step < tc.max_steps {
+        let step = state.step + 1;
+        let lr = tc.lr_at(step);
+        grads.fill(0.0);
+        let mut loss = 0.0;
+        for _ in 0..tc.grad_accum {
+            data::sample_batch(&cache.train, &mut state.data_rng, b, t, &mut x, &mut y)?;
+            loss += model.forward_backward(
+                &x,
+                &y,
+                b,
+                t,
+                &mut grads,
+                1.0 / tc.grad_accum as f32,
+                &mut ws,
+            );
+        }
+        loss /= tc.grad_accum as f64;
+        if !loss.is_finite() {
+            bail!("loss became {loss} at step {step}: lower --lr or check the data");
+        }
+        let gnorm = det_sum_sq(&grads).sqrt();
+        if tc.grad_clip > 0.0 && gnorm > tc.grad_clip as f64 {
+            let s = (tc.grad_clip as f64 / gnorm) as f32;
+            grads.iter_mut().for_each(|g| *g *= s);
+        }
+        let hp = AdamWParams {
+            lr,
+            beta1: tc.beta1,
+            beta2: tc.beta2,
+            eps: tc.adam_eps,
+            weight_decay: tc.weight_decay,
+        };
+        for spec in &model.layout.tensors {
+            let r = spec.range();
+            adamw::step(
+                &mut model.params[r.clone()],
+                &grads[r.clone()],
+                &mut adam_m[r.clone()],
+                &mut adam_v[r],
+                hp,
+                step,
+                spec.decay,
+            );
+        }
+        state.step = step;
+        state.tokens_seen += (b * t * tc.grad_accum) as u64;
+        last.0 = loss;
+        if step % tc.log_interval == 0 || step == 1 || step == tc.max_steps {
+            let m = serde_json::json!({"step": step, "tokens": state.tokens_seen, "lr": lr, "loss": loss, "grad_norm": gnorm});
+            append_metrics(&metrics_path, &m)?;
+        }
+        let stop_now = stop.load(Ordering::SeqCst);
+        if step % tc.eval_interval == 0 || step == tc.max_steps {
+            if let Some((vl, bpb)) =
+                evaluate(&model, &cache.val, b, t, tc.eval_batches, &mut eval_ws)
+            {
+                last.1 = Some((vl, bpb));
+                append_metrics(
+                    &metrics_path,
+                    &serde_json::json!({"step": step, "val_loss": vl, "val_bpb": bpb}),
+                )?;
+                let line = format!("step {step}: val loss {vl:.4} nats/token, {bpb:.4} bits/byte (train {loss:.4})");
+                if pb.is_hidden() {
+                    eprintln!("{line}")
+                } else {
+                    pb.println(line)
+                }
+            }
+            if let Err(e) =
+                crate::plot::loss_curve(&metrics_path, &out.join("loss.png"), &plot_title)
+            {
+                tracing::warn!("could not draw the loss curve: {e:#}");
+            }
+        }
+        if step % tc.save_interval == 0 || step == tc.max_steps || stop_now {
+            checkpoint::save(out, &model, &tok, (&adam_m, &adam_v), &state)?;
+        }
+        let el = started.elapsed().as_secs_f64();
+        let tps = (state.step - start_step) as f64 * (b * t * tc.grad_accum) as f64 / el.max(1e-9);
+        pb.set_position(step);
+        pb.set_message(format!(
+            "loss {loss:.4} | lr {lr:.2e} | {} tok/s",
+            human_count(tps)
+        ));
+        if pb.is_hidden() && step % tc.log_interval == 0 {
+            eprintln!(
+                "step {step}/{}: loss {loss:.4}, lr {lr:.2e}, {} tok/s",
+                tc.max_steps,
+                human_count(tps)
+            );
+        }
+        if stop_now {
+            stopped_early = true;
+            pb.abandon_with_message(format!(
+                "stopped at step {step}; checkpoint saved in {}",
+                out.display()
+            ));
+            break;
+        }
+    }
+    if !stopped_early {
+        pb.finish();
+    }
+    let el = started.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        steps: state.step,
+        final_loss: last.0,
+        val_loss: last.1.map(|v| v.0),
+        val_bpb: last.1.map(|v| v.1),
+        unigram_entropy: unigram,
+        stopped_early,
+        tokens_per_s: (state.step - start_step) as f64 * (b * t * tc.grad_accum) as f64
+            / el.max(1e-9),
+    })
+}
+
+fn progress_bar(enabled: bool, pos: u64, len: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps | {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_position(pos);
+    pb
+}
+
+/// Timing of synthetic training steps (random tokens), for the benchmark against PyTorch.
+#[derive(Debug, Serialize)]
+pub struct StepBench {
+    pub implementation: &'static str,
+    pub threads: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub params: usize,
+    pub step_ms_median: f64,
+    pub step_ms_all: Vec<f64>,
+    pub gflop_per_step: f64,
+    pub achieved_gflops: f64,
+    /// Milliseconds per phase of one step: forward, backward, optimizer (median over steps).
+    pub phase_ms: serde_json::Value,
+}
+
+/// Run `warmup + steps` full training steps (forward, backward, clip, AdamW) on random tokens.
+pub fn bench_steps(
+    cfg: &ModelConfig,
+    b: usize,
+    t: usize,
+    steps: usize,
+    warmup: usize,
+    seed: u64,
+) -> Result<StepBench> {
+    let mut model = Model::new(cfg.clone())?;
+    model.init(seed);
+    let mut rng = Rng::new(seed);
+    let n = b * t;
+    let x: Vec<u32> = (0..n)
+        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+        .collect();
+    let y: Vec<u32> = (0..n)
+        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+        .collect();
+    let mut grads = vec![0.0f32; model.layout.total];
+    let (mut m, mut v) = (vec![0.0f32; grads.len()], vec![0.0f32; grads.len()]);
+    let mut ws = Workspace::default();
+    let mut times = Vec::new();
+    let (mut fwd_t, mut bwd_t, mut opt_t) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        grads.fill(0.0);
+        model.forward(&x, b, t, &mut ws);
+        let t1 = Instant::now();
+        // forward_backward repeats the forward; time it separately and subtract.
+        model.forward_backward(&x, &y, b, t, &mut grads, 1.0, &mut ws);
+        let t2 = Instant::now();
+        let gn = det_sum_sq(&grads).sqrt();
+        if gn > 1.0 {
+            let s = (1.0 / gn) as f32;
+            grads.iter_mut().for_each(|g| *g *= s);
+        }
+        let hp = AdamWParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        for spec in &model.layout.tensors {
+            let r = spec.range();
+            adamw::step(
+                &mut model.params[r.clone()],
+                &grads[r.clone()],
+                &mut m[r.clone()],
+                &mut v[r],
+                hp,
+                i as u64 + 1,
+                spec.decay,
+            );
+        }
+        let t3 = Instant::now();
+        if i >= warmup {
+            let f = (t1 - t0).as_secs_f64() * 1e3;
+            let fb = (t2 - t1).as_secs_f64() * 1e3;
+            let o = (t3 - t2).as_secs_f64() * 1e3;
+            fwd_t.push(f);
+            bwd_t.push(fb - f);
+            opt_t.push(o);
+            times.push(fb + o);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let all = times.clone();
+    let step_ms = med(&mut times);
+    let gflop = cfg.train_flops(b, t) / 1e9;
+    Ok(StepBench {
+        implementation: "mnemo",
+        threads: rayon::current_num_threads(),
+        batch: b,
+        seq_len: t,
+        params: model.layout.total,
+        step_ms_median: step_ms,
+        step_ms_all: all,
+        gflop_per_step: gflop,
+        achieved_gflops: gflop / (step_ms / 1e3),
+        phase_ms: serde_json::json!({"forward": med(&mut fwd_t), "backward": med(&mut bwd_t), "optimizer": med(&mut opt_t)}),
+    })
+}
