@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mnemo::config::ModelConfig;
 use mnemo::data::CorpusSpec;
-use mnemo::train::{RunConfig, TrainConfig, TrainOptions};
+use mnemo::train::{RunConfig, Start, TrainConfig, TrainOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -397,23 +397,26 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         .cache_dir
         .clone()
         .unwrap_or_else(mnemo::data::default_cache_root);
-    let (opts, resume) = if let Some(dir) = &a.resume {
-        // The run's own config is authoritative; only the step budget may be raised.
-        let (mut run, _) = resolve(&a.cfg)?;
-        if a.cfg.steps.is_none() {
-            run.train.max_steps = 0;
+    let start = if a.resume.is_some() {
+        // The run's own config is authoritative; only the step budget may change.
+        let c = &a.cfg;
+        let other = c.preset.is_some()
+            || c.config.is_some()
+            || !c.sets.is_empty()
+            || c.data.is_some()
+            || !c.include.is_empty()
+            || !c.exclude.is_empty()
+            || c.batch_size.is_some()
+            || c.seq_len.is_some()
+            || c.lr.is_some()
+            || c.seed.is_some()
+            || a.tokenizer.is_some();
+        if other {
+            bail!(
+                "--resume continues a run with its own config: only --steps may be given with it"
+            );
         }
-        (
-            TrainOptions {
-                out: dir.clone(),
-                run,
-                tokenizer: None,
-                resume: true,
-                cache_root,
-                progress: !a.quiet,
-            },
-            true,
-        )
+        Start::Resume { max_steps: c.steps }
     } else {
         let (run, preset) = resolve(&a.cfg)?;
         if a.cfg.data.is_none() && a.cfg.config.is_none() {
@@ -422,22 +425,24 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
                 .unwrap_or_else(|_| ".".into());
             eprintln!("no --data given: training the `{preset}` preset on the source files of the current directory ({here})");
         }
-        let out = match &a.out {
-            Some(o) => o.clone(),
-            None => free_run_dir(&preset),
-        };
+        Start::Fresh {
+            run: Box::new(run),
+            tokenizer: a.tokenizer.clone(),
+        }
+    };
+    let out = match (&a.resume, &a.out) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(o)) => o.clone(),
+        (None, None) => free_run_dir(a.cfg.preset.as_deref().unwrap_or("tiny")),
+    };
+    if a.resume.is_none() {
         eprintln!("run directory: {}", out.display());
-        (
-            TrainOptions {
-                out,
-                run,
-                tokenizer: a.tokenizer.clone(),
-                resume: false,
-                cache_root,
-                progress: !a.quiet,
-            },
-            false,
-        )
+    }
+    let opts = TrainOptions {
+        out,
+        start,
+        cache_root,
+        progress: !a.quiet,
     };
     let out = opts.out.clone();
     let s = mnemo::train::train(opts, &stop)?;
@@ -449,7 +454,6 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         );
         std::process::exit(130);
     }
-    let _ = resume;
     match (s.val_loss, s.val_bpb) {
         (Some(l), Some(b)) => eprintln!(
             "done: {} steps, train loss {:.4}, val loss {l:.4} nats/token ({b:.4} bits/byte) vs unigram entropy {:.3}; {:.0} tok/s",

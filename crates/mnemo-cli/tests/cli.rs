@@ -133,3 +133,101 @@ fn help_explains_the_default() {
         "{out}"
     );
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes() {
+    let d = tmpdir("sigint");
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..20 {
+        let body: String = (0..60)
+            .map(|j| format!("fn f_{i}_{j}(x: i32) -> i32 {{ x * {j} }}\n"))
+            .collect();
+        std::fs::write(data.join(format!("m{i}.rs")), body).unwrap();
+    }
+    let run = d.join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_mnemo"))
+        .args([
+            "--threads",
+            "1",
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .args([
+            "--steps",
+            "100000",
+            "--set",
+            "vocab_size=300",
+            "--set",
+            "d_model=32",
+            "--set",
+            "n_layers=1",
+        ])
+        .args([
+            "--set",
+            "head_dim=8",
+            "--set",
+            "rope_dim=8",
+            "--set",
+            "ffn_hidden=32",
+            "--batch-size",
+            "2",
+        ])
+        .args(["--seq-len", "16", "--set", "log_interval=1", "--quiet"])
+        .env("MNEMO_CACHE", d.join("cache"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way, then interrupt it like Ctrl-C does.
+    let metrics = run.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("checkpoint saved") || err.contains("resume with"),
+        "{err}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    let step = state["step"].as_u64().unwrap();
+    assert!(step >= 3);
+    assert!(
+        !run.join(".checkpoint.tmp").exists(),
+        "no partial checkpoint left behind"
+    );
+    // Resume for two more steps.
+    let target = (step + 2).to_string();
+    let (code, _, err) = mnemo(&[
+        "--threads",
+        "1",
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--steps",
+        &target,
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("resuming {} from step {step}", run.display())),
+        "{err}"
+    );
+}

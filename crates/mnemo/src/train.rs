@@ -143,14 +143,23 @@ pub struct RunConfig {
     pub data: CorpusSpec,
 }
 
-/// Options of one `train` invocation that are not part of the run's identity.
+/// How a `train` invocation starts.
+pub enum Start {
+    /// A new run: fails if the run directory already holds a checkpoint.
+    Fresh {
+        run: Box<RunConfig>,
+        /// Use this tokenizer instead of training one on the data.
+        tokenizer: Option<PathBuf>,
+    },
+    /// Continue from `out/checkpoint` with the run's own config; `max_steps` may change the
+    /// step budget (and with it the cosine schedule from here on).
+    Resume { max_steps: Option<u64> },
+}
+
+/// Options of one `train` invocation.
 pub struct TrainOptions {
     pub out: PathBuf,
-    pub run: RunConfig,
-    /// Use this tokenizer instead of training one.
-    pub tokenizer: Option<PathBuf>,
-    /// Continue from `out/checkpoint`.
-    pub resume: bool,
+    pub start: Start,
     pub cache_root: PathBuf,
     pub progress: bool,
 }
@@ -248,32 +257,125 @@ fn truncate_metrics(path: &Path, keep: u64) -> Result<()> {
     crate::util::write_atomic(path, out.as_bytes())
 }
 
-/// Obtain the run's tokenizer: given file, the one in the run dir (resume), or train one.
-fn get_tokenizer(opts: &TrainOptions, corpus: &data::Corpus) -> Result<Tokenizer> {
-    if let Some(p) = &opts.tokenizer {
+/// The run's tokenizer for a fresh run: the given file, or a byte-level BPE trained on the
+/// training split.
+fn fresh_tokenizer(
+    path: Option<&Path>,
+    run: &RunConfig,
+    corpus: &data::Corpus,
+) -> Result<Tokenizer> {
+    if let Some(p) = path {
         return Tokenizer::load(p);
     }
-    let in_run = opts.out.join("tokenizer.json");
-    if in_run.is_file() {
-        return Tokenizer::load(&in_run);
-    }
-    let vocab = opts.run.model.vocab_size;
+    let vocab = run.model.vocab_size;
     eprintln!("training a byte-level BPE tokenizer (vocab {vocab}) on the training split…");
     let t0 = Instant::now();
-    let tok = Tokenizer::train(
-        data::texts(
-            corpus,
-            data::Split::Train,
-            opts.run.train.tokenizer_max_bytes,
-        ),
-        vocab,
-    )?;
+    let docs = data::texts(corpus, data::Split::Train, run.train.tokenizer_max_bytes);
+    let tok = Tokenizer::train(docs, vocab)?;
     eprintln!(
         "  done in {:.1}s ({} tokens)",
         t0.elapsed().as_secs_f64(),
         tok.vocab_size()
     );
     Ok(tok)
+}
+
+/// Everything the loop mutates, set up by [`start_fresh`] or [`start_resume`].
+struct Session {
+    run: RunConfig,
+    model: Model,
+    tok: Tokenizer,
+    state: TrainState,
+    adam_m: Vec<f32>,
+    adam_v: Vec<f32>,
+}
+
+fn start_fresh(
+    out: &Path,
+    run: RunConfig,
+    tokenizer: Option<&Path>,
+    corpus: &data::Corpus,
+) -> Result<Session> {
+    if out.join(checkpoint::CHECKPOINT_DIR).exists() {
+        bail!(
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+    }
+    run.model.validate()?;
+    run.train.validate(&run.model)?;
+    let tok = fresh_tokenizer(tokenizer, &run, corpus)?;
+    if tok.vocab_size() > run.model.vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model's vocab_size is {}: raise vocab_size or use a smaller tokenizer",
+            tok.vocab_size(),
+            run.model.vocab_size
+        );
+    }
+    let mut model = Model::new(run.model.clone())?;
+    model.init(run.train.seed);
+    crate::util::write_atomic(
+        &out.join("run.json"),
+        serde_json::to_string_pretty(&run)?.as_bytes(),
+    )?;
+    tok.save(&out.join("tokenizer.json"))?;
+    let metrics = out.join("metrics.jsonl");
+    if metrics.exists() {
+        std::fs::remove_file(&metrics)
+            .with_context(|| format!("cannot remove stale {}", metrics.display()))?;
+    }
+    let n = model.layout.total;
+    Ok(Session {
+        state: TrainState {
+            format_version: 1,
+            step: 0,
+            tokens_seen: 0,
+            data_rng: Rng::derived(run.train.seed, "data"),
+            run: serde_json::to_value(&run)?,
+        },
+        run,
+        model,
+        tok,
+        adam_m: vec![0.0; n],
+        adam_v: vec![0.0; n],
+    })
+}
+
+fn start_resume(out: &Path, max_steps: Option<u64>) -> Result<Session> {
+    let l = checkpoint::load(out, true)
+        .with_context(|| format!("cannot resume from {}", out.display()))?;
+    let mut state = l
+        .state
+        .with_context(|| format!("{}: state.json is missing", l.dir.display()))?;
+    let mut run: RunConfig = serde_json::from_value(state.run.clone()).with_context(|| {
+        format!(
+            "{}: state.json holds an unreadable run config",
+            l.dir.display()
+        )
+    })?;
+    if let Some(n) = max_steps {
+        if n < state.step {
+            bail!("--steps {n} is below the run's current step {}", state.step);
+        }
+        run.train.max_steps = n;
+        state.run = serde_json::to_value(&run)?;
+    }
+    truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
+    eprintln!(
+        "resuming {} from step {} (of {})",
+        out.display(),
+        state.step,
+        run.train.max_steps
+    );
+    let (adam_m, adam_v) = l.adam.context("optimizer state missing")?;
+    Ok(Session {
+        run,
+        model: l.model,
+        tok: l.tokenizer,
+        state,
+        adam_m,
+        adam_v,
+    })
 }
 
 /// Train (or resume) a run. `stop` is polled after every step: when set, the run saves a
@@ -283,77 +385,29 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
-    let (mut model, tok, mut state, mut adam_m, mut adam_v, run) = if opts.resume {
-        let l = checkpoint::load(out, true)
-            .with_context(|| format!("cannot resume from {}", out.display()))?;
-        let state = l
-            .state
-            .with_context(|| format!("{}: state.json is missing", l.dir.display()))?;
-        let mut run: RunConfig = serde_json::from_value(state.run.clone()).with_context(|| {
-            format!(
-                "{}: state.json holds an unreadable run config",
-                l.dir.display()
+    let (sess, corpus) = match opts.start {
+        Start::Fresh { run, tokenizer } => {
+            let corpus = data::scan(&run.data)?;
+            (
+                start_fresh(out, *run, tokenizer.as_deref(), &corpus)?,
+                corpus,
             )
-        })?;
-        // Allow extending a run: the caller may raise max_steps.
-        if opts.run.train.max_steps > run.train.max_steps {
-            run.train.max_steps = opts.run.train.max_steps;
         }
-        let (m, v) = l.adam.expect("requested");
-        truncate_metrics(&metrics_path, state.step)?;
-        eprintln!("resuming {} from step {}", out.display(), state.step);
-        (l.model, Some(l.tokenizer), state, m, v, run)
-    } else {
-        if out.join(checkpoint::CHECKPOINT_DIR).exists() {
-            bail!(
-                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
-                out.display()
-            );
+        Start::Resume { max_steps } => {
+            let sess = start_resume(out, max_steps)?;
+            let corpus = data::scan(&sess.run.data)?;
+            (sess, corpus)
         }
-        let run = opts.run.clone();
-        run.model.validate()?;
-        run.train.validate(&run.model)?;
-        (
-            Model::new(run.model.clone())?,
-            None,
-            TrainState {
-                format_version: 1,
-                step: 0,
-                tokens_seen: 0,
-                data_rng: Rng::derived(run.train.seed, "data"),
-                run: serde_json::to_value(&run)?,
-            },
-            Vec::new(),
-            Vec::new(),
-            run,
-        )
     };
+    let Session {
+        run,
+        mut model,
+        tok,
+        mut state,
+        mut adam_m,
+        mut adam_v,
+    } = sess;
     let tc = run.train.clone();
-    let corpus = data::scan(&run.data)?;
-    let tok = match tok {
-        Some(t) => t,
-        None => get_tokenizer(&opts, &corpus)?,
-    };
-    if tok.vocab_size() > run.model.vocab_size {
-        bail!(
-            "the tokenizer has {} tokens but the model's vocab_size is {}: raise vocab_size or use a smaller tokenizer",
-            tok.vocab_size(),
-            run.model.vocab_size
-        );
-    }
-    if !opts.resume {
-        model.init(tc.seed);
-        adam_m = vec![0.0; model.layout.total];
-        adam_v = vec![0.0; model.layout.total];
-        crate::util::write_atomic(
-            &out.join("run.json"),
-            serde_json::to_string_pretty(&run)?.as_bytes(),
-        )?;
-        tok.save(&out.join("tokenizer.json"))?;
-        if metrics_path.exists() {
-            std::fs::remove_file(&metrics_path).ok();
-        }
-    }
     let cache = data::prepare(&corpus, &run.data, &tok, &opts.cache_root, opts.progress)?;
     eprintln!(
         "data: {} files, train {} tokens ({} bytes), val {} tokens; token cache {}{}",

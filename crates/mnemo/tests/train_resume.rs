@@ -4,7 +4,7 @@
 use mnemo::config::ModelConfig;
 use mnemo::data::CorpusSpec;
 use mnemo::kernels::rope::RopeLayout;
-use mnemo::train::{train, RunConfig, TrainConfig, TrainOptions};
+use mnemo::train::{train, RunConfig, Start, TrainConfig, TrainOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -65,12 +65,24 @@ fn run_config(data: &Path, steps: u64) -> RunConfig {
     }
 }
 
-fn opts(out: &Path, run: RunConfig, cache: &Path, resume: bool) -> TrainOptions {
+fn fresh(out: &Path, run: RunConfig, cache: &Path) -> TrainOptions {
+    let start = Start::Fresh {
+        run: Box::new(run),
+        tokenizer: None,
+    };
     TrainOptions {
         out: out.to_path_buf(),
-        run,
-        tokenizer: None,
-        resume,
+        start,
+        cache_root: cache.to_path_buf(),
+        progress: false,
+    }
+}
+
+fn resume(out: &Path, cache: &Path) -> TrainOptions {
+    let start = Start::Resume { max_steps: None };
+    TrainOptions {
+        out: out.to_path_buf(),
+        start,
         cache_root: cache.to_path_buf(),
         progress: false,
     }
@@ -87,7 +99,7 @@ fn training_learns_and_resume_is_bit_identical() {
 
     // Uninterrupted 150 steps.
     let a = root.join("a");
-    let sa = train(opts(&a, run_config(&data, 150), &cache, false), &never).unwrap();
+    let sa = train(fresh(&a, run_config(&data, 150), &cache), &never).unwrap();
     assert!(!sa.stopped_early);
     let vl = sa.val_loss.unwrap();
     assert!(
@@ -99,16 +111,14 @@ fn training_learns_and_resume_is_bit_identical() {
     // Same run, stopped after its first step (as Ctrl-C does), then resumed.
     let b = root.join("b");
     let stop = AtomicBool::new(true);
-    let sb = train(opts(&b, run_config(&data, 150), &cache, false), &stop).unwrap();
+    let sb = train(fresh(&b, run_config(&data, 150), &cache), &stop).unwrap();
     assert!(sb.stopped_early);
     assert_eq!(sb.steps, 1);
     // A fresh `train` into a directory with a checkpoint refuses instead of overwriting it.
-    let err = train(opts(&b, run_config(&data, 150), &cache, false), &never).unwrap_err();
+    let err = train(fresh(&b, run_config(&data, 150), &cache), &never).unwrap_err();
     assert!(format!("{err:#}").contains("--resume"), "{err:#}");
     // Resume to step 150 (the run's own config is authoritative).
-    let mut r = run_config(&data, 150);
-    r.train.max_steps = 0;
-    let sb = train(opts(&b, r, &cache, true), &never).unwrap();
+    let sb = train(resume(&b, &cache), &never).unwrap();
     assert_eq!(sb.steps, 150);
 
     let read = |p: &Path| std::fs::read(p).unwrap();
@@ -171,7 +181,7 @@ fn corrupt_checkpoints_give_clear_errors() {
     make_corpus(&data);
     let a = root.join("a");
     train(
-        opts(&a, run_config(&data, 2), &root.join("cache"), false),
+        fresh(&a, run_config(&data, 2), &root.join("cache")),
         &AtomicBool::new(false),
     )
     .unwrap();
