@@ -40,7 +40,26 @@ use tokenizers::{
 pub const EOT: &str = "<|endoftext|>";
 
 /// Names tried, in order, for the end-of-text token of a loaded tokenizer.
-const EOT_CANDIDATES: &[&str] = &[EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>"];
+const EOT_CANDIDATES: &[&str] = &[
+    EOT,
+    "<|end_of_text|>",
+    "<｜end▁of▁sentence｜>", // DeepSeek (full-width bars, U+2581)
+    "</s>",
+    "<eos>",
+    "<|eot_id|>",
+    "<|im_end|>",
+];
+
+/// `eos_token` of a `tokenizer_config.json` in `dir`, if any (a string or `{"content": ..}`).
+fn configured_eos(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match &v["eos_token"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
 
 /// A tokenizer and its end-of-text id.
 #[derive(Clone, Debug)]
@@ -94,7 +113,14 @@ impl Tokenizer {
     pub fn load(path: &Path) -> Result<Tokenizer> {
         let json = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
-        Self::from_json_str(&json, &format!("tokenizer file {}", path.display()))
+        let mut tok = Self::from_json_str(&json, &format!("tokenizer file {}", path.display()))?;
+        // A Hugging Face `tokenizer_config.json` beside the file names the real EOS token.
+        if let Some(eos) = path.parent().and_then(configured_eos) {
+            if let Some(id) = tok.inner.token_to_id(&eos) {
+                tok.eot = id;
+            }
+        }
+        Ok(tok)
     }
 
     /// Parse a `tokenizer.json` held in memory; `what` names its source in error messages.
