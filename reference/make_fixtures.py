@@ -6,7 +6,10 @@ For each config below, writes crates/mnemo/tests/fixtures/<name>.safetensors wit
   tensors:  "tokens" int64 [B,T], "targets" int64 [B,T],
             every parameter by name (float32),
             "logits" float32 [B,T,V], "loss" float32 [1],
-            "grad.<param name>" float32 for every parameter (d mean-loss / d param).
+            "grad.<param name>" float32 for every parameter (d loss / d param).
+  MoE fixtures also store the buffers "layers.{l}.ffn.gate.bias" (float32, no
+  gradient) and, on hash layers, "layers.{l}.ffn.tid2eid" (int32 [V, k]), plus
+  "moe.sel.{l}" (int64 [B*T, k], each MoE layer's chosen experts, ascending per row).
 
 Parameters and tokens are drawn with a seeded torch.Generator; parameters are
 drawn in float32 (these exact float32 values are stored), then the model is cast
@@ -17,7 +20,16 @@ Before writing, the script self-checks (in float64):
   * RoPE "interleaved" == complex multiplication, "half" == permuted "interleaved";
   * whole-model logits with manual attention == with SDPA attention;
   * autograd gradients == finite differences (gradcheck on one parameter
-    plus central-difference spot checks on entries of every parameter).
+    plus central-difference spot checks on entries of every parameter), for two
+    dense and two MoE configs, and lighter spot checks of the gate, shared/routed
+    expert and embedding gradients for the hash-layer MoE config;
+  * MoE: with every expert selected (k = E, no renormalisation, scale 1) the layer
+    equals shared + sum_e score_e * expert_e; the stable-sort top-k equals
+    torch.topk on tie-free input.
+For MoE fixtures the seed is chosen (BASE_SEED + index, then + 1000, + 2000, ...)
+so that in every routed layer and token the gap between the k-th and (k+1)-th
+largest (score + bias), in float64, exceeds MIN_TOPK_GAP (a float32 engine must
+pick the same experts).
 
 Usage (from the repo root):
     python reference/make_fixtures.py [--out crates/mnemo/tests/fixtures]
@@ -37,8 +49,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model import (Config, Transformer, apply_rope, manual_causal_attention,  # noqa: E402
-                   rope_cos_sin)
+from model import (MoE, Config, Transformer, apply_rope,  # noqa: E402
+                   manual_causal_attention, rope_cos_sin, topk_lowest_index_first)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "mnemo", "tests", "fixtures")
@@ -46,6 +58,8 @@ DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "mnemo", "tests", "fixtures")
 PARAM_STD = 0.2          # std of matrices / embeddings (activations O(1))
 NORM_STD = 0.1           # norm weights = 1 + NORM_STD * N(0, 1)
 BASE_SEED = 20240601
+GATE_BIAS_STD = 0.1      # MoE gate.bias (e_score_correction_bias) ~ N(0, 0.1^2)
+MIN_TOPK_GAP = 2e-3      # required float64 gap between k-th and (k+1)-th (score + bias)
 
 # name: V, d, L, H, KV, hd, rope_dim, layout, F, tied, B, T
 FIXTURES = [
@@ -55,12 +69,28 @@ FIXTURES = [
     ("gqa_long_untied",         96, 48, 1, 6, 3, 8, 8, "interleaved", 64, False, 1, 150),
 ]
 
+# MoE fixtures: name, base args as above, then the MoE config keys.
+MOE_SIGMOID = dict(ffn="moe", n_dense_layers=1, n_shared_experts=1, n_routed_experts=6,
+                   moe_inter=16, top_k=2, score_func="sigmoid", routed_scaling_factor=2.5,
+                   norm_topk_prob=True)
+MOE_FIXTURES = [
+    ("moe_sigmoid",           64, 32, 2, 4, 2, 8, 8, "interleaved", 48, True, 2, 9,
+     MOE_SIGMOID),
+    ("moe_sqrtsoftplus_hash", 64, 32, 2, 4, 2, 8, 8, "half", 48, False, 2, 11,
+     dict(ffn="moe", n_dense_layers=0, num_hash_layers=1, n_shared_experts=2,
+          n_routed_experts=8, moe_inter=12, top_k=3, score_func="sqrtsoftplus",
+          routed_scaling_factor=1.5, norm_topk_prob=True)),
+    ("moe_aux_noshared",      64, 32, 2, 4, 2, 8, 8, "interleaved", 48, True, 3, 8,
+     dict(MOE_SIGMOID, n_shared_experts=0, norm_topk_prob=False, seq_aux_loss_coef=0.01,
+          score_func="sqrtsoftplus")),
+]
 
-def make_config(V, d, L, H, KV, hd, rope_dim, layout, Fh, tied) -> Config:
+
+def make_config(V, d, L, H, KV, hd, rope_dim, layout, Fh, tied, **moe) -> Config:
     return Config(vocab_size=V, d_model=d, n_layers=L, n_heads=H, n_kv_heads=KV,
                   head_dim=hd, rope_theta=10000.0, rope_dim=rope_dim, rope_layout=layout,
                   ffn_hidden=Fh, tied_embeddings=tied, norm_eps=1e-5, init_std=0.02,
-                  max_seq_len=256)
+                  max_seq_len=256, **moe)
 
 
 def draw_fixture_inputs(cfg: Config, B: int, T: int, seed: int):
@@ -74,6 +104,13 @@ def draw_fixture_inputs(cfg: Config, B: int, T: int, seed: int):
                 p.copy_(1.0 + NORM_STD * noise)
             else:
                 p.copy_(PARAM_STD * noise)
+        # MoE buffers (none for dense configs, so their random stream is unchanged)
+        for _, moe in model.moe_layers():
+            moe.gate.bias.copy_(GATE_BIAS_STD * torch.randn(
+                moe.gate.bias.shape, generator=g, dtype=torch.float32))
+        for _, moe in model.moe_layers():
+            if moe.is_hash:
+                moe.init_tid2eid(g)
     tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g, dtype=torch.int64)
     targets = torch.randint(0, cfg.vocab_size, (B, T), generator=g, dtype=torch.int64)
     return model, tokens, targets
@@ -189,6 +226,104 @@ def check_gradients(model64, tokens, targets, name):
           f"(worst rel err {worst_rel:.1e})")
 
 
+def check_moe_identities():
+    """(a) k = E, no renormalisation, scale 1: MoE == shared + sum_e score_e * expert_e;
+    (b) stable-sort top-k == torch.topk on tie-free keys; (c) hash layer selection."""
+    g = torch.Generator().manual_seed(4)
+    worst = 0.0
+    for score_func, S in (("sigmoid", 1), ("sqrtsoftplus", 0), ("sqrtsoftplus", 2)):
+        cfg = make_config(16, 8, 1, 2, 1, 4, 4, "half", 12, True, ffn="moe",
+                          n_shared_experts=S, n_routed_experts=5, moe_inter=6, top_k=5,
+                          score_func=score_func, routed_scaling_factor=1.0,
+                          norm_topk_prob=False)
+        moe = MoE(cfg, is_hash=False).to(torch.float64)
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+            moe.gate.bias.copy_(torch.randn(5, generator=g, dtype=torch.float64))
+        x = torch.randn(2, 7, 8, generator=g, dtype=torch.float64)
+        tok = torch.randint(0, 16, (2, 7), generator=g)
+        y, _ = moe(x, tok)
+        f = x.reshape(-1, 8)
+        lg = f @ moe.gate.weight.T
+        sc = torch.sigmoid(lg) if score_func == "sigmoid" else torch.log1p(torch.exp(lg)).sqrt()
+        ref = moe.shared_experts(f) if S > 0 else torch.zeros_like(f)
+        for e in range(5):
+            ref = ref + sc[:, e:e + 1] * moe.experts[e](f)
+        err = (y.reshape(-1, 8) - ref).abs().max().item()
+        worst = max(worst, err)
+        assert err < 1e-12, f"MoE all-experts identity ({score_func}, S={S}): {err}"
+    key = torch.randn(50, 9, generator=g, dtype=torch.float64)
+    a = topk_lowest_index_first(key, 4).sort(dim=-1).values
+    b = torch.topk(key, 4, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(a, b)
+    tie = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
+    assert topk_lowest_index_first(tie, 2).tolist() == [[1, 2]]
+    # hash layer uses tid2eid[token]
+    cfg = make_config(16, 8, 1, 2, 1, 4, 4, "half", 12, True, ffn="moe",
+                      n_routed_experts=6, moe_inter=6, top_k=3, num_hash_layers=1)
+    moe = MoE(cfg, is_hash=True)
+    moe.init_tid2eid(g)
+    assert all(len(set(r)) == 3 for r in moe.tid2eid.tolist())
+    with torch.no_grad():
+        moe.gate.weight.normal_(generator=g)
+        tok = torch.randint(0, 16, (2, 5), generator=g)
+        moe(torch.randn(2, 5, 8, generator=g), tok)
+    assert torch.equal(moe.last_sel, moe.tid2eid[tok.reshape(-1)].long())
+    print(f"[check] MoE: all-experts identity ({worst:.1e}), top-k tie order, hash routing")
+
+
+def check_moe_grad_spots(model64, tokens, targets, name):
+    """Light central-difference check of MoE-specific gradients: the largest and two
+    random entries of every MoE layer's gate.weight, shared w1, the w2 of the expert
+    with the largest gradient, and the embedding."""
+    model64.zero_grad(set_to_none=True)
+    model64(tokens, targets)[1].backward()
+    params = dict(model64.named_parameters())
+    names = ["tok_embeddings.weight"]
+    for l, moe in model64.moe_layers():
+        names.append(f"layers.{l}.ffn.gate.weight")
+        if moe.shared_experts is not None:
+            names.append(f"layers.{l}.ffn.shared_experts.w1.weight")
+        e = max(range(len(moe.experts)), key=lambda e: moe.experts[e].w2.weight.grad.abs().max())
+        names.append(f"layers.{l}.ffn.experts.{e}.w2.weight")
+    g = torch.Generator().manual_seed(5)
+    h, worst = 1e-6, 0.0
+    for pn in names:
+        flat, gflat = params[pn].data.view(-1), params[pn].grad.view(-1)
+        idx = [int(gflat.abs().argmax())] + torch.randint(0, flat.numel(), (2,), generator=g).tolist()
+        for i in idx:
+            orig = flat[i].item()
+            with torch.no_grad():
+                flat[i] = orig + h
+                lp = model64(tokens, targets)[1].item()
+                flat[i] = orig - h
+                lm = model64(tokens, targets)[1].item()
+                flat[i] = orig
+            fd, ad = (lp - lm) / (2 * h), gflat[i].item()
+            assert abs(fd - ad) < 1e-7 + 1e-5 * abs(ad), f"{pn}[{i}]: fd {fd} vs autograd {ad}"
+            if abs(ad) > 1e-6:
+                worst = max(worst, abs(fd - ad) / abs(ad))
+    model64.zero_grad(set_to_none=True)
+    print(f"[check] {name}: finite-difference spot checks on {len(names)} MoE/embedding "
+          f"params passed (worst rel err {worst:.1e})")
+
+
+def min_topk_gap(model64, tokens):
+    """Smallest float64 gap between the k-th and (k+1)-th largest (score + bias) over
+    all tokens of all routed (non-hash) MoE layers (inf if there are none)."""
+    with torch.no_grad():
+        model64(tokens)
+    gap = float("inf")
+    k = model64.cfg.top_k
+    for _, moe in model64.moe_layers():
+        if moe.is_hash or k >= model64.cfg.n_routed_experts:
+            continue
+        srt = torch.sort(moe.last_key, dim=-1, descending=True).values
+        gap = min(gap, (srt[:, k - 1] - srt[:, k]).min().item())
+    return gap
+
+
 def canonicalize_header(path: str):
     """Make the file byte-reproducible: safetensors writes __metadata__ keys in
     hash-map (random) order; rewrite the header JSON with them sorted. Tensor
@@ -206,14 +341,18 @@ def canonicalize_header(path: str):
 
 # --------------------------------------------------------------------------
 
-def build_fixture(cfg: Config, B: int, T: int, seed: int, name: str, deep_check: bool):
+def build_fixture(cfg: Config, B: int, T: int, seed: int, name: str, deep_check: bool,
+                  moe_spot_check: bool = False):
     model32, tokens, targets = draw_fixture_inputs(cfg, B, T, seed)
     params32 = {n: p.detach().clone() for n, p in model32.named_parameters()}
+    buffers32 = {n: b.detach().clone() for n, b in model32.named_buffers()}
 
     model64 = model32.to(torch.float64)
     err = check_model_sdpa(model64, tokens)
     if deep_check:
         check_gradients(model64, tokens, targets, name)
+    if moe_spot_check:
+        check_moe_grad_spots(model64, tokens, targets, name)
 
     model64.zero_grad(set_to_none=True)
     logits, loss = model64(tokens, targets)
@@ -222,10 +361,16 @@ def build_fixture(cfg: Config, B: int, T: int, seed: int, name: str, deep_check:
     # sanity: float64 params are exactly the stored float32 values
     for n, p in model64.named_parameters():
         assert torch.equal(p.detach().float(), params32[n])
+    for n, b in model64.named_buffers():
+        assert torch.equal(b.to(buffers32[n].dtype), buffers32[n])
 
     tensors = {"tokens": tokens.contiguous(), "targets": targets.contiguous()}
     for n, p in params32.items():
         tensors[n] = p.contiguous()
+    for n, b in buffers32.items():   # MoE gate.bias (float32), tid2eid (int32)
+        tensors[n] = b.contiguous()
+    for l, moe in model64.moe_layers():
+        tensors[f"moe.sel.{l}"] = moe.last_sel.sort(dim=-1).values.to(torch.int64).contiguous()
     tensors["logits"] = logits.detach().float().contiguous()
     tensors["loss"] = loss.detach().float().reshape(1).contiguous()
     for n, p in model64.named_parameters():
@@ -235,7 +380,33 @@ def build_fixture(cfg: Config, B: int, T: int, seed: int, name: str, deep_check:
     gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in model64.parameters())).item()
     print(f"{name}: loss = {loss.item():.10f}  (logits std {logits.std().item():.3f}, "
           f"grad norm {gnorm:.4f}, manual-vs-sdpa {err:.1e})")
+    if model64.last_aux is not None:
+        print(f"  = CE {model64.last_ce.item():.10f} + {cfg.seq_aux_loss_coef} * "
+              f"balance {model64.last_aux.item():.10f}")
     return tensors, metadata
+
+
+def choose_moe_seed(cfg: Config, B: int, T: int, base_seed: int, name: str):
+    """First seed base_seed + 1000*i (i = 0, 1, ...) whose routed top-k gaps all
+    exceed MIN_TOPK_GAP. Returns (seed, smallest gap)."""
+    for i in range(100):
+        seed = base_seed + 1000 * i
+        model32, tokens, _ = draw_fixture_inputs(cfg, B, T, seed)
+        gap = min_topk_gap(model32.to(torch.float64), tokens)
+        if gap > MIN_TOPK_GAP:
+            print(f"{name}: seed {seed} (attempt {i}), smallest top-k gap {gap:.3e}")
+            return seed, gap
+        print(f"{name}: seed {seed} rejected, smallest top-k gap {gap:.3e}")
+    raise RuntimeError(f"{name}: no seed with top-k gap > {MIN_TOPK_GAP}")
+
+
+def write_fixture(path, tensors, metadata):
+    save_file(tensors, path, metadata=metadata)
+    canonicalize_header(path)
+    with safe_open(path, "pt") as f:  # round-trip check
+        assert f.metadata() == metadata and set(f.keys()) == set(tensors)
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    print(f"  wrote {os.path.relpath(path, REPO_ROOT)} ({os.path.getsize(path)} bytes)")
 
 
 def main():
@@ -247,19 +418,21 @@ def main():
 
     check_attention_vs_sdpa()
     check_rope()
+    check_moe_identities()
 
     os.makedirs(args.out, exist_ok=True)
     for k, (name, V, d, L, H, KV, hd, rd, layout, Fh, tied, B, T) in enumerate(FIXTURES):
         cfg = make_config(V, d, L, H, KV, hd, rd, layout, Fh, tied)
         tensors, metadata = build_fixture(cfg, B, T, BASE_SEED + k, name,
                                           deep_check=(k in (0, 1)))
-        path = os.path.join(args.out, f"{name}.safetensors")
-        save_file(tensors, path, metadata=metadata)
-        canonicalize_header(path)
-        with safe_open(path, "pt") as f:  # round-trip check
-            assert f.metadata() == metadata and set(f.keys()) == set(tensors)
-            assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
-        print(f"  wrote {os.path.relpath(path, REPO_ROOT)} ({os.path.getsize(path)} bytes)")
+        write_fixture(os.path.join(args.out, f"{name}.safetensors"), tensors, metadata)
+    for j, (name, V, d, L, H, KV, hd, rd, layout, Fh, tied, B, T, moe) in enumerate(MOE_FIXTURES):
+        cfg = make_config(V, d, L, H, KV, hd, rd, layout, Fh, tied, **moe)
+        seed, _ = choose_moe_seed(cfg, B, T, BASE_SEED + len(FIXTURES) + j, name)
+        tensors, metadata = build_fixture(cfg, B, T, seed, name,
+                                          deep_check=(name in ("moe_sigmoid", "moe_aux_noshared")),
+                                          moe_spot_check=(name == "moe_sqrtsoftplus_hash"))
+        write_fixture(os.path.join(args.out, f"{name}.safetensors"), tensors, metadata)
     print(f"torch {torch.__version__}")
 
 

@@ -13,6 +13,13 @@ Conventions (must match the Rust side):
     layers.{i}.attention.{wq,wk,wv,wo}.weight, layers.{i}.ffn_norm.weight,
     layers.{i}.feed_forward.{w1,w2,w3}.weight, norm.weight, and output.weight
     only when tied_embeddings is false;
+  * optional DeepSeekMoE feed-forward (cfg.ffn == "moe"): layer l >= n_dense_layers
+    has, instead of feed_forward.*, layers.{l}.ffn.gate.weight [E, d], the buffer
+    layers.{l}.ffn.gate.bias [E] (selection only, not trained),
+    layers.{l}.ffn.shared_experts.{w1,w3,w2}.weight (width S*I, if S > 0),
+    layers.{l}.ffn.experts.{e}.{w1,w3,w2}.weight (width I), and on the first
+    num_hash_layers MoE layers the int32 buffer layers.{l}.ffn.tid2eid [V, k]
+    (experts chosen by token id). See MoE.forward;
   * RoPE on the first rope_dim dims of every q/k head, layout "interleaved"
     (pairs (2i, 2i+1)) or "half" (pairs (i, i + rope_dim/2), rotate-half/NeoX);
   * GQA: query head h reads kv head h // (n_heads / n_kv_heads).
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -54,13 +61,35 @@ class Config:
     norm_eps: float
     init_std: float
     max_seq_len: int
+    # ---- DeepSeekMoE feed-forward (all optional; defaults = dense model) ----
+    ffn: str = "dense"                  # "dense" | "moe"
+    n_dense_layers: int = 0             # first layers keep the dense SwiGLU
+    n_shared_experts: int = 0           # S: always-on experts (one SwiGLU of width S*moe_inter)
+    n_routed_experts: int = 0           # E
+    moe_inter: int = 0                  # I: hidden width of each expert
+    top_k: int = 0                      # k experts per token
+    score_func: str = "sqrtsoftplus"    # "sigmoid" | "sqrtsoftplus"
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    num_hash_layers: int = 0            # first MoE layers route by token id (tid2eid)
+    bias_update_speed: float = 0.001    # training-time update of gate.bias (not used here)
+    seq_aux_loss_coef: float = 0.0      # sequence-wise balance loss weight
 
     def __post_init__(self):
         # normalise numeric types (JSON may give 10000 for a float field)
         self.rope_theta = float(self.rope_theta)
         self.norm_eps = float(self.norm_eps)
         self.init_std = float(self.init_std)
+        self.routed_scaling_factor = float(self.routed_scaling_factor)
+        self.bias_update_speed = float(self.bias_update_speed)
+        self.seq_aux_loss_coef = float(self.seq_aux_loss_coef)
         self.validate()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.ffn == "moe" and layer >= self.n_dense_layers
+
+    def is_hash_layer(self, layer: int) -> bool:
+        return self.is_moe_layer(layer) and (layer - self.n_dense_layers) < self.num_hash_layers
 
     def validate(self):
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
@@ -70,12 +99,25 @@ class Config:
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                   "head_dim", "ffn_hidden", "max_seq_len"):
             assert getattr(self, f) > 0, f
+        assert self.ffn in ("dense", "moe"), self.ffn
+        assert self.score_func in ("sigmoid", "sqrtsoftplus"), self.score_func
+        for f in ("n_dense_layers", "n_shared_experts", "n_routed_experts", "moe_inter",
+                  "top_k", "num_hash_layers"):
+            assert getattr(self, f) >= 0, f
+        if self.ffn == "moe":
+            assert self.n_dense_layers <= self.n_layers, "n_dense_layers > n_layers"
+            assert self.n_routed_experts > 0 and self.moe_inter > 0, "MoE needs experts"
+            assert 0 < self.top_k <= self.n_routed_experts, "need 0 < top_k <= n_routed_experts"
+            assert self.num_hash_layers <= self.n_layers - self.n_dense_layers, \
+                "num_hash_layers > number of MoE layers"
+            assert self.seq_aux_loss_coef >= 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING}
         unknown = set(d) - names
-        missing = names - set(d)
+        missing = required - set(d)
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         if missing:
@@ -92,8 +134,15 @@ class Config:
             return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict:
-        # field order == declaration order == the serde struct order
-        return asdict(self)
+        # field order == declaration order == the serde struct order.
+        # The optional MoE keys are written only when one of them differs from its
+        # default, so dense configs serialise exactly as before the MoE keys existed.
+        d = asdict(self)
+        optional = [f for f in fields(self) if f.default is not MISSING]
+        if all(d[f.name] == f.default and type(d[f.name]) is type(f.default) for f in optional):
+            for f in optional:
+                del d[f.name]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -216,14 +265,14 @@ class Attention(nn.Module):
         return self.wo(o)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)"""
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), hidden width `hidden`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)  # up
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)  # down
+        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
 
     def forward(self, x):
         g = self.w1(x)
@@ -231,18 +280,144 @@ class FeedForward(nn.Module):
         return self.w2(silu * self.w3(x))
 
 
+class FeedForward(SwiGLU):
+    """Dense SwiGLU feed-forward of width cfg.ffn_hidden."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg.d_model, cfg.ffn_hidden)
+
+
+class Gate(nn.Module):
+    """Router: weight [E, d] (trained); bias [E] is a buffer (DeepSeek's
+    e_score_correction_bias), used only to choose the top-k, never differentiated."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.d_model))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
+
+
+def moe_scores(logits, score_func: str):
+    if score_func == "sigmoid":
+        return torch.sigmoid(logits)
+    if score_func == "sqrtsoftplus":
+        return torch.sqrt(F.softplus(logits))
+    raise ValueError(score_func)
+
+
+def topk_lowest_index_first(key, k: int):
+    """Indices of the k largest entries of each row of key [N, E]; among equal
+    values the lower index wins (stable descending sort)."""
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE feed-forward: shared experts + top-k routed experts.
+
+    Parameter names (under layers.{l}.ffn.): gate.weight, gate.bias (buffer),
+    shared_experts.{w1,w3,w2}.weight (if n_shared_experts > 0),
+    experts.{e}.{w1,w3,w2}.weight, and tid2eid (int32 buffer [V, k]) on hash layers.
+    """
+
+    def __init__(self, cfg: Config, is_hash: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.is_hash = is_hash
+        E, S, I, d = cfg.n_routed_experts, cfg.n_shared_experts, cfg.moe_inter, cfg.d_model
+        self.gate = Gate(cfg)
+        # S shared experts of width I == one SwiGLU of width S*I
+        self.shared_experts = SwiGLU(d, S * I) if S > 0 else None
+        self.experts = nn.ModuleList([SwiGLU(d, I) for _ in range(E)])
+        if is_hash:
+            self.register_buffer(
+                "tid2eid", torch.zeros(cfg.vocab_size, cfg.top_k, dtype=torch.int32))
+        # filled by forward(), for inspection / fixtures
+        self.last_sel = None
+        self.last_key = None
+
+    @torch.no_grad()
+    def init_tid2eid(self, generator: torch.Generator | None = None):
+        """Random table: for each token id, top_k distinct expert ids."""
+        E, k = self.cfg.n_routed_experts, self.cfg.top_k
+        for v in range(self.cfg.vocab_size):
+            perm = torch.randperm(E, generator=generator)[:k]
+            self.tid2eid[v] = perm.to(torch.int32)
+
+    def forward(self, x, tokens):
+        """x: [B, T, d] (already ffn_norm'ed), tokens: [B, T] -> (y [B, T, d], aux or None)."""
+        cfg = self.cfg
+        B, T, d = x.shape
+        N, E, k = B * T, cfg.n_routed_experts, cfg.top_k
+        f = x.reshape(N, d)
+        tok = tokens.reshape(N)
+
+        logits = f @ self.gate.weight.T                       # [N, E]
+        scores = moe_scores(logits, cfg.score_func)           # [N, E]
+
+        # expert selection: a constant (no gradient through the choice)
+        with torch.no_grad():
+            if self.is_hash:
+                sel = self.tid2eid[tok].long()                  # [N, k]
+                self.last_key = None
+            else:
+                key = scores.detach() + self.gate.bias          # bias only for selection
+                sel = topk_lowest_index_first(key, k)           # [N, k]
+                self.last_key = key
+        self.last_sel = sel
+
+        w = scores.gather(1, sel)                             # [N, k], differentiable
+        if cfg.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w * cfg.routed_scaling_factor
+
+        if self.shared_experts is not None:
+            y = self.shared_experts(f)
+        else:
+            y = torch.zeros_like(f)
+        for e in range(E):
+            hit = sel == e                                    # [N, k]; at most one True per row
+            rows = hit.any(dim=-1).nonzero(as_tuple=True)[0]  # tokens routed to expert e
+            if rows.numel() == 0:
+                continue
+            we = (w * hit.to(w.dtype)).sum(dim=-1)            # [N], weight of expert e
+            ye = self.experts[e](f[rows]) * we[rows, None]
+            y = y.index_add(0, rows, ye)
+
+        aux = None
+        if cfg.seq_aux_loss_coef > 0 and not self.is_hash:
+            # sequence-wise balance loss, per sequence b of T tokens:
+            #   f_e = E/(k T) * #{t : e in sel_{b,t}}  (constant)
+            #   P_e = (1/T) sum_t s'_{b,t,e},  s' = scores / sum_e scores
+            #   L_b = sum_e f_e P_e;  aux = mean_b L_b
+            with torch.no_grad():
+                onehot = torch.zeros(N, E, dtype=scores.dtype, device=scores.device)
+                onehot.scatter_(1, sel, 1.0)
+                counts = onehot.reshape(B, T, E).sum(dim=1)          # [B, E]
+                fe = counts * (E / (k * T))
+            sn = scores / scores.sum(dim=-1, keepdim=True)
+            P = sn.reshape(B, T, E).mean(dim=1)                      # [B, E]
+            aux = (fe * P).sum(dim=-1).mean()
+        return y.reshape(B, T, d), aux
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: Config, attn_impl: str = "manual"):
+    def __init__(self, cfg: Config, attn_impl: str = "manual", layer_id: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attention = Attention(cfg, attn_impl)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        if cfg.is_moe_layer(layer_id):
+            self.ffn = MoE(cfg, is_hash=cfg.is_hash_layer(layer_id))
+        else:
+            self.feed_forward = FeedForward(cfg)
 
-    def forward(self, h, cos, sin):
+    def forward(self, h, cos, sin, tokens=None):
+        """-> (h, aux balance loss of this layer or None)."""
         h = h + self.attention(self.attention_norm(h), cos, sin)
-        h = h + self.feed_forward(self.ffn_norm(h))
-        return h
+        if hasattr(self, "ffn"):
+            y, aux = self.ffn(self.ffn_norm(h), tokens)
+            return h + y, aux
+        return h + self.feed_forward(self.ffn_norm(h)), None
 
 
 class Transformer(nn.Module):
@@ -250,41 +425,59 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList([Block(cfg, attn_impl) for _ in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([Block(cfg, attn_impl, l) for l in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tied_embeddings:
             self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.last_ce = None
+        self.last_aux = None
         self.reset_parameters()
 
     def set_attn_impl(self, attn_impl: str):
         for layer in self.layers:
             layer.attention.attn_impl = attn_impl
 
+    def moe_layers(self):
+        """[(layer index, MoE module)] for the MoE layers."""
+        return [(l, b.ffn) for l, b in enumerate(self.layers) if hasattr(b, "ffn")]
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
-        """Default init: matrices ~ N(0, init_std^2), norm weights = 1."""
+        """Default init: matrices ~ N(0, init_std^2), norm weights = 1; MoE gate.bias = 0,
+        hash tables random."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, self.cfg.init_std, generator=generator)
+        for _, moe in self.moe_layers():
+            moe.gate.bias.zero_()
+            if moe.is_hash:
+                moe.init_tid2eid(generator)
 
     def output_weight(self):
         return self.tok_embeddings.weight if self.cfg.tied_embeddings else self.output.weight
 
     def forward(self, tokens, targets=None):
-        """tokens: [B, T] int64 -> logits [B, T, V] (and mean CE loss if targets given)."""
+        """tokens: [B, T] int64 -> logits [B, T, V] (and loss if targets given:
+        mean CE + seq_aux_loss_coef * sum over MoE layers of the balance loss)."""
         B, T = tokens.shape
         assert T <= self.cfg.max_seq_len
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(T, self.cfg.rope_dim, self.cfg.rope_theta, h.dtype, h.device)
+        aux_total = None
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h, aux = layer(h, cos, sin, tokens)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
         hf = self.norm(h)
         logits = hf @ self.output_weight().T
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T))
+        self.last_ce, self.last_aux = loss, aux_total
+        if aux_total is not None:
+            loss = loss + self.cfg.seq_aux_loss_coef * aux_total
         return logits, loss
 
     def num_params(self) -> int:

@@ -69,6 +69,32 @@ fn inconsistent_configs_name_the_field() {
     assert_fails(&["config", "--set", "rope_dim=7"], "rope_dim");
     assert_fails(&["config", "--preset", "huge"], "unknown preset `huge`");
     assert_fails(&["config", "--seq-len", "100000"], "seq_len");
+    assert_fails(
+        &["config", "--preset", "tiny-moe", "--set", "top_k=17"],
+        "top_k",
+    );
+    assert_fails(&["config", "--set", "ffn=moe"], "n_routed_experts");
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-moe",
+            "--set",
+            "n_routed_experts=0",
+        ],
+        "n_routed_experts",
+    );
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-moe",
+            "--set",
+            "num_hash_layers=9",
+        ],
+        "num_hash_layers",
+    );
+    assert_fails(&["config", "--set", "ffn=sparse"], "sparse");
     let d = tmpdir("cfg");
     let f = d.join("bad.json");
     std::fs::write(&f, r#"{"model": {"d_model": 64, "n_heads": 5}}"#).unwrap();

@@ -21,7 +21,7 @@
 use crate::config::ModelConfig;
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::safetensors_io::{serialize, TensorFile};
+use crate::safetensors_io::{serialize, serialize_mixed, Data, TensorFile};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -69,13 +69,29 @@ pub fn model_bytes(model: &Model) -> Result<Vec<u8>> {
     // byte-reproducible.
     let mut meta = HashMap::new();
     meta.insert("mnemo_config".into(), serde_json::to_string(&model.cfg)?);
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = model
+    let mut tensors: Vec<(String, Vec<usize>, Data)> = model
         .layout
         .tensors
         .iter()
-        .map(|t| (t.name.clone(), t.shape.clone(), &model.params[t.range()]))
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.shape.clone(),
+                Data::F32(&model.params[t.range()]),
+            )
+        })
         .collect();
-    serialize(&tensors, meta)
+    for (l, tab) in model.hash_tables.iter().enumerate() {
+        if let Some(tab) = tab {
+            let ints = tab.iter().map(|&x| x as i32).collect();
+            tensors.push((
+                hash_table_name(l),
+                vec![model.cfg.vocab_size, model.cfg.top_k],
+                Data::I32(ints),
+            ));
+        }
+    }
+    serialize_mixed(&tensors, meta)
 }
 
 /// Save a complete checkpoint atomically into `run_dir/checkpoint`.
@@ -169,9 +185,33 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
     Ok(c)
 }
 
-/// Load model weights from a safetensors file into `model`, checking every name and shape.
+/// Name of layer `l`'s token → experts table.
+pub fn hash_table_name(l: usize) -> String {
+    format!("layers.{l}.ffn.tid2eid")
+}
+
+/// Load model weights (and MoE hash tables) from a safetensors file into `model`, checking
+/// every name, shape and value.
 pub fn load_weights(model: &mut Model, path: &Path) -> Result<()> {
     let f = TensorFile::open(path)?;
+    let (v, k, e) = (
+        model.cfg.vocab_size,
+        model.cfg.top_k,
+        model.cfg.n_routed_experts,
+    );
+    for l in 0..model.cfg.n_layers {
+        if model.cfg.is_hash(l) {
+            let name = hash_table_name(l);
+            let tab = f.u32_shaped(&name, Some(&[v, k]))?;
+            if let Some(bad) = tab.iter().find(|&&x| x as usize >= e) {
+                bail!(
+                    "{}: `{name}` routes to expert {bad}, but the model has {e} experts",
+                    path.display()
+                );
+            }
+            model.hash_tables[l] = Some(tab);
+        }
+    }
     for t in model.layout.tensors.clone() {
         let w = f.f32(&t.name, Some(&t.shape))?;
         if w.iter().any(|x| !x.is_finite()) {
@@ -227,4 +267,40 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
         adam,
         dir,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moe_hash_tables_roundtrip_and_out_of_range_ids_are_rejected() {
+        let mut cfg = ModelConfig::preset("tiny-moe").unwrap();
+        cfg.vocab_size = 50;
+        cfg.n_layers = 2;
+        cfg.num_hash_layers = 1;
+        let mut m = Model::new(cfg.clone()).unwrap();
+        m.init(4);
+        let tab = m.hash_tables[1].clone().expect("layer 1 is the hash layer");
+        assert!(tab
+            .chunks(cfg.top_k)
+            .all(|r| r[0] != r[1] && r.iter().all(|&x| (x as usize) < 16)));
+        let dir = std::env::temp_dir().join(format!("mnemo-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.safetensors");
+        std::fs::write(&p, model_bytes(&m).unwrap()).unwrap();
+        let mut m2 = Model::new(cfg.clone()).unwrap();
+        load_weights(&mut m2, &p).unwrap();
+        assert_eq!(m2.hash_tables[1].as_ref(), Some(&tab));
+        assert_eq!(m2.params, m.params);
+        // A table that routes to an expert the model does not have.
+        m.hash_tables[1].as_mut().unwrap()[7] = 16;
+        std::fs::write(&p, model_bytes(&m).unwrap()).unwrap();
+        let err = format!("{:#}", load_weights(&mut m2, &p).unwrap_err());
+        assert!(
+            err.contains("layers.1.ffn.tid2eid") && err.contains("expert 16"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -34,6 +34,72 @@ pub struct ModelConfig {
     pub init_std: f32,
     /// Longest sequence (RoPE table size, KV-cache capacity).
     pub max_seq_len: usize,
+
+    // ---- DeepSeekMoE (see `moe.rs`); all optional, dense by default ----
+    /// `dense` (SwiGLU of width `ffn_hidden`) or `moe` (DeepSeekMoE from layer `n_dense_layers` on).
+    #[serde(default)]
+    pub ffn: FfnKind,
+    /// The first layers stay dense (width `ffn_hidden`) in an MoE model.
+    #[serde(default)]
+    pub n_dense_layers: usize,
+    /// Always-on SwiGLU experts of width `moe_inter`.
+    #[serde(default)]
+    pub n_shared_experts: usize,
+    /// Fine-grained routed SwiGLU experts of width `moe_inter`.
+    #[serde(default)]
+    pub n_routed_experts: usize,
+    /// Hidden width of each expert.
+    #[serde(default)]
+    pub moe_inter: usize,
+    /// Routed experts per token.
+    #[serde(default)]
+    pub top_k: usize,
+    /// Router score: `sigmoid` (DeepSeek-V3) or `sqrtsoftplus` (DeepSeek-V4).
+    #[serde(default)]
+    pub score_func: ScoreFunc,
+    /// Multiplies the routed gate weights.
+    #[serde(default = "one")]
+    pub routed_scaling_factor: f32,
+    /// Normalise the gate weights over the selected experts.
+    #[serde(default = "yes")]
+    pub norm_topk_prob: bool,
+    /// The first `num_hash_layers` MoE layers route by a fixed token-id → experts table.
+    #[serde(default)]
+    pub num_hash_layers: usize,
+    /// Auxiliary-loss-free balancing: per-step move of each expert's selection bias.
+    #[serde(default = "default_bias_speed")]
+    pub bias_update_speed: f32,
+    /// Weight of the optional sequence-wise balance loss (0 = off).
+    #[serde(default)]
+    pub seq_aux_loss_coef: f32,
+}
+
+/// Feed-forward kind of a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnKind {
+    #[default]
+    Dense,
+    Moe,
+}
+
+/// Router score function.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreFunc {
+    Sigmoid,
+    #[default]
+    Sqrtsoftplus,
+}
+
+fn one() -> f32 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_bias_speed() -> f32 {
+    0.001
 }
 
 /// One problem with a config, naming the field.
@@ -53,7 +119,7 @@ fn err(field: &'static str, problem: impl Into<String>) -> ConfigError {
 
 impl ModelConfig {
     /// Names of the built-in presets.
-    pub const PRESETS: &'static [&'static str] = &["tiny", "small"];
+    pub const PRESETS: &'static [&'static str] = &["tiny", "small", "tiny-moe", "small-moe"];
 
     /// `tiny`: ~3.5M parameters, trains in minutes on 2 cores. `small`: ~22M parameters, GQA.
     pub fn preset(name: &str) -> Option<ModelConfig> {
@@ -73,6 +139,7 @@ impl ModelConfig {
                 norm_eps: 1e-5,
                 init_std: 0.02,
                 max_seq_len: 256,
+                ..Self::dense_defaults()
             }),
             "small" => Some(ModelConfig {
                 vocab_size: 8192,
@@ -89,9 +156,73 @@ impl ModelConfig {
                 norm_eps: 1e-5,
                 init_std: 0.02,
                 max_seq_len: 512,
+                ..Self::dense_defaults()
+            }),
+            // MoE variants: 1 dense layer, then 1 shared + 16 routed experts, top-2, with the
+            // activated FFN width (shared + top_k)·moe_inter equal to the dense `ffn_hidden`.
+            "tiny-moe" => Some(ModelConfig {
+                ffn: FfnKind::Moe,
+                n_dense_layers: 1,
+                n_shared_experts: 1,
+                n_routed_experts: 16,
+                moe_inter: 704 / 3,
+                top_k: 2,
+                ..Self::preset("tiny")?
+            }),
+            "small-moe" => Some(ModelConfig {
+                ffn: FfnKind::Moe,
+                n_dense_layers: 1,
+                n_shared_experts: 1,
+                n_routed_experts: 16,
+                moe_inter: 1392 / 3,
+                top_k: 2,
+                ffn_hidden: 1392,
+                ..Self::preset("small")?
             }),
             _ => None,
         }
+    }
+
+    /// The MoE fields of a dense model (used with struct-update syntax).
+    pub fn dense_defaults() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 0,
+            d_model: 0,
+            n_layers: 0,
+            n_heads: 0,
+            n_kv_heads: 0,
+            head_dim: 0,
+            rope_theta: 10000.0,
+            rope_dim: 0,
+            rope_layout: RopeLayout::Interleaved,
+            ffn_hidden: 0,
+            tied_embeddings: true,
+            norm_eps: 1e-5,
+            init_std: 0.02,
+            max_seq_len: 0,
+            ffn: FfnKind::Dense,
+            n_dense_layers: 0,
+            n_shared_experts: 0,
+            n_routed_experts: 0,
+            moe_inter: 0,
+            top_k: 0,
+            score_func: ScoreFunc::Sqrtsoftplus,
+            routed_scaling_factor: 1.0,
+            norm_topk_prob: true,
+            num_hash_layers: 0,
+            bias_update_speed: 0.001,
+            seq_aux_loss_coef: 0.0,
+        }
+    }
+
+    /// Whether layer `l` has an MoE feed-forward.
+    pub fn is_moe(&self, l: usize) -> bool {
+        self.ffn == FfnKind::Moe && l >= self.n_dense_layers
+    }
+
+    /// Whether layer `l` routes by the token-id hash table.
+    pub fn is_hash(&self, l: usize) -> bool {
+        self.is_moe(l) && l - self.n_dense_layers < self.num_hash_layers
     }
 
     /// Check every shape constraint; the error names the field at fault.
@@ -144,6 +275,57 @@ impl ModelConfig {
         if !(self.init_std.is_finite() && self.init_std > 0.0) {
             return Err(err("init_std", "must be a finite number > 0"));
         }
+        if self.ffn == FfnKind::Moe {
+            self.validate_moe()?;
+        }
+        Ok(())
+    }
+
+    fn validate_moe(&self) -> Result<(), ConfigError> {
+        let e = self.n_routed_experts;
+        if e == 0 {
+            return Err(err(
+                "n_routed_experts",
+                "must be > 0 for an MoE model (ffn = \"moe\")",
+            ));
+        }
+        if self.top_k == 0 || self.top_k > e {
+            return Err(err(
+                "top_k",
+                format!("({}) must be in 1..=n_routed_experts ({e})", self.top_k),
+            ));
+        }
+        if self.moe_inter == 0 {
+            return Err(err("moe_inter", "must be > 0 for an MoE model"));
+        }
+        if self.n_dense_layers > self.n_layers {
+            return Err(err(
+                "n_dense_layers",
+                format!(
+                    "({}) exceeds n_layers ({})",
+                    self.n_dense_layers, self.n_layers
+                ),
+            ));
+        }
+        if self.num_hash_layers > self.n_layers - self.n_dense_layers {
+            return Err(err(
+                "num_hash_layers",
+                format!(
+                    "({}) exceeds the number of MoE layers ({})",
+                    self.num_hash_layers,
+                    self.n_layers - self.n_dense_layers
+                ),
+            ));
+        }
+        if !(self.routed_scaling_factor.is_finite() && self.routed_scaling_factor > 0.0) {
+            return Err(err("routed_scaling_factor", "must be a finite number > 0"));
+        }
+        if !(self.bias_update_speed.is_finite() && self.bias_update_speed >= 0.0) {
+            return Err(err("bias_update_speed", "must be a finite number >= 0"));
+        }
+        if !(self.seq_aux_loss_coef.is_finite() && self.seq_aux_loss_coef >= 0.0) {
+            return Err(err("seq_aux_loss_coef", "must be a finite number >= 0"));
+        }
         Ok(())
     }
 
@@ -163,12 +345,19 @@ impl ModelConfig {
             self.ffn_hidden as f64,
             self.vocab_size as f64,
         );
-        let per_layer = 2.0 * n * d * self.qkv_dim() as f64
+        let attn = 2.0 * n * d * self.qkv_dim() as f64
             + 2.0 * n * h * hd * d
-            + 2.0 * n * d * 2.0 * f
-            + 2.0 * n * f * d
             + 2.0 * 2.0 * (b as f64) * h * (t as f64) * (t as f64 + 1.0) / 2.0 * hd;
-        3.0 * (per_layer * self.n_layers as f64 + 2.0 * n * d * v)
+        let dense_ffn = 2.0 * n * d * 2.0 * f + 2.0 * n * f * d;
+        // MoE: the router plus the activated experts (shared + top_k) of width moe_inter.
+        let mi = self.moe_inter as f64;
+        let active = (self.n_shared_experts + self.top_k) as f64;
+        let moe_ffn = 2.0 * n * d * self.n_routed_experts as f64
+            + active * (2.0 * n * d * 2.0 * mi + 2.0 * n * mi * d);
+        let layers: f64 = (0..self.n_layers)
+            .map(|l| attn + if self.is_moe(l) { moe_ffn } else { dense_ffn })
+            .sum();
+        3.0 * (layers + 2.0 * n * d * v)
     }
 }
 

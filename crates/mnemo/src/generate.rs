@@ -12,7 +12,8 @@
 use crate::kernels::attention::{self, AttnDims, Heads};
 use crate::kernels::matmul::linear_forward;
 use crate::kernels::{embedding, rmsnorm, swiglu};
-use crate::model::Model;
+use crate::model::{Ffn, Model};
+use crate::moe::{self, MoeActs, MoeSpec};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 
@@ -92,6 +93,7 @@ impl Model {
         let mut lse = vec![0.0f32; h * n];
         let mut h13 = vec![0.0f32; n * 2 * f];
         let mut g = vec![0.0f32; n * f];
+        let mut moe_acts = MoeActs::default();
         embedding::forward(&mut x, w(ly.embed, v * d), tokens, d);
         for (l, lo) in ly.layers.iter().enumerate() {
             rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.attn_norm, d), d, c.norm_eps);
@@ -138,9 +140,31 @@ impl Model {
             );
             linear_forward(&mut x, &o, w(lo.wo, d * h * hd), n, h * hd, d, true);
             rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.ffn_norm, d), d, c.norm_eps);
-            linear_forward(&mut h13, &a, w(lo.w13, 2 * f * d), n, d, 2 * f, false);
-            swiglu::forward(&mut g, &h13, f);
-            linear_forward(&mut x, &g, w(lo.w2, d * f), n, f, d, true);
+            match lo.ffn {
+                Ffn::Dense { w13, w2 } => {
+                    linear_forward(&mut h13, &a, w(w13, 2 * f * d), n, d, 2 * f, false);
+                    swiglu::forward(&mut g, &h13, f);
+                    linear_forward(&mut x, &g, w(w2, d * f), n, f, d, true);
+                }
+                Ffn::Moe(mo) => {
+                    let spec = MoeSpec {
+                        aux_coef: 0.0,
+                        ..MoeSpec::new(c)
+                    };
+                    let table = self.hash_tables[l].as_deref();
+                    moe::forward(
+                        &spec,
+                        &self.params,
+                        &mo,
+                        &a,
+                        tokens,
+                        table,
+                        n,
+                        &mut moe_acts,
+                        &mut x,
+                    );
+                }
+            }
         }
         cache.len = p0 + n;
         let last = &x[(n - 1) * d..];
@@ -273,6 +297,7 @@ mod tests {
             norm_eps: 1e-5,
             init_std: 0.2,
             max_seq_len: 300,
+            ..ModelConfig::dense_defaults()
         };
         let mut m = Model::new(cfg).unwrap();
         m.init(3);

@@ -8,7 +8,8 @@
 //! - [`kernels`]: matmul, RMSNorm, RoPE, fused causal attention, SwiGLU, cross-entropy,
 //!   embedding, AdamW — forward and backward over f32 slices.
 //! - [`config`]: the serde model config with presets and validation.
-//! - [`model`]: the dense transformer: parameters, forward, backward, initialisation.
+//! - [`model`]: the transformer: parameters, forward, backward, initialisation.
+//! - [`moe`]: DeepSeekMoE feed-forward (shared + routed experts, bias balancing, hash routing).
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
 
@@ -18,6 +19,7 @@ pub mod data;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod moe;
 pub mod plot;
 pub mod rng;
 pub mod safetensors_io;

@@ -26,6 +26,7 @@ use crate::kernels::attention::{self, AttnDims, Heads, QkvLayout};
 use crate::kernels::matmul::{linear_backward, linear_forward};
 use crate::kernels::rope::RopeTable;
 use crate::kernels::{cross_entropy, embedding, rmsnorm, swiglu};
+use crate::moe::{self, MoeActs, MoeOffsets, MoeSpec};
 use crate::rng::Rng;
 
 /// A named tensor inside the flat parameter buffer.
@@ -36,6 +37,9 @@ pub struct TensorSpec {
     pub offset: usize,
     /// Whether AdamW applies weight decay (matrices yes; norms and embeddings no).
     pub decay: bool,
+    /// Whether the optimizer updates it (the MoE selection bias is moved by the balancing
+    /// rule instead, see `moe::update_bias`).
+    pub trainable: bool,
 }
 
 impl TensorSpec {
@@ -58,9 +62,18 @@ pub struct LayerOffsets {
     pub wqkv: usize,
     pub wo: usize,
     pub ffn_norm: usize,
-    /// `w1` (gate) then `w3` (up).
-    pub w13: usize,
-    pub w2: usize,
+    pub ffn: Ffn,
+}
+
+/// The feed-forward of a layer.
+#[derive(Clone, Copy, Debug)]
+pub enum Ffn {
+    /// SwiGLU of width `ffn_hidden`: `w13` = `w1` (gate) then `w3` (up), then `w2`.
+    Dense {
+        w13: usize,
+        w2: usize,
+    },
+    Moe(MoeOffsets),
 }
 
 /// Where every tensor sits in the flat buffer.
@@ -75,57 +88,102 @@ pub struct ParamLayout {
     pub total: usize,
 }
 
+#[derive(Default)]
+struct LayoutBuilder {
+    tensors: Vec<TensorSpec>,
+    off: usize,
+}
+
+impl LayoutBuilder {
+    fn add_t(&mut self, name: String, shape: Vec<usize>, decay: bool, trainable: bool) -> usize {
+        let o = self.off;
+        self.off += shape.iter().product::<usize>();
+        self.tensors.push(TensorSpec {
+            name,
+            shape,
+            offset: o,
+            decay,
+            trainable,
+        });
+        o
+    }
+    fn add(&mut self, name: String, shape: Vec<usize>, decay: bool) -> usize {
+        self.add_t(name, shape, decay, true)
+    }
+}
+
 impl ParamLayout {
     pub fn new(c: &ModelConfig) -> Self {
-        let mut tensors = Vec::new();
-        let mut off = 0;
-        let mut add = |name: String, shape: Vec<usize>, decay: bool| {
-            let o = off;
-            off += shape.iter().product::<usize>();
-            tensors.push(TensorSpec {
-                name,
-                shape,
-                offset: o,
-                decay,
-            });
-            o
-        };
+        let mut bld = LayoutBuilder::default();
         let (d, hd, f) = (c.d_model, c.head_dim, c.ffn_hidden);
-        let embed = add("tok_embeddings.weight".into(), vec![c.vocab_size, d], false);
+        let embed = bld.add("tok_embeddings.weight".into(), vec![c.vocab_size, d], false);
         let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let p = |s: &str| format!("layers.{i}.{s}");
-            let attn_norm = add(p("attention_norm.weight"), vec![d], false);
-            let wqkv = add(p("attention.wq.weight"), vec![c.n_heads * hd, d], true);
-            add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
-            add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
-            let wo = add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
-            let ffn_norm = add(p("ffn_norm.weight"), vec![d], false);
-            let w13 = add(p("feed_forward.w1.weight"), vec![f, d], true);
-            add(p("feed_forward.w3.weight"), vec![f, d], true);
-            let w2 = add(p("feed_forward.w2.weight"), vec![d, f], true);
+            let attn_norm = bld.add(p("attention_norm.weight"), vec![d], false);
+            let wqkv = bld.add(p("attention.wq.weight"), vec![c.n_heads * hd, d], true);
+            bld.add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
+            bld.add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
+            let wo = bld.add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
+            let ffn_norm = bld.add(p("ffn_norm.weight"), vec![d], false);
+            let ffn = if c.is_moe(i) {
+                let (e, mi, si) = (
+                    c.n_routed_experts,
+                    c.moe_inter,
+                    c.n_shared_experts * c.moe_inter,
+                );
+                let gate = bld.add(p("ffn.gate.weight"), vec![e, d], true);
+                let bias = bld.add_t(p("ffn.gate.bias"), vec![e], false, false);
+                let (mut shared_w13, mut shared_w2) = (0, 0);
+                if si > 0 {
+                    shared_w13 = bld.add(p("ffn.shared_experts.w1.weight"), vec![si, d], true);
+                    bld.add(p("ffn.shared_experts.w3.weight"), vec![si, d], true);
+                    shared_w2 = bld.add(p("ffn.shared_experts.w2.weight"), vec![d, si], true);
+                }
+                let mut experts = 0;
+                for x in 0..e {
+                    let o = bld.add(p(&format!("ffn.experts.{x}.w1.weight")), vec![mi, d], true);
+                    bld.add(p(&format!("ffn.experts.{x}.w3.weight")), vec![mi, d], true);
+                    bld.add(p(&format!("ffn.experts.{x}.w2.weight")), vec![d, mi], true);
+                    if x == 0 {
+                        experts = o;
+                    }
+                }
+                Ffn::Moe(MoeOffsets {
+                    gate,
+                    bias,
+                    shared_w13,
+                    shared_w2,
+                    experts,
+                    hash: c.is_hash(i),
+                })
+            } else {
+                let w13 = bld.add(p("feed_forward.w1.weight"), vec![f, d], true);
+                bld.add(p("feed_forward.w3.weight"), vec![f, d], true);
+                let w2 = bld.add(p("feed_forward.w2.weight"), vec![d, f], true);
+                Ffn::Dense { w13, w2 }
+            };
             layers.push(LayerOffsets {
                 attn_norm,
                 wqkv,
                 wo,
                 ffn_norm,
-                w13,
-                w2,
+                ffn,
             });
         }
-        let norm = add("norm.weight".into(), vec![d], false);
+        let norm = bld.add("norm.weight".into(), vec![d], false);
         let output = if c.tied_embeddings {
             embed
         } else {
-            add("output.weight".into(), vec![c.vocab_size, d], true)
+            bld.add("output.weight".into(), vec![c.vocab_size, d], true)
         };
         ParamLayout {
-            tensors,
+            tensors: bld.tensors,
             embed,
             layers,
             norm,
             output,
-            total: off,
+            total: bld.off,
         }
     }
 
@@ -138,9 +196,14 @@ impl ParamLayout {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ParamCounts {
     pub total: usize,
+    /// Parameters that one token uses: everything but the routed experts it is not sent to.
+    pub activated: usize,
     pub embedding: usize,
     pub attention: usize,
-    pub ffn: usize,
+    pub dense_ffn: usize,
+    pub router: usize,
+    pub shared_experts: usize,
+    pub routed_experts: usize,
     pub norms: usize,
     pub output: usize,
 }
@@ -151,6 +214,8 @@ pub struct Model {
     pub layout: ParamLayout,
     pub params: Vec<f32>,
     pub rope: RopeTable,
+    /// Token id → experts table `[V, top_k]` of each hash-routed MoE layer (`None` elsewhere).
+    pub hash_tables: Vec<Option<Vec<u32>>>,
 }
 
 /// Activations of one training batch, kept for the backward pass, plus backward scratch.
@@ -173,6 +238,8 @@ pub struct Workspace {
     dattn: Vec<f32>,
     dh13: Vec<f32>,
     dg: Vec<f32>,
+    /// Sum over MoE layers of the sequence-wise balance loss of the last forward pass.
+    pub aux_loss: f64,
 }
 
 #[derive(Default)]
@@ -187,9 +254,25 @@ struct LayerActs {
     f: Vec<f32>,
     h13: Vec<f32>,
     g: Vec<f32>,
+    moe: MoeActs,
 }
 
 impl Workspace {
+    /// Tokens routed to each expert of each layer in the last forward pass (`None` for dense
+    /// layers).
+    pub fn moe_loads(&self) -> Vec<Option<&[u64]>> {
+        self.layers
+            .iter()
+            .map(|l| {
+                if l.moe.load.is_empty() {
+                    None
+                } else {
+                    Some(&l.moe.load[..])
+                }
+            })
+            .collect()
+    }
+
     fn ensure(&mut self, c: &ModelConfig, b: usize, t: usize) {
         if self.b == b && self.t == t && self.layers.len() == c.n_layers {
             return;
@@ -201,7 +284,8 @@ impl Workspace {
         self.t = t;
         self.xs = (0..=c.n_layers).map(|_| z(n * d)).collect();
         self.layers = (0..c.n_layers)
-            .map(|_| LayerActs {
+            .map(|l| (l, if c.is_moe(l) { 0 } else { f }))
+            .map(|(_, f)| LayerActs {
                 rstd1: z(n),
                 a: z(n * d),
                 qkv: z(n * c.qkv_dim()),
@@ -212,6 +296,7 @@ impl Workspace {
                 f: z(n * d),
                 h13: z(n * 2 * f),
                 g: z(n * f),
+                moe: MoeActs::default(),
             })
             .collect();
         self.rstd_f = z(n);
@@ -238,11 +323,18 @@ impl Model {
             cfg.max_seq_len,
             cfg.rope_layout,
         );
+        let hash_tables = (0..cfg.n_layers)
+            .map(|l| {
+                cfg.is_hash(l)
+                    .then(|| hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.top_k, &mut None))
+            })
+            .collect();
         Ok(Model {
             params: vec![0.0; layout.total],
             layout,
             rope,
             cfg,
+            hash_tables,
         })
     }
 
@@ -253,14 +345,26 @@ impl Model {
         let resid_scale = 1.0 / (2.0 * self.cfg.n_layers as f32).sqrt();
         for t in &self.layout.tensors {
             let p = &mut self.params[t.range()];
-            if t.shape.len() == 1 {
+            if !t.trainable {
+                p.fill(0.0); // MoE selection bias
+            } else if t.shape.len() == 1 {
                 p.fill(1.0);
-            } else if t.name.ends_with("attention.wo.weight")
-                || t.name.ends_with("feed_forward.w2.weight")
-            {
+            } else if t.name.ends_with("attention.wo.weight") || t.name.ends_with("w2.weight") {
                 rng.fill_normal(p, std * resid_scale);
             } else {
                 rng.fill_normal(p, std);
+            }
+        }
+        let mut rng = Some(Rng::derived(seed, "tid2eid"));
+        let c = &self.cfg;
+        for (l, tab) in self.hash_tables.iter_mut().enumerate() {
+            if c.is_hash(l) {
+                *tab = Some(hash_table(
+                    c.vocab_size,
+                    c.n_routed_experts,
+                    c.top_k,
+                    &mut rng,
+                ));
             }
         }
     }
@@ -268,28 +372,74 @@ impl Model {
     pub fn counts(&self) -> ParamCounts {
         let mut c = ParamCounts {
             total: 0,
+            activated: 0,
             embedding: 0,
             attention: 0,
-            ffn: 0,
+            dense_ffn: 0,
+            router: 0,
+            shared_experts: 0,
+            routed_experts: 0,
             norms: 0,
             output: 0,
         };
         for t in &self.layout.tensors {
             let n = t.len();
             c.total += n;
-            if t.name.starts_with("tok_embeddings") {
-                c.embedding += n;
+            let slot = if t.name.starts_with("tok_embeddings") {
+                &mut c.embedding
             } else if t.name == "output.weight" {
-                c.output += n;
+                &mut c.output
+            } else if t.name.contains(".ffn.gate.") {
+                &mut c.router
             } else if t.shape.len() == 1 {
-                c.norms += n;
+                &mut c.norms
             } else if t.name.contains(".attention.") {
-                c.attention += n;
+                &mut c.attention
+            } else if t.name.contains(".shared_experts.") {
+                &mut c.shared_experts
+            } else if t.name.contains(".experts.") {
+                &mut c.routed_experts
             } else {
-                c.ffn += n;
+                &mut c.dense_ffn
+            };
+            *slot += n;
+        }
+        let k_over_e = if self.cfg.n_routed_experts > 0 {
+            self.cfg.top_k as f64 / self.cfg.n_routed_experts as f64
+        } else {
+            0.0
+        };
+        c.activated =
+            c.total - c.routed_experts + (c.routed_experts as f64 * k_over_e).round() as usize;
+        c
+    }
+
+    /// Auxiliary-loss-free balancing after an optimizer step: every routed (non-hash) MoE
+    /// layer's selection bias moves toward equal load (`loads` from the step's batches).
+    pub fn update_moe_bias(&mut self, loads: &[Option<Vec<u64>>]) {
+        let speed = self.cfg.bias_update_speed;
+        for (lo, load) in self.layout.layers.iter().zip(loads) {
+            if let (Ffn::Moe(mo), Some(load)) = (lo.ffn, load) {
+                if !mo.hash {
+                    let e = self.cfg.n_routed_experts;
+                    moe::update_bias(&mut self.params[mo.bias..mo.bias + e], load, speed);
+                }
             }
         }
-        c
+    }
+
+    /// (min, max) of layer `l`'s MoE selection bias.
+    pub fn moe_bias_range(&self, l: usize) -> Option<(f32, f32)> {
+        match self.layout.layers.get(l)?.ffn {
+            Ffn::Moe(mo) => {
+                let b = &self.params[mo.bias..mo.bias + self.cfg.n_routed_experts];
+                Some((
+                    b.iter().copied().fold(f32::INFINITY, f32::min),
+                    b.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                ))
+            }
+            Ffn::Dense { .. } => None,
+        }
     }
 
     fn w(&self, off: usize, len: usize) -> &[f32] {
@@ -376,19 +526,38 @@ impl Model {
                 d,
                 c.norm_eps,
             );
-            linear_forward(
-                &mut la.h13,
-                &la.f,
-                self.w(lo.w13, 2 * f * d),
-                n,
-                d,
-                2 * f,
-                false,
-            );
-            swiglu::forward(&mut la.g, &la.h13, f);
             xnext.copy_from_slice(&la.xmid);
-            linear_forward(xnext, &la.g, self.w(lo.w2, d * f), n, f, d, true);
+            match lo.ffn {
+                Ffn::Dense { w13, w2 } => {
+                    linear_forward(
+                        &mut la.h13,
+                        &la.f,
+                        self.w(w13, 2 * f * d),
+                        n,
+                        d,
+                        2 * f,
+                        false,
+                    );
+                    swiglu::forward(&mut la.g, &la.h13, f);
+                    linear_forward(xnext, &la.g, self.w(w2, d * f), n, f, d, true);
+                }
+                Ffn::Moe(mo) => {
+                    let table = self.hash_tables[l].as_deref();
+                    moe::forward(
+                        &MoeSpec::new(c),
+                        &self.params,
+                        &mo,
+                        &la.f,
+                        tokens,
+                        table,
+                        t,
+                        &mut la.moe,
+                        xnext,
+                    );
+                }
+            }
         }
+        ws.aux_loss = ws.layers.iter().map(|la| la.moe.aux_loss).sum();
         let xl = &ws.xs[c.n_layers];
         rmsnorm::forward(
             &mut ws.hf,
@@ -416,8 +585,8 @@ impl Model {
         cross_entropy::sum(&ws.losses) / targets.len() as f64
     }
 
-    /// Forward + backward on one batch: adds `grad_scale · dL/dθ` (L = mean CE over the batch)
-    /// into `grads` and returns the (unscaled) mean loss.
+    /// Forward + backward on one batch: adds `grad_scale · dL/dθ` into `grads` and returns the
+    /// (unscaled) loss L = mean CE over the batch + the MoE balance loss when enabled.
     pub fn forward_backward(
         &self,
         tokens: &[u32],
@@ -460,7 +629,7 @@ impl Model {
             v,
             grad_scale / n as f32,
         );
-        let loss = cross_entropy::sum(&ws.losses) / n as f64;
+        let loss = cross_entropy::sum(&ws.losses) / n as f64 + ws.aux_loss;
         // Output projection and final norm. ws.dtmp = dL/dhf.
         let out_w = self.w(ly.output, v * d);
         linear_backward(
@@ -485,28 +654,47 @@ impl Model {
         );
         for (l, lo) in ly.layers.iter().enumerate().rev() {
             let la = &ws.layers[l];
-            // Feed-forward: x_{l+1} = xmid + g W2ᵀ
-            linear_backward(
-                Some((&mut ws.dg, false)),
-                &mut grads[lo.w2..lo.w2 + d * f],
-                &ws.dx,
-                &la.g,
-                self.w(lo.w2, d * f),
-                n,
-                f,
-                d,
-            );
-            swiglu::backward(&mut ws.dh13, &ws.dg, &la.h13, f);
-            linear_backward(
-                Some((&mut ws.dtmp, false)),
-                &mut grads[lo.w13..lo.w13 + 2 * f * d],
-                &ws.dh13,
-                &la.f,
-                self.w(lo.w13, 2 * f * d),
-                n,
-                d,
-                2 * f,
-            );
+            // Feed-forward: x_{l+1} = xmid + FFN(f); ws.dtmp = dL/df.
+            match lo.ffn {
+                Ffn::Dense { w13, w2 } => {
+                    linear_backward(
+                        Some((&mut ws.dg, false)),
+                        &mut grads[w2..w2 + d * f],
+                        &ws.dx,
+                        &la.g,
+                        self.w(w2, d * f),
+                        n,
+                        f,
+                        d,
+                    );
+                    swiglu::backward(&mut ws.dh13, &ws.dg, &la.h13, f);
+                    linear_backward(
+                        Some((&mut ws.dtmp, false)),
+                        &mut grads[w13..w13 + 2 * f * d],
+                        &ws.dh13,
+                        &la.f,
+                        self.w(w13, 2 * f * d),
+                        n,
+                        d,
+                        2 * f,
+                    );
+                }
+                Ffn::Moe(mo) => {
+                    let spec = MoeSpec::new(c);
+                    moe::backward(
+                        &spec,
+                        &self.params,
+                        grads,
+                        &mo,
+                        &la.f,
+                        &la.moe,
+                        &ws.dx,
+                        &mut ws.dtmp,
+                        t,
+                        grad_scale,
+                    );
+                }
+            }
             rmsnorm::backward(
                 &mut ws.dx,
                 &mut grads[lo.ffn_norm..lo.ffn_norm + d],
@@ -559,6 +747,29 @@ impl Model {
     }
 }
 
+/// A token → `k` distinct experts table `[V, k]`: uniform without replacement from `rng`
+/// (all zeros when `rng` is `None`: a placeholder that loading or `init` replaces).
+fn hash_table(v: usize, e: usize, k: usize, rng: &mut Option<Rng>) -> Vec<u32> {
+    let mut tab = vec![0u32; v * k];
+    let Some(rng) = rng else {
+        for row in tab.chunks_mut(k) {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = j as u32;
+            }
+        }
+        return tab;
+    };
+    let mut perm: Vec<u32> = (0..e as u32).collect();
+    for row in tab.chunks_mut(k) {
+        for j in 0..k {
+            let r = j + rng.below((e - j) as u64) as usize;
+            perm.swap(j, r);
+            row[j] = perm[j];
+        }
+    }
+    tab
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,6 +791,7 @@ mod tests {
             norm_eps: 1e-5,
             init_std: 0.3,
             max_seq_len: 16,
+            ..ModelConfig::dense_defaults()
         }
     }
 

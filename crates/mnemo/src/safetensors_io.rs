@@ -79,25 +79,48 @@ impl TensorFile {
         })
     }
 
-    /// An integer tensor (I64, I32 or U32) as u32 values.
+    /// An integer tensor (I64, I32 or U32) as u32 values; negative values are an error.
     pub fn u32(&self, name: &str) -> Result<Vec<u32>> {
+        self.u32_shaped(name, None)
+    }
+
+    /// Like [`TensorFile::u32`], checking the shape if given.
+    pub fn u32_shaped(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<u32>> {
         let st = self.st();
         let t = st
             .tensor(name)
             .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
+        if let Some(s) = shape {
+            if t.shape() != s {
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, expected {:?}",
+                    self.path.display(),
+                    t.shape(),
+                    s
+                );
+            }
+        }
+        let neg = |v: i64| -> Result<u32> {
+            u32::try_from(v).map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: tensor `{name}` holds {v}, not a valid id",
+                    self.path.display()
+                )
+            })
+        };
         let d = t.data();
         Ok(match t.dtype() {
             Dtype::I64 => d
                 .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-                .collect(),
+                .map(|b| neg(i64::from_le_bytes(b.try_into().expect("8 bytes"))))
+                .collect::<Result<_>>()?,
             Dtype::I32 => d
                 .chunks_exact(4)
-                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32)
-                .collect(),
+                .map(|b| neg(i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64))
+                .collect::<Result<_>>()?,
             Dtype::U32 => d
                 .chunks_exact(4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .collect(),
             other => bail!(
                 "{}: tensor `{name}` has dtype {other:?}, expected an integer type",
@@ -107,19 +130,40 @@ impl TensorFile {
     }
 }
 
+/// Tensor contents to serialise.
+pub enum Data<'a> {
+    F32(&'a [f32]),
+    I32(Vec<i32>),
+}
+
 /// Serialise named f32 tensors (name, shape, data) plus string metadata to safetensors bytes.
 pub fn serialize(
     tensors: &[(String, Vec<usize>, &[f32])],
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors
+    let t: Vec<(String, Vec<usize>, Data)> = tensors
         .iter()
-        .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(n, s, d)| (n.clone(), s.clone(), Data::F32(d)))
+        .collect();
+    serialize_mixed(&t, metadata)
+}
+
+/// Serialise named tensors of mixed dtypes plus string metadata to safetensors bytes.
+pub fn serialize_mixed(
+    tensors: &[(String, Vec<usize>, Data)],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<(Dtype, Vec<u8>)> = tensors
+        .iter()
+        .map(|(_, _, d)| match d {
+            Data::F32(d) => (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Data::I32(d) => (Dtype::I32, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        })
         .collect();
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((n, s, _), b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .map(|((n, s, _), (dt, b))| Ok((n.clone(), TensorView::new(*dt, s.clone(), b)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let meta = if metadata.is_empty() {
         None

@@ -429,14 +429,21 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     let h = model.counts();
     let unigram = unigram_entropy(cache.train.tokens(), run.model.vocab_size);
     eprintln!(
-        "model: {} parameters (embedding {}, attention {}, ffn {}, norms {}, output {}); {:.1} GFLOP per step",
+        "model: {} parameters, {} activated per token; {:.1} GFLOP per step",
         human_count(h.total as f64),
+        human_count(h.activated as f64),
+        run.model.train_flops(b, t) * tc.grad_accum as f64 / 1e9
+    );
+    eprintln!(
+        "  embedding {}, attention {}, dense FFN {}, router {}, shared experts {}, routed experts {}, norms {}, output {}",
         human_count(h.embedding as f64),
         human_count(h.attention as f64),
-        human_count(h.ffn as f64),
+        human_count(h.dense_ffn as f64),
+        human_count(h.router as f64),
+        human_count(h.shared_experts as f64),
+        human_count(h.routed_experts as f64),
         human_count(h.norms as f64),
         human_count(h.output as f64),
-        run.model.train_flops(b, t) * tc.grad_accum as f64 / 1e9
     );
     eprintln!("unigram entropy of the training tokens: {unigram:.3} nats/token (the loss to beat)");
 
@@ -459,6 +466,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         let lr = tc.lr_at(step);
         grads.fill(0.0);
         let mut loss = 0.0;
+        let mut loads: Vec<Option<Vec<u64>>> = vec![None; run.model.n_layers];
         for _ in 0..tc.grad_accum {
             data::sample_batch(&cache.train, &mut state.data_rng, b, t, &mut x, &mut y)?;
             loss += model.forward_backward(
@@ -470,6 +478,12 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 1.0 / tc.grad_accum as f32,
                 &mut ws,
             );
+            for (acc, l) in loads.iter_mut().zip(ws.moe_loads()) {
+                if let Some(l) = l {
+                    let a = acc.get_or_insert_with(|| vec![0; l.len()]);
+                    a.iter_mut().zip(l).for_each(|(a, b)| *a += b);
+                }
+            }
         }
         loss /= tc.grad_accum as f64;
         if !loss.is_finite() {
@@ -487,23 +501,16 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             eps: tc.adam_eps,
             weight_decay: tc.weight_decay,
         };
-        for spec in &model.layout.tensors {
-            let r = spec.range();
-            adamw::step(
-                &mut model.params[r.clone()],
-                &grads[r.clone()],
-                &mut adam_m[r.clone()],
-                &mut adam_v[r],
-                hp,
-                step,
-                spec.decay,
-            );
-        }
+        optimizer_step(&mut model, &grads, &mut adam_m, &mut adam_v, hp, step);
+        model.update_moe_bias(&loads);
         state.step = step;
         state.tokens_seen += (b * t * tc.grad_accum) as u64;
         last.0 = loss;
         if step % tc.log_interval == 0 || step == 1 || step == tc.max_steps {
-            let m = serde_json::json!({"step": step, "tokens": state.tokens_seen, "lr": lr, "loss": loss, "grad_norm": gnorm});
+            let mut m = serde_json::json!({"step": step, "tokens": state.tokens_seen, "lr": lr, "loss": loss, "grad_norm": gnorm});
+            if let Some(stats) = moe_stats(&model, &loads) {
+                m["moe"] = stats;
+            }
             append_metrics(&metrics_path, &m)?;
         }
         let stop_now = stop.load(Ordering::SeqCst);
@@ -535,13 +542,16 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         let el = started.elapsed().as_secs_f64();
         let tps = (state.step - start_step) as f64 * (b * t * tc.grad_accum) as f64 / el.max(1e-9);
         pb.set_position(step);
+        let moe_msg = worst_load(&model, &loads)
+            .map(|x| format!(" | max expert load {x:.2}x mean"))
+            .unwrap_or_default();
         pb.set_message(format!(
-            "loss {loss:.4} | lr {lr:.2e} | {} tok/s",
+            "loss {loss:.4} | lr {lr:.2e} | {} tok/s{moe_msg}",
             human_count(tps)
         ));
         if pb.is_hidden() && step % tc.log_interval == 0 {
             eprintln!(
-                "step {step}/{}: loss {loss:.4}, lr {lr:.2e}, {} tok/s",
+                "step {step}/{}: loss {loss:.4}, lr {lr:.2e}, {} tok/s{moe_msg}",
                 tc.max_steps,
                 human_count(tps)
             );
@@ -569,6 +579,56 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         tokens_per_s: (state.step - start_step) as f64 * (b * t * tc.grad_accum) as f64
             / el.max(1e-9),
     })
+}
+
+/// AdamW over every trainable tensor (weight decay where the tensor asks for it).
+pub fn optimizer_step(
+    model: &mut Model,
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    hp: AdamWParams,
+    step: u64,
+) {
+    for spec in model.layout.tensors.iter().filter(|t| t.trainable) {
+        let r = spec.range();
+        adamw::step(
+            &mut model.params[r.clone()],
+            &grads[r.clone()],
+            &mut m[r.clone()],
+            &mut v[r],
+            hp,
+            step,
+            spec.decay,
+        );
+    }
+}
+
+/// Per MoE layer: expert load (max and min share relative to the mean) of this step and the
+/// range of the balancing bias.
+fn moe_stats(model: &Model, loads: &[Option<Vec<u64>>]) -> Option<serde_json::Value> {
+    let rows: Vec<serde_json::Value> = loads
+        .iter()
+        .enumerate()
+        .filter_map(|(l, load)| {
+            let load = load.as_ref()?;
+            let (mx, mn) = crate::moe::load_stats(load);
+            let (bmin, bmax) = model.moe_bias_range(l).unwrap_or((0.0, 0.0));
+            Some(serde_json::json!({"layer": l, "load_max": mx, "load_min": mn, "bias_min": bmin, "bias_max": bmax, "hash": model.cfg.is_hash(l)}))
+        })
+        .collect();
+    (!rows.is_empty()).then_some(serde_json::Value::Array(rows))
+}
+
+/// The largest max-load ratio over the routed (non-hash) MoE layers.
+fn worst_load(model: &Model, loads: &[Option<Vec<u64>>]) -> Option<f64> {
+    loads
+        .iter()
+        .enumerate()
+        .filter(|(l, _)| !model.cfg.is_hash(*l))
+        .filter_map(|(_, x)| x.as_ref())
+        .map(|l| crate::moe::load_stats(l).0)
+        .reduce(f64::max)
 }
 
 fn progress_bar(enabled: bool, pos: u64, len: u64) -> indicatif::ProgressBar {
@@ -647,18 +707,13 @@ pub fn bench_steps(
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        for spec in &model.layout.tensors {
-            let r = spec.range();
-            adamw::step(
-                &mut model.params[r.clone()],
-                &grads[r.clone()],
-                &mut m[r.clone()],
-                &mut v[r],
-                hp,
-                i as u64 + 1,
-                spec.decay,
-            );
-        }
+        optimizer_step(&mut model, &grads, &mut m, &mut v, hp, i as u64 + 1);
+        let loads: Vec<Option<Vec<u64>>> = ws
+            .moe_loads()
+            .into_iter()
+            .map(|l| l.map(<[u64]>::to_vec))
+            .collect();
+        model.update_moe_bias(&loads);
         let t3 = Instant::now();
         if i >= warmup {
             let f = (t1 - t0).as_secs_f64() * 1e3;

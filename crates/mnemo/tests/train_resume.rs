@@ -46,6 +46,7 @@ fn run_config(data: &Path, steps: u64) -> RunConfig {
             norm_eps: 1e-5,
             init_std: 0.02,
             max_seq_len: 64,
+            ..ModelConfig::dense_defaults()
         },
         train: TrainConfig {
             batch_size: 4,
