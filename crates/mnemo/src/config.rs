@@ -160,6 +160,9 @@ impl ModelConfig {
             }),
             // MoE variants: 1 dense layer, then 1 shared + 16 routed experts, top-2, with the
             // activated FFN width (shared + top_k)·moe_inter equal to the dense `ffn_hidden`.
+            // The balancing bias moves 0.01 per step (DeepSeek-V3 uses 0.001 at ~10x lower lr
+            // and ~7000x larger batches; at 0.001 our short runs stay collapsed for hundreds of
+            // steps, see the README).
             "tiny-moe" => Some(ModelConfig {
                 ffn: FfnKind::Moe,
                 n_dense_layers: 1,
@@ -167,6 +170,7 @@ impl ModelConfig {
                 n_routed_experts: 16,
                 moe_inter: 704 / 3,
                 top_k: 2,
+                bias_update_speed: 0.01,
                 ..Self::preset("tiny")?
             }),
             "small-moe" => Some(ModelConfig {
@@ -176,6 +180,7 @@ impl ModelConfig {
                 n_routed_experts: 16,
                 moe_inter: 1392 / 3,
                 top_k: 2,
+                bias_update_speed: 0.01,
                 ffn_hidden: 1392,
                 ..Self::preset("small")?
             }),

@@ -205,3 +205,61 @@ fn corrupt_checkpoints_give_clear_errors() {
     assert!(err.contains("does not exist"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The MoE model trains, writes its expert-load statistics to the metrics, keeps its hash table
+/// and balancing bias across a resume (bit-identical), and the bias method balances the load.
+#[test]
+fn moe_training_balances_load_and_resumes_bit_identically() {
+    let root = tmpdir("moe");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_corpus(&data);
+    let cache = root.join("cache");
+    let moe_run = |steps| {
+        let mut r = run_config(&data, steps);
+        r.model.ffn = mnemo::config::FfnKind::Moe;
+        r.model.n_dense_layers = 0;
+        r.model.n_shared_experts = 1;
+        r.model.n_routed_experts = 8;
+        r.model.moe_inter = 16;
+        r.model.top_k = 2;
+        r.model.num_hash_layers = 1;
+        r.model.bias_update_speed = 0.01;
+        r.train.eval_interval = 40;
+        r
+    };
+    let never = AtomicBool::new(false);
+    let a = root.join("a");
+    let sa = train(fresh(&a, moe_run(80), &cache), &never).unwrap();
+    assert!(sa.val_loss.unwrap() < sa.unigram_entropy);
+    let b = root.join("b");
+    train(fresh(&b, moe_run(80), &cache), &AtomicBool::new(true)).unwrap();
+    train(resume(&b, &cache), &never).unwrap();
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    assert_eq!(
+        read(&a.join("metrics.jsonl")),
+        read(&b.join("metrics.jsonl"))
+    );
+    assert_eq!(
+        read(&a.join("checkpoint/model.safetensors")),
+        read(&b.join("checkpoint/model.safetensors"))
+    );
+    // Load statistics per MoE layer in the metrics; the routed layer ends balanced.
+    let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("moe").is_some())
+        .last()
+        .unwrap();
+    let layers = last["moe"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(layers[0]["hash"], true);
+    let routed = &layers[1];
+    assert!(
+        routed["load_max"].as_f64().unwrap() < 2.0,
+        "unbalanced: {routed}"
+    );
+    assert!(routed["bias_max"].as_f64().unwrap() > routed["bias_min"].as_f64().unwrap());
+    let _ = std::fs::remove_dir_all(&root);
+}
