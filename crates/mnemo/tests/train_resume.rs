@@ -248,9 +248,9 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
     let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
         .unwrap()
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("moe").is_some())
-        .last()
+        .find(|v| v.get("moe").is_some())
         .unwrap();
     let layers = last["moe"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
