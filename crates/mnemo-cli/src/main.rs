@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod pack_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "mnemo",
@@ -38,6 +40,12 @@ enum Cmd {
     Eval(EvalArgs),
     /// Generate text from a trained run, streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Pack a repository into one context document (secrets excluded), count its tokens, fit
+    /// it to a budget. Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some files unreadable).
+    Pack(pack_cmd::PackArgs),
+    /// Ask a model about a repository: pack it, prefill it (reusing a saved prefix cache when
+    /// the repository and model are unchanged), and stream the answer.
+    Ask(AskArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
@@ -146,6 +154,35 @@ struct GenerateArgs {
     seed: u64,
 }
 
+#[derive(Args)]
+struct AskArgs {
+    /// Repository to ask about.
+    dir: PathBuf,
+    /// The question.
+    question: String,
+    /// Run directory (or checkpoint directory) of the model to ask.
+    #[arg(long, value_name = "RUN_DIR")]
+    model: PathBuf,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Softmax temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Do not read or write the saved prefix cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Where prefix caches are kept [default: $MNEMO_CACHE or ~/.cache/mnemo].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum TokenizerCmd {
     /// Train a byte-level BPE on a directory and save tokenizer.json.
@@ -214,6 +251,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => cmd_train(a),
         Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Pack(a) => {
+            let code = pack_cmd::run(a)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        Cmd::Ask(a) => cmd_ask(a),
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Tokenizer(TokenizerCmd::Train {
             data,
@@ -566,6 +611,112 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             ids.push(t);
             let text = tok.decode(&ids)?;
             // Hold back an incomplete UTF-8 sequence until its last byte arrives.
+            if !text.ends_with('\u{FFFD}') && text.len() > printed {
+                write!(stdout, "{}", &text[printed..])?;
+                stdout.flush()?;
+                printed = text.len();
+            }
+            Ok(())
+        },
+    )?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn cmd_ask(a: AskArgs) -> Result<()> {
+    let l = mnemo::checkpoint::load(&a.model, false)?;
+    let (model, tok) = (&l.model, &l.tokenizer);
+    let suffix = tok.encode(&format!("\n\nQuestion: {}\nAnswer:", a.question))?;
+    let ctx = model
+        .cfg
+        .max_seq_len
+        .saturating_sub(suffix.len() + a.max_tokens);
+    if ctx == 0 {
+        bail!(
+            "the model's context ({} tokens) leaves no room for the repository after the question and \
+             --max-tokens {}",
+            model.cfg.max_seq_len,
+            a.max_tokens
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let mut opts = mnemo::pack::PackOptions::new(&a.dir);
+    opts.max_tokens = Some(ctx);
+    opts.query = Some(a.question.clone());
+    let pack = mnemo::pack::pack(&opts, Some(tok))?;
+    let mut prefix = tok.encode(&mnemo::pack::context_text(&pack))?;
+    if prefix.len() > ctx {
+        // File headers and separators are not in the per-file budget; cut the tail.
+        prefix.truncate(ctx);
+    }
+    if prefix.is_empty() {
+        prefix.push(tok.eot());
+    }
+    eprintln!(
+        "context: {} files, {} tokens of {} (packed in {:.2}s)",
+        pack.files.len(),
+        prefix.len(),
+        model.cfg.max_seq_len,
+        t0.elapsed().as_secs_f64()
+    );
+    let key = {
+        let bytes: Vec<u8> = prefix.iter().flat_map(|x| x.to_le_bytes()).collect();
+        mnemo::util::fnv1a64(&bytes) ^ mnemo::generate::model_fingerprint(model)
+    };
+    let root = a
+        .cache_dir
+        .clone()
+        .unwrap_or_else(mnemo::data::default_cache_root);
+    let path = root.join("prefix").join(format!("{key:016x}.safetensors"));
+    let t1 = std::time::Instant::now();
+    let mut cache = match (!a.no_cache && path.is_file())
+        .then(|| mnemo::generate::KvCache::load(&path, model))
+    {
+        Some(Ok((c, toks))) if toks == prefix => {
+            eprintln!(
+                "prefix cache hit: {} ({:.2}s, no prefill)",
+                path.display(),
+                t1.elapsed().as_secs_f64()
+            );
+            c
+        }
+        other => {
+            if let Some(Err(e)) = other {
+                eprintln!("ignoring unusable prefix cache: {e:#}");
+            }
+            let mut c = mnemo::generate::KvCache::new(model);
+            model.forward_cached(&prefix, &mut c)?;
+            eprintln!(
+                "prefilled {} tokens in {:.2}s",
+                prefix.len(),
+                t1.elapsed().as_secs_f64()
+            );
+            if !a.no_cache {
+                c.save(&path, model, &prefix)?;
+            }
+            c
+        }
+    };
+    let s = mnemo::generate::Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    mnemo::generate::generate_after(
+        model,
+        &mut cache,
+        &suffix,
+        a.max_tokens,
+        s,
+        a.seed,
+        tok.vocab_size(),
+        Some(tok.eot()),
+        |t| {
+            ids.push(t);
+            let text = tok.decode(&ids)?;
             if !text.ends_with('\u{FFFD}') && text.len() > printed {
                 write!(stdout, "{}", &text[printed..])?;
                 stdout.flush()?;

@@ -15,7 +15,9 @@ use crate::kernels::{embedding, rmsnorm, swiglu};
 use crate::model::{Ffn, Model};
 use crate::moe::{self, MoeActs, MoeSpec};
 use crate::rng::Rng;
-use anyhow::{bail, Result};
+use crate::safetensors_io::{serialize_mixed, Data, TensorFile};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
 
 /// Per-layer key/value cache of one sequence.
 pub struct KvCache {
@@ -241,6 +243,7 @@ pub fn sample(logits: &[f32], n_valid: usize, s: Sampling, rng: &mut Rng) -> u32
 
 /// Generate up to `max_new` tokens after `prompt`, calling `on_token` with each new id; stops
 /// early at `stop_token` or when the context is full. Returns the new ids.
+#[allow(clippy::too_many_arguments)]
 pub fn generate(
     model: &Model,
     prompt: &[u32],
@@ -249,14 +252,33 @@ pub fn generate(
     seed: u64,
     n_valid: usize,
     stop_token: Option<u32>,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    let mut cache = KvCache::new(model);
+    generate_after(
+        model, &mut cache, prompt, max_new, s, seed, n_valid, stop_token, on_token,
+    )
+}
+
+/// Like [`generate`], continuing a cache that already holds a prefix (e.g. a packed
+/// repository loaded with [`KvCache::load`]); `new_tokens` (non-empty) are prefilled first.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_after(
+    model: &Model,
+    cache: &mut KvCache,
+    new_tokens: &[u32],
+    max_new: usize,
+    s: Sampling,
+    seed: u64,
+    n_valid: usize,
+    stop_token: Option<u32>,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
-    if prompt.is_empty() {
+    if new_tokens.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let mut cache = KvCache::new(model);
     let mut rng = Rng::new(seed);
-    let mut logits = model.forward_cached(prompt, &mut cache)?;
+    let mut logits = model.forward_cached(new_tokens, cache)?;
     let mut out = Vec::new();
     for _ in 0..max_new {
         let t = sample(&logits, n_valid, s, &mut rng);
@@ -268,9 +290,103 @@ pub fn generate(
         if cache.len() >= cache.capacity() {
             break;
         }
-        logits = model.forward_cached(&[t], &mut cache)?;
+        logits = model.forward_cached(&[t], cache)?;
     }
     Ok(out)
+}
+
+/// A fingerprint of a model's config and weights (FNV-1a over the config JSON and the raw
+/// parameter bits): a saved prefix cache is only valid for the exact model that computed it.
+pub fn model_fingerprint(model: &Model) -> u64 {
+    let mut h = crate::util::fnv1a64(
+        serde_json::to_string(&model.cfg)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    for chunk in model.params.chunks(1 << 16) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+        h = h.rotate_left(5) ^ crate::util::fnv1a64(&bytes);
+    }
+    h
+}
+
+impl KvCache {
+    /// Save the cached prefix (its tokens and per-layer K/V rows) to `path`, atomically, tagged
+    /// with the model's fingerprint.
+    pub fn save(&self, path: &Path, model: &Model, tokens: &[u32]) -> Result<()> {
+        if tokens.len() != self.len {
+            bail!(
+                "prefix cache: {} tokens given for {} cached positions",
+                tokens.len(),
+                self.len
+            );
+        }
+        let c = &model.cfg;
+        let w = c.n_kv_heads * c.head_dim;
+        let mut t: Vec<(String, Vec<usize>, Data)> = Vec::new();
+        for l in 0..c.n_layers {
+            t.push((
+                format!("k.{l}"),
+                vec![self.len, w],
+                Data::F32(&self.k[l][..self.len * w]),
+            ));
+            t.push((
+                format!("v.{l}"),
+                vec![self.len, w],
+                Data::F32(&self.v[l][..self.len * w]),
+            ));
+        }
+        t.push((
+            "tokens".into(),
+            vec![self.len],
+            Data::I32(tokens.iter().map(|&x| x as i32).collect()),
+        ));
+        let mut meta = std::collections::HashMap::new();
+        meta.insert(
+            "mnemo_prefix_cache".into(),
+            format!("{:016x}", model_fingerprint(model)),
+        );
+        let bytes = serialize_mixed(&t, meta)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        crate::util::write_atomic(path, &bytes)
+    }
+
+    /// Load a prefix cache saved by [`KvCache::save`] for this exact model; returns the cache
+    /// and its tokens. A cache of another model (or a corrupt file) is an error naming it.
+    pub fn load(path: &Path, model: &Model) -> Result<(KvCache, Vec<u32>)> {
+        let f = TensorFile::open(path)?;
+        let want = format!("{:016x}", model_fingerprint(model));
+        match f.metadata()?.get("mnemo_prefix_cache") {
+            Some(got) if *got == want => {}
+            _ => bail!(
+                "{} is a prefix cache of another model (or not one at all)",
+                path.display()
+            ),
+        }
+        let tokens = f.u32("tokens")?;
+        let mut cache = KvCache::new(model);
+        if tokens.len() > cache.cap {
+            bail!(
+                "{}: {} cached tokens exceed max_seq_len {}",
+                path.display(),
+                tokens.len(),
+                cache.cap
+            );
+        }
+        let c = &model.cfg;
+        let w = c.n_kv_heads * c.head_dim;
+        for l in 0..c.n_layers {
+            let k = f.f32(&format!("k.{l}"), Some(&[tokens.len(), w]))?;
+            let v = f.f32(&format!("v.{l}"), Some(&[tokens.len(), w]))?;
+            cache.k[l][..k.len()].copy_from_slice(&k);
+            cache.v[l][..v.len()].copy_from_slice(&v);
+        }
+        cache.len = tokens.len();
+        Ok((cache, tokens))
+    }
 }
 
 #[cfg(test)]
@@ -349,5 +465,43 @@ mod tests {
         }
         // Only the first n_valid logits may be chosen.
         assert_eq!(sample(&logits, 1, greedy, &mut r), 0);
+    }
+
+    #[test]
+    fn prefix_cache_roundtrips_and_continues_identically() {
+        let mut cfg = ModelConfig::preset("tiny").unwrap();
+        cfg.vocab_size = 64;
+        cfg.n_layers = 2;
+        cfg.d_model = 32;
+        cfg.ffn_hidden = 48;
+        cfg.head_dim = 8;
+        cfg.rope_dim = 8;
+        let mut m = Model::new(cfg).unwrap();
+        m.init(9);
+        let prefix: Vec<u32> = (0..40).map(|i| (i * 5 % 64) as u32).collect();
+        let question = [3u32, 4, 5];
+        let s = Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let full: Vec<u32> = prefix.iter().chain(&question).copied().collect();
+        let want = generate(&m, &full, 10, s, 0, 64, None, |_| Ok(())).unwrap();
+        let mut cache = KvCache::new(&m);
+        m.forward_cached(&prefix, &mut cache).unwrap();
+        let dir = std::env::temp_dir().join(format!("mnemo-prefix-{}", std::process::id()));
+        let path = dir.join("p.safetensors");
+        cache.save(&path, &m, &prefix).unwrap();
+        let (mut loaded, toks) = KvCache::load(&path, &m).unwrap();
+        assert_eq!(toks, prefix);
+        let got =
+            generate_after(&m, &mut loaded, &question, 10, s, 0, 64, None, |_| Ok(())).unwrap();
+        assert_eq!(got, want);
+        // Another model's cache is refused.
+        let mut other = Model::new(m.cfg.clone()).unwrap();
+        other.init(10);
+        let err = format!("{:#}", KvCache::load(&path, &other).err().unwrap());
+        assert!(err.contains("another model"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

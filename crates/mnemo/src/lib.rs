@@ -20,6 +20,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod moe;
+pub mod pack;
 pub mod plot;
 pub mod rng;
 pub mod safetensors_io;
