@@ -257,3 +257,99 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
         "{err}"
     );
 }
+
+#[test]
+fn pack_reports_secrets_and_fails_cleanly_on_bad_paths() {
+    let (code, _, err) = mnemo(&["pack", "/nonexistent/mnemo-repo"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("/nonexistent/mnemo-repo") && !err.contains("panicked"),
+        "{err}"
+    );
+    let d = tmpdir("packrepo");
+    let f = d.join("file.txt");
+    std::fs::write(&f, "x").unwrap();
+    let (code, _, err) = mnemo(&["pack", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a directory"), "{err}");
+    std::fs::write(d.join("main.rs"), "fn main() {}\n").unwrap();
+    let key = ["AKIA", "IOSFODNN7", "EXAMPLE"].concat();
+    std::fs::write(d.join("settings.toml"), format!("[aws]\nid = \"{key}\"\n")).unwrap();
+    std::fs::write(d.join(".env"), "PASSWORD=hunter2hunter2\n").unwrap();
+    let (code, out, err) = mnemo(&["pack", d.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("fn main() {}"));
+    assert!(!out.contains(&key) && !out.contains("hunter2"), "{out}");
+    assert!(
+        err.contains("settings.toml") && err.contains("secret"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ask_packs_prefills_and_reuses_the_prefix_cache() {
+    let d = tmpdir("ask");
+    let data = d.join("repo");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..6 {
+        let body: String = (0..30)
+            .map(|j| format!("fn g_{i}_{j}() -> u8 {{ {j} }}\n"))
+            .collect();
+        std::fs::write(data.join(format!("m{i}.rs")), body).unwrap();
+    }
+    let run = d.join("run");
+    let (code, _, err) = mnemo(&[
+        "--threads",
+        "1",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--set",
+        "vocab_size=300",
+        "--set",
+        "d_model=32",
+        "--set",
+        "n_layers=1",
+        "--set",
+        "head_dim=8",
+        "--set",
+        "rope_dim=8",
+        "--set",
+        "ffn_hidden=32",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let cache = d.join("cache");
+    let ask = || {
+        mnemo(&[
+            "ask",
+            data.to_str().unwrap(),
+            "what does g_1_2 return?",
+            "--model",
+            run.to_str().unwrap(),
+            "--max-tokens",
+            "8",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
+    };
+    let (code, _, err) = ask();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("prefilled"), "{err}");
+    let (code, _, err) = ask();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("prefix cache hit"), "{err}");
+    // A changed repository misses the cache.
+    std::fs::write(data.join("m0.rs"), "fn changed() {}\n").unwrap();
+    let (code, _, err) = ask();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("prefilled"), "{err}");
+}

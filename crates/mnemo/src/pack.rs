@@ -16,8 +16,8 @@
 //!   first, so `.env` is reported as a secret, not as hidden) and contents matching
 //!   [`SECRET_PATTERNS`] anywhere in the file (the first match is reported by kind and line).
 //! - `generated` (unless [`PackOptions::include_generated`]): [`LOCK_FILES`], [`MINIFIED`]
-//!   names, any line over 1000 characters in the first 8 KiB, and [`VENDORED_DIRS`] at any
-//!   depth (reported once per directory).
+//!   names, any line over 1000 characters in the first 8 KiB, [`VENDORED_DIRS`] at any
+//!   depth and [`BUILD_OUTPUT_DIRS`] at the top level (reported once per directory).
 //! - `binary`: a NUL byte in the first 8 KiB, or content that is not valid UTF-8.
 //! - `filtered`: matched by an [`PackOptions::exclude`] glob, or not a regular file.
 //! - `too-large`: over [`PackOptions::max_file_bytes`].
@@ -149,15 +149,12 @@ pub const LOCK_FILES: &[&str] = &[
 /// Minified bundles and source maps (globs on the file name): generated.
 pub const MINIFIED: &[&str] = &["*.min.js", "*.min.css", "*.map"];
 
-/// Vendored and build-output directories (exact names, at any depth): generated.
-pub const VENDORED_DIRS: &[&str] = &[
-    "vendor",
-    "node_modules",
-    "third_party",
-    "dist",
-    "build",
-    "target",
-];
+/// Vendored directories (exact names, at any depth): generated.
+pub const VENDORED_DIRS: &[&str] = &["vendor", "node_modules", "third_party"];
+
+/// Build-output directories, generated only at the top of the repository: deeper down these
+/// names are often real source (e.g. `compiler/rustc_mir_build/src/build/` in rustc).
+pub const BUILD_OUTPUT_DIRS: &[&str] = &["dist", "build", "target"];
 
 /// What to pack and how. Build it with [`PackOptions::new`] and set the fields.
 #[derive(Clone, Debug)]
@@ -713,7 +710,10 @@ fn visit(
                 Skip,
             );
         }
-        if !opts.include_generated && VENDORED_DIRS.contains(&name) {
+        let top_level = !rel.contains('/');
+        if !opts.include_generated
+            && (VENDORED_DIRS.contains(&name) || (top_level && BUILD_OUTPUT_DIRS.contains(&name)))
+        {
             let detail = "vendored or build-output directory".to_string();
             return (excl(shown, K::Generated, detail), Skip);
         }
@@ -1829,6 +1829,31 @@ mod tests {
         assert_eq!(render_plain(&again), plain);
         assert_eq!(render_json(&again), json);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn build_output_names_are_generated_only_at_the_top() {
+        let root = temp_dir("buildnames");
+        write(&root, "build/out.rs", b"fn generated() {}\n");
+        write(
+            &root,
+            "compiler/mir/src/build/expr.rs",
+            b"fn real_source() {}\n",
+        );
+        write(
+            &root,
+            "web/node_modules/dep/index.js",
+            b"module.exports = 1;\n",
+        );
+        let p = pack(&PackOptions::new(&root), None).unwrap();
+        assert_eq!(paths(&p), ["compiler/mir/src/build/expr.rs"]);
+        let gen: Vec<&str> = p
+            .excluded
+            .iter()
+            .filter(|e| e.kind == ExcludeKind::Generated)
+            .map(|e| e.path.as_str())
+            .collect();
+        assert_eq!(gen, ["build/", "web/node_modules/"]);
     }
 
     #[test]
