@@ -596,8 +596,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;
     stdout.flush()?;
-    let mut ids: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = mnemo::tokenizer::StreamDecoder::new(tok);
     let n_valid = tok.vocab_size();
     mnemo::generate::generate(
         &l.model,
@@ -608,15 +607,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         n_valid,
         Some(tok.eot()),
         |t| {
-            ids.push(t);
-            let text = tok.decode(&ids)?;
-            // Hold back an incomplete UTF-8 sequence until its last byte arrives.
-            if !text.ends_with('\u{FFFD}') && text.len() > printed {
-                write!(stdout, "{}", &text[printed..])?;
-                stdout.flush()?;
-                printed = text.len();
-            }
-            Ok(())
+            write!(stdout, "{}", stream.push(t)?)?;
+            Ok(stdout.flush()?)
         },
     )?;
     writeln!(stdout)?;
@@ -703,8 +695,8 @@ fn cmd_ask(a: AskArgs) -> Result<()> {
         top_p: a.top_p,
     };
     let mut stdout = std::io::stdout().lock();
-    let mut ids: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = mnemo::tokenizer::StreamDecoder::new(tok);
+    let n_valid = tok.vocab_size();
     mnemo::generate::generate_after(
         model,
         &mut cache,
@@ -712,17 +704,11 @@ fn cmd_ask(a: AskArgs) -> Result<()> {
         a.max_tokens,
         s,
         a.seed,
-        tok.vocab_size(),
+        n_valid,
         Some(tok.eot()),
         |t| {
-            ids.push(t);
-            let text = tok.decode(&ids)?;
-            if !text.ends_with('\u{FFFD}') && text.len() > printed {
-                write!(stdout, "{}", &text[printed..])?;
-                stdout.flush()?;
-                printed = text.len();
-            }
-            Ok(())
+            write!(stdout, "{}", stream.push(t)?)?;
+            Ok(stdout.flush()?)
         },
     )?;
     writeln!(stdout)?;

@@ -442,6 +442,28 @@ impl Model {
         }
     }
 
+    /// The fused q|k|v layout and the attention shapes of a training batch `[b, t]`.
+    fn attn_shapes(&self, b: usize, t: usize) -> (QkvLayout, AttnDims) {
+        let c = &self.cfg;
+        let (h, kv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let lay = QkvLayout {
+            rs: c.qkv_dim(),
+            q_off: 0,
+            k_off: h * hd,
+            v_off: (h + kv) * hd,
+        };
+        let dims = AttnDims {
+            batch: b,
+            tq: t,
+            tk: t,
+            q_pos0: 0,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+        };
+        (lay, dims)
+    }
+
     fn w(&self, off: usize, len: usize) -> &[f32] {
         &self.params[off..off + len]
     }
@@ -461,21 +483,7 @@ impl Model {
         let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
         let (h, kv) = (c.n_heads, c.n_kv_heads);
         let qd = c.qkv_dim();
-        let lay = QkvLayout {
-            rs: qd,
-            q_off: 0,
-            k_off: h * hd,
-            v_off: (h + kv) * hd,
-        };
-        let dims = AttnDims {
-            batch: b,
-            tq: t,
-            tk: t,
-            q_pos0: 0,
-            n_heads: h,
-            n_kv_heads: kv,
-            head_dim: hd,
-        };
+        let (lay, dims) = self.attn_shapes(b, t);
         embedding::forward(&mut ws.xs[0], self.w(self.layout.embed, v * d), tokens, d);
         for (l, lo) in self.layout.layers.iter().enumerate() {
             let (before, after) = ws.xs.split_at_mut(l + 1);
@@ -605,21 +613,7 @@ impl Model {
         let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
         let (h, kv) = (c.n_heads, c.n_kv_heads);
         let qd = c.qkv_dim();
-        let lay = QkvLayout {
-            rs: qd,
-            q_off: 0,
-            k_off: h * hd,
-            v_off: (h + kv) * hd,
-        };
-        let dims = AttnDims {
-            batch: b,
-            tq: t,
-            tk: t,
-            q_pos0: 0,
-            n_heads: h,
-            n_kv_heads: kv,
-            head_dim: hd,
-        };
+        let (lay, dims) = self.attn_shapes(b, t);
         let ly = &self.layout;
 
         cross_entropy::forward_backward(

@@ -198,6 +198,37 @@ impl Tokenizer {
     }
 }
 
+/// Turns a stream of token ids into text as it is generated: each [`push`](StreamDecoder::push)
+/// returns the new text, holding back an incomplete UTF-8 sequence (a byte-level token can end
+/// mid-character) until its last byte arrives.
+pub struct StreamDecoder<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tok: &'a Tokenizer) -> Self {
+        StreamDecoder {
+            tok,
+            ids: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    /// Add one token; returns the text that became complete (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() <= self.printed {
+            return Ok(String::new());
+        }
+        let new = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(new)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +342,20 @@ mod tests {
         assert_eq!(tok.eot(), 0);
         let err = Tokenizer::from_json_str(&rename("<nope>"), "my-tokenizer.json").unwrap_err();
         assert!(err.to_string().contains("my-tokenizer.json"), "{err}");
+    }
+
+    #[test]
+    fn stream_decoder_yields_whole_characters() {
+        let tok = Tokenizer::train(["héllo wörld 😀 ".repeat(20)].into_iter(), 260).unwrap();
+        let text = "wörld 😀!";
+        let ids = tok.encode(text).unwrap();
+        let mut d = StreamDecoder::new(&tok);
+        let mut out = String::new();
+        for id in ids {
+            let piece = d.push(id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'));
+            out.push_str(&piece);
+        }
+        assert_eq!(out, text);
     }
 }
