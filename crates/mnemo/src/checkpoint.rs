@@ -226,8 +226,22 @@ pub fn load_weights(model: &mut Model, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Load a checkpoint (model, tokenizer, and training state when present) from a run directory.
+/// Context cap for GGUF models (their KV cache is allocated for the whole context).
+pub const GGUF_MAX_SEQ_LEN: usize = 4096;
+
+/// Load a checkpoint (model, tokenizer, and training state when present) from a run directory,
+/// or a Llama-architecture `.gguf` model file.
 pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let (model, tokenizer) = crate::gguf::load_llama(path, GGUF_MAX_SEQ_LEN)?;
+        return Ok(Loaded {
+            model,
+            tokenizer,
+            state: None,
+            adam: None,
+            dir: path.to_path_buf(),
+        });
+    }
     let dir = locate(path)?;
     let cfg = read_config(&dir.join("config.json"))?;
     let mut model = Model::new(cfg)?;

@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod generate;
+pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod moe;

@@ -150,6 +150,11 @@ impl Tokenizer {
         Ok(Tokenizer { inner, eot, vocab })
     }
 
+    /// Use `id` as the end-of-text token (e.g. a GGUF's `eos_token_id`).
+    pub fn set_eot(&mut self, id: u32) {
+        self.eot = id;
+    }
+
     /// Save as `tokenizer.json` (compact), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self.to_json()?;

@@ -1,0 +1,556 @@
+//! GGUF model files (llama.cpp's format): metadata, tensors, dequantisation, and a
+//! Llama-architecture model plus its GPT-2-style byte-level BPE tokenizer built from them.
+//!
+//! Layout (v2/v3, little-endian): `"GGUF"`, version `u32`, tensor count `u64`, metadata count
+//! `u64`; metadata `(key: string, type: u32, value)`; tensor infos `(name, n_dims: u32,
+//! dims: u64 × n_dims, ggml type: u32, offset: u64)`; then tensor data from the next multiple
+//! of `general.alignment` (32). `dims[0]` is the fastest-varying, so a linear weight of GGUF
+//! shape `[in, out]` is our row-major `[out, in]`.
+//!
+//! Quantised blocks of 32 values: `Q8_0` is an f16 scale and 32 `i8` (`x = d·q`); `Q4_0` an
+//! f16 scale and 16 bytes (`x = d·(q − 8)`); `Q4_1` an f16 scale, an f16 minimum and 16 bytes
+//! (`x = d·q + m`). In the 4-bit types the low nibbles hold elements 0..16, the high 16..32.
+//!
+//! Llama GGUFs store q/k with rows permuted so that RoPE pairs adjacent dims (llama.cpp's
+//! "normal" RoPE), i.e. mnemo's `interleaved` layout.
+
+use crate::config::ModelConfig;
+use crate::kernels::rope::RopeLayout;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A metadata value.
+#[derive(Clone, Debug)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Int(i) if *i >= 0 => Some(*i as u64),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Float(f) => Some(*f),
+            Value::Int(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's description.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGUF order: `dims[0]` fastest.
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    pub offset: u64,
+}
+
+/// A parsed (memory-mapped) GGUF file.
+pub struct Gguf {
+    path: std::path::PathBuf,
+    mmap: memmap2::Mmap,
+    pub meta: HashMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.pos + n > self.b.len() {
+            bail!(
+                "{}: truncated GGUF file (needed {n} bytes at offset {})",
+                self.path.display(),
+                self.pos
+            );
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u64()? as usize;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+        let i = |b: &[u8]| -> i64 {
+            match b.len() {
+                1 => b[0] as i64,
+                2 => u16::from_le_bytes([b[0], b[1]]) as i64,
+                4 => u32::from_le_bytes(b.try_into().expect("4")) as i64,
+                _ => u64::from_le_bytes(b.try_into().expect("8")) as i64,
+            }
+        };
+        Ok(match ty {
+            0 | 2 | 4 | 10 => {
+                Value::Int(i(self.take([1, 0, 2, 0, 4, 0, 0, 0, 0, 0, 8][ty as usize])?))
+            }
+            1 => Value::Int(self.take(1)?[0] as i8 as i64),
+            3 => Value::Int(i16::from_le_bytes(self.take(2)?.try_into().expect("2")) as i64),
+            5 => Value::Int(i32::from_le_bytes(self.take(4)?.try_into().expect("4")) as i64),
+            11 => Value::Int(i64::from_le_bytes(self.take(8)?.try_into().expect("8"))),
+            6 => Value::Float(f32::from_le_bytes(self.take(4)?.try_into().expect("4")) as f64),
+            12 => Value::Float(f64::from_le_bytes(self.take(8)?.try_into().expect("8"))),
+            7 => Value::Bool(self.take(1)?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                if depth > 2 {
+                    bail!("{}: nested metadata arrays too deep", self.path.display());
+                }
+                let et = self.u32()?;
+                let n = self.u64()? as usize;
+                if n > self.b.len() {
+                    bail!(
+                        "{}: metadata array of {n} elements is longer than the file",
+                        self.path.display()
+                    );
+                }
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.value(et, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            t => bail!("{}: unknown metadata value type {t}", self.path.display()),
+        })
+    }
+}
+
+const F32: u32 = 0;
+const F16: u32 = 1;
+const Q4_0: u32 = 2;
+const Q4_1: u32 = 3;
+const Q8_0: u32 = 8;
+
+fn type_name(t: u32) -> String {
+    match t {
+        F32 => "F32".into(),
+        F16 => "F16".into(),
+        Q4_0 => "Q4_0".into(),
+        Q4_1 => "Q4_1".into(),
+        Q8_0 => "Q8_0".into(),
+        other => format!("ggml type {other}"),
+    }
+}
+
+/// Bytes of `n` elements of a supported type.
+fn byte_len(t: u32, n: usize) -> Option<usize> {
+    Some(match t {
+        F32 => 4 * n,
+        F16 => 2 * n,
+        Q4_0 => n / 32 * 18,
+        Q4_1 => n / 32 * 20,
+        Q8_0 => n / 32 * 34,
+        _ => return None,
+    })
+}
+
+fn f16(b: &[u8]) -> f32 {
+    let h = u16::from_le_bytes([b[0], b[1]]) as u32;
+    let sign = (h >> 15) << 31;
+    let exp = (h >> 10) & 0x1f;
+    let man = h & 0x3ff;
+    let bits = if exp == 0 {
+        if man == 0 {
+            sign
+        } else {
+            // Subnormal: normalise.
+            let mut e = 127 - 15 + 1;
+            let mut m = man;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | ((e as u32) << 23) | ((m & 0x3ff) << 13)
+        }
+    } else if exp == 31 {
+        sign | 0x7f80_0000 | (man << 13)
+    } else {
+        sign | ((exp + 127 - 15) << 23) | (man << 13)
+    };
+    f32::from_bits(bits)
+}
+
+/// Dequantise `n` elements of type `t` from `b` into `out`.
+pub fn dequantize(t: u32, b: &[u8], out: &mut [f32]) -> Result<()> {
+    match t {
+        F32 => {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().expect("4"));
+            }
+        }
+        F16 => {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                *o = f16(c);
+            }
+        }
+        Q8_0 => {
+            for (o, blk) in out.chunks_exact_mut(32).zip(b.chunks_exact(34)) {
+                let d = f16(&blk[..2]);
+                for (x, &q) in o.iter_mut().zip(&blk[2..]) {
+                    *x = d * (q as i8) as f32;
+                }
+            }
+        }
+        Q4_0 | Q4_1 => {
+            let bs = if t == Q4_0 { 18 } else { 20 };
+            for (o, blk) in out.chunks_exact_mut(32).zip(b.chunks_exact(bs)) {
+                let d = f16(&blk[..2]);
+                let (m, qs) = if t == Q4_0 {
+                    (-8.0 * d, &blk[2..18])
+                } else {
+                    (f16(&blk[2..4]), &blk[4..20])
+                };
+                for j in 0..16 {
+                    o[j] = d * (qs[j] & 0x0f) as f32 + m;
+                    o[j + 16] = d * (qs[j] >> 4) as f32 + m;
+                }
+            }
+        }
+        other => bail!("unsupported tensor type {}", type_name(other)),
+    }
+    Ok(())
+}
+
+impl Gguf {
+    pub fn open(path: &Path) -> Result<Gguf> {
+        let f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: read-only mapping of a model file that mnemo never writes.
+        let mmap = unsafe { memmap2::Mmap::map(&f) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        let mut r = Reader {
+            b: &mmap,
+            pos: 0,
+            path,
+        };
+        if r.take(4)? != b"GGUF" {
+            bail!("{} is not a GGUF file (bad magic)", path.display());
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            bail!(
+                "{}: GGUF version {version} is not supported (2 and 3 are)",
+                path.display()
+            );
+        }
+        let n_tensors = r.u64()? as usize;
+        let n_kv = r.u64()? as usize;
+        let mut meta = HashMap::new();
+        for _ in 0..n_kv {
+            let k = r.string()?;
+            let ty = r.u32()?;
+            let v = r.value(ty, 0)?;
+            meta.insert(k, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors.min(1 << 20));
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let nd = r.u32()? as usize;
+            if nd > 4 {
+                bail!("{}: tensor `{name}` has {nd} dimensions", path.display());
+            }
+            let dims = (0..nd).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+            let ggml_type = r.u32()?;
+            let offset = r.u64()?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
+        }
+        let align = meta
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32) as usize;
+        let data_start = r.pos.div_ceil(align) * align;
+        let g = Gguf {
+            path: path.to_path_buf(),
+            mmap,
+            meta,
+            tensors,
+            data_start,
+        };
+        for t in &g.tensors {
+            g.tensor_bytes(t)?;
+        }
+        Ok(g)
+    }
+
+    fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
+        let n: u64 = t.dims.iter().product();
+        let len = byte_len(t.ggml_type, n as usize).with_context(|| {
+            format!(
+                "{}: tensor `{}` has unsupported type {}",
+                self.path.display(),
+                t.name,
+                type_name(t.ggml_type)
+            )
+        })?;
+        let start = self.data_start + t.offset as usize;
+        if start + len > self.mmap.len() {
+            bail!(
+                "{}: tensor `{}` is truncated (file too short)",
+                self.path.display(),
+                t.name
+            );
+        }
+        Ok(&self.mmap[start..start + len])
+    }
+
+    /// A tensor dequantised to f32 (row-major, GGUF `dims` reversed).
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let t = self
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let n: u64 = t.dims.iter().product();
+        let mut out = vec![0.0f32; n as usize];
+        dequantize(t.ggml_type, self.tensor_bytes(t)?, &mut out)
+            .with_context(|| format!("{}: tensor `{name}`", self.path.display()))?;
+        Ok((t.dims.iter().rev().map(|&d| d as usize).collect(), out))
+    }
+
+    fn get_u(&self, key: &str) -> Result<usize> {
+        self.meta
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .with_context(|| format!("{}: metadata `{key}` is missing", self.path.display()))
+    }
+}
+
+/// Load a Llama-architecture GGUF as a mnemo model (weights dequantised to f32) and its
+/// tokenizer. `max_seq_len` caps the context (KV cache and RoPE table sizes).
+pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> {
+    let g = Gguf::open(path)?;
+    let arch = g
+        .meta
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    if arch != "llama" {
+        bail!(
+            "{}: architecture `{arch}` is not supported (only `llama`)",
+            path.display()
+        );
+    }
+    let a = |k: &str| format!("llama.{k}");
+    let d = g.get_u(&a("embedding_length"))?;
+    let heads = g.get_u(&a("attention.head_count"))?;
+    let tokens = match g.meta.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| x.as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>(),
+        _ => bail!("{}: no tokenizer.ggml.tokens", path.display()),
+    };
+    let has_output = g.tensors.iter().any(|t| t.name == "output.weight");
+    let cfg = ModelConfig {
+        vocab_size: tokens.len(),
+        d_model: d,
+        n_layers: g.get_u(&a("block_count"))?,
+        n_heads: heads,
+        n_kv_heads: g.get_u(&a("attention.head_count_kv")).unwrap_or(heads),
+        head_dim: d / heads,
+        rope_theta: g
+            .meta
+            .get(&a("rope.freq_base"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0),
+        rope_dim: g.get_u(&a("rope.dimension_count")).unwrap_or(d / heads),
+        rope_layout: RopeLayout::Interleaved,
+        ffn_hidden: g.get_u(&a("feed_forward_length"))?,
+        tied_embeddings: !has_output,
+        norm_eps: g
+            .meta
+            .get(&a("attention.layer_norm_rms_epsilon"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5) as f32,
+        init_std: 0.02,
+        max_seq_len: g
+            .get_u(&a("context_length"))
+            .unwrap_or(2048)
+            .min(max_seq_len),
+        ..ModelConfig::dense_defaults()
+    };
+    let mut model = Model::new(cfg)
+        .with_context(|| format!("{}: inconsistent llama metadata", path.display()))?;
+    let name_of = |ours: &str| -> String {
+        if let Some(rest) = ours.strip_prefix("layers.") {
+            let (i, t) = rest.split_once('.').expect("layer tensor names have a dot");
+            let t = match t {
+                "attention_norm.weight" => "attn_norm.weight",
+                "attention.wq.weight" => "attn_q.weight",
+                "attention.wk.weight" => "attn_k.weight",
+                "attention.wv.weight" => "attn_v.weight",
+                "attention.wo.weight" => "attn_output.weight",
+                "ffn_norm.weight" => "ffn_norm.weight",
+                "feed_forward.w1.weight" => "ffn_gate.weight",
+                "feed_forward.w3.weight" => "ffn_up.weight",
+                "feed_forward.w2.weight" => "ffn_down.weight",
+                other => other,
+            };
+            format!("blk.{i}.{t}")
+        } else {
+            match ours {
+                "tok_embeddings.weight" => "token_embd.weight".into(),
+                "norm.weight" => "output_norm.weight".into(),
+                other => other.into(),
+            }
+        }
+    };
+    for spec in model.layout.tensors.clone() {
+        let gname = name_of(&spec.name);
+        let (shape, w) = g.tensor_f32(&gname)?;
+        if shape != spec.shape {
+            bail!(
+                "{}: tensor `{gname}` has shape {shape:?}, expected {:?}",
+                path.display(),
+                spec.shape
+            );
+        }
+        model.params[spec.range()].copy_from_slice(&w);
+    }
+    let tok = tokenizer_from_gguf(&g, &tokens)?;
+    Ok((model, tok))
+}
+
+/// Build the GPT-2-style byte-level BPE described by `tokenizer.ggml.*` as a Hugging Face
+/// tokenizer (digits split individually, as SmolLM's pre-tokenizer does).
+fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
+    let p = g.path.display();
+    let model = g
+        .meta
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    if model != "gpt2" {
+        bail!("{p}: tokenizer model `{model}` is not supported (only gpt2 byte-level BPE)");
+    }
+    let merges: Vec<String> = match g.meta.get("tokenizer.ggml.merges") {
+        Some(Value::Array(v)) => v
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        _ => bail!("{p}: the tokenizer has no merges (tokenizer.ggml.merges)"),
+    };
+    let types: Vec<u64> = match g.meta.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap_or(1)).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types.get(*i) == Some(&3))
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    let mut tok = Tokenizer::from_json_str(&json.to_string(), &format!("the tokenizer of {p}"))?;
+    if let Some(eos) = g
+        .meta
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(Value::as_u64)
+    {
+        tok.set_eot(eos as u32);
+    }
+    Ok(tok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_and_block_dequantisation() {
+        assert_eq!(f16(&0x3c00u16.to_le_bytes()), 1.0);
+        assert_eq!(f16(&0xc000u16.to_le_bytes()), -2.0);
+        assert_eq!(f16(&0x0001u16.to_le_bytes()), 2f32.powi(-24));
+        // Q4_1 block: d = 0.5, m = -1, nibbles j (low) and 15 - j (high).
+        let mut blk = vec![];
+        blk.extend_from_slice(&0x3800u16.to_le_bytes());
+        blk.extend_from_slice(&0xbc00u16.to_le_bytes());
+        blk.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let mut out = vec![0.0; 32];
+        dequantize(Q4_1, &blk, &mut out).unwrap();
+        assert_eq!(out[3], 0.5 * 3.0 - 1.0);
+        assert_eq!(out[16 + 3], 0.5 * 12.0 - 1.0);
+        // Q8_0: d = 2, q = -3.
+        let mut blk = 0x4000u16.to_le_bytes().to_vec();
+        blk.extend(std::iter::repeat_n((-3i8) as u8, 32));
+        dequantize(Q8_0, &blk, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == -6.0));
+        assert!(dequantize(14, &blk, &mut out).is_err());
+    }
+
+    #[test]
+    fn bad_files_give_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("mnemo-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.gguf");
+        std::fs::write(&p, b"NOPE").unwrap();
+        assert!(format!("{:#}", Gguf::open(&p).err().unwrap()).contains("bad magic"));
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        assert!(format!("{:#}", Gguf::open(&p).err().unwrap()).contains("truncated"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
