@@ -133,11 +133,14 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Run directory (or checkpoint directory).
+    /// Run directory, checkpoint directory, or a Llama-architecture `.gguf` model file.
     run_dir: PathBuf,
-    /// Text to continue.
+    /// Text to continue (or, with --chat, the user's message).
     #[arg(long)]
     prompt: String,
+    /// Wrap the prompt in the model's chat template (e.g. the one inside a GGUF) and answer it.
+    #[arg(long)]
+    chat: bool,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
@@ -579,7 +582,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     let l = mnemo::checkpoint::load(&a.run_dir, false)?;
     let tok = &l.tokenizer;
-    let prompt = tok.encode(&a.prompt)?;
+    let prompt = if a.chat {
+        if tok.chat_template().is_none() {
+            bail!("{} has no chat template; drop --chat", a.run_dir.display());
+        }
+        let (before, after) = mnemo::chat::split_prompt(tok)?;
+        tok.encode_with_special(&format!("{before}{}{after}", a.prompt))?
+    } else {
+        tok.encode(&a.prompt)?
+    };
     let room = l.model.cfg.max_seq_len.saturating_sub(prompt.len());
     if room == 0 {
         bail!(
@@ -594,7 +605,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
     };
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{}", a.prompt)?;
+    if !a.chat {
+        write!(stdout, "{}", a.prompt)?;
+    }
     stdout.flush()?;
     let mut stream = mnemo::tokenizer::StreamDecoder::new(tok);
     let n_valid = tok.vocab_size();
@@ -618,11 +631,19 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 fn cmd_ask(a: AskArgs) -> Result<()> {
     let l = mnemo::checkpoint::load(&a.model, false)?;
     let (model, tok) = (&l.model, &l.tokenizer);
-    let suffix = tok.encode(&format!("\n\nQuestion: {}\nAnswer:", a.question))?;
+    // With a chat template: [user header] context "Question: …" [end of turn, assistant header];
+    // without: context "Question: … Answer:". Only the part up to the context is cached.
+    let (before, after) = mnemo::chat::split_prompt(tok)?;
+    let head = tok.encode_with_special(&before)?;
+    let suffix = if tok.chat_template().is_some() {
+        tok.encode_with_special(&format!("\n\nQuestion: {}{after}", a.question))?
+    } else {
+        tok.encode(&format!("\n\nQuestion: {}\nAnswer:", a.question))?
+    };
     let ctx = model
         .cfg
         .max_seq_len
-        .saturating_sub(suffix.len() + a.max_tokens);
+        .saturating_sub(head.len() + suffix.len() + a.max_tokens);
     if ctx == 0 {
         bail!(
             "the model's context ({} tokens) leaves no room for the repository after the question and \
@@ -641,6 +662,7 @@ fn cmd_ask(a: AskArgs) -> Result<()> {
         // File headers and separators are not in the per-file budget; cut the tail.
         prefix.truncate(ctx);
     }
+    prefix.splice(0..0, head);
     if prefix.is_empty() {
         prefix.push(tok.eot());
     }

@@ -510,6 +510,11 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     {
         tok.set_eot(eos as u32);
     }
+    let template = g
+        .meta
+        .get("tokenizer.chat_template")
+        .and_then(Value::as_str);
+    tok.set_chat_template(template.map(String::from));
     Ok(tok)
 }
 

@@ -13,6 +13,7 @@
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -61,11 +61,20 @@ fn configured_eos(dir: &Path) -> Option<String> {
     }
 }
 
+/// `chat_template` of a `tokenizer_config.json` in `dir`, if it is a string.
+fn configured_chat_template(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["chat_template"].as_str().map(String::from)
+}
+
 /// A tokenizer and its end-of-text id.
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eot: u32,
+    /// The model's Jinja chat template, when it has one (see `chat.rs`).
+    chat_template: Option<String>,
     /// Cached [`Tokenizer::vocab_size`] (computing it walks the whole vocabulary).
     vocab: usize,
 }
@@ -120,6 +129,7 @@ impl Tokenizer {
                 tok.eot = id;
             }
         }
+        tok.chat_template = path.parent().and_then(configured_chat_template);
         Ok(tok)
     }
 
@@ -147,7 +157,22 @@ impl Tokenizer {
         let ids = inner.get_vocab(true);
         let max_id = ids.values().copied().max().map_or(0, |m| m as usize + 1);
         let vocab = ids.len().max(max_id);
-        Ok(Tokenizer { inner, eot, vocab })
+        Ok(Tokenizer {
+            inner,
+            eot,
+            vocab,
+            chat_template: None,
+        })
+    }
+
+    /// The model's chat template, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Attach a chat template (from a GGUF or a `tokenizer_config.json`).
+    pub fn set_chat_template(&mut self, template: Option<String>) {
+        self.chat_template = template;
     }
 
     /// Use `id` as the end-of-text token (e.g. a GGUF's `eos_token_id`).
@@ -187,6 +212,22 @@ impl Tokenizer {
             .encode_fast(text, false)
             .map_err(|e| anyhow!("cannot encode a text of {} bytes: {e}", text.len()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Like [`Tokenizer::encode`], but special-token strings in `text` (e.g. `<|im_start|>` in a
+    /// rendered chat template) become their special ids.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        let mut inner = self.inner.clone();
+        inner.set_encode_special_tokens(false);
+        let enc = inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("cannot encode a text of {} bytes: {e}", text.len()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The token string of `id`, if any.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Text of `ids`; special tokens are written out (e.g. `<|endoftext|>`).
