@@ -218,6 +218,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 2)]
         warmup: usize,
     },
+    /// Prefill and decode speed of a model (run directory or .gguf): prints JSON.
+    Decode {
+        /// Run directory, checkpoint directory or `.gguf` file.
+        model: PathBuf,
+        /// Prompt length in tokens (a repeated code snippet).
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens to decode (greedy).
+        #[arg(long, default_value_t = 64)]
+        gen: usize,
+    },
     /// f32 GEMM throughput of the gemm crate at n×n×n (the peak for MFU); prints JSON.
     Gemm {
         #[arg(long, default_value_t = 1024)]
@@ -308,6 +319,44 @@ fn run(cli: Cli) -> Result<()> {
                 run.train.seed,
             )?;
             println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Decode {
+            model,
+            prompt_tokens,
+            gen,
+        }) => {
+            let l = mnemo::checkpoint::load(&model, false)?;
+            let text = "fn add(a: u32, b: u32) -> u32 {\n    a + b\n}\n".repeat(prompt_tokens);
+            let mut prompt = l.tokenizer.encode(&text)?;
+            prompt.truncate(prompt_tokens);
+            if prompt.len() + gen > l.model.cfg.max_seq_len {
+                bail!(
+                    "--prompt-tokens + --gen exceed the model's context {}",
+                    l.model.cfg.max_seq_len
+                );
+            }
+            let mut cache = mnemo::generate::KvCache::new(&l.model);
+            let t0 = std::time::Instant::now();
+            let mut logits = l.model.forward_cached(&prompt, &mut cache)?;
+            let prefill = t0.elapsed().as_secs_f64();
+            let s = mnemo::generate::Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+            };
+            let mut rng = mnemo::rng::Rng::new(0);
+            let t1 = std::time::Instant::now();
+            for _ in 0..gen {
+                let t = mnemo::generate::sample(&logits, l.tokenizer.vocab_size(), s, &mut rng);
+                logits = l.model.forward_cached(&[t], &mut cache)?;
+            }
+            let decode = t1.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({"impl": "mnemo", "threads": rayon::current_num_threads(), "prompt_tokens": prompt.len(),
+                    "gen": gen, "prefill_tok_s": prompt.len() as f64 / prefill, "decode_tok_s": gen as f64 / decode})
+            );
             Ok(())
         }
         Cmd::Bench(BenchCmd::Gemm { size, iters }) => {
