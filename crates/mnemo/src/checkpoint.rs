@@ -226,14 +226,22 @@ pub fn load_weights(model: &mut Model, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Context cap for GGUF models (their KV cache is allocated for the whole context).
-pub const GGUF_MAX_SEQ_LEN: usize = 4096;
+/// Context cap for imported models, GGUF or Hugging Face (their KV cache is allocated for the
+/// whole context).
+pub const IMPORTED_MAX_SEQ_LEN: usize = 4096;
 
 /// Load a checkpoint (model, tokenizer, and training state when present) from a run directory,
-/// or a Llama-architecture `.gguf` model file.
+/// a Llama-architecture `.gguf` file, or a Hugging Face Llama directory (`config.json` +
+/// `model.safetensors` + `tokenizer.json`).
 pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
-    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        let (model, tokenizer) = crate::gguf::load_llama(path, GGUF_MAX_SEQ_LEN)?;
+    let imported = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        Some(crate::gguf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?)
+    } else if path.is_dir() && crate::hf::is_hf_dir(path) {
+        Some(crate::hf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?)
+    } else {
+        None
+    };
+    if let Some((model, tokenizer)) = imported {
         return Ok(Loaded {
             model,
             tokenizer,

@@ -179,7 +179,8 @@ fn byte_len(t: u32, n: usize) -> Option<usize> {
     })
 }
 
-fn f16(b: &[u8]) -> f32 {
+/// An IEEE half-precision number (2 little-endian bytes) as f32.
+pub fn f16(b: &[u8]) -> f32 {
     let h = u16::from_le_bytes([b[0], b[1]]) as u32;
     let sign = (h >> 15) << 31;
     let exp = (h >> 10) & 0x1f;

@@ -19,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
 pub mod kernels;
 pub mod model;
 pub mod moe;

@@ -72,8 +72,13 @@ impl TensorFile {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            Dtype::F16 => data.chunks_exact(2).map(crate::gguf::f16).collect(),
             other => bail!(
-                "{}: tensor `{name}` has dtype {other:?}; only F32 is supported",
+                "{}: tensor `{name}` has dtype {other:?}; F32, F16 and BF16 are supported",
                 self.path.display()
             ),
         })

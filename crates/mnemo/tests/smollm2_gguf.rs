@@ -141,3 +141,36 @@ fn smollm2_matches_llama_cpp_fixture() {
         );
     }
 }
+
+/// The same model as an ordinary Hugging Face checkpoint (safetensors + config.json, q/k in
+/// the rotate-half layout): exported from the GGUF, loaded back, same logits and tokens.
+#[test]
+fn smollm2_as_hugging_face_checkpoint() {
+    let Some(path) = model_path() else {
+        eprintln!("SKIPPED: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh (or set MNEMO_SMOLLM2_GGUF)");
+        return;
+    };
+    let g = mnemo::checkpoint::load(&path, false).unwrap();
+    let dir = std::env::temp_dir().join(format!("mnemo-smollm2-hf-{}", std::process::id()));
+    mnemo::hf::export(&g.model, &g.tokenizer, &dir).unwrap();
+    let h = mnemo::checkpoint::load(&dir, false).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let ids = h.tokenizer.encode("def fibonacci(n):").unwrap();
+    assert_eq!(ids, [1604, 3987, 46477, 24, 94, 727]);
+    assert_eq!(h.tokenizer.eot(), 2);
+    assert!(h.tokenizer.chat_template().is_some());
+    let run = |m: &mnemo::model::Model| {
+        let mut c = mnemo::generate::KvCache::new(m);
+        m.forward_cached(&ids, &mut c).unwrap()
+    };
+    let (a, b) = (run(&g.model), run(&h.model));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-3,
+        "GGUF vs HF layout: max logit difference {worst}"
+    );
+}
