@@ -77,6 +77,27 @@ impl Model {
         Ok(logits)
     }
 
+    /// `y (+)= x · Wᵀ` for the weight at `off` (`[dout, din]`): from its quantised copy when
+    /// decoding one token and the model has one, else from the f32 parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_infer(
+        &self,
+        y: &mut [f32],
+        x: &[f32],
+        off: usize,
+        n: usize,
+        din: usize,
+        dout: usize,
+        acc: bool,
+    ) {
+        match self.quant.get(&off) {
+            Some(q) if n == 1 && q.rows == dout && q.cols == din => {
+                crate::kernels::quant::matvec(q, x, y, acc)
+            }
+            _ => linear_forward(y, x, &self.params[off..off + din * dout], n, din, dout, acc),
+        }
+    }
+
     fn forward_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
         let c = &self.cfg;
         let n = tokens.len();
@@ -99,7 +120,7 @@ impl Model {
         embedding::forward(&mut x, w(ly.embed, v * d), tokens, d);
         for (l, lo) in ly.layers.iter().enumerate() {
             rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.attn_norm, d), d, c.norm_eps);
-            linear_forward(&mut qkv, &a, w(lo.wqkv, qd * d), n, d, qd, false);
+            self.linear_infer(&mut qkv, &a, lo.wqkv, n, d, qd, false);
             self.rope
                 .apply(&mut qkv, n, qd, 0, h, hd, |r| p0 + r, false);
             self.rope
@@ -140,13 +161,13 @@ impl Model {
                 &mut o,
                 &mut lse,
             );
-            linear_forward(&mut x, &o, w(lo.wo, d * h * hd), n, h * hd, d, true);
+            self.linear_infer(&mut x, &o, lo.wo, n, h * hd, d, true);
             rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.ffn_norm, d), d, c.norm_eps);
             match lo.ffn {
                 Ffn::Dense { w13, w2 } => {
-                    linear_forward(&mut h13, &a, w(w13, 2 * f * d), n, d, 2 * f, false);
+                    self.linear_infer(&mut h13, &a, w13, n, d, 2 * f, false);
                     swiglu::forward(&mut g, &h13, f);
-                    linear_forward(&mut x, &g, w(w2, d * f), n, f, d, true);
+                    self.linear_infer(&mut x, &g, w2, n, f, d, true);
                 }
                 Ffn::Moe(mo) => {
                     let spec = MoeSpec {
@@ -174,7 +195,7 @@ impl Model {
         let mut r1 = [0.0f32];
         rmsnorm::forward(&mut hf, &mut r1, last, w(ly.norm, d), d, c.norm_eps);
         let mut logits = vec![0.0f32; v];
-        linear_forward(&mut logits, &hf, w(ly.output, v * d), 1, d, v, false);
+        self.linear_infer(&mut logits, &hf, ly.output, 1, d, v, false);
         logits
     }
 }

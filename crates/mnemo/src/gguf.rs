@@ -15,8 +15,9 @@
 //! "normal" RoPE), i.e. mnemo's `interleaved` layout.
 
 use crate::config::ModelConfig;
+use crate::kernels::quant::{QMatrix, QType};
 use crate::kernels::rope::RopeLayout;
-use crate::model::Model;
+use crate::model::{Ffn, Model};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -348,6 +349,31 @@ impl Gguf {
         Ok((t.dims.iter().rev().map(|&d| d as usize).collect(), out))
     }
 
+    /// The raw blocks of a quantised 2-D tensor as a [`QMatrix`] (`None` for F32/F16).
+    fn qmatrix(&self, name: &str) -> Result<Option<QMatrix>> {
+        let t = self
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let ty = match t.ggml_type {
+            Q4_0 => QType::Q4_0,
+            Q4_1 => QType::Q4_1,
+            Q8_0 => QType::Q8_0,
+            _ => return Ok(None),
+        };
+        if t.dims.len() != 2 {
+            return Ok(None);
+        }
+        let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+        Ok(Some(QMatrix::new(
+            ty,
+            rows,
+            cols,
+            self.tensor_bytes(t)?.to_vec(),
+        )))
+    }
+
     fn get_u(&self, key: &str) -> Result<usize> {
         self.meta
             .get(key)
@@ -449,6 +475,55 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
         }
         model.params[spec.range()].copy_from_slice(&w);
     }
+    // Quantised copies for decoding, one per (possibly fused) linear weight of one block type.
+    let fuse = |names: &[String]| -> Result<Option<QMatrix>> {
+        let mut parts = Vec::new();
+        for n in names {
+            match g.qmatrix(n)? {
+                Some(q) => parts.push(q),
+                None => return Ok(None),
+            }
+        }
+        let first = &parts[0];
+        if parts
+            .iter()
+            .any(|q| q.ty != first.ty || q.cols != first.cols)
+        {
+            return Ok(None);
+        }
+        let (ty, cols) = (first.ty, first.cols);
+        let rows = parts.iter().map(|q| q.rows).sum();
+        let mut data = Vec::with_capacity(parts.iter().map(|q| q.data.len()).sum());
+        for q in &parts {
+            data.extend_from_slice(&q.data);
+        }
+        Ok(Some(QMatrix::new(ty, rows, cols, data)))
+    };
+    let mut quant = std::collections::HashMap::new();
+    for (i, lo) in model.layout.layers.iter().enumerate() {
+        let b = |s: &str| format!("blk.{i}.{s}.weight");
+        let mut add = |off: usize, names: &[&str]| -> Result<()> {
+            if let Some(q) = fuse(&names.iter().map(|s| b(s)).collect::<Vec<_>>())? {
+                quant.insert(off, q);
+            }
+            Ok(())
+        };
+        add(lo.wqkv, &["attn_q", "attn_k", "attn_v"])?;
+        add(lo.wo, &["attn_output"])?;
+        if let Ffn::Dense { w13, w2 } = lo.ffn {
+            add(w13, &["ffn_gate", "ffn_up"])?;
+            add(w2, &["ffn_down"])?;
+        }
+    }
+    let out_name = if model.cfg.tied_embeddings {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    };
+    if let Some(q) = fuse(&[out_name.to_string()])? {
+        quant.insert(model.layout.output, q);
+    }
+    model.quant = quant;
     let tok = tokenizer_from_gguf(&g, &tokens)?;
     Ok((model, tok))
 }

@@ -6,7 +6,7 @@
 //! [`kernels`], and nothing below knows about what is above it.
 //!
 //! - [`kernels`]: matmul, RMSNorm, RoPE, fused causal attention, SwiGLU, cross-entropy,
-//!   embedding, AdamW — forward and backward over f32 slices.
+//!   embedding, AdamW — forward and backward over f32 slices; quantised matrix–vector products.
 //! - [`config`]: the serde model config with presets and validation.
 //! - [`model`]: the transformer: parameters, forward, backward, initialisation.
 //! - [`moe`]: DeepSeekMoE feed-forward (shared + routed experts, bias balancing, hash routing).

@@ -216,6 +216,9 @@ pub struct Model {
     pub rope: RopeTable,
     /// Token id → experts table `[V, top_k]` of each hash-routed MoE layer (`None` elsewhere).
     pub hash_tables: Vec<Option<Vec<u32>>>,
+    /// Quantised copies of linear weights (keyed by their offset in `params`, possibly spanning
+    /// a fused range such as q|k|v), used by one-token decoding when present (GGUF models).
+    pub quant: std::collections::HashMap<usize, crate::kernels::quant::QMatrix>,
 }
 
 /// Activations of one training batch, kept for the backward pass, plus backward scratch.
@@ -335,6 +338,7 @@ impl Model {
             rope,
             cfg,
             hash_tables,
+            quant: Default::default(),
         })
     }
 

@@ -8,6 +8,7 @@ pub mod embedding;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod matmul;
+pub mod quant;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
