@@ -658,20 +658,16 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         write!(stdout, "{}", a.prompt)?;
     }
     stdout.flush()?;
-    let mut stream = mnemo::tokenizer::StreamDecoder::new(tok);
-    let n_valid = tok.vocab_size();
-    mnemo::generate::generate(
+    let mut cache = mnemo::generate::KvCache::new(&l.model);
+    stream_answer(
         &l.model,
+        tok,
+        &mut cache,
         &prompt,
         a.max_tokens.min(room),
         s,
         a.seed,
-        n_valid,
-        Some(tok.eot()),
-        |t| {
-            write!(stdout, "{}", stream.push(t)?)?;
-            Ok(stdout.flush()?)
-        },
+        &mut stdout,
     )?;
     writeln!(stdout)?;
     Ok(())
@@ -766,22 +762,48 @@ fn cmd_ask(a: AskArgs) -> Result<()> {
         top_p: a.top_p,
     };
     let mut stdout = std::io::stdout().lock();
-    let mut stream = mnemo::tokenizer::StreamDecoder::new(tok);
-    let n_valid = tok.vocab_size();
-    mnemo::generate::generate_after(
+    stream_answer(
         model,
+        tok,
         &mut cache,
         &suffix,
         a.max_tokens,
         s,
         a.seed,
+        &mut stdout,
+    )?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+/// Prefill `tokens` after what `cache` holds, then sample up to `max_new` tokens, writing the
+/// text to `out` as it is produced; stops at the tokenizer's end-of-text token.
+#[allow(clippy::too_many_arguments)]
+fn stream_answer(
+    model: &mnemo::model::Model,
+    tok: &mnemo::tokenizer::Tokenizer,
+    cache: &mut mnemo::generate::KvCache,
+    tokens: &[u32],
+    max_new: usize,
+    s: mnemo::generate::Sampling,
+    seed: u64,
+    out: &mut impl Write,
+) -> Result<()> {
+    let mut stream = mnemo::tokenizer::StreamDecoder::new(tok);
+    let n_valid = tok.vocab_size();
+    mnemo::generate::generate_after(
+        model,
+        cache,
+        tokens,
+        max_new,
+        s,
+        seed,
         n_valid,
         Some(tok.eot()),
         |t| {
-            write!(stdout, "{}", stream.push(t)?)?;
-            Ok(stdout.flush()?)
+            write!(out, "{}", stream.push(t)?)?;
+            Ok(out.flush()?)
         },
     )?;
-    writeln!(stdout)?;
     Ok(())
 }
