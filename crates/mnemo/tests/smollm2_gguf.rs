@@ -150,7 +150,10 @@ fn smollm2_as_hugging_face_checkpoint() {
         eprintln!("SKIPPED: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh (or set MNEMO_SMOLLM2_GGUF)");
         return;
     };
-    let g = mnemo::checkpoint::load(&path, false).unwrap();
+    let mut g = mnemo::checkpoint::load(&path, false).unwrap();
+    // Compare the layouts, not the decoding kernels: the GGUF model's quantised matvec (8-bit
+    // activations) is off for this comparison, so both run the same f32 path.
+    g.model.quant.clear();
     let dir = std::env::temp_dir().join(format!("mnemo-smollm2-hf-{}", std::process::id()));
     mnemo::hf::export(&g.model, &g.tokenizer, &dir).unwrap();
     let h = mnemo::checkpoint::load(&dir, false).unwrap();
