@@ -299,6 +299,48 @@ fn matvec_with(isa: Isa, m: &QMatrix, x: &[f32], y: &mut [f32], accumulate: bool
     });
 }
 
+/// `y[n, rows] (+)= X[n, cols] · Mᵀ` for `n` vectors at once (a batch of decoding sequences,
+/// or a run of draft tokens being verified): each weight row chunk is read once for all of
+/// them. Each output is computed exactly as [`matvec`] computes it, bit for bit.
+pub fn matmat(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+    if n == 1 {
+        return matvec(m, x, y, accumulate);
+    }
+    assert_eq!(x.len(), n * m.cols);
+    assert_eq!(y.len(), n * m.rows);
+    assert_eq!(m.data.len(), m.rows * m.row_bytes());
+    let isa = isa();
+    let xq: Vec<Q8Vec> = x.chunks_exact(m.cols).map(quantize_q8).collect();
+    let (rb, nb) = (m.row_bytes(), m.cols / 32);
+    const ROWS: usize = 32;
+    // yt[r, i]: weight row r against vector i (row chunks contiguous for the parallel loop).
+    let mut yt = vec![0.0f32; m.rows * n];
+    yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yc)| {
+        for (ri, out) in yc.chunks_exact_mut(n).enumerate() {
+            let r = c * ROWS + ri;
+            let ms = if m.m.is_empty() {
+                &[][..]
+            } else {
+                &m.m[r * nb..(r + 1) * nb]
+            };
+            let (row, ds) = (&m.data[r * rb..(r + 1) * rb], &m.d[r * nb..(r + 1) * nb]);
+            for (o, xi) in out.iter_mut().zip(&xq) {
+                *o = row_dot(isa, m.ty, row, ds, ms, xi);
+            }
+        }
+    });
+    for (i, yi) in y.chunks_exact_mut(m.rows).enumerate() {
+        for (r, out) in yi.iter_mut().enumerate() {
+            let t = yt[r * n + i];
+            if accumulate {
+                *out += t;
+            } else {
+                *out = t;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,6 +399,35 @@ mod tests {
                         generic[i]
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn matmat_equals_matvec_bit_for_bit() {
+        let mut r = Rng::new(5);
+        for ty in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
+            let (rows, cols, n) = (77, 64, 5);
+            let bb = ty.block_bytes();
+            let mut data = vec![0u8; rows * cols / 32 * bb];
+            for blk in data.chunks_exact_mut(bb) {
+                for b in blk.iter_mut() {
+                    *b = (r.next_u64() & 0xff) as u8;
+                }
+                blk[..2].copy_from_slice(&0x2c00u16.to_le_bytes());
+                if ty == QType::Q4_1 {
+                    blk[2..4].copy_from_slice(&0xb800u16.to_le_bytes());
+                }
+            }
+            let m = QMatrix::new(ty, rows, cols, data);
+            let mut x = vec![0.0f32; n * cols];
+            r.fill_normal(&mut x, 1.0);
+            let mut y = vec![0.5f32; n * rows];
+            matmat(&m, &x, n, &mut y, true);
+            for i in 0..n {
+                let mut yi = vec![0.5f32; rows];
+                matvec(&m, &x[i * cols..(i + 1) * cols], &mut yi, true);
+                assert_eq!(&y[i * rows..(i + 1) * rows], &yi[..], "{ty:?} vector {i}");
             }
         }
     }
