@@ -270,7 +270,7 @@ fn matvec_with(isa: Isa, m: &QMatrix, x: &[f32], y: &mut [f32], accumulate: bool
     assert_eq!(x.len(), m.cols);
     assert_eq!(y.len(), m.rows);
     assert_eq!(m.data.len(), m.rows * m.row_bytes());
-    assert!(m.cols % 32 == 0 && m.rows * (m.cols / 32) == m.d.len());
+    assert!(m.cols.is_multiple_of(32) && m.rows * (m.cols / 32) == m.d.len());
     let xq = quantize_q8(x);
     let (rb, nb) = (m.row_bytes(), m.cols / 32);
     const ROWS: usize = 64;
