@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Plot the expert load of an MoE run from its metrics.jsonl: per routed layer, the max and
-min expert share relative to the mean (1.0 = perfectly balanced), plus the validation loss.
+"""Plot the expert load of an MoE run from its metrics.jsonl: per routed layer, the max expert
+share relative to the mean (1.0 = perfectly balanced) per batch and over a sliding window of
+logged steps (when the metrics carry the raw per-expert loads), plus the validation loss.
+Prints a JSON summary: the first step after which every layer stays under 2x, per measure.
 
-Usage: scripts/plot-moe-load.py RUN_DIR OUT.png   (needs matplotlib, e.g. the reference venv)
+Usage: scripts/plot-moe-load.py RUN_DIR OUT.png [WINDOW_STEPS=10]   (needs matplotlib)
 """
 import json
 import sys
@@ -13,28 +15,74 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 run, out = sys.argv[1], sys.argv[2]
+window = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 rows = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if l.strip()]
 moe = [r for r in rows if "moe" in r]
 val = [r for r in rows if "val_loss" in r]
-fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
 layers = sorted({m["layer"] for r in moe for m in r["moe"] if not m["hash"]})
-for i, l in enumerate(layers):
-    steps = [r["step"] for r in moe]
-    mx = [next(m["load_max"] for m in r["moe"] if m["layer"] == l) for r in moe]
-    mn = [next(m["load_min"] for m in r["moe"] if m["layer"] == l) for r in moe]
-    c = plt.cm.viridis(i / max(len(layers) - 1, 1))
-    ax.plot(steps, mx, color=c, label=f"layer {l} max")
-    ax.plot(steps, mn, color=c, ls="--", alpha=0.6, label=f"layer {l} min")
-ax.axhline(2.0, color="red", lw=0.8, ls=":", label="2x mean")
-ax.axhline(1.0, color="gray", lw=0.8)
-ax.set_xlabel("step")
-ax.set_ylabel("expert share / mean share")
-ax.set_title("expert load per step (bias balancing only)")
-ax.legend(fontsize=7, ncol=2)
+has_raw = all("load" in m for r in moe for m in r["moe"])
+steps = [r["step"] for r in moe]
+
+
+def layer_rows(l):
+    return [next(m for m in r["moe"] if m["layer"] == l) for r in moe]
+
+
+def windowed(l):
+    """Max share over the logged batches within the last `window` steps."""
+    lr = layer_rows(l)
+    outv = []
+    for i, s in enumerate(steps):
+        acc = None
+        for j in range(i, -1, -1):
+            if steps[j] <= s - window:
+                break
+            ld = lr[j]["load"]
+            acc = list(ld) if acc is None else [a + b for a, b in zip(acc, ld)]
+        mean = sum(acc) / len(acc)
+        outv.append(max(acc) / mean if mean > 0 else 0.0)
+    return outv
+
+
+def settled(series_by_layer):
+    """First logged step from which every layer stays < 2x to the end (None if never)."""
+    worst = [max(v[i] for v in series_by_layer) for i in range(len(steps))]
+    for i in range(len(worst)):
+        if all(w < 2.0 for w in worst[i:]):
+            return steps[i]
+    return None
+
+
+ncols = 3 if has_raw else 2
+fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5))
+per_batch = {l: [m["load_max"] for m in layer_rows(l)] for l in layers}
+panels = [("per batch", per_batch)]
+if has_raw:
+    win = {l: windowed(l) for l in layers}
+    panels.append((f"over the last {window} steps", win))
+for ax, (name, series) in zip(axes, panels):
+    for i, l in enumerate(layers):
+        c = plt.cm.viridis(i / max(len(layers) - 1, 1))
+        ax.plot(steps, series[l], color=c, label=f"layer {l}")
+    ax.axhline(2.0, color="red", lw=0.8, ls=":", label="2x mean")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max expert share / mean share")
+    ax.set_title(f"max expert load, {name}")
+    ax.legend(fontsize=7)
+ax2 = axes[-1]
 ax2.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-")
 ax2.set_xlabel("step")
 ax2.set_ylabel("val loss (nats/token)")
 ax2.set_title("validation loss")
 fig.tight_layout()
 fig.savefig(out, dpi=100)
-print(f"wrote {out}")
+summary = {"run": run, "settled_under_2x_per_batch": settled(list(per_batch.values()))}
+if has_raw:
+    summary[f"settled_under_2x_window{window}"] = settled(list(win.values()))
+    last = [i for i, s in enumerate(steps) if s > steps[-1] - 100]
+    summary["last100_worst_per_batch"] = max(max(per_batch[l][i] for i in last) for l in layers)
+    summary[f"last100_worst_window{window}"] = max(max(win[l][i] for i in last) for l in layers)
+print(json.dumps(summary))
+print(f"wrote {out}", file=sys.stderr)

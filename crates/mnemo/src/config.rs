@@ -69,6 +69,12 @@ pub struct ModelConfig {
     /// Auxiliary-loss-free balancing: per-step move of each expert's selection bias.
     #[serde(default = "default_bias_speed")]
     pub bias_update_speed: f32,
+    /// After the sign step, refit the selection bias to the batch just routed with this many
+    /// Sinkhorn rounds (0 = DeepSeek's sign step alone). Early in training every token's
+    /// router input is nearly the same vector and one fixed-size step per batch cannot follow
+    /// the common mode; the refit can. See `moe::fit_bias`.
+    #[serde(default)]
+    pub bias_fit_iters: usize,
     /// Weight of the optional sequence-wise balance loss (0 = off).
     #[serde(default)]
     pub seq_aux_loss_coef: f32,
@@ -171,6 +177,7 @@ impl ModelConfig {
                 moe_inter: 704 / 3,
                 top_k: 2,
                 bias_update_speed: 0.01,
+                bias_fit_iters: 16,
                 ..Self::preset("tiny")?
             }),
             "small-moe" => Some(ModelConfig {
@@ -181,6 +188,7 @@ impl ModelConfig {
                 moe_inter: 1392 / 3,
                 top_k: 2,
                 bias_update_speed: 0.01,
+                bias_fit_iters: 16,
                 ffn_hidden: 1392,
                 ..Self::preset("small")?
             }),
@@ -216,6 +224,7 @@ impl ModelConfig {
             norm_topk_prob: true,
             num_hash_layers: 0,
             bias_update_speed: 0.001,
+            bias_fit_iters: 0,
             seq_aux_loss_coef: 0.0,
         }
     }
@@ -327,6 +336,9 @@ impl ModelConfig {
         }
         if !(self.bias_update_speed.is_finite() && self.bias_update_speed >= 0.0) {
             return Err(err("bias_update_speed", "must be a finite number >= 0"));
+        }
+        if self.bias_fit_iters > 1000 {
+            return Err(err("bias_fit_iters", "must be at most 1000"));
         }
         if !(self.seq_aux_loss_coef.is_finite() && self.seq_aux_loss_coef >= 0.0) {
             return Err(err("seq_aux_loss_coef", "must be a finite number >= 0"));

@@ -276,6 +276,11 @@ impl Workspace {
             .collect()
     }
 
+    /// Router scores `[N, E]` of each layer in the last forward pass (empty for dense layers).
+    pub fn moe_scores(&self) -> Vec<&[f32]> {
+        self.layers.iter().map(|l| &l.moe.scores[..]).collect()
+    }
+
     fn ensure(&mut self, c: &ModelConfig, b: usize, t: usize) {
         if self.b == b && self.t == t && self.layers.len() == c.n_layers {
             return;
@@ -427,6 +432,19 @@ impl Model {
                 if !mo.hash {
                     let e = self.cfg.n_routed_experts;
                     moe::update_bias(&mut self.params[mo.bias..mo.bias + e], load, speed);
+                }
+            }
+        }
+    }
+
+    /// Refit every routed layer's selection bias against the scores of the last batch with
+    /// `iters` Sinkhorn rounds (see [`moe::fit_bias`]).
+    pub fn fit_moe_bias(&mut self, scores: &[&[f32]], iters: usize) {
+        let (e, k) = (self.cfg.n_routed_experts, self.cfg.top_k);
+        for (lo, sc) in self.layout.layers.iter().zip(scores) {
+            if let Ffn::Moe(mo) = lo.ffn {
+                if !mo.hash && !sc.is_empty() {
+                    moe::fit_bias(&mut self.params[mo.bias..mo.bias + e], sc, k, iters);
                 }
             }
         }

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! The bias `b` is not trained by gradient: after every optimizer step it moves by
-//! `±bias_update_speed` toward equal load ([`update_bias`]). An optional sequence-wise balance
+//! `±bias_update_speed` toward equal load ([`update_bias`]); optionally it is then refitted
+//! against the scores of the batch just seen ([`fit_bias`], `bias_fit_iters`). An optional sequence-wise balance
 //! loss `α Σ_e f_e P_e` (V3 eq. 17–20) can be added.
 //!
 //! Compute is expert by expert over gathered token groups, never a dense `N×E` expert product:
@@ -627,6 +628,85 @@ pub fn update_bias(bias: &mut [f32], load: &[u64], speed: f32) {
     }
 }
 
+/// Refit the selection bias against one batch's scores `s: [N, E]` so that this batch's
+/// load would be even: the bias is the dual variable of an entropy-regularised balanced
+/// assignment (each token takes `k` units, each expert receives `N·k/E`), found by `iters`
+/// Sinkhorn rounds warm-started from the current bias:
+///
+/// ```text
+/// τ     = mean_e std_t s[t, e]                     (the token-specific spread of the scores)
+/// P     = softmax_e((s + b) / τ)                   [N, E]
+/// b_e  += τ · (log(N·k/E) − log(k · Σ_t P[t, e]))
+/// ```
+///
+/// Early in training every token's router input is nearly the same vector: the scores share
+/// a common mode that is large next to their token-specific part, and a fixed-size sign step
+/// per batch can neither reach nor follow it. The dual fit reaches it in a few rounds at any
+/// scale. It only ever uses the batch already routed, so no token's routing depends on
+/// tokens of its own batch.
+pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize) {
+    let e = bias.len();
+    if e == 0 || iters == 0 {
+        return;
+    }
+    let n = scores.len() / e;
+    let mut mean = vec![0.0f64; e];
+    let mut sq = vec![0.0f64; e];
+    for row in scores.chunks_exact(e) {
+        for j in 0..e {
+            mean[j] += row[j] as f64;
+            sq[j] += row[j] as f64 * row[j] as f64;
+        }
+    }
+    let tau = (0..e)
+        .map(|j| {
+            let m = mean[j] / n as f64;
+            (sq[j] / n as f64 - m * m).max(0.0).sqrt()
+        })
+        .sum::<f64>()
+        / e as f64;
+    if tau <= 1e-9 {
+        return; // identical rows: no bias can split them
+    }
+    let target = (n * k) as f64 / e as f64;
+    let mut b: Vec<f64> = bias.iter().map(|&x| x as f64).collect();
+    for _ in 0..iters {
+        let col = scores
+            .par_chunks(e * 256)
+            .map(|chunk| {
+                let mut col = vec![0.0f64; e];
+                let mut z = vec![0.0f64; e];
+                for row in chunk.chunks_exact(e) {
+                    let mut zmax = f64::NEG_INFINITY;
+                    for j in 0..e {
+                        z[j] = (row[j] as f64 + b[j]) / tau;
+                        zmax = zmax.max(z[j]);
+                    }
+                    let mut sum = 0.0;
+                    for zj in z.iter_mut() {
+                        *zj = (*zj - zmax).exp();
+                        sum += *zj;
+                    }
+                    for j in 0..e {
+                        col[j] += k as f64 * z[j] / sum;
+                    }
+                }
+                col
+            })
+            .reduce(
+                || vec![0.0f64; e],
+                |mut a, c| {
+                    a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+                    a
+                },
+            );
+        for j in 0..e {
+            b[j] += tau * (target.ln() - col[j].max(1e-12).ln());
+        }
+    }
+    bias.iter_mut().zip(&b).for_each(|(x, &v)| *x = v as f32);
+}
+
 /// Load statistics of one layer: (max share / mean share, min share / mean share).
 pub fn load_stats(load: &[u64]) -> (f64, f64) {
     let total: u64 = load.iter().sum();
@@ -651,6 +731,43 @@ mod tests {
         assert_eq!(sel, [1, 2]);
         top_k(&s, &[0.0, 0.0, 0.0, 0.4], &mut sel);
         assert_eq!(sel, [3, 1]);
+    }
+
+    /// Scores with a large common mode (every token prefers the same experts) and a small
+    /// token-specific part, as early in training: one sign step leaves the collapse, the
+    /// refit on the same scores balances it.
+    #[test]
+    fn fit_bias_balances_a_collapsed_batch() {
+        use crate::rng::Rng;
+        let (n, e, k) = (2048, 16, 2);
+        let mut r = Rng::new(5);
+        let common: Vec<f32> = (0..e).map(|j| 0.8 + 0.05 * j as f32).collect();
+        let mut noise = vec![0.0f32; n * e];
+        r.fill_normal(&mut noise, 0.01);
+        let scores: Vec<f32> = (0..n * e).map(|i| common[i % e] + noise[i]).collect();
+        let load_of = |bias: &[f32]| {
+            let mut load = vec![0u64; e];
+            let mut sel = vec![0u32; k];
+            for row in scores.chunks_exact(e) {
+                top_k(row, bias, &mut sel);
+                sel.iter().for_each(|&x| load[x as usize] += 1);
+            }
+            load
+        };
+        let mut one = vec![0.0f32; e];
+        let l0 = load_of(&one);
+        update_bias(&mut one, &l0, 0.01);
+        assert!(
+            load_stats(&load_of(&one)).0 > 7.0,
+            "one step cannot undo the collapse"
+        );
+        let mut fit = vec![0.0f32; e];
+        fit_bias(&mut fit, &scores, k, 16);
+        let (mx, mn) = load_stats(&load_of(&fit));
+        assert!(
+            mx < 1.5 && mn > 0.5,
+            "refitted load max {mx:.2} min {mn:.2}"
+        );
     }
 
     #[test]

@@ -503,6 +503,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         };
         optimizer_step(&mut model, &grads, &mut adam_m, &mut adam_v, hp, step);
         model.update_moe_bias(&loads);
+        if run.model.bias_fit_iters > 0 {
+            model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters);
+        }
         state.step = step;
         state.tokens_seen += (b * t * tc.grad_accum) as u64;
         last.0 = loss;
@@ -614,7 +617,7 @@ fn moe_stats(model: &Model, loads: &[Option<Vec<u64>>]) -> Option<serde_json::Va
             let load = load.as_ref()?;
             let (mx, mn) = crate::moe::load_stats(load);
             let (bmin, bmax) = model.moe_bias_range(l).unwrap_or((0.0, 0.0));
-            Some(serde_json::json!({"layer": l, "load_max": mx, "load_min": mn, "bias_min": bmin, "bias_max": bmax, "hash": model.cfg.is_hash(l)}))
+            Some(serde_json::json!({"layer": l, "load_max": mx, "load_min": mn, "bias_min": bmin, "bias_max": bmax, "hash": model.cfg.is_hash(l), "load": load}))
         })
         .collect();
     (!rows.is_empty()).then_some(serde_json::Value::Array(rows))
