@@ -21,6 +21,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod kernels;
+pub mod mhc;
 pub mod model;
 pub mod moe;
 pub mod pack;
