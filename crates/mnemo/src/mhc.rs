@@ -220,6 +220,25 @@ impl HcActs {
     }
 }
 
+/// Dot product with 8 independent accumulators: vectorises (an iterator sum of f32 does not,
+/// since it must keep the sequential rounding order) and stays deterministic.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -339,7 +358,7 @@ pub fn expand(x: &mut [f32], ssq: &mut [f32], h: &[f32], n: usize, d: usize) {
         .zip(ssq.par_chunks_mut(n))
         .zip(h.par_chunks(d))
         .for_each(|((x, ssq), h)| {
-            let s: f32 = h.iter().map(|v| v * v).sum();
+            let s = dot(h, h);
             for k in 0..n {
                 x[k * d..(k + 1) * d].copy_from_slice(h);
                 ssq[k] = s;
@@ -415,7 +434,7 @@ pub fn merge(
                         *r += c * v;
                     }
                 }
-                ssq[k] = row.iter().map(|v| v * v).sum();
+                ssq[k] = dot(row, row);
             }
         });
 }
@@ -450,15 +469,12 @@ pub fn merge_backward(
             for k in 0..n {
                 let gk = &g[k * d..(k + 1) * d];
                 let pk = post[k];
-                let mut dp = 0.0f32;
-                for ((o, &gv), &ov) in dout.iter_mut().zip(gk).zip(out) {
+                for (o, &gv) in dout.iter_mut().zip(gk) {
                     *o += pk * gv;
-                    dp += gv * ov;
                 }
-                dc[k] = dp;
+                dc[k] = dot(gk, out);
                 for j in 0..n {
-                    let xj = &x[j * d..(j + 1) * d];
-                    dc[n + j * n + k] = gk.iter().zip(xj).map(|(a, b)| a * b).sum();
+                    dc[n + j * n + k] = dot(gk, &x[j * d..(j + 1) * d]);
                 }
             }
             for j in 0..n {
@@ -626,7 +642,7 @@ pub fn coeffs_backward(
                 // Read-out: y = Σ pre[j] x[j].
                 for j in 0..n {
                     let xj = &xt[j * d..(j + 1) * d];
-                    dpre[j] = xj.iter().zip(dyt).map(|(a, b)| a * b).sum();
+                    dpre[j] = dot(xj, dyt);
                     let pj = pre[j];
                     for (g, &v) in dx[j * d..(j + 1) * d].iter_mut().zip(dyt) {
                         *g += pj * v;

@@ -739,6 +739,12 @@ pub struct StepBench {
     pub params: usize,
     pub step_ms_median: f64,
     pub step_ms_all: Vec<f64>,
+    /// CPU time (all threads) per step, median, from `/proc/self/stat` (10 ms resolution);
+    /// less sensitive than wall-clock time to other processes on a shared machine.
+    pub step_cpu_ms_median: Option<f64>,
+    /// The model's residual kind (`plain`, `hc`, `mhc`) and stream count.
+    pub residual: crate::config::Residual,
+    pub hc_mult: usize,
     pub gflop_per_step: f64,
     pub achieved_gflops: f64,
     /// Milliseconds per phase of one step: forward, backward, optimizer (median over steps).
@@ -768,12 +774,14 @@ pub fn bench_steps(
     let (mut m, mut v) = (vec![0.0f32; grads.len()], vec![0.0f32; grads.len()]);
     let mut ws = Workspace::default();
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     let (mut fwd_t, mut bwd_t, mut opt_t) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let t0 = Instant::now();
         grads.fill(0.0);
         model.forward(&x, b, t, &mut ws);
         let t1 = Instant::now();
+        let c1 = crate::util::process_cpu_seconds();
         // forward_backward repeats the forward; time it separately and subtract.
         model.forward_backward(&x, &y, b, t, &mut grads, 1.0, &mut ws);
         let t2 = Instant::now();
@@ -805,6 +813,9 @@ pub fn bench_steps(
             bwd_t.push(fb - f);
             opt_t.push(o);
             times.push(fb + o);
+            if let (Some(a), Some(b)) = (c1, crate::util::process_cpu_seconds()) {
+                cpu.push((b - a) * 1e3);
+            }
         }
     }
     let med = |v: &mut Vec<f64>| {
@@ -822,6 +833,9 @@ pub fn bench_steps(
         params: model.layout.total,
         step_ms_median: step_ms,
         step_ms_all: all,
+        step_cpu_ms_median: (!cpu.is_empty()).then(|| med(&mut cpu)),
+        residual: cfg.residual,
+        hc_mult: cfg.hc_mult,
         gflop_per_step: gflop,
         achieved_gflops: gflop / (step_ms / 1e3),
         phase_ms: serde_json::json!({"forward": med(&mut fwd_t), "backward": med(&mut bwd_t), "optimizer": med(&mut opt_t)}),
