@@ -12,6 +12,14 @@
 //! loss = mean CE(logits, targets)
 //! ```
 //!
+//! With `residual = "hc" | "mhc"` the residual stream is `n = hc_mult` streams `[n_tok, n, d]`
+//! (module [`crate::mhc`]): expanded once after the embedding, each sublayer reads
+//! `y = Σ_j H_pre[j]·x[j]`, computes `F(RMSNorm(y))` and merges `x ← H_resᵀ-mix(x) + H_post ⊗ F`,
+//! and the streams are collapsed once before the final norm (mHC head or HC sum). Each
+//! sublayer's hyper-connection tensors (`layers.{i}.attn_hc.*`, `layers.{i}.ffn_hc.*`) sit
+//! just before its norm weight in the flat buffer; `hc_head.*` just before `norm.weight`. The
+//! plain path is a separate function and unchanged.
+//!
 //! All parameters live in one flat `Vec<f32>` (and the gradients in one of the same layout),
 //! so the optimiser and gradient clipping are single loops. Within a layer `wq, wk, wv` are
 //! adjacent and so form one `[(H+2KV)·d_h, d]` matrix (one GEMM for q, k and v); `w1, w3`
