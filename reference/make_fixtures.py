@@ -32,7 +32,12 @@ largest (score + bias), in float64, exceeds MIN_TOPK_GAP (a float32 engine must
 pick the same experts).
 
 Usage (from the repo root):
-    python reference/make_fixtures.py [--out crates/mnemo/tests/fixtures]
+    python reference/make_fixtures.py [--out crates/mnemo/tests/fixtures] [--only NAME ...]
+
+Hyper-connection fixtures (HC_FIXTURES: residual = "mhc" / "hc") store the layers'
+attn_hc.* / ffn_hc.* (and mHC's hc_head.*) parameters like any other; before writing
+they are self-checked against finite differences, and the Sinkhorn variant against
+the paper's Eq. 9 (exp, then alternating column/row normalisation of H_res).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import (MoE, Config, Transformer, apply_rope,  # noqa: E402
-                   manual_causal_attention, rope_cos_sin, topk_lowest_index_first)
+                   manual_causal_attention, rope_cos_sin, sinkhorn, topk_lowest_index_first)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "mnemo", "tests", "fixtures")
@@ -83,6 +88,15 @@ MOE_FIXTURES = [
     ("moe_aux_noshared",      64, 32, 2, 4, 2, 8, 8, "interleaved", 48, True, 3, 8,
      dict(MOE_SIGMOID, n_shared_experts=0, norm_topk_prob=False, seq_aux_loss_coef=0.01,
           score_func="sqrtsoftplus")),
+]
+
+
+# Hyper-connection fixtures: name, base args as above, then the residual config keys.
+HC_FIXTURES = [
+    ("mhc_n4_gqa", 64, 32, 2, 4, 2, 8, 8, "interleaved", 48, True, 2, 7,
+     dict(residual="mhc", hc_mult=4, hc_sinkhorn_iters=20)),
+    ("hc_n3_untied", 64, 32, 2, 4, 2, 8, 4, "half", 40, False, 2, 9,
+     dict(residual="hc", hc_mult=3)),
 ]
 
 
@@ -324,6 +338,24 @@ def min_topk_gap(model64, tokens):
     return gap
 
 
+def check_sinkhorn_eq9():
+    """The kernels' Sinkhorn on comb = H_res^T equals the paper's Eq. 9 on H_res
+    (M0 = exp(logits^T), 20 x (column step, row step)) up to the eps terms; H_res rows
+    are exact (the last comb step normalises columns)."""
+    g = torch.Generator().manual_seed(6)
+    logits = 2.0 * torch.randn(50, 4, 4, generator=g, dtype=torch.float64)
+    comb = sinkhorn(logits, 20, 1e-6)
+    h = torch.exp(logits.transpose(-1, -2))
+    for _ in range(20):
+        h = h / h.sum(-2, keepdim=True)
+        h = h / h.sum(-1, keepdim=True)
+    err = (comb.transpose(-1, -2) - h).abs().max().item()
+    row = (comb.transpose(-1, -2).sum(-1) - 1).abs().max().item()
+    assert err < 5e-4 and row < 1e-5, (err, row)  # eps = 1e-6 vs exact division
+    print(f"[check] Sinkhorn (softmax+eps, col first) == Eq. 9 on H_res ({err:.1e}); "
+          f"H_res row sums exact ({row:.1e})")
+
+
 def canonicalize_header(path: str):
     """Make the file byte-reproducible: safetensors writes __metadata__ keys in
     hash-map (random) order; rewrite the header JSON with them sorted. Tensor
@@ -413,20 +445,33 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", help="write only these fixtures")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    want = (lambda name: True) if not args.only else (lambda name: name in args.only)
 
     check_attention_vs_sdpa()
     check_rope()
     check_moe_identities()
+    check_sinkhorn_eq9()
 
     os.makedirs(args.out, exist_ok=True)
+    for k, (name, V, d, L, H, KV, hd, rd, layout, Fh, tied, B, T, extra) in enumerate(HC_FIXTURES):
+        if not want(name):
+            continue
+        cfg = make_config(V, d, L, H, KV, hd, rd, layout, Fh, tied, **extra)
+        tensors, metadata = build_fixture(cfg, B, T, BASE_SEED + 100 + k, name, deep_check=True)
+        write_fixture(os.path.join(args.out, f"{name}.safetensors"), tensors, metadata)
     for k, (name, V, d, L, H, KV, hd, rd, layout, Fh, tied, B, T) in enumerate(FIXTURES):
+        if not want(name):
+            continue
         cfg = make_config(V, d, L, H, KV, hd, rd, layout, Fh, tied)
         tensors, metadata = build_fixture(cfg, B, T, BASE_SEED + k, name,
                                           deep_check=(k in (0, 1)))
         write_fixture(os.path.join(args.out, f"{name}.safetensors"), tensors, metadata)
     for j, (name, V, d, L, H, KV, hd, rd, layout, Fh, tied, B, T, moe) in enumerate(MOE_FIXTURES):
+        if not want(name):
+            continue
         cfg = make_config(V, d, L, H, KV, hd, rd, layout, Fh, tied, **moe)
         seed, _ = choose_moe_seed(cfg, B, T, BASE_SEED + len(FIXTURES) + j, name)
         tensors, metadata = build_fixture(cfg, B, T, seed, name,

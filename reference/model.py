@@ -23,6 +23,12 @@ Conventions (must match the Rust side):
   * RoPE on the first rope_dim dims of every q/k head, layout "interleaved"
     (pairs (2i, 2i+1)) or "half" (pairs (i, i + rope_dim/2), rotate-half/NeoX);
   * GQA: query head h reads kv head h // (n_heads / n_kv_heads).
+  * optional hyper-connection residual (cfg.residual == "hc" | "mhc", n = hc_mult
+    streams [B, T, n, d]): every attention and FFN sublayer has its own layer
+    layers.{i}.attn_hc.* / layers.{i}.ffn_hc.*: for mHC fn [n(n+2), n*d], scale [3],
+    base [n(n+2)] and the collapse head hc_head.{fn [n, n*d], scale [1], base [n]};
+    for HC fn [n+2, d], scale [2], static_alpha [n, n+1], static_beta [n]
+    (see MHCLayer, HCLayer, MHCHead; the equations are in crates/mnemo/src/mhc.rs).
 
 The attention used for fixtures ("manual") is written out explicitly and does
 not call F.scaled_dot_product_attention; the "sdpa" implementation is only for
@@ -74,6 +80,11 @@ class Config:
     num_hash_layers: int = 0            # first MoE layers route by token id (tid2eid)
     bias_update_speed: float = 0.001    # training-time update of gate.bias (not used here)
     seq_aux_loss_coef: float = 0.0      # sequence-wise balance loss weight
+    # ---- hyper-connections (all optional; defaults = plain residual) ----
+    residual: str = "plain"             # "plain" | "hc" | "mhc"
+    hc_mult: int = 4                    # n streams
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
 
     def __post_init__(self):
         # normalise numeric types (JSON may give 10000 for a float field)
@@ -83,6 +94,7 @@ class Config:
         self.routed_scaling_factor = float(self.routed_scaling_factor)
         self.bias_update_speed = float(self.bias_update_speed)
         self.seq_aux_loss_coef = float(self.seq_aux_loss_coef)
+        self.hc_eps = float(self.hc_eps)
         self.validate()
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -100,6 +112,11 @@ class Config:
                   "head_dim", "ffn_hidden", "max_seq_len"):
             assert getattr(self, f) > 0, f
         assert self.ffn in ("dense", "moe"), self.ffn
+        assert self.residual in ("plain", "hc", "mhc"), self.residual
+        if self.residual != "plain":
+            assert self.hc_mult >= 1, "hc_mult must be >= 1"
+            assert self.residual != "mhc" or self.hc_sinkhorn_iters >= 1, \
+                "hc_sinkhorn_iters must be >= 1"
         assert self.score_func in ("sigmoid", "sqrtsoftplus"), self.score_func
         for f in ("n_dense_layers", "n_shared_experts", "n_routed_experts", "moe_inter",
                   "top_k", "num_hash_layers"):
@@ -400,6 +417,104 @@ class MoE(nn.Module):
         return y.reshape(B, T, d), aux
 
 
+# --------------------------------------------------------------------------
+# Hyper-connections (HC, arXiv 2409.19606) and mHC (arXiv 2512.24880)
+# --------------------------------------------------------------------------
+
+def sinkhorn(logits, iters: int, eps: float):
+    """TileKernels' sinkhorn_normalize_ref on comb = (H_res)^T, logits [..., n, n]:
+    row softmax + eps, a column step, then (iters - 1) x (row step, column step)."""
+    comb = torch.softmax(logits, dim=-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
+
+
+class MHCLayer(nn.Module):
+    """mHC coefficients of one sublayer from the streams x [B, T, n, d]:
+    mixes = (x_flat @ fn.T) * rsqrt(mean(x_flat^2) + norm_eps) (one statistic over n*d),
+    m = mixes * [scale0 (n) | scale1 (n) | scale2 (n^2)] + base,
+    pre = sigmoid(m[:n]) + eps, post = 2 sigmoid(m[n:2n]), comb = sinkhorn(m[2n:])."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.hc_mult, cfg.d_model
+        self.fn = nn.Parameter(torch.zeros(n * (n + 2), n * d))
+        self.scale = nn.Parameter(torch.zeros(3))
+        self.base = nn.Parameter(torch.zeros(n * (n + 2)))
+
+    def forward(self, x):
+        cfg = self.cfg
+        B, T, n, d = x.shape
+        xf = x.reshape(B, T, n * d)
+        r = torch.rsqrt((xf * xf).mean(-1, keepdim=True) + cfg.norm_eps)
+        mixes = (xf @ self.fn.T) * r
+        s = torch.cat([self.scale[0].expand(n), self.scale[1].expand(n),
+                       self.scale[2].expand(n * n)])
+        m = mixes * s + self.base
+        pre = torch.sigmoid(m[..., :n]) + cfg.hc_eps
+        post = 2.0 * torch.sigmoid(m[..., n:2 * n])
+        comb = sinkhorn(m[..., 2 * n:].reshape(B, T, n, n), cfg.hc_sinkhorn_iters, cfg.hc_eps)
+        return pre, post, comb
+
+
+class HCLayer(nn.Module):
+    """HC coefficients (HC paper App. J) from the streams x [B, T, n, d]: per stream a
+    parameter-free RMS norm over d, a = tanh(norm_x @ fn.T) [.., n, n+2],
+    alpha = static_alpha + scale0 * a[..., :n+1], beta = static_beta + scale1 * a[..., n+1];
+    pre = alpha[..., 0], comb = alpha[..., 1:], post = beta."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.hc_mult, cfg.d_model
+        self.fn = nn.Parameter(torch.zeros(n + 2, d))
+        self.scale = nn.Parameter(torch.zeros(2))
+        self.static_alpha = nn.Parameter(torch.zeros(n, n + 1))
+        self.static_beta = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        n = self.cfg.hc_mult
+        xn = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.cfg.norm_eps)
+        a = torch.tanh(xn @ self.fn.T)
+        alpha = self.static_alpha + self.scale[0] * a[..., :n + 1]
+        beta = self.static_beta + self.scale[1] * a[..., n + 1]
+        return alpha[..., 0], beta, alpha[..., 1:]
+
+
+class MHCHead(nn.Module):
+    """mHC collapse ("pre-only" mHC): w = sigmoid(mixes * scale + base) + eps,
+    h = sum_m w[m] x[m]."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.hc_mult, cfg.d_model
+        self.fn = nn.Parameter(torch.zeros(n, n * d))
+        self.scale = nn.Parameter(torch.zeros(1))
+        self.base = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        B, T, n, d = x.shape
+        xf = x.reshape(B, T, n * d)
+        r = torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.cfg.norm_eps)
+        w = torch.sigmoid((xf @ self.fn.T) * r * self.scale + self.base) + self.cfg.hc_eps
+        return (w.unsqueeze(-1) * x).sum(-2)
+
+
+def hc_readout(x, pre):
+    """y = sum_j pre[j] x[j]: x [B, T, n, d], pre [B, T, n] -> [B, T, d]."""
+    return (pre.unsqueeze(-1) * x).sum(-2)
+
+
+def hc_merge(x, out, post, comb):
+    """x'[k] = sum_j comb[j, k] x[j] + post[k] out (comb = H_res^T, the kernels' orientation)."""
+    return torch.einsum("btjk,btjc->btkc", comb, x) + post.unsqueeze(-1) * out.unsqueeze(-2)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Config, attn_impl: str = "manual", layer_id: int = 0):
         super().__init__()
@@ -410,14 +525,29 @@ class Block(nn.Module):
             self.ffn = MoE(cfg, is_hash=cfg.is_hash_layer(layer_id))
         else:
             self.feed_forward = FeedForward(cfg)
+        if cfg.residual != "plain":
+            layer = MHCLayer if cfg.residual == "mhc" else HCLayer
+            self.attn_hc = layer(cfg)
+            self.ffn_hc = layer(cfg)
+
+    def _ffn(self, x, tokens):
+        if hasattr(self, "ffn"):
+            return self.ffn(x, tokens)
+        return self.feed_forward(x), None
 
     def forward(self, h, cos, sin, tokens=None):
-        """-> (h, aux balance loss of this layer or None)."""
+        """-> (h, aux balance loss of this layer or None). With hyper-connections h is the
+        stream tensor [B, T, n, d]."""
+        if hasattr(self, "attn_hc"):
+            pre, post, comb = self.attn_hc(h)
+            out = self.attention(self.attention_norm(hc_readout(h, pre)), cos, sin)
+            h = hc_merge(h, out, post, comb)
+            pre, post, comb = self.ffn_hc(h)
+            out, aux = self._ffn(self.ffn_norm(hc_readout(h, pre)), tokens)
+            return hc_merge(h, out, post, comb), aux
         h = h + self.attention(self.attention_norm(h), cos, sin)
-        if hasattr(self, "ffn"):
-            y, aux = self.ffn(self.ffn_norm(h), tokens)
-            return h + y, aux
-        return h + self.feed_forward(self.ffn_norm(h)), None
+        y, aux = self._ffn(self.ffn_norm(h), tokens)
+        return h + y, aux
 
 
 class Transformer(nn.Module):
@@ -426,6 +556,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList([Block(cfg, attn_impl, l) for l in range(cfg.n_layers)])
+        if cfg.residual == "mhc":
+            self.hc_head = MHCHead(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tied_embeddings:
             self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -454,6 +586,23 @@ class Transformer(nn.Module):
             moe.gate.bias.zero_()
             if moe.is_hash:
                 moe.init_tid2eid(generator)
+        # Hyper-connections (the Rust engine's documented init, see mhc.rs): mHC fn ~ N(0,
+        # init_std^2), scale 0.01, base 0; HC fn 0, scale 0.01, static_alpha [e_{s mod n} | I]
+        # for sublayer s (attention 2i, FFN 2i+1), static_beta 1.
+        n = self.cfg.hc_mult
+        for name, mod in self.named_modules():
+            if isinstance(mod, (MHCLayer, MHCHead)):
+                mod.scale.fill_(0.01)
+                mod.base.zero_()
+            elif isinstance(mod, HCLayer):
+                i = int(name.split(".")[1])
+                s = 2 * i + (1 if name.endswith("ffn_hc") else 0)
+                mod.fn.zero_()
+                mod.scale.fill_(0.01)
+                mod.static_alpha.zero_()
+                mod.static_alpha[s % n, 0] = 1.0
+                mod.static_alpha[:, 1:] = torch.eye(n)
+                mod.static_beta.fill_(1.0)
 
     def output_weight(self):
         return self.tok_embeddings.weight if self.cfg.tied_embeddings else self.output.weight
@@ -465,11 +614,17 @@ class Transformer(nn.Module):
         assert T <= self.cfg.max_seq_len
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(T, self.cfg.rope_dim, self.cfg.rope_theta, h.dtype, h.device)
+        if self.cfg.residual != "plain":   # expand once to n streams
+            h = h.unsqueeze(-2).repeat(1, 1, self.cfg.hc_mult, 1)
         aux_total = None
         for layer in self.layers:
             h, aux = layer(h, cos, sin, tokens)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
+        if self.cfg.residual == "mhc":     # collapse once: mHC head, or HC's plain sum
+            h = self.hc_head(h)
+        elif self.cfg.residual == "hc":
+            h = h.sum(-2)
         hf = self.norm(h)
         logits = hf @ self.output_weight().T
         if targets is None:

@@ -403,6 +403,12 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
         "train": TrainConfig::default(),
         "data": CorpusSpec::new(data_root),
     });
+    // Optional model fields that a plain config does not serialise, so that `--set` finds them.
+    for (k, val) in mnemo::config::ModelConfig::optional_fields() {
+        if v["model"].get(k).is_none() {
+            v["model"][k] = val;
+        }
+    }
     for section in ["model", "train", "data"] {
         if let Some(obj) = file.get(section) {
             let o = obj

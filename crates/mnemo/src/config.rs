@@ -78,6 +78,63 @@ pub struct ModelConfig {
     /// Weight of the optional sequence-wise balance loss (0 = off).
     #[serde(default)]
     pub seq_aux_loss_coef: f32,
+
+    // ---- Hyper-connections (see `mhc.rs`); all optional, plain residual by default ----
+    /// `plain` (one residual stream), `hc` (Hyper-Connections, arXiv 2409.19606) or `mhc`
+    /// (manifold-constrained HC, arXiv 2512.24880). Not written to JSON when `plain`, so plain
+    /// configs serialise exactly as before these fields existed.
+    #[serde(default, skip_serializing_if = "Residual::is_plain")]
+    pub residual: Residual,
+    /// Number of residual streams `n` (hc/mhc).
+    #[serde(
+        default = "default_hc_mult",
+        skip_serializing_if = "is_default_hc_mult"
+    )]
+    pub hc_mult: usize,
+    /// Sinkhorn-Knopp iterations of the mHC mixing matrix.
+    #[serde(
+        default = "default_hc_iters",
+        skip_serializing_if = "is_default_hc_iters"
+    )]
+    pub hc_sinkhorn_iters: usize,
+    /// The mHC epsilon (added to `H_pre`, the softmax and every Sinkhorn denominator).
+    #[serde(default = "default_hc_eps", skip_serializing_if = "is_default_hc_eps")]
+    pub hc_eps: f32,
+}
+
+/// Residual-stream kind of a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Residual {
+    #[default]
+    Plain,
+    Hc,
+    Mhc,
+}
+
+impl Residual {
+    pub fn is_plain(&self) -> bool {
+        *self == Residual::Plain
+    }
+}
+
+fn default_hc_mult() -> usize {
+    4
+}
+fn is_default_hc_mult(v: &usize) -> bool {
+    *v == default_hc_mult()
+}
+fn default_hc_iters() -> usize {
+    20
+}
+fn is_default_hc_iters(v: &usize) -> bool {
+    *v == default_hc_iters()
+}
+fn default_hc_eps() -> f32 {
+    1e-6
+}
+fn is_default_hc_eps(v: &f32) -> bool {
+    *v == default_hc_eps()
 }
 
 /// Feed-forward kind of a model.
@@ -125,7 +182,15 @@ fn err(field: &'static str, problem: impl Into<String>) -> ConfigError {
 
 impl ModelConfig {
     /// Names of the built-in presets.
-    pub const PRESETS: &'static [&'static str] = &["tiny", "small", "tiny-moe", "small-moe"];
+    pub const PRESETS: &'static [&'static str] = &[
+        "tiny",
+        "small",
+        "tiny-moe",
+        "small-moe",
+        "tiny-hc",
+        "tiny-mhc",
+        "small-mhc",
+    ];
 
     /// `tiny`: ~3.5M parameters, trains in minutes on 2 cores. `small`: ~22M parameters, GQA.
     pub fn preset(name: &str) -> Option<ModelConfig> {
@@ -192,6 +257,19 @@ impl ModelConfig {
                 ffn_hidden: 1392,
                 ..Self::preset("small")?
             }),
+            // Hyper-connection variants: n = 4 streams (mHC: 20 Sinkhorn iterations).
+            "tiny-hc" => Some(ModelConfig {
+                residual: Residual::Hc,
+                ..Self::preset("tiny")?
+            }),
+            "tiny-mhc" => Some(ModelConfig {
+                residual: Residual::Mhc,
+                ..Self::preset("tiny")?
+            }),
+            "small-mhc" => Some(ModelConfig {
+                residual: Residual::Mhc,
+                ..Self::preset("small")?
+            }),
             _ => None,
         }
     }
@@ -226,7 +304,22 @@ impl ModelConfig {
             bias_update_speed: 0.001,
             bias_fit_iters: 0,
             seq_aux_loss_coef: 0.0,
+            residual: Residual::Plain,
+            hc_mult: default_hc_mult(),
+            hc_sinkhorn_iters: default_hc_iters(),
+            hc_eps: default_hc_eps(),
         }
+    }
+
+    /// The fields left out of the JSON of a plain-residual config, with their defaults (so a
+    /// `--set residual=mhc` override can find them).
+    pub fn optional_fields() -> Vec<(&'static str, serde_json::Value)> {
+        vec![
+            ("residual", serde_json::json!("plain")),
+            ("hc_mult", serde_json::json!(default_hc_mult())),
+            ("hc_sinkhorn_iters", serde_json::json!(default_hc_iters())),
+            ("hc_eps", serde_json::json!(default_hc_eps())),
+        ]
     }
 
     /// Whether layer `l` has an MoE feed-forward.
@@ -291,6 +384,23 @@ impl ModelConfig {
         }
         if self.ffn == FfnKind::Moe {
             self.validate_moe()?;
+        }
+        if self.residual != Residual::Plain {
+            if self.hc_mult == 0 {
+                return Err(err(
+                    "hc_mult",
+                    "must be >= 1 for residual = \"hc\" or \"mhc\"",
+                ));
+            }
+            if self.residual == Residual::Mhc && self.hc_sinkhorn_iters == 0 {
+                return Err(err(
+                    "hc_sinkhorn_iters",
+                    "must be >= 1 for residual = \"mhc\"",
+                ));
+            }
+            if !(self.hc_eps.is_finite() && self.hc_eps >= 0.0) {
+                return Err(err("hc_eps", "must be a finite number >= 0"));
+            }
         }
         Ok(())
     }
@@ -395,6 +505,24 @@ mod tests {
         let mut c = ModelConfig::preset("tiny").unwrap();
         c.rope_dim = 65;
         assert_eq!(c.validate().unwrap_err().field, "rope_dim");
+        let mut c = ModelConfig::preset("tiny-mhc").unwrap();
+        c.hc_mult = 0;
+        assert_eq!(c.validate().unwrap_err().field, "hc_mult");
+        let mut c = ModelConfig::preset("tiny-mhc").unwrap();
+        c.hc_sinkhorn_iters = 0;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "hc_sinkhorn_iters");
+        assert!(e.to_string().contains("hc_sinkhorn_iters"), "{e}");
+        // Plain configs do not mention the hyper-connection fields, and old JSON loads as plain.
+        let plain = serde_json::to_string(&ModelConfig::preset("tiny").unwrap()).unwrap();
+        assert!(
+            !plain.contains("hc_") && !plain.contains("residual"),
+            "{plain}"
+        );
+        let back: ModelConfig = serde_json::from_str(&plain).unwrap();
+        assert_eq!(back.residual, Residual::Plain);
+        let m = serde_json::to_string(&ModelConfig::preset("tiny-mhc").unwrap()).unwrap();
+        assert!(m.contains(r#""residual":"mhc""#), "{m}");
         let bad = r#"{"vocab_size": 1, "d_modle": 3}"#;
         let e = serde_json::from_str::<ModelConfig>(bad)
             .unwrap_err()

@@ -12,6 +12,7 @@
 use crate::kernels::attention::{self, AttnDims, Heads};
 use crate::kernels::matmul::linear_forward;
 use crate::kernels::{embedding, rmsnorm, swiglu};
+use crate::mhc::{self, HcActs, HcDims};
 use crate::model::{Ffn, Model};
 use crate::moe::{self, MoeActs, MoeSpec};
 use crate::rng::Rng;
@@ -118,7 +119,36 @@ impl Model {
         let mut g = vec![0.0f32; n * f];
         let mut moe_acts = MoeActs::default();
         embedding::forward(&mut x, w(ly.embed, v * d), tokens, d);
+        // Hyper-connections: the streams [n_tok, n, d] (x then holds each sublayer's read-out).
+        let hcd = HcDims::from_config(c);
+        let nh = hcd.map_or(0, |dm| dm.n);
+        let mut hs = vec![0.0f32; n * nh * d];
+        let mut hs2 = vec![0.0f32; n * nh * d];
+        let mut ssq = vec![0.0f32; n * nh];
+        let mut acts = hcd.map(|dm| HcActs::new(&dm, n, false));
+        if hcd.is_some() {
+            mhc::expand(&mut hs, &mut ssq, &x, nh, d);
+        }
+        // Read-out before a sublayer (into x), and merge of its output (`acts.out`) after it.
+        let hc_pre = |o: Option<mhc::HcOffsets>,
+                      acts: &mut Option<HcActs>,
+                      x: &mut [f32],
+                      hs: &[f32],
+                      ssq: &[f32]| {
+            if let (Some(dm), Some(o), Some(a)) = (hcd, o, acts.as_mut()) {
+                mhc::coeffs_forward(&dm, &self.params, o, hs, ssq, a, false);
+                mhc::readout(x, hs, &a.pre, nh, d);
+            }
+        };
+        let hc_post =
+            |acts: &Option<HcActs>, hs: &mut Vec<f32>, hs2: &mut Vec<f32>, ssq: &mut [f32]| {
+                if let Some(a) = acts {
+                    mhc::merge(hs2, ssq, hs, &a.out, &a.post, &a.comb, nh, d);
+                    std::mem::swap(hs, hs2);
+                }
+            };
         for (l, lo) in ly.layers.iter().enumerate() {
+            hc_pre(lo.attn_hc, &mut acts, &mut x, &hs, &ssq);
             rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.attn_norm, d), d, c.norm_eps);
             self.linear_infer(&mut qkv, &a, lo.wqkv, n, d, qd, false);
             self.rope
@@ -161,13 +191,26 @@ impl Model {
                 &mut o,
                 &mut lse,
             );
-            self.linear_infer(&mut x, &o, lo.wo, n, h * hd, d, true);
+            match acts.as_mut() {
+                Some(ha) => self.linear_infer(&mut ha.out, &o, lo.wo, n, h * hd, d, false),
+                None => self.linear_infer(&mut x, &o, lo.wo, n, h * hd, d, true),
+            }
+            hc_post(&acts, &mut hs, &mut hs2, &mut ssq);
+            hc_pre(lo.ffn_hc, &mut acts, &mut x, &hs, &ssq);
             rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.ffn_norm, d), d, c.norm_eps);
+            // The FFN adds into the residual (plain) or into the sublayer output (hc/mhc).
+            let target = match acts.as_mut() {
+                Some(ha) => {
+                    ha.out.fill(0.0);
+                    &mut ha.out
+                }
+                None => &mut x,
+            };
             match lo.ffn {
                 Ffn::Dense { w13, w2 } => {
                     self.linear_infer(&mut h13, &a, w13, n, d, 2 * f, false);
                     swiglu::forward(&mut g, &h13, f);
-                    self.linear_infer(&mut x, &g, w2, n, f, d, true);
+                    self.linear_infer(target, &g, w2, n, f, d, true);
                 }
                 Ffn::Moe(mo) => {
                     let spec = MoeSpec {
@@ -184,9 +227,21 @@ impl Model {
                         table,
                         n,
                         &mut moe_acts,
-                        &mut x,
+                        target,
                     );
                 }
+            }
+            hc_post(&acts, &mut hs, &mut hs2, &mut ssq);
+        }
+        if let Some(dm) = hcd {
+            // Collapse: the mHC head or the HC sum.
+            match ly.hc_head {
+                Some(o) => {
+                    let mut head = HcActs::new(&dm, n, true);
+                    mhc::coeffs_forward(&dm, &self.params, o, &hs, &ssq, &mut head, true);
+                    mhc::readout(&mut x, &hs, &head.pre, nh, d);
+                }
+                None => mhc::readout(&mut x, &hs, &[], nh, d),
             }
         }
         cache.len = p0 + n;
@@ -455,6 +510,59 @@ mod tests {
             m.forward_cached(&[0; 21], &mut cache).is_err(),
             "overflow must be an error"
         );
+    }
+
+    #[test]
+    fn cached_decoding_matches_the_training_forward_with_hyper_connections() {
+        for residual in [crate::config::Residual::Mhc, crate::config::Residual::Hc] {
+            let cfg = ModelConfig {
+                vocab_size: 23,
+                d_model: 16,
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                rope_theta: 10000.0,
+                rope_dim: 8,
+                rope_layout: RopeLayout::Half,
+                ffn_hidden: 24,
+                tied_embeddings: false,
+                norm_eps: 1e-5,
+                init_std: 0.2,
+                max_seq_len: 300,
+                residual,
+                hc_mult: 3,
+                ..ModelConfig::dense_defaults()
+            };
+            let mut m = Model::new(cfg).unwrap();
+            m.init(3);
+            // Make the dynamic coefficients matter.
+            let mut r = Rng::new(9);
+            for t in m.layout.tensors.clone() {
+                if crate::model::is_hc_tensor(&t.name) {
+                    for p in &mut m.params[t.range()] {
+                        *p += 0.3 * r.normal() as f32;
+                    }
+                }
+            }
+            let toks: Vec<u32> = (0..270).map(|i| (i * 7 % 23) as u32).collect();
+            let mut ws = Workspace::default();
+            m.forward(&toks, 1, toks.len(), &mut ws);
+            // Prefill 260 (two chunks), then decode the rest one by one.
+            let mut cache = KvCache::new(&m);
+            let mut last = m.forward_cached(&toks[..260], &mut cache).unwrap();
+            for (i, &t) in toks[260..].iter().enumerate() {
+                let want = &ws.logits[(259 + i) * 23..(260 + i) * 23];
+                for (a, b) in last.iter().zip(want) {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{residual:?} position {}: {a} vs {b}",
+                        259 + i
+                    );
+                }
+                last = m.forward_cached(&[t], &mut cache).unwrap();
+            }
+        }
     }
 
     #[test]

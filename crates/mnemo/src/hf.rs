@@ -136,6 +136,11 @@ pub fn export(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
     if c.ffn != crate::config::FfnKind::Dense || c.rope_dim != c.head_dim {
         bail!("only dense models with RoPE over the whole head export to the Llama layout");
     }
+    if !c.residual.is_plain() {
+        bail!(
+            "models with hyper-connections (residual = hc/mhc) have no Llama layout to export to"
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for spec in &model.layout.tensors {

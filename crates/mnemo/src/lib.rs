@@ -10,6 +10,7 @@
 //! - [`config`]: the serde model config with presets and validation.
 //! - [`model`]: the transformer: parameters, forward, backward, initialisation.
 //! - [`moe`]: DeepSeekMoE feed-forward (shared + routed experts, bias balancing, hash routing).
+//! - [`mhc`]: hyper-connection residuals (HC, and mHC with Sinkhorn-projected stream mixing).
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
 
@@ -21,6 +22,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod kernels;
+pub mod mhc;
 pub mod model;
 pub mod moe;
 pub mod pack;

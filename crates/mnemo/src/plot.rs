@@ -328,6 +328,98 @@ pub fn loss_curve(metrics_jsonl: &Path, png: &Path, title: &str) -> Result<()> {
     line_chart(png, &title, "step", "loss (nats/token)", &series)
 }
 
+/// `(step, obj)` for every JSON-object line of a metrics file that has a `step` (malformed
+/// lines are skipped).
+fn read_metric_objects(
+    metrics_jsonl: &Path,
+) -> Result<Vec<(f64, serde_json::Map<String, serde_json::Value>)>> {
+    let bytes = std::fs::read(metrics_jsonl)
+        .with_context(|| format!("cannot read metrics {}", metrics_jsonl.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    Ok(text
+        .lines()
+        .filter_map(
+            |line| match serde_json::from_str::<serde_json::Value>(line.trim()) {
+                Ok(serde_json::Value::Object(obj)) => {
+                    let step = obj.get("step").and_then(|v| v.as_f64())?;
+                    Some((step, obj))
+                }
+                _ => None,
+            },
+        )
+        .collect())
+}
+
+/// The stability diagnostics of a hyper-connection run (see `train.rs`): `amax_png` charts the
+/// Amax gain magnitudes of the composite residual mapping `∏ H^res` against the step — forward
+/// (max row sum) and backward (max column sum) gain of the full composite (up to the last
+/// layer) and the maximum over all partial composites — and `grad_png` the gradient norm of
+/// every transformer layer and the global one.
+pub fn hc_stability(
+    metrics_jsonl: &Path,
+    amax_png: &Path,
+    grad_png: &Path,
+    title: &str,
+) -> Result<()> {
+    let objs = read_metric_objects(metrics_jsonl)?;
+    let arr = |o: &serde_json::Map<String, serde_json::Value>, k: &str| -> Option<Vec<f64>> {
+        Some(
+            o.get(k)?
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.as_f64())
+                .collect(),
+        )
+    };
+    let mut amax: Vec<Series> = [
+        "forward, full composite",
+        "backward, full composite",
+        "forward, max over layers",
+        "backward, max over layers",
+    ]
+    .iter()
+    .map(|n| Series::new(*n, vec![]))
+    .collect();
+    let mut grads: Vec<Series> = Vec::new();
+    let mut global = Series::new("global", vec![]);
+    for (step, o) in &objs {
+        for (i, key) in ["hc_amax_fwd", "hc_amax_bwd"].iter().enumerate() {
+            if let Some(v) = arr(o, key).filter(|v| !v.is_empty()) {
+                amax[i].points.push((*step, *v.last().unwrap_or(&f64::NAN)));
+                amax[i + 2]
+                    .points
+                    .push((*step, v.iter().copied().fold(f64::NEG_INFINITY, f64::max)));
+            }
+        }
+        if let Some(v) = arr(o, "layer_grad_norm") {
+            for (l, g) in v.iter().enumerate() {
+                if grads.len() <= l {
+                    grads.push(Series::new(format!("layer {l}"), vec![]));
+                }
+                grads[l].points.push((*step, *g));
+            }
+        }
+        if let Some(g) = o.get("grad_norm").and_then(|v| v.as_f64()) {
+            global.points.push((*step, g));
+        }
+    }
+    grads.push(global);
+    line_chart(
+        amax_png,
+        &format!("{title}: Amax gain magnitude of the composite residual mapping"),
+        "step",
+        "gain (mean over tokens of sequence 0)",
+        &amax,
+    )?;
+    line_chart(
+        grad_png,
+        &format!("{title}: gradient norm per layer (before clipping)"),
+        "step",
+        "gradient L2 norm",
+        &grads,
+    )
+}
+
 /// Write a bar chart PNG (800x500) of labelled values (step time per implementation, say):
 /// one coloured bar per entry, its label below and its value printed above it (below, for a
 /// negative value). The y axis always includes 0. A non-finite value gets no bar and prints

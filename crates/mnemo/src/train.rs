@@ -486,10 +486,24 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             }
         }
         loss /= tc.grad_accum as f64;
+        // A non-finite loss or gradient stops the run before the optimizer step, so neither the
+        // parameters nor the last checkpoint on disk are touched.
         if !loss.is_finite() {
-            bail!("loss became {loss} at step {step}: lower --lr or check the data");
+            bail!(
+                "loss became {loss} at step {step}{}: stopping; the last good checkpoint ({}) is intact. Lower --lr or check the data",
+                where_nonfinite(&ws),
+                last_saved(out)
+            );
         }
         let gnorm = det_sum_sq(&grads).sqrt();
+        if !gnorm.is_finite() {
+            let layer = first_nonfinite_grad(&model, &grads).unwrap_or_default();
+            bail!(
+                "the gradient norm became {gnorm} at step {step} (first non-finite gradient: {layer}): stopping; the last good checkpoint ({}) is intact",
+                last_saved(out)
+            );
+        }
+        let layer_gnorms = layer_grad_norms(&model, &grads);
         if tc.grad_clip > 0.0 && gnorm > tc.grad_clip as f64 {
             let s = (tc.grad_clip as f64 / gnorm) as f32;
             grads.iter_mut().for_each(|g| *g *= s);
@@ -514,6 +528,14 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             if let Some(stats) = moe_stats(&model, &loads) {
                 m["moe"] = stats;
             }
+            m["layer_grad_norm"] = serde_json::json!(layer_gnorms);
+            if let Some(g) = ws.hc_amax() {
+                let col = |i: usize| g.iter().map(|x| x[i]).collect::<Vec<f64>>();
+                m["hc_amax_fwd"] = serde_json::json!(col(0));
+                m["hc_amax_bwd"] = serde_json::json!(col(1));
+                m["hc_amax_fwd_single"] = serde_json::json!(col(2));
+                m["hc_amax_bwd_single"] = serde_json::json!(col(3));
+            }
             append_metrics(&metrics_path, &m)?;
         }
         let stop_now = stop.load(Ordering::SeqCst);
@@ -537,6 +559,16 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 crate::plot::loss_curve(&metrics_path, &out.join("loss.png"), &plot_title)
             {
                 tracing::warn!("could not draw the loss curve: {e:#}");
+            }
+            if !run.model.residual.is_plain() {
+                if let Err(e) = crate::plot::hc_stability(
+                    &metrics_path,
+                    &out.join("hc_amax.png"),
+                    &out.join("grad_norm.png"),
+                    &plot_title,
+                ) {
+                    tracing::warn!("could not draw the Amax gain chart: {e:#}");
+                }
             }
         }
         if step % tc.save_interval == 0 || step == tc.max_steps || stop_now {
@@ -582,6 +614,56 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         tokens_per_s: (state.step - start_step) as f64 * (b * t * tc.grad_accum) as f64
             / el.max(1e-9),
     })
+}
+
+/// " in <where>" for the first non-finite activation of the last forward pass, if any.
+fn where_nonfinite(ws: &Workspace) -> String {
+    ws.first_nonfinite()
+        .map(|w| format!(" (first non-finite value: {w})"))
+        .unwrap_or_default()
+}
+
+/// The step of the checkpoint currently on disk, for error messages.
+fn last_saved(out: &Path) -> String {
+    match checkpoint::load(out, false).ok().and_then(|l| l.state) {
+        Some(s) => format!(
+            "step {} in {}",
+            s.step,
+            out.join(checkpoint::CHECKPOINT_DIR).display()
+        ),
+        None => "none saved yet".into(),
+    }
+}
+
+/// The layer index of a parameter name (`layers.{l}.…`), or `None` for the embedding, the head
+/// and the final norm.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// L2 norm of the gradient of each layer's parameters (before clipping).
+pub fn layer_grad_norms(model: &Model, grads: &[f32]) -> Vec<f64> {
+    let mut sq = vec![0.0f64; model.cfg.n_layers];
+    for t in &model.layout.tensors {
+        if let Some(l) = layer_of(&t.name) {
+            sq[l] += det_sum_sq(&grads[t.range()]);
+        }
+    }
+    sq.into_iter().map(f64::sqrt).collect()
+}
+
+/// The first tensor (in layout order) whose gradient holds a NaN or infinity.
+fn first_nonfinite_grad(model: &Model, grads: &[f32]) -> Option<String> {
+    model
+        .layout
+        .tensors
+        .iter()
+        .find(|t| grads[t.range()].iter().any(|g| !g.is_finite()))
+        .map(|t| t.name.clone())
 }
 
 /// AdamW over every trainable tensor (weight decay where the tensor asks for it).
@@ -660,6 +742,12 @@ pub struct StepBench {
     pub params: usize,
     pub step_ms_median: f64,
     pub step_ms_all: Vec<f64>,
+    /// CPU time (all threads) per step, median, from `/proc/self/stat` (10 ms resolution);
+    /// less sensitive than wall-clock time to other processes on a shared machine.
+    pub step_cpu_ms_median: Option<f64>,
+    /// The model's residual kind (`plain`, `hc`, `mhc`) and stream count.
+    pub residual: crate::config::Residual,
+    pub hc_mult: usize,
     pub gflop_per_step: f64,
     pub achieved_gflops: f64,
     /// Milliseconds per phase of one step: forward, backward, optimizer (median over steps).
@@ -689,12 +777,14 @@ pub fn bench_steps(
     let (mut m, mut v) = (vec![0.0f32; grads.len()], vec![0.0f32; grads.len()]);
     let mut ws = Workspace::default();
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     let (mut fwd_t, mut bwd_t, mut opt_t) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let t0 = Instant::now();
         grads.fill(0.0);
         model.forward(&x, b, t, &mut ws);
         let t1 = Instant::now();
+        let c1 = crate::util::process_cpu_seconds();
         // forward_backward repeats the forward; time it separately and subtract.
         model.forward_backward(&x, &y, b, t, &mut grads, 1.0, &mut ws);
         let t2 = Instant::now();
@@ -726,6 +816,9 @@ pub fn bench_steps(
             bwd_t.push(fb - f);
             opt_t.push(o);
             times.push(fb + o);
+            if let (Some(a), Some(b)) = (c1, crate::util::process_cpu_seconds()) {
+                cpu.push((b - a) * 1e3);
+            }
         }
     }
     let med = |v: &mut Vec<f64>| {
@@ -743,6 +836,9 @@ pub fn bench_steps(
         params: model.layout.total,
         step_ms_median: step_ms,
         step_ms_all: all,
+        step_cpu_ms_median: (!cpu.is_empty()).then(|| med(&mut cpu)),
+        residual: cfg.residual,
+        hc_mult: cfg.hc_mult,
         gflop_per_step: gflop,
         achieved_gflops: gflop / (step_ms / 1e3),
         phase_ms: serde_json::json!({"forward": med(&mut fwd_t), "backward": med(&mut bwd_t), "optimizer": med(&mut opt_t)}),

@@ -63,3 +63,15 @@ pub fn det_sum_sq(x: &[f32]) -> f64 {
         .collect();
     parts.iter().sum()
 }
+
+/// CPU time (user + system, all threads) this process has used, in seconds, from
+/// `/proc/self/stat` (Linux; 10 ms resolution); `None` elsewhere. Benchmarks on a shared machine
+/// report it beside wall-clock time, which other processes' load inflates.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}

@@ -1,7 +1,8 @@
 //! The Rust model against the independent PyTorch reference (`reference/make_fixtures.py`):
 //! same weights and tokens in, logits/loss within 1e-5 relative error and every parameter
 //! gradient within 1e-4 relative error out — dense (MHA/GQA/MQA, tied/untied, both RoPE layouts)
-//! and DeepSeekMoE (sigmoid/sqrtsoftplus routers, shared experts, hash routing, balance loss).
+//! DeepSeekMoE (sigmoid/sqrtsoftplus routers, shared experts, hash routing, balance loss), and
+//! the hyper-connection residuals (mHC with n = 4 and 20 Sinkhorn iterations, HC with n = 3).
 
 use mnemo::config::ModelConfig;
 use mnemo::model::{Model, Workspace};
@@ -95,4 +96,12 @@ fn moe_sqrtsoftplus_with_hash_routed_layer() {
 #[test]
 fn moe_balance_loss_without_shared_experts() {
     check_fixture("moe_aux_noshared");
+}
+#[test]
+fn mhc_four_streams_sinkhorn_20_iterations() {
+    check_fixture("mhc_n4_gqa");
+}
+#[test]
+fn hc_three_streams_untied_half_rope() {
+    check_fixture("hc_n3_untied");
 }

@@ -263,3 +263,110 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
     assert!(routed["bias_max"].as_f64().unwrap() > routed["bias_min"].as_f64().unwrap());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// mHC and HC models train, log the stability diagnostics (Amax gains of the composite
+/// residual mapping, per-layer gradient norms) and draw them; mHC resumes bit-identically; a
+/// NaN injected into a hyper-connection coefficient stops the run with an error naming the
+/// step and the layer, and leaves the last checkpoint untouched.
+#[test]
+fn hyper_connection_training_diagnostics_resume_and_nan_stop() {
+    let root = tmpdir("mhc");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_corpus(&data);
+    let cache = root.join("cache");
+    let hc_run = |steps, residual| {
+        let mut r = run_config(&data, steps);
+        r.model.residual = residual;
+        r.train.eval_interval = 20;
+        r.train.save_interval = 20;
+        r
+    };
+    let never = AtomicBool::new(false);
+    let a = root.join("a");
+    let sa = train(
+        fresh(&a, hc_run(40, mnemo::config::Residual::Mhc), &cache),
+        &never,
+    )
+    .unwrap();
+    assert!(sa.val_loss.unwrap() < sa.unigram_entropy);
+    let b = root.join("b");
+    train(
+        fresh(&b, hc_run(40, mnemo::config::Residual::Mhc), &cache),
+        &AtomicBool::new(true),
+    )
+    .unwrap();
+    train(resume(&b, &cache), &never).unwrap();
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    assert_eq!(
+        read(&a.join("metrics.jsonl")),
+        read(&b.join("metrics.jsonl"))
+    );
+    assert_eq!(
+        read(&a.join("checkpoint/model.safetensors")),
+        read(&b.join("checkpoint/model.safetensors"))
+    );
+    assert!(a.join("hc_amax.png").is_file() && a.join("grad_norm.png").is_file());
+    let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .rfind(|l| l.contains("hc_amax_fwd"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    let fwd = last["hc_amax_fwd"].as_array().unwrap();
+    assert_eq!(fwd.len(), 4, "one entry per sublayer");
+    for (f, b) in fwd.iter().zip(last["hc_amax_bwd"].as_array().unwrap()) {
+        let (f, b) = (f.as_f64().unwrap(), b.as_f64().unwrap());
+        assert!((f - 1.0).abs() < 1e-3, "mHC forward gain {f}");
+        assert!((b - 1.0).abs() < 0.1, "mHC backward gain {b}");
+    }
+    assert_eq!(last["layer_grad_norm"].as_array().unwrap().len(), 2);
+
+    // HC trains too.
+    let h = root.join("h");
+    let sh = train(
+        fresh(&h, hc_run(20, mnemo::config::Residual::Hc), &cache),
+        &never,
+    )
+    .unwrap();
+    assert!(sh.val_loss.unwrap().is_finite());
+
+    // Poison layer 1's FFN hyper-connection in the checkpoint (loading rejects NaN weights, so
+    // with huge finite ones whose coefficient logits overflow to ±inf and NaN).
+    let mut l = mnemo::checkpoint::load(&a, true).unwrap();
+    let t = l.model.layout.get("layers.1.ffn_hc.fn").unwrap().clone();
+    for (i, p) in l.model.params[t.range()].iter_mut().enumerate() {
+        *p = if i % 2 == 0 { 3e38 } else { -3e38 };
+    }
+    let (m, v) = l.adam.clone().unwrap();
+    mnemo::checkpoint::save(
+        &a,
+        &l.model,
+        &l.tokenizer,
+        (&m, &v),
+        l.state.as_ref().unwrap(),
+    )
+    .unwrap();
+    let before = read(&a.join("checkpoint/model.safetensors"));
+    let err = train(
+        TrainOptions {
+            out: a.clone(),
+            start: Start::Resume {
+                max_steps: Some(60),
+            },
+            cache_root: cache.clone(),
+            progress: false,
+        },
+        &never,
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("at step 41"), "{msg}");
+    assert!(
+        msg.contains("layer 1 (FFN)") && msg.contains("coefficients"),
+        "{msg}"
+    );
+    assert!(msg.contains("intact"), "{msg}");
+    assert_eq!(before, read(&a.join("checkpoint/model.safetensors")));
+    let _ = std::fs::remove_dir_all(&root);
+}
