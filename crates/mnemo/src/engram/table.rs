@@ -577,4 +577,66 @@ mod tests {
         );
         assert!(large < 4.0 * small + 2e-3, "{small} s vs {large} s");
     }
+
+    /// Gather throughput for a table much larger than the CPU caches, in RAM and memory-mapped
+    /// (file in the page cache). Run with
+    /// `cargo test --release -p mnemo engram_gather_throughput -- --ignored --nocapture`;
+    /// `MNEMO_ENGRAM_BENCH_GB` sets the table size (default 2).
+    #[test]
+    #[ignore]
+    fn engram_gather_throughput_ram_vs_mapped() {
+        let gb: f64 = std::env::var("MNEMO_ENGRAM_BENCH_GB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2.0);
+        let dim = 64;
+        let rows = (gb * (1u64 << 30) as f64 / (dim * 4) as f64) as usize;
+        let data: Vec<f32> = (0..rows * dim).map(|i| (i % 1021) as f32).collect();
+        let ram = EngramTable::from_vec(rows, dim, data).unwrap();
+        let path =
+            std::env::temp_dir().join(format!("mnemo-engram-bench-{}.f32", std::process::id()));
+        ram.write_file(&path).unwrap();
+        // 8192 tokens × 16 heads per batch, uniform rows (the worst case: no reuse).
+        let mut rng = Rng::new(7);
+        let batches: Vec<Vec<u32>> = (0..8)
+            .map(|_| {
+                (0..8192 * 16)
+                    .map(|_| rng.below(rows as u64) as u32)
+                    .collect()
+            })
+            .collect();
+        let mut out = vec![0.0f32; 8192 * 16 * dim];
+        let mut run = |t: &EngramTable, label: &str| {
+            let mut times = vec![];
+            for b in &batches {
+                let s = std::time::Instant::now();
+                t.gather(b, &mut out).unwrap();
+                times.push(s.elapsed().as_secs_f64());
+            }
+            let first = times[0];
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let med = times[times.len() / 2];
+            let n = batches[0].len() as f64;
+            eprintln!(
+                "{label:>8}: {gb:.1} GB table, {n} rows of {} B per gather: first {:.2} ms, median {:.2} ms = {:.1} M rows/s, {:.2} GB/s",
+                dim * 4,
+                first * 1e3,
+                med * 1e3,
+                n / med / 1e6,
+                n * (dim * 4) as f64 / med / 1e9
+            );
+        };
+        run(&ram, "RAM");
+        run(&ram, "RAM 2nd");
+        let mapped = EngramTable::open_mapped(&path, rows, dim, false).unwrap();
+        run(&mapped, "mapped");
+        // Same batches again: their pages are now mapped (no more page faults).
+        run(&mapped, "mapped 2nd");
+        assert_eq!(
+            ram.prefetch(&batches[0]).unwrap(),
+            mapped.prefetch(&batches[0]).unwrap()
+        );
+        drop(mapped);
+        std::fs::remove_file(&path).unwrap();
+    }
 }
