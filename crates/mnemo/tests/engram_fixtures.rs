@@ -26,6 +26,16 @@ fn check(name: &str) {
     let meta: serde_json::Value = serde_json::from_str(&f.metadata().unwrap()["fixture"]).unwrap();
     let hash: LayerHash = serde_json::from_value(meta["hash"].clone()).unwrap();
     hash.validate().unwrap();
+    // The reference drew the multipliers with numpy exactly as the demo; so does mnemo.
+    assert_eq!(
+        mnemo::engram::hash::draw_multipliers(
+            0,
+            hash.layer_id,
+            hash.max_ngram,
+            hash.compressed_vocab
+        ),
+        hash.multipliers
+    );
     let s = &meta["spec"];
     let u = |k: &str| s[k].as_u64().unwrap() as usize;
     let head_dim = u("head_dim");

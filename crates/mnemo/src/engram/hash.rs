@@ -104,9 +104,9 @@ pub fn multiplier_half(compressed_vocab: u64) -> u64 {
     (m_max / 2).max(1)
 }
 
-/// Odd multipliers `2r + 1`, `r` uniform in `[0, half)`, drawn from mnemo's generator seeded
-/// with `seed + 10007·layer_id` (the demo's seed schedule; the demo draws with numpy's PCG64, so
-/// the values differ from the demo's — pass the demo's values to [`LayerHash::new`] to match it).
+/// Odd multipliers `2r + 1`, `r` uniform in `[0, half)`, exactly as the demo draws them:
+/// `numpy.random.default_rng(seed + 10007·layer_id).integers(0, half, N, dtype=int64)`
+/// (SeedSequence → PCG64 → Lemire's bounded integers, re-implemented in [`numpy_integers`]).
 pub fn draw_multipliers(
     seed: u64,
     layer_id: usize,
@@ -114,8 +114,122 @@ pub fn draw_multipliers(
     compressed_vocab: u64,
 ) -> Vec<u64> {
     let half = multiplier_half(compressed_vocab);
-    let mut rng = crate::rng::Rng::new(seed.wrapping_add(10007 * layer_id as u64));
-    (0..max_ngram).map(|_| 2 * rng.below(half) + 1).collect()
+    numpy_integers(seed.wrapping_add(10007 * layer_id as u64), half, max_ngram)
+        .into_iter()
+        .map(|r| 2 * r + 1)
+        .collect()
+}
+
+/// `numpy.random.default_rng(seed).integers(0, high, size=n, dtype=int64)` for
+/// `high − 1 > u32::MAX` (numpy's 64-bit Lemire path; smaller ranges take a buffered 32-bit
+/// path that is not reproduced here and panic). Bit-exact with numpy ≥ 1.17.
+pub fn numpy_integers(seed: u64, high: u64, n: usize) -> Vec<u64> {
+    assert!(
+        high - 1 > u32::MAX as u64,
+        "numpy_integers: ranges below 2^32 use numpy's 32-bit path (not implemented)"
+    );
+    let mut pcg = Pcg64::from_seed_sequence(seed);
+    let rng = high - 1; // numpy's inclusive range
+    let excl = high;
+    (0..n)
+        .map(|_| {
+            // bounded_lemire_uint64
+            let mut m = pcg.next_u64() as u128 * excl as u128;
+            let mut leftover = m as u64;
+            if leftover < excl {
+                let threshold = (u64::MAX - rng) % excl;
+                while leftover < threshold {
+                    m = pcg.next_u64() as u128 * excl as u128;
+                    leftover = m as u64;
+                }
+            }
+            (m >> 64) as u64
+        })
+        .collect()
+}
+
+/// numpy's `SeedSequence(entropy).generate_state(n_words32)` (pool size 4, no spawn key).
+fn seed_sequence_state(entropy: u64, n_words32: usize) -> Vec<u32> {
+    const INIT_A: u32 = 0x43b0_d7e5;
+    const MULT_A: u32 = 0x931e_8875;
+    const INIT_B: u32 = 0x8b51_f9dd;
+    const MULT_B: u32 = 0x58f3_8ded;
+    const MIX_MULT_L: u32 = 0xca01_f9dd;
+    const MIX_MULT_R: u32 = 0x4973_f715;
+    let words: Vec<u32> = if entropy >> 32 == 0 {
+        vec![entropy as u32]
+    } else {
+        vec![entropy as u32, (entropy >> 32) as u32]
+    };
+    let mut hc = INIT_A;
+    let mut hashmix = |v: u32| {
+        let mut v = v ^ hc;
+        hc = hc.wrapping_mul(MULT_A);
+        v = v.wrapping_mul(hc);
+        v ^ (v >> 16)
+    };
+    let mix = |x: u32, y: u32| {
+        let r = MIX_MULT_L
+            .wrapping_mul(x)
+            .wrapping_sub(MIX_MULT_R.wrapping_mul(y));
+        r ^ (r >> 16)
+    };
+    let mut pool = [0u32; 4];
+    for (i, p) in pool.iter_mut().enumerate() {
+        *p = hashmix(words.get(i).copied().unwrap_or(0));
+    }
+    for src in 0..4 {
+        for dst in 0..4 {
+            if src != dst {
+                let h = hashmix(pool[src]);
+                pool[dst] = mix(pool[dst], h);
+            }
+        }
+    }
+    let mut hc = INIT_B;
+    (0..n_words32)
+        .map(|i| {
+            let mut v = pool[i % 4] ^ hc;
+            hc = hc.wrapping_mul(MULT_B);
+            v = v.wrapping_mul(hc);
+            v ^ (v >> 16)
+        })
+        .collect()
+}
+
+/// numpy's PCG64 (XSL-RR 128/64).
+struct Pcg64 {
+    state: u128,
+    inc: u128,
+}
+
+impl Pcg64 {
+    const MULT: u128 = (2549297995355413924u128 << 64) + 4865540595714422341u128;
+
+    fn from_seed_sequence(entropy: u64) -> Self {
+        let w = seed_sequence_state(entropy, 8);
+        let u = |i: usize| w[2 * i] as u64 | (w[2 * i + 1] as u64) << 32;
+        let initstate = ((u(0) as u128) << 64) | u(1) as u128;
+        let initseq = ((u(2) as u128) << 64) | u(3) as u128;
+        let mut p = Pcg64 {
+            state: 0,
+            inc: (initseq << 1) | 1,
+        };
+        p.step();
+        p.state = p.state.wrapping_add(initstate);
+        p.step();
+        p
+    }
+
+    fn step(&mut self) {
+        self.state = self.state.wrapping_mul(Self::MULT).wrapping_add(self.inc);
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.step();
+        let s = self.state;
+        ((s >> 64) as u64 ^ s as u64).rotate_right((s >> 122) as u32)
+    }
 }
 
 /// Position of each token inside its document for `b` rows of `t` tokens: 0 at the start of
@@ -340,13 +454,41 @@ mod tests {
     }
 
     #[test]
-    fn engram_multiplier_bounds_match_the_spec() {
+    fn engram_multipliers_match_numpy_and_the_spec() {
         assert_eq!(i64::MAX as u64 / 98627, 93517718645551);
         assert_eq!(multiplier_half(98627), 46758859322775);
-        let m = draw_multipliers(0, 1, 3, 98627);
-        assert!(m.iter().all(|&x| x % 2 == 1 && x < 2 * 46758859322775));
-        assert_eq!(m, draw_multipliers(0, 1, 3, 98627));
-        assert_ne!(m, draw_multipliers(0, 15, 3, 98627));
+        // Demo (V' = 98627, seed 0).
+        assert_eq!(
+            draw_multipliers(0, 1, 3, 98627),
+            [76993395940407, 4862694818241, 36129212583461]
+        );
+        assert_eq!(
+            draw_multipliers(0, 15, 3, 98627),
+            [29055444938695, 56284491166079, 54183298291715]
+        );
+        assert_eq!(
+            draw_multipliers(0, 2, 3, 98627),
+            [76868182044803, 37272711521967, 22754161933167]
+        );
+        // DeepSeek-V4.1 (V' = 99092, orders 2..4).
+        assert_eq!(
+            draw_multipliers(0, 1, 4, 99092),
+            [
+                76632096046245,
+                4839876093313,
+                35959672319349,
+                73987337458391
+            ]
+        );
+        assert_eq!(
+            draw_multipliers(0, 14, 4, 99092),
+            [
+                67716810739261,
+                51510806800915,
+                30921347202721,
+                82619226485591
+            ]
+        );
     }
 
     fn demo_layer1() -> LayerHash {

@@ -390,7 +390,8 @@ pub struct Engram {
 
 impl Engram {
     /// A freshly initialised Engram for a model of width `d` with `n_branch` residual streams:
-    /// primes by the shared search, multipliers drawn from `cfg.seed`, tables ~ N(0,
+    /// primes by the shared search, multipliers drawn from `cfg.seed` exactly as the demo
+    /// (numpy's `default_rng(seed + 10007·layer)`), tables ~ N(0,
     /// table_init_std²), gates by [`GateSpec::init`] with `proj_std` (the model's `init_std`).
     pub fn new(
         cfg: EngramConfig,
@@ -405,6 +406,9 @@ impl Engram {
             bail!("engram: model width {d} and {n_branch} residual streams");
         }
         let vp = compress.compressed_vocab_size() as u64;
+        if vp >= 1 << 30 {
+            bail!("engram: a compressed vocabulary of {vp} ids is too large (at most 2^30)");
+        }
         let pad = compress.compress_one(cfg.pad_id);
         let primes = layer_primes(
             cfg.layer_ids.len(),
