@@ -327,3 +327,77 @@ fn engram_config_validation_and_inspect() {
     assert!(Engram::from_parts(cfg.clone(), comp.clone(), 8, 2, bad).is_err());
     Engram::from_parts(cfg, comp, 8, 2, parts).unwrap();
 }
+
+#[test]
+fn engram_safetensors_round_trip_with_and_without_tables() {
+    let eng = tiny_engram(2, 4);
+    let dir = std::env::temp_dir().join(format!("mnemo-engram-st-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("engram.safetensors");
+    std::fs::write(&path, eng.to_safetensors(true).unwrap()).unwrap();
+    let f = crate::safetensors_io::TensorFile::open(&path).unwrap();
+    let back = Engram::from_safetensors(&f, None).unwrap();
+    assert_eq!(back.cfg, eng.cfg);
+    assert_eq!(back.compress.lookup(), eng.compress.lookup());
+    for (a, b) in back.layers.iter().zip(&eng.layers) {
+        assert_eq!(a.hash, b.hash);
+        assert_eq!(a.params, b.params);
+        assert_eq!(a.table.as_slice(), b.table.as_slice());
+    }
+    // Tables kept as mapped files beside a table-less file.
+    std::fs::write(&path, eng.to_safetensors(false).unwrap()).unwrap();
+    let f = crate::safetensors_io::TensorFile::open(&path).unwrap();
+    assert!(Engram::from_safetensors(&f, None).is_err());
+    let tables: Vec<EngramTable> = eng
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let p = dir.join(format!("table{i}.f32"));
+            l.table.write_file(&p).unwrap();
+            EngramTable::open_mapped(&p, l.table.rows(), l.table.dim(), false).unwrap()
+        })
+        .collect();
+    let back = Engram::from_safetensors(&f, Some(tables)).unwrap();
+    assert!(back.inspect().iter().all(|i| i.mapped));
+    assert_eq!(
+        back.layers[1].table.as_slice(),
+        eng.layers[1].table.as_slice()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Compression statistics of a real tokenizer (what `mnemo engram compress` would print):
+/// `MNEMO_ENGRAM_TOKENIZER=path/to/tokenizer.json cargo test --release -p mnemo
+/// engram_compression_report -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn engram_compression_report() {
+    let Ok(path) = std::env::var("MNEMO_ENGRAM_TOKENIZER") else {
+        eprintln!("set MNEMO_ENGRAM_TOKENIZER to a tokenizer.json");
+        return;
+    };
+    let tok = crate::tokenizer::Tokenizer::load(std::path::Path::new(&path)).unwrap();
+    let t = std::time::Instant::now();
+    let c = CompressedTokenizer::build(&tok).unwrap();
+    let (v, vp) = (c.tokenizer_vocab_size(), c.compressed_vocab_size());
+    eprintln!(
+        "{path}: {v} ids -> {vp} compressed ({:.2}% fewer), built in {:.2} s",
+        100.0 * (v - vp) as f64 / v as f64,
+        t.elapsed().as_secs_f64()
+    );
+    for g in c.largest_groups(8) {
+        let ex: Vec<String> = g
+            .members
+            .iter()
+            .take(8)
+            .map(|&t| format!("{:?}", tok.decode(&[t]).unwrap()))
+            .collect();
+        eprintln!(
+            "  {:?}: {} ids, e.g. {}",
+            g.key.unwrap_or_default(),
+            g.members.len(),
+            ex.join(" ")
+        );
+    }
+}
