@@ -212,6 +212,30 @@ impl CompressedTokenizer {
             .collect()
     }
 
+    /// Vocabulary sizes before/after and the `k` largest merge groups with up to 8 example
+    /// tokens each (decoded with `tok`), as text (for `mnemo engram compress`).
+    pub fn report(&self, tok: &Tokenizer, k: usize) -> String {
+        use std::fmt::Write;
+        let (v, vp) = (self.tokenizer_vocab_size(), self.compressed_vocab_size());
+        let mut s = format!(
+            "{v} tokenizer ids -> {vp} compressed ids ({:.2}% fewer)\n",
+            100.0 * (v - vp) as f64 / v as f64
+        );
+        for g in self.largest_groups(k) {
+            let ex: Vec<String> = g
+                .members
+                .iter()
+                .take(8)
+                .map(|&t| format!("{:?}", tok.decode(&[t]).unwrap_or_default()))
+                .collect();
+            let key = g
+                .key
+                .map_or_else(|| format!("#{}", g.compressed_id), |k| format!("{k:?}"));
+            let _ = writeln!(s, "  {key}: {} ids, e.g. {}", g.members.len(), ex.join(" "));
+        }
+        s
+    }
+
     /// Serialise the table: `MNEMOCT1`, u32 count, then `count` u32 ids (little endian).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(12 + 4 * self.lookup.len());

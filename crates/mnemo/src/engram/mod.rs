@@ -17,33 +17,42 @@
 //!
 //! # Using it from a model
 //!
-//! Once per tokenizer: [`CompressedTokenizer::build`] (store it: [`CompressedTokenizer::to_bytes`]
-//! or its [`CompressedTokenizer::lookup`] as a tensor). Once per model: [`Engram::new`] draws the
-//! multipliers, finds the primes, initialises tables and gates; multipliers and primes are then
-//! data ([`LayerHash`], serde), restored with [`Engram::from_parts`].
+//! Config: [`EngramConfig`] (serde, [`EngramConfig::validate`]). Once per tokenizer:
+//! [`CompressedTokenizer::build`] (~1 s for 129k ids; store its [`CompressedTokenizer::lookup`]
+//! or [`CompressedTokenizer::to_bytes`]). Once per model: [`Engram::new`] finds the primes,
+//! draws the multipliers exactly as the demo (numpy-compatible), initialises tables (N(0, 1))
+//! and gates ([`GateSpec::init`]: projections N(0, init_std²), biases 0, norms 1, conv 0).
+//! Multipliers and primes are data ([`LayerHash`], serde) saved by [`Engram::to_safetensors`]
+//! and restored by [`Engram::from_safetensors`] / [`Engram::from_parts`], never recomputed.
 //!
-//! Training step, per batch:
+//! Training step, per batch of `b` rows of `t` tokens (`h`: the residual stream(s) entering
+//! block `engram.layers[i].hash.layer_id`, `[N, n, d]`):
 //!
 //! ```text
 //! let cids = engram.compress.compress(&tokens);
 //! let pos  = positions_in_documents(&tokens, b, t, Some(eot));
-//! // (can run ahead, e.g. while lower layers compute:)
-//! let mem  = engram.layers[i].lookup(&cids, &pos)?;          // rows + gathered e
-//! // in block l = engram.layers[i].hash.layer_id, before attention, h: [N, n, d]:
-//! engram.layers[i].forward(mem, &h, &pos, &mut y, &mut acts[i]);   h += y (each stream)
-//! // backward, dy = dL/dy = the residual gradient at that point:
+//! let mems = engram.lookup_all(&cids, &pos)?;        // ids only: can run ahead of the blocks
+//! // forward, in the Engram block, before attention:
+//! engram.layers[i].forward(mems[i], &h, &pos, &mut y, &mut acts[i]);   // then h_m += y_m
+//! // backward, dy = dL/dh after the addition (the residual passes dy to h unchanged):
 //! let tg = engram.layers[i].backward(&acts[i], &dy, &mut dh, &mut dgate[i]);  // dh += query path
-//! // optimiser: gate params with the model's optimiser; tables with lazy Adam (5× lr, no wd):
-//! opt[i].update(&mut engram.layers[i].table, &tg, base_lr, &SparseAdamParams::default())?;
+//! // gate parameters (engram.layers[i].params, named by GateSpec::tensors) go to the model's
+//! // optimiser; each table to its own lazy Adam (5x lr, no weight decay):
+//! table_opt[i].update(&mut engram.layers[i].table, &tg, base_lr, &engram.cfg.table_optimizer())?;
 //! ```
 //!
-//! Decode, per sequence: `let mut st = engram.new_state();` then for every new token `tid`,
-//! in each Engram block `engram.layers[i].forward_step(&st, i, tid_compressed, &h, &mut y)`,
-//! and after the token's forward pass `st.push(engram, tid)` (it also resets at an EOT). The
-//! result equals the full-sequence forward ([`EngramLayer::forward`]) position by position.
+//! The gate functions take the parameter slice explicitly ([`gate::forward`],
+//! [`gate::backward`]), so the parameters can also live in the model's flat buffer.
 //!
-//! Tables can live in RAM or in a memory-mapped file ([`EngramTable::open_mapped`]);
-//! [`Engram::inspect`] summarises the layers for `mnemo engram inspect`.
+//! Decode, per sequence: `let mut st = engram.new_state();` then for each new token `tid`
+//! (raw id), in each Engram block, `engram.layers[i].forward_step(&mut st, i,
+//! engram.compress.compress_one(tid), &h_t, &mut y_t)?` with `h_t, y_t: [n, d]`, and after the
+//! token's whole forward pass `st.push(&engram, tid, Some(eot))` (an EOT resets the state).
+//! This equals the full-sequence forward position by position.
+//!
+//! Tables live in RAM or in a memory-mapped file ([`EngramTable::open_mapped`], errors for a
+//! wrong size or a vanished file); [`Engram::inspect`] / [`Engram::inspect_text`] summarise the
+//! layers for `mnemo engram inspect`, [`CompressedTokenizer::report`] the compression.
 
 pub mod compress;
 pub mod gate;
@@ -596,6 +605,44 @@ impl Engram {
             parts.push((h, table, params));
         }
         Self::from_parts(cfg, compress, d, n_branch, parts)
+    }
+
+    /// Hash and gather for every layer (one [`Memory`] per layer, in layer order). It depends
+    /// only on token ids, so a model can run it ahead of (or beside) the blocks below.
+    pub fn lookup_all(&self, cids: &[u32], pos: &[u32]) -> Result<Vec<Memory>> {
+        self.layers.iter().map(|l| l.lookup(cids, pos)).collect()
+    }
+
+    /// [`Engram::inspect`] as text, one block per layer (for `mnemo engram inspect`).
+    pub fn inspect_text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let v = self.compress.tokenizer_vocab_size();
+        let vp = self.compress.compressed_vocab_size();
+        let _ = writeln!(
+            s,
+            "compression: {v} tokenizer ids -> {vp} ({:.2}% fewer)",
+            100.0 * (v - vp) as f64 / v.max(1) as f64
+        );
+        for i in self.inspect() {
+            let _ = writeln!(
+                s,
+                "layer {}: orders {:?}, {} heads/order x {} dims, {} rows, {:.1} MB{}, {} gate params",
+                i.layer_id,
+                i.orders,
+                i.heads_per_order,
+                i.head_dim,
+                i.total_rows,
+                i.table_bytes as f64 / 1e6,
+                if i.mapped { " (mapped)" } else { "" },
+                i.gate_params
+            );
+            for (o, p) in i.orders.iter().zip(&i.primes) {
+                let _ = writeln!(s, "  {o}-gram table sizes {p:?}");
+            }
+            let _ = writeln!(s, "  multipliers {:?}", i.multipliers);
+        }
+        s
     }
 
     /// The Engram layer index of block `block`, if it has one.
