@@ -472,3 +472,57 @@ fn engram_learns_a_bigram_signal_with_lazy_adam() {
     eprintln!("engram bigram regression: loss {first:.4} -> {last:.5} in 300 steps");
     assert!(last < first / 10.0, "loss {first} -> {last}");
 }
+
+/// Timing of one layer's gate at a training-like size:
+/// `cargo test --release -p mnemo engram_gate_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn engram_gate_timing() {
+    let s = GateSpec {
+        d: 512,
+        d_mem: 512,
+        n_branch: 4,
+        kernel: 4,
+        dilation: 3,
+        eps_gate: f32::EPSILON,
+        eps_conv: 1e-5,
+    };
+    let nt = 4096;
+    let nd = s.n_branch * s.d;
+    let mut rng = Rng::new(1);
+    let p = params(&s, &mut rng);
+    let mut e = vec![0.0; nt * s.d_mem];
+    let mut h = vec![0.0; nt * nd];
+    rng.fill_normal(&mut e, 1.0);
+    rng.fill_normal(&mut h, 1.0);
+    let pos: Vec<u32> = (0..nt as u32).map(|i| i % 512).collect();
+    let mut y = vec![0.0; nt * nd];
+    let mut acts = GateActs::default();
+    let (mut dh, mut de, mut dp) = (
+        vec![0.0; nt * nd],
+        vec![0.0; nt * s.d_mem],
+        vec![0.0; p.len()],
+    );
+    eprintln!(
+        "gemm peak here: {:.1} GFLOP/s",
+        crate::kernels::matmul::bench_gemm(512, 5)
+    );
+    for rep in 0..3 {
+        let t0 = std::time::Instant::now();
+        gate::forward(&s, &p, &e, &h, &pos, &mut y, &mut acts);
+        let t1 = std::time::Instant::now();
+        gate::backward(&s, &p, &acts, &y, &mut dh, &mut de, &mut dp);
+        let t2 = std::time::Instant::now();
+        let flop = 2.0 * nt as f64 * ((s.n_branch + 1) * s.d * s.d_mem) as f64;
+        eprintln!(
+            "rep {rep}: gate N={nt} d={} n={} d_mem={}: forward {:.1} ms ({:.1} GFLOP/s), backward {:.1} ms ({:.1} GFLOP/s)",
+            s.d,
+            s.n_branch,
+            s.d_mem,
+            (t1 - t0).as_secs_f64() * 1e3,
+            flop / (t1 - t0).as_secs_f64() / 1e9,
+            (t2 - t1).as_secs_f64() * 1e3,
+            2.0 * flop / (t2 - t1).as_secs_f64() / 1e9
+        );
+    }
+}
