@@ -11,6 +11,7 @@
 //! - [`model`]: the transformer: parameters, forward, backward, initialisation.
 //! - [`moe`]: DeepSeekMoE feed-forward (shared + routed experts, bias balancing, hash routing).
 //! - [`mhc`]: hyper-connection residuals (HC, and mHC with Sinkhorn-projected stream mixing).
+//! - [`engram`]: Engram conditional memory (hashed N-gram tables, context-aware gate).
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
 
@@ -18,6 +19,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod engram;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

@@ -1,0 +1,686 @@
+//! Engram conditional memory (DeepSeek, arXiv 2601.07372; spec `engram.md`): a hashed N-gram
+//! embedding lookup with a context-aware gate, added to the residual stream(s) before attention
+//! in a few layers. Self-contained: the model wires it in through the API below.
+//!
+//! ```text
+//! x'   = P(tokens)                                compressed ids           [N]       (compress)
+//! rows = hash_l(x', pos)                          per-head table rows      [N, H]    (hash)
+//! e    = E_l[rows]                                memory, heads concat.    [N, H·D_h] (table)
+//! y    = gate_l(e, h)  (value · σ(gate), + SiLU(conv))                    [N, n, d] (gate)
+//! h_m += y_m   for every residual stream m, before attention
+//! ```
+//!
+//! `N` tokens (`B` rows of `T`), `H = (N_max−1)·K` heads (orders 2..=N_max, `K` per order),
+//! `D_h` per head, `d_mem = H·D_h`, `n` residual streams (1, or `hc_mult` with mHC), `d` width.
+//! `pos[t]` is the position of token `t` inside its document ([`positions_in_documents`]): the
+//! hash and the convolution never look across a document boundary or a batch row.
+//!
+//! # Using it from a model
+//!
+//! Config: [`EngramConfig`] (serde, [`EngramConfig::validate`]). Once per tokenizer:
+//! [`CompressedTokenizer::build`] (~1 s for 129k ids; store its [`CompressedTokenizer::lookup`]
+//! or [`CompressedTokenizer::to_bytes`]). Once per model: [`Engram::new`] finds the primes,
+//! draws the multipliers exactly as the demo (numpy-compatible), initialises tables (N(0, 1))
+//! and gates ([`GateSpec::init`]: projections N(0, init_std²), biases 0, norms 1, conv 0).
+//! Multipliers and primes are data ([`LayerHash`], serde) saved by [`Engram::to_safetensors`]
+//! and restored by [`Engram::from_safetensors`] / [`Engram::from_parts`], never recomputed.
+//!
+//! Training step, per batch of `b` rows of `t` tokens (`h`: the residual stream(s) entering
+//! block `engram.layers[i].hash.layer_id`, `[N, n, d]`):
+//!
+//! ```text
+//! let cids = engram.compress.compress(&tokens);
+//! let pos  = positions_in_documents(&tokens, b, t, Some(eot));
+//! let mems = engram.lookup_all(&cids, &pos)?;        // ids only: can run ahead of the blocks
+//! // forward, in the Engram block, before attention:
+//! engram.layers[i].forward(mems[i], &h, &pos, &mut y, &mut acts[i]);   // then h_m += y_m
+//! // backward, dy = dL/dh after the addition (the residual passes dy to h unchanged):
+//! let tg = engram.layers[i].backward(&acts[i], &dy, &mut dh, &mut dgate[i]);  // dh += query path
+//! // gate parameters (engram.layers[i].params, named by GateSpec::tensors) go to the model's
+//! // optimiser; each table to its own lazy Adam (5x lr, no weight decay):
+//! table_opt[i].update(&mut engram.layers[i].table, &tg, base_lr, &engram.cfg.table_optimizer())?;
+//! ```
+//!
+//! The gate functions take the parameter slice explicitly ([`gate::forward`],
+//! [`gate::backward`]), so the parameters can also live in the model's flat buffer.
+//!
+//! Decode, per sequence: `let mut st = engram.new_state();` then for each new token `tid`
+//! (raw id), in each Engram block, `engram.layers[i].forward_step(&mut st, i,
+//! engram.compress.compress_one(tid), &h_t, &mut y_t)?` with `h_t, y_t: [n, d]`, and after the
+//! token's whole forward pass `st.push(&engram, tid, Some(eot))` (an EOT resets the state).
+//! This equals the full-sequence forward position by position.
+//!
+//! Tables live in RAM or in a memory-mapped file ([`EngramTable::open_mapped`], errors for a
+//! wrong size or a vanished file); [`Engram::inspect`] / [`Engram::inspect_text`] summarise the
+//! layers for `mnemo engram inspect`, [`CompressedTokenizer::report`] the compression.
+
+pub mod compress;
+pub mod gate;
+pub mod hash;
+pub mod table;
+
+pub use compress::{CompressedTokenizer, MergeGroup};
+pub use gate::{GateActs, GateSpec, GateState};
+pub use hash::{layer_primes, positions_in_documents, LayerHash};
+pub use table::{BiasCorrection, EngramTable, SparseAdam, SparseAdamParams, SparseGrad};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+fn default_gate_eps() -> f32 {
+    f32::EPSILON
+}
+fn default_conv_eps() -> f32 {
+    1e-5
+}
+fn default_lr_mult() -> f32 {
+    5.0
+}
+fn default_table_std() -> f32 {
+    1.0
+}
+
+/// Engram settings (the demo's `EngramConfig`, scaled down by default).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngramConfig {
+    /// 0-based blocks that get an Engram module (demo `[1, 15]`).
+    pub layer_ids: Vec<usize>,
+    /// Largest N-gram order `N`; orders `2..=N` (demo 3).
+    pub max_ngram_size: usize,
+    /// Hash heads per order `K` (demo 8).
+    pub n_head_per_ngram: usize,
+    /// Embedding width of one head `D_h` (demo 64 = `n_embed_per_ngram / K` = 512 / 8).
+    pub head_dim: usize,
+    /// Per order (2..=N): where the prime search for each head's table size starts (demo
+    /// `129280·5` for both orders). Each head's table has about this many rows.
+    pub vocab_size_per_ngram: Vec<u64>,
+    /// Short-convolution kernel (demo 4); 0 = no convolution (DeepSeek-V4.1).
+    pub kernel_size: usize,
+    /// Hash multiplier seed (layer `l` uses `seed + 10007·l`).
+    pub seed: u64,
+    /// RAW tokenizer id used before a document's start, mapped through the compression (demo 2,
+    /// DeepSeek-V3's id; mnemo tokenizers have their end-of-text token at 0).
+    pub pad_id: u32,
+    /// Table learning rate = this × the base learning rate (paper: 5).
+    #[serde(default = "default_lr_mult")]
+    pub table_lr_mult: f32,
+    /// Standard deviation of the table init (demo: `nn.Embedding`'s N(0, 1)).
+    #[serde(default = "default_table_std")]
+    pub table_init_std: f32,
+    /// ε of the key/query RMSNorms (demo: f32 machine ε).
+    #[serde(default = "default_gate_eps")]
+    pub gate_norm_eps: f32,
+    /// ε of the branch RMSNorms before the convolution (demo 1e-5).
+    #[serde(default = "default_conv_eps")]
+    pub conv_norm_eps: f32,
+}
+
+impl Default for EngramConfig {
+    fn default() -> Self {
+        EngramConfig {
+            layer_ids: vec![1],
+            max_ngram_size: 3,
+            n_head_per_ngram: 4,
+            head_dim: 16,
+            vocab_size_per_ngram: vec![50_000, 50_000],
+            kernel_size: 4,
+            seed: 0,
+            pad_id: 0,
+            table_lr_mult: default_lr_mult(),
+            table_init_std: default_table_std(),
+            gate_norm_eps: default_gate_eps(),
+            conv_norm_eps: default_conv_eps(),
+        }
+    }
+}
+
+impl EngramConfig {
+    /// Checks the settings on their own (`n_layers`: the model's depth, when known).
+    pub fn validate(&self, n_layers: Option<usize>) -> Result<()> {
+        let e = |field: &str, msg: String| -> Result<()> { bail!("engram.{field}: {msg}") };
+        if self.max_ngram_size < 2 {
+            e(
+                "max_ngram_size",
+                format!(
+                    "is {}; Engram hashes N-grams of orders 2..=N, so N must be ≥ 2",
+                    self.max_ngram_size
+                ),
+            )?;
+        }
+        if self.max_ngram_size > 16 {
+            e(
+                "max_ngram_size",
+                format!("is {}; at most 16 is supported", self.max_ngram_size),
+            )?;
+        }
+        if self.n_head_per_ngram == 0 {
+            e("n_head_per_ngram", "must be ≥ 1".into())?;
+        }
+        if self.head_dim == 0 {
+            e("head_dim", "must be ≥ 1".into())?;
+        }
+        if self.layer_ids.is_empty() {
+            e(
+                "layer_ids",
+                "is empty; list the blocks that get an Engram module".into(),
+            )?;
+        }
+        let mut ids = self.layer_ids.clone();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            e(
+                "layer_ids",
+                format!("{:?} lists a block twice", self.layer_ids),
+            )?;
+        }
+        if let (Some(n), Some(&max)) = (n_layers, ids.last()) {
+            if max >= n {
+                e(
+                    "layer_ids",
+                    format!("block {max} does not exist in a model of {n} layers"),
+                )?;
+            }
+        }
+        if self.vocab_size_per_ngram.len() != self.max_ngram_size - 1 {
+            e(
+                "vocab_size_per_ngram",
+                format!(
+                    "has {} entries; one per order 2..={} ({}) is needed",
+                    self.vocab_size_per_ngram.len(),
+                    self.max_ngram_size,
+                    self.max_ngram_size - 1
+                ),
+            )?;
+        }
+        if let Some(v) = self
+            .vocab_size_per_ngram
+            .iter()
+            .find(|&&v| !(2..=1 << 31).contains(&v))
+        {
+            e("vocab_size_per_ngram", format!("{v} is outside 2..=2^31"))?;
+        }
+        let rows: u64 =
+            self.vocab_size_per_ngram.iter().sum::<u64>() * self.n_head_per_ngram as u64;
+        if rows > u32::MAX as u64 / 2 {
+            e(
+                "vocab_size_per_ngram",
+                format!("{rows} rows per layer exceed the u32 row index"),
+            )?;
+        }
+        if self.kernel_size > 64 {
+            e(
+                "kernel_size",
+                format!("is {}; at most 64", self.kernel_size),
+            )?;
+        }
+        for (f, v) in [
+            ("table_lr_mult", self.table_lr_mult),
+            ("table_init_std", self.table_init_std),
+            ("gate_norm_eps", self.gate_norm_eps),
+            ("conv_norm_eps", self.conv_norm_eps),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                e(f, format!("is {v}; must be a finite number > 0"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Heads per layer `H = (N−1)·K`.
+    pub fn n_heads(&self) -> usize {
+        (self.max_ngram_size - 1) * self.n_head_per_ngram
+    }
+
+    /// Memory width `d_mem = H·D_h`.
+    pub fn d_mem(&self) -> usize {
+        self.n_heads() * self.head_dim
+    }
+
+    /// The gate shapes for a model of width `d` with `n_branch` residual streams.
+    pub fn gate_spec(&self, d: usize, n_branch: usize) -> GateSpec {
+        GateSpec {
+            d,
+            d_mem: self.d_mem(),
+            n_branch,
+            kernel: self.kernel_size,
+            dilation: self.max_ngram_size,
+            eps_gate: self.gate_norm_eps,
+            eps_conv: self.conv_norm_eps,
+        }
+    }
+
+    /// Lazy-Adam settings for the tables (the lr multiplier from this config).
+    pub fn table_optimizer(&self) -> SparseAdamParams {
+        SparseAdamParams {
+            lr_mult: self.table_lr_mult,
+            ..SparseAdamParams::default()
+        }
+    }
+}
+
+/// One Engram layer: hash, table, and gate (spec and parameters).
+#[derive(Debug)]
+pub struct EngramLayer {
+    pub hash: LayerHash,
+    pub table: EngramTable,
+    pub gate: GateSpec,
+    /// Gate parameters, laid out by [`GateSpec::offsets`].
+    pub params: Vec<f32>,
+}
+
+/// The retrieved memory of one layer for a batch: rows `[N, H]` and `e: [N, H·D_h]`.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    pub rows: Vec<u32>,
+    pub e: Vec<f32>,
+}
+
+/// Activations of one layer kept for the backward pass.
+#[derive(Clone, Default)]
+pub struct EngramActs {
+    pub rows: Vec<u32>,
+    pub gate: GateActs,
+}
+
+impl EngramLayer {
+    /// Hash and gather (the part that depends only on token ids; can be prefetched).
+    pub fn lookup(&self, cids: &[u32], pos: &[u32]) -> Result<Memory> {
+        let rows = self.hash.rows(cids, pos);
+        let e = self.table.prefetch(&rows)?;
+        Ok(Memory { rows, e })
+    }
+
+    /// Forward on `h: [N, n, d]` into `y: [N, n, d]` (to be added to the streams).
+    pub fn forward(
+        &self,
+        mem: Memory,
+        h: &[f32],
+        pos: &[u32],
+        y: &mut [f32],
+        acts: &mut EngramActs,
+    ) {
+        gate::forward(&self.gate, &self.params, &mem.e, h, pos, y, &mut acts.gate);
+        acts.rows = mem.rows;
+    }
+
+    /// Backward: adds the query-path gradient to `dh`, accumulates the gate gradient into
+    /// `dparams`, and returns the table gradient over the rows used.
+    pub fn backward(
+        &self,
+        acts: &EngramActs,
+        dy: &[f32],
+        dh: &mut [f32],
+        dparams: &mut [f32],
+    ) -> SparseGrad {
+        let mut de = vec![0.0f32; acts.rows.len() * self.table.dim()];
+        gate::backward(
+            &self.gate,
+            &self.params,
+            &acts.gate,
+            dy,
+            dh,
+            &mut de,
+            dparams,
+        );
+        SparseGrad::from_gather(&acts.rows, &de, self.table.dim())
+    }
+
+    /// One decode step of layer `i` of `state` for the compressed id `cid` of the new token:
+    /// `h, y: [n, d]`.
+    pub fn forward_step(
+        &self,
+        state: &mut EngramState,
+        i: usize,
+        cid: u32,
+        h: &[f32],
+        y: &mut [f32],
+    ) -> Result<()> {
+        let rows = self.hash.rows_step(&state.history, cid);
+        let e = self.table.prefetch(&rows)?;
+        gate::forward_step(&self.gate, &self.params, &e, h, &mut state.gates[i], y);
+        Ok(())
+    }
+}
+
+/// Decode-time state of one sequence: the last `N−1` compressed ids of the current document
+/// and each layer's convolution history.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngramState {
+    pub history: Vec<u32>,
+    pub gates: Vec<GateState>,
+    max_hist: usize,
+}
+
+impl EngramState {
+    /// Record the token just evaluated (raw id `tid`); an end-of-text token ends the document,
+    /// so the next token starts with empty histories.
+    pub fn push(&mut self, engram: &Engram, tid: u32, eot: Option<u32>) {
+        if Some(tid) == eot {
+            self.reset();
+            return;
+        }
+        self.history.push(engram.compress.compress_one(tid));
+        if self.history.len() > self.max_hist {
+            self.history.remove(0);
+        }
+    }
+
+    /// Start a new document.
+    pub fn reset(&mut self) {
+        self.history.clear();
+        self.gates.iter_mut().for_each(GateState::reset);
+    }
+}
+
+/// Summary of one layer for `mnemo engram inspect`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LayerInfo {
+    pub layer_id: usize,
+    pub orders: Vec<usize>,
+    pub heads_per_order: usize,
+    pub head_dim: usize,
+    /// Table size (a prime) of each head, `[order][head]`.
+    pub primes: Vec<Vec<u64>>,
+    pub multipliers: Vec<u64>,
+    pub total_rows: u64,
+    pub table_bytes: u64,
+    pub gate_params: usize,
+    pub mapped: bool,
+}
+
+/// All Engram layers of a model plus the tokenizer compression.
+#[derive(Debug)]
+pub struct Engram {
+    pub cfg: EngramConfig,
+    pub compress: CompressedTokenizer,
+    pub layers: Vec<EngramLayer>,
+}
+
+impl Engram {
+    /// A freshly initialised Engram for a model of width `d` with `n_branch` residual streams:
+    /// primes by the shared search, multipliers drawn from `cfg.seed` exactly as the demo
+    /// (numpy's `default_rng(seed + 10007·layer)`), tables ~ N(0,
+    /// table_init_std²), gates by [`GateSpec::init`] with `proj_std` (the model's `init_std`).
+    pub fn new(
+        cfg: EngramConfig,
+        compress: CompressedTokenizer,
+        d: usize,
+        n_branch: usize,
+        init_seed: u64,
+        proj_std: f32,
+    ) -> Result<Self> {
+        cfg.validate(None)?;
+        if d == 0 || n_branch == 0 {
+            bail!("engram: model width {d} and {n_branch} residual streams");
+        }
+        let vp = compress.compressed_vocab_size() as u64;
+        if vp >= 1 << 30 {
+            bail!("engram: a compressed vocabulary of {vp} ids is too large (at most 2^30)");
+        }
+        let pad = compress.compress_one(cfg.pad_id);
+        let primes = layer_primes(
+            cfg.layer_ids.len(),
+            &cfg.vocab_size_per_ngram,
+            cfg.n_head_per_ngram,
+        );
+        let spec = cfg.gate_spec(d, n_branch);
+        let mut layers = Vec::new();
+        for (&lid, primes) in cfg.layer_ids.iter().zip(primes) {
+            let mult = hash::draw_multipliers(cfg.seed, lid, cfg.max_ngram_size, vp);
+            let hash = LayerHash::new(
+                lid,
+                cfg.max_ngram_size,
+                cfg.n_head_per_ngram,
+                mult,
+                primes,
+                pad,
+                vp,
+            )?;
+            let mut rng = crate::rng::Rng::derived(init_seed, &format!("engram.{lid}"));
+            let table = EngramTable::normal(
+                hash.total_rows() as usize,
+                cfg.head_dim,
+                &mut rng,
+                cfg.table_init_std,
+            );
+            let params = spec.init(&mut rng, proj_std);
+            layers.push(EngramLayer {
+                hash,
+                table,
+                gate: spec,
+                params,
+            });
+        }
+        Ok(Engram {
+            cfg,
+            compress,
+            layers,
+        })
+    }
+
+    /// Reassemble from stored parts (hashes, tables and gate parameters from a checkpoint),
+    /// checking that they agree with `cfg` and with each other.
+    pub fn from_parts(
+        cfg: EngramConfig,
+        compress: CompressedTokenizer,
+        d: usize,
+        n_branch: usize,
+        parts: Vec<(LayerHash, EngramTable, Vec<f32>)>,
+    ) -> Result<Self> {
+        cfg.validate(None)?;
+        if parts.len() != cfg.layer_ids.len() {
+            bail!(
+                "engram: {} stored layers for layer_ids {:?}",
+                parts.len(),
+                cfg.layer_ids
+            );
+        }
+        let spec = cfg.gate_spec(d, n_branch);
+        let vp = compress.compressed_vocab_size() as u64;
+        let mut layers = Vec::new();
+        for ((hash, table, params), &lid) in parts.into_iter().zip(&cfg.layer_ids) {
+            hash.validate()?;
+            if hash.layer_id != lid
+                || hash.max_ngram != cfg.max_ngram_size
+                || hash.n_head != cfg.n_head_per_ngram
+                || hash.compressed_vocab != vp
+            {
+                bail!("engram layer {lid}: stored hash settings disagree with the config or the compression table");
+            }
+            if table.rows() as u64 != hash.total_rows() || table.dim() != cfg.head_dim {
+                bail!(
+                    "engram layer {lid}: table [{}, {}], expected [{}, {}]",
+                    table.rows(),
+                    table.dim(),
+                    hash.total_rows(),
+                    cfg.head_dim
+                );
+            }
+            if params.len() != spec.n_params() {
+                bail!(
+                    "engram layer {lid}: {} gate parameters, expected {}",
+                    params.len(),
+                    spec.n_params()
+                );
+            }
+            layers.push(EngramLayer {
+                hash,
+                table,
+                gate: spec,
+                params,
+            });
+        }
+        Ok(Engram {
+            cfg,
+            compress,
+            layers,
+        })
+    }
+
+    /// Serialise to safetensors bytes: metadata `engram` = JSON `{config, d, n_branch,
+    /// hashes}` (multipliers and primes as data), `engram.compress.lookup` (I32 `[V]`),
+    /// `engram.{layer}.gate.{name}` (F32, [`GateSpec::tensors`] names) and, with
+    /// `include_tables`, `engram.{layer}.table` (F32 `[R, D_h]`; leave large tables out and
+    /// keep them as mappable files, [`EngramTable::write_file`]).
+    pub fn to_safetensors(&self, include_tables: bool) -> Result<Vec<u8>> {
+        use crate::safetensors_io::{serialize_mixed, Data};
+        let first = self.layers.first();
+        let meta = serde_json::json!({
+            "config": self.cfg,
+            "d": first.map_or(0, |l| l.gate.d),
+            "n_branch": first.map_or(0, |l| l.gate.n_branch),
+            "hashes": self.layers.iter().map(|l| &l.hash).collect::<Vec<_>>(),
+        });
+        let lookup: Vec<i32> = self.compress.lookup().iter().map(|&x| x as i32).collect();
+        let mut t: Vec<(String, Vec<usize>, Data)> = vec![(
+            "engram.compress.lookup".into(),
+            vec![lookup.len()],
+            Data::I32(lookup),
+        )];
+        for l in &self.layers {
+            let lid = l.hash.layer_id;
+            for (name, shape, off) in l.gate.tensors() {
+                let len: usize = shape.iter().product();
+                t.push((
+                    format!("engram.{lid}.gate.{name}"),
+                    shape,
+                    Data::F32(&l.params[off..off + len]),
+                ));
+            }
+            if include_tables {
+                t.push((
+                    format!("engram.{lid}.table"),
+                    vec![l.table.rows(), l.table.dim()],
+                    Data::F32(l.table.as_slice()),
+                ));
+            }
+        }
+        let mut m = std::collections::HashMap::new();
+        m.insert("engram".to_string(), meta.to_string());
+        serialize_mixed(&t, m)
+    }
+
+    /// Inverse of [`Engram::to_safetensors`]. `tables`: the layers' tables when they were not
+    /// stored in the file (e.g. [`EngramTable::open_mapped`]), in layer order.
+    pub fn from_safetensors(
+        f: &crate::safetensors_io::TensorFile,
+        tables: Option<Vec<EngramTable>>,
+    ) -> Result<Self> {
+        use anyhow::Context;
+        let meta = f.metadata()?;
+        let text = meta
+            .get("engram")
+            .context("no `engram` metadata: not an Engram file")?;
+        let v: serde_json::Value = serde_json::from_str(text).context("engram metadata")?;
+        let cfg: EngramConfig =
+            serde_json::from_value(v["config"].clone()).context("engram config")?;
+        let hashes: Vec<LayerHash> =
+            serde_json::from_value(v["hashes"].clone()).context("engram hashes")?;
+        let d = v["d"].as_u64().context("engram metadata: d")? as usize;
+        let n_branch = v["n_branch"]
+            .as_u64()
+            .context("engram metadata: n_branch")? as usize;
+        let compress = CompressedTokenizer::from_lookup(f.u32("engram.compress.lookup")?)?;
+        let spec = cfg.gate_spec(d, n_branch);
+        let mut tables = tables.map(|t| t.into_iter());
+        let mut parts = Vec::new();
+        for h in hashes {
+            let lid = h.layer_id;
+            let mut params = vec![0.0f32; spec.n_params()];
+            for (name, shape, off) in spec.tensors() {
+                let x = f.f32(&format!("engram.{lid}.gate.{name}"), Some(&shape))?;
+                params[off..off + x.len()].copy_from_slice(&x);
+            }
+            let table = match tables.as_mut() {
+                Some(it) => it
+                    .next()
+                    .with_context(|| format!("no table given for engram layer {lid}"))?,
+                None => {
+                    let rows = h.total_rows() as usize;
+                    let x = f.f32(&format!("engram.{lid}.table"), Some(&[rows, cfg.head_dim]))?;
+                    EngramTable::from_vec(rows, cfg.head_dim, x)?
+                }
+            };
+            parts.push((h, table, params));
+        }
+        Self::from_parts(cfg, compress, d, n_branch, parts)
+    }
+
+    /// Hash and gather for every layer (one [`Memory`] per layer, in layer order). It depends
+    /// only on token ids, so a model can run it ahead of (or beside) the blocks below.
+    pub fn lookup_all(&self, cids: &[u32], pos: &[u32]) -> Result<Vec<Memory>> {
+        self.layers.iter().map(|l| l.lookup(cids, pos)).collect()
+    }
+
+    /// [`Engram::inspect`] as text, one block per layer (for `mnemo engram inspect`).
+    pub fn inspect_text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let v = self.compress.tokenizer_vocab_size();
+        let vp = self.compress.compressed_vocab_size();
+        let _ = writeln!(
+            s,
+            "compression: {v} tokenizer ids -> {vp} ({:.2}% fewer)",
+            100.0 * (v - vp) as f64 / v.max(1) as f64
+        );
+        for i in self.inspect() {
+            let _ = writeln!(
+                s,
+                "layer {}: orders {:?}, {} heads/order x {} dims, {} rows, {:.1} MB{}, {} gate params",
+                i.layer_id,
+                i.orders,
+                i.heads_per_order,
+                i.head_dim,
+                i.total_rows,
+                i.table_bytes as f64 / 1e6,
+                if i.mapped { " (mapped)" } else { "" },
+                i.gate_params
+            );
+            for (o, p) in i.orders.iter().zip(&i.primes) {
+                let _ = writeln!(s, "  {o}-gram table sizes {p:?}");
+            }
+            let _ = writeln!(s, "  multipliers {:?}", i.multipliers);
+        }
+        s
+    }
+
+    /// The Engram layer index of block `block`, if it has one.
+    pub fn layer_of_block(&self, block: usize) -> Option<usize> {
+        self.layers.iter().position(|l| l.hash.layer_id == block)
+    }
+
+    /// An empty decode state for one sequence.
+    pub fn new_state(&self) -> EngramState {
+        EngramState {
+            history: Vec::new(),
+            gates: vec![GateState::default(); self.layers.len()],
+            max_hist: self.cfg.max_ngram_size - 1,
+        }
+    }
+
+    /// Per-layer summary.
+    pub fn inspect(&self) -> Vec<LayerInfo> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let h = &l.hash;
+                LayerInfo {
+                    layer_id: h.layer_id,
+                    orders: (2..=h.max_ngram).collect(),
+                    heads_per_order: h.n_head,
+                    head_dim: l.table.dim(),
+                    primes: h.primes.chunks(h.n_head).map(|c| c.to_vec()).collect(),
+                    multipliers: h.multipliers.clone(),
+                    total_rows: h.total_rows(),
+                    table_bytes: l.table.bytes(),
+                    gate_params: l.params.len(),
+                    mapped: l.table.is_mapped(),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
