@@ -179,6 +179,59 @@ pub fn matvec(m: &QMatrix, x: &[f32], y: &mut [f32], accumulate: bool) {
     });
 }
 
+/// `y[n, rows] (+)= X[n, cols] · Mᵀ` for `n` vectors at once: every weight row is read once
+/// for all of them (a batch of decoding sequences, or a run of draft tokens being verified).
+/// Each output is computed exactly as [`matvec`] computes it, bit for bit.
+pub fn matmat(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+    if n == 1 {
+        return matvec(m, x, y, accumulate);
+    }
+    assert_eq!(x.len(), n * m.cols);
+    assert_eq!(y.len(), n * m.rows);
+    assert_eq!(m.data.len(), m.rows * m.row_bytes());
+    let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+    let nb = m.cols / 32;
+    const ROWS: usize = 32;
+    let avx2 = has_avx2();
+    // yt[r, i]: weight row r against vector i (transposed so row chunks are contiguous).
+    let mut yt = vec![0.0f32; m.rows * n];
+    yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yc)| {
+        let r0 = c * ROWS;
+        let nr = yc.len() / n;
+        let mut tmp = vec![0.0f32; nr];
+        for i in 0..n {
+            let xi = &x[i * m.cols..(i + 1) * m.cols];
+            let si = &xsum[i * nb..(i + 1) * nb];
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                unsafe { rows_avx2(m, r0, &mut tmp, xi, si, false) };
+            } else {
+                rows_generic(m, r0, &mut tmp, xi, si, false);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = avx2;
+                rows_generic(m, r0, &mut tmp, xi, si, false);
+            }
+            for (r, &t) in tmp.iter().enumerate() {
+                yc[r * n + i] = t;
+            }
+        }
+    });
+    for i in 0..n {
+        let yi = &mut y[i * m.rows..(i + 1) * m.rows];
+        for (r, out) in yi.iter_mut().enumerate() {
+            let t = yt[r * n + i];
+            if accumulate {
+                *out += t;
+            } else {
+                *out = t;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +267,35 @@ mod tests {
                     "{ty:?} row {i}: {} vs {want}",
                     y[i]
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn matmat_equals_matvec_bit_for_bit() {
+        let mut r = Rng::new(5);
+        for ty in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
+            let (rows, cols, n) = (77, 64, 5);
+            let bb = ty.block_bytes();
+            let mut data = vec![0u8; rows * cols / 32 * bb];
+            for blk in data.chunks_exact_mut(bb) {
+                for b in blk.iter_mut() {
+                    *b = (r.next_u64() & 0xff) as u8;
+                }
+                blk[..2].copy_from_slice(&0x2c00u16.to_le_bytes());
+                if ty == QType::Q4_1 {
+                    blk[2..4].copy_from_slice(&0xb800u16.to_le_bytes());
+                }
+            }
+            let m = QMatrix::new(ty, rows, cols, data);
+            let mut x = vec![0.0f32; n * cols];
+            r.fill_normal(&mut x, 1.0);
+            let mut y = vec![0.5f32; n * rows];
+            matmat(&m, &x, n, &mut y, true);
+            for i in 0..n {
+                let mut want = vec![0.5f32; rows];
+                matvec(&m, &x[i * cols..(i + 1) * cols], &mut want, true);
+                assert_eq!(&y[i * rows..(i + 1) * rows], &want[..], "{ty:?} vector {i}");
             }
         }
     }
