@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod pack_cmd;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +47,8 @@ enum Cmd {
     /// Ask a model about a repository: pack it, prefill it (reusing a saved prefix cache when
     /// the repository and model are unchanged), and stream the answer.
     Ask(AskArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming).
+    Serve(serve::ServeArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
@@ -274,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Ask(a) => cmd_ask(a),
         Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Tokenizer(TokenizerCmd::Train {
             data,
             vocab,
