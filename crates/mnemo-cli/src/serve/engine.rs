@@ -118,6 +118,8 @@ struct Seq {
     sent: usize,
     cached_tokens: usize,
     finished: bool,
+    /// The client has gone (its receiver was dropped).
+    gone: bool,
 }
 
 /// The longest suffix of `text` that is a proper prefix of one of `stops` (held back).
@@ -144,6 +146,7 @@ impl Seq {
     fn send(&mut self, e: Event) {
         if self.req.tx.send(e).is_err() {
             self.finished = true;
+            self.gone = true;
         }
     }
 
@@ -159,7 +162,9 @@ impl Seq {
         };
         self.send(Event::Done(f));
         self.finished = true;
-        shared.completed.fetch_add(1, Ordering::Relaxed);
+        if !self.gone {
+            shared.completed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Take newly generated tokens; returns false when the sequence is done.
@@ -352,6 +357,7 @@ impl Engine {
             sent: 0,
             cached_tokens: done,
             finished: false,
+            gone: false,
         })
     }
 
@@ -475,6 +481,10 @@ impl Engine {
                 continue;
             }
             self.step(&mut active);
+            let cancelled = active.iter().filter(|s| s.gone).count();
+            self.shared
+                .cancelled
+                .fetch_add(cancelled as u64, Ordering::Relaxed);
             active.retain(|s| !s.finished);
             self.shared.active.store(active.len(), Ordering::Relaxed);
             self.shared.steps.fetch_add(1, Ordering::Relaxed);
