@@ -5,8 +5,9 @@
 //! every linear layer is a single GEMM (or, for quantised weights and few rows, one pass over
 //! the quantised blocks for all rows, see [`crate::kernels::quant::matmat`]); RoPE, the cache
 //! writes and attention run per sequence against its own cache. Same kernels, same arithmetic
-//! as [`Model::forward_cached`]: with quantised weights a row's logits are bit-identical to
-//! decoding that sequence alone; with f32 weights they agree to rounding (≈1e-6).
+//! as [`Model::forward_cached`]; the logits of a row agree with decoding that sequence alone
+//! up to f32 rounding (≈1e-6), bit for bit when a quantised model uses the quantised product
+//! for all rows (see [`set_quant_max_rows`]).
 
 use crate::generate::KvCache;
 use crate::kernels::attention::{self, AttnDims, Heads};
@@ -15,9 +16,26 @@ use crate::kernels::{embedding, rmsnorm, swiglu};
 use crate::model::{Ffn, Model};
 use crate::moe::{self, MoeActs, MoeSpec};
 use anyhow::{bail, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// At most this many rows use the quantised-block product; more use the f32 GEMM (prefill).
-pub const QUANT_MAX_ROWS: usize = 32;
+/// At most this many rows use the bit-exact quantised product [`crate::kernels::quant::matmat`]
+/// (each output exactly as one-token decoding computes it); more rows (up to
+/// [`QUANT_FAST_MAX_ROWS`]) use [`crate::kernels::quant::matmat_fast`].
+///
+/// The exact product is compute-bound on a CPU (a row's blocks are unpacked for each vector),
+/// so `n` rows cost about `n` single-token decodes; the fast one dequantises each block once
+/// for all rows, so a decode batch or a run of drafts costs little more than one token. Its
+/// results differ from the one-token path only by f32 rounding (same weights, another
+/// summation order). Set this to 64 ([`set_quant_max_rows`]) for bit-identical rows.
+static QUANT_MAX_ROWS: AtomicUsize = AtomicUsize::new(1);
+
+/// Up to this many rows, quantised weights are used directly (beyond, the f32 GEMM: prefill).
+pub const QUANT_FAST_MAX_ROWS: usize = 64;
+
+/// See [`QUANT_MAX_ROWS`]: rows up to `n` use the quantised product (default 1).
+pub fn set_quant_max_rows(n: usize) {
+    QUANT_MAX_ROWS.store(n.max(1), Ordering::Relaxed);
+}
 
 /// One sequence's part of a batched forward.
 pub struct BatchSeq<'a> {
@@ -42,8 +60,12 @@ fn linear_rows(
     acc: bool,
 ) {
     match model.quant.get(&off) {
-        Some(q) if n <= QUANT_MAX_ROWS && q.rows == dout && q.cols == din => {
-            crate::kernels::quant::matmat(q, x, n, y, acc)
+        Some(q) if q.rows == dout && q.cols == din && n <= QUANT_FAST_MAX_ROWS => {
+            if n <= QUANT_MAX_ROWS.load(Ordering::Relaxed) {
+                crate::kernels::quant::matmat(q, x, n, y, acc)
+            } else {
+                crate::kernels::quant::matmat_fast(q, x, n, y, acc)
+            }
         }
         _ => linear_forward(
             y,

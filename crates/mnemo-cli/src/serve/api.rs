@@ -63,6 +63,8 @@ pub struct Params {
     pub seed: Option<u64>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Not OpenAI (vLLM's extension): keep generating past the end-of-text token.
+    pub ignore_eos: bool,
 }
 
 fn type_err(param: &str, want: &str) -> ApiError {
@@ -208,6 +210,7 @@ pub fn parse_params(o: &Map<String, Value>, max_tokens_limit: u64) -> Result<Par
         return Err(ApiError::invalid("n", "only n = 1 is supported"));
     }
     let stream = opt_bool(o, "stream")?.unwrap_or(false);
+    let ignore_eos = opt_bool(o, "ignore_eos")?.unwrap_or(false);
     let include_usage = match opt(o, "stream_options") {
         None => false,
         Some(Value::Object(so)) => opt_bool(so, "include_usage")?.unwrap_or(false),
@@ -225,6 +228,7 @@ pub fn parse_params(o: &Map<String, Value>, max_tokens_limit: u64) -> Result<Par
         seed,
         stream,
         include_usage,
+        ignore_eos,
     })
 }
 

@@ -48,6 +48,7 @@ pub struct Request {
     pub sampling: Sampling,
     pub seed: u64,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
     pub tx: mpsc::UnboundedSender<Event>,
 }
 
@@ -173,7 +174,7 @@ impl Seq {
             if self.finished {
                 return false;
             }
-            if t == tok.eot() {
+            if t == tok.eot() && !self.req.ignore_eos {
                 self.flush_all();
                 self.finish("stop", shared);
                 return false;

@@ -304,6 +304,7 @@ async fn handle(
         },
         seed,
         stop: p.stop.clone(),
+        ignore_eos: p.ignore_eos,
         tx: etx,
     };
     match app.tx.try_send(req) {
