@@ -380,11 +380,18 @@ impl Engine {
             return;
         }
         if let Some(dir) = &self.cfg.prefix_dir {
+            // Written by a helper thread from its own copy, so decoding does not wait.
             let bytes: Vec<u8> = p.iter().flat_map(|x| x.to_le_bytes()).collect();
             let key = mnemo::util::fnv1a64(&bytes);
             let path = dir.join(format!("{key:016x}.safetensors"));
-            if let Err(e) = cache.save(&path, &self.model, p) {
-                eprintln!("prompt cache: cannot save {}: {e:#}", path.display());
+            let mut copy = KvCache::with_capacity(&self.model, p.len());
+            if copy.copy_prefix_from(&cache, p.len()).is_ok() {
+                let (model, tokens) = (self.model.clone(), p.clone());
+                std::thread::spawn(move || {
+                    if let Err(e) = copy.save(&path, &model, &tokens) {
+                        eprintln!("prompt cache: cannot save {}: {e:#}", path.display());
+                    }
+                });
             }
         }
         // Drop entries this one extends, then the least recently used beyond the limit.
@@ -521,10 +528,9 @@ impl Engine {
                         let logits = l.pop().unwrap_or_default();
                         let t = s.dec.start(&logits);
                         s.phase = Phase::Decode;
-                        let s: &Seq = &active[i];
-                        self.remember(s);
-                        let s = &mut active[i];
+                        // The first token goes out before the prompt is remembered.
                         s.accept(&[t], &tok, &self.shared);
+                        self.remember(&active[i]);
                     } else {
                         s.phase = Phase::Prefill { done: end };
                     }
