@@ -244,6 +244,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     prefixes: Vec<PrefixEntry>,
     clock: u64,
+    /// Prompt-cache files being written (joined before the engine exits).
+    saving: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Engine {
@@ -260,6 +262,7 @@ impl Engine {
             shared,
             prefixes: Vec::new(),
             clock: 0,
+            saving: Vec::new(),
         };
         e.load_prefixes();
         e
@@ -387,11 +390,12 @@ impl Engine {
             let mut copy = KvCache::with_capacity(&self.model, p.len());
             if copy.copy_prefix_from(&cache, p.len()).is_ok() {
                 let (model, tokens) = (self.model.clone(), p.clone());
-                std::thread::spawn(move || {
+                self.saving.retain(|h| !h.is_finished());
+                self.saving.push(std::thread::spawn(move || {
                     if let Err(e) = copy.save(&path, &model, &tokens) {
                         eprintln!("prompt cache: cannot save {}: {e:#}", path.display());
                     }
-                });
+                }));
             }
         }
         // Drop entries this one extends, then the least recently used beyond the limit.
@@ -499,6 +503,9 @@ impl Engine {
             if !self.cfg.step_delay.is_zero() {
                 std::thread::sleep(self.cfg.step_delay);
             }
+        }
+        for h in self.saving.drain(..) {
+            let _ = h.join();
         }
         self.shared.exited.store(true, Ordering::SeqCst);
     }

@@ -171,9 +171,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(serve(a, app, shared.clone(), name))?;
-    // The engine ends once nothing is active (bounded by the shutdown grace).
+    // The engine ends once nothing is active (bounded by the shutdown grace) and its
+    // prompt-cache files are written.
     let t0 = std::time::Instant::now();
-    while !shared.exited.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(5) {
+    while !shared.exited.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(10));
     }
     if shared.exited.load(Ordering::SeqCst) {
