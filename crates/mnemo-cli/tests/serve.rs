@@ -824,3 +824,33 @@ fn fuzzed_request_bodies_never_crash_the_server() {
     assert_eq!(st, 200);
     assert!(!s.log.lock().unwrap().contains("panicked"));
 }
+
+#[test]
+fn generate_with_lookup_prints_the_same_greedy_text() {
+    let run = tiny_run();
+    let gen = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mnemo"))
+            .args(["--threads", "1", "generate", run.to_str().unwrap()])
+            .args([
+                "--prompt",
+                "fn f_3_1(x: i32) -> i32 { x * 1 }\nfn f_3_2(x: i32) -> i32",
+            ])
+            .args(["--temperature", "0", "--max-tokens", "60"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (plain, _) = gen(&[]);
+    let (look, err) = gen(&["--lookup"]);
+    assert_eq!(look, plain);
+    assert!(err.contains("lookup:"), "{err}");
+}
