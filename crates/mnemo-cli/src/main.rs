@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod lookup_cmd;
 mod pack_cmd;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +48,8 @@ enum Cmd {
     /// Ask a model about a repository: pack it, prefill it (reusing a saved prefix cache when
     /// the repository and model are unchanged), and stream the answer.
     Ask(AskArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming).
+    Serve(serve::ServeArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
@@ -155,6 +159,14 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Lookup-first decoding: draft tokens from N-gram matches in the prompt and output,
+    /// verified in one forward pass (same output when greedy; same distribution otherwise).
+    #[arg(long)]
+    lookup: bool,
+    /// Lossy lookup: emit continuations whose empirical N-gram probability is >= P without
+    /// verification (implies --lookup).
+    #[arg(long, value_name = "P")]
+    lookup_threshold: Option<f32>,
 }
 
 #[derive(Args)]
@@ -229,6 +241,20 @@ enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         gen: usize,
     },
+    /// Lookup-first decoding vs plain greedy decoding on one prompt: tokens/s, identical
+    /// output, lossy thresholds; prints JSON.
+    Lookup(lookup_cmd::BenchLookupArgs),
+    /// Time of one forward over n rows (a verify pass / a decode batch) for each n; JSON.
+    Rows {
+        model: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+        rows: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Use the quantised product for up to this many rows (default 1).
+        #[arg(long, default_value_t = 1)]
+        quant_rows: usize,
+    },
     /// f32 GEMM throughput of the gemm crate at n×n×n (the peak for MFU); prints JSON.
     Gemm {
         #[arg(long, default_value_t = 1024)]
@@ -274,6 +300,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Ask(a) => cmd_ask(a),
         Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Tokenizer(TokenizerCmd::Train {
             data,
             vocab,
@@ -358,6 +385,16 @@ fn run(cli: Cli) -> Result<()> {
                     "gen": gen, "prefill_tok_s": prompt.len() as f64 / prefill, "decode_tok_s": gen as f64 / decode})
             );
             Ok(())
+        }
+        Cmd::Bench(BenchCmd::Lookup(a)) => lookup_cmd::bench(a),
+        Cmd::Bench(BenchCmd::Rows {
+            model,
+            rows,
+            reps,
+            quant_rows,
+        }) => {
+            mnemo::batch::set_quant_max_rows(quant_rows);
+            lookup_cmd::bench_rows(&model, &rows, reps)
         }
         Cmd::Bench(BenchCmd::Gemm { size, iters }) => {
             let r = mnemo::kernels::matmul::bench_gemm(size, iters.max(1));
@@ -665,6 +702,34 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     stdout.flush()?;
     let mut cache = mnemo::generate::KvCache::new(&l.model);
+    if a.lookup || a.lookup_threshold.is_some() {
+        if let Some(p) = a.lookup_threshold {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("--lookup-threshold must be in (0, 1]");
+            }
+        }
+        let cfg = mnemo::lookup::LookupConfig {
+            threshold: a.lookup_threshold,
+            ..Default::default()
+        };
+        let st = lookup_cmd::stream_lookup(
+            &l.model,
+            tok,
+            &mut cache,
+            &prompt,
+            a.max_tokens.min(room),
+            s,
+            a.seed,
+            cfg,
+            &mut stdout,
+        )?;
+        writeln!(stdout)?;
+        eprintln!(
+            "lookup: {} passes, {} drafted, {} accepted, {} unverified",
+            st.passes, st.drafted, st.accepted, st.unverified
+        );
+        return Ok(());
+    }
     stream_answer(
         &l.model,
         tok,

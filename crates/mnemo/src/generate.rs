@@ -465,6 +465,59 @@ impl KvCache {
     }
 }
 
+/// Helpers for the batched forward (`batch.rs`), lookup decoding and the server's prefix cache.
+impl KvCache {
+    /// A cache holding at most `cap` positions (≤ the model's `max_seq_len`): a server can give
+    /// each sequence a smaller window than the model supports.
+    pub fn with_capacity(model: &Model, cap: usize) -> Self {
+        let c = &model.cfg;
+        let cap = cap.min(c.max_seq_len);
+        let w = c.n_kv_heads * c.head_dim;
+        KvCache {
+            k: (0..c.n_layers).map(|_| vec![0.0; cap * w]).collect(),
+            v: (0..c.n_layers).map(|_| vec![0.0; cap * w]).collect(),
+            len: 0,
+            cap,
+        }
+    }
+
+    /// Forget every position from `len` on (e.g. rejected draft tokens).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Copy the first `n` positions of `src` into this cache (replacing what it held).
+    pub fn copy_prefix_from(&mut self, src: &KvCache, n: usize) -> Result<()> {
+        if n > src.len || n > self.cap || self.k.len() != src.k.len() {
+            bail!(
+                "cannot copy {n} cached positions (source holds {}, room {})",
+                src.len,
+                self.cap
+            );
+        }
+        let w = src
+            .k
+            .first()
+            .map_or(0, |k| k.len().checked_div(src.cap).unwrap_or(0));
+        for l in 0..self.k.len() {
+            self.k[l][..n * w].copy_from_slice(&src.k[l][..n * w]);
+            self.v[l][..n * w].copy_from_slice(&src.v[l][..n * w]);
+        }
+        self.len = n;
+        Ok(())
+    }
+
+    /// Layer `l`'s K and V rows (`[cap, KV·d_h]` each), for the batched forward.
+    pub(crate) fn layer_mut(&mut self, l: usize) -> (&mut [f32], &mut [f32]) {
+        (&mut self.k[l], &mut self.v[l])
+    }
+
+    pub(crate) fn set_len(&mut self, len: usize) {
+        debug_assert!(len <= self.cap);
+        self.len = len;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

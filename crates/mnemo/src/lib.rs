@@ -15,6 +15,7 @@
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
 
+pub mod batch;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod kernels;
+pub mod lookup;
 pub mod mhc;
 pub mod model;
 pub mod moe;

@@ -342,6 +342,181 @@ pub fn matmat(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool)
     }
 }
 
+/// Dequantise row `r` of `m` into `w` (`w = d·q + m` per block).
+#[inline(always)]
+fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
+    let rb = m.row_bytes();
+    let nb = m.cols / 32;
+    let bs = m.ty.block_bytes();
+    let row = &m.data[r * rb..(r + 1) * rb];
+    for (b, (blk, wb)) in row.chunks_exact(bs).zip(w.chunks_exact_mut(32)).enumerate() {
+        let d = m.d[r * nb + b];
+        match m.ty {
+            QType::Q8_0 => {
+                for j in 0..32 {
+                    wb[j] = d * (blk[2 + j] as i8) as f32;
+                }
+            }
+            QType::Q4_0 | QType::Q4_1 => {
+                let mm = m.m[r * nb + b];
+                let qs = if m.ty == QType::Q4_0 {
+                    &blk[2..18]
+                } else {
+                    &blk[4..20]
+                };
+                for j in 0..16 {
+                    wb[j] = d * (qs[j] & 0x0f) as f32 + mm;
+                    wb[j + 16] = d * (qs[j] >> 4) as f32 + mm;
+                }
+            }
+        }
+    }
+}
+
+/// `a (+)= w · x` lane-wise (8 lanes), fused multiply-add when `FMA`.
+#[inline(always)]
+fn madd<const FMA: bool>(a: &mut [f32; 8], w: &[f32], x: &[f32]) {
+    for j in 0..8 {
+        a[j] = if FMA {
+            w[j].mul_add(x[j], a[j])
+        } else {
+            a[j] + w[j] * x[j]
+        };
+    }
+}
+
+/// Rows `r0..r0 + y.len() / n` of `X · Mᵀ` into `y` (row-major `[rows, n]`): each row is
+/// dequantised once into an L1-resident buffer and multiplied into the `n` vectors, four at a
+/// time with register accumulators.
+#[inline(always)]
+fn rows_deq<const FMA: bool>(m: &QMatrix, r0: usize, n: usize, x: &[f32], y: &mut [f32]) {
+    let cols = m.cols;
+    let mut w = vec![0.0f32; cols];
+    for (k, yr) in y.chunks_exact_mut(n).enumerate() {
+        dequant_row(m, r0 + k, &mut w);
+        let mut i = 0;
+        while i + 4 <= n {
+            let xs = &x[i * cols..(i + 4) * cols];
+            let (x0, rest) = xs.split_at(cols);
+            let (x1, rest) = rest.split_at(cols);
+            let (x2, x3) = rest.split_at(cols);
+            let mut a = [[0.0f32; 8]; 4];
+            for c in 0..cols / 8 {
+                let wc = &w[c * 8..c * 8 + 8];
+                madd::<FMA>(&mut a[0], wc, &x0[c * 8..c * 8 + 8]);
+                madd::<FMA>(&mut a[1], wc, &x1[c * 8..c * 8 + 8]);
+                madd::<FMA>(&mut a[2], wc, &x2[c * 8..c * 8 + 8]);
+                madd::<FMA>(&mut a[3], wc, &x3[c * 8..c * 8 + 8]);
+            }
+            for (q, acc) in a.iter().enumerate() {
+                yr[i + q] = acc.iter().sum();
+            }
+            i += 4;
+        }
+        while i < n {
+            let xi = &x[i * cols..(i + 1) * cols];
+            let mut a = [0.0f32; 8];
+            for c in 0..cols / 8 {
+                madd::<FMA>(&mut a, &w[c * 8..c * 8 + 8], &xi[c * 8..c * 8 + 8]);
+            }
+            yr[i] = a.iter().sum();
+            i += 1;
+        }
+    }
+}
+
+/// [`rows_deq`] with AVX2/FMA intrinsics: four vectors at a time, 8-wide accumulators in
+/// registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_deq_avx2(m: &QMatrix, r0: usize, n: usize, x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+    let cols = m.cols;
+    assert!(x.len() >= n * cols && cols % 8 == 0);
+    let mut w = vec![0.0f32; cols];
+    for (k, yr) in y.chunks_exact_mut(n).enumerate() {
+        dequant_row(m, r0 + k, &mut w);
+        let wp = w.as_ptr();
+        let mut i = 0;
+        while i + 4 <= n {
+            let xp = x.as_ptr().add(i * cols);
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
+            let mut c = 0;
+            while c < cols {
+                let wv = _mm256_loadu_ps(wp.add(c));
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(c)), a0);
+                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(cols + c)), a1);
+                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(2 * cols + c)), a2);
+                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(3 * cols + c)), a3);
+                c += 8;
+            }
+            yr[i] = hsum(a0);
+            yr[i + 1] = hsum(a1);
+            yr[i + 2] = hsum(a2);
+            yr[i + 3] = hsum(a3);
+            i += 4;
+        }
+        while i < n {
+            let xp = x.as_ptr().add(i * cols);
+            let mut a = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < cols {
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(c)), _mm256_loadu_ps(xp.add(c)), a);
+                c += 8;
+            }
+            yr[i] = hsum(a);
+            i += 1;
+        }
+    }
+}
+
+/// `y[n, rows] (+)= X[n, cols] · Mᵀ` for a few vectors, fast: each block is dequantised once
+/// and used for all `n` vectors, so the cost grows slowly with `n` (decode batches, draft
+/// verification). Agrees with [`matvec`] up to f32 rounding (not bit for bit; see [`matmat`]).
+pub fn matmat_fast(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+    assert_eq!(x.len(), n * m.cols);
+    assert_eq!(y.len(), n * m.rows);
+    assert_eq!(m.data.len(), m.rows * m.row_bytes());
+    const ROWS: usize = 16;
+    let avx2 = isa() != Isa::Generic;
+    let mut yt = vec![0.0f32; m.rows * n];
+    yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yc)| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            unsafe { rows_deq_avx2(m, c * ROWS, n, x, yc) };
+            return;
+        }
+        let _ = avx2;
+        rows_deq::<false>(m, c * ROWS, n, x, yc);
+    });
+    for i in 0..n {
+        let yi = &mut y[i * m.rows..(i + 1) * m.rows];
+        for (r, out) in yi.iter_mut().enumerate() {
+            let t = yt[r * n + i];
+            if accumulate {
+                *out += t;
+            } else {
+                *out = t;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +608,40 @@ mod tests {
                 let mut yi = vec![0.5f32; rows];
                 matvec(&m, &x[i * cols..(i + 1) * cols], &mut yi, true);
                 assert_eq!(&y[i * rows..(i + 1) * rows], &yi[..], "{ty:?} vector {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmat_fast_agrees_with_matvec() {
+        let mut r = Rng::new(6);
+        for ty in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
+            let (rows, cols, n) = (45, 96, 7);
+            let bb = ty.block_bytes();
+            let mut data = vec![0u8; rows * cols / 32 * bb];
+            for blk in data.chunks_exact_mut(bb) {
+                for b in blk.iter_mut() {
+                    *b = (r.next_u64() & 0xff) as u8;
+                }
+                blk[..2].copy_from_slice(&0x2c00u16.to_le_bytes());
+                if ty == QType::Q4_1 {
+                    blk[2..4].copy_from_slice(&0xb800u16.to_le_bytes());
+                }
+            }
+            let m = QMatrix::new(ty, rows, cols, data);
+            let mut x = vec![0.0f32; n * cols];
+            r.fill_normal(&mut x, 1.0);
+            let mut y = vec![0.5f32; n * rows];
+            matmat_fast(&m, &x, n, &mut y, true);
+            // matmat_fast keeps f32 activations: compare with the dequantised f32 product.
+            let mut w = vec![0.0f32; cols];
+            for i in 0..n {
+                let xi = &x[i * cols..(i + 1) * cols];
+                for (rr, a) in y[i * rows..(i + 1) * rows].iter().enumerate() {
+                    dequant_row(&m, rr, &mut w);
+                    let b = 0.5 + w.iter().zip(xi).map(|(p, q)| p * q).sum::<f32>();
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{ty:?}: {a} vs {b}");
+                }
             }
         }
     }

@@ -1,0 +1,502 @@
+//! HTTP handlers: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or
+//! server-sent events), and `/v1/stats` (engine counters, not part of the OpenAI API).
+
+use super::api::{self, ApiError, Params, Prompt};
+use super::engine::{Event, Finish, Request, Shared};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use mnemo::generate::Sampling;
+use mnemo::tokenizer::Tokenizer;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// Server limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_prompt_tokens: usize,
+    pub max_tokens: u64,
+    pub default_max_tokens: u64,
+    pub body_timeout: Duration,
+    pub ctx: usize,
+}
+
+pub struct App {
+    pub tx: mpsc::Sender<Request>,
+    pub tok: Arc<Tokenizer>,
+    pub model_name: String,
+    pub api_key: Option<String>,
+    pub limits: Limits,
+    pub shared: Arc<Shared>,
+    pub vocab: usize,
+    pub queue_cap: usize,
+    pub ids: AtomicU64,
+    pub created: u64,
+}
+
+pub type AppState = Arc<App>;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn router(app: AppState) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/stats", get(stats))
+        .route("/health", get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "no such route",
+            )
+            .code("not_found")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method not allowed on this route",
+            )
+            .code("method_not_allowed")
+        })
+        .with_state(app)
+}
+
+fn check_key(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &app.api_key else {
+        return Ok(());
+    };
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Constant-time comparison.
+    let ok = got.is_some_and(|g| {
+        g.len() == key.len()
+            && g.bytes()
+                .zip(key.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing or incorrect API key (send `Authorization: Bearer <key>`)",
+        )
+        .code("invalid_api_key"))
+    }
+}
+
+async fn models(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_key(&app, &headers) {
+        return e.into_response();
+    }
+    axum::Json(json!({"object": "list", "data": [{
+        "id": app.model_name, "object": "model", "created": app.created, "owned_by": "mnemo",
+    }]}))
+    .into_response()
+}
+
+async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_key(&app, &headers) {
+        return e.into_response();
+    }
+    let s = &app.shared;
+    let r = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    axum::Json(json!({
+        "active": s.active.load(Ordering::Relaxed),
+        "queued": app.queue_cap - app.tx.capacity(),
+        "completed": r(&s.completed),
+        "cancelled": r(&s.cancelled),
+        "rejected": r(&s.rejected),
+        "generated_tokens": r(&s.generated_tokens),
+        "steps": r(&s.steps),
+        "prefix_cache": {"entries": s.prefix_entries.load(Ordering::Relaxed),
+                         "hits": r(&s.prefix_hits), "cached_tokens": r(&s.cached_tokens)},
+        "lookup": {"drafted": r(&s.drafted), "accepted": r(&s.accepted)},
+        "shutting_down": s.shutdown.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+/// Read the body: 413 past the limit, 408 when it arrives too slowly.
+async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_big = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "the request body exceeds {} bytes",
+                app.limits.max_body_bytes
+            ),
+        )
+        .code("body_too_large")
+    };
+    if let Some(n) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if n > app.limits.max_body_bytes as u64 {
+            return Err(too_big());
+        }
+    }
+    match tokio::time::timeout(
+        app.limits.body_timeout,
+        axum::body::to_bytes(body, app.limits.max_body_bytes),
+    )
+    .await
+    {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "the request body did not arrive in time",
+        )
+        .code("timeout")),
+        Ok(Err(e)) => {
+            let msg = format!("{e}");
+            if msg.contains("length limit") {
+                Err(too_big())
+            } else {
+                Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    format!("cannot read the request body: {msg}"),
+                ))
+            }
+        }
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn completions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, headers, body, Kind::Completion)
+        .await
+        .unwrap_or_else(|e| e.into_response())
+}
+
+async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, headers, body, Kind::Chat)
+        .await
+        .unwrap_or_else(|e| e.into_response())
+}
+
+fn encode_err(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        format!("{e:#}"),
+    )
+}
+
+/// The prompt's token ids for either endpoint.
+fn prompt_tokens(
+    app: &App,
+    o: &serde_json::Map<String, Value>,
+    kind: &Kind,
+) -> Result<Vec<u32>, ApiError> {
+    let tok = &app.tok;
+    match kind {
+        Kind::Completion => match api::parse_prompt(o, app.vocab)? {
+            Prompt::Tokens(t) => Ok(t),
+            Prompt::Text(s) => tok.encode(&s).map_err(encode_err),
+        },
+        Kind::Chat => {
+            let msgs = api::parse_messages(o)?;
+            match tok.chat_template() {
+                Some(tpl) => {
+                    let eos = tok.id_to_token(tok.eot()).unwrap_or_default();
+                    let text = mnemo::chat::render(tpl, &msgs, true, "", &eos).map_err(|e| {
+                        ApiError::invalid("messages", format!("{e:#}")).code("template_error")
+                    })?;
+                    tok.encode_with_special(&text).map_err(encode_err)
+                }
+                None => {
+                    // No template: a plain transcript ending in the assistant's turn.
+                    let mut text = String::new();
+                    for m in &msgs {
+                        text.push_str(&format!("{}: {}\n", m.role, m.content));
+                    }
+                    text.push_str("assistant:");
+                    tok.encode(&text).map_err(encode_err)
+                }
+            }
+        }
+    }
+}
+
+async fn handle(
+    app: AppState,
+    headers: HeaderMap,
+    body: Body,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    check_key(&app, &headers)?;
+    if app.shared.shutdown.load(Ordering::SeqCst) {
+        return Err(shutting_down());
+    }
+    let bytes = read_body(&app, &headers, body).await?;
+    let o = api::parse_object(&bytes)?;
+    let p: Params = api::parse_params(&o, app.limits.max_tokens)?;
+    let prompt = prompt_tokens(&app, &o, &kind)?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "the prompt encodes to no tokens",
+        ));
+    }
+    let ctx = app.limits.ctx;
+    if prompt.len() > app.limits.max_prompt_tokens || prompt.len() >= ctx {
+        return Err(ApiError::invalid(
+            if matches!(kind, Kind::Chat) {
+                "messages"
+            } else {
+                "prompt"
+            },
+            format!(
+                "the prompt is {} tokens; this server accepts at most {} (context {ctx})",
+                prompt.len(),
+                app.limits.max_prompt_tokens.min(ctx - 1)
+            ),
+        )
+        .code("context_length_exceeded"));
+    }
+    let max_tokens = (p.max_tokens.unwrap_or(app.limits.default_max_tokens) as usize)
+        .min(ctx - prompt.len())
+        .max(1);
+    let (etx, erx) = mpsc::unbounded_channel();
+    let seed = p.seed.unwrap_or_else(|| {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        t ^ app.ids.load(Ordering::Relaxed).rotate_left(32)
+    });
+    let req = Request {
+        prompt,
+        max_tokens,
+        sampling: Sampling {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+        },
+        seed,
+        stop: p.stop.clone(),
+        ignore_eos: p.ignore_eos,
+        tx: etx,
+    };
+    match app.tx.try_send(req) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            app.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "the server's queue is full; retry later",
+            )
+            .code("queue_full"));
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(shutting_down()),
+    }
+    let n = app.ids.fetch_add(1, Ordering::Relaxed);
+    let id = match kind {
+        Kind::Completion => format!("cmpl-{n:x}{:08x}", app.created as u32),
+        Kind::Chat => format!("chatcmpl-{n:x}{:08x}", app.created as u32),
+    };
+    let meta = Meta {
+        id,
+        created: now(),
+        model: app.model_name.clone(),
+        chat: matches!(kind, Kind::Chat),
+        include_usage: p.include_usage,
+    };
+    if p.stream {
+        Ok(stream_response(meta, erx))
+    } else {
+        collect_response(meta, erx).await
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "the server is shutting down",
+    )
+    .code("shutting_down")
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    chat: bool,
+    include_usage: bool,
+}
+
+fn usage(f: &Finish) -> Value {
+    json!({
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+    })
+}
+
+async fn collect_response(
+    m: Meta,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let fin = loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Done(f)) => break f,
+            Some(Event::Error(e)) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    e,
+                ))
+            }
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the engine dropped the request",
+                ))
+            }
+        }
+    };
+    let body = if m.chat {
+        json!({
+            "id": m.id, "object": "chat.completion", "created": m.created, "model": m.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": null, "finish_reason": fin.reason}],
+            "usage": usage(&fin),
+        })
+    } else {
+        json!({
+            "id": m.id, "object": "text_completion", "created": m.created, "model": m.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": fin.reason}],
+            "usage": usage(&fin),
+        })
+    };
+    Ok(axum::Json(body).into_response())
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+impl Meta {
+    fn chunk(&self, text: Option<&str>, first: bool, finish: Option<&str>) -> Value {
+        if self.chat {
+            let mut delta = serde_json::Map::new();
+            if first {
+                delta.insert("role".into(), "assistant".into());
+            }
+            if let Some(t) = text {
+                delta.insert("content".into(), t.into());
+            }
+            json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                   "model": self.model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+        } else {
+            json!({"id": self.id, "object": "text_completion", "created": self.created,
+                   "model": self.model,
+                   "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null,
+                                "finish_reason": finish}]})
+        }
+    }
+}
+
+fn stream_response(m: Meta, rx: mpsc::UnboundedReceiver<Event>) -> Response {
+    struct St {
+        m: Meta,
+        rx: mpsc::UnboundedReceiver<Event>,
+        first: bool,
+        done: bool,
+    }
+    let st = St {
+        m,
+        rx,
+        first: true,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let out: Vec<u8> = match st.rx.recv().await {
+            Some(Event::Text(t)) => {
+                let b = sse(&st.m.chunk(Some(&t), st.first, None));
+                st.first = false;
+                b.to_vec()
+            }
+            Some(Event::Done(f)) => {
+                let mut b = Vec::new();
+                if st.first && st.m.chat {
+                    b.extend_from_slice(&sse(&st.m.chunk(Some(""), true, None)));
+                }
+                b.extend_from_slice(&sse(&st.m.chunk(None, false, Some(f.reason))));
+                if st.m.include_usage {
+                    let mut u = st.m.chunk(None, false, None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&f);
+                    b.extend_from_slice(&sse(&u));
+                }
+                b.extend_from_slice(b"data: [DONE]\n\n");
+                st.done = true;
+                b
+            }
+            Some(Event::Error(e)) => {
+                let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
+                let mut b = sse(&err.body()).to_vec();
+                b.extend_from_slice(b"data: [DONE]\n\n");
+                st.done = true;
+                b
+            }
+            None => {
+                st.done = true;
+                let err = ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the engine dropped the request",
+                );
+                let mut b = sse(&err.body()).to_vec();
+                b.extend_from_slice(b"data: [DONE]\n\n");
+                b
+            }
+        };
+        Some((Ok::<Bytes, std::convert::Infallible>(Bytes::from(out)), st))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

@@ -1,0 +1,358 @@
+//! Batched forward over several sequences, each with its own KV cache.
+//!
+//! The rows of all sequences (one current token each while decoding; a run of draft tokens
+//! being verified; a chunk of a prompt) are stacked into one `[N, d]` activation matrix, so
+//! every linear layer is a single GEMM (or, for quantised weights and few rows, one pass over
+//! the quantised blocks for all rows, see [`crate::kernels::quant::matmat`]); RoPE, the cache
+//! writes and attention run per sequence against its own cache. Same kernels, same arithmetic
+//! as [`Model::forward_cached`]; the logits of a row agree with decoding that sequence alone
+//! up to f32 rounding (≈1e-6), bit for bit when a quantised model uses the quantised product
+//! for all rows (see [`set_quant_max_rows`]).
+
+use crate::generate::KvCache;
+use crate::kernels::attention::{self, AttnDims, Heads};
+use crate::kernels::matmul::linear_forward;
+use crate::kernels::{embedding, rmsnorm, swiglu};
+use crate::model::{Ffn, Model};
+use crate::moe::{self, MoeActs, MoeSpec};
+use anyhow::{bail, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// At most this many rows use the bit-exact quantised product [`crate::kernels::quant::matmat`]
+/// (each output exactly as one-token decoding computes it); more rows (up to
+/// [`QUANT_FAST_MAX_ROWS`]) use [`crate::kernels::quant::matmat_fast`].
+///
+/// The exact product is compute-bound on a CPU (a row's blocks are unpacked for each vector),
+/// so `n` rows cost about `n` single-token decodes; the fast one dequantises each block once
+/// for all rows, so a decode batch or a run of drafts costs little more than one token. Its
+/// results differ from the one-token path only by f32 rounding (same weights, another
+/// summation order). Set this to 64 ([`set_quant_max_rows`]) for bit-identical rows.
+static QUANT_MAX_ROWS: AtomicUsize = AtomicUsize::new(1);
+
+/// Up to this many rows, quantised weights are used directly (beyond, the f32 GEMM: prefill).
+pub const QUANT_FAST_MAX_ROWS: usize = 64;
+
+/// See [`QUANT_MAX_ROWS`]: rows up to `n` use the quantised product (default 1).
+pub fn set_quant_max_rows(n: usize) {
+    QUANT_MAX_ROWS.store(n.max(1), Ordering::Relaxed);
+}
+
+/// One sequence's part of a batched forward.
+pub struct BatchSeq<'a> {
+    /// Tokens at positions `cache.len()..` (non-empty).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Logits are returned for the rows `logits_from..tokens.len()` (`tokens.len() - 1`: the
+    /// last token only).
+    pub logits_from: usize,
+}
+
+/// `y (+)= x · Wᵀ` for `n` rows and the weight at `off` (`[dout, din]`).
+#[allow(clippy::too_many_arguments)]
+fn linear_rows(
+    model: &Model,
+    y: &mut [f32],
+    x: &[f32],
+    off: usize,
+    n: usize,
+    din: usize,
+    dout: usize,
+    acc: bool,
+) {
+    match model.quant.get(&off) {
+        Some(q) if q.rows == dout && q.cols == din && n <= QUANT_FAST_MAX_ROWS => {
+            if n <= QUANT_MAX_ROWS.load(Ordering::Relaxed) {
+                crate::kernels::quant::matmat(q, x, n, y, acc)
+            } else {
+                crate::kernels::quant::matmat_fast(q, x, n, y, acc)
+            }
+        }
+        _ => linear_forward(
+            y,
+            x,
+            &model.params[off..off + din * dout],
+            n,
+            din,
+            dout,
+            acc,
+        ),
+    }
+}
+
+/// Run every sequence's tokens through the model, appending to its cache. Returns, per
+/// sequence, the logits `[rows, V]` of its rows `logits_from..` (row-major).
+pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+    for s in seqs.iter() {
+        if s.tokens.is_empty() {
+            bail!("forward_batch: a sequence has no tokens");
+        }
+        if s.logits_from >= s.tokens.len() {
+            bail!("forward_batch: logits_from is past the last token");
+        }
+        if s.cache.len() + s.tokens.len() > s.cache.capacity() {
+            bail!(
+                "context of {} tokens exceeds the cache's capacity {}",
+                s.cache.len() + s.tokens.len(),
+                s.cache.capacity()
+            );
+        }
+    }
+    if seqs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let c = &model.cfg;
+    let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
+    let (h, kv) = (c.n_heads, c.n_kv_heads);
+    let qd = c.qkv_dim();
+    let kw = kv * hd;
+    let ly = &model.layout;
+    let w = |off: usize, len: usize| &model.params[off..off + len];
+    // Row offset of each sequence in the stacked matrix.
+    let mut starts = Vec::with_capacity(seqs.len());
+    let mut tokens = Vec::new();
+    for s in seqs.iter() {
+        starts.push(tokens.len());
+        tokens.extend_from_slice(s.tokens);
+    }
+    let n = tokens.len();
+    let p0s: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
+    let mut x = vec![0.0f32; n * d];
+    let mut a = vec![0.0f32; n * d];
+    let mut rstd = vec![0.0f32; n];
+    let mut qkv = vec![0.0f32; n * qd];
+    let mut o = vec![0.0f32; n * h * hd];
+    let mut lse = vec![0.0f32; h * n];
+    let mut h13 = vec![0.0f32; n * 2 * f];
+    let mut g = vec![0.0f32; n * f];
+    let mut moe_acts = MoeActs::default();
+    embedding::forward(&mut x, w(ly.embed, v * d), &tokens, d);
+    for (l, lo) in ly.layers.iter().enumerate() {
+        rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.attn_norm, d), d, c.norm_eps);
+        linear_rows(model, &mut qkv, &a, lo.wqkv, n, d, qd, false);
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let (r0, ni, p0) = (starts[i], s.tokens.len(), p0s[i]);
+            let rows = &mut qkv[r0 * qd..(r0 + ni) * qd];
+            model.rope.apply(rows, ni, qd, 0, h, hd, |r| p0 + r, false);
+            model
+                .rope
+                .apply(rows, ni, qd, h * hd, kv, hd, |r| p0 + r, false);
+            let (kc, vc) = s.cache.layer_mut(l);
+            for r in 0..ni {
+                let row = &rows[r * qd..(r + 1) * qd];
+                kc[(p0 + r) * kw..(p0 + r + 1) * kw].copy_from_slice(&row[h * hd..h * hd + kw]);
+                vc[(p0 + r) * kw..(p0 + r + 1) * kw]
+                    .copy_from_slice(&row[h * hd + kw..h * hd + 2 * kw]);
+            }
+            let dims = AttnDims {
+                batch: 1,
+                tq: ni,
+                tk: p0 + ni,
+                q_pos0: p0,
+                n_heads: h,
+                n_kv_heads: kv,
+                head_dim: hd,
+            };
+            attention::forward(
+                dims,
+                Heads {
+                    data: rows,
+                    rs: qd,
+                    off: 0,
+                },
+                Heads {
+                    data: &kc[..(p0 + ni) * kw],
+                    rs: kw,
+                    off: 0,
+                },
+                Heads {
+                    data: &vc[..(p0 + ni) * kw],
+                    rs: kw,
+                    off: 0,
+                },
+                &mut o[r0 * h * hd..(r0 + ni) * h * hd],
+                &mut lse[..h * ni],
+            );
+        }
+        linear_rows(model, &mut x, &o, lo.wo, n, h * hd, d, true);
+        rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.ffn_norm, d), d, c.norm_eps);
+        match lo.ffn {
+            Ffn::Dense { w13, w2 } => {
+                linear_rows(model, &mut h13, &a, w13, n, d, 2 * f, false);
+                swiglu::forward(&mut g, &h13, f);
+                linear_rows(model, &mut x, &g, w2, n, f, d, true);
+            }
+            Ffn::Moe(mo) => {
+                let spec = MoeSpec {
+                    aux_coef: 0.0,
+                    ..MoeSpec::new(c)
+                };
+                let table = model.hash_tables[l].as_deref();
+                moe::forward(
+                    &spec,
+                    &model.params,
+                    &mo,
+                    &a,
+                    &tokens,
+                    table,
+                    n,
+                    &mut moe_acts,
+                    &mut x,
+                );
+            }
+        }
+    }
+    // Final norm and output projection of the requested rows, as one product.
+    let mut rows = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        rows.extend((s.logits_from..s.tokens.len()).map(|r| starts[i] + r));
+    }
+    let m = rows.len();
+    let mut sel = vec![0.0f32; m * d];
+    for (j, &r) in rows.iter().enumerate() {
+        sel[j * d..(j + 1) * d].copy_from_slice(&x[r * d..(r + 1) * d]);
+    }
+    let mut hf = vec![0.0f32; m * d];
+    let mut r1 = vec![0.0f32; m];
+    rmsnorm::forward(&mut hf, &mut r1, &sel, w(ly.norm, d), d, c.norm_eps);
+    let mut logits = vec![0.0f32; m * v];
+    linear_rows(model, &mut logits, &hf, ly.output, m, d, v, false);
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut j = 0;
+    for (i, s) in seqs.iter_mut().enumerate() {
+        let k = s.tokens.len() - s.logits_from;
+        out.push(logits[j * v..(j + k) * v].to_vec());
+        j += k;
+        s.cache.set_len(p0s[i] + s.tokens.len());
+    }
+    Ok(out)
+}
+
+/// Run `tokens` after what `cache` holds and return the logits of every one of them
+/// (`[tokens.len(), V]`): the verification pass of lookup decoding.
+pub fn forward_all(model: &Model, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    let mut s = [BatchSeq {
+        tokens,
+        cache,
+        logits_from: 0,
+    }];
+    Ok(forward_batch(model, &mut s)?.pop().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::kernels::rope::RopeLayout;
+
+    pub(crate) fn tiny(seed: u64, max_seq_len: usize) -> Model {
+        let cfg = ModelConfig {
+            vocab_size: 37,
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rope_theta: 10000.0,
+            rope_dim: 8,
+            rope_layout: RopeLayout::Half,
+            ffn_hidden: 48,
+            tied_embeddings: false,
+            norm_eps: 1e-5,
+            init_std: 0.2,
+            max_seq_len,
+            ..ModelConfig::dense_defaults()
+        };
+        let mut m = Model::new(cfg).unwrap();
+        m.init(seed);
+        m
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() < 1e-5, "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn batched_decode_matches_single_sequence_decoding() {
+        let m = tiny(4, 128);
+        let prompts: Vec<Vec<u32>> = (0..5)
+            .map(|s| {
+                (0..(3 + 7 * s))
+                    .map(|i| ((i * 5 + s) % 37) as u32)
+                    .collect()
+            })
+            .collect();
+        // Reference: each sequence alone through forward_cached.
+        let mut want = Vec::new();
+        for p in &prompts {
+            let mut c = KvCache::new(&m);
+            let mut l = vec![m.forward_cached(p, &mut c).unwrap()];
+            for t in 0..4u32 {
+                l.push(m.forward_cached(&[(t * 3) % 37], &mut c).unwrap());
+            }
+            want.push(l);
+        }
+        // Batched: prefill all prompts in one call, then decode four steps together.
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&m)).collect();
+        let mut seqs: Vec<BatchSeq> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(p, c)| BatchSeq {
+                tokens: p,
+                cache: c,
+                logits_from: p.len() - 1,
+            })
+            .collect();
+        let got = forward_batch(&m, &mut seqs).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            close(g, &want[i][0], &format!("prefill seq {i}"));
+        }
+        for t in 0..4u32 {
+            let tok = [(t * 3) % 37];
+            let mut seqs: Vec<BatchSeq> = caches
+                .iter_mut()
+                .map(|c| BatchSeq {
+                    tokens: &tok,
+                    cache: c,
+                    logits_from: 0,
+                })
+                .collect();
+            let got = forward_batch(&m, &mut seqs).unwrap();
+            for (i, g) in got.iter().enumerate() {
+                close(g, &want[i][1 + t as usize], &format!("step {t} seq {i}"));
+            }
+        }
+        for c in &caches {
+            assert!(c.len() >= 7);
+        }
+    }
+
+    #[test]
+    fn forward_all_returns_every_rows_logits_and_truncation_rewinds() {
+        let m = tiny(5, 64);
+        let toks: Vec<u32> = (0..20).map(|i| (i * 11 % 37) as u32).collect();
+        let mut c = KvCache::new(&m);
+        m.forward_cached(&toks[..10], &mut c).unwrap();
+        let all = forward_all(&m, &toks[10..], &mut c).unwrap();
+        assert_eq!(c.len(), 20);
+        for j in 0..10 {
+            let mut r = KvCache::new(&m);
+            let want = m.forward_cached(&toks[..11 + j], &mut r).unwrap();
+            close(&all[j * 37..(j + 1) * 37], &want, &format!("row {j}"));
+        }
+        // Rewind to 13 positions and continue: same as never having seen the rest.
+        c.truncate(13);
+        let got = m.forward_cached(&[7], &mut c).unwrap();
+        let mut r = KvCache::new(&m);
+        let mut p = toks[..13].to_vec();
+        p.push(7);
+        close(
+            &got,
+            &m.forward_cached(&p, &mut r).unwrap(),
+            "after truncate",
+        );
+        assert!(forward_all(&m, &[1; 60], &mut c).is_err(), "overflow");
+    }
+}
