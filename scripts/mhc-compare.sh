@@ -8,7 +8,8 @@
 # Usage: scripts/mhc-compare.sh [TAG=tiny]
 # Env: DATA (/work/corpus), PRESET (tiny), STEPS (600), LR (2e-3), SEED (1337),
 #      SETS (extra "--set k=v" flags for all three, e.g. "--set n_layers=8"), KINDS
-#      ("plain hc mhc"), MNEMO_CACHE (token cache), PYTHON (matplotlib for the plots).
+#      ("plain hc mhc"), TOKENIZER (reuse a tokenizer.json; default: the first run trains one),
+#      MNEMO_CACHE (token cache), PYTHON (matplotlib for the plots).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-tiny}
@@ -19,7 +20,7 @@ cargo build --release -q -p mnemo-cli || exit 1
 mnemo=target/release/mnemo
 res=results/mhc/$tag
 mkdir -p "$res" runs
-tok=""
+tok=${TOKENIZER:-}
 for kind in $kinds; do
   run=runs/mhc-$tag-$kind
   rm -rf "$run"
