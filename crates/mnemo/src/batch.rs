@@ -97,6 +97,23 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
             );
         }
     }
+    if !model.cfg.residual.is_plain() {
+        // The batched layer loop below is the plain-residual one; hyper-connection models
+        // run each sequence through the model's own cached forward, one token at a time for
+        // the rows whose logits are wanted.
+        let mut out = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let mut rows = Vec::new();
+            if s.logits_from > 0 {
+                model.forward_cached(&s.tokens[..s.logits_from], s.cache)?;
+            }
+            for &tok in &s.tokens[s.logits_from..] {
+                rows.extend(model.forward_cached(&[tok], s.cache)?);
+            }
+            out.push(rows);
+        }
+        return Ok(out);
+    }
     if seqs.is_empty() {
         return Ok(Vec::new());
     }
@@ -245,7 +262,11 @@ mod tests {
     use crate::kernels::rope::RopeLayout;
 
     pub(crate) fn tiny(seed: u64, max_seq_len: usize) -> Model {
-        let cfg = ModelConfig {
+        tiny_with(seed, max_seq_len, crate::config::Residual::Plain)
+    }
+
+    fn tiny_with(seed: u64, max_seq_len: usize, residual: crate::config::Residual) -> Model {
+        let mut cfg = ModelConfig {
             vocab_size: 37,
             d_model: 32,
             n_layers: 2,
@@ -262,6 +283,8 @@ mod tests {
             max_seq_len,
             ..ModelConfig::dense_defaults()
         };
+        cfg.residual = residual;
+        cfg.hc_mult = 2;
         let mut m = Model::new(cfg).unwrap();
         m.init(seed);
         m
@@ -276,7 +299,12 @@ mod tests {
 
     #[test]
     fn batched_decode_matches_single_sequence_decoding() {
-        let m = tiny(4, 128);
+        for res in [crate::config::Residual::Plain, crate::config::Residual::Mhc] {
+            batched_matches_single(&tiny_with(4, 128, res));
+        }
+    }
+
+    fn batched_matches_single(m: &Model) {
         let prompts: Vec<Vec<u32>> = (0..5)
             .map(|s| {
                 (0..(3 + 7 * s))
