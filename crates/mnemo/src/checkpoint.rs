@@ -418,6 +418,11 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
     let dir = locate(path)?;
     let cfg = read_config(&dir.join("config.json"))?;
     let mut model = Model::new(cfg)?;
+    // The Engram files first: a config that disagrees with them is named as such.
+    let engram = match model.cfg.engram {
+        Some(_) => Some(read_engram(&dir, &model.cfg, with_optimizer)?),
+        None => None,
+    };
     load_weights(&mut model, &dir.join("model.safetensors"))?;
     let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
     if tokenizer.vocab_size() > model.cfg.vocab_size {
@@ -429,8 +434,7 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
         );
     }
     let mut engram_opt = None;
-    if model.cfg.engram.is_some() {
-        let e = read_engram(&dir, &model.cfg, with_optimizer)?;
+    if let Some(e) = engram {
         let v = e.compress.tokenizer_vocab_size();
         if v != tokenizer.vocab_size() {
             bail!(

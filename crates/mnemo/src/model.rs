@@ -435,7 +435,11 @@ impl Workspace {
                 format!(
                     "layer {} ({})",
                     s / 2,
-                    if s.is_multiple_of(2) { "attention" } else { "FFN" }
+                    if s.is_multiple_of(2) {
+                        "attention"
+                    } else {
+                        "FFN"
+                    }
                 )
             };
             for (s, a) in self.hc.acts.iter().enumerate() {
