@@ -420,8 +420,7 @@ fn engram_training_resumes_bit_identically_and_bad_files_are_errors() {
     let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter(|l| l.contains("engram_rows_touched"))
-        .last()
+        .rfind(|l| l.contains("engram_rows_touched"))
         .map(|l| serde_json::from_str(l).unwrap())
         .unwrap();
     assert!(last["engram_table_grad_norm"].as_f64().unwrap() > 0.0);
