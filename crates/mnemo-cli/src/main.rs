@@ -53,6 +53,9 @@ enum Cmd {
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCmd),
+    /// Engram conditional-memory tools.
+    #[command(subcommand)]
+    Engram(EngramCmd),
     /// Print the resolved run config (preset + config file + overrides) as JSON.
     Config(ConfigArgs),
     /// Benchmarks: a training step, or the GEMM peak.
@@ -220,6 +223,25 @@ enum TokenizerCmd {
 }
 
 #[derive(Subcommand)]
+enum EngramCmd {
+    /// Build the Engram compression table of a tokenizer: vocabulary size before and after,
+    /// and the largest merge groups.
+    Compress {
+        #[arg(long, value_name = "FILE")]
+        tokenizer: PathBuf,
+        /// Merge groups to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Per Engram layer: orders, heads, table sizes (primes), rows, bytes, multipliers, of a
+    /// run directory / checkpoint or a model config JSON file.
+    Inspect {
+        #[arg(value_name = "RUN_DIR_OR_CONFIG")]
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCmd {
     /// Time full training steps (forward, backward, clip, AdamW) on random tokens; prints JSON.
     TrainStep {
@@ -301,6 +323,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ask(a) => cmd_ask(a),
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Engram(EngramCmd::Compress { tokenizer, top }) => {
+            let tok = mnemo::tokenizer::Tokenizer::load(&tokenizer)?;
+            let c = mnemo::engram::CompressedTokenizer::build(&tok)?;
+            print!("{}", c.report(&tok, top));
+            Ok(())
+        }
+        Cmd::Engram(EngramCmd::Inspect { path }) => {
+            print!("{}", engram_inspect(&path)?);
+            Ok(())
+        }
         Cmd::Tokenizer(TokenizerCmd::Train {
             data,
             vocab,
@@ -407,6 +439,44 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `mnemo engram inspect`: a run directory / checkpoint (the stored hashes and tables), or a
+/// model config JSON (a fresh Engram with an identity compression over `vocab_size`, since no
+/// tokenizer is known: the multipliers then differ from a trained run's).
+fn engram_inspect(path: &Path) -> Result<String> {
+    if path.is_file() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        // A model config, or a run config ({"model": {...}, ...}).
+        let m = v.get("model").cloned().unwrap_or(v);
+        let cfg: ModelConfig = serde_json::from_value(m)
+            .with_context(|| format!("{} is not a valid model config", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        if cfg.engram.is_none() {
+            bail!(
+                "{}: the model has no Engram (`engram` is not set)",
+                path.display()
+            );
+        }
+        let model = mnemo::model::Model::new(cfg)?;
+        let e = model.engram.as_ref().context("engram")?;
+        return Ok(format!(
+            "(config only: identity compression over the model vocabulary; a trained run uses its tokenizer's)\n{}",
+            e.inspect_text()
+        ));
+    }
+    let l = mnemo::checkpoint::load(path, false)?;
+    let e = l.model.engram.as_ref().with_context(|| {
+        format!(
+            "{}: the model has no Engram (`engram` is not set)",
+            path.display()
+        )
+    })?;
+    Ok(e.inspect_text())
+}
+
 /// Preset → config file → flags → `--set`, then deserialised (unknown fields are errors).
 fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
     let mut file: serde_json::Value = serde_json::json!({});
@@ -495,6 +565,19 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
             .with_context(|| format!("--set {s}: expected KEY=VALUE"))?;
         let parsed: serde_json::Value = serde_json::from_str(val)
             .unwrap_or_else(|_| serde_json::Value::String(val.to_string()));
+        // `engram.FIELD` / `model.engram.FIELD`: one field of the Engram config (the preset's,
+        // or the defaults when the preset has none); `engram=null` turns it off.
+        if let Some(f) = key
+            .strip_prefix("model.engram.")
+            .or_else(|| key.strip_prefix("engram."))
+        {
+            let e = &mut v["model"]["engram"];
+            if e.is_null() {
+                *e = serde_json::to_value(mnemo::engram::EngramConfig::default())?;
+            }
+            e[f] = parsed;
+            continue;
+        }
         let (section, field) = match key.split_once('.') {
             Some((sec, f)) => (sec.to_string(), f.to_string()),
             None => {

@@ -353,3 +353,66 @@ fn ask_packs_prefills_and_reuses_the_prefix_cache() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("prefilled"), "{err}");
 }
+
+#[test]
+fn engram_commands_overrides_and_bad_engram_configs() {
+    // `--set engram.FIELD=…` edits the preset's Engram config (or adds one); a block that does
+    // not exist names the field.
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-engram",
+            "--set",
+            "engram.layer_ids=[1,9]",
+        ],
+        "engram.layer_ids",
+    );
+    let (code, out, err) = mnemo(&[
+        "config",
+        "--preset",
+        "tiny",
+        "--set",
+        "engram.layer_ids=[1,3]",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["model"]["engram"]["layer_ids"], serde_json::json!([1, 3]));
+    // Inspect a config file (a run config as `mnemo config` prints it).
+    let d = tmpdir("engram");
+    let cfg = d.join("run.json");
+    std::fs::write(&cfg, &out).unwrap();
+    let (code, out, err) = mnemo(&["engram", "inspect", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("layer 1:") && out.contains("layer 3:") && out.contains("2-gram table sizes"),
+        "{out}"
+    );
+    let (_, plain, _) = mnemo(&["config", "--preset", "tiny"]);
+    let pc = d.join("plain.json");
+    std::fs::write(&pc, plain).unwrap();
+    assert_fails(&["engram", "inspect", pc.to_str().unwrap()], "no Engram");
+    assert_fails(&["engram", "inspect", "/nonexistent/run"], "does not exist");
+    // Compression report of a trained tokenizer.
+    let data = tmpdir("engram-data");
+    std::fs::write(data.join("a.rs"), "fn Main() { let X = 1; }\n".repeat(200)).unwrap();
+    let tok = d.join("tok.json");
+    let (code, _, err) = mnemo(&[
+        "tokenizer",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--vocab",
+        "300",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = mnemo(&["engram", "compress", "--tokenizer", tok.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("tokenizer ids ->"), "{out}");
+    assert_fails(
+        &["engram", "compress", "--tokenizer", "/nonexistent/tok.json"],
+        "/nonexistent/tok.json",
+    );
+}

@@ -97,8 +97,8 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
             );
         }
     }
-    if !model.cfg.residual.is_plain() {
-        // The batched layer loop below is the plain-residual one; hyper-connection models
+    if !model.cfg.residual.is_plain() || model.cfg.engram.is_some() {
+        // The batched layer loop below is the plain-residual one without Engram; other models
         // run each sequence through the model's own cached forward, one token at a time for
         // the rows whose logits are wanted.
         let mut out = Vec::with_capacity(seqs.len());

@@ -11,6 +11,12 @@
 //!     state.json              step, tokens seen, data RNG, run config
 //!     config.json             the model config (so the directory loads on its own)
 //!     tokenizer.json          the tokenizer
+//!     engram.safetensors      (Engram models) compression table, hash multipliers and primes
+//!                             (metadata, never recomputed on load), gate parameters (a copy;
+//!                             the model file holds them too)
+//!     engram_table.{l}.f32    (Engram models) table of block `l`: raw little-endian f32
+//!                             `[rows, head_dim]`, memory-mappable (`EngramTable::open_mapped`)
+//!     engram_optimizer.safetensors  lazy-Adam state of each table (`m`, `v`, per-row steps)
 //! ```
 //!
 //! A checkpoint is written to `RUN_DIR/.checkpoint.tmp`, synced, and swapped in by two
@@ -19,6 +25,7 @@
 //! taken for a complete one.
 
 use crate::config::ModelConfig;
+use crate::engram::{Engram, EngramTable, LayerHash, SparseAdam};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::safetensors_io::{serialize, serialize_mixed, Data, TensorFile};
@@ -49,7 +56,133 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
     pub state: Option<TrainState>,
     pub adam: Option<(Vec<f32>, Vec<f32>)>,
+    /// The Engram tables' lazy-Adam state (with the optimizer, Engram models only).
+    pub engram_opt: Option<Vec<SparseAdam>>,
     pub dir: PathBuf,
+}
+
+/// File name of the table of Engram block `l`.
+pub fn engram_table_file(l: usize) -> String {
+    format!("engram_table.{l}.f32")
+}
+
+/// Write the Engram files of a checkpoint into `dir`.
+fn write_engram(dir: &Path, e: &Engram, opt: &[SparseAdam]) -> Result<()> {
+    write_file(dir, "engram.safetensors", &e.to_safetensors(false)?)?;
+    for l in &e.layers {
+        l.table
+            .write_file(&dir.join(engram_table_file(l.hash.layer_id)))?;
+    }
+    if opt.len() != e.layers.len() {
+        bail!(
+            "{} Engram optimizer states for {} layers",
+            opt.len(),
+            e.layers.len()
+        );
+    }
+    let mut t: Vec<(String, Vec<usize>, Data)> = Vec::new();
+    let mut steps = Vec::new();
+    for (l, o) in e.layers.iter().zip(opt) {
+        let (lid, r, d) = (l.hash.layer_id, l.table.rows(), l.table.dim());
+        t.push((format!("engram.{lid}.adam.m"), vec![r, d], Data::F32(&o.m)));
+        t.push((format!("engram.{lid}.adam.v"), vec![r, d], Data::F32(&o.v)));
+        t.push((
+            format!("engram.{lid}.adam.row_steps"),
+            vec![r],
+            Data::I32(o.row_steps.iter().map(|&x| x as i32).collect()),
+        ));
+        steps.push(o.step);
+    }
+    let mut meta = HashMap::new();
+    meta.insert(
+        "engram_adam_steps".to_string(),
+        serde_json::to_string(&steps)?,
+    );
+    write_file(
+        dir,
+        "engram_optimizer.safetensors",
+        &serialize_mixed(&t, meta)?,
+    )
+}
+
+/// Read the Engram files of checkpoint `dir` for `model` (tables in RAM when `writable`,
+/// else memory-mapped read-only). Multipliers and primes are taken as stored.
+fn read_engram(dir: &Path, model: &ModelConfig, writable: bool) -> Result<Engram> {
+    let want = model.engram.as_ref().context("no engram config")?;
+    let p = dir.join("engram.safetensors");
+    let f = TensorFile::open(&p)?;
+    let meta = f.metadata()?;
+    let v: serde_json::Value = serde_json::from_str(
+        meta.get("engram")
+            .with_context(|| format!("{}: no `engram` metadata", p.display()))?,
+    )
+    .with_context(|| format!("{}: engram metadata", p.display()))?;
+    let stored: crate::engram::EngramConfig = serde_json::from_value(v["config"].clone())
+        .with_context(|| format!("{}: engram config", p.display()))?;
+    if &stored != want {
+        bail!(
+            "{}: the stored Engram config differs from the model config's `engram` ({} vs {})",
+            p.display(),
+            serde_json::to_string(&stored)?,
+            serde_json::to_string(want)?
+        );
+    }
+    let hashes: Vec<LayerHash> = serde_json::from_value(v["hashes"].clone())
+        .with_context(|| format!("{}: engram hashes", p.display()))?;
+    let mut tables = Vec::new();
+    for h in &hashes {
+        h.validate()?;
+        let tp = dir.join(engram_table_file(h.layer_id));
+        let (rows, d) = (h.total_rows() as usize, want.head_dim);
+        let t = EngramTable::open_mapped(&tp, rows, d, false)?;
+        tables.push(if writable {
+            EngramTable::from_vec(rows, d, t.as_slice().to_vec())?
+        } else {
+            t
+        });
+    }
+    let e = Engram::from_safetensors(&f, Some(tables))
+        .with_context(|| format!("in {}", p.display()))?;
+    let nb = crate::model::engram_gate_spec(model).n_branch;
+    if e.layers
+        .iter()
+        .any(|l| l.gate.d != model.d_model || l.gate.n_branch != nb)
+    {
+        bail!(
+            "{}: Engram gates for another model width or stream count",
+            p.display()
+        );
+    }
+    Ok(e)
+}
+
+fn read_engram_opt(dir: &Path, e: &Engram) -> Result<Vec<SparseAdam>> {
+    let p = dir.join("engram_optimizer.safetensors");
+    let f = TensorFile::open(&p)?;
+    let steps: Vec<u64> = serde_json::from_str(
+        f.metadata()?
+            .get("engram_adam_steps")
+            .with_context(|| format!("{}: no step counts", p.display()))?,
+    )?;
+    if steps.len() != e.layers.len() {
+        bail!(
+            "{}: {} layers, expected {}",
+            p.display(),
+            steps.len(),
+            e.layers.len()
+        );
+    }
+    let mut out = Vec::new();
+    for (l, step) in e.layers.iter().zip(steps) {
+        let (lid, r, d) = (l.hash.layer_id, l.table.rows(), l.table.dim());
+        let mut o = SparseAdam::new(r, d);
+        o.m = f.f32(&format!("engram.{lid}.adam.m"), Some(&[r, d]))?;
+        o.v = f.f32(&format!("engram.{lid}.adam.v"), Some(&[r, d]))?;
+        o.row_steps = f.u32_shaped(&format!("engram.{lid}.adam.row_steps"), Some(&[r]))?;
+        o.step = step;
+        out.push(o);
+    }
+    Ok(out)
 }
 
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
@@ -94,12 +227,40 @@ pub fn model_bytes(model: &Model) -> Result<Vec<u8>> {
     serialize_mixed(&tensors, meta)
 }
 
-/// Save a complete checkpoint atomically into `run_dir/checkpoint`.
+/// Save a complete checkpoint of a model without Engram (see [`save_with`]).
 pub fn save(
     run_dir: &Path,
     model: &Model,
     tok: &Tokenizer,
     adam: (&[f32], &[f32]),
+    state: &TrainState,
+) -> Result<()> {
+    if model.engram.is_some() {
+        bail!("checkpoint::save: an Engram model needs `save_with` (tables and their optimizer)");
+    }
+    save_inner(run_dir, model, tok, adam, &[], state)
+}
+
+/// Save a complete checkpoint atomically into `run_dir/checkpoint`, with the Engram files and
+/// the tables' lazy-Adam states `table_opt` when the model has Engram.
+pub fn save_with(
+    run_dir: &Path,
+    model: &mut Model,
+    tok: &Tokenizer,
+    adam: (&[f32], &[f32]),
+    table_opt: &[SparseAdam],
+    state: &TrainState,
+) -> Result<()> {
+    model.sync_engram_gates();
+    save_inner(run_dir, model, tok, adam, table_opt, state)
+}
+
+fn save_inner(
+    run_dir: &Path,
+    model: &Model,
+    tok: &Tokenizer,
+    adam: (&[f32], &[f32]),
+    table_opt: &[SparseAdam],
     state: &TrainState,
 ) -> Result<()> {
     let tmp = run_dir.join(TMP_DIR);
@@ -129,6 +290,9 @@ pub fn save(
         serde_json::to_string_pretty(&model.cfg)?.as_bytes(),
     )?;
     write_file(&tmp, "tokenizer.json", tok.to_json()?.as_bytes())?;
+    if let Some(e) = &model.engram {
+        write_engram(&tmp, e, table_opt)?;
+    }
     if let Ok(d) = std::fs::File::open(&tmp) {
         d.sync_all().ok();
     }
@@ -247,12 +411,18 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
             tokenizer,
             state: None,
             adam: None,
+            engram_opt: None,
             dir: path.to_path_buf(),
         });
     }
     let dir = locate(path)?;
     let cfg = read_config(&dir.join("config.json"))?;
     let mut model = Model::new(cfg)?;
+    // The Engram files first: a config that disagrees with them is named as such.
+    let engram = match model.cfg.engram {
+        Some(_) => Some(read_engram(&dir, &model.cfg, with_optimizer)?),
+        None => None,
+    };
     load_weights(&mut model, &dir.join("model.safetensors"))?;
     let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
     if tokenizer.vocab_size() > model.cfg.vocab_size {
@@ -262,6 +432,22 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
             tokenizer.vocab_size(),
             model.cfg.vocab_size
         );
+    }
+    let mut engram_opt = None;
+    if let Some(e) = engram {
+        let v = e.compress.tokenizer_vocab_size();
+        if v != tokenizer.vocab_size() {
+            bail!(
+                "{}: the Engram compression table covers {v} token ids but the tokenizer has {}",
+                dir.display(),
+                tokenizer.vocab_size()
+            );
+        }
+        if with_optimizer {
+            engram_opt = Some(read_engram_opt(&dir, &e)?);
+        }
+        model.engram = Some(e);
+        model.engram_eot = Some(tokenizer.eot());
     }
     let state_path = dir.join("state.json");
     let state = if state_path.is_file() {
@@ -287,6 +473,7 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
         tokenizer,
         state,
         adam,
+        engram_opt,
         dir,
     })
 }

@@ -100,6 +100,13 @@ pub struct ModelConfig {
     /// The mHC epsilon (added to `H_pre`, the softmax and every Sinkhorn denominator).
     #[serde(default = "default_hc_eps", skip_serializing_if = "is_default_hc_eps")]
     pub hc_eps: f32,
+
+    // ---- Engram conditional memory (see `engram`); optional, off by default ----
+    /// Hashed N-gram memory added to the residual stream(s) before attention in
+    /// `engram.layer_ids`. Not written to JSON when off, so older configs load and serialise
+    /// as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engram: Option<crate::engram::EngramConfig>,
 }
 
 /// Residual-stream kind of a model.
@@ -190,6 +197,9 @@ impl ModelConfig {
         "tiny-hc",
         "tiny-mhc",
         "small-mhc",
+        "tiny-engram",
+        "tiny-mhc-engram",
+        "small-engram",
     ];
 
     /// `tiny`: ~3.5M parameters, trains in minutes on 2 cores. `small`: ~22M parameters, GQA.
@@ -270,6 +280,35 @@ impl ModelConfig {
                 residual: Residual::Mhc,
                 ..Self::preset("small")?
             }),
+            // Engram variants: {2,3}-gram memory before attention in blocks 1 (and 3 for
+            // `small`), 4 heads per order; `tiny` has 2 × 4 heads × 16 dims × ~10k rows
+            // (~5 MB of tables), `small` 2 layers × 8 heads × 32 dims × ~40k rows (~80 MB).
+            "tiny-engram" => Some(ModelConfig {
+                engram: Some(crate::engram::EngramConfig {
+                    layer_ids: vec![1],
+                    max_ngram_size: 3,
+                    n_head_per_ngram: 4,
+                    head_dim: 16,
+                    vocab_size_per_ngram: vec![10_000, 10_000],
+                    ..Default::default()
+                }),
+                ..Self::preset("tiny")?
+            }),
+            "tiny-mhc-engram" => Some(ModelConfig {
+                residual: Residual::Mhc,
+                ..Self::preset("tiny-engram")?
+            }),
+            "small-engram" => Some(ModelConfig {
+                engram: Some(crate::engram::EngramConfig {
+                    layer_ids: vec![1, 3],
+                    max_ngram_size: 3,
+                    n_head_per_ngram: 4,
+                    head_dim: 32,
+                    vocab_size_per_ngram: vec![40_000, 40_000],
+                    ..Default::default()
+                }),
+                ..Self::preset("small")?
+            }),
             _ => None,
         }
     }
@@ -308,6 +347,7 @@ impl ModelConfig {
             hc_mult: default_hc_mult(),
             hc_sinkhorn_iters: default_hc_iters(),
             hc_eps: default_hc_eps(),
+            engram: None,
         }
     }
 
@@ -319,6 +359,7 @@ impl ModelConfig {
             ("hc_mult", serde_json::json!(default_hc_mult())),
             ("hc_sinkhorn_iters", serde_json::json!(default_hc_iters())),
             ("hc_eps", serde_json::json!(default_hc_eps())),
+            ("engram", serde_json::Value::Null),
         ]
     }
 
@@ -401,6 +442,11 @@ impl ModelConfig {
             if !(self.hc_eps.is_finite() && self.hc_eps >= 0.0) {
                 return Err(err("hc_eps", "must be a finite number >= 0"));
             }
+        }
+        if let Some(e) = &self.engram {
+            // The Engram error already names its sub-field (`engram.layer_ids: …`).
+            e.validate(Some(self.n_layers))
+                .map_err(|x| err("engram", format!("is inconsistent: {x}")))?;
         }
         Ok(())
     }
@@ -523,6 +569,27 @@ mod tests {
         assert_eq!(back.residual, Residual::Plain);
         let m = serde_json::to_string(&ModelConfig::preset("tiny-mhc").unwrap()).unwrap();
         assert!(m.contains(r#""residual":"mhc""#), "{m}");
+        // Engram: absent from plain JSON, bad layer ids name the sub-field.
+        assert!(!plain.contains("engram"), "{plain}");
+        assert!(back.engram.is_none());
+        let mut c = ModelConfig::preset("tiny-engram").unwrap();
+        c.engram.as_mut().unwrap().layer_ids = vec![1, 4];
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "engram");
+        assert!(
+            e.to_string().contains("engram.layer_ids") && e.to_string().contains("block 4"),
+            "{e}"
+        );
+        let mut c = ModelConfig::preset("tiny-engram").unwrap();
+        c.engram.as_mut().unwrap().vocab_size_per_ngram = vec![10];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("engram.vocab_size_per_ngram"));
+        let j = serde_json::to_string(&ModelConfig::preset("tiny-engram").unwrap()).unwrap();
+        let back: ModelConfig = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, ModelConfig::preset("tiny-engram").unwrap());
         let bad = r#"{"vocab_size": 1, "d_modle": 3}"#;
         let e = serde_json::from_str::<ModelConfig>(bad)
             .unwrap_err()

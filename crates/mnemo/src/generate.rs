@@ -26,6 +26,8 @@ pub struct KvCache {
     v: Vec<Vec<f32>>,
     len: usize,
     cap: usize,
+    /// Engram decode state (token history and each gate's convolution history).
+    pub engram: Option<crate::engram::EngramState>,
 }
 
 impl KvCache {
@@ -41,6 +43,7 @@ impl KvCache {
                 .collect(),
             len: 0,
             cap: c.max_seq_len,
+            engram: model.engram.as_ref().map(|e| e.new_state()),
         }
     }
     pub fn len(&self) -> usize {
@@ -71,9 +74,10 @@ impl Model {
                 cache.cap
             );
         }
+        self.check_engram_tokens(tokens)?;
         let mut logits = Vec::new();
         for chunk in tokens.chunks(PREFILL_CHUNK) {
-            logits = self.forward_chunk(chunk, cache);
+            logits = self.forward_chunk(chunk, cache)?;
         }
         Ok(logits)
     }
@@ -99,7 +103,51 @@ impl Model {
         }
     }
 
-    fn forward_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+    /// Engram layer `i` over the `n` tokens of a chunk, one position at a time from the
+    /// decode state: `h: [n, w]` streams in, `y: [n, w]` out (`w = n_streams · d`).
+    fn engram_chunk(
+        &self,
+        i: usize,
+        tokens: &[u32],
+        cids: &[u32],
+        h: &[f32],
+        y: &mut [f32],
+        cache: &mut KvCache,
+    ) -> Result<()> {
+        let e = self.engram.as_ref().expect("engram");
+        let layer = &e.layers[i];
+        let st = cache
+            .engram
+            .as_mut()
+            .context("KV cache without Engram state")?;
+        let w = h.len() / tokens.len();
+        let mut hist = st.history.clone();
+        let keep = e.cfg.max_ngram_size - 1;
+        for (r, (&tid, &cid)) in tokens.iter().zip(cids).enumerate() {
+            let rows = layer.hash.rows_step(&hist, cid);
+            let emb = layer.table.prefetch(&rows)?;
+            crate::engram::gate::forward_step(
+                &layer.gate,
+                self.engram_gate_params(i),
+                &emb,
+                &h[r * w..(r + 1) * w],
+                &mut st.gates[i],
+                &mut y[r * w..(r + 1) * w],
+            );
+            if Some(tid) == self.engram_eot {
+                hist.clear();
+                st.gates[i].reset();
+            } else {
+                hist.push(cid);
+                if hist.len() > keep {
+                    hist.remove(0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let n = tokens.len();
         let p0 = cache.len;
@@ -147,7 +195,23 @@ impl Model {
                     std::mem::swap(hs, hs2);
                 }
             };
+        let cids = self
+            .engram
+            .as_ref()
+            .map(|e| e.compress.compress(tokens))
+            .unwrap_or_default();
         for (l, lo) in ly.layers.iter().enumerate() {
+            if let Some(i) = self.engram.as_ref().and_then(|e| e.layer_of_block(l)) {
+                if hcd.is_some() {
+                    let mut y = vec![0.0f32; hs.len()];
+                    self.engram_chunk(i, tokens, &cids, &hs, &mut y, cache)?;
+                    mhc::add_streams(&mut hs, &mut ssq, &y, nh, d);
+                } else {
+                    let mut y = vec![0.0f32; x.len()];
+                    self.engram_chunk(i, tokens, &cids, &x, &mut y, cache)?;
+                    x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+                }
+            }
             hc_pre(lo.attn_hc, &mut acts, &mut x, &hs, &ssq);
             rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.attn_norm, d), d, c.norm_eps);
             self.linear_infer(&mut qkv, &a, lo.wqkv, n, d, qd, false);
@@ -245,13 +309,27 @@ impl Model {
             }
         }
         cache.len = p0 + n;
+        if let (Some(e), Some(st)) = (self.engram.as_ref(), cache.engram.as_mut()) {
+            // The token history after the chunk (the gates' histories moved layer by layer).
+            let keep = e.cfg.max_ngram_size - 1;
+            for (&tid, &cid) in tokens.iter().zip(&cids) {
+                if Some(tid) == self.engram_eot {
+                    st.history.clear();
+                } else {
+                    st.history.push(cid);
+                    if st.history.len() > keep {
+                        st.history.remove(0);
+                    }
+                }
+            }
+        }
         let last = &x[(n - 1) * d..];
         let mut hf = vec![0.0f32; d];
         let mut r1 = [0.0f32];
         rmsnorm::forward(&mut hf, &mut r1, last, w(ly.norm, d), d, c.norm_eps);
         let mut logits = vec![0.0f32; v];
         self.linear_infer(&mut logits, &hf, ly.output, 1, d, v, false);
-        logits
+        Ok(logits)
     }
 }
 
@@ -390,6 +468,9 @@ impl KvCache {
     /// Save the cached prefix (its tokens and per-layer K/V rows) to `path`, atomically, tagged
     /// with the model's fingerprint.
     pub fn save(&self, path: &Path, model: &Model, tokens: &[u32]) -> Result<()> {
+        if self.engram.is_some() {
+            bail!("prefix caches of Engram models are not supported (the Engram decode state is not saved)");
+        }
         if tokens.len() != self.len {
             bail!(
                 "prefix cache: {} tokens given for {} cached positions",
@@ -615,6 +696,54 @@ mod tests {
                 }
                 last = m.forward_cached(&[t], &mut cache).unwrap();
             }
+        }
+    }
+
+    #[test]
+    fn cached_decoding_matches_the_training_forward_with_engram() {
+        use crate::model::tests::{engram_test_cfg, perturb_engram};
+        for residual in [crate::config::Residual::Plain, crate::config::Residual::Mhc] {
+            let mut cfg = engram_test_cfg(residual);
+            cfg.max_seq_len = 300;
+            let v = cfg.vocab_size;
+            let mut m = Model::new(cfg).unwrap();
+            m.init(3);
+            m.engram_eot = Some(3);
+            perturb_engram(&mut m, 9);
+            // Documents end at every token 3 (the EOT), in the prefill and in the decode.
+            let toks: Vec<u32> = (0..280).map(|i| (i * 7 % 19) as u32).collect();
+            let mut ws = Workspace::default();
+            m.forward(&toks, 1, toks.len(), &mut ws);
+            let mut cache = KvCache::new(&m);
+            let mut last = m.forward_cached(&toks[..270], &mut cache).unwrap();
+            for (i, &t) in toks[270..].iter().enumerate() {
+                let want = &ws.logits[(269 + i) * v..(270 + i) * v];
+                for (a, b) in last.iter().zip(want) {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{residual:?} position {}: {a} vs {b}",
+                        269 + i
+                    );
+                }
+                last = m.forward_cached(&[t], &mut cache).unwrap();
+            }
+            // Without the Engram contribution the logits differ (the memory is used).
+            let mut m2 = Model::new(m.cfg.clone()).unwrap();
+            m2.params.copy_from_slice(&m.params);
+            for &o in &m.layout.engram_gate.clone() {
+                let n = m.engram.as_ref().unwrap().layers[0].gate.n_params();
+                m2.params[o..o + n].fill(0.0);
+            }
+            let mut ws2 = Workspace::default();
+            m2.forward(&toks, 1, toks.len(), &mut ws2);
+            assert!(ws2.logits != ws.logits);
+            // A token id beyond the tokenizer's range is a clear error.
+            let mut cache = KvCache::new(&m);
+            let e = m
+                .forward_cached(&[1, 19], &mut cache)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("token id 19") && e.contains("0..19"), "{e}");
         }
     }
 

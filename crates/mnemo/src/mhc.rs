@@ -254,7 +254,7 @@ fn sinkhorn_steps(iters: usize) -> usize {
 
 /// Step `s` normalises columns when even, rows when odd.
 fn step_is_col(s: usize) -> bool {
-    s % 2 == 0
+    s.is_multiple_of(2)
 }
 
 fn normalize(p: &mut [f32], n: usize, col: bool, eps: f32) {
@@ -362,6 +362,23 @@ pub fn expand(x: &mut [f32], ssq: &mut [f32], h: &[f32], n: usize, d: usize) {
             for k in 0..n {
                 x[k * d..(k + 1) * d].copy_from_slice(h);
                 ssq[k] = s;
+            }
+        });
+}
+
+/// `x[t, k] += y[t, k]` for every stream (an Engram module's output), refreshing the per-stream
+/// sums of squares `ssq[t, k]`. Its backward is the identity.
+pub fn add_streams(x: &mut [f32], ssq: &mut [f32], y: &[f32], n: usize, d: usize) {
+    x.par_chunks_mut(n * d)
+        .zip(ssq.par_chunks_mut(n))
+        .zip(y.par_chunks(n * d))
+        .for_each(|((x, ssq), y)| {
+            for (a, b) in x.iter_mut().zip(y) {
+                *a += b;
+            }
+            for k in 0..n {
+                let row = &x[k * d..(k + 1) * d];
+                ssq[k] = dot(row, row);
             }
         });
 }

@@ -30,6 +30,7 @@
 //! `1/√(2·n_layers)` (GPT-2); RMSNorm weights are 1.
 
 use crate::config::{ModelConfig, Residual};
+use crate::engram::{self, CompressedTokenizer, Engram, EngramActs, SparseGrad};
 use crate::kernels::attention::{self, AttnDims, Heads, QkvLayout};
 use crate::kernels::matmul::{linear_backward, linear_forward};
 use crate::kernels::rope::RopeTable;
@@ -99,6 +100,9 @@ pub struct ParamLayout {
     pub output: usize,
     /// The mHC collapse head (`hc_head.{fn,scale,base}`), mHC only.
     pub hc_head: Option<HcOffsets>,
+    /// Offset of each Engram layer's gate parameters (`layers.{l}.engram.*`, laid out by
+    /// `GateSpec::offsets`), in `engram.layer_ids` order.
+    pub engram_gate: Vec<usize>,
     pub total: usize,
 }
 
@@ -147,8 +151,20 @@ impl ParamLayout {
         let embed = bld.add("tok_embeddings.weight".into(), vec![c.vocab_size, d], false);
         let hcd = HcDims::from_config(c);
         let mut layers = Vec::new();
+        let ec = c.engram.as_ref();
+        let mut engram_gate = vec![0; ec.map_or(0, |e| e.layer_ids.len())];
         for i in 0..c.n_layers {
             let p = |s: &str| format!("layers.{i}.{s}");
+            if let Some(k) = ec.and_then(|e| e.layer_ids.iter().position(|&l| l == i)) {
+                // The Engram gate of this block (no weight decay: the paper's Engram uses 0).
+                let spec = engram_gate_spec(c);
+                let base = bld.off;
+                for (name, shape, off) in spec.tensors() {
+                    let o = bld.add(p(&format!("engram.{name}")), shape, false);
+                    debug_assert_eq!(o, base + off);
+                }
+                engram_gate[k] = base;
+            }
             let attn_hc = hcd.map(|dm| bld.add_hc(&p("attn_hc"), &dm));
             let attn_norm = bld.add(p("attention_norm.weight"), vec![d], false);
             let wqkv = bld.add(p("attention.wq.weight"), vec![c.n_heads * hd, d], true);
@@ -228,6 +244,7 @@ impl ParamLayout {
             norm,
             output,
             hc_head,
+            engram_gate,
             total: bld.off,
         }
     }
@@ -235,6 +252,20 @@ impl ParamLayout {
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.name == name)
     }
+}
+
+/// The Engram gate shapes of a model (`n` streams with hc/mhc, else 1).
+pub fn engram_gate_spec(c: &ModelConfig) -> engram::GateSpec {
+    let n = if c.residual.is_plain() { 1 } else { c.hc_mult };
+    c.engram
+        .as_ref()
+        .expect("an Engram config")
+        .gate_spec(c.d_model, n)
+}
+
+/// Whether a parameter is an Engram gate parameter.
+pub fn is_engram_tensor(name: &str) -> bool {
+    name.contains(".engram.")
 }
 
 /// Parameter counts by kind, for the start-of-run summary.
@@ -253,6 +284,9 @@ pub struct ParamCounts {
     pub output: usize,
     /// Hyper-connection parameters (hc/mhc residual).
     pub hyper_connections: usize,
+    /// Engram gate parameters (in the flat buffer) and table entries (outside it).
+    pub engram_gates: usize,
+    pub engram_tables: usize,
 }
 
 /// The model: config, flat parameters, their layout, and the RoPE table.
@@ -266,6 +300,12 @@ pub struct Model {
     /// Quantised copies of linear weights (keyed by their offset in `params`, possibly spanning
     /// a fused range such as q|k|v), used by one-token decoding when present (GGUF models).
     pub quant: std::collections::HashMap<usize, crate::kernels::quant::QMatrix>,
+    /// Engram memory (`cfg.engram`): compression, hashes and tables. Its gate parameters live
+    /// in `params` (`layout.engram_gate`); `EngramLayer::params` is only a copy for saving
+    /// ([`Model::sync_engram_gates`]).
+    pub engram: Option<Engram>,
+    /// End-of-text id of the tokenizer: Engram's hash and convolution restart after it.
+    pub engram_eot: Option<u32>,
 }
 
 /// Activations of one training batch, kept for the backward pass, plus backward scratch.
@@ -290,6 +330,14 @@ pub struct Workspace {
     dg: Vec<f32>,
     /// Sum over MoE layers of the sequence-wise balance loss of the last forward pass.
     pub aux_loss: f64,
+    /// Engram: positions in documents `[N]`, per-layer activations, the gate output `[N, n, d]`
+    /// and scratch, and (after a backward pass) each table's sparse gradient, already scaled
+    /// by `grad_scale`.
+    eng_pos: Vec<u32>,
+    eng_acts: Vec<EngramActs>,
+    eng_y: Vec<f32>,
+    eng_dy: Vec<f32>,
+    pub engram_table_grads: Vec<SparseGrad>,
     /// Streams and coefficients of the hyper-connection residual (empty when plain).
     hc: HcWorkspace,
     residual: Residual,
@@ -387,7 +435,11 @@ impl Workspace {
                 format!(
                     "layer {} ({})",
                     s / 2,
-                    if s % 2 == 0 { "attention" } else { "FFN" }
+                    if s.is_multiple_of(2) {
+                        "attention"
+                    } else {
+                        "FFN"
+                    }
                 )
             };
             for (s, a) in self.hc.acts.iter().enumerate() {
@@ -492,6 +544,31 @@ impl Model {
                     .then(|| hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.top_k, &mut None))
             })
             .collect();
+        // A placeholder Engram (identity compression over the model vocabulary) until
+        // `init_engram` gives it the tokenizer's compression or a checkpoint replaces it.
+        let engram = match &cfg.engram {
+            Some(ec) => {
+                let ident = CompressedTokenizer::from_lookup((0..cfg.vocab_size as u32).collect())
+                    .map_err(|e| crate::config::ConfigError {
+                        field: "engram",
+                        problem: format!("{e:#}"),
+                    })?;
+                let nb = if cfg.residual.is_plain() {
+                    1
+                } else {
+                    cfg.hc_mult
+                };
+                Some(
+                    Engram::new(ec.clone(), ident, cfg.d_model, nb, 0, cfg.init_std).map_err(
+                        |e| crate::config::ConfigError {
+                            field: "engram",
+                            problem: format!("{e:#}"),
+                        },
+                    )?,
+                )
+            }
+            None => None,
+        };
         Ok(Model {
             params: vec![0.0; layout.total],
             layout,
@@ -499,7 +576,58 @@ impl Model {
             cfg,
             hash_tables,
             quant: Default::default(),
+            engram,
+            engram_eot: None,
         })
+    }
+
+    /// (Re)initialise the Engram memory with the tokenizer compression `compress`: multipliers
+    /// drawn for its `V'`, tables and gates from `seed` (gates copied into `params`).
+    pub fn init_engram(&mut self, compress: CompressedTokenizer, seed: u64) -> anyhow::Result<()> {
+        let Some(ec) = self.cfg.engram.clone() else {
+            anyhow::bail!("the model has no Engram config");
+        };
+        let nb = engram_gate_spec(&self.cfg).n_branch;
+        let e = Engram::new(ec, compress, self.cfg.d_model, nb, seed, self.cfg.init_std)?;
+        for (l, &o) in e.layers.iter().zip(&self.layout.engram_gate) {
+            self.params[o..o + l.params.len()].copy_from_slice(&l.params);
+        }
+        self.engram = Some(e);
+        Ok(())
+    }
+
+    /// The gate parameters of Engram layer `i` (in the flat buffer).
+    pub fn engram_gate_params(&self, i: usize) -> &[f32] {
+        let o = self.layout.engram_gate[i];
+        let n = self.engram.as_ref().expect("engram").layers[i]
+            .gate
+            .n_params();
+        &self.params[o..o + n]
+    }
+
+    /// Copy the gate parameters from the flat buffer into the Engram layers (before saving
+    /// the Engram file).
+    pub fn sync_engram_gates(&mut self) {
+        let Some(e) = self.engram.as_mut() else {
+            return;
+        };
+        for (l, &o) in e.layers.iter_mut().zip(&self.layout.engram_gate) {
+            let n = l.params.len();
+            l.params.copy_from_slice(&self.params[o..o + n]);
+        }
+    }
+
+    /// Engram: token ids must lie inside the compression table (the tokenizer's range).
+    pub fn check_engram_tokens(&self, tokens: &[u32]) -> anyhow::Result<()> {
+        if let Some(e) = &self.engram {
+            let v = e.compress.tokenizer_vocab_size();
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+                anyhow::bail!(
+                    "token id {bad} is outside the tokenizer's range 0..{v} (the Engram compression table)"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The documented initialisation (module docs), fully determined by `seed`.
@@ -509,7 +637,7 @@ impl Model {
         let resid_scale = 1.0 / (2.0 * self.cfg.n_layers as f32).sqrt();
         for t in &self.layout.tensors {
             let p = &mut self.params[t.range()];
-            if is_hc_tensor(&t.name) {
+            if is_hc_tensor(&t.name) || is_engram_tensor(&t.name) {
                 continue; // below
             } else if !t.trainable {
                 p.fill(0.0); // MoE selection bias
@@ -534,6 +662,10 @@ impl Model {
             if let Some(o) = self.layout.hc_head {
                 mhc::init_layer(&dm, &mut self.params, o, 0, true, &mut normal);
             }
+        }
+        if let Some(e) = self.engram.take() {
+            self.init_engram(e.compress, seed)
+                .expect("a validated Engram config initialises");
         }
         let mut rng = Some(Rng::derived(seed, "tid2eid"));
         let c = &self.cfg;
@@ -562,11 +694,15 @@ impl Model {
             norms: 0,
             output: 0,
             hyper_connections: 0,
+            engram_gates: 0,
+            engram_tables: 0,
         };
         for t in &self.layout.tensors {
             let n = t.len();
             c.total += n;
-            let slot = if is_hc_tensor(&t.name) {
+            let slot = if is_engram_tensor(&t.name) {
+                &mut c.engram_gates
+            } else if is_hc_tensor(&t.name) {
                 &mut c.hyper_connections
             } else if t.name.starts_with("tok_embeddings") {
                 &mut c.embedding
@@ -594,6 +730,15 @@ impl Model {
         };
         c.activated =
             c.total - c.routed_experts + (c.routed_experts as f64 * k_over_e).round() as usize;
+        if let Some(e) = &self.engram {
+            c.engram_tables = e
+                .layers
+                .iter()
+                .map(|l| l.table.rows() * l.table.dim())
+                .sum();
+            // Each token reads H rows of D_h per layer.
+            c.activated += e.layers.len() * e.cfg.d_mem();
+        }
         c
     }
 
@@ -683,8 +828,18 @@ impl Model {
         let (h, kv) = (c.n_heads, c.n_kv_heads);
         let qd = c.qkv_dim();
         let (lay, dims) = self.attn_shapes(b, t);
+        let mut mems = self.engram_prelude(tokens, b, t, ws);
         embedding::forward(&mut ws.xs[0], self.w(self.layout.embed, v * d), tokens, d);
         for (l, lo) in self.layout.layers.iter().enumerate() {
+            if let Some(i) = self.engram.as_ref().and_then(|e| e.layer_of_block(l)) {
+                // Engram before attention: x += gate(memory, x).
+                let h = std::mem::take(&mut ws.xs[l]);
+                self.engram_gate_forward(i, &mut mems, &h, ws);
+                ws.xs[l] = h;
+                for (a, y) in ws.xs[l].iter_mut().zip(&ws.eng_y) {
+                    *a += y;
+                }
+            }
             let (before, after) = ws.xs.split_at_mut(l + 1);
             let x = &before[l];
             let xnext = &mut after[0];
@@ -938,6 +1093,11 @@ impl Model {
                 d,
                 true,
             );
+            if let Some(i) = self.engram.as_ref().and_then(|e| e.layer_of_block(l)) {
+                let mut dx = std::mem::take(&mut ws.dx);
+                self.engram_gate_backward(i, &mut dx, grads, ws);
+                ws.dx = dx;
+            }
         }
         embedding::backward(&mut grads[ly.embed..ly.embed + v * d], &ws.dx, tokens, d);
         loss
@@ -957,10 +1117,19 @@ impl Model {
         let qd = c.qkv_dim();
         let (lay, dims) = self.attn_shapes(b, t);
         let p = &self.params;
-        let hw = &mut ws.hc;
+        let mut mems = self.engram_prelude(tokens, b, t, ws);
         embedding::forward(&mut ws.xs[0], self.w(self.layout.embed, v * d), tokens, d);
-        mhc::expand(&mut hw.streams[0], &mut hw.ssq[0], &ws.xs[0], nh, d);
+        mhc::expand(&mut ws.hc.streams[0], &mut ws.hc.ssq[0], &ws.xs[0], nh, d);
         for (l, lo) in self.layout.layers.iter().enumerate() {
+            if let Some(i) = self.engram.as_ref().and_then(|e| e.layer_of_block(l)) {
+                // Engram before attention: every stream m gets y_m (its own gate, query x_m).
+                let h = std::mem::take(&mut ws.hc.streams[2 * l]);
+                self.engram_gate_forward(i, &mut mems, &h, ws);
+                ws.hc.streams[2 * l] = h;
+                let hw = &mut ws.hc;
+                mhc::add_streams(&mut hw.streams[2 * l], &mut hw.ssq[2 * l], &ws.eng_y, nh, d);
+            }
+            let hw = &mut ws.hc;
             let la = &mut ws.layers[l];
             // ---- attention sublayer (s = 2l) ----
             let s = 2 * l;
@@ -1061,6 +1230,7 @@ impl Model {
             );
         }
         ws.aux_loss = ws.layers.iter().map(|la| la.moe.aux_loss).sum();
+        let hw = &mut ws.hc;
         let last = 2 * c.n_layers;
         match self.layout.hc_head {
             Some(o) => {
@@ -1167,6 +1337,7 @@ impl Model {
             }
         }
         for (l, lo) in ly.layers.iter().enumerate().rev() {
+            let hw = &mut ws.hc;
             let la = &ws.layers[l];
             // ---- FFN sublayer (s = 2l + 1) ----
             let s = 2 * l + 1;
@@ -1311,9 +1482,93 @@ impl Model {
                 false,
             );
             std::mem::swap(&mut hw.dxs, &mut hw.dxs2);
+            if let Some(i) = self.engram.as_ref().and_then(|e| e.layer_of_block(l)) {
+                let mut dx = std::mem::take(&mut hw.dxs);
+                self.engram_gate_backward(i, &mut dx, grads, ws);
+                ws.hc.dxs = dx;
+            }
         }
+        let hw = &mut ws.hc;
         mhc::expand_backward(&mut ws.dx, &hw.dxs, nh, d);
         embedding::backward(&mut grads[ly.embed..ly.embed + v * d], &ws.dx, tokens, d);
+    }
+}
+
+impl Model {
+    /// Engram prelude of a forward pass: positions inside documents and every layer's lookup
+    /// (hash + gather; ids only, so it runs before the blocks).
+    fn engram_prelude(
+        &self,
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+        ws: &mut Workspace,
+    ) -> Vec<engram::Memory> {
+        let Some(e) = &self.engram else {
+            return Vec::new();
+        };
+        ws.eng_pos = engram::positions_in_documents(tokens, b, t, self.engram_eot);
+        ws.eng_acts.resize_with(e.layers.len(), Default::default);
+        let cids = e.compress.compress(tokens);
+        e.lookup_all(&cids, &ws.eng_pos)
+            .unwrap_or_else(|err| panic!("engram lookup failed: {err:#}"))
+    }
+
+    /// Engram layer `i`'s gate on the streams `h: [N, n, d]` into `ws.eng_y`, keeping its
+    /// activations.
+    fn engram_gate_forward(
+        &self,
+        i: usize,
+        mems: &mut [engram::Memory],
+        h: &[f32],
+        ws: &mut Workspace,
+    ) {
+        let layer = &self.engram.as_ref().expect("engram").layers[i];
+        let mem = std::mem::take(&mut mems[i]);
+        ws.eng_y.resize(h.len(), 0.0);
+        engram::gate::forward(
+            &layer.gate,
+            self.engram_gate_params(i),
+            &mem.e,
+            h,
+            &ws.eng_pos,
+            &mut ws.eng_y,
+            &mut ws.eng_acts[i].gate,
+        );
+        ws.eng_acts[i].rows = mem.rows;
+    }
+
+    /// Backward of Engram layer `i` given `dx = dL/dh` after the addition: adds the query-path
+    /// gradient to `dx` (the residual passes `dx` through unchanged), accumulates the gate
+    /// gradient into `grads` and stores the table gradient in `ws.engram_table_grads[i]`.
+    fn engram_gate_backward(
+        &self,
+        i: usize,
+        dx: &mut [f32],
+        grads: &mut [f32],
+        ws: &mut Workspace,
+    ) {
+        let e = self.engram.as_ref().expect("engram");
+        let layer = &e.layers[i];
+        let o = self.layout.engram_gate[i];
+        let np = layer.gate.n_params();
+        ws.eng_dy.clear();
+        ws.eng_dy.extend_from_slice(dx);
+        let acts = &ws.eng_acts[i];
+        let dim = layer.table.dim();
+        let mut de = vec![0.0f32; acts.rows.len() * dim];
+        engram::gate::backward(
+            &layer.gate,
+            &self.params[o..o + np],
+            &acts.gate,
+            &ws.eng_dy,
+            dx,
+            &mut de,
+            &mut grads[o..o + np],
+        );
+        ws.engram_table_grads
+            .resize_with(e.layers.len(), Default::default);
+        ws.engram_table_grads[i] = SparseGrad::from_gather(&acts.rows, &de, dim);
     }
 }
 
@@ -1346,7 +1601,7 @@ fn hash_table(v: usize, e: usize, k: usize, rng: &mut Option<Rng>) -> Vec<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::rope::RopeLayout;
 
@@ -1476,6 +1731,146 @@ mod tests {
                 "only {checked} hyper-connection tensors checked"
             );
             assert!(ws.first_nonfinite().is_none());
+        }
+    }
+
+    /// A deep copy of an Engram (tables copied into RAM), for finite differences.
+    pub(crate) fn clone_engram(e: &Engram) -> Engram {
+        let nb = e.layers[0].gate.n_branch;
+        let d = e.layers[0].gate.d;
+        let parts = e
+            .layers
+            .iter()
+            .map(|l| {
+                let t = crate::engram::EngramTable::from_vec(
+                    l.table.rows(),
+                    l.table.dim(),
+                    l.table.as_slice().to_vec(),
+                )
+                .unwrap();
+                (l.hash.clone(), t, l.params.clone())
+            })
+            .collect();
+        Engram::from_parts(e.cfg.clone(), e.compress.clone(), d, nb, parts).unwrap()
+    }
+
+    pub(crate) fn engram_test_cfg(residual: Residual) -> ModelConfig {
+        let mut cfg = small_cfg(false, 2, RopeLayout::Half);
+        cfg.residual = residual;
+        cfg.hc_mult = 2;
+        cfg.hc_sinkhorn_iters = 20;
+        cfg.engram = Some(crate::engram::EngramConfig {
+            layer_ids: vec![1, 0],
+            max_ngram_size: 3,
+            n_head_per_ngram: 2,
+            head_dim: 3,
+            vocab_size_per_ngram: vec![7, 11],
+            kernel_size: 2,
+            ..Default::default()
+        });
+        cfg
+    }
+
+    /// Move the Engram gates (conv included) and norms away from their init.
+    pub(crate) fn perturb_engram(m: &mut Model, seed: u64) {
+        let mut r = Rng::new(seed);
+        for t in m.layout.tensors.clone() {
+            let s = if is_engram_tensor(&t.name) || is_hc_tensor(&t.name) {
+                0.3
+            } else if t.shape.len() == 1 {
+                0.2
+            } else {
+                continue;
+            };
+            for p in &mut m.params[t.range()] {
+                *p += s * r.normal() as f32;
+            }
+        }
+        m.sync_engram_gates();
+    }
+
+    #[test]
+    fn whole_model_gradient_matches_finite_differences_with_engram() {
+        for residual in [Residual::Plain, Residual::Mhc] {
+            let mut m = Model::new(engram_test_cfg(residual)).unwrap();
+            m.init(1);
+            m.engram_eot = Some(3);
+            perturb_engram(&mut m, 5);
+            let (b, t) = (2, 6);
+            // Token 3 (the EOT) ends a document inside the first row.
+            let mut tokens: Vec<u32> = (0..b * t).map(|i| (i * 7 % 19) as u32).collect();
+            tokens[3] = 3;
+            let targets: Vec<u32> = (0..b * t).map(|i| (i * 5 % 19) as u32).collect();
+            let mut ws = Workspace::default();
+            let mut grads = vec![0.0; m.layout.total];
+            m.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
+            let mm = std::cell::RefCell::new(Model {
+                params: m.params.clone(),
+                engram: Some(clone_engram(m.engram.as_ref().unwrap())),
+                engram_eot: m.engram_eot,
+                ..Model::new(m.cfg.clone()).unwrap()
+            });
+            let loss_with = |p: &[f32]| {
+                let mut mm = mm.borrow_mut();
+                mm.params.copy_from_slice(p);
+                let mut ws = Workspace::default();
+                mm.forward(&tokens, b, t, &mut ws);
+                mm.loss(&targets, &mut ws)
+            };
+            crate::kernels::gradcheck::check(&m.params, &grads, loss_with, 1e-2, 1e-2);
+            // Every Engram gate tensor on its own.
+            let mut checked = 0;
+            for spec in m
+                .layout
+                .tensors
+                .iter()
+                .filter(|t| is_engram_tensor(&t.name))
+            {
+                let r = spec.range();
+                let gn = grads[r.clone()].iter().map(|g| g * g).sum::<f32>().sqrt();
+                if gn < 1e-3 * (spec.len() as f32).sqrt() {
+                    continue;
+                }
+                let sub = |q: &[f32]| {
+                    let mut p = m.params.clone();
+                    p[r.clone()].copy_from_slice(q);
+                    loss_with(&p)
+                };
+                crate::kernels::gradcheck::check(
+                    &m.params[r.clone()],
+                    &grads[r.clone()],
+                    sub,
+                    1e-2,
+                    2e-2,
+                );
+                checked += 1;
+            }
+            assert!(checked >= 6, "only {checked} engram tensors checked");
+            mm.borrow_mut().params.copy_from_slice(&m.params);
+            // Table rows: the sparse gradient against finite differences of the entries.
+            let e = m.engram.as_ref().unwrap();
+            assert_eq!(ws.engram_table_grads.len(), 2);
+            for (i, tg) in ws.engram_table_grads.iter().enumerate() {
+                let dim = e.layers[i].table.dim();
+                assert!(!tg.rows.is_empty());
+                let mut dense = vec![0.0f32; e.layers[i].table.rows() * dim];
+                tg.add_to_dense(&mut dense);
+                let orig = e.layers[i].table.as_slice().to_vec();
+                let sub = |q: &[f32]| {
+                    let mut g = mm.borrow_mut();
+                    let tab = g.engram.as_mut().unwrap().layers[i].table.as_mut_slice();
+                    tab.unwrap().copy_from_slice(q);
+                    let mut ws = Workspace::default();
+                    g.forward(&tokens, b, t, &mut ws);
+                    g.loss(&targets, &mut ws)
+                };
+                crate::kernels::gradcheck::check(&orig, &dense, sub, 1e-2, 2e-2);
+                mm.borrow_mut().engram.as_mut().unwrap().layers[i]
+                    .table
+                    .as_mut_slice()
+                    .unwrap()
+                    .copy_from_slice(&orig);
+            }
         }
     }
 

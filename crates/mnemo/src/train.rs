@@ -11,6 +11,7 @@
 use crate::checkpoint::{self, TrainState};
 use crate::config::ModelConfig;
 use crate::data::{self, CorpusSpec, TokenSplit};
+use crate::engram::{SparseAdam, SparseGrad};
 use crate::kernels::adamw::{self, AdamWParams};
 use crate::model::{Model, Workspace};
 use crate::rng::Rng;
@@ -288,6 +289,8 @@ struct Session {
     state: TrainState,
     adam_m: Vec<f32>,
     adam_v: Vec<f32>,
+    /// Lazy Adam of each Engram table (empty without Engram).
+    table_opt: Vec<SparseAdam>,
 }
 
 fn start_fresh(
@@ -314,6 +317,22 @@ fn start_fresh(
     }
     let mut model = Model::new(run.model.clone())?;
     model.init(run.train.seed);
+    if model.engram.is_some() {
+        let t0 = Instant::now();
+        let compress = crate::engram::CompressedTokenizer::build(&tok)?;
+        model.init_engram(compress, run.train.seed)?;
+        model.engram_eot = Some(tok.eot());
+        eprintln!(
+            "engram: compression table built in {:.1}s\n{}",
+            t0.elapsed().as_secs_f64(),
+            model
+                .engram
+                .as_ref()
+                .map(|e| e.inspect_text())
+                .unwrap_or_default()
+        );
+    }
+    let table_opt = new_table_opt(&model);
     crate::util::write_atomic(
         &out.join("run.json"),
         serde_json::to_string_pretty(&run)?.as_bytes(),
@@ -338,6 +357,17 @@ fn start_fresh(
         tok,
         adam_m: vec![0.0; n],
         adam_v: vec![0.0; n],
+        table_opt,
+    })
+}
+
+/// A fresh lazy Adam for each Engram table.
+fn new_table_opt(model: &Model) -> Vec<SparseAdam> {
+    model.engram.as_ref().map_or_else(Vec::new, |e| {
+        e.layers
+            .iter()
+            .map(|l| SparseAdam::new(l.table.rows(), l.table.dim()))
+            .collect()
     })
 }
 
@@ -361,6 +391,7 @@ fn start_resume(out: &Path, max_steps: Option<u64>) -> Result<Session> {
         state.run = serde_json::to_value(&run)?;
     }
     truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
+    truncate_metrics(&out.join("timing.jsonl"), state.step)?;
     eprintln!(
         "resuming {} from step {} (of {})",
         out.display(),
@@ -368,6 +399,14 @@ fn start_resume(out: &Path, max_steps: Option<u64>) -> Result<Session> {
         run.train.max_steps
     );
     let (adam_m, adam_v) = l.adam.context("optimizer state missing")?;
+    let table_opt = match l.engram_opt {
+        Some(o) => o,
+        None if l.model.engram.is_some() => bail!(
+            "{}: the Engram optimizer state (engram_optimizer.safetensors) is missing",
+            l.dir.display()
+        ),
+        None => Vec::new(),
+    };
     Ok(Session {
         run,
         model: l.model,
@@ -375,6 +414,7 @@ fn start_resume(out: &Path, max_steps: Option<u64>) -> Result<Session> {
         state,
         adam_m,
         adam_v,
+        table_opt,
     })
 }
 
@@ -406,6 +446,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         mut state,
         mut adam_m,
         mut adam_v,
+        mut table_opt,
     } = sess;
     let tc = run.train.clone();
     let cache = data::prepare(&corpus, &run.data, &tok, &opts.cache_root, opts.progress)?;
@@ -445,7 +486,16 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         human_count(h.norms as f64),
         human_count(h.output as f64),
     );
+    if h.engram_gates > 0 {
+        eprintln!(
+            "  engram gates {}, engram tables {} (outside the flat buffer; lazy Adam at {}x lr)",
+            human_count(h.engram_gates as f64),
+            human_count(h.engram_tables as f64),
+            run.model.engram.as_ref().map_or(0.0, |e| e.table_lr_mult)
+        );
+    }
     eprintln!("unigram entropy of the training tokens: {unigram:.3} nats/token (the loss to beat)");
+    let timing_path = out.join("timing.jsonl");
 
     let mut grads = vec![0.0f32; model.layout.total];
     let mut ws = Workspace::default();
@@ -464,7 +514,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     while state.step < tc.max_steps {
         let step = state.step + 1;
         let lr = tc.lr_at(step);
+        let step_t0 = Instant::now();
         grads.fill(0.0);
+        let mut tgrads: Vec<SparseGrad> = vec![SparseGrad::default(); table_opt.len()];
         let mut loss = 0.0;
         let mut loads: Vec<Option<Vec<u64>>> = vec![None; run.model.n_layers];
         for _ in 0..tc.grad_accum {
@@ -478,6 +530,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 1.0 / tc.grad_accum as f32,
                 &mut ws,
             );
+            for (acc, g) in tgrads.iter_mut().zip(&ws.engram_table_grads) {
+                acc.accumulate(g);
+            }
             for (acc, l) in loads.iter_mut().zip(ws.moe_loads()) {
                 if let Some(l) = l {
                     let a = acc.get_or_insert_with(|| vec![0; l.len()]);
@@ -495,7 +550,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 last_saved(out)
             );
         }
-        let gnorm = det_sum_sq(&grads).sqrt();
+        // The global norm covers the flat parameters and the Engram tables' sparse gradients.
+        let table_sq: f64 = tgrads.iter().map(SparseGrad::sum_sq).sum();
+        let gnorm = (det_sum_sq(&grads) + table_sq).sqrt();
         if !gnorm.is_finite() {
             let layer = first_nonfinite_grad(&model, &grads).unwrap_or_default();
             bail!(
@@ -507,6 +564,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         if tc.grad_clip > 0.0 && gnorm > tc.grad_clip as f64 {
             let s = (tc.grad_clip as f64 / gnorm) as f32;
             grads.iter_mut().for_each(|g| *g *= s);
+            tgrads.iter_mut().for_each(|g| g.scale(s));
         }
         let hp = AdamWParams {
             lr,
@@ -516,10 +574,17 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             weight_decay: tc.weight_decay,
         };
         optimizer_step(&mut model, &grads, &mut adam_m, &mut adam_v, hp, step);
+        if let Some(e) = model.engram.as_mut() {
+            let th = e.cfg.table_optimizer();
+            for ((layer, opt), g) in e.layers.iter_mut().zip(&mut table_opt).zip(&tgrads) {
+                opt.update(&mut layer.table, g, lr, &th)?;
+            }
+        }
         model.update_moe_bias(&loads);
         if run.model.bias_fit_iters > 0 {
             model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters);
         }
+        let step_ms = step_t0.elapsed().as_secs_f64() * 1e3;
         state.step = step;
         state.tokens_seen += (b * t * tc.grad_accum) as u64;
         last.0 = loss;
@@ -529,6 +594,11 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 m["moe"] = stats;
             }
             m["layer_grad_norm"] = serde_json::json!(layer_gnorms);
+            if !tgrads.is_empty() {
+                m["engram_table_grad_norm"] = serde_json::json!(table_sq.sqrt());
+                m["engram_rows_touched"] =
+                    serde_json::json!(tgrads.iter().map(|g| g.rows.len()).collect::<Vec<_>>());
+            }
             if let Some(g) = ws.hc_amax() {
                 let col = |i: usize| g.iter().map(|x| x[i]).collect::<Vec<f64>>();
                 m["hc_amax_fwd"] = serde_json::json!(col(0));
@@ -572,7 +642,22 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             }
         }
         if step % tc.save_interval == 0 || step == tc.max_steps || stop_now {
-            checkpoint::save(out, &model, &tok, (&adam_m, &adam_v), &state)?;
+            checkpoint::save_with(
+                out,
+                &mut model,
+                &tok,
+                (&adam_m, &adam_v),
+                &table_opt,
+                &state,
+            )?;
+        }
+        // Wall-clock step time (optimizer included, evaluation and saving excluded) goes to
+        // `timing.jsonl`: `metrics.jsonl` holds only deterministic values.
+        if step % tc.log_interval == 0 || step == 1 || step == tc.max_steps {
+            append_metrics(
+                &timing_path,
+                &serde_json::json!({"step": step, "step_ms": step_ms}),
+            )?;
         }
         let el = started.elapsed().as_secs_f64();
         let tps = (state.step - start_step) as f64 * (b * t * tc.grad_accum) as f64 / el.max(1e-9);

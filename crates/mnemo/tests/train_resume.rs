@@ -370,3 +370,93 @@ fn hyper_connection_training_diagnostics_resume_and_nan_stop() {
     assert_eq!(before, read(&a.join("checkpoint/model.safetensors")));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// An Engram model trains (the tables move, lazy Adam), resumes bit-identically (tables,
+/// their optimizer state, gates), loads for generation with mapped tables, and a table file of
+/// the wrong size or an inconsistent Engram config is a clear error.
+#[test]
+fn engram_training_resumes_bit_identically_and_bad_files_are_errors() {
+    let root = tmpdir("engram");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_corpus(&data);
+    let cache = root.join("cache");
+    let run = |steps| {
+        let mut r = run_config(&data, steps);
+        r.model.engram = Some(mnemo::engram::EngramConfig {
+            layer_ids: vec![1],
+            max_ngram_size: 3,
+            n_head_per_ngram: 2,
+            head_dim: 8,
+            vocab_size_per_ngram: vec![600, 600],
+            ..Default::default()
+        });
+        r.train.eval_interval = 20;
+        r.train.save_interval = 20;
+        r
+    };
+    let never = AtomicBool::new(false);
+    let a = root.join("a");
+    let sa = train(fresh(&a, run(40), &cache), &never).unwrap();
+    assert!(sa.val_loss.unwrap() < sa.unigram_entropy);
+    let b = root.join("b");
+    train(fresh(&b, run(40), &cache), &AtomicBool::new(true)).unwrap();
+    train(resume(&b, &cache), &never).unwrap();
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    for f in [
+        "metrics.jsonl",
+        "checkpoint/model.safetensors",
+        "checkpoint/optimizer.safetensors",
+        "checkpoint/engram.safetensors",
+        "checkpoint/engram_table.1.f32",
+        "checkpoint/engram_optimizer.safetensors",
+    ] {
+        assert_eq!(
+            read(&a.join(f)),
+            read(&b.join(f)),
+            "{f} differs after resume"
+        );
+    }
+    let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .rfind(|l| l.contains("engram_rows_touched"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    assert!(last["engram_table_grad_norm"].as_f64().unwrap() > 0.0);
+    assert!(a.join("timing.jsonl").is_file());
+    // Generation from the checkpoint (tables mapped read-only).
+    let l = mnemo::checkpoint::load(&a, false).unwrap();
+    let e = l.model.engram.as_ref().unwrap();
+    assert!(e.layers[0].table.is_mapped());
+    assert_eq!(l.model.engram_eot, Some(l.tokenizer.eot()));
+    let prompt = l.tokenizer.encode("fn item_3").unwrap();
+    let s = mnemo::generate::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let n = l.tokenizer.vocab_size();
+    let out = mnemo::generate::generate(&l.model, &prompt, 8, s, 1, n, None, |_| Ok(()));
+    assert!(out.is_ok(), "{:?}", out.err());
+    drop(l);
+    // A table file of the wrong size.
+    let tp = a.join("checkpoint/engram_table.1.f32");
+    let mut bytes = read(&tp);
+    bytes.truncate(bytes.len() - 4);
+    std::fs::write(&tp, &bytes).unwrap();
+    let err = format!("{:#}", mnemo::checkpoint::load(&a, false).err().unwrap());
+    assert!(
+        err.contains("engram_table.1.f32") && err.contains("bytes"),
+        "{err}"
+    );
+    // An Engram config that disagrees with the stored one.
+    let c = b.join("checkpoint/config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
+    v["engram"]["n_head_per_ngram"] = 3.into();
+    std::fs::write(&c, v.to_string()).unwrap();
+    let err = format!("{:#}", mnemo::checkpoint::load(&b, false).err().unwrap());
+    assert!(err.contains("Engram"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -305,6 +305,48 @@ impl SparseGrad {
         }
     }
 
+    /// Add `other` (same table) into `self`: a sorted merge of the row lists, so the result
+    /// stays ascending and distinct (gradient accumulation over micro-batches).
+    pub fn accumulate(&mut self, other: &SparseGrad) {
+        if other.rows.is_empty() {
+            return;
+        }
+        if self.rows.is_empty() {
+            *self = other.clone();
+            return;
+        }
+        assert_eq!(
+            self.dim, other.dim,
+            "engram: sparse gradients of different widths"
+        );
+        let d = self.dim;
+        let mut rows = Vec::with_capacity(self.rows.len() + other.rows.len());
+        let mut grad = Vec::with_capacity(self.grad.len() + other.grad.len());
+        let (mut i, mut j) = (0, 0);
+        while i < self.rows.len() || j < other.rows.len() {
+            let a = self.rows.get(i).copied().unwrap_or(u32::MAX);
+            let b = other.rows.get(j).copied().unwrap_or(u32::MAX);
+            if i < self.rows.len() && (j >= other.rows.len() || a < b) {
+                rows.push(a);
+                grad.extend_from_slice(&self.grad[i * d..(i + 1) * d]);
+                i += 1;
+            } else if j < other.rows.len() && (i >= self.rows.len() || b < a) {
+                rows.push(b);
+                grad.extend_from_slice(&other.grad[j * d..(j + 1) * d]);
+                j += 1;
+            } else {
+                rows.push(a);
+                let x = &self.grad[i * d..(i + 1) * d];
+                let y = &other.grad[j * d..(j + 1) * d];
+                grad.extend(x.iter().zip(y).map(|(p, q)| p + q));
+                i += 1;
+                j += 1;
+            }
+        }
+        self.rows = rows;
+        self.grad = grad;
+    }
+
     /// Multiply every value (gradient scaling / clipping).
     pub fn scale(&mut self, s: f32) {
         self.grad.iter_mut().for_each(|g| *g *= s);

@@ -526,3 +526,20 @@ fn engram_gate_timing() {
         );
     }
 }
+
+#[test]
+fn engram_sparse_grad_accumulate_merges_sorted_rows() {
+    let a = SparseGrad::from_gather(&[5, 1, 5], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2);
+    let b = SparseGrad::from_gather(&[2, 5], &[10.0, 20.0, 30.0, 40.0], 2);
+    let mut acc = SparseGrad::default();
+    acc.accumulate(&a);
+    acc.accumulate(&b);
+    assert_eq!(acc.rows, vec![1, 2, 5]);
+    assert_eq!(acc.grad, vec![3.0, 4.0, 10.0, 20.0, 36.0, 48.0]);
+    let mut dense = vec![0.0f32; 12];
+    a.add_to_dense(&mut dense);
+    b.add_to_dense(&mut dense);
+    let mut d2 = vec![0.0f32; 12];
+    acc.add_to_dense(&mut d2);
+    assert_eq!(dense, d2);
+}
