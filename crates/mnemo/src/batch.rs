@@ -315,7 +315,7 @@ mod tests {
         // Reference: each sequence alone through forward_cached.
         let mut want = Vec::new();
         for p in &prompts {
-            let mut c = KvCache::new(&m);
+            let mut c = KvCache::new(m);
             let mut l = vec![m.forward_cached(p, &mut c).unwrap()];
             for t in 0..4u32 {
                 l.push(m.forward_cached(&[(t * 3) % 37], &mut c).unwrap());
@@ -323,7 +323,7 @@ mod tests {
             want.push(l);
         }
         // Batched: prefill all prompts in one call, then decode four steps together.
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&m)).collect();
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(m)).collect();
         let mut seqs: Vec<BatchSeq> = prompts
             .iter()
             .zip(caches.iter_mut())
@@ -333,7 +333,7 @@ mod tests {
                 logits_from: p.len() - 1,
             })
             .collect();
-        let got = forward_batch(&m, &mut seqs).unwrap();
+        let got = forward_batch(m, &mut seqs).unwrap();
         for (i, g) in got.iter().enumerate() {
             close(g, &want[i][0], &format!("prefill seq {i}"));
         }
@@ -347,7 +347,7 @@ mod tests {
                     logits_from: 0,
                 })
                 .collect();
-            let got = forward_batch(&m, &mut seqs).unwrap();
+            let got = forward_batch(m, &mut seqs).unwrap();
             for (i, g) in got.iter().enumerate() {
                 close(g, &want[i][1 + t as usize], &format!("step {t} seq {i}"));
             }

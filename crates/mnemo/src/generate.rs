@@ -559,16 +559,21 @@ impl KvCache {
             v: (0..c.n_layers).map(|_| vec![0.0; cap * w]).collect(),
             len: 0,
             cap,
+            engram: model.engram.as_ref().map(|e| e.new_state()),
         }
     }
 
-    /// Forget every position from `len` on (e.g. rejected draft tokens).
+    /// Forget every position from `len` on (e.g. rejected draft tokens). The Engram decode
+    /// state is not rewound: lookup decoding refuses Engram models.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
 
     /// Copy the first `n` positions of `src` into this cache (replacing what it held).
     pub fn copy_prefix_from(&mut self, src: &KvCache, n: usize) -> Result<()> {
+        if src.engram.is_some() {
+            bail!("prefix caching is not supported for Engram models yet");
+        }
         if n > src.len || n > self.cap || self.k.len() != src.k.len() {
             bail!(
                 "cannot copy {n} cached positions (source holds {}, room {})",

@@ -375,6 +375,9 @@ pub fn generate_lookup_with_prefix(
     lookup: Option<LookupConfig>,
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, LookupStats)> {
+    if lookup.is_some() && model.cfg.engram.is_some() {
+        bail!("lookup decoding is not supported for Engram models yet (rejected drafts cannot rewind the Engram decode state)");
+    }
     if cache.len() != prefix.len() {
         bail!(
             "the cache holds {} positions but {} prefix tokens were given",

@@ -116,6 +116,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Some(d) = &a.prefix_cache_dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
+    if (a.lookup || a.lookup_threshold.is_some()) && model.cfg.engram.is_some() {
+        bail!("--lookup is not supported for Engram models yet (rejected drafts cannot rewind the Engram decode state)");
+    }
     let lookup = (a.lookup || a.lookup_threshold.is_some()).then(|| mnemo::lookup::LookupConfig {
         max_draft: a.lookup_draft,
         threshold: a.lookup_threshold,

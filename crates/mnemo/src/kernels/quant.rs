@@ -441,7 +441,7 @@ unsafe fn rows_deq_avx2(m: &QMatrix, r0: usize, n: usize, x: &[f32], y: &mut [f3
         _mm_cvtss_f32(s)
     }
     let cols = m.cols;
-    assert!(x.len() >= n * cols && cols % 8 == 0);
+    assert!(x.len() >= n * cols && cols.is_multiple_of(8));
     let mut w = vec![0.0f32; cols];
     for (k, yr) in y.chunks_exact_mut(n).enumerate() {
         dequant_row(m, r0 + k, &mut w);
