@@ -250,7 +250,7 @@ impl ModelConfig {
         if self.vocab_size > u32::MAX as usize {
             return Err(err("vocab_size", "must fit in 32 bits"));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err(
                 "n_kv_heads",
                 format!(
@@ -259,7 +259,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.rope_dim % 2 != 0 || self.rope_dim > self.head_dim {
+        if !self.rope_dim.is_multiple_of(2) || self.rope_dim > self.head_dim {
             return Err(err(
                 "rope_dim",
                 format!(

@@ -419,7 +419,7 @@ impl TokenSplit {
             // place, so the mapping stays valid for the lifetime of `Mmap`.
             let map = unsafe { memmap2::Mmap::map(&file) }
                 .with_context(|| format!("cannot memory-map token file {}", path.display()))?;
-            if cfg!(target_endian = "little") && (map.as_ptr() as usize) % 4 == 0 {
+            if cfg!(target_endian = "little") && (map.as_ptr() as usize).is_multiple_of(4) {
                 Store::Mapped(map)
             } else {
                 let ids = map

@@ -127,7 +127,8 @@ fn row_dot_generic(ty: QType, row: &[u8], ds: &[f32], ms: &[f32], x: &Q8Vec) -> 
                 let qs = &blk[bs - 16..];
                 (0..16)
                     .map(|j| {
-                        (qs[j] & 0x0f) as i32 * qx[j] as i32 + (qs[j] >> 4) as i32 * qx[j + 16] as i32
+                        (qs[j] & 0x0f) as i32 * qx[j] as i32
+                            + (qs[j] >> 4) as i32 * qx[j + 16] as i32
                     })
                     .sum()
             }
@@ -270,7 +271,7 @@ fn matvec_with(isa: Isa, m: &QMatrix, x: &[f32], y: &mut [f32], accumulate: bool
     assert_eq!(x.len(), m.cols);
     assert_eq!(y.len(), m.rows);
     assert_eq!(m.data.len(), m.rows * m.row_bytes());
-    assert!(m.cols % 32 == 0 && m.rows * (m.cols / 32) == m.d.len());
+    assert!(m.cols.is_multiple_of(32) && m.rows * (m.cols / 32) == m.d.len());
     let xq = quantize_q8(x);
     let (rb, nb) = (m.row_bytes(), m.cols / 32);
     const ROWS: usize = 64;
@@ -330,7 +331,11 @@ mod tests {
                 .collect();
             // Row scale: Σ|w·x| bounds the error of 8-bit activations (~1/254 per term).
             let scale: Vec<f32> = (0..rows)
-                .map(|i| (0..cols).map(|j| (w[i * cols + j] * x[j]).abs()).sum::<f32>())
+                .map(|i| {
+                    (0..cols)
+                        .map(|j| (w[i * cols + j] * x[j]).abs())
+                        .sum::<f32>()
+                })
                 .collect();
             let mut generic = vec![1.0f32; rows];
             matvec_with(Isa::Generic, &m, &x, &mut generic, true);

@@ -32,7 +32,7 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(rope_dim: usize, theta: f64, max_pos: usize, layout: RopeLayout) -> Self {
-        assert!(rope_dim % 2 == 0, "rope_dim must be even");
+        assert!(rope_dim.is_multiple_of(2), "rope_dim must be even");
         let half = rope_dim / 2;
         let mut cos = vec![0.0; max_pos * half];
         let mut sin = vec![0.0; max_pos * half];
