@@ -12,6 +12,7 @@
 //! - [`moe`]: DeepSeekMoE feed-forward (shared + routed experts, bias balancing, hash routing).
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
+//! - [`humaneval`], [`sandbox`]: HumanEval / HumanEval-Rust pass@k, generated code run contained.
 
 pub mod chat;
 pub mod checkpoint;
@@ -20,6 +21,7 @@ pub mod data;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod humaneval;
 pub mod kernels;
 pub mod model;
 pub mod moe;
@@ -27,6 +29,7 @@ pub mod pack;
 pub mod plot;
 pub mod rng;
 pub mod safetensors_io;
+pub mod sandbox;
 pub mod tokenizer;
 pub mod train;
 pub mod util;
