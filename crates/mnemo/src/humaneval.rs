@@ -151,7 +151,9 @@ pub fn extract_code(answer: &str) -> String {
     }
 }
 
-/// The program that tests `completion` of `p`. With `chat`, `completion` is a chat answer whose
+/// The program that tests `completion` of `p`: the prompt (stripped of trailing whitespace when
+/// the completion starts on a new line, as generated completions do) followed by the
+/// completion, then the tests. With `chat`, `completion` is a chat answer whose
 /// code block may hold the whole function.
 pub fn program_text(p: &Problem, completion: &str, lang: Lang, chat: bool) -> String {
     let body = if chat {
@@ -162,6 +164,9 @@ pub fn program_text(p: &Problem, completion: &str, lang: Lang, chat: bool) -> St
             Lang::Rust if code.contains(&format!("fn {}", p.entry_point)) => code,
             Lang::Rust => format!("{}{}", p.prompt, code),
         }
+    } else if completion.starts_with('\n') || completion.starts_with("\r\n") {
+        // A completion of the stripped prompt (see `prompt_tokens`).
+        format!("{}{}", p.prompt.trim_end(), completion)
     } else {
         format!("{}{}", p.prompt, completion)
     };
@@ -171,11 +176,11 @@ pub fn program_text(p: &Problem, completion: &str, lang: Lang, chat: bool) -> St
     }
 }
 
-/// The prompt given to the model: the problem's prompt, or with `chat` an instruction to
+/// The prompt given to the model: the problem's prompt without trailing whitespace, or with `chat` an instruction to
 /// complete it wrapped in the model's chat template.
 pub fn prompt_tokens(tok: &Tokenizer, p: &Problem, lang: Lang, chat: bool) -> Result<Vec<u32>> {
     if !chat {
-        return tok.encode(&p.prompt);
+        return tok.encode(p.prompt.trim_end());
     }
     if tok.chat_template().is_none() {
         bail!("the model has no chat template; drop --chat");
@@ -816,6 +821,11 @@ mod tests {
         );
         assert!(!prog.contains("// Return x plus three."), "{prog}");
         assert!(prog.contains("mod tests"));
+        // Completions of the stripped prompt start with its newline; others follow the prompt.
+        let py = &fixtures(Lang::Python)[0];
+        let a = program_text(py, "\n    return x + 3\n", Lang::Python, false);
+        let b = program_text(py, "    return x + 3\n", Lang::Python, false);
+        assert_eq!(a, b);
     }
 
     #[test]
@@ -900,6 +910,21 @@ mod tests {
     }
 
     #[test]
+    fn python_process_flood_is_bounded_by_the_pids_cgroup() {
+        if !sandbox::capabilities().cgroup_pids {
+            // Without a pids cgroup only RLIMIT_NPROC bounds it, which root is exempt from.
+            eprintln!("skipped: no pids cgroup");
+            return;
+        }
+        let r = run_py(
+            "    import os, time\n    n = 0\n    try:\n        for _ in range(5000):\n            if os.fork() == 0:\n                time.sleep(30)\n                os._exit(0)\n            n += 1\n    except OSError:\n        pass\n    assert n < 100, n\n    return x + 3\n",
+        );
+        // Forks fail at the limit (64); the program then passes and its children are killed.
+        assert_eq!(r.status, Status::Passed, "{}", r.detail);
+        assert!(r.wall_s < 10.0);
+    }
+
+    #[test]
     fn rust_canonical_solutions_pass_and_bad_ones_fail() {
         if !have_rustc() {
             eprintln!("skipped: no rustc on PATH");
@@ -974,5 +999,44 @@ mod tests {
             assert!(!outside.exists());
         }
         let _ = std::fs::remove_file(&outside);
+    }
+
+    /// The harness judges every canonical solution of the real data sets as passing (run with
+    /// `--ignored` after `scripts/fetch-humaneval.sh`; `MNEMO_HE_LANG=python|rust` picks one).
+    #[test]
+    #[ignore]
+    fn real_canonical_solutions_pass() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let only = std::env::var("MNEMO_HE_LANG").unwrap_or_default();
+        for lang in [Lang::Python, Lang::Rust] {
+            if !only.is_empty() && only != format!("{lang:?}").to_lowercase() {
+                continue;
+            }
+            let path = root.join(lang.default_data());
+            if !path.is_file() {
+                eprintln!("skipped: no {}", path.display());
+                continue;
+            }
+            let c = cfg(lang, 20);
+            let mut bad = Vec::new();
+            let ps = load_problems(&path).unwrap();
+            for p in &ps {
+                let r = execute(
+                    &program_text(p, &p.canonical_solution, lang, false),
+                    lang,
+                    &c,
+                )
+                .unwrap();
+                if r.status != Status::Passed {
+                    bad.push(format!("{} {:?}: {}", p.task_id, r.status, r.detail));
+                }
+            }
+            eprintln!(
+                "{lang:?}: {}/{} canonical solutions pass",
+                ps.len() - bad.len(),
+                ps.len()
+            );
+            assert!(bad.is_empty(), "{}", bad.join("\n"));
+        }
     }
 }
