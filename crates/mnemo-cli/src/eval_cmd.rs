@@ -65,6 +65,10 @@ pub struct HumanEvalArgs {
     /// No progress on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Also evaluate problems whose tests cannot run (32 of HumanEval-Rust 3.0.0 have a
+    /// truncated test module without any `#[test]`); they are skipped by default.
+    #[arg(long)]
+    include_broken: bool,
 }
 
 pub fn run(bench: EvalBench) -> Result<()> {
@@ -130,6 +134,7 @@ pub fn run(bench: EvalBench) -> Result<()> {
         exec,
         out: a.out.clone(),
         progress: !a.quiet,
+        include_broken: a.include_broken,
     };
     let mut summary = humaneval::evaluate(
         &l.model,
