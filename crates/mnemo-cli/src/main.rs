@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod eval_cmd;
 mod lookup_cmd;
 mod pack_cmd;
 mod serve;
@@ -38,7 +39,8 @@ struct Cli {
 enum Cmd {
     /// Train a model from scratch on a directory of text/code (or resume a run).
     Train(TrainArgs),
-    /// Print validation loss and bits per byte of a trained run.
+    /// Print validation loss and bits per byte of a trained run; or, with `humaneval` /
+    /// `humaneval-rust`, run a code benchmark and print pass@k.
     Eval(EvalArgs),
     /// Generate text from a trained run, streaming tokens to stdout.
     Generate(GenerateArgs),
@@ -125,9 +127,13 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct EvalArgs {
+    #[command(subcommand)]
+    bench: Option<eval_cmd::EvalBench>,
     /// Run directory (or checkpoint directory).
-    run_dir: PathBuf,
+    #[arg(required = true)]
+    run_dir: Option<PathBuf>,
     /// Data to evaluate on [default: the run's training data directory]; its validation split is used.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
@@ -704,7 +710,11 @@ fn free_run_dir(preset: &str) -> PathBuf {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    let l = mnemo::checkpoint::load(&a.run_dir, false)?;
+    if let Some(b) = a.bench {
+        return eval_cmd::run(b);
+    }
+    let run_dir = a.run_dir.context("give a run directory")?;
+    let l = mnemo::checkpoint::load(&run_dir, false)?;
     let run: Option<RunConfig> = l
         .state
         .as_ref()
@@ -718,7 +728,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         (None, Some(r)) => r.data.clone(),
         (None, None) => bail!(
             "{}: no training data recorded; pass --data DIR",
-            a.run_dir.display()
+            run_dir.display()
         ),
     };
     if spec.val_fraction <= 0.0 {

@@ -416,3 +416,152 @@ fn engram_commands_overrides_and_bad_engram_configs() {
         "/nonexistent/tok.json",
     );
 }
+
+fn mnemo_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mnemo"));
+    cmd.args(args).env(
+        "MNEMO_CACHE",
+        std::env::temp_dir().join(format!("mnemo-cli-cache-{}", std::process::id())),
+    );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run mnemo");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn eval_humaneval_scores_fixture_problems_in_the_sandbox() {
+    let d = tmpdir("heval");
+    let data = d.join("code");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..4 {
+        let body: String = (0..30)
+            .map(|j| format!("def f_{i}_{j}(x):\n    return x + {j}\n\n"))
+            .collect();
+        std::fs::write(data.join(format!("m{i}.py")), body).unwrap();
+    }
+    let run = d.join("run");
+    let (code, _, err) = mnemo(&[
+        "--threads",
+        "1",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--set",
+        "vocab_size=300",
+        "--set",
+        "d_model=32",
+        "--set",
+        "n_layers=1",
+        "--set",
+        "head_dim=8",
+        "--set",
+        "rope_dim=8",
+        "--set",
+        "ffn_hidden=32",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../mnemo/tests/fixtures");
+    let check = |bench: &str, file: &str, env: &[(&str, &str)]| -> serde_json::Value {
+        let out = d.join(format!("{bench}.jsonl"));
+        let (code, stdout, err) = mnemo_env(
+            &[
+                "--threads",
+                "1",
+                "eval",
+                bench,
+                run.to_str().unwrap(),
+                "--data",
+                fixtures.join(file).to_str().unwrap(),
+                "--limit",
+                "2",
+                "--k",
+                "1",
+                "--max-tokens",
+                "8",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            env,
+        );
+        assert_eq!(code, 0, "{err}");
+        let s: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+        assert_eq!(s["benchmark"], bench);
+        assert_eq!(s["problems"], 2);
+        assert_eq!(s["samples_per_problem"], 1);
+        let p1 = s["pass@k"]["1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p1), "{s}");
+        assert!(s["passed"].as_u64().unwrap() <= 2);
+        let n: u64 = s["statuses"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(n, 2, "{s}");
+        assert!(s["time_s"].as_f64().unwrap() > 0.0);
+        assert!(s["sandbox"]["namespaces"].is_boolean());
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0]["results"][0]["status"].is_string(), "{}", lines[0]);
+        assert!(lines[0]["results"][0]["completion"].is_string());
+        s
+    };
+    check("humaneval", "humaneval-tiny.jsonl", &[]);
+    let rustc_here = Command::new("rustc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if rustc_here {
+        check("humaneval-rust", "humaneval-rust-tiny.jsonl", &[]);
+    }
+    // Without namespaces (as on a kernel that refuses them) it still runs, and says so.
+    let s = check(
+        "humaneval",
+        "humaneval-tiny.jsonl",
+        &[("MNEMO_SANDBOX_NO_NS", "1")],
+    );
+    assert_eq!(s["sandbox"]["namespaces"], false);
+    // Bad input: missing data, k above the sample count; the old `eval RUN_DIR` still parses.
+    assert_fails(
+        &[
+            "eval",
+            "humaneval",
+            run.to_str().unwrap(),
+            "--data",
+            "/nonexistent/he.jsonl",
+        ],
+        "fetch-humaneval.sh",
+    );
+    assert_fails(
+        &[
+            "eval",
+            "humaneval",
+            run.to_str().unwrap(),
+            "--data",
+            fixtures.join("humaneval-tiny.jsonl").to_str().unwrap(),
+            "--k",
+            "2",
+        ],
+        "pass@2",
+    );
+    assert_fails(&["eval"], "RUN_DIR");
+}

@@ -14,6 +14,7 @@
 //! - [`engram`]: Engram conditional memory (hashed N-gram tables, context-aware gate).
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
+//! - [`humaneval`], [`sandbox`]: HumanEval / HumanEval-Rust pass@k, generated code run contained.
 
 pub mod batch;
 pub mod chat;
@@ -24,6 +25,7 @@ pub mod engram;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod humaneval;
 pub mod kernels;
 pub mod lookup;
 pub mod mhc;
@@ -33,6 +35,7 @@ pub mod pack;
 pub mod plot;
 pub mod rng;
 pub mod safetensors_io;
+pub mod sandbox;
 pub mod tokenizer;
 pub mod train;
 pub mod util;
