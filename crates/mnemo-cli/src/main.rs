@@ -279,8 +279,8 @@ enum BenchCmd {
         rows: Vec<usize>,
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Use the quantised product for up to this many rows (default 1).
-        #[arg(long, default_value_t = 1)]
+        /// Use the exact quantised product for up to this many rows (beyond: the fast one).
+        #[arg(long, default_value_t = 64)]
         quant_rows: usize,
     },
     /// f32 GEMM throughput of the gemm crate at n×n×n (the peak for MFU); prints JSON.
