@@ -160,35 +160,47 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
                 vc[(p0 + r) * kw..(p0 + r + 1) * kw]
                     .copy_from_slice(&row[h * hd + kw..h * hd + 2 * kw]);
             }
-            let dims = AttnDims {
-                batch: 1,
-                tq: ni,
-                tk: p0 + ni,
-                q_pos0: p0,
-                n_heads: h,
-                n_kv_heads: kv,
-                head_dim: hd,
+            // Up to QUANT_FAST_MAX_ROWS rows (decode steps, draft verification), every row runs
+            // the attention kernel alone, exactly as one-token decoding runs it, so a verified
+            // row's logits equal decoding's bit for bit; longer chunks (prefill) use the
+            // blocked kernel over all their rows at once.
+            let per_row = ni <= QUANT_FAST_MAX_ROWS;
+            let groups: Vec<(usize, usize)> = if per_row {
+                (0..ni).map(|r| (r, 1)).collect()
+            } else {
+                vec![(0, ni)]
             };
-            attention::forward(
-                dims,
-                Heads {
-                    data: rows,
-                    rs: qd,
-                    off: 0,
-                },
-                Heads {
-                    data: &kc[..(p0 + ni) * kw],
-                    rs: kw,
-                    off: 0,
-                },
-                Heads {
-                    data: &vc[..(p0 + ni) * kw],
-                    rs: kw,
-                    off: 0,
-                },
-                &mut o[r0 * h * hd..(r0 + ni) * h * hd],
-                &mut lse[..h * ni],
-            );
+            for (q0, nq) in groups {
+                let dims = AttnDims {
+                    batch: 1,
+                    tq: nq,
+                    tk: p0 + q0 + nq,
+                    q_pos0: p0 + q0,
+                    n_heads: h,
+                    n_kv_heads: kv,
+                    head_dim: hd,
+                };
+                attention::forward(
+                    dims,
+                    Heads {
+                        data: &rows[q0 * qd..(q0 + nq) * qd],
+                        rs: qd,
+                        off: 0,
+                    },
+                    Heads {
+                        data: &kc[..(p0 + q0 + nq) * kw],
+                        rs: kw,
+                        off: 0,
+                    },
+                    Heads {
+                        data: &vc[..(p0 + q0 + nq) * kw],
+                        rs: kw,
+                        off: 0,
+                    },
+                    &mut o[(r0 + q0) * h * hd..(r0 + q0 + nq) * h * hd],
+                    &mut lse[..h * nq],
+                );
+            }
         }
         linear_rows(model, &mut x, &o, lo.wo, n, h * hd, d, true);
         rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.ffn_norm, d), d, c.norm_eps);
