@@ -353,6 +353,26 @@ pub fn sample(logits: &[f32], n_valid: usize, s: Sampling, rng: &mut Rng) -> u32
         }
         return best as u32;
     }
+    let dist = distribution(logits, logits.len(), s);
+    let u = rng.next_f64();
+    let mut cum = 0.0;
+    for &(t, p) in &dist {
+        cum += p;
+        if u < cum {
+            return t;
+        }
+    }
+    dist.last().expect("non-empty").0
+}
+
+/// The distribution [`sample`] draws from: `(token, probability)` pairs, most likely first
+/// (temperature, then top-k, then top-p with renormalisation; greedy: the argmax alone).
+pub fn distribution(logits: &[f32], n_valid: usize, s: Sampling) -> Vec<(u32, f64)> {
+    let logits = &logits[..n_valid.min(logits.len())];
+    if s.temperature <= 0.0 {
+        let t = sample(logits, logits.len(), s, &mut Rng::new(0));
+        return vec![(t, 1.0)];
+    }
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     idx.sort_by(|&a, &b| {
         logits[b]
@@ -384,15 +404,7 @@ pub fn sample(logits: &[f32], n_valid: usize, s: Sampling, rng: &mut Rng) -> u32
         let z: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= z);
     }
-    let u = rng.next_f64();
-    let mut cum = 0.0;
-    for (p, &i) in probs.iter().zip(&idx) {
-        cum += p;
-        if u < cum {
-            return i as u32;
-        }
-    }
-    *idx.last().expect("non-empty") as u32
+    idx.into_iter().map(|i| i as u32).zip(probs).collect()
 }
 
 /// Generate up to `max_new` tokens after `prompt`, calling `on_token` with each new id; stops

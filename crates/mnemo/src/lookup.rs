@@ -21,6 +21,7 @@
 //!   is emitted without verification (the model still computes its K/V on the next pass).
 
 use crate::batch::{forward_batch, BatchSeq};
+pub use crate::generate::distribution;
 use crate::generate::{sample, KvCache, Sampling};
 use crate::model::Model;
 use crate::rng::Rng;
@@ -108,47 +109,6 @@ pub fn confident_next(hist: &[u32], n: usize, p: f32) -> Option<u32> {
     }
     let &(t, c) = counts.iter().max_by_key(|(_, c)| *c)?;
     (total >= 2 && c as f32 >= p * total as f32).then_some(t)
-}
-
-/// The distribution [`sample`] draws from: `(token, probability)` pairs, most likely first.
-pub fn distribution(logits: &[f32], n_valid: usize, s: Sampling) -> Vec<(u32, f64)> {
-    let logits = &logits[..n_valid.min(logits.len())];
-    if s.temperature <= 0.0 {
-        let t = sample(logits, logits.len(), s, &mut Rng::new(0));
-        return vec![(t, 1.0)];
-    }
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| {
-        logits[b]
-            .partial_cmp(&logits[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    if s.top_k > 0 {
-        idx.truncate(s.top_k);
-    }
-    let m = logits[idx[0]];
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| (((logits[i] - m) / s.temperature) as f64).exp())
-        .collect();
-    let z: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= z);
-    if s.top_p > 0.0 && s.top_p < 1.0 {
-        let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            cum += p;
-            if cum >= s.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
-        idx.truncate(keep);
-        let z: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= z);
-    }
-    idx.into_iter().map(|i| i as u32).zip(probs).collect()
 }
 
 /// Draw from `dist` with the uniform `u ∈ [0, 1)`.

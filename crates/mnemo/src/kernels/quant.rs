@@ -522,23 +522,28 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
+    /// Random blocks with scale d = 1/16 (and, for `Q4_1`, minimum m = -0.5).
+    fn random_qmatrix(r: &mut Rng, ty: QType, rows: usize, cols: usize) -> QMatrix {
+        let bb = ty.block_bytes();
+        let mut data = vec![0u8; rows * cols / 32 * bb];
+        for blk in data.chunks_exact_mut(bb) {
+            for b in blk.iter_mut() {
+                *b = (r.next_u64() & 0xff) as u8;
+            }
+            blk[..2].copy_from_slice(&0x2c00u16.to_le_bytes());
+            if ty == QType::Q4_1 {
+                blk[2..4].copy_from_slice(&0xb800u16.to_le_bytes());
+            }
+        }
+        QMatrix::new(ty, rows, cols, data)
+    }
+
     #[test]
     fn matvec_equals_dequantised_product() {
         let mut r = Rng::new(3);
         for (ty, gg) in [(QType::Q8_0, 8u32), (QType::Q4_0, 2), (QType::Q4_1, 3)] {
             let (rows, cols) = (70, 96);
-            let bb = ty.block_bytes();
-            let mut data = vec![0u8; rows * cols / 32 * bb];
-            for blk in data.chunks_exact_mut(bb) {
-                for b in blk.iter_mut() {
-                    *b = (r.next_u64() & 0xff) as u8;
-                }
-                blk[..2].copy_from_slice(&0x2c00u16.to_le_bytes()); // d = 1/16
-                if ty == QType::Q4_1 {
-                    blk[2..4].copy_from_slice(&0xb800u16.to_le_bytes()); // m = -0.5
-                }
-            }
-            let m = QMatrix::new(ty, rows, cols, data);
+            let m = random_qmatrix(&mut r, ty, rows, cols);
             let mut w = vec![0.0f32; rows * cols];
             crate::gguf::dequantize(gg, &m.data, &mut w).unwrap();
             let mut x = vec![0.0f32; cols];
@@ -588,18 +593,7 @@ mod tests {
         let mut r = Rng::new(5);
         for ty in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
             let (rows, cols, n) = (77, 64, 5);
-            let bb = ty.block_bytes();
-            let mut data = vec![0u8; rows * cols / 32 * bb];
-            for blk in data.chunks_exact_mut(bb) {
-                for b in blk.iter_mut() {
-                    *b = (r.next_u64() & 0xff) as u8;
-                }
-                blk[..2].copy_from_slice(&0x2c00u16.to_le_bytes());
-                if ty == QType::Q4_1 {
-                    blk[2..4].copy_from_slice(&0xb800u16.to_le_bytes());
-                }
-            }
-            let m = QMatrix::new(ty, rows, cols, data);
+            let m = random_qmatrix(&mut r, ty, rows, cols);
             let mut x = vec![0.0f32; n * cols];
             r.fill_normal(&mut x, 1.0);
             let mut y = vec![0.5f32; n * rows];
@@ -617,18 +611,7 @@ mod tests {
         let mut r = Rng::new(6);
         for ty in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
             let (rows, cols, n) = (45, 96, 7);
-            let bb = ty.block_bytes();
-            let mut data = vec![0u8; rows * cols / 32 * bb];
-            for blk in data.chunks_exact_mut(bb) {
-                for b in blk.iter_mut() {
-                    *b = (r.next_u64() & 0xff) as u8;
-                }
-                blk[..2].copy_from_slice(&0x2c00u16.to_le_bytes());
-                if ty == QType::Q4_1 {
-                    blk[2..4].copy_from_slice(&0xb800u16.to_le_bytes());
-                }
-            }
-            let m = QMatrix::new(ty, rows, cols, data);
+            let m = random_qmatrix(&mut r, ty, rows, cols);
             let mut x = vec![0.0f32; n * cols];
             r.fill_normal(&mut x, 1.0);
             let mut y = vec![0.5f32; n * rows];
