@@ -283,6 +283,25 @@ enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         quant_rows: usize,
     },
+    /// Lightning-indexer scan: scores of `queries` queries against `keys` cached keys, then
+    /// top-k per query (f32 or 8-bit keys); prints JSON with ns per (query, key) pair.
+    Indexer {
+        #[arg(long, default_value_t = 131072)]
+        keys: usize,
+        #[arg(long, default_value_t = 1)]
+        queries: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 32)]
+        dim: usize,
+        #[arg(long, default_value_t = 512)]
+        topk: usize,
+        /// Store the keys in 8 bits (one scale per key).
+        #[arg(long)]
+        int8: bool,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// f32 GEMM throughput of the gemm crate at n×n×n (the peak for MFU); prints JSON.
     Gemm {
         #[arg(long, default_value_t = 1024)]
@@ -434,6 +453,15 @@ fn run(cli: Cli) -> Result<()> {
             mnemo::batch::set_quant_max_rows(quant_rows);
             lookup_cmd::bench_rows(&model, &rows, reps)
         }
+        Cmd::Bench(BenchCmd::Indexer {
+            keys,
+            queries,
+            heads,
+            dim,
+            topk,
+            int8,
+            reps,
+        }) => bench_indexer(keys, queries, heads, dim, topk, int8, reps),
         Cmd::Bench(BenchCmd::Gemm { size, iters }) => {
             let r = mnemo::kernels::matmul::bench_gemm(size, iters.max(1));
             println!(
@@ -969,5 +997,69 @@ fn stream_answer(
             Ok(out.flush()?)
         },
     )?;
+    Ok(())
+}
+
+/// `mnemo bench indexer`: time the indexer scan and the top-k over a synthetic key cache.
+fn bench_indexer(
+    keys: usize,
+    queries: usize,
+    heads: usize,
+    dim: usize,
+    topk: usize,
+    int8: bool,
+    reps: usize,
+) -> Result<()> {
+    use mnemo::kernels::indexer::{scores, topk as select, KeyStore};
+    if keys == 0 || queries == 0 || heads == 0 || dim == 0 || topk == 0 {
+        bail!("--keys, --queries, --heads, --dim and --topk must be > 0");
+    }
+    if int8 && !dim.is_multiple_of(4) {
+        bail!("--int8 needs --dim to be a multiple of 4 (got {dim})");
+    }
+    let mut rng = mnemo::rng::Rng::new(1);
+    let mut store = KeyStore::new(dim, keys, int8);
+    let mut k = vec![0.0f32; 4096 * dim];
+    let mut left = keys;
+    while left > 0 {
+        let n = left.min(4096);
+        rng.fill_normal(&mut k[..n * dim], 1.0);
+        store.push(&k[..n * dim]);
+        left -= n;
+    }
+    let mut q = vec![0.0f32; queries * heads * dim];
+    rng.fill_normal(&mut q, 1.0);
+    let mut w = vec![0.0f32; queries * heads];
+    rng.fill_normal(&mut w, 1.0);
+    // Causal: the queries are the last `queries` positions.
+    let limit: Vec<usize> = (0..queries).map(|i| keys - queries + 1 + i).collect();
+    let (mut out, mut sel) = (Vec::new(), Vec::new());
+    let (mut ts, mut tk) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        let t0 = std::time::Instant::now();
+        let width = scores(&q, &w, heads, &store, &limit, &mut out);
+        let t1 = std::time::Instant::now();
+        for (i, &lim) in limit.iter().enumerate() {
+            select(&out[i * width..i * width + lim], topk, &mut sel);
+        }
+        ts.push(t1.duration_since(t0).as_secs_f64());
+        tk.push(t1.elapsed().as_secs_f64());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (s, t) = (med(&mut ts), med(&mut tk));
+    let pairs = (queries * keys) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "keys": keys, "queries": queries, "heads": heads, "dim": dim, "topk": topk,
+            "int8": int8, "threads": rayon::current_num_threads(),
+            "scores_s": s, "topk_s": t,
+            "ns_per_pair_scores": s / pairs * 1e9, "ns_per_pair_topk": t / pairs * 1e9,
+            "key_bytes": store.bytes_used(),
+        })
+    );
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod cross_entropy;
 pub mod embedding;
 #[cfg(test)]
 pub mod gradcheck;
+pub mod indexer;
 pub mod matmul;
 pub mod quant;
 pub mod rmsnorm;
