@@ -97,6 +97,10 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
             );
         }
     }
+    for s in seqs.iter_mut() {
+        let need = s.cache.len() + s.tokens.len();
+        s.cache.reserve(need);
+    }
     if !model.cfg.residual.is_plain() || model.cfg.engram.is_some() {
         // The batched layer loop below is the plain-residual one without Engram; other models
         // run each sequence through the model's own cached forward, one token at a time for

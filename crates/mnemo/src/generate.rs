@@ -20,10 +20,15 @@ use crate::safetensors_io::{serialize_mixed, Data, TensorFile};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Per-layer key/value cache of one sequence.
+/// Per-layer key/value cache of one sequence. Its buffers grow with the context (doubling, up
+/// to `cap` positions), so a model with a long `max_seq_len` costs memory only for the
+/// positions in use.
 pub struct KvCache {
+    /// Per layer `[rows, KV·d_h]`, `rows ≥ len` (grown by [`KvCache::reserve`]).
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// Row width `KV·d_h`.
+    w: usize,
     len: usize,
     cap: usize,
     /// Engram decode state (token history and each gate's convolution history).
@@ -32,19 +37,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(model: &Model) -> Self {
-        let c = &model.cfg;
-        let w = c.n_kv_heads * c.head_dim;
-        KvCache {
-            k: (0..c.n_layers)
-                .map(|_| vec![0.0; c.max_seq_len * w])
-                .collect(),
-            v: (0..c.n_layers)
-                .map(|_| vec![0.0; c.max_seq_len * w])
-                .collect(),
-            len: 0,
-            cap: c.max_seq_len,
-            engram: model.engram.as_ref().map(|e| e.new_state()),
-        }
+        Self::with_capacity(model, model.cfg.max_seq_len)
     }
     pub fn len(&self) -> usize {
         self.len
@@ -151,6 +144,7 @@ impl Model {
         let c = &self.cfg;
         let n = tokens.len();
         let p0 = cache.len;
+        cache.reserve(p0 + n);
         let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
         let (h, kv) = (c.n_heads, c.n_kv_heads);
         let qd = c.qkv_dim();
@@ -547,6 +541,7 @@ impl KvCache {
         }
         let c = &model.cfg;
         let w = c.n_kv_heads * c.head_dim;
+        cache.reserve(tokens.len());
         for l in 0..c.n_layers {
             let k = f.f32(&format!("k.{l}"), Some(&[tokens.len(), w]))?;
             let v = f.f32(&format!("v.{l}"), Some(&[tokens.len(), w]))?;
@@ -565,14 +560,33 @@ impl KvCache {
     pub fn with_capacity(model: &Model, cap: usize) -> Self {
         let c = &model.cfg;
         let cap = cap.min(c.max_seq_len);
-        let w = c.n_kv_heads * c.head_dim;
         KvCache {
-            k: (0..c.n_layers).map(|_| vec![0.0; cap * w]).collect(),
-            v: (0..c.n_layers).map(|_| vec![0.0; cap * w]).collect(),
+            k: vec![Vec::new(); c.n_layers],
+            v: vec![Vec::new(); c.n_layers],
+            w: c.n_kv_heads * c.head_dim,
             len: 0,
             cap,
             engram: model.engram.as_ref().map(|e| e.new_state()),
         }
+    }
+
+    /// Make room for `need ≤ cap` positions (buffers at least double when they grow).
+    pub(crate) fn reserve(&mut self, need: usize) {
+        let w = self.w;
+        let rows = self.k.first().map_or(0, |k| k.len() / w.max(1));
+        if need <= rows {
+            return;
+        }
+        let rows = need.max(2 * rows).max(64).min(self.cap.max(need));
+        for l in 0..self.k.len() {
+            self.k[l].resize(rows * w, 0.0);
+            self.v[l].resize(rows * w, 0.0);
+        }
+    }
+
+    /// Bytes of K/V rows in use (`len` positions, f32).
+    pub fn kv_bytes(&self) -> usize {
+        2 * self.k.len() * self.len * self.w * 4
     }
 
     /// Forget every position from `len` on (e.g. rejected draft tokens). The Engram decode
@@ -593,10 +607,8 @@ impl KvCache {
                 self.cap
             );
         }
-        let w = src
-            .k
-            .first()
-            .map_or(0, |k| k.len().checked_div(src.cap).unwrap_or(0));
+        let w = src.w;
+        self.reserve(n);
         for l in 0..self.k.len() {
             self.k[l][..n * w].copy_from_slice(&src.k[l][..n * w]);
             self.v[l][..n * w].copy_from_slice(&src.v[l][..n * w]);
