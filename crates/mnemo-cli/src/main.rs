@@ -1034,7 +1034,8 @@ fn bench_indexer(
     // Causal: the queries are the last `queries` positions.
     let limit: Vec<usize> = (0..queries).map(|i| keys - queries + 1 + i).collect();
     let (mut out, mut sel) = (Vec::new(), Vec::new());
-    let (mut ts, mut tk) = (Vec::new(), Vec::new());
+    let (mut ts, mut tk, mut tf) = (Vec::new(), Vec::new(), Vec::new());
+    let mut idx = vec![0i32; queries * topk];
     for _ in 0..reps.max(1) {
         let t0 = std::time::Instant::now();
         let width = scores(&q, &w, heads, &store, &limit, &mut out);
@@ -1044,12 +1045,15 @@ fn bench_indexer(
         }
         ts.push(t1.duration_since(t0).as_secs_f64());
         tk.push(t1.elapsed().as_secs_f64());
+        let t2 = std::time::Instant::now();
+        mnemo::kernels::indexer::select(&q, &w, heads, &store, &limit, topk, topk, &mut idx);
+        tf.push(t2.elapsed().as_secs_f64());
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (s, t) = (med(&mut ts), med(&mut tk));
+    let (s, t, f) = (med(&mut ts), med(&mut tk), med(&mut tf));
     let pairs = (queries * keys) as f64;
     println!(
         "{}",
@@ -1058,6 +1062,7 @@ fn bench_indexer(
             "int8": int8, "threads": rayon::current_num_threads(),
             "scores_s": s, "topk_s": t,
             "ns_per_pair_scores": s / pairs * 1e9, "ns_per_pair_topk": t / pairs * 1e9,
+            "select_s": f, "ns_per_pair_select": f / pairs * 1e9,
             "key_bytes": store.bytes_used(),
         })
     );

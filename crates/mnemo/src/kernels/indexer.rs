@@ -444,6 +444,157 @@ unsafe fn block_scores_vnni(qq: &QuantQuery, i: usize, blk: &[u8], acc: &mut [f3
     _mm512_storeu_ps(acc.as_mut_ptr(), total);
 }
 
+/// Running top-k of one query: candidates that beat the current k-th best enter a buffer,
+/// which is cut back to `k` when it reaches `4k` (see [`topk`]).
+struct TopK {
+    k: usize,
+    buf: Vec<(f32, u32)>,
+    thr: f32,
+    full: bool,
+}
+
+fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        TopK {
+            k,
+            buf: Vec::with_capacity(4 * k),
+            thr: f32::NEG_INFINITY,
+            full: false,
+        }
+    }
+    #[inline]
+    fn push(&mut self, v: f32, s: u32) {
+        if !self.full || v > self.thr {
+            self.buf.push((v, s));
+            if self.buf.len() == 4 * self.k {
+                self.buf.select_nth_unstable_by(self.k - 1, better);
+                self.buf.truncate(self.k);
+                self.thr = self.buf.iter().map(|x| x.0).fold(f32::INFINITY, f32::min);
+                self.full = true;
+            }
+        }
+    }
+    /// The selected positions, ascending, into `out` (length ≥ k; the rest left untouched).
+    fn finish(mut self, out: &mut [i32]) {
+        if self.buf.len() > self.k {
+            self.buf.select_nth_unstable_by(self.k - 1, better);
+            self.buf.truncate(self.k);
+        }
+        self.buf.sort_unstable_by_key(|x| x.1);
+        for (o, x) in out.iter_mut().zip(&self.buf) {
+            *o = x.1 as i32;
+        }
+    }
+}
+
+/// The top-`k` key positions of every query, straight from the keys: `idx: [n_q, k_max]`
+/// (ascending positions, `-1` in unused slots; `k_max ≥ min(k, max limit)`). The same sets
+/// as [`scores`] followed by [`topk`] on each row, but for many queries (prefill) no score
+/// matrix is stored: queries are split into groups (one per task), and each group walks the
+/// keys in tiles that stay in cache while every query of the group scores them and keeps
+/// only the candidates above its running threshold. A query whose `limit ≤ k` takes every
+/// visible position. With few queries (decoding) the work is split across keys instead.
+#[allow(clippy::too_many_arguments)]
+pub fn select(
+    q: &[f32],
+    w: &[f32],
+    h: usize,
+    keys: &KeyStore,
+    limit: &[usize],
+    k: usize,
+    k_max: usize,
+    idx: &mut [i32],
+) {
+    let nq = limit.len();
+    let d = keys.dim();
+    assert!(k > 0, "top-k must be > 0");
+    assert_eq!(idx.len(), nq * k_max, "idx must be [n_q, k_max]");
+    assert!(limit.iter().all(|&l| l.min(k) <= k_max), "k_max too small");
+    idx.fill(-1);
+    let threads = rayon::current_num_threads().max(1);
+    if nq < 4 * threads {
+        let mut sc = Vec::new();
+        let width = scores(q, w, h, keys, limit, &mut sc);
+        let mut sel = Vec::new();
+        for (i, &lim) in limit.iter().enumerate() {
+            topk(&sc[i * width..i * width + lim], k, &mut sel);
+            for (o, &s) in idx[i * k_max..(i + 1) * k_max].iter_mut().zip(&sel) {
+                *o = s as i32;
+            }
+        }
+        return;
+    }
+    let group = nq.div_ceil(threads).min(256);
+    let quant = match keys {
+        KeyStore::I8 { dim, .. } => Some(QuantQuery::new(q, w, nq, h, *dim)),
+        KeyStore::F32 { .. } => None,
+    };
+    let (avx512, vnni) = (has_avx512f(), has_vnni());
+    idx.par_chunks_mut(group * k_max)
+        .enumerate()
+        .for_each(|(gi, out)| {
+            let i0 = gi * group;
+            let i1 = (i0 + group).min(nq);
+            let mut tops: Vec<Option<TopK>> = (i0..i1)
+                .map(|i| (limit[i] > k).then(|| TopK::new(k)))
+                .collect();
+            let top_lim = limit[i0..i1].iter().copied().max().unwrap_or(0);
+            const TILE_BLOCKS: usize = 256;
+            let blocks = top_lim.div_ceil(BLK);
+            let mut acc = [0.0f32; BLK];
+            for t0 in (0..blocks).step_by(TILE_BLOCKS) {
+                for (r, top) in tops.iter_mut().enumerate() {
+                    let Some(top) = top.as_mut() else { continue };
+                    let i = i0 + r;
+                    let lim = limit[i];
+                    for b in t0..(t0 + TILE_BLOCKS).min(lim.div_ceil(BLK)) {
+                        let s0 = b * BLK;
+                        match keys {
+                            KeyStore::F32 { data, .. } => block_scores_f32(
+                                avx512,
+                                &q[i * h * d..(i + 1) * h * d],
+                                &w[i * h..(i + 1) * h],
+                                &data[b * BLK * d..(b + 1) * BLK * d],
+                                &mut acc,
+                            ),
+                            KeyStore::I8 { data, scale, .. } => {
+                                let qq = quant.as_ref().expect("quantised queries");
+                                block_scores(
+                                    vnni,
+                                    qq,
+                                    i,
+                                    &data[b * BLK * d..(b + 1) * BLK * d],
+                                    &mut acc,
+                                );
+                                for (a, &sc) in acc.iter_mut().zip(&scale[s0..s0 + BLK]) {
+                                    *a *= sc;
+                                }
+                            }
+                        }
+                        for (j, &v) in acc[..(lim - s0).min(BLK)].iter().enumerate() {
+                            top.push(v, (s0 + j) as u32);
+                        }
+                    }
+                }
+            }
+            for (r, top) in tops.into_iter().enumerate() {
+                let row = &mut out[r * k_max..(r + 1) * k_max];
+                match top {
+                    Some(t) => t.finish(row),
+                    None => {
+                        for (s, o) in row.iter_mut().take(limit[i0 + r]).enumerate() {
+                            *o = s as i32;
+                        }
+                    }
+                }
+            }
+        });
+}
+
 /// The `k` best positions of `row` ranked by (score desc, position asc), ascending by
 /// position, into `out`. All positions when `row.len() ≤ k`. One pass with a running
 /// threshold: a candidate enters a buffer only if it beats the current k-th best, and the
@@ -457,31 +608,13 @@ pub fn topk(row: &[f32], k: usize, out: &mut Vec<u32>) {
     if k == 0 {
         return;
     }
-    let better = |a: &(f32, u32), b: &(f32, u32)| -> std::cmp::Ordering {
-        b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
-    };
-    let cap = 4 * k;
-    let mut buf: Vec<(f32, u32)> = Vec::with_capacity(cap);
-    let mut thr = f32::NEG_INFINITY;
-    let mut full = false;
+    let mut t = TopK::new(k);
     for (s, &v) in row.iter().enumerate() {
-        // Before the buffer first fills every score enters (so -inf rows still give k).
-        if !full || v > thr {
-            buf.push((v, s as u32));
-            if buf.len() == cap {
-                buf.select_nth_unstable_by(k - 1, better);
-                buf.truncate(k);
-                thr = buf.iter().map(|x| x.0).fold(f32::INFINITY, f32::min);
-                full = true;
-            }
-        }
+        t.push(v, s as u32);
     }
-    if buf.len() > k {
-        buf.select_nth_unstable_by(k - 1, better);
-        buf.truncate(k);
-    }
-    out.extend(buf.iter().map(|x| x.1));
-    out.sort_unstable();
+    let mut sel = vec![0i32; k];
+    t.finish(&mut sel);
+    out.extend(sel.iter().map(|&s| s as u32));
 }
 
 #[cfg(test)]
@@ -643,6 +776,43 @@ mod tests {
                 block_scores(has_vnni(), &qq, 1, kb, &mut b);
                 assert_eq!(a, b);
             }
+        }
+    }
+
+    #[test]
+    fn fused_selection_equals_scores_then_topk_for_both_stores() {
+        let mut rng = Rng::new(11);
+        let (h, d, l, k) = (2, 8, 1500, 40);
+        let keys: Vec<f32> = randv(&mut rng, l * d);
+        for quant in [false, true] {
+            let mut st = KeyStore::new(d, l, quant);
+            st.push(&keys);
+            for nq in [1usize, 37] {
+                let q = randv(&mut rng, nq * h * d);
+                let w = randv(&mut rng, nq * h);
+                let limit: Vec<usize> = (0..nq).map(|i| l - nq + 1 + i - (i % 3) * 500).collect();
+                let mut got = vec![0i32; nq * k];
+                select(&q, &w, h, &st, &limit, k, k, &mut got);
+                let mut sc = Vec::new();
+                let width = scores(&q, &w, h, &st, &limit, &mut sc);
+                let mut sel = Vec::new();
+                for i in 0..nq {
+                    topk(&sc[i * width..i * width + limit[i]], k, &mut sel);
+                    let want: Vec<i32> = sel.iter().map(|&s| s as i32).collect();
+                    assert_eq!(
+                        &got[i * k..(i + 1) * k],
+                        &want[..],
+                        "quant {quant} nq {nq} i {i}"
+                    );
+                }
+            }
+            // Short rows take every visible position and pad with -1.
+            let q = randv(&mut rng, 20 * h * d);
+            let w = randv(&mut rng, 20 * h);
+            let limit: Vec<usize> = (1..=20).collect();
+            let mut got = vec![0i32; 20 * k];
+            select(&q, &w, h, &st, &limit, k, k, &mut got);
+            assert_eq!(&got[2 * k..2 * k + 4], &[0, 1, 2, -1]);
         }
     }
 
