@@ -97,6 +97,9 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
             );
         }
     }
+    if model.cfg.dsa.is_some() {
+        bail!("batched cached forward of DSA (sparse-attention) models is not implemented yet");
+    }
     if !model.cfg.residual.is_plain() || model.cfg.engram.is_some() {
         // The batched layer loop below is the plain-residual one without Engram; other models
         // run each sequence through the model's own cached forward, one token at a time for

@@ -67,6 +67,11 @@ impl Model {
         if tokens.is_empty() {
             bail!("forward_cached needs at least one token");
         }
+        if self.cfg.dsa.is_some() {
+            bail!(
+                "cached generation of DSA (sparse-attention) models is not implemented yet: use Model::forward over the whole sequence"
+            );
+        }
         if cache.len + tokens.len() > cache.cap {
             bail!(
                 "context of {} tokens exceeds the model's max_seq_len {}",
