@@ -101,7 +101,7 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
         let need = s.cache.len() + s.tokens.len();
         s.cache.reserve(need);
     }
-    if !model.cfg.residual.is_plain() || model.cfg.engram.is_some() {
+    if !model.cfg.residual.is_plain() || model.cfg.engram.is_some() || model.cfg.dsa.is_some() {
         // The batched layer loop below is the plain-residual one without Engram; other models
         // run each sequence through the model's own cached forward, one token at a time for
         // the rows whose logits are wanted.

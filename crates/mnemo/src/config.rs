@@ -107,6 +107,28 @@ pub struct ModelConfig {
     /// as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engram: Option<crate::engram::EngramConfig>,
+
+    // ---- DeepSeek Sparse Attention (see `dsa`); optional, dense attention by default ----
+    /// Lightning indexer + top-k sparse attention in every layer. Not written to JSON when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsa: Option<DsaConfig>,
+}
+
+/// DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer per layer scores every
+/// earlier token, `I(t,s) = Σ_j w(t,j)·ReLU(q_I(t,j)·k_I(s))`, and each query attends only to
+/// its `index_topk` best-scoring keys (shared by all heads). See `crate::dsa`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DsaConfig {
+    /// Indexer heads `H_I`.
+    pub index_n_heads: usize,
+    /// Indexer head width `d_I` (also the width of the single indexer key per token).
+    pub index_head_dim: usize,
+    /// Rotate-half RoPE on the first `index_rope_dim` dims of each indexer q head and of k
+    /// (pe first, then nope), same θ as the model.
+    pub index_rope_dim: usize,
+    /// Keys attended per query `k` (all of them while `t + 1 ≤ k`).
+    pub index_topk: usize,
 }
 
 /// Residual-stream kind of a model.
@@ -200,6 +222,8 @@ impl ModelConfig {
         "tiny-engram",
         "tiny-mhc-engram",
         "small-engram",
+        "tiny-dsa",
+        "small-dsa",
     ];
 
     /// `tiny`: ~3.5M parameters, trains in minutes on 2 cores. `small`: ~22M parameters, GQA.
@@ -309,6 +333,28 @@ impl ModelConfig {
                 }),
                 ..Self::preset("small")?
             }),
+            // DSA variants. The indexer costs H_I·d_I MACs per (query, key) pair against
+            // 2·H·d_h for attention: tiny 4·16 = 64 vs 512 (8x), small 4·32 = 128 vs 1024
+            // (8x). tiny's top-16 makes sparsity matter at its 256-token windows; small's
+            // top-512 is meant for long contexts (raise max_seq_len).
+            "tiny-dsa" => Some(ModelConfig {
+                dsa: Some(DsaConfig {
+                    index_n_heads: 4,
+                    index_head_dim: 16,
+                    index_rope_dim: 8,
+                    index_topk: 16,
+                }),
+                ..Self::preset("tiny")?
+            }),
+            "small-dsa" => Some(ModelConfig {
+                dsa: Some(DsaConfig {
+                    index_n_heads: 4,
+                    index_head_dim: 32,
+                    index_rope_dim: 16,
+                    index_topk: 512,
+                }),
+                ..Self::preset("small")?
+            }),
             _ => None,
         }
     }
@@ -348,6 +394,7 @@ impl ModelConfig {
             hc_sinkhorn_iters: default_hc_iters(),
             hc_eps: default_hc_eps(),
             engram: None,
+            dsa: None,
         }
     }
 
@@ -360,6 +407,7 @@ impl ModelConfig {
             ("hc_sinkhorn_iters", serde_json::json!(default_hc_iters())),
             ("hc_eps", serde_json::json!(default_hc_eps())),
             ("engram", serde_json::Value::Null),
+            ("dsa", serde_json::Value::Null),
         ]
     }
 
@@ -447,6 +495,43 @@ impl ModelConfig {
             // The Engram error already names its sub-field (`engram.layer_ids: …`).
             e.validate(Some(self.n_layers))
                 .map_err(|x| err("engram", format!("is inconsistent: {x}")))?;
+        }
+        if let Some(x) = &self.dsa {
+            self.validate_dsa(x)?;
+        }
+        Ok(())
+    }
+
+    fn validate_dsa(&self, x: &DsaConfig) -> Result<(), ConfigError> {
+        if x.index_topk == 0 {
+            return Err(err(
+                "dsa.index_topk",
+                "must be > 0 (keys attended per query)",
+            ));
+        }
+        if x.index_n_heads == 0 {
+            return Err(err("dsa.index_n_heads", "must be > 0"));
+        }
+        if x.index_head_dim == 0 {
+            return Err(err("dsa.index_head_dim", "must be > 0"));
+        }
+        if !x.index_rope_dim.is_multiple_of(2) || x.index_rope_dim > x.index_head_dim {
+            return Err(err(
+                "dsa.index_rope_dim",
+                format!(
+                    "({}) must be even and at most dsa.index_head_dim ({})",
+                    x.index_rope_dim, x.index_head_dim
+                ),
+            ));
+        }
+        if !self.residual.is_plain() {
+            return Err(err(
+                "dsa",
+                "is only supported with the plain residual (residual = \"plain\"), not hc/mhc",
+            ));
+        }
+        if self.engram.is_some() {
+            return Err(err("dsa", "cannot be combined with Engram (yet)"));
         }
         Ok(())
     }
@@ -590,6 +675,39 @@ mod tests {
         let j = serde_json::to_string(&ModelConfig::preset("tiny-engram").unwrap()).unwrap();
         let back: ModelConfig = serde_json::from_str(&j).unwrap();
         assert_eq!(back, ModelConfig::preset("tiny-engram").unwrap());
+        // DSA: absent from plain JSON; bad values name the field.
+        assert!(!plain.contains("dsa"), "{plain}");
+        let j = serde_json::to_string(&ModelConfig::preset("tiny-dsa").unwrap()).unwrap();
+        assert!(j.contains(r#""index_topk":16"#), "{j}");
+        let back: ModelConfig = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, ModelConfig::preset("tiny-dsa").unwrap());
+        let dsa_err = |f: fn(&mut ModelConfig)| {
+            let mut c = ModelConfig::preset("tiny-dsa").unwrap();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        let e = dsa_err(|c| c.dsa.as_mut().unwrap().index_topk = 0);
+        assert_eq!(e.field, "dsa.index_topk");
+        assert_eq!(
+            dsa_err(|c| c.dsa.as_mut().unwrap().index_n_heads = 0).field,
+            "dsa.index_n_heads"
+        );
+        assert_eq!(
+            dsa_err(|c| c.dsa.as_mut().unwrap().index_head_dim = 0).field,
+            "dsa.index_head_dim"
+        );
+        assert_eq!(
+            dsa_err(|c| c.dsa.as_mut().unwrap().index_rope_dim = 3).field,
+            "dsa.index_rope_dim"
+        );
+        assert_eq!(
+            dsa_err(|c| c.dsa.as_mut().unwrap().index_rope_dim = 18).field,
+            "dsa.index_rope_dim"
+        );
+        let e = dsa_err(|c| c.residual = Residual::Mhc);
+        assert!(e.to_string().contains("plain residual"), "{e}");
+        let e = dsa_err(|c| c.engram = ModelConfig::preset("tiny-engram").unwrap().engram);
+        assert!(e.to_string().contains("Engram"), "{e}");
         let bad = r#"{"vocab_size": 1, "d_modle": 3}"#;
         let e = serde_json::from_str::<ModelConfig>(bad)
             .unwrap_err()

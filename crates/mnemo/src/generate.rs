@@ -10,6 +10,7 @@
 //! reaches `top_p` (nucleus), renormalised and sampled with a seeded [`Rng`].
 
 use crate::kernels::attention::{self, AttnDims, Heads};
+use crate::kernels::indexer::KeyStore;
 use crate::kernels::matmul::linear_forward;
 use crate::kernels::{embedding, rmsnorm, swiglu};
 use crate::mhc::{self, HcActs, HcDims};
@@ -29,6 +30,11 @@ pub struct KvCache {
     v: Vec<Vec<f32>>,
     /// Row width `KV·d_h`.
     w: usize,
+    /// DSA models: per layer the lightning indexer's keys (empty otherwise, or with dense
+    /// attention).
+    ik: Vec<KeyStore>,
+    /// DSA models: attend densely (no indexer), e.g. to compare with the sparse path.
+    dense: bool,
     len: usize,
     cap: usize,
     /// Engram decode state (token history and each gate's convolution history).
@@ -48,6 +54,15 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.cap
     }
+}
+
+/// Run-time attention options of a cache (DSA models).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CacheOptions {
+    /// Store the lightning indexer's keys in 8 bits (one f32 scale per key) instead of f32.
+    pub index_keys_8bit: bool,
+    /// Attend densely instead of over the indexer's top-k (DSA models; for comparisons).
+    pub dense_attention: bool,
 }
 
 /// Tokens processed per prefill chunk.
@@ -229,26 +244,42 @@ impl Model {
                 n_kv_heads: kv,
                 head_dim: hd,
             };
-            attention::forward(
-                dims,
-                Heads {
-                    data: &qkv,
-                    rs: qd,
-                    off: 0,
-                },
-                Heads {
-                    data: &cache.k[l][..(p0 + n) * kw],
-                    rs: kw,
-                    off: 0,
-                },
-                Heads {
-                    data: &cache.v[l][..(p0 + n) * kw],
-                    rs: kw,
-                    off: 0,
-                },
-                &mut o,
-                &mut lse,
-            );
+            if let (Some(io), false) = (lo.indexer.as_ref(), cache.dense) {
+                crate::dsa::infer::attend(
+                    self,
+                    io,
+                    &a,
+                    &qkv,
+                    p0,
+                    n,
+                    &mut cache.ik[l],
+                    &cache.k[l],
+                    &cache.v[l],
+                    &mut o,
+                    &mut lse,
+                );
+            } else {
+                attention::forward(
+                    dims,
+                    Heads {
+                        data: &qkv,
+                        rs: qd,
+                        off: 0,
+                    },
+                    Heads {
+                        data: &cache.k[l][..(p0 + n) * kw],
+                        rs: kw,
+                        off: 0,
+                    },
+                    Heads {
+                        data: &cache.v[l][..(p0 + n) * kw],
+                        rs: kw,
+                        off: 0,
+                    },
+                    &mut o,
+                    &mut lse,
+                );
+            }
             match acts.as_mut() {
                 Some(ha) => self.linear_infer(&mut ha.out, &o, lo.wo, n, h * hd, d, false),
                 None => self.linear_infer(&mut x, &o, lo.wo, n, h * hd, d, true),
@@ -499,6 +530,18 @@ impl KvCache {
                 Data::F32(&self.v[l][..self.len * w]),
             ));
         }
+        let ik: Vec<Vec<f32>> = self
+            .ik
+            .iter()
+            .map(|st| (0..self.len).flat_map(|s| st.key(s)).collect())
+            .collect();
+        for (l, keys) in ik.iter().enumerate() {
+            t.push((
+                format!("ik.{l}"),
+                vec![self.len, keys.len() / self.len.max(1)],
+                Data::F32(keys),
+            ));
+        }
         t.push((
             "tokens".into(),
             vec![self.len],
@@ -548,6 +591,19 @@ impl KvCache {
             cache.k[l][..k.len()].copy_from_slice(&k);
             cache.v[l][..v.len()].copy_from_slice(&v);
         }
+        if let Some(dc) = &c.dsa {
+            for (l, st) in cache.ik.iter_mut().enumerate() {
+                let keys = f
+                    .f32(&format!("ik.{l}"), Some(&[tokens.len(), dc.index_head_dim]))
+                    .with_context(|| {
+                        format!(
+                            "{}: no indexer keys for layer {l} (saved with dense attention?)",
+                            path.display()
+                        )
+                    })?;
+                st.push(&keys);
+            }
+        }
         cache.len = tokens.len();
         Ok((cache, tokens))
     }
@@ -558,12 +614,25 @@ impl KvCache {
     /// A cache holding at most `cap` positions (≤ the model's `max_seq_len`): a server can give
     /// each sequence a smaller window than the model supports.
     pub fn with_capacity(model: &Model, cap: usize) -> Self {
+        Self::with_options(model, cap, CacheOptions::default())
+    }
+
+    /// A cache of at most `cap` positions with the given attention options.
+    pub fn with_options(model: &Model, cap: usize, opts: CacheOptions) -> Self {
         let c = &model.cfg;
         let cap = cap.min(c.max_seq_len);
+        let ik = match (&c.dsa, opts.dense_attention) {
+            (Some(dc), false) => (0..c.n_layers)
+                .map(|_| KeyStore::new(dc.index_head_dim, 0, opts.index_keys_8bit))
+                .collect(),
+            _ => Vec::new(),
+        };
         KvCache {
             k: vec![Vec::new(); c.n_layers],
             v: vec![Vec::new(); c.n_layers],
             w: c.n_kv_heads * c.head_dim,
+            ik,
+            dense: opts.dense_attention,
             len: 0,
             cap,
             engram: model.engram.as_ref().map(|e| e.new_state()),
@@ -582,6 +651,9 @@ impl KvCache {
             self.k[l].resize(rows * w, 0.0);
             self.v[l].resize(rows * w, 0.0);
         }
+        for ik in &mut self.ik {
+            ik.reserve(rows);
+        }
     }
 
     /// Bytes of K/V rows in use (`len` positions, f32).
@@ -589,10 +661,18 @@ impl KvCache {
         2 * self.k.len() * self.len * self.w * 4
     }
 
+    /// Bytes of the DSA indexer keys in use (0 without DSA or with dense attention).
+    pub fn index_key_bytes(&self) -> usize {
+        self.ik.iter().map(|k| k.bytes_used()).sum()
+    }
+
     /// Forget every position from `len` on (e.g. rejected draft tokens). The Engram decode
     /// state is not rewound: lookup decoding refuses Engram models.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        for ik in &mut self.ik {
+            ik.truncate(self.len);
+        }
     }
 
     /// Copy the first `n` positions of `src` into this cache (replacing what it held).
@@ -609,9 +689,17 @@ impl KvCache {
         }
         let w = src.w;
         self.reserve(n);
+        if self.ik.len() != src.ik.len() || self.dense != src.dense {
+            bail!("cannot copy a prefix between caches with different attention options");
+        }
         for l in 0..self.k.len() {
             self.k[l][..n * w].copy_from_slice(&src.k[l][..n * w]);
             self.v[l][..n * w].copy_from_slice(&src.v[l][..n * w]);
+        }
+        for (dst, s) in self.ik.iter_mut().zip(&src.ik) {
+            let mut c = s.clone();
+            c.truncate(n);
+            *dst = c;
         }
         self.len = n;
         Ok(())
@@ -673,6 +761,118 @@ mod tests {
             m.forward_cached(&[0; 21], &mut cache).is_err(),
             "overflow must be an error"
         );
+    }
+
+    fn dsa_test_model(topk: usize) -> Model {
+        let cfg = ModelConfig {
+            vocab_size: 23,
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rope_theta: 10000.0,
+            rope_dim: 8,
+            rope_layout: RopeLayout::Half,
+            ffn_hidden: 24,
+            tied_embeddings: false,
+            norm_eps: 1e-5,
+            init_std: 0.2,
+            max_seq_len: 300,
+            dsa: Some(crate::config::DsaConfig {
+                index_n_heads: 2,
+                index_head_dim: 8,
+                index_rope_dim: 4,
+                index_topk: topk,
+            }),
+            ..ModelConfig::dense_defaults()
+        };
+        let mut m = Model::new(cfg).unwrap();
+        m.init(5);
+        m
+    }
+
+    #[test]
+    fn cached_sparse_decoding_matches_the_training_forward() {
+        // top-k 24 of up to 280 visible positions: most rows attend to a strict subset.
+        let m = dsa_test_model(24);
+        let mut rng = Rng::new(8);
+        let toks: Vec<u32> = (0..280).map(|_| rng.below(23) as u32).collect();
+        let mut ws = Workspace::default();
+        m.forward(&toks, 1, toks.len(), &mut ws);
+        let mut cache = KvCache::new(&m);
+        let mut last = m.forward_cached(&toks[..270], &mut cache).unwrap();
+        for (i, &t) in toks[270..].iter().enumerate() {
+            let want = &ws.logits[(269 + i) * 23..(270 + i) * 23];
+            for (a, b) in last.iter().zip(want) {
+                assert!((a - b).abs() < 1e-4, "position {}: {a} vs {b}", 269 + i);
+            }
+            last = m.forward_cached(&[t], &mut cache).unwrap();
+        }
+        assert_eq!(cache.index_key_bytes(), 2 * 280 * 8 * 4);
+        // Sparse differs from dense attention at this context (the selection matters) ...
+        let mut dense = KvCache::with_options(
+            &m,
+            300,
+            CacheOptions {
+                dense_attention: true,
+                ..Default::default()
+            },
+        );
+        let d = m.forward_cached(&toks, &mut dense).unwrap();
+        let gap = d
+            .iter()
+            .zip(&last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            gap > 1e-3,
+            "dense and sparse logits should differ (gap {gap})"
+        );
+        assert_eq!(dense.index_key_bytes(), 0);
+        // ... and 8-bit indexer keys stay close to f32 ones.
+        let mut q8 = KvCache::with_options(
+            &m,
+            300,
+            CacheOptions {
+                index_keys_8bit: true,
+                ..Default::default()
+            },
+        );
+        let l8 = m.forward_cached(&toks, &mut q8).unwrap();
+        let gap8 = l8
+            .iter()
+            .zip(&last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            gap8 < gap,
+            "8-bit keys should stay nearer the f32 path ({gap8} vs {gap})"
+        );
+        assert!(q8.index_key_bytes() < cache.index_key_bytes() / 2);
+    }
+
+    #[test]
+    fn sparse_prefix_cache_roundtrips_and_rewinds() {
+        let m = dsa_test_model(12);
+        let toks: Vec<u32> = (0..60).map(|i| (i * 5 % 23) as u32).collect();
+        let mut cache = KvCache::new(&m);
+        m.forward_cached(&toks[..50], &mut cache).unwrap();
+        let dir = std::env::temp_dir().join(format!("mnemo-dsa-prefix-{}", std::process::id()));
+        let path = dir.join("p.safetensors");
+        cache.save(&path, &m, &toks[..50]).unwrap();
+        let (mut loaded, t) = KvCache::load(&path, &m).unwrap();
+        assert_eq!(t, &toks[..50]);
+        let a = m.forward_cached(&toks[50..], &mut cache).unwrap();
+        let b = m.forward_cached(&toks[50..], &mut loaded).unwrap();
+        assert_eq!(a, b);
+        // Truncating (rejected drafts) rewinds the indexer keys too.
+        cache.truncate(55);
+        let c = m.forward_cached(&toks[55..], &mut cache).unwrap();
+        for (x, y) in a.iter().zip(&c) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y} after rewinding");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

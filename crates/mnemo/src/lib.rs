@@ -21,6 +21,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dsa;
 pub mod engram;
 pub mod generate;
 pub mod gguf;

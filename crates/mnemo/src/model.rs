@@ -30,10 +30,12 @@
 //! `1/√(2·n_layers)` (GPT-2); RMSNorm weights are 1.
 
 use crate::config::{ModelConfig, Residual};
+use crate::dsa::{self, DsaActs, DsaRun, DsaStage, DsaStats, IndexerOffsets};
 use crate::engram::{self, CompressedTokenizer, Engram, EngramActs, SparseGrad};
 use crate::kernels::attention::{self, AttnDims, Heads, QkvLayout};
 use crate::kernels::matmul::{linear_backward, linear_forward};
 use crate::kernels::rope::RopeTable;
+use crate::kernels::sparse_attention::{self, SparseDims};
 use crate::kernels::{cross_entropy, embedding, rmsnorm, swiglu};
 use crate::mhc::{self, HcActs, HcDims, HcOffsets};
 use crate::moe::{self, MoeActs, MoeOffsets, MoeSpec};
@@ -76,6 +78,8 @@ pub struct LayerOffsets {
     /// Hyper-connection layers of the attention and FFN sublayers (`residual` = hc/mhc).
     pub attn_hc: Option<HcOffsets>,
     pub ffn_hc: Option<HcOffsets>,
+    /// The DSA lightning indexer (`layers.{i}.indexer.*`, right after `wo`), DSA models only.
+    pub indexer: Option<IndexerOffsets>,
 }
 
 /// The feed-forward of a layer.
@@ -171,6 +175,16 @@ impl ParamLayout {
             bld.add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
             bld.add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
             let wo = bld.add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
+            let indexer = c.dsa.as_ref().map(|x| {
+                let (hi, di) = (x.index_n_heads, x.index_head_dim);
+                IndexerOffsets {
+                    wq: bld.add(p("indexer.wq"), vec![hi * di, d], true),
+                    wk: bld.add(p("indexer.wk"), vec![di, d], true),
+                    k_norm_w: bld.add(p("indexer.k_norm.weight"), vec![di], false),
+                    k_norm_b: bld.add(p("indexer.k_norm.bias"), vec![di], false),
+                    wproj: bld.add(p("indexer.weights_proj"), vec![hi, d], true),
+                }
+            });
             let ffn_hc = hcd.map(|dm| bld.add_hc(&p("ffn_hc"), &dm));
             let ffn_norm = bld.add(p("ffn_norm.weight"), vec![d], false);
             let ffn = if c.is_moe(i) {
@@ -218,6 +232,7 @@ impl ParamLayout {
                 ffn,
                 attn_hc,
                 ffn_hc,
+                indexer,
             });
         }
         let hc_head = hcd.filter(|_| c.residual == Residual::Mhc).map(|dm| {
@@ -306,6 +321,8 @@ pub struct Model {
     pub engram: Option<Engram>,
     /// End-of-text id of the tokenizer: Engram's hash and convolution restart after it.
     pub engram_eot: Option<u32>,
+    /// Rotate-half RoPE table of the DSA indexer (`cfg.dsa`; dims `0..index_rope_dim`).
+    pub index_rope: Option<RopeTable>,
 }
 
 /// Activations of one training batch, kept for the backward pass, plus backward scratch.
@@ -341,6 +358,15 @@ pub struct Workspace {
     /// Streams and coefficients of the hyper-connection residual (empty when plain).
     hc: HcWorkspace,
     residual: Residual,
+    /// DSA: per-layer indexer activations, what the last forward pass did, and its stats.
+    pub(crate) dsa: Vec<DsaActs>,
+    dsa_run: Option<DsaRun>,
+    /// Keep the selection of the previous forward pass (tests: finite differences with the
+    /// top-k fixed).
+    pub(crate) dsa_freeze_selection: bool,
+    pub dsa_stats: DsaStats,
+    dsa_o: Vec<f32>,
+    dsa_lse: Vec<f32>,
 }
 
 /// The `n`-stream residual of one batch (hc/mhc) and its backward scratch.
@@ -508,6 +534,7 @@ impl Workspace {
         self.dh13 = z(n * 2 * f);
         self.dg = z(n * f);
         self.hc = HcWorkspace::default();
+        self.dsa = (0..c.n_layers).map(|_| DsaActs::default()).collect();
         if let Some(dm) = HcDims::from_config(c) {
             let nh = dm.n;
             let ns = 2 * c.n_layers;
@@ -569,6 +596,7 @@ impl Model {
             }
             None => None,
         };
+        let index_rope = dsa::rope_table(&cfg);
         Ok(Model {
             params: vec![0.0; layout.total],
             layout,
@@ -578,6 +606,7 @@ impl Model {
             quant: Default::default(),
             engram,
             engram_eot: None,
+            index_rope,
         })
     }
 
@@ -639,8 +668,8 @@ impl Model {
             let p = &mut self.params[t.range()];
             if is_hc_tensor(&t.name) || is_engram_tensor(&t.name) {
                 continue; // below
-            } else if !t.trainable {
-                p.fill(0.0); // MoE selection bias
+            } else if !t.trainable || t.name.ends_with("indexer.k_norm.bias") {
+                p.fill(0.0); // MoE selection bias, LayerNorm bias
             } else if t.shape.len() == 1 {
                 p.fill(1.0);
             } else if t.name.ends_with("attention.wo.weight") || t.name.ends_with("w2.weight") {
@@ -712,7 +741,7 @@ impl Model {
                 &mut c.router
             } else if t.shape.len() == 1 {
                 &mut c.norms
-            } else if t.name.contains(".attention.") {
+            } else if t.name.contains(".attention.") || t.name.contains(".indexer.") {
                 &mut c.attention
             } else if t.name.contains(".shared_experts.") {
                 &mut c.shared_experts
@@ -809,9 +838,155 @@ impl Model {
         &self.params[off..off + len]
     }
 
+    /// DSA attention of one layer (plain residual): the indexer on `la.a`, then sparse
+    /// attention over its top-k (sparse stage) or dense attention (warm-up), writing `la.o`
+    /// and `la.lse` (`[n, H]` when sparse, `[b, H, t]` when dense). Returns the layer's sums
+    /// over query rows of the indexer KL and recall.
+    #[allow(clippy::too_many_arguments)]
+    fn dsa_attention(
+        &self,
+        io: &IndexerOffsets,
+        run: DsaRun,
+        (b, t): (usize, usize),
+        la: &mut LayerActs,
+        da: &mut DsaActs,
+        freeze: bool,
+        (od, lsed): (&mut Vec<f32>, &mut Vec<f32>),
+    ) -> (f64, f64) {
+        let c = &self.cfg;
+        let dc = c.dsa.as_ref().expect("a DSA config");
+        let irope = self.index_rope.as_ref().expect("the indexer RoPE table");
+        let n = b * t;
+        let (h, kv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let (lay, dims) = self.attn_shapes(b, t);
+        let sh = self.dsa_shapes(b, t);
+        da.project(&self.params, dc, irope, io, &la.a, sh);
+        let norm = 1.0 / (c.n_layers * n) as f32;
+        let dense_lse = |r: usize, hh: usize| ((r / t) * h + hh) * t + r % t;
+        let (mut kl, mut recall) = (0.0, 0.0);
+        let qkv = &la.qkv;
+        let hv = |off| Heads {
+            data: qkv,
+            rs: lay.rs,
+            off,
+        };
+        if run.stage.is_sparse() {
+            let k_max = dc.index_topk.min(t);
+            if !(freeze && da.k_max == k_max && da.idx.len() == n * k_max) {
+                da.select(dc, sh);
+            }
+            let sd = SparseDims {
+                n_q: n,
+                k_max,
+                n_heads: h,
+                n_kv_heads: kv,
+                head_dim: hd,
+            };
+            sparse_attention::forward(
+                sd,
+                hv(lay.q_off),
+                hv(lay.k_off),
+                hv(lay.v_off),
+                &da.idx,
+                &mut la.o,
+                &mut la.lse,
+            );
+            if run.kl {
+                let lse = &la.lse;
+                let f = |r: usize, hh: usize| lse[r * h + hh];
+                kl = da.kl(dc, sh, qkv, lay, &f, DsaStage::Sparse, norm).0;
+            }
+            if run.recall {
+                // The dense attention's probabilities, for the recall only (bounded cost: the
+                // caller asks for it on logging steps).
+                od.resize(n * h * hd, 0.0);
+                lsed.resize(n * h, 0.0);
+                attention::forward(dims, hv(lay.q_off), hv(lay.k_off), hv(lay.v_off), od, lsed);
+                let l2 = &*lsed;
+                recall = da.recall_dense(sh, qkv, lay, &|r, hh| l2[dense_lse(r, hh)]);
+            }
+        } else {
+            attention::forward(
+                dims,
+                hv(lay.q_off),
+                hv(lay.k_off),
+                hv(lay.v_off),
+                &mut la.o,
+                &mut la.lse,
+            );
+            if run.kl || run.recall {
+                let lse = &la.lse;
+                let f = |r: usize, hh: usize| lse[dense_lse(r, hh)];
+                (kl, recall) = da.kl(dc, sh, qkv, lay, &f, DsaStage::Warmup, norm);
+            }
+        }
+        (kl, recall)
+    }
+
+    fn dsa_shapes(&self, b: usize, t: usize) -> dsa::Shapes {
+        let c = &self.cfg;
+        dsa::Shapes {
+            b,
+            t,
+            d: c.d_model,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    /// Backward of every layer's indexer loss into the indexer parameters (input detached).
+    fn dsa_indexer_backward(
+        &self,
+        b: usize,
+        t: usize,
+        grads: &mut [f32],
+        grad_scale: f32,
+        ws: &Workspace,
+    ) {
+        let (Some(dc), Some(irope)) = (self.cfg.dsa.as_ref(), self.index_rope.as_ref()) else {
+            return;
+        };
+        let sh = self.dsa_shapes(b, t);
+        for (l, lo) in self.layout.layers.iter().enumerate() {
+            if let Some(io) = &lo.indexer {
+                ws.dsa[l].backward(
+                    &self.params,
+                    grads,
+                    dc,
+                    irope,
+                    io,
+                    &ws.layers[l].a,
+                    sh,
+                    grad_scale,
+                );
+            }
+        }
+    }
+
     /// Forward pass over `tokens: [b, t]`, keeping every activation in `ws`; leaves the logits
-    /// in `ws.logits` (`[b·t, V]`).
+    /// in `ws.logits` (`[b·t, V]`). A DSA model attends over its indexer's top-k selection
+    /// (no indexer loss; see [`Model::forward_dsa`]).
     pub fn forward(&self, tokens: &[u32], b: usize, t: usize, ws: &mut Workspace) {
+        let run = self.cfg.dsa.as_ref().map(|_| DsaRun::INFERENCE);
+        self.forward_run(tokens, b, t, ws, run)
+    }
+
+    /// [`Model::forward`] of a DSA model in a given training mode: dense or sparse attention,
+    /// with the indexer KL loss and/or recall measured (`ws.dsa_stats`).
+    pub fn forward_dsa(&self, tokens: &[u32], b: usize, t: usize, ws: &mut Workspace, run: DsaRun) {
+        assert!(self.cfg.dsa.is_some(), "forward_dsa needs a DSA model");
+        self.forward_run(tokens, b, t, ws, Some(run))
+    }
+
+    fn forward_run(
+        &self,
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+        ws: &mut Workspace,
+        run: Option<DsaRun>,
+    ) {
         let c = &self.cfg;
         assert_eq!(tokens.len(), b * t, "tokens must be [b, t]");
         assert!(
@@ -820,9 +995,12 @@ impl Model {
             c.max_seq_len
         );
         ws.ensure(c, b, t);
+        ws.dsa_run = run;
+        ws.dsa_stats = DsaStats::default();
         if let Some(dm) = HcDims::from_config(c) {
             return self.forward_hc(tokens, b, t, ws, dm);
         }
+        let (mut kl_sum, mut recall_sum) = (0.0f64, 0.0f64);
         let n = b * t;
         let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
         let (h, kv) = (c.n_heads, c.n_kv_heads);
@@ -862,14 +1040,29 @@ impl Model {
                 rs: qd,
                 off,
             };
-            attention::forward(
-                dims,
-                hv(lay.q_off),
-                hv(lay.k_off),
-                hv(lay.v_off),
-                &mut la.o,
-                &mut la.lse,
-            );
+            match (run, lo.indexer) {
+                (Some(run), Some(io)) => {
+                    let (kl, recall) = self.dsa_attention(
+                        &io,
+                        run,
+                        (b, t),
+                        la,
+                        &mut ws.dsa[l],
+                        ws.dsa_freeze_selection,
+                        (&mut ws.dsa_o, &mut ws.dsa_lse),
+                    );
+                    kl_sum += kl;
+                    recall_sum += recall;
+                }
+                _ => attention::forward(
+                    dims,
+                    hv(lay.q_off),
+                    hv(lay.k_off),
+                    hv(lay.v_off),
+                    &mut la.o,
+                    &mut la.lse,
+                ),
+            }
             la.xmid.copy_from_slice(x);
             linear_forward(
                 &mut la.xmid,
@@ -920,6 +1113,13 @@ impl Model {
             }
         }
         ws.aux_loss = ws.layers.iter().map(|la| la.moe.aux_loss).sum();
+        if let Some(run) = run {
+            let denom = (c.n_layers * n) as f64;
+            ws.dsa_stats = DsaStats {
+                kl: kl_sum / denom,
+                recall: run.recall.then_some(recall_sum / denom),
+            };
+        }
         let xl = &ws.xs[c.n_layers];
         rmsnorm::forward(
             &mut ws.hf,
@@ -949,6 +1149,8 @@ impl Model {
 
     /// Forward + backward on one batch: adds `grad_scale · dL/dθ` into `grads` and returns the
     /// (unscaled) loss L = mean CE over the batch + the MoE balance loss when enabled.
+    /// A DSA model trains in the sparse stage (see [`Model::forward_backward_dsa`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &self,
         tokens: &[u32],
@@ -959,9 +1161,63 @@ impl Model {
         grad_scale: f32,
         ws: &mut Workspace,
     ) -> f64 {
+        let run = self.cfg.dsa.as_ref().map(|_| DsaRun {
+            stage: DsaStage::Sparse,
+            kl: true,
+            recall: false,
+        });
+        self.forward_backward_run(tokens, targets, b, t, grads, grad_scale, ws, run)
+    }
+
+    /// Forward + backward of a DSA model in a training stage (module [`crate::dsa`]):
+    /// - `Warmup`: dense attention; only the indexer's parameters receive gradients (of the
+    ///   KL to the dense attention when `run.kl`); every other gradient stays untouched.
+    /// - `Sparse`: top-k sparse attention; LM-loss gradients for the model, the selected-set
+    ///   KL gradient for the indexer (its input detached).
+    ///
+    /// Returns the LM loss (+ MoE balance loss); the indexer KL and recall are in `ws.dsa_stats`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_dsa(
+        &self,
+        tokens: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        grads: &mut [f32],
+        grad_scale: f32,
+        ws: &mut Workspace,
+        run: DsaRun,
+    ) -> f64 {
+        assert!(
+            self.cfg.dsa.is_some(),
+            "forward_backward_dsa needs a DSA model"
+        );
+        self.forward_backward_run(tokens, targets, b, t, grads, grad_scale, ws, Some(run))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_backward_run(
+        &self,
+        tokens: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        grads: &mut [f32],
+        grad_scale: f32,
+        ws: &mut Workspace,
+        run: Option<DsaRun>,
+    ) -> f64 {
         assert_eq!(grads.len(), self.layout.total);
         assert_eq!(targets.len(), b * t);
-        self.forward(tokens, b, t, ws);
+        self.forward_run(tokens, b, t, ws, run);
+        if let Some(r) = run.filter(|r| r.stage == DsaStage::Warmup) {
+            // Everything but the indexer is frozen: no LM backward at all.
+            let loss = self.loss(targets, ws) + ws.aux_loss;
+            if r.kl {
+                self.dsa_indexer_backward(b, t, grads, grad_scale, ws);
+            }
+            return loss;
+        }
         let c = &self.cfg;
         let n = b * t;
         let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
@@ -1068,7 +1324,28 @@ impl Model {
                 h * hd,
                 d,
             );
-            attention::backward(dims, &la.qkv, lay, &la.o, &la.lse, &ws.dattn, &mut ws.dqkv);
+            if ws.dsa_run.is_some_and(|r| r.stage.is_sparse()) && lo.indexer.is_some() {
+                let da = &ws.dsa[l];
+                let sd = SparseDims {
+                    n_q: n,
+                    k_max: da.k_max,
+                    n_heads: h,
+                    n_kv_heads: kv,
+                    head_dim: hd,
+                };
+                sparse_attention::backward(
+                    sd,
+                    &la.qkv,
+                    lay,
+                    &da.idx,
+                    &la.o,
+                    &la.lse,
+                    &ws.dattn,
+                    &mut ws.dqkv,
+                );
+            } else {
+                attention::backward(dims, &la.qkv, lay, &la.o, &la.lse, &ws.dattn, &mut ws.dqkv);
+            }
             self.rope
                 .apply(&mut ws.dqkv, n, qd, lay.q_off, h, hd, |r| r % t, true);
             self.rope
@@ -1100,6 +1377,9 @@ impl Model {
             }
         }
         embedding::backward(&mut grads[ly.embed..ly.embed + v * d], &ws.dx, tokens, d);
+        if ws.dsa_run.is_some_and(|r| r.kl) {
+            self.dsa_indexer_backward(b, t, grads, grad_scale, ws);
+        }
         loss
     }
 }

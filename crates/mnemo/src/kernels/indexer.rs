@@ -98,6 +98,23 @@ impl KeyStore {
             KeyStore::I8 { dim, len, .. } => len * (dim + 4),
         }
     }
+    /// Make room for `cap` keys (amortised growth is the caller's: the KV cache doubles).
+    pub fn reserve(&mut self, cap: usize) {
+        if cap <= self.capacity() {
+            return;
+        }
+        let blocks = cap.div_ceil(BLK);
+        match self {
+            KeyStore::F32 { dim, data, .. } => data.resize(blocks * BLK * *dim, 0.0),
+            KeyStore::I8 {
+                dim, data, scale, ..
+            } => {
+                data.resize(blocks * BLK * *dim, 128);
+                scale.resize(blocks * BLK, 0.0);
+            }
+        }
+    }
+
     /// Forget keys from `len` on.
     pub fn truncate(&mut self, new_len: usize) {
         match self {

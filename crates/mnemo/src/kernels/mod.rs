@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod quant;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sparse_attention;
 pub mod swiglu;
 
 /// A raw pointer that parallel tasks may share, for kernels whose tasks write provably
