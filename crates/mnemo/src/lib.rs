@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod engram;
+pub mod finetune;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
