@@ -116,8 +116,17 @@ struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
     resume: Option<PathBuf>,
     /// Use this tokenizer.json instead of training a byte-level BPE on the data.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "init")]
     tokenizer: Option<PathBuf>,
+    /// Start from the weights, tokenizer and Engram tables of this run (fresh optimizer
+    /// state; the model config is that run's, training settings come from the flags).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "resume")]
+    init: Option<PathBuf>,
+    /// With --init: train only the Engram tables (`engram`) or the tables and their gates
+    /// (`engram+gates`), backbone frozen; writes RUN_DIR/engram_delta.safetensors (the
+    /// changed rows only), which loads on its own as base + delta.
+    #[arg(long, value_name = "WHAT", requires = "init")]
+    train_only: Option<String>,
     /// Where tokenized corpora are cached [default: $MNEMO_CACHE or ~/.cache/mnemo].
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -142,6 +151,15 @@ struct EvalArgs {
     batches: usize,
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Share of files held out for validation [default: the run's].
+    #[arg(long, value_name = "F")]
+    val_fraction: Option<f64>,
+    /// Ablation: switch the Engram memory off (its contribution zeroed in every block).
+    #[arg(long)]
+    no_engram: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -244,6 +262,22 @@ enum EngramCmd {
     Inspect {
         #[arg(value_name = "RUN_DIR_OR_CONFIG")]
         path: PathBuf,
+    },
+    /// Per-token gate values of every Engram layer over a text (one forward pass): which
+    /// tokens use the memory. Writes JSON {tokens, layers: [{layer_id, gates: [[a per
+    /// stream] per token]}]}.
+    Gates {
+        #[arg(value_name = "RUN_DIR")]
+        run_dir: PathBuf,
+        /// Text file to run.
+        #[arg(long, value_name = "FILE")]
+        text: PathBuf,
+        /// Output JSON file.
+        #[arg(long, value_name = "FILE")]
+        json: PathBuf,
+        /// Use at most this many tokens (at most the model's max_seq_len).
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
     },
 }
 
@@ -358,6 +392,12 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", engram_inspect(&path)?);
             Ok(())
         }
+        Cmd::Engram(EngramCmd::Gates {
+            run_dir,
+            text,
+            json,
+            max_tokens,
+        }) => engram_gates(&run_dir, &text, &json, max_tokens),
         Cmd::Tokenizer(TokenizerCmd::Train {
             data,
             vocab,
@@ -471,6 +511,53 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `mnemo engram gates`: one forward pass over the first tokens of `text`, gate values per
+/// Engram layer and token.
+fn engram_gates(run_dir: &Path, text: &Path, out: &Path, max_tokens: usize) -> Result<()> {
+    let l = mnemo::checkpoint::load(run_dir, false)?;
+    let e = l.model.engram.as_ref().with_context(|| {
+        format!(
+            "{}: the model has no Engram (`engram` is not set)",
+            run_dir.display()
+        )
+    })?;
+    let src =
+        std::fs::read_to_string(text).with_context(|| format!("cannot read {}", text.display()))?;
+    let mut ids = l.tokenizer.encode(&src)?;
+    ids.truncate(max_tokens.min(l.model.cfg.max_seq_len));
+    if ids.is_empty() {
+        bail!("{}: no tokens", text.display());
+    }
+    l.model.check_engram_tokens(&ids)?;
+    l.model.check_engram_tables()?;
+    let mut ws = mnemo::model::Workspace::default();
+    l.model.forward(&ids, 1, ids.len(), &mut ws);
+    let toks: Vec<String> = ids
+        .iter()
+        .map(|&i| l.tokenizer.decode(&[i]).unwrap_or_default())
+        .collect();
+    let nb = mnemo::model::engram_gate_spec(&l.model.cfg).n_branch;
+    let layers: Vec<serde_json::Value> = e
+        .layers
+        .iter()
+        .zip(ws.engram_gates())
+        .map(|(lay, g)| {
+            let rows: Vec<&[f32]> = g.chunks(nb).collect();
+            serde_json::json!({"layer_id": lay.hash.layer_id, "gates": rows})
+        })
+        .collect();
+    let v = serde_json::json!({"run": run_dir, "text": text, "token_ids": ids, "tokens": toks, "streams": nb, "layers": layers});
+    std::fs::write(out, serde_json::to_string(&v)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!(
+        "{} tokens, {} Engram layers -> {}",
+        ids.len(),
+        e.layers.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 /// `mnemo engram inspect`: a run directory / checkpoint (the stored hashes and tables), or a
@@ -654,7 +741,23 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         .cache_dir
         .clone()
         .unwrap_or_else(mnemo::data::default_cache_root);
-    let start = if a.resume.is_some() {
+    let start = if let Some(init) = &a.init {
+        if a.cfg.preset.is_some() || a.cfg.config.is_some() {
+            bail!(
+                "--init takes the model from {}: --preset/--config cannot be given with it",
+                init.display()
+            );
+        }
+        if a.cfg.data.is_none() {
+            bail!("--init needs --data DIR (the text to train on)");
+        }
+        let (mut run, _) = resolve(&a.cfg)?;
+        run.train.init = Some(init.clone());
+        if let Some(w) = &a.train_only {
+            run.train.train_only = mnemo::finetune::TrainOnly::parse(w)?;
+        }
+        Start::Init { run: Box::new(run) }
+    } else if a.resume.is_some() {
         // The run's own config is authoritative; only the step budget may change.
         let c = &a.cfg;
         let other = c.preset.is_some()
@@ -690,6 +793,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let out = match (&a.resume, &a.out) {
         (Some(dir), _) => dir.clone(),
         (None, Some(o)) => o.clone(),
+        (None, None) if a.init.is_some() => bail!("--init needs --out NEW_RUN_DIR"),
         (None, None) => free_run_dir(a.cfg.preset.as_deref().unwrap_or("tiny")),
     };
     if a.resume.is_none() {
@@ -742,7 +846,15 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         return eval_cmd::run(b);
     }
     let run_dir = a.run_dir.context("give a run directory")?;
-    let l = mnemo::checkpoint::load(&run_dir, false)?;
+    let mut l = mnemo::checkpoint::load(&run_dir, false)?;
+    if a.no_engram {
+        let e =
+            l.model.engram.as_mut().with_context(|| {
+                format!("--no-engram: {} has no Engram memory", run_dir.display())
+            })?;
+        e.off = true;
+    }
+    l.model.check_engram_tables()?;
     let run: Option<RunConfig> = l
         .state
         .as_ref()
@@ -759,6 +871,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             run_dir.display()
         ),
     };
+    if let Some(f) = a.val_fraction {
+        if !(f > 0.0 && f < 1.0) {
+            bail!("--val-fraction {f}: must be in (0, 1)");
+        }
+        spec.val_fraction = f;
+    }
     if spec.val_fraction <= 0.0 {
         spec.val_fraction = 0.05;
     }
@@ -778,11 +896,19 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 spec.root.display()
             )
         })?;
-    println!(
-        "val loss {loss:.4} nats/token, {bpb:.4} bits/byte ({} val tokens, {} windows of {t})",
-        cache.val.n_tokens,
-        (a.batches * b).min(cache.val.n_tokens / t.max(1)).max(1)
-    );
+    let windows = (a.batches * b).min(cache.val.n_tokens / t.max(1)).max(1);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"run": run_dir, "data": spec.root, "val_loss": loss, "val_bpb": bpb, "val_tokens": cache.val.n_tokens, "windows": windows, "seq_len": t, "engram_off": a.no_engram})
+        );
+    } else {
+        println!(
+            "val loss {loss:.4} nats/token, {bpb:.4} bits/byte ({} val tokens, {windows} windows of {t}){}",
+            cache.val.n_tokens,
+            if a.no_engram { " [Engram off]" } else { "" }
+        );
+    }
     Ok(())
 }
 

@@ -415,6 +415,10 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
             dir: path.to_path_buf(),
         });
     }
+    // A memory-only fine-tuning run kept as a delta only: its base plus the delta.
+    if path.is_dir() && path.join(crate::finetune::DELTA_FILE).is_file() && locate(path).is_err() {
+        return crate::finetune::load_delta_run(path);
+    }
     let dir = locate(path)?;
     let cfg = read_config(&dir.join("config.json"))?;
     let mut model = Model::new(cfg)?;

@@ -23,6 +23,7 @@ pub mod config;
 pub mod data;
 pub mod dsa;
 pub mod engram;
+pub mod finetune;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

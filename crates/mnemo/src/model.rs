@@ -404,6 +404,12 @@ struct LayerActs {
 }
 
 impl Workspace {
+    /// Engram gate values `a` of the last forward pass, per Engram layer `[N, n]` (token-major,
+    /// `n` streams); empty without Engram.
+    pub fn engram_gates(&self) -> Vec<Vec<f32>> {
+        self.eng_acts.iter().map(|a| a.gate.gates()).collect()
+    }
+
     /// Tokens routed to each expert of each layer in the last forward pass (`None` for dense
     /// layers).
     pub fn moe_loads(&self) -> Vec<Option<&[u64]>> {
@@ -644,6 +650,17 @@ impl Model {
             let n = l.params.len();
             l.params.copy_from_slice(&self.params[o..o + n]);
         }
+    }
+
+    /// Engram: an error if a memory-mapped table's file vanished or changed size (call before
+    /// a forward pass, which cannot return an error).
+    pub fn check_engram_tables(&self) -> anyhow::Result<()> {
+        if let Some(e) = &self.engram {
+            for l in &e.layers {
+                l.table.check()?;
+            }
+        }
+        Ok(())
     }
 
     /// Engram: token ids must lie inside the compression table (the tokenizer's range).

@@ -12,6 +12,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::ModelConfig;
 use crate::data::{self, CorpusSpec, TokenSplit};
 use crate::engram::{SparseAdam, SparseGrad};
+use crate::finetune::{DeltaBase, TrainOnly};
 use crate::kernels::adamw::{self, AdamWParams};
 use crate::model::{Model, Workspace};
 use crate::rng::Rng;
@@ -54,6 +55,13 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Bytes of training text used to train the tokenizer when the run trains its own.
     pub tokenizer_max_bytes: u64,
+    /// Which parameters are trained: `all`, or only the Engram tables (`engram`) and their
+    /// gates (`engram+gates`) with the backbone frozen (memory-only fine-tuning, [`crate::finetune`]).
+    #[serde(skip_serializing_if = "TrainOnly::is_all")]
+    pub train_only: TrainOnly,
+    /// The run whose weights this run started from (`--init`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -77,6 +85,8 @@ impl Default for TrainConfig {
             save_interval: 250,
             seed: 1337,
             tokenizer_max_bytes: 32 << 20,
+            train_only: TrainOnly::All,
+            init: None,
         }
     }
 }
@@ -113,6 +123,15 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return Err(bad("beta1/beta2", "must be in [0, 1)".into()));
+        }
+        if !self.train_only.is_all() && (self.init.is_none() || model.engram.is_none()) {
+            return Err(bad(
+                "train_only",
+                format!(
+                    "({}) needs an Engram model to start from (--init RUN_DIR)",
+                    self.train_only.name()
+                ),
+            ));
         }
         if self.log_interval == 0 || self.eval_interval == 0 || self.save_interval == 0 {
             return Err(bad(
@@ -155,6 +174,11 @@ pub enum Start {
     /// Continue from `out/checkpoint` with the run's own config; `max_steps` may change the
     /// step budget (and with it the cosine schedule from here on).
     Resume { max_steps: Option<u64> },
+    /// A new run whose model (weights, tokenizer, Engram tables) is loaded from the run
+    /// `run.train.init`, with fresh optimizer state; `run.model` is replaced by that run's model
+    /// config. With `run.train.train_only` = `engram`/`engram+gates` only the memory is trained
+    /// and `engram_delta.safetensors` is written beside each checkpoint.
+    Init { run: Box<RunConfig> },
 }
 
 /// Options of one `train` invocation.
@@ -291,6 +315,8 @@ struct Session {
     adam_v: Vec<f32>,
     /// Lazy Adam of each Engram table (empty without Engram).
     table_opt: Vec<SparseAdam>,
+    /// Memory-only fine-tuning: the base run the delta is taken against.
+    base: Option<DeltaBase>,
 }
 
 fn start_fresh(
@@ -358,6 +384,66 @@ fn start_fresh(
         adam_m: vec![0.0; n],
         adam_v: vec![0.0; n],
         table_opt,
+        base: None,
+    })
+}
+
+/// A new run starting from the weights of the run `run.train.init` (see [`Start::Init`]).
+/// Kept apart from [`start_fresh`] so that other ways of initialising from a run can share it.
+fn start_init(out: &Path, mut run: RunConfig) -> Result<Session> {
+    if out.join(checkpoint::CHECKPOINT_DIR).exists() {
+        bail!(
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+    }
+    let init = run
+        .train
+        .init
+        .clone()
+        .context("Start::Init needs train.init")?;
+    let (base, l) = DeltaBase::open(&init)?;
+    let mut model = l.model;
+    crate::finetune::tables_to_ram(&mut model)?;
+    run.model = model.cfg.clone();
+    run.model.validate()?;
+    run.train.validate(&run.model)?;
+    let tok = l.tokenizer;
+    eprintln!(
+        "init: weights, tokenizer and Engram tables from {} (fingerprint {}); training {}",
+        l.dir.display(),
+        base.fingerprint,
+        run.train.train_only.name()
+    );
+    crate::util::write_atomic(
+        &out.join("run.json"),
+        serde_json::to_string_pretty(&run)?.as_bytes(),
+    )?;
+    tok.save(&out.join("tokenizer.json"))?;
+    for f in ["metrics.jsonl", "timing.jsonl"] {
+        let p = out.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p)
+                .with_context(|| format!("cannot remove stale {}", p.display()))?;
+        }
+    }
+    let n = model.layout.total;
+    let table_opt = new_table_opt(&model);
+    Ok(Session {
+        state: TrainState {
+            format_version: 1,
+            step: 0,
+            tokens_seen: 0,
+            data_rng: Rng::derived(run.train.seed, "data"),
+            run: serde_json::to_value(&run)?,
+        },
+        base: (!run.train.train_only.is_all()).then_some(base),
+        run,
+        model,
+        tok,
+        adam_m: vec![0.0; n],
+        adam_v: vec![0.0; n],
+        table_opt,
     })
 }
 
@@ -407,6 +493,10 @@ fn start_resume(out: &Path, max_steps: Option<u64>) -> Result<Session> {
         ),
         None => Vec::new(),
     };
+    let base = match (&run.train.init, run.train.train_only.is_all()) {
+        (Some(init), false) => Some(DeltaBase::open(init)?.0),
+        _ => None,
+    };
     Ok(Session {
         run,
         model: l.model,
@@ -415,6 +505,7 @@ fn start_resume(out: &Path, max_steps: Option<u64>) -> Result<Session> {
         adam_m,
         adam_v,
         table_opt,
+        base,
     })
 }
 
@@ -438,6 +529,10 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             let corpus = data::scan(&sess.run.data)?;
             (sess, corpus)
         }
+        Start::Init { run } => {
+            let corpus = data::scan(&run.data)?;
+            (start_init(out, *run)?, corpus)
+        }
     };
     let Session {
         run,
@@ -447,7 +542,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         mut adam_m,
         mut adam_v,
         mut table_opt,
+        base,
     } = sess;
+    let mode = run.train.train_only;
     let tc = run.train.clone();
     let cache = data::prepare(&corpus, &run.data, &tok, &opts.cache_root, opts.progress)?;
     eprintln!(
@@ -552,7 +649,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         }
         // The global norm covers the flat parameters and the Engram tables' sparse gradients.
         let table_sq: f64 = tgrads.iter().map(SparseGrad::sum_sq).sum();
-        let gnorm = (det_sum_sq(&grads) + table_sq).sqrt();
+        let gnorm = (trained_sum_sq(&model, &grads, mode) + table_sq).sqrt();
         if !gnorm.is_finite() {
             let layer = first_nonfinite_grad(&model, &grads).unwrap_or_default();
             bail!(
@@ -573,16 +670,19 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             eps: tc.adam_eps,
             weight_decay: tc.weight_decay,
         };
-        optimizer_step(&mut model, &grads, &mut adam_m, &mut adam_v, hp, step);
+        optimizer_step_only(&mut model, &grads, &mut adam_m, &mut adam_v, hp, step, mode);
         if let Some(e) = model.engram.as_mut() {
             let th = e.cfg.table_optimizer();
             for ((layer, opt), g) in e.layers.iter_mut().zip(&mut table_opt).zip(&tgrads) {
                 opt.update(&mut layer.table, g, lr, &th)?;
             }
         }
-        model.update_moe_bias(&loads);
-        if run.model.bias_fit_iters > 0 {
-            model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters);
+        // The MoE balancing bias is part of the backbone: frozen in memory-only fine-tuning.
+        if mode.is_all() {
+            model.update_moe_bias(&loads);
+            if run.model.bias_fit_iters > 0 {
+                model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters);
+            }
         }
         let step_ms = step_t0.elapsed().as_secs_f64() * 1e3;
         state.step = step;
@@ -650,6 +750,21 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 &table_opt,
                 &state,
             )?;
+            if let Some(base) = &base {
+                let st = crate::finetune::write_delta(out, &model, base, mode, step)?;
+                let line = format!(
+                    "engram delta: {} of {} rows changed, {} bytes (full tables {} bytes)",
+                    st.rows.iter().sum::<usize>(),
+                    st.table_rows.iter().sum::<usize>(),
+                    st.delta_bytes,
+                    st.table_bytes
+                );
+                if pb.is_hidden() {
+                    eprintln!("{line}")
+                } else {
+                    pb.println(line)
+                }
+            }
         }
         // Wall-clock step time (optimizer included, evaluation and saving excluded) goes to
         // `timing.jsonl`: `metrics.jsonl` holds only deterministic values.
@@ -749,6 +864,50 @@ fn first_nonfinite_grad(model: &Model, grads: &[f32]) -> Option<String> {
         .iter()
         .find(|t| grads[t.range()].iter().any(|g| !g.is_finite()))
         .map(|t| t.name.clone())
+}
+
+/// Sum of squares of the gradients of the tensors `mode` trains.
+fn trained_sum_sq(model: &Model, grads: &[f32], mode: TrainOnly) -> f64 {
+    if mode.is_all() {
+        return det_sum_sq(grads);
+    }
+    model
+        .layout
+        .tensors
+        .iter()
+        .filter(|t| t.trainable && mode.trains(&t.name))
+        .map(|t| det_sum_sq(&grads[t.range()]))
+        .sum()
+}
+
+/// [`optimizer_step`] restricted to the tensors `mode` trains: the others get no update and
+/// no weight decay (they stay bit-identical).
+pub fn optimizer_step_only(
+    model: &mut Model,
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    hp: AdamWParams,
+    step: u64,
+    mode: TrainOnly,
+) {
+    for spec in model
+        .layout
+        .tensors
+        .iter()
+        .filter(|t| t.trainable && mode.trains(&t.name))
+    {
+        let r = spec.range();
+        adamw::step(
+            &mut model.params[r.clone()],
+            &grads[r.clone()],
+            &mut m[r.clone()],
+            &mut v[r],
+            hp,
+            step,
+            spec.decay,
+        );
+    }
 }
 
 /// AdamW over every trainable tensor (weight decay where the tensor asks for it).

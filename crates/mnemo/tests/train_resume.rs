@@ -460,3 +460,139 @@ fn engram_training_resumes_bit_identically_and_bad_files_are_errors() {
     assert!(err.contains("Engram"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// Memory-only fine-tuning: `--init` + `train_only = engram` leaves every backbone weight
+/// bit-identical, changes only table rows, writes a delta that reloads (base + delta) to exactly
+/// the fine-tuned logits; `engram+gates` also trains the gates and nothing else; a changed base
+/// is refused; `off` (the `--no-engram` ablation) changes the logits.
+#[test]
+fn engram_memory_only_finetuning_freezes_the_backbone_and_the_delta_reloads_exactly() {
+    use mnemo::finetune::{TrainOnly, DELTA_FILE};
+    let root = tmpdir("engramft");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_corpus(&data);
+    let data2 = root.join("data2");
+    std::fs::create_dir_all(&data2).unwrap();
+    for i in 0..20 {
+        let mut s = String::new();
+        for j in 0..30 {
+            s.push_str(&format!(
+                "struct Point{i}_{j} {{ x: i64, y: i64 }}\nimpl Point{i}_{j} {{ fn norm(&self) -> i64 {{ self.x * {} }} }}\n\n",
+                (i * j) % 5
+            ));
+        }
+        std::fs::write(data2.join(format!("p_{i}.rs")), s).unwrap();
+    }
+    let cache = root.join("cache");
+    let mut base_run = run_config(&data, 20);
+    base_run.model.engram = Some(mnemo::engram::EngramConfig {
+        layer_ids: vec![1],
+        max_ngram_size: 3,
+        n_head_per_ngram: 2,
+        head_dim: 8,
+        vocab_size_per_ngram: vec![600, 600],
+        ..Default::default()
+    });
+    let never = AtomicBool::new(false);
+    let base = root.join("base");
+    train(fresh(&base, base_run.clone(), &cache), &never).unwrap();
+    // train_only without an init run is refused.
+    let mut bad = base_run.clone();
+    bad.train.train_only = TrainOnly::Engram;
+    assert!(format!(
+        "{:#}",
+        train(fresh(&root.join("bad"), bad, &cache), &never).unwrap_err()
+    )
+    .contains("--init"));
+    let finetune = |out: &Path, mode: TrainOnly| {
+        let mut r = run_config(&data2, 10);
+        r.train.init = Some(base.clone());
+        r.train.train_only = mode;
+        r.train.save_interval = 5;
+        let opts = TrainOptions {
+            out: out.to_path_buf(),
+            start: Start::Init { run: Box::new(r) },
+            cache_root: cache.clone(),
+            progress: false,
+        };
+        train(opts, &never).unwrap();
+    };
+    let b = mnemo::checkpoint::load(&base, false).unwrap();
+    let toks = b
+        .tokenizer
+        .encode("struct Point3_4 { x: i64, y: i64 }\nfn item_1_2(x: u32)")
+        .unwrap();
+    let logits = |m: &mnemo::model::Model| {
+        let mut ws = mnemo::model::Workspace::default();
+        m.forward(&toks, 1, toks.len(), &mut ws);
+        ws.logits.clone()
+    };
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for mode in [TrainOnly::Engram, TrainOnly::EngramGates] {
+        let out = root.join(format!("ft-{}", mode.name()));
+        finetune(&out, mode);
+        let f = mnemo::checkpoint::load(&out, false).unwrap();
+        for t in &f.model.layout.tensors {
+            let same = bits(&f.model.params[t.range()]) == bits(&b.model.params[t.range()]);
+            let gate = mnemo::model::is_engram_tensor(&t.name);
+            if mode == TrainOnly::Engram || !gate {
+                assert!(same, "{}: {} changed", mode.name(), t.name);
+            }
+        }
+        if mode == TrainOnly::EngramGates {
+            let o = f.model.layout.engram_gate[0];
+            let n = f.model.engram.as_ref().unwrap().layers[0].gate.n_params();
+            assert_ne!(f.model.params[o..o + n], b.model.params[o..o + n]);
+        }
+        let (tf, tb) = (
+            f.model.engram.as_ref().unwrap().layers[0].table.as_slice(),
+            b.model.engram.as_ref().unwrap().layers[0].table.as_slice(),
+        );
+        let changed = tf
+            .chunks(8)
+            .zip(tb.chunks(8))
+            .filter(|(x, y)| x != y)
+            .count();
+        assert!(
+            changed > 0 && changed < tf.len() / 8,
+            "{changed} rows changed"
+        );
+        // The delta alone (base + delta) gives exactly the fine-tuned logits.
+        let only = root.join(format!("delta-{}", mode.name()));
+        std::fs::create_dir_all(&only).unwrap();
+        std::fs::copy(out.join(DELTA_FILE), only.join(DELTA_FILE)).unwrap();
+        let d = mnemo::checkpoint::load(&only, false).unwrap();
+        let (lf, ld, lb) = (logits(&f.model), logits(&d.model), logits(&b.model));
+        assert_eq!(bits(&lf), bits(&ld), "{}: delta logits differ", mode.name());
+        assert_ne!(bits(&lf), bits(&lb));
+        let (_, meta) = mnemo::finetune::read_delta_meta(&only.join(DELTA_FILE)).unwrap();
+        assert_eq!((meta.train_only, meta.step), (mode, 10));
+        let delta_bytes = std::fs::metadata(only.join(DELTA_FILE)).unwrap().len();
+        assert!(
+            delta_bytes
+                < std::fs::metadata(base.join("checkpoint/engram_table.1.f32"))
+                    .unwrap()
+                    .len()
+        );
+    }
+    // Ablation: Engram off changes the logits (and they stay finite).
+    let mut off = mnemo::checkpoint::load(&base, false).unwrap();
+    off.model.engram.as_mut().unwrap().off = true;
+    let lo = logits(&off.model);
+    assert!(lo.iter().all(|x| x.is_finite()));
+    assert_ne!(bits(&lo), bits(&logits(&b.model)));
+    // A base that changed after the delta was made is refused.
+    let cfgp = base.join("checkpoint/config.json");
+    let mut s = std::fs::read_to_string(&cfgp).unwrap();
+    s.push('\n');
+    std::fs::write(&cfgp, s).unwrap();
+    let err = format!(
+        "{:#}",
+        mnemo::checkpoint::load(&root.join("delta-engram"), false)
+            .err()
+            .unwrap()
+    );
+    assert!(err.contains("has changed"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -395,6 +395,9 @@ pub struct Engram {
     pub cfg: EngramConfig,
     pub compress: CompressedTokenizer,
     pub layers: Vec<EngramLayer>,
+    /// Ablation switch: when set, no block has an Engram module ([`Engram::layer_of_block`]
+    /// answers `None`), so the memory contributes nothing (`mnemo eval --no-engram`).
+    pub off: bool,
 }
 
 impl Engram {
@@ -456,6 +459,7 @@ impl Engram {
             cfg,
             compress,
             layers,
+            off: false,
         })
     }
 
@@ -515,6 +519,7 @@ impl Engram {
             cfg,
             compress,
             layers,
+            off: false,
         })
     }
 
@@ -647,6 +652,9 @@ impl Engram {
 
     /// The Engram layer index of block `block`, if it has one.
     pub fn layer_of_block(&self, block: usize) -> Option<usize> {
+        if self.off {
+            return None;
+        }
         self.layers.iter().position(|l| l.hash.layer_id == block)
     }
 

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Engram vs routed experts at fixed total and activated parameters (the paper's allocation sweep,
+# U-shaped law). ρ = share of the sparse budget (the routed experts of `tiny-moe` at ρ = 1) kept
+# as routed experts; the rest pays for Engram table rows (block 1, orders 2–3, 4 heads × 16 dims).
+# top_k stays 2, so activated expert parameters are equal; the Engram gate (~68k params) is
+# the only extra activated weight and is printed in the accounting.
+#   STEPS=2000 scripts/engram-rho-sweep.sh        (the real sweep: hours on 2 cores)
+#   STEPS=5 scripts/engram-rho-sweep.sh           (end-to-end check)
+# Results: results/engram-rho/{configs/*.json, rho.json, rho.png}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MNEMO=${MNEMO:-target/release/mnemo}
+STEPS=${STEPS:-2000}
+RHOS=${RHOS:-"1.0 0.8 0.6 0.4 0.2"}
+WORK=${WORK:-/work/exp/engram-rho-$STEPS}
+DATA=${DATA:-/work/corpus}
+TOK=${TOK:-/work/runs/tiny-real/tokenizer.json}
+OUT=${OUT:-results/engram-rho}
+export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
+mkdir -p "$OUT/configs" "$WORK"
+# Write one config per ρ and its parameter accounting (python: exact formulas of the preset).
+/work/venv/bin/python - "$OUT" "$RHOS" <<'PY'
+import json, sys
+out, rhos = sys.argv[1], [float(r) for r in sys.argv[2].split()]
+d, E0, inter, n_layers, n_dense, top_k = 256, 16, 704 // 3, 4, 1, 2
+heads, head_dim, orders = 4, 16, 2                 # Engram: 4 heads/order, orders 2..3
+per_expert = 3 * d * inter                         # gate, up, down
+moe_layers = n_layers - n_dense
+budget = E0 * per_expert * moe_layers              # the sparse budget at ρ = 1
+acct = []
+for rho in rhos:
+    E = max(top_k + 1, round(E0 * rho))
+    freed = budget - E * per_expert * moe_layers
+    rows = freed // head_dim                       # table rows that cost what the experts did
+    per_head = rows // (heads * orders)
+    model = {"n_routed_experts": E}
+    if per_head >= 2:
+        model["engram"] = {"layer_ids": [1], "max_ngram_size": 3, "n_head_per_ngram": heads,
+                           "head_dim": head_dim, "vocab_size_per_ngram": [per_head, per_head],
+                           "kernel_size": 4, "seed": 0, "pad_id": 0}
+    else:
+        model["engram"] = None
+    name = f"rho-{rho:.1f}"
+    json.dump({"preset": "tiny-moe", "model": model}, open(f"{out}/configs/{name}.json", "w"), indent=1)
+    a = {"rho": rho, "name": name, "routed_experts": E,
+         "routed_expert_params": E * per_expert * moe_layers,
+         "engram_table_params_target": rows * head_dim if per_head >= 2 else 0,
+         "activated_routed_params": top_k * per_expert * moe_layers}
+    acct.append(a)
+json.dump(acct, open(f"{out}/accounting.json", "w"), indent=1)
+print(f"sparse budget (ρ=1): {budget:,} params = {E0} experts x {moe_layers} layers x {per_expert:,}")
+for a in acct:
+    print(f"ρ={a['rho']:.1f}: {a['routed_experts']:2d} experts ({a['routed_expert_params']:,}) + Engram table "
+          f"{a['engram_table_params_target']:,} (target) = {a['routed_expert_params'] + a['engram_table_params_target']:,}")
+PY
+for rho in $RHOS; do
+  name=$(printf "rho-%.1f" "$rho")
+  run="$WORK/$name"
+  if [ ! -f "$run/metrics.jsonl" ] || ! grep -q "\"step\":$STEPS,\"val_loss\"" "$run/metrics.jsonl"; then
+    rm -rf "$run"
+    $MNEMO train --config "$OUT/configs/$name.json" --data "$DATA" --tokenizer "$TOK" --steps "$STEPS" \
+      --seed 1337 --out "$run" --quiet 2> "$WORK/$name.log"
+  fi
+  # The exact sizes as built (prime table sizes): parameters from the log and `engram inspect`.
+  grep -E "^model:|engram gates" "$WORK/$name.log" | sed "s/^/$name: /" || true
+  if grep -q '"engram": {' "$OUT/configs/$name.json"; then
+    $MNEMO engram inspect "$run" | grep -E "rows" | sed "s/^/$name: /"
+  fi
+done
+/work/venv/bin/python - "$OUT" "$WORK" "$STEPS" <<'PY'
+import json, sys, re
+out, work, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+acct = json.load(open(f"{out}/accounting.json"))
+def num(s):
+    m = re.match(r"([\d.]+)([kMG]?)", s); return float(m[1]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[2]]
+rows = []
+for a in acct:
+    log = open(f"{work}/{a['name']}.log").read()
+    m = re.search(r"model: (\S+) parameters, (\S+) activated", log)
+    t = re.search(r"engram gates (\S+), engram tables (\S+)", log)
+    val = [json.loads(l) for l in open(f"{work}/{a['name']}/metrics.jsonl") if "val_loss" in l][-1]
+    tables = num(t[2]) if t else 0.0
+    r = dict(a, params_flat=num(m[1]), activated=num(m[2]), engram_tables=tables,
+             total_params=num(m[1]) + tables, val_loss=val["val_loss"], val_bpb=val["val_bpb"], steps=steps)
+    rows.append(r)
+    print(f"ρ={r['rho']:.1f}: total {r['total_params']/1e6:.2f}M, activated {r['activated']/1e6:.2f}M, "
+          f"val loss {r['val_loss']:.4f}, bpb {r['val_bpb']:.4f}")
+json.dump(rows, open(f"{out}/rho.json", "w"), indent=1)
+import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(6, 4))
+ax.plot([r["rho"] for r in rows], [r["val_loss"] for r in rows], marker="o")
+best = min(rows, key=lambda r: r["val_loss"])
+ax.scatter([best["rho"]], [best["val_loss"]], color="red", zorder=3, label=f"minimum at ρ={best['rho']:.1f}")
+ax.set_xlabel("ρ (share of the sparse budget given to routed experts)"); ax.set_ylabel("val loss (nats/token)")
+ax.set_title(f"Engram/MoE allocation, tiny-moe, {steps} steps"); ax.invert_xaxis(); ax.grid(alpha=.3); ax.legend()
+fig.tight_layout(); fig.savefig(f"{out}/rho.png", dpi=110)
+PY
