@@ -317,6 +317,27 @@ enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         quant_rows: usize,
     },
+    /// Long context with a DSA model: prefill and decode time per token, sparse vs dense
+    /// attention, at each context length; prints one JSON line per length (and --json FILE).
+    LongContext {
+        #[command(flatten)]
+        cfg: Box<ConfigArgs>,
+        /// Context lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_value = "4096,16384,65536,131072")]
+        contexts: Vec<usize>,
+        /// Tokens decoded per mode and length.
+        #[arg(long, default_value_t = 16)]
+        decode: usize,
+        /// Store the indexer keys in 8 bits.
+        #[arg(long)]
+        int8: bool,
+        /// Longest context whose dense prefill is timed (it grows quadratically).
+        #[arg(long, default_value_t = 65536)]
+        dense_prefill_max: usize,
+        /// Write all rows as a JSON array here.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Lightning-indexer scan: scores of `queries` queries against `keys` cached keys, then
     /// top-k per query (f32 or 8-bit keys); prints JSON with ns per (query, key) pair.
     Indexer {
@@ -493,6 +514,14 @@ fn run(cli: Cli) -> Result<()> {
             mnemo::batch::set_quant_max_rows(quant_rows);
             lookup_cmd::bench_rows(&model, &rows, reps)
         }
+        Cmd::Bench(BenchCmd::LongContext {
+            cfg,
+            contexts,
+            decode,
+            int8,
+            dense_prefill_max,
+            json,
+        }) => bench_long_context(&cfg, contexts, decode, int8, dense_prefill_max, json),
         Cmd::Bench(BenchCmd::Indexer {
             keys,
             queries,
@@ -1192,5 +1221,73 @@ fn bench_indexer(
             "key_bytes": store.bytes_used(),
         })
     );
+    Ok(())
+}
+
+/// `mnemo bench long-context`: dense vs sparse prefill/decode of a DSA model.
+fn bench_long_context(
+    a: &ConfigArgs,
+    contexts: Vec<usize>,
+    decode: usize,
+    int8: bool,
+    dense_prefill_max: usize,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    use mnemo::dsa::bench::{long_context, LongContextBench};
+    let (run, _) = resolve(a)?;
+    let mut cfg = run.model.clone();
+    let need = contexts.iter().copied().max().unwrap_or(0) + 2 * decode + 1;
+    cfg.max_seq_len = cfg.max_seq_len.max(need);
+    let dsa = cfg
+        .dsa
+        .clone()
+        .context("bench long-context needs a DSA model (e.g. --preset small-dsa)")?;
+    let mut model = mnemo::model::Model::new(cfg.clone())?;
+    model.init(run.train.seed);
+    eprintln!(
+        "model: {} layers, d {}, {} heads × {} (kv {}), indexer {} heads × {}, top-k {}, {} keys, {} threads",
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.head_dim,
+        cfg.n_kv_heads,
+        dsa.index_n_heads,
+        dsa.index_head_dim,
+        dsa.index_topk,
+        if int8 { "8-bit" } else { "f32" },
+        rayon::current_num_threads()
+    );
+    let bench = LongContextBench {
+        contexts,
+        decode: decode.max(1),
+        index_keys_8bit: int8,
+        dense_prefill_max,
+        seed: run.train.seed,
+    };
+    let t0 = std::time::Instant::now();
+    let mut last_print = 0.0f64;
+    let rows = long_context(
+        &model,
+        &bench,
+        &mut |what, done, total| {
+            let el = t0.elapsed().as_secs_f64();
+            if el - last_print > 2.0 || done == total {
+                last_print = el;
+                eprint!("\r{what}: {done}/{total} tokens ({el:.0} s)      ");
+                if done == total {
+                    eprintln!();
+                }
+            }
+        },
+        &mut |row| println!("{}", serde_json::to_string(row).unwrap_or_default()),
+    )?;
+    if let Some(p) = json {
+        let out = serde_json::json!({
+            "config": cfg, "threads": rayon::current_num_threads(), "int8_index_keys": int8,
+            "decode_tokens": decode, "rows": rows,
+        });
+        std::fs::write(&p, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
     Ok(())
 }

@@ -661,6 +661,13 @@ impl KvCache {
         2 * self.k.len() * self.len * self.w * 4
     }
 
+    /// Attend densely from now on (DSA models): the indexer keys are dropped, so the cache
+    /// cannot go back to sparse attention.
+    pub fn use_dense_attention(&mut self) {
+        self.dense = true;
+        self.ik.clear();
+    }
+
     /// Bytes of the DSA indexer keys in use (0 without DSA or with dense attention).
     pub fn index_key_bytes(&self) -> usize {
         self.ik.iter().map(|k| k.bytes_used()).sum()

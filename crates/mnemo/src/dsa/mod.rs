@@ -40,6 +40,7 @@ use crate::model::Model;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub mod bench;
 pub(crate) mod infer;
 #[cfg(test)]
 mod tests;

@@ -254,15 +254,13 @@ pub fn scores(
                         if lim <= s0 {
                             continue;
                         }
-                        block_scores(vnni, &qq, i, blk, &mut acc);
+                        block_scores(vnni, &qq, i, blk, &scale[s0..s0 + BLK], &mut acc);
                         let n = (lim - s0).min(BLK);
                         // SAFETY: row i, columns s0..s0+n belong to this block only.
                         let o = unsafe {
                             std::slice::from_raw_parts_mut(ptr.get().add(i * width + s0), n)
                         };
-                        for j in 0..n {
-                            o[j] = acc[j] * scale[s0 + j];
-                        }
+                        o.copy_from_slice(&acc[..n]);
                     }
                 }
             });
@@ -406,14 +404,23 @@ fn has_vnni() -> bool {
     }
 }
 
-/// Unscaled scores of query `i` against one block of 16 keys:
-/// `acc[j] = Σ_h wq_h · ReLU(Σ_e q8_he·k8_je)` (the key scales are applied by the caller).
+/// Scores of query `i` against one block of 16 keys with scales `ks: [16]`:
+/// `acc[j] = ks[j] · Σ_h wq_h · ReLU(Σ_e q8_he·k8_je)`.
 #[inline]
-fn block_scores(vnni: bool, qq: &QuantQuery, i: usize, blk: &[u8], acc: &mut [f32; BLK]) {
+fn block_scores(
+    vnni: bool,
+    qq: &QuantQuery,
+    i: usize,
+    blk: &[u8],
+    ks: &[f32],
+    acc: &mut [f32; BLK],
+) {
+    assert_eq!(ks.len(), BLK);
     #[cfg(target_arch = "x86_64")]
     if vnni {
-        // SAFETY: VNNI/AVX-512 detected at run time; `blk` holds d·16 bytes and the query d.
-        unsafe { block_scores_vnni(qq, i, blk, acc) };
+        // SAFETY: VNNI/AVX-512 detected at run time; `blk` holds d·16 bytes, the query d,
+        // `ks` 16 scales.
+        unsafe { block_scores_vnni(qq, i, blk, ks, acc) };
         return;
     }
     let _ = vnni;
@@ -436,11 +443,20 @@ fn block_scores(vnni: bool, qq: &QuantQuery, i: usize, blk: &[u8], acc: &mut [f3
             *a = qq.wq[r].mul_add(((dot - qq.off[r]) as f32).max(0.0), *a);
         }
     }
+    for (a, &k) in acc.iter_mut().zip(ks) {
+        *a *= k;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn block_scores_vnni(qq: &QuantQuery, i: usize, blk: &[u8], acc: &mut [f32; BLK]) {
+unsafe fn block_scores_vnni(
+    qq: &QuantQuery,
+    i: usize,
+    blk: &[u8],
+    ks: &[f32],
+    acc: &mut [f32; BLK],
+) {
     use std::arch::x86_64::*;
     let (h, d) = (qq.h, qq.d);
     let mut total = _mm512_setzero_ps();
@@ -458,6 +474,7 @@ unsafe fn block_scores_vnni(qq: &QuantQuery, i: usize, blk: &[u8], acc: &mut [f3
         let f = _mm512_max_ps(_mm512_cvtepi32_ps(dot), zero);
         total = _mm512_fmadd_ps(_mm512_set1_ps(*qq.wq.get_unchecked(r)), f, total);
     }
+    let total = _mm512_mul_ps(total, _mm512_loadu_ps(ks.as_ptr()));
     _mm512_storeu_ps(acc.as_mut_ptr(), total);
 }
 
@@ -585,14 +602,18 @@ pub fn select(
                                     qq,
                                     i,
                                     &data[b * BLK * d..(b + 1) * BLK * d],
+                                    &scale[s0..s0 + BLK],
                                     &mut acc,
                                 );
-                                for (a, &sc) in acc.iter_mut().zip(&scale[s0..s0 + BLK]) {
-                                    *a *= sc;
-                                }
                             }
                         }
-                        for (j, &v) in acc[..(lim - s0).min(BLK)].iter().enumerate() {
+                        let n = (lim - s0).min(BLK);
+                        // Most blocks hold nothing above the running threshold: one max.
+                        let mx = acc[..n].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                        if top.full && mx <= top.thr {
+                            continue;
+                        }
+                        for (j, &v) in acc[..n].iter().enumerate() {
                             top.push(v, (s0 + j) as u32);
                         }
                     }
@@ -789,8 +810,9 @@ mod tests {
             let (mut a, mut b) = ([0.0; BLK], [0.0; BLK]);
             for blk in 0..l / BLK {
                 let kb = &data[blk * BLK * d..(blk + 1) * BLK * d];
-                block_scores(false, &qq, 1, kb, &mut a);
-                block_scores(has_vnni(), &qq, 1, kb, &mut b);
+                let ks = [0.5f32; BLK];
+                block_scores(false, &qq, 1, kb, &ks, &mut a);
+                block_scores(has_vnni(), &qq, 1, kb, &ks, &mut b);
                 assert_eq!(a, b);
             }
         }
