@@ -424,6 +424,13 @@ impl Workspace {
             .collect()
     }
 
+    /// DSA: layer `l`'s top-k selection of the last (sparse) forward pass: key rows
+    /// `[b·t, k_max]` (−1 = unused slot), and `k_max`.
+    pub fn dsa_selection(&self, l: usize) -> Option<(&[i32], usize)> {
+        let da = self.dsa.get(l)?;
+        (!da.idx.is_empty()).then_some((&da.idx[..], da.k_max))
+    }
+
     /// Router scores `[N, E]` of each layer in the last forward pass (empty for dense layers).
     pub fn moe_scores(&self) -> Vec<&[f32]> {
         self.layers.iter().map(|l| &l.moe.scores[..]).collect()
