@@ -34,6 +34,15 @@ pick the same experts).
 Usage (from the repo root):
     python reference/make_fixtures.py [--out crates/mnemo/tests/fixtures] [--only NAME ...]
 
+DSA fixtures (DSA_FIXTURES: a lightning indexer + top-k sparse attention in every layer)
+store the indexer parameters like any other; "grad.<name>" is the gradient of
+LM loss + L_I (the mean over layers of the selected-set indexer KL, which reaches only the
+indexer: its input and the attention target are detached, and the top-k mask carries no
+gradient), "dsa_kl" [1] is L_I, "dsa.sel.{l}" (int64 [B*T, T], 1 = selected) each layer's
+selection, and "warmup.dsa_kl" / "warmup.grad.<indexer param>" the same for the dense
+warm-up loss (dense attention, KL over every s <= t). The seed is chosen so that every
+row's k-th and (k+1)-th index scores differ by more than MIN_TOPK_GAP (float64).
+
 Hyper-connection fixtures (HC_FIXTURES: residual = "mhc" / "hc") store the layers'
 attn_hc.* / ffn_hc.* (and mHC's hc_head.*) parameters like any other; before writing
 they are self-checked against finite differences, and the Sinkhorn variant against
@@ -54,7 +63,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model import (MoE, Config, Transformer, apply_rope,  # noqa: E402
+from model import (MoE, Config, Transformer, apply_rope, Indexer,  # noqa: E402
                    manual_causal_attention, rope_cos_sin, sinkhorn, topk_lowest_index_first)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +106,13 @@ HC_FIXTURES = [
      dict(residual="mhc", hc_mult=4, hc_sinkhorn_iters=20)),
     ("hc_n3_untied", 64, 32, 2, 4, 2, 8, 4, "half", 40, False, 2, 9,
      dict(residual="hc", hc_mult=3)),
+]
+
+
+# DSA fixtures: name, base args as above, then the DSA config.
+DSA_FIXTURES = [
+    ("dsa_gqa_top5", 64, 32, 2, 4, 2, 8, 4, "half", 40, False, 2, 12,
+     dict(dsa=dict(index_n_heads=3, index_head_dim=8, index_rope_dim=4, index_topk=5))),
 ]
 
 
@@ -432,6 +448,127 @@ def choose_moe_seed(cfg: Config, B: int, T: int, base_seed: int, name: str):
     raise RuntimeError(f"{name}: no seed with top-k gap > {MIN_TOPK_GAP}")
 
 
+def dsa_min_gap(model64, tokens):
+    """Smallest gap, over layers and query rows with more than k candidates, between the
+    k-th and (k+1)-th largest causal index score (float64)."""
+    gaps = []
+
+    def hook(mod, inp, out):
+        k = mod.cfg.dsa["index_topk"]
+        T = out.shape[-1]
+        for t in range(k, T):
+            v = out[:, t, : t + 1].sort(dim=-1, descending=True).values
+            gaps.append((v[:, k - 1] - v[:, k]).min().item())
+
+    hs = [m.register_forward_hook(hook) for m in model64.modules() if isinstance(m, Indexer)]
+    with torch.no_grad():
+        model64(tokens)
+    for h in hs:
+        h.remove()
+    return min(gaps)
+
+
+def dsa_losses(model64, tokens, targets, stage):
+    for blk in model64.layers:
+        blk.dsa_stage = stage
+    logits, loss = model64(tokens, targets)
+    kl = sum(b.last_kl for b in model64.layers) / len(model64.layers)
+    return logits, loss, kl
+
+
+def check_dsa(model64, tokens, targets, name):
+    """Self-checks: sparse == dense with k >= T; the indexer receives no LM gradient and the
+    rest no KL gradient; the gradient of LM + L_I vs finite differences of the LM loss
+    (model parameters) and of L_I (indexer parameters)."""
+    import copy
+    m = copy.deepcopy(model64)
+    for b in m.layers:
+        b.indexer.cfg = copy.deepcopy(b.indexer.cfg)
+        b.indexer.cfg.dsa = dict(b.indexer.cfg.dsa, index_topk=tokens.shape[1])
+    ld, _, _ = dsa_losses(m, tokens, targets, "sparse")
+    lw, _, _ = dsa_losses(m, tokens, targets, "warmup")
+    assert torch.allclose(ld, lw, atol=1e-12, rtol=0), "k >= T must equal dense attention"
+    model64.zero_grad(set_to_none=True)
+    _, loss, kl = dsa_losses(model64, tokens, targets, "sparse")
+    gi = torch.autograd.grad(loss, [p for n, p in model64.named_parameters()],
+                             allow_unused=True)
+    for (n, _), g in zip(model64.named_parameters(), gi):
+        if ".indexer." in n:
+            assert g is None or g.abs().max().item() == 0.0, f"LM gradient reaches {n}"
+    gk = torch.autograd.grad(kl, [p for n, p in model64.named_parameters()],
+                             allow_unused=True)
+    for (n, _), g in zip(model64.named_parameters(), gk):
+        if ".indexer." not in n:
+            assert g is None or g.abs().max().item() == 0.0, f"KL gradient reaches {n}"
+    params = dict(model64.named_parameters())
+    worst = 0.0
+    for pname in ("layers.0.attention.wq.weight", "layers.1.indexer.wq",
+                  "layers.0.indexer.k_norm.bias", "layers.1.indexer.weights_proj"):
+        p = params[pname]
+        model64.zero_grad(set_to_none=True)
+        _, loss, kl = dsa_losses(model64, tokens, targets, "sparse")
+        (loss + kl).backward()
+        ana = p.grad.detach().clone()
+        for i in range(0, p.numel(), max(1, p.numel() // 7)):
+            with torch.no_grad():
+                orig = p.view(-1)[i].item()
+                p.view(-1)[i] = orig + 1e-6
+                _, l1, k1 = dsa_losses(model64, tokens, targets, "sparse")
+                p.view(-1)[i] = orig - 1e-6
+                _, l2, k2 = dsa_losses(model64, tokens, targets, "sparse")
+                p.view(-1)[i] = orig
+            # The detached paths are invisible to autograd but not to finite differences:
+            # the model's parameters are checked on the LM loss, the indexer's on L_I.
+            num = ((k1 - k2) if ".indexer." in pname else (l1 - l2)).item() / 2e-6
+            e = abs(num - ana.view(-1)[i].item()) / max(abs(num), 1e-6)
+            if e > 1e-4:
+                print("  FD", pname, i, num, ana.view(-1)[i].item())
+            worst = max(worst, e)
+    assert worst < 1e-4, f"{name}: DSA finite differences, worst relative error {worst:.2e}"
+    print(f"{name}: DSA self-checks ok (k>=T == dense, detach, finite differences {worst:.1e})")
+
+
+def build_dsa_fixture(cfg: Config, B: int, T: int, name: str):
+    for i in range(100):
+        seed = BASE_SEED + 300 + 1000 * i
+        model32, tokens, targets = draw_fixture_inputs(cfg, B, T, seed)
+        gap = dsa_min_gap(model32.to(torch.float64), tokens)   # (converts model32)
+        if gap > MIN_TOPK_GAP:
+            print(f"{name}: seed {seed} (attempt {i}), smallest index-score gap {gap:.3e}")
+            break
+    else:
+        raise RuntimeError(f"{name}: no seed with an index-score gap > {MIN_TOPK_GAP}")
+    model32, tokens, targets = draw_fixture_inputs(cfg, B, T, seed)
+    params32 = {n: p.detach().clone() for n, p in model32.named_parameters()}
+    model64 = model32.to(torch.float64)
+    check_dsa(model64, tokens, targets, name)
+    tensors = {"tokens": tokens.contiguous(), "targets": targets.contiguous()}
+    for n, p in params32.items():
+        tensors[n] = p.contiguous()
+    # Warm-up stage: dense attention, only the indexer's KL gradient.
+    model64.zero_grad(set_to_none=True)
+    _, _, klw = dsa_losses(model64, tokens, targets, "warmup")
+    klw.backward()
+    for n, p in model64.named_parameters():
+        if ".indexer." in n:
+            tensors[f"warmup.grad.{n}"] = p.grad.detach().float().contiguous()
+    tensors["warmup.dsa_kl"] = klw.detach().float().reshape(1)
+    # Sparse stage.
+    model64.zero_grad(set_to_none=True)
+    logits, loss, kl = dsa_losses(model64, tokens, targets, "sparse")
+    (loss + kl).backward()
+    for l, blk in enumerate(model64.layers):
+        tensors[f"dsa.sel.{l}"] = blk.last_keep.reshape(B * T, T).to(torch.int64).contiguous()
+    tensors["logits"] = logits.detach().float().contiguous()
+    tensors["loss"] = loss.detach().float().reshape(1).contiguous()
+    tensors["dsa_kl"] = kl.detach().float().reshape(1).contiguous()
+    for n, p in model64.named_parameters():
+        tensors[f"grad.{n}"] = p.grad.detach().float().contiguous()
+    print(f"{name}: loss = {loss.item():.10f}, L_I = {kl.item():.10f}, "
+          f"warm-up L_I = {klw.item():.10f}")
+    return tensors, {"config": cfg.to_json(), "batch": str(B), "seq_len": str(T)}
+
+
 def write_fixture(path, tensors, metadata):
     save_file(tensors, path, metadata=metadata)
     canonicalize_header(path)
@@ -456,6 +593,12 @@ def main():
     check_sinkhorn_eq9()
 
     os.makedirs(args.out, exist_ok=True)
+    for name, V, d, L, H, KV, hd, rd, layout, Fh, tied, B, T, extra in DSA_FIXTURES:
+        if not want(name):
+            continue
+        cfg = make_config(V, d, L, H, KV, hd, rd, layout, Fh, tied, **extra)
+        tensors, metadata = build_dsa_fixture(cfg, B, T, name)
+        write_fixture(os.path.join(args.out, f"{name}.safetensors"), tensors, metadata)
     for k, (name, V, d, L, H, KV, hd, rd, layout, Fh, tied, B, T, extra) in enumerate(HC_FIXTURES):
         if not want(name):
             continue

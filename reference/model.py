@@ -85,6 +85,9 @@ class Config:
     hc_mult: int = 4                    # n streams
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
+    # ---- DeepSeek Sparse Attention (optional; None = dense attention) ----
+    # {"index_n_heads", "index_head_dim", "index_rope_dim", "index_topk"}; see Indexer.
+    dsa: dict | None = None
 
     def __post_init__(self):
         # normalise numeric types (JSON may give 10000 for a float field)
@@ -118,6 +121,13 @@ class Config:
             assert self.residual != "mhc" or self.hc_sinkhorn_iters >= 1, \
                 "hc_sinkhorn_iters must be >= 1"
         assert self.score_func in ("sigmoid", "sqrtsoftplus"), self.score_func
+        if self.dsa is not None:
+            assert set(self.dsa) == {"index_n_heads", "index_head_dim", "index_rope_dim",
+                                     "index_topk"}, self.dsa
+            assert self.dsa["index_topk"] > 0 and self.dsa["index_n_heads"] > 0
+            r = self.dsa["index_rope_dim"]
+            assert r % 2 == 0 and r <= self.dsa["index_head_dim"]
+            assert self.residual == "plain", "DSA needs the plain residual"
         for f in ("n_dense_layers", "n_shared_experts", "n_routed_experts", "moe_inter",
                   "top_k", "num_hash_layers"):
             assert getattr(self, f) >= 0, f
@@ -155,7 +165,9 @@ class Config:
         # The optional MoE keys are written only when one of them differs from its
         # default, so dense configs serialise exactly as before the MoE keys existed.
         d = asdict(self)
-        optional = [f for f in fields(self) if f.default is not MISSING]
+        if d["dsa"] is None:   # like serde's skip_serializing_if = "Option::is_none"
+            del d["dsa"]
+        optional = [f for f in fields(self) if f.default is not MISSING and f.name in d]
         if all(d[f.name] == f.default and type(d[f.name]) is type(f.default) for f in optional):
             for f in optional:
                 del d[f.name]
@@ -220,11 +232,12 @@ def apply_rope(x, cos, sin, rope_dim: int, layout: str):
     return torch.cat((yr, xpass), dim=-1)
 
 
-def manual_causal_attention(q, k, v):
+def manual_causal_attention(q, k, v, keep=None):
     """Explicit causal GQA attention.
 
     q: [B, H, T, hd], k/v: [B, KV, T, hd] -> [B, H, T, hd].
-    Query head h uses kv head h // (H / KV).
+    Query head h uses kv head h // (H / KV). `keep` ([B, T, T] bool, optional): the DSA
+    top-k selection, shared by all heads, applied as a mask before the softmax.
     """
     B, H, T, hd = q.shape
     KV = k.shape[1]
@@ -234,6 +247,8 @@ def manual_causal_attention(q, k, v):
     v = v[:, kv_index]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)              # [B, H, T(t), T(s)]
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # s <= t
+    if keep is not None:
+        causal = causal[None, None] & keep[:, None]
     scores = scores.masked_fill(~causal, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     return p @ v
@@ -262,7 +277,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, KV * hd, bias=False)
         self.wo = nn.Linear(H * hd, d, bias=False)
 
-    def forward(self, x, cos, sin):
+    def qk(self, x, cos, sin):
+        """RoPE'd q [B, H, T, hd], k and v [B, KV, T, hd]."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -271,8 +287,16 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, KV, hd)
         q = apply_rope(q, cos, sin, cfg.rope_dim, cfg.rope_layout)
         k = apply_rope(k, cos, sin, cfg.rope_dim, cfg.rope_layout)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, nh, T, hd]
-        if self.attn_impl == "manual":
+        return (t.transpose(1, 2) for t in (q, k, v))  # [B, nh, T, hd]
+
+    def forward(self, x, cos, sin, keep=None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, hd = cfg.n_heads, cfg.head_dim
+        q, k, v = self.qk(x, cos, sin)
+        if keep is not None:
+            o = manual_causal_attention(q, k, v, keep)
+        elif self.attn_impl == "manual":
             o = manual_causal_attention(q, k, v)
         elif self.attn_impl == "sdpa":
             o = sdpa_causal_attention(q, k, v)
@@ -280,6 +304,74 @@ class Attention(nn.Module):
             raise ValueError(self.attn_impl)
         o = o.transpose(1, 2).reshape(B, T, H * hd)
         return self.wo(o)
+
+
+class Indexer(nn.Module):
+    """DeepSeek-V3.2 lightning indexer on the attention input x [B, T, d]:
+
+        q = RoPE_half(x Wq^T)  [B, T, H_I, d_I]    (first index_rope_dim dims of each head)
+        k = RoPE_half(LayerNorm(x Wk^T))  [B, T, d_I]     (eps 1e-6, weight and bias)
+        w = (x Wproj^T) * H_I^-1/2 * d_I^-1/2  [B, T, H_I]
+        I[b, t, s] = sum_j w[b,t,j] * relu(q[b,t,j] . k[b,s])     (-inf for s > t)
+
+    Parameters layers.{i}.indexer.{wq [H_I*d_I, d], wk [d_I, d], k_norm.weight [d_I],
+    k_norm.bias [d_I], weights_proj [H_I, d]} (plain tensors, no ".weight" on the linears).
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        c = cfg.dsa
+        self.cfg = cfg
+        hi, di, d = c["index_n_heads"], c["index_head_dim"], cfg.d_model
+        self.wq = nn.Parameter(torch.empty(hi * di, d))
+        self.wk = nn.Parameter(torch.empty(di, d))
+        self.k_norm = nn.LayerNorm(di, eps=1e-6)
+        self.weights_proj = nn.Parameter(torch.empty(hi, d))
+
+    def forward(self, x):
+        c = self.cfg.dsa
+        B, T, _ = x.shape
+        hi, di, rd = c["index_n_heads"], c["index_head_dim"], c["index_rope_dim"]
+        cos, sin = rope_cos_sin(T, rd, self.cfg.rope_theta, x.dtype, x.device)
+        q = apply_rope((x @ self.wq.T).view(B, T, hi, di), cos, sin, rd, "half")
+        k = self.k_norm(x @ self.wk.T).view(B, T, 1, di)
+        k = apply_rope(k, cos, sin, rd, "half")[:, :, 0]
+        w = (x @ self.weights_proj.T) * (hi ** -0.5) * (di ** -0.5)
+        z = torch.einsum("bthd,bsd->bths", q, k)
+        idx = (w[..., None] * torch.relu(z)).sum(2)                      # [B, T, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return idx.masked_fill(~causal, float("-inf"))
+
+
+def topk_mask(index_scores, k: int):
+    """[B, T, T] bool: per query t the top-min(k, t+1) causal positions of the scores."""
+    T = index_scores.shape[-1]
+    top = index_scores.topk(min(k, T), dim=-1).indices
+    keep = torch.zeros_like(index_scores, dtype=torch.bool).scatter(-1, top, True)
+    causal = torch.ones(T, T, dtype=torch.bool, device=index_scores.device).tril()
+    return keep & causal
+
+
+def head_summed_attention(q, k, keep=None):
+    """p[b, t, s] = (1/H) sum_h softmax_h(q k^T / sqrt(hd) + mask)  (L1-normalised over s)."""
+    B, H, T, hd = q.shape
+    kv_index = torch.arange(H, device=q.device) // (H // k.shape[1])
+    scores = (q @ k[:, kv_index].transpose(-2, -1)) / math.sqrt(hd)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
+    if keep is not None:
+        causal = causal & keep[:, None]
+    p = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).sum(1)
+    return p / p.sum(-1, keepdim=True)
+
+
+def indexer_kl(p, index_scores, keep):
+    """Mean over (b, t) of KL(p_t || softmax(I_t)) over the positions in `keep` (p is 0
+    elsewhere and already normalised over them)."""
+    logq = torch.log_softmax(index_scores.masked_fill(~keep, float("-inf")), dim=-1)
+    logq = logq.masked_fill(~keep, 0.0)   # no -inf (and so no NaN gradient) off the set
+    terms = torch.where(keep & (p > 0), p * (torch.log(p.clamp_min(1e-300)) - logq),
+                        torch.zeros_like(p))
+    return terms.sum(-1).mean()
 
 
 class SwiGLU(nn.Module):
@@ -529,6 +621,11 @@ class Block(nn.Module):
             layer = MHCLayer if cfg.residual == "mhc" else HCLayer
             self.attn_hc = layer(cfg)
             self.ffn_hc = layer(cfg)
+        if cfg.dsa is not None:
+            self.indexer = Indexer(cfg)
+        self.dsa_stage = "sparse"
+        self.last_kl = None
+        self.last_keep = None
 
     def _ffn(self, x, tokens):
         if hasattr(self, "ffn"):
@@ -545,7 +642,32 @@ class Block(nn.Module):
             pre, post, comb = self.ffn_hc(h)
             out, aux = self._ffn(self.ffn_norm(hc_readout(h, pre)), tokens)
             return hc_merge(h, out, post, comb), aux
+        if hasattr(self, "indexer"):
+            return self._forward_dsa(h, cos, sin, tokens)
         h = h + self.attention(self.attention_norm(h), cos, sin)
+        y, aux = self._ffn(self.ffn_norm(h), tokens)
+        return h + y, aux
+
+    def _forward_dsa(self, h, cos, sin, tokens):
+        """DSA layer. The indexer reads the detached attention input; its KL loss (against
+        the detached head-summed attention) is left in self.last_kl. Stage "sparse": top-k
+        attention, KL over the selected set; "warmup": dense attention, KL over s <= t."""
+        x = self.attention_norm(h)
+        I = self.indexer(x.detach())
+        keep = topk_mask(I.detach(), self.indexer.cfg.dsa["index_topk"])
+        self.last_keep = keep
+        q, k, _ = self.attention.qk(x, cos, sin)
+        if self.dsa_stage == "sparse":
+            out = self.attention(x, cos, sin, keep)
+            p = head_summed_attention(q.detach(), k.detach(), keep)
+            self.last_kl = indexer_kl(p, I, keep)
+        else:
+            out = self.attention(x, cos, sin)
+            p = head_summed_attention(q.detach(), k.detach())
+            T = I.shape[-1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=I.device).tril()
+            self.last_kl = indexer_kl(p, I, causal.expand_as(keep))
+        h = h + out
         y, aux = self._ffn(self.ffn_norm(h), tokens)
         return h + y, aux
 
@@ -580,6 +702,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("k_norm.bias"):
+                p.zero_()
             else:
                 p.normal_(0.0, self.cfg.init_std, generator=generator)
         for _, moe in self.moe_layers():

@@ -102,6 +102,11 @@ struct ConfigArgs {
     /// Random seed (initialisation and data order).
     #[arg(long)]
     seed: Option<u64>,
+    /// DSA models: training stage `dense` (dense attention, everything trains, the indexer
+    /// beside it), `warmup` (dense attention, only the indexer trains) or `sparse` (top-k
+    /// attention; default). Allowed with --resume to switch stage.
+    #[arg(long, value_name = "STAGE")]
+    dsa_stage: Option<mnemo::dsa::DsaStage>,
 }
 
 #[derive(Args)]
@@ -700,6 +705,9 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
     if let Some(x) = a.seed {
         t["seed"] = x.into();
     }
+    if let Some(x) = a.dsa_stage {
+        t["dsa_stage"] = x.name().into();
+    }
     if a.data.is_some() {
         v["data"]["root"] = serde_json::to_value(a.data.clone())?;
     }
@@ -724,6 +732,22 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
             let e = &mut v["model"]["engram"];
             if e.is_null() {
                 *e = serde_json::to_value(mnemo::engram::EngramConfig::default())?;
+            }
+            e[f] = parsed;
+            continue;
+        }
+        // `dsa.FIELD` / `model.dsa.FIELD`: one field of the DSA config (the preset's, or
+        // the tiny-dsa values when the preset has none); `dsa=null` turns it off.
+        if let Some(f) = key
+            .strip_prefix("model.dsa.")
+            .or_else(|| key.strip_prefix("dsa."))
+        {
+            let e = &mut v["model"]["dsa"];
+            if e.is_null() {
+                *e = serde_json::to_value(ModelConfig::preset("tiny-dsa").and_then(|c| c.dsa))?;
+            }
+            if e.get(f).is_none() {
+                bail!("--set {s}: no DSA config field `{f}` (index_n_heads, index_head_dim, index_rope_dim, index_topk)");
             }
             e[f] = parsed;
             continue;
@@ -802,10 +826,13 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             || a.tokenizer.is_some();
         if other {
             bail!(
-                "--resume continues a run with its own config: only --steps may be given with it"
+                "--resume continues a run with its own config: only --steps and --dsa-stage may be given with it"
             );
         }
-        Start::Resume { max_steps: c.steps }
+        Start::Resume {
+            max_steps: c.steps,
+            dsa_stage: c.dsa_stage,
+        }
     } else {
         let (run, preset) = resolve(&a.cfg)?;
         if a.cfg.data.is_none() && a.cfg.config.is_none() {

@@ -565,3 +565,49 @@ fn eval_humaneval_scores_fixture_problems_in_the_sandbox() {
     );
     assert_fails(&["eval"], "RUN_DIR");
 }
+
+#[test]
+fn dsa_config_and_stage_flags() {
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-dsa",
+            "--set",
+            "dsa.index_topk=0",
+        ],
+        "dsa.index_topk",
+    );
+    assert_fails(
+        &["config", "--preset", "tiny-dsa", "--set", "residual=mhc"],
+        "plain residual",
+    );
+    assert_fails(&["config", "--set", "dsa.index_topq=3"], "index_topq");
+    assert_fails(&["config", "--dsa-stage", "warmup"], "dsa_stage");
+    assert_fails(&["config", "--dsa-stage", "later"], "later");
+    let (code, out, err) = mnemo(&[
+        "config",
+        "--set",
+        "dsa.index_topk=64",
+        "--dsa-stage",
+        "warmup",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("\"index_topk\": 64") && out.contains("\"dsa_stage\": \"warmup\""),
+        "{out}"
+    );
+    let d = tmpdir("dsa-resume");
+    assert_fails(
+        &[
+            "train",
+            "--resume",
+            d.to_str().unwrap(),
+            "--seq-len",
+            "8",
+            "--dsa-stage",
+            "sparse",
+        ],
+        "--dsa-stage",
+    );
+}

@@ -603,9 +603,23 @@ impl ModelConfig {
             self.ffn_hidden as f64,
             self.vocab_size as f64,
         );
+        // Causal attention sees t(t+1)/2 (query, key) pairs per sequence; DSA's sparse
+        // attention Σ_t min(k, t+1), plus its indexer (projections and all causal pairs).
+        let causal_pairs = (t as f64) * (t as f64 + 1.0) / 2.0;
+        let (pairs, indexer) = match &self.dsa {
+            None => (causal_pairs, 0.0),
+            Some(x) => {
+                let k = x.index_topk.min(t);
+                let sparse = (k * (k + 1) / 2 + (t - k) * k) as f64;
+                let (hi, di) = (x.index_n_heads as f64, x.index_head_dim as f64);
+                let proj = 2.0 * n * d * (hi * di + di + hi);
+                (sparse, proj + 2.0 * (b as f64) * causal_pairs * hi * di)
+            }
+        };
         let attn = 2.0 * n * d * self.qkv_dim() as f64
             + 2.0 * n * h * hd * d
-            + 2.0 * 2.0 * (b as f64) * h * (t as f64) * (t as f64 + 1.0) / 2.0 * hd;
+            + 2.0 * 2.0 * (b as f64) * h * pairs * hd
+            + indexer;
         let dense_ffn = 2.0 * n * d * 2.0 * f + 2.0 * n * f * d;
         // MoE: the router plus the activated experts (shared + top_k) of width moe_inter.
         let mi = self.moe_inter as f64;

@@ -12,6 +12,8 @@
 //! - [`moe`]: DeepSeekMoE feed-forward (shared + routed experts, bias balancing, hash routing).
 //! - [`mhc`]: hyper-connection residuals (HC, and mHC with Sinkhorn-projected stream mixing).
 //! - [`engram`]: Engram conditional memory (hashed N-gram tables, context-aware gate).
+//! - [`dsa`]: DeepSeek Sparse Attention (lightning indexer, top-k selection, indexer KL
+//!   training stages); the sparse attention kernel is `kernels::sparse_attention`.
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
 //! - [`humaneval`], [`sandbox`]: HumanEval / HumanEval-Rust pass@k, generated code run contained.

@@ -278,6 +278,11 @@ pub fn engram_gate_spec(c: &ModelConfig) -> engram::GateSpec {
         .gate_spec(c.d_model, n)
 }
 
+/// Whether a parameter belongs to a DSA lightning indexer (`layers.{i}.indexer.*`).
+pub fn is_indexer_tensor(name: &str) -> bool {
+    name.contains(".indexer.")
+}
+
 /// Whether a parameter is an Engram gate parameter.
 pub fn is_engram_tensor(name: &str) -> bool {
     name.contains(".engram.")
@@ -423,6 +428,13 @@ impl Workspace {
                 }
             })
             .collect()
+    }
+
+    /// DSA: layer `l`'s top-k selection of the last (sparse) forward pass: key rows
+    /// `[b·t, k_max]` (−1 = unused slot), and `k_max`.
+    pub fn dsa_selection(&self, l: usize) -> Option<(&[i32], usize)> {
+        let da = self.dsa.get(l)?;
+        (!da.idx.is_empty()).then_some((&da.idx[..], da.k_max))
     }
 
     /// Router scores `[N, E]` of each layer in the last forward pass (empty for dense layers).
@@ -889,7 +901,9 @@ impl Model {
         };
         if run.stage.is_sparse() {
             let k_max = dc.index_topk.min(t);
-            if !(freeze && da.k_max == k_max && da.idx.len() == n * k_max) {
+            if freeze && da.k_max == k_max && da.idx.len() == n * k_max {
+                da.rescore(dc);
+            } else {
                 da.select(dc, sh);
             }
             let sd = SparseDims {
@@ -934,7 +948,7 @@ impl Model {
             if run.kl || run.recall {
                 let lse = &la.lse;
                 let f = |r: usize, hh: usize| lse[dense_lse(r, hh)];
-                (kl, recall) = da.kl(dc, sh, qkv, lay, &f, DsaStage::Warmup, norm);
+                (kl, recall) = da.kl(dc, sh, qkv, lay, &f, run.stage, norm);
             }
         }
         (kl, recall)
@@ -1187,6 +1201,8 @@ impl Model {
     }
 
     /// Forward + backward of a DSA model in a training stage (module [`crate::dsa`]):
+    /// - `Dense`: dense attention; LM-loss gradients for the model, the dense KL gradient for
+    ///   the indexer (input detached).
     /// - `Warmup`: dense attention; only the indexer's parameters receive gradients (of the
     ///   KL to the dense attention when `run.kl`); every other gradient stays untouched.
     /// - `Sparse`: top-k sparse attention; LM-loss gradients for the model, the selected-set

@@ -11,6 +11,7 @@
 use crate::checkpoint::{self, TrainState};
 use crate::config::ModelConfig;
 use crate::data::{self, CorpusSpec, TokenSplit};
+use crate::dsa::{DsaRun, DsaStage, DsaStats};
 use crate::engram::{SparseAdam, SparseGrad};
 use crate::finetune::{DeltaBase, TrainOnly};
 use crate::kernels::adamw::{self, AdamWParams};
@@ -62,6 +63,11 @@ pub struct TrainConfig {
     /// The run whose weights this run started from (`--init`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// DSA models: `dense` (dense attention, everything trains, the indexer learns beside),
+    /// `warmup` (dense attention, only the indexer trains) or `sparse` (top-k attention; the
+    /// default). Not written to JSON when `sparse`.
+    #[serde(skip_serializing_if = "DsaStage::is_sparse")]
+    pub dsa_stage: DsaStage,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +93,7 @@ impl Default for TrainConfig {
             tokenizer_max_bytes: 32 << 20,
             train_only: TrainOnly::All,
             init: None,
+            dsa_stage: DsaStage::Sparse,
         }
     }
 }
@@ -133,6 +140,15 @@ impl TrainConfig {
                 ),
             ));
         }
+        if model.dsa.is_none() && !self.dsa_stage.is_sparse() {
+            return Err(bad(
+                "dsa_stage",
+                format!(
+                    "({}) applies only to DSA models (the model has no `dsa` config)",
+                    self.dsa_stage.name()
+                ),
+            ));
+        }
         if self.log_interval == 0 || self.eval_interval == 0 || self.save_interval == 0 {
             return Err(bad(
                 "log_interval/eval_interval/save_interval",
@@ -171,14 +187,18 @@ pub enum Start {
         /// Use this tokenizer instead of training one on the data.
         tokenizer: Option<PathBuf>,
     },
-    /// Continue from `out/checkpoint` with the run's own config; `max_steps` may change the
-    /// step budget (and with it the cosine schedule from here on).
-    Resume { max_steps: Option<u64> },
     /// A new run whose model (weights, tokenizer, Engram tables) is loaded from the run
     /// `run.train.init`, with fresh optimizer state; `run.model` is replaced by that run's model
     /// config. With `run.train.train_only` = `engram`/`engram+gates` only the memory is trained
     /// and `engram_delta.safetensors` is written beside each checkpoint.
     Init { run: Box<RunConfig> },
+    /// Continue from `out/checkpoint` with the run's own config; `max_steps` may change the
+    /// step budget (and with it the cosine schedule from here on), `dsa_stage` the DSA
+    /// training stage (e.g. warmup → sparse).
+    Resume {
+        max_steps: Option<u64>,
+        dsa_stage: Option<DsaStage>,
+    },
 }
 
 /// Options of one `train` invocation.
@@ -210,12 +230,28 @@ pub fn evaluate(
     batches: usize,
     ws: &mut Workspace,
 ) -> Option<(f64, f64)> {
+    evaluate_with(model, split, b, t, batches, ws, None).map(|(l, b, _)| (l, b))
+}
+
+/// [`evaluate`] of a DSA model in a training mode (`run`: dense or sparse attention), also
+/// returning the indexer KL and recall averaged over the batches.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_with(
+    model: &Model,
+    split: &TokenSplit,
+    b: usize,
+    t: usize,
+    batches: usize,
+    ws: &mut Workspace,
+    run: Option<DsaRun>,
+) -> Option<(f64, f64, Option<DsaStats>)> {
     let starts = data::eval_windows(split, t, batches * b);
     if starts.is_empty() {
         return None;
     }
     let toks = split.tokens();
     let (mut sum, mut count) = (0.0f64, 0usize);
+    let (mut kl, mut recall, mut nb) = (0.0f64, 0.0f64, 0usize);
     for chunk in starts.chunks(b) {
         let mut x = Vec::with_capacity(chunk.len() * t);
         let mut y = Vec::with_capacity(chunk.len() * t);
@@ -223,13 +259,25 @@ pub fn evaluate(
             x.extend_from_slice(&toks[s..s + t]);
             y.extend_from_slice(&toks[s + 1..s + t + 1]);
         }
-        model.forward(&x, chunk.len(), t, ws);
+        match run {
+            Some(r) => {
+                model.forward_dsa(&x, chunk.len(), t, ws, r);
+                kl += ws.dsa_stats.kl;
+                recall += ws.dsa_stats.recall.unwrap_or(0.0);
+                nb += 1;
+            }
+            None => model.forward(&x, chunk.len(), t, ws),
+        }
         sum += model.loss(&y, ws) * y.len() as f64;
         count += y.len();
     }
     let loss = sum / count as f64;
     let bpb = loss / std::f64::consts::LN_2 * split.n_tokens as f64 / split.n_bytes.max(1) as f64;
-    Some((loss, bpb))
+    let stats = run.map(|r| DsaStats {
+        kl: kl / nb as f64,
+        recall: r.recall.then_some(recall / nb as f64),
+    });
+    Some((loss, bpb, stats))
 }
 
 /// Entropy (nats/token) of the unigram distribution of `tokens`: the loss of a model that
@@ -457,7 +505,11 @@ fn new_table_opt(model: &Model) -> Vec<SparseAdam> {
     })
 }
 
-fn start_resume(out: &Path, max_steps: Option<u64>) -> Result<Session> {
+fn start_resume(
+    out: &Path,
+    max_steps: Option<u64>,
+    dsa_stage: Option<DsaStage>,
+) -> Result<Session> {
     let l = checkpoint::load(out, true)
         .with_context(|| format!("cannot resume from {}", out.display()))?;
     let mut state = l
@@ -474,6 +526,24 @@ fn start_resume(out: &Path, max_steps: Option<u64>) -> Result<Session> {
             bail!("--steps {n} is below the run's current step {}", state.step);
         }
         run.train.max_steps = n;
+        state.run = serde_json::to_value(&run)?;
+    }
+    if let Some(st) = dsa_stage {
+        if run.model.dsa.is_none() && !st.is_sparse() {
+            bail!(
+                "--dsa-stage {}: the run's model has no DSA config",
+                st.name()
+            );
+        }
+        if st != run.train.dsa_stage {
+            eprintln!(
+                "DSA stage: {} -> {} from step {}",
+                run.train.dsa_stage.name(),
+                st.name(),
+                state.step
+            );
+        }
+        run.train.dsa_stage = st;
         state.run = serde_json::to_value(&run)?;
     }
     truncate_metrics(&out.join("metrics.jsonl"), state.step)?;
@@ -524,8 +594,11 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 corpus,
             )
         }
-        Start::Resume { max_steps } => {
-            let sess = start_resume(out, max_steps)?;
+        Start::Resume {
+            max_steps,
+            dsa_stage,
+        } => {
+            let sess = start_resume(out, max_steps, dsa_stage)?;
             let corpus = data::scan(&sess.run.data)?;
             (sess, corpus)
         }
@@ -616,17 +689,30 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         let mut tgrads: Vec<SparseGrad> = vec![SparseGrad::default(); table_opt.len()];
         let mut loss = 0.0;
         let mut loads: Vec<Option<Vec<u64>>> = vec![None; run.model.n_layers];
-        for _ in 0..tc.grad_accum {
+        let log_step = step % tc.log_interval == 0 || step == 1 || step == tc.max_steps;
+        let mut dsa_kl = 0.0f64;
+        let mut dsa_recall = None::<f64>;
+        for micro in 0..tc.grad_accum {
             data::sample_batch(&cache.train, &mut state.data_rng, b, t, &mut x, &mut y)?;
-            loss += model.forward_backward(
-                &x,
-                &y,
-                b,
-                t,
-                &mut grads,
-                1.0 / tc.grad_accum as f32,
-                &mut ws,
-            );
+            let gs = 1.0 / tc.grad_accum as f32;
+            loss += match run.model.dsa {
+                Some(_) => {
+                    // Recall needs the dense attention in the sparse stage: measured on the
+                    // first micro-batch of logging steps only.
+                    let r = DsaRun {
+                        stage: tc.dsa_stage,
+                        kl: true,
+                        recall: log_step && micro == 0,
+                    };
+                    let l = model.forward_backward_dsa(&x, &y, b, t, &mut grads, gs, &mut ws, r);
+                    dsa_kl += ws.dsa_stats.kl / tc.grad_accum as f64;
+                    if let Some(rc) = ws.dsa_stats.recall {
+                        dsa_recall = Some(rc);
+                    }
+                    l
+                }
+                None => model.forward_backward(&x, &y, b, t, &mut grads, gs, &mut ws),
+            };
             for (acc, g) in tgrads.iter_mut().zip(&ws.engram_table_grads) {
                 acc.accumulate(g);
             }
@@ -670,15 +756,30 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             eps: tc.adam_eps,
             weight_decay: tc.weight_decay,
         };
-        optimizer_step_only(&mut model, &grads, &mut adam_m, &mut adam_v, hp, step, mode);
+        let dsa_warmup = run.model.dsa.is_some() && tc.dsa_stage == DsaStage::Warmup;
+        if dsa_warmup {
+            // Warm-up: everything but the indexer is frozen (no update, no weight decay).
+            optimizer_step_where(
+                &mut model,
+                &grads,
+                &mut adam_m,
+                &mut adam_v,
+                hp,
+                step,
+                |t| crate::model::is_indexer_tensor(&t.name),
+            );
+        } else {
+            optimizer_step_only(&mut model, &grads, &mut adam_m, &mut adam_v, hp, step, mode);
+        }
         if let Some(e) = model.engram.as_mut() {
             let th = e.cfg.table_optimizer();
             for ((layer, opt), g) in e.layers.iter_mut().zip(&mut table_opt).zip(&tgrads) {
                 opt.update(&mut layer.table, g, lr, &th)?;
             }
         }
-        // The MoE balancing bias is part of the backbone: frozen in memory-only fine-tuning.
-        if mode.is_all() {
+        // The MoE balancing bias is part of the backbone: frozen in memory-only fine-tuning
+        // and in the DSA warm-up.
+        if mode.is_all() && !dsa_warmup {
             model.update_moe_bias(&loads);
             if run.model.bias_fit_iters > 0 {
                 model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters);
@@ -699,6 +800,13 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 m["engram_rows_touched"] =
                     serde_json::json!(tgrads.iter().map(|g| g.rows.len()).collect::<Vec<_>>());
             }
+            if run.model.dsa.is_some() {
+                m["dsa_stage"] = serde_json::json!(tc.dsa_stage.name());
+                m["dsa_kl"] = serde_json::json!(dsa_kl);
+                if let Some(r) = dsa_recall {
+                    m["dsa_recall"] = serde_json::json!(r);
+                }
+            }
             if let Some(g) = ws.hc_amax() {
                 let col = |i: usize| g.iter().map(|x| x[i]).collect::<Vec<f64>>();
                 m["hc_amax_fwd"] = serde_json::json!(col(0));
@@ -710,15 +818,40 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         }
         let stop_now = stop.load(Ordering::SeqCst);
         if step % tc.eval_interval == 0 || step == tc.max_steps {
-            if let Some((vl, bpb)) =
-                evaluate(&model, &cache.val, b, t, tc.eval_batches, &mut eval_ws)
-            {
+            // DSA: evaluate with the attention of the stage (dense before the sparse stage),
+            // with the indexer KL and recall on the validation windows.
+            let eval_run = run.model.dsa.as_ref().map(|_| DsaRun {
+                stage: if tc.dsa_stage.is_sparse() {
+                    DsaStage::Sparse
+                } else {
+                    DsaStage::Warmup
+                },
+                kl: true,
+                recall: true,
+            });
+            if let Some((vl, bpb, ds)) = evaluate_with(
+                &model,
+                &cache.val,
+                b,
+                t,
+                tc.eval_batches,
+                &mut eval_ws,
+                eval_run,
+            ) {
                 last.1 = Some((vl, bpb));
-                append_metrics(
-                    &metrics_path,
-                    &serde_json::json!({"step": step, "val_loss": vl, "val_bpb": bpb}),
-                )?;
-                let line = format!("step {step}: val loss {vl:.4} nats/token, {bpb:.4} bits/byte (train {loss:.4})");
+                let mut m = serde_json::json!({"step": step, "val_loss": vl, "val_bpb": bpb});
+                let mut extra = String::new();
+                if let Some(ds) = ds {
+                    m["val_dsa_kl"] = serde_json::json!(ds.kl);
+                    m["val_dsa_recall"] = serde_json::json!(ds.recall);
+                    extra = format!(
+                        ", indexer KL {:.4} recall {:.3}",
+                        ds.kl,
+                        ds.recall.unwrap_or(f64::NAN)
+                    );
+                }
+                append_metrics(&metrics_path, &m)?;
+                let line = format!("step {step}: val loss {vl:.4} nats/token, {bpb:.4} bits/byte (train {loss:.4}){extra}");
                 if pb.is_hidden() {
                     eprintln!("{line}")
                 } else {
@@ -777,9 +910,15 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         let el = started.elapsed().as_secs_f64();
         let tps = (state.step - start_step) as f64 * (b * t * tc.grad_accum) as f64 / el.max(1e-9);
         pb.set_position(step);
-        let moe_msg = worst_load(&model, &loads)
+        let mut moe_msg = worst_load(&model, &loads)
             .map(|x| format!(" | max expert load {x:.2}x mean"))
             .unwrap_or_default();
+        if run.model.dsa.is_some() {
+            moe_msg.push_str(&format!(" | {} idx KL {dsa_kl:.4}", tc.dsa_stage.name()));
+            if let Some(r) = dsa_recall {
+                moe_msg.push_str(&format!(" recall {r:.3}"));
+            }
+        }
         pb.set_message(format!(
             "loss {loss:.4} | lr {lr:.2e} | {} tok/s{moe_msg}",
             human_count(tps)
@@ -919,7 +1058,26 @@ pub fn optimizer_step(
     hp: AdamWParams,
     step: u64,
 ) {
-    for spec in model.layout.tensors.iter().filter(|t| t.trainable) {
+    optimizer_step_where(model, grads, m, v, hp, step, |_| true)
+}
+
+/// [`optimizer_step`] restricted to the trainable tensors for which `only` holds: the others
+/// (parameters and moments) are not touched at all.
+pub fn optimizer_step_where(
+    model: &mut Model,
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    hp: AdamWParams,
+    step: u64,
+    only: impl Fn(&crate::model::TensorSpec) -> bool,
+) {
+    for spec in model
+        .layout
+        .tensors
+        .iter()
+        .filter(|t| t.trainable && only(t))
+    {
         let r = spec.range();
         adamw::step(
             &mut model.params[r.clone()],

@@ -2,7 +2,9 @@
 //! same weights and tokens in, logits/loss within 1e-5 relative error and every parameter
 //! gradient within 1e-4 relative error out — dense (MHA/GQA/MQA, tied/untied, both RoPE layouts)
 //! DeepSeekMoE (sigmoid/sqrtsoftplus routers, shared experts, hash routing, balance loss), and
-//! the hyper-connection residuals (mHC with n = 4 and 20 Sinkhorn iterations, HC with n = 3).
+//! the hyper-connection residuals (mHC with n = 4 and 20 Sinkhorn iterations, HC with n = 3),
+//! and DeepSeek Sparse Attention (indexer, top-k selection, sparse attention, the indexer KL
+//! of both training stages).
 
 use mnemo::config::ModelConfig;
 use mnemo::model::{Model, Workspace};
@@ -127,4 +129,75 @@ fn mhc_four_streams_sinkhorn_20_iterations() {
 #[test]
 fn hc_three_streams_untied_half_rope() {
     check_fixture("hc_n3_untied");
+}
+
+#[test]
+fn dsa_indexer_topk_sparse_attention_and_kl() {
+    // Logits, LM loss and the gradients of LM + L_I (sparse stage) of every parameter.
+    check_fixture("dsa_gqa_top5");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dsa_gqa_top5.safetensors");
+    let f = TensorFile::open(&path).unwrap();
+    let meta = f.metadata().unwrap();
+    let cfg: ModelConfig = serde_json::from_str(&meta["config"]).unwrap();
+    let (b, t) = (2, 12);
+    assert_eq!(meta["seq_len"], "12");
+    let mut model = Model::new(cfg.clone()).unwrap();
+    mnemo::checkpoint::load_weights(&mut model, &path).unwrap();
+    let tokens = f.u32("tokens").unwrap();
+    let targets = f.u32("targets").unwrap();
+    let mut ws = Workspace::default();
+    let mut grads = vec![0.0; model.layout.total];
+    model.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
+    // The selection, as a 0/1 [b·t, t] mask per layer.
+    for l in 0..cfg.n_layers {
+        let want: Vec<i64> = f
+            .u32_shaped(&format!("dsa.sel.{l}"), Some(&[b * t, t]))
+            .unwrap()
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
+        let (idx, k_max) = ws.dsa_selection(l).unwrap();
+        let mut got = vec![0i64; b * t * t];
+        for r in 0..b * t {
+            for &s in idx[r * k_max..(r + 1) * k_max].iter().filter(|&&s| s >= 0) {
+                got[r * t + s as usize % t] = 1;
+            }
+        }
+        assert_eq!(got, want, "layer {l} selection");
+    }
+    let kl = f.f32("dsa_kl", Some(&[1])).unwrap()[0] as f64;
+    let e = (ws.dsa_stats.kl - kl).abs() / kl;
+    assert!(e < 1e-5, "sparse-stage L_I {} vs {kl}", ws.dsa_stats.kl);
+    // Warm-up: dense attention, only the indexer's KL gradient.
+    let run = mnemo::dsa::DsaRun {
+        stage: mnemo::dsa::DsaStage::Warmup,
+        kl: true,
+        recall: false,
+    };
+    grads.fill(0.0);
+    model.forward_backward_dsa(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws, run);
+    let kl = f.f32("warmup.dsa_kl", Some(&[1])).unwrap()[0] as f64;
+    let e = (ws.dsa_stats.kl - kl).abs() / kl;
+    assert!(e < 1e-5, "warm-up L_I {} vs {kl}", ws.dsa_stats.kl);
+    for spec in &model.layout.tensors {
+        let g = &grads[spec.range()];
+        if mnemo::model::is_indexer_tensor(&spec.name) {
+            let want = f
+                .f32(&format!("warmup.grad.{}", spec.name), Some(&spec.shape))
+                .unwrap();
+            let e = rel_err(g, &want);
+            assert!(
+                e < 1e-4,
+                "warm-up gradient of {}: relative error {e:.2e}",
+                spec.name
+            );
+        } else {
+            assert!(
+                g.iter().all(|&x| x == 0.0),
+                "{} has a warm-up gradient",
+                spec.name
+            );
+        }
+    }
 }

@@ -80,7 +80,10 @@ fn fresh(out: &Path, run: RunConfig, cache: &Path) -> TrainOptions {
 }
 
 fn resume(out: &Path, cache: &Path) -> TrainOptions {
-    let start = Start::Resume { max_steps: None };
+    let start = Start::Resume {
+        max_steps: None,
+        dsa_stage: None,
+    };
     TrainOptions {
         out: out.to_path_buf(),
         start,
@@ -353,6 +356,7 @@ fn hyper_connection_training_diagnostics_resume_and_nan_stop() {
             out: a.clone(),
             start: Start::Resume {
                 max_steps: Some(60),
+                dsa_stage: None,
             },
             cache_root: cache.clone(),
             progress: false,
@@ -595,4 +599,98 @@ fn engram_memory_only_finetuning_freezes_the_backbone_and_the_delta_reloads_exac
     );
     assert!(err.contains("has changed"), "{err}");
     std::fs::remove_dir_all(&root).ok();
+}
+
+/// DSA: the warm-up stage moves only the indexer (every other parameter bit-identical to its
+/// initialisation, Adam moments untouched), the stage switches to sparse on resume, and a run
+/// stopped and resumed in the sparse stage is bit-identical to an uninterrupted one.
+#[test]
+fn dsa_warmup_freezes_the_model_and_sparse_resume_is_bit_identical() {
+    use mnemo::dsa::DsaStage;
+    let root = tmpdir("dsa");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_corpus(&data);
+    let cache = root.join("cache");
+    let never = AtomicBool::new(false);
+    let cfg = |steps| {
+        let mut r = run_config(&data, steps);
+        r.model.dsa = Some(mnemo::config::DsaConfig {
+            index_n_heads: 2,
+            index_head_dim: 8,
+            index_rope_dim: 4,
+            index_topk: 8,
+        });
+        r.train.dsa_stage = DsaStage::Warmup;
+        r.train.eval_interval = 10;
+        r
+    };
+    let opts = |out: &Path, max_steps, dsa_stage| TrainOptions {
+        out: out.to_path_buf(),
+        start: Start::Resume {
+            max_steps,
+            dsa_stage,
+        },
+        cache_root: cache.clone(),
+        progress: false,
+    };
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let a = root.join("a");
+    train(fresh(&a, cfg(10), &cache), &never).unwrap();
+    let l = mnemo::checkpoint::load(&a, true).unwrap();
+    let mut init = mnemo::model::Model::new(l.model.cfg.clone()).unwrap();
+    init.init(
+        l.state.as_ref().unwrap().run["train"]["seed"]
+            .as_u64()
+            .unwrap(),
+    );
+    let (m, _) = l.adam.clone().unwrap();
+    let (mut frozen, mut moved) = (0, 0);
+    for t in &l.model.layout.tensors {
+        let r = t.range();
+        if mnemo::model::is_indexer_tensor(&t.name) {
+            assert_ne!(l.model.params[r.clone()], init.params[r], "{}", t.name);
+            moved += 1;
+        } else {
+            assert!(
+                l.model.params[r.clone()] == init.params[r.clone()],
+                "{} moved during warm-up",
+                t.name
+            );
+            assert!(m[r].iter().all(|&x| x == 0.0), "{}", t.name);
+            frozen += 1;
+        }
+    }
+    assert_eq!(moved, 2 * 5);
+    assert!(frozen > 10);
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains(r#""dsa_stage":"warmup""#), "{metrics}");
+    assert!(metrics.contains("dsa_recall") && metrics.contains("val_dsa_kl"));
+    // Then the sparse stage, uninterrupted (a) and stopped after one step + resumed (b).
+    let b = root.join("b");
+    train(fresh(&b, cfg(10), &cache), &never).unwrap();
+    train(opts(&a, Some(30), Some(DsaStage::Sparse)), &never).unwrap();
+    let stop = AtomicBool::new(true);
+    let sb = train(opts(&b, Some(30), Some(DsaStage::Sparse)), &stop).unwrap();
+    assert_eq!(sb.steps, 11);
+    let sb = train(opts(&b, None, None), &never).unwrap();
+    assert_eq!(sb.steps, 30);
+    assert_eq!(
+        read(&a.join("metrics.jsonl")),
+        read(&b.join("metrics.jsonl")),
+        "metrics differ after resume"
+    );
+    assert_eq!(
+        read(&a.join("checkpoint/model.safetensors")),
+        read(&b.join("checkpoint/model.safetensors")),
+        "weights differ after resume"
+    );
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains(r#""dsa_stage":"sparse""#), "{metrics}");
+    // A non-DSA model refuses a non-default stage.
+    let mut bad = run_config(&data, 5);
+    bad.train.dsa_stage = DsaStage::Warmup;
+    let err = train(fresh(&root.join("c"), bad, &cache), &never).unwrap_err();
+    assert!(format!("{err:#}").contains("dsa_stage"), "{err:#}");
+    let _ = std::fs::remove_dir_all(&root);
 }

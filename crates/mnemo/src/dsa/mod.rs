@@ -11,7 +11,8 @@
 //! o_t = Attn(q_t, {k_s, v_s : s ∈ S_t})   shared by all heads  (kernels::sparse_attention)
 //! ```
 //!
-//! **Training** (spec §5; `train.dsa_stage`):
+//! **Training** (spec §5; `train.dsa_stage`; plus a `dense` stage that trains everything with
+//! dense attention and the indexer beside it, for runs that start from scratch):
 //! - *warmup*: attention stays dense; the target is the head-summed, L1-normalised dense
 //!   attention `p_t = (1/H)·Σ_h softmax_h(q_h·k/√d_h)` over `s ≤ t` (recomputed from q, k and
 //!   the kernel's lse), and `L_I = mean_{layers, t} KL(p_t ‖ softmax(I_t))`; only the indexer
@@ -52,7 +53,12 @@ pub const K_NORM_EPS: f32 = 1e-6;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DsaStage {
-    /// Dense attention; only the indexer trains, on the KL to the dense attention.
+    /// Dense attention, everything trains: the model on the LM loss, the indexer (input
+    /// detached) on its KL to the dense attention. Pre-training from scratch before the
+    /// paper's recipe, which starts from a trained dense model.
+    Dense,
+    /// Dense attention; only the indexer trains, on the KL to the dense attention (every other
+    /// parameter frozen).
     Warmup,
     /// Top-k sparse attention; the model trains on the LM loss, the indexer on its KL over
     /// the selected set.
@@ -64,16 +70,24 @@ impl DsaStage {
     pub fn is_sparse(&self) -> bool {
         *self == DsaStage::Sparse
     }
+    pub fn name(&self) -> &'static str {
+        match self {
+            DsaStage::Dense => "dense",
+            DsaStage::Warmup => "warmup",
+            DsaStage::Sparse => "sparse",
+        }
+    }
 }
 
 impl std::str::FromStr for DsaStage {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "dense" => Ok(DsaStage::Dense),
             "warmup" => Ok(DsaStage::Warmup),
             "sparse" => Ok(DsaStage::Sparse),
             _ => Err(format!(
-                "unknown DSA stage `{s}` (expected warmup or sparse)"
+                "unknown DSA stage `{s}` (expected dense, warmup or sparse)"
             )),
         }
     }
@@ -383,6 +397,29 @@ impl DsaActs {
             );
     }
 
+    /// Recompute `isel` for the current `idx` (after new projections with the selection kept).
+    pub fn rescore(&mut self, c: &DsaConfig) {
+        let (hi, di, k_max) = (c.index_n_heads, c.index_head_dim, self.k_max);
+        let (q, k, w, idx) = (&self.q, &self.k, &self.w, &self.idx);
+        self.isel
+            .par_chunks_mut(k_max)
+            .enumerate()
+            .for_each(|(r, isel)| {
+                for (j, x) in isel.iter_mut().enumerate() {
+                    let s = idx[r * k_max + j];
+                    *x = if s >= 0 {
+                        score(
+                            &q[r * hi * di..(r + 1) * hi * di],
+                            &w[r * hi..(r + 1) * hi],
+                            &k[s as usize * di..][..di],
+                        )
+                    } else {
+                        0.0
+                    };
+                }
+            });
+    }
+
     /// The indexer loss terms of every query row and their score gradients (`× norm`).
     /// `lse(t, h)`: the row log-sum-exp of the attention whose probabilities are the target
     /// (dense in warmup: pairs = the whole prefix; sparse: pairs = the selection).
@@ -402,10 +439,7 @@ impl DsaActs {
         let (b, t) = (sh.b, sh.t);
         let n = b * t;
         let (hi, di) = (c.index_n_heads, c.index_head_dim);
-        let cols = match stage {
-            DsaStage::Warmup => t,
-            DsaStage::Sparse => self.k_max,
-        };
+        let cols = if stage.is_sparse() { self.k_max } else { t };
         self.cols = cols;
         self.pairs.resize(n * cols, -1);
         self.di.resize(n * cols, 0.0);
@@ -437,9 +471,10 @@ impl DsaActs {
                     let wt = &w[r * hi..(r + 1) * hi];
                     // Valid slots come first in both layouts (warmup: 0..=i; sparse: top-k).
                     for (j, &s) in ids[..m].iter().enumerate() {
-                        iv[j] = match stage {
-                            DsaStage::Warmup => score(qt, wt, &k[s as usize * di..][..di]),
-                            DsaStage::Sparse => isel[r * cols + j],
+                        iv[j] = if stage.is_sparse() {
+                            isel[r * cols + j]
+                        } else {
+                            score(qt, wt, &k[s as usize * di..][..di])
                         };
                         pv[j] = hp.prob(r, s as usize, |h| lse(r, h));
                     }
@@ -457,7 +492,7 @@ impl DsaActs {
                         dirow[j] = ((lpi.exp() - p) * norm as f64) as f32;
                     }
                     let mut recall = 0.0;
-                    if stage == DsaStage::Warmup {
+                    if !stage.is_sparse() {
                         topk_select(iv, k_top, sel);
                         recall = sel.iter().map(|&j| pv[j as usize] as f64).sum();
                     }
