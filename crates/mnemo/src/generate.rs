@@ -77,7 +77,8 @@ impl Model {
         self.check_engram_tokens(tokens)?;
         let mut logits = Vec::new();
         for chunk in tokens.chunks(PREFILL_CHUNK) {
-            logits = self.forward_chunk(chunk, cache)?;
+            // On a rayon worker: the parallel loops inside start without waking this thread.
+            logits = rayon::scope(|_| self.forward_chunk(chunk, cache))?;
         }
         Ok(logits)
     }
@@ -226,35 +227,53 @@ impl Model {
                 cache.v[l][(p0 + r) * kw..(p0 + r + 1) * kw]
                     .copy_from_slice(&row[h * hd + kw..h * hd + 2 * kw]);
             }
-            let dims = AttnDims {
-                batch: 1,
-                tq: n,
-                tk: p0 + n,
-                q_pos0: p0,
-                n_heads: h,
-                n_kv_heads: kv,
-                head_dim: hd,
-            };
-            attention::forward(
-                dims,
-                Heads {
-                    data: &qkv,
-                    rs: qd,
-                    off: 0,
-                },
-                Heads {
-                    data: &cache.k[l][..(p0 + n) * kw],
-                    rs: kw,
-                    off: 0,
-                },
-                Heads {
-                    data: &cache.v[l][..(p0 + n) * kw],
-                    rs: kw,
-                    off: 0,
-                },
-                &mut o,
-                &mut lse,
-            );
+            if n == 1 {
+                // One-token decoding: the decoding kernel (the same one, with the same bits,
+                // as the verification rows of lookup decoding, `batch::forward_batch`).
+                attention::decode_rows(
+                    &qkv,
+                    qd,
+                    &cache.k[l][..(p0 + n) * kw],
+                    &cache.v[l][..(p0 + n) * kw],
+                    kw,
+                    n,
+                    p0,
+                    h,
+                    kv,
+                    hd,
+                    &mut o,
+                );
+            } else {
+                let dims = AttnDims {
+                    batch: 1,
+                    tq: n,
+                    tk: p0 + n,
+                    q_pos0: p0,
+                    n_heads: h,
+                    n_kv_heads: kv,
+                    head_dim: hd,
+                };
+                attention::forward(
+                    dims,
+                    Heads {
+                        data: &qkv,
+                        rs: qd,
+                        off: 0,
+                    },
+                    Heads {
+                        data: &cache.k[l][..(p0 + n) * kw],
+                        rs: kw,
+                        off: 0,
+                    },
+                    Heads {
+                        data: &cache.v[l][..(p0 + n) * kw],
+                        rs: kw,
+                        off: 0,
+                    },
+                    &mut o,
+                    &mut lse,
+                );
+            }
             match acts.as_mut() {
                 Some(ha) => self.linear_infer(&mut ha.out, &o, lo.wo, n, h * hd, d, false),
                 None => self.linear_infer(&mut x, &o, lo.wo, n, h * hd, d, true),

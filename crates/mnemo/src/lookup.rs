@@ -38,6 +38,9 @@ pub struct LookupConfig {
     pub max_draft: usize,
     /// Lossy mode: emit unverified continuations whose empirical probability is `≥ P`.
     pub threshold: Option<f32>,
+    /// Adapt the number of drafts to recent acceptance (see [`SeqDecoder`]); `false`: always
+    /// up to `max_draft`.
+    pub adaptive: bool,
 }
 
 impl Default for LookupConfig {
@@ -47,6 +50,7 @@ impl Default for LookupConfig {
             min_ngram: 2,
             max_draft: 8,
             threshold: None,
+            adaptive: true,
         }
     }
 }
@@ -153,6 +157,13 @@ pub fn accept_draft(
 
 /// The decoding state of one sequence, shared by [`generate_lookup`] and the server's engine.
 ///
+/// Adaptive drafting (`LookupConfig::adaptive`): a verification row costs a fraction of a
+/// decode step (the weights are read once for all rows), so drafts pay off only while they
+/// are likely to be kept. The draft length starts at 2 and doubles (up to `max_draft`) after a
+/// pass in which every draft was kept (copying a span), and drops to `kept + 1` after a
+/// rejection (an edit point). With no N-gram match there is no draft: the pass is a plain
+/// one-row decode step.
+///
 /// `hist` holds the prompt and every emitted token; the cache holds K/V of `hist[..cached]`.
 /// A step: [`SeqDecoder::feed`] gives the tokens to run (the pending ones and the drafts),
 /// the caller runs them (logits of rows `feed.len() - 1 - drafts ..`, i.e. from
@@ -170,6 +181,8 @@ pub struct SeqDecoder {
     pub n_valid: usize,
     pub lookup: Option<LookupConfig>,
     pub stats: LookupStats,
+    /// Current draft length (adaptive drafting).
+    draft_len: usize,
 }
 
 impl SeqDecoder {
@@ -192,6 +205,7 @@ impl SeqDecoder {
             n_valid,
             lookup,
             stats: LookupStats::default(),
+            draft_len: 2,
         }
     }
 
@@ -235,8 +249,12 @@ impl SeqDecoder {
             return Vec::new();
         }
         if let Some(cfg) = self.lookup {
-            let k = cfg
-                .max_draft
+            let want = if cfg.adaptive {
+                self.draft_len.min(cfg.max_draft)
+            } else {
+                cfg.max_draft
+            };
+            let k = want
                 .min(room - pending)
                 .min(budget.saturating_sub(self.lossy.len() + 1));
             self.drafts = propose(&self.hist, &cfg, k);
@@ -273,11 +291,18 @@ impl SeqDecoder {
                     out.push(x);
                 }
                 Err(y) => {
+                    // An edit point: draft only as far as this pass got, plus one.
+                    self.draft_len = i + 1;
                     self.hist.push(y);
                     out.push(y);
                     return out;
                 }
             }
+        }
+        if !drafts.is_empty() && drafts.len() >= self.draft_len {
+            // Every draft kept (copying a span): draft further next time.
+            let max = self.lookup.map_or(1, |c| c.max_draft.max(1));
+            self.draft_len = (self.draft_len * 2).min(max);
         }
         let row = &logits[drafts.len() * v..(drafts.len() + 1) * v];
         let t = sample(row, self.n_valid, self.sampling, &mut self.rng);
