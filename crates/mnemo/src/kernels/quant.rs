@@ -610,6 +610,72 @@ pub fn matmat_fast(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: 
     }
 }
 
+/// Quantise a row-major `[rows, cols]` f32 matrix to `ty` blocks (round to nearest; f16
+/// scales truncated), for tests that need a quantised model without a GGUF file.
+#[cfg(test)]
+pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) -> QMatrix {
+    assert!(cols.is_multiple_of(32) && w.len() == rows * cols);
+    // f32 → f16 bits (normal range, mantissa truncated; tiny values flush to zero).
+    let h = |x: f32| -> [u8; 2] {
+        let b = x.to_bits();
+        let sign = ((b >> 16) & 0x8000) as u16;
+        let e = ((b >> 23) & 0xff) as i32 - 127 + 15;
+        let v = if e <= 0 {
+            sign
+        } else {
+            sign | ((e.min(30) as u16) << 10) | ((b >> 13) & 0x3ff) as u16
+        };
+        v.to_le_bytes()
+    };
+    let mut data = Vec::with_capacity(rows * cols / 32 * ty.block_bytes());
+    for blk in w.chunks_exact(32) {
+        match ty {
+            QType::Q8_0 => {
+                let amax = blk.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+                let hd = h(amax / 127.0);
+                let d = half(&hd);
+                data.extend_from_slice(&hd);
+                for &x in blk {
+                    let q = if d > 0.0 {
+                        (x / d).round().clamp(-127.0, 127.0)
+                    } else {
+                        0.0
+                    };
+                    data.push(q as i8 as u8);
+                }
+            }
+            QType::Q4_0 | QType::Q4_1 => {
+                let (lo, hi) = blk
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                let (d, m) = if ty == QType::Q4_0 {
+                    // Symmetric: w = d·(q − 8).
+                    let amax = lo.abs().max(hi.abs());
+                    let hd = h(amax / 7.0);
+                    data.extend_from_slice(&hd);
+                    (half(&hd), -8.0 * half(&hd))
+                } else {
+                    let (hd, hm) = (h((hi - lo) / 15.0), h(lo));
+                    data.extend_from_slice(&hd);
+                    data.extend_from_slice(&hm);
+                    (half(&hd), half(&hm))
+                };
+                let q = |x: f32| -> u8 {
+                    if d > 0.0 {
+                        ((x - m) / d).round().clamp(0.0, 15.0) as u8
+                    } else {
+                        0
+                    }
+                };
+                for j in 0..16 {
+                    data.push(q(blk[j]) | (q(blk[j + 16]) << 4));
+                }
+            }
+        }
+    }
+    QMatrix::new(ty, rows, cols, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -728,6 +794,26 @@ mod tests {
                 matmat(&m, &x, n, &mut a, true);
                 matmat(&m, &x, n, &mut b, false);
                 assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_matrix_round_trips_within_a_step() {
+        let mut r = Rng::new(8);
+        let (rows, cols) = (6, 64);
+        let mut w = vec![0.0f32; rows * cols];
+        r.fill_normal(&mut w, 0.3);
+        for (ty, gg, step) in [
+            (QType::Q8_0, 8u32, 0.02),
+            (QType::Q4_0, 2, 0.2),
+            (QType::Q4_1, 3, 0.15),
+        ] {
+            let q = quantize_matrix(ty, rows, cols, &w);
+            let mut back = vec![0.0f32; rows * cols];
+            crate::gguf::dequantize(gg, &q.data, &mut back).unwrap();
+            for (a, b) in w.iter().zip(&back) {
+                assert!((a - b).abs() < step, "{ty:?}: {a} vs {b}");
             }
         }
     }
