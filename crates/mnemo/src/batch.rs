@@ -23,10 +23,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// sums); more rows (up to [`QUANT_FAST_MAX_ROWS`]) use [`crate::kernels::quant::matmat_fast`]
 /// (f32 activations, each block dequantised once for all rows).
 ///
-/// The default is exact for every row: with the integer kernels a verified row costs no more
-/// than in the fast product up to ~9 rows (SmolLM2, 2 threads: 4 rows 22 vs 28 ms, 9 rows 41 vs
-/// 47 ms, 16 rows 75 vs 66 ms), and exact rows make lookup decoding's greedy output identical
-/// to plain decoding on quantised models too. `set_quant_max_rows(1)` selects the fast product.
+/// The default is exact for every row: the multi-row integer kernel unpacks each weight block
+/// once for up to 8 rows, so an extra row costs about 0.3 of one (SmolLM2, one thread: 8 rows
+/// 2.9–3.6× one row's product time; `mnemo bench rows`), and exact rows make lookup decoding's
+/// greedy output identical to plain decoding on quantised models too. `set_quant_max_rows(1)`
+/// selects the fast product.
 static QUANT_MAX_ROWS: AtomicUsize = AtomicUsize::new(QUANT_FAST_MAX_ROWS);
 
 /// Up to this many rows, quantised weights are used directly (beyond, the f32 GEMM: prefill).

@@ -9,6 +9,12 @@
 //! (`x ≈ dx·qx`), so each block is an integer dot product `Σ q_j·qx_j` (AVX2 `maddubs`, or one
 //! AVX-512 VNNI `vpdpbusd`, chosen at run time; a portable loop otherwise) and one FMA with
 //! `d·dx`.
+//!
+//! Several vectors at once (`matmat`: a decode batch, or lookup decoding's verification rows):
+//! for each weight row, each block is loaded and unpacked once and applied to up to 8 vectors
+//! (one 8-lane accumulator per vector in registers); the minimum term of all of them is one
+//! 8-lane multiply-add per block (lane = vector). A vector's arithmetic is the same whatever
+//! the other vectors, so every output equals the one-vector product (`matvec`) bit for bit.
 
 use rayon::prelude::*;
 
