@@ -314,10 +314,13 @@ enum BenchCmd {
     /// Time of one forward over n rows (a verify pass / a decode batch) for each n; JSON.
     Rows {
         model: PathBuf,
-        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
         rows: Vec<usize>,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Context tokens before the rows (their K/V are in the cache).
+        #[arg(long, default_value_t = 320)]
+        prefix: usize,
         /// Use the exact quantised product for up to this many rows (beyond: the fast one).
         #[arg(long, default_value_t = 64)]
         quant_rows: usize,
@@ -514,10 +517,11 @@ fn run(cli: Cli) -> Result<()> {
             model,
             rows,
             reps,
+            prefix,
             quant_rows,
         }) => {
             mnemo::batch::set_quant_max_rows(quant_rows);
-            lookup_cmd::bench_rows(&model, &rows, reps)
+            lookup_cmd::bench_rows(&model, &rows, reps, prefix)
         }
         Cmd::Bench(BenchCmd::LongContext {
             cfg,

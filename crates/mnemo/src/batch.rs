@@ -23,10 +23,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// sums); more rows (up to [`QUANT_FAST_MAX_ROWS`]) use [`crate::kernels::quant::matmat_fast`]
 /// (f32 activations, each block dequantised once for all rows).
 ///
-/// The default is exact for every row: with the integer kernels a verified row costs no more
-/// than in the fast product up to ~9 rows (SmolLM2, 2 threads: 4 rows 22 vs 28 ms, 9 rows 41 vs
-/// 47 ms, 16 rows 75 vs 66 ms), and exact rows make lookup decoding's greedy output identical
-/// to plain decoding on quantised models too. `set_quant_max_rows(1)` selects the fast product.
+/// The default is exact for every row: the multi-row integer kernel unpacks each weight block
+/// once for up to 8 rows, so an extra row costs about 0.3 of one (SmolLM2, one thread: 8 rows
+/// 2.9–3.6× one row's product time; `mnemo bench rows`), and exact rows make lookup decoding's
+/// greedy output identical to plain decoding on quantised models too. `set_quant_max_rows(1)`
+/// selects the fast product.
 static QUANT_MAX_ROWS: AtomicUsize = AtomicUsize::new(QUANT_FAST_MAX_ROWS);
 
 /// Up to this many rows, quantised weights are used directly (beyond, the f32 GEMM: prefill).
@@ -35,6 +36,87 @@ pub const QUANT_FAST_MAX_ROWS: usize = 64;
 /// See [`QUANT_MAX_ROWS`]: rows up to `n` use the exact quantised product (default: all).
 pub fn set_quant_max_rows(n: usize) {
     QUANT_MAX_ROWS.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Optional per-component timing of [`forward_batch`] (for `mnemo bench rows`): wall-clock and
+/// process CPU nanoseconds spent in each part, summed over calls while enabled (CPU time is
+/// the robust measure on a loaded machine with one worker thread).
+pub mod profile {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Components, in the order of [`NAMES`].
+    pub const QKV: usize = 0;
+    pub const WO: usize = 1;
+    pub const FFN_UP: usize = 2;
+    pub const FFN_DOWN: usize = 3;
+    pub const HEAD: usize = 4;
+    pub const ATTN: usize = 5;
+    pub const TOTAL: usize = 6;
+    pub const NAMES: [&str; 7] = [
+        "qkv",
+        "wo",
+        "ffn_up",
+        "ffn_down",
+        "lm_head",
+        "attention",
+        "total",
+    ];
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static NS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+    static CPU_NS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+
+    /// Start (and zero) or stop the counters.
+    pub fn enable(on: bool) {
+        for c in NS.iter().chain(&CPU_NS) {
+            c.store(0, Ordering::Relaxed);
+        }
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    /// The counters since [`enable`] (wall ns, process CPU ns), zeroing them.
+    pub fn take() -> ([u64; 7], [u64; 7]) {
+        (
+            std::array::from_fn(|i| NS[i].swap(0, Ordering::Relaxed)),
+            std::array::from_fn(|i| CPU_NS[i].swap(0, Ordering::Relaxed)),
+        )
+    }
+
+    /// CPU time of the whole process (all threads), seconds.
+    pub fn cpu_secs() -> f64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `t` is a valid timespec to write to.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+    }
+
+    /// Start times (wall, process CPU) when enabled (for [`stop`]).
+    #[inline]
+    pub(crate) fn start() -> Option<(std::time::Instant, f64)> {
+        ON.load(Ordering::Relaxed)
+            .then(|| (std::time::Instant::now(), cpu_secs()))
+    }
+
+    /// Add the time since `t0` (from [`start`]) to component `c`.
+    #[inline]
+    pub(crate) fn stop(c: usize, t0: Option<(std::time::Instant, f64)>) {
+        if let Some((t0, c0)) = t0 {
+            NS[c].fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            CPU_NS[c].fetch_add(((cpu_secs() - c0) * 1e9) as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Run `f`, adding its time to component `c` when enabled.
+    #[inline]
+    pub(crate) fn time<T>(c: usize, f: impl FnOnce() -> T) -> T {
+        let t0 = start();
+        let r = f();
+        stop(c, t0);
+        r
+    }
 }
 
 /// One sequence's part of a batched forward.
@@ -82,6 +164,13 @@ fn linear_rows(
 /// Run every sequence's tokens through the model, appending to its cache. Returns, per
 /// sequence, the logits `[rows, V]` of its rows `logits_from..` (row-major).
 pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+    // The whole forward runs on a rayon worker, so the many small parallel loops inside it
+    // (per layer: norms, products, attention) start without waking a blocked caller thread
+    // each time; the arithmetic is the same.
+    rayon::scope(|_| forward_batch_in_pool(model, seqs))
+}
+
+fn forward_batch_in_pool(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
     for s in seqs.iter() {
         if s.tokens.is_empty() {
             bail!("forward_batch: a sequence has no tokens");
@@ -121,6 +210,7 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
     if seqs.is_empty() {
         return Ok(Vec::new());
     }
+    let t_total = profile::start();
     let c = &model.cfg;
     let (d, hd, f, v) = (c.d_model, c.head_dim, c.ffn_hidden, c.vocab_size);
     let (h, kv) = (c.n_heads, c.n_kv_heads);
@@ -149,7 +239,9 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
     embedding::forward(&mut x, w(ly.embed, v * d), &tokens, d);
     for (l, lo) in ly.layers.iter().enumerate() {
         rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.attn_norm, d), d, c.norm_eps);
-        linear_rows(model, &mut qkv, &a, lo.wqkv, n, d, qd, false);
+        profile::time(profile::QKV, || {
+            linear_rows(model, &mut qkv, &a, lo.wqkv, n, d, qd, false)
+        });
         for (i, s) in seqs.iter_mut().enumerate() {
             let (r0, ni, p0) = (starts[i], s.tokens.len(), p0s[i]);
             let rows = &mut qkv[r0 * qd..(r0 + ni) * qd];
@@ -164,55 +256,73 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
                 vc[(p0 + r) * kw..(p0 + r + 1) * kw]
                     .copy_from_slice(&row[h * hd + kw..h * hd + 2 * kw]);
             }
-            // Up to QUANT_FAST_MAX_ROWS rows (decode steps, draft verification), every row runs
-            // the attention kernel alone, exactly as one-token decoding runs it, so a verified
-            // row's logits equal decoding's bit for bit; longer chunks (prefill) use the
-            // blocked kernel over all their rows at once.
-            let per_row = ni <= QUANT_FAST_MAX_ROWS;
-            let groups: Vec<(usize, usize)> = if per_row {
-                (0..ni).map(|r| (r, 1)).collect()
+            // Up to QUANT_FAST_MAX_ROWS rows (decode steps, draft verification), the decoding
+            // kernel, in which a row's output does not depend on the other rows: a verified
+            // row's logits equal one-token decoding's bit for bit. Longer chunks (prefill) use
+            // the blocked kernel over all their rows at once.
+            let t_attn = profile::start();
+            let orows = &mut o[r0 * h * hd..(r0 + ni) * h * hd];
+            if ni <= QUANT_FAST_MAX_ROWS {
+                attention::decode_rows(
+                    rows,
+                    qd,
+                    &kc[..(p0 + ni) * kw],
+                    &vc[..(p0 + ni) * kw],
+                    kw,
+                    ni,
+                    p0,
+                    h,
+                    kv,
+                    hd,
+                    orows,
+                );
             } else {
-                vec![(0, ni)]
-            };
-            for (q0, nq) in groups {
                 let dims = AttnDims {
                     batch: 1,
-                    tq: nq,
-                    tk: p0 + q0 + nq,
-                    q_pos0: p0 + q0,
+                    tq: ni,
+                    tk: p0 + ni,
+                    q_pos0: p0,
                     n_heads: h,
                     n_kv_heads: kv,
                     head_dim: hd,
                 };
+                let (kh, vh) = (&kc[..(p0 + ni) * kw], &vc[..(p0 + ni) * kw]);
                 attention::forward(
                     dims,
                     Heads {
-                        data: &rows[q0 * qd..(q0 + nq) * qd],
+                        data: rows,
                         rs: qd,
                         off: 0,
                     },
                     Heads {
-                        data: &kc[..(p0 + q0 + nq) * kw],
+                        data: kh,
                         rs: kw,
                         off: 0,
                     },
                     Heads {
-                        data: &vc[..(p0 + q0 + nq) * kw],
+                        data: vh,
                         rs: kw,
                         off: 0,
                     },
-                    &mut o[(r0 + q0) * h * hd..(r0 + q0 + nq) * h * hd],
-                    &mut lse[..h * nq],
+                    orows,
+                    &mut lse[..h * ni],
                 );
             }
+            profile::stop(profile::ATTN, t_attn);
         }
-        linear_rows(model, &mut x, &o, lo.wo, n, h * hd, d, true);
+        profile::time(profile::WO, || {
+            linear_rows(model, &mut x, &o, lo.wo, n, h * hd, d, true)
+        });
         rmsnorm::forward(&mut a, &mut rstd, &x, w(lo.ffn_norm, d), d, c.norm_eps);
         match lo.ffn {
             Ffn::Dense { w13, w2 } => {
-                linear_rows(model, &mut h13, &a, w13, n, d, 2 * f, false);
+                profile::time(profile::FFN_UP, || {
+                    linear_rows(model, &mut h13, &a, w13, n, d, 2 * f, false)
+                });
                 swiglu::forward(&mut g, &h13, f);
-                linear_rows(model, &mut x, &g, w2, n, f, d, true);
+                profile::time(profile::FFN_DOWN, || {
+                    linear_rows(model, &mut x, &g, w2, n, f, d, true)
+                });
             }
             Ffn::Moe(mo) => {
                 let spec = MoeSpec {
@@ -248,15 +358,23 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
     let mut r1 = vec![0.0f32; m];
     rmsnorm::forward(&mut hf, &mut r1, &sel, w(ly.norm, d), d, c.norm_eps);
     let mut logits = vec![0.0f32; m * v];
-    linear_rows(model, &mut logits, &hf, ly.output, m, d, v, false);
+    profile::time(profile::HEAD, || {
+        linear_rows(model, &mut logits, &hf, ly.output, m, d, v, false)
+    });
     let mut out = Vec::with_capacity(seqs.len());
     let mut j = 0;
+    let one = seqs.len() == 1;
     for (i, s) in seqs.iter_mut().enumerate() {
         let k = s.tokens.len() - s.logits_from;
-        out.push(logits[j * v..(j + k) * v].to_vec());
+        if one {
+            out.push(std::mem::take(&mut logits));
+        } else {
+            out.push(logits[j * v..(j + k) * v].to_vec());
+        }
         j += k;
         s.cache.set_len(p0s[i] + s.tokens.len());
     }
+    profile::stop(profile::TOTAL, t_total);
     Ok(out)
 }
 

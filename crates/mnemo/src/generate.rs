@@ -85,7 +85,8 @@ impl Model {
         self.check_engram_tokens(tokens)?;
         let mut logits = Vec::new();
         for chunk in tokens.chunks(PREFILL_CHUNK) {
-            logits = self.forward_chunk(chunk, cache)?;
+            // On a rayon worker: the parallel loops inside start without waking this thread.
+            logits = rayon::scope(|_| self.forward_chunk(chunk, cache))?;
         }
         Ok(logits)
     }
@@ -235,15 +236,6 @@ impl Model {
                 cache.v[l][(p0 + r) * kw..(p0 + r + 1) * kw]
                     .copy_from_slice(&row[h * hd + kw..h * hd + 2 * kw]);
             }
-            let dims = AttnDims {
-                batch: 1,
-                tq: n,
-                tk: p0 + n,
-                q_pos0: p0,
-                n_heads: h,
-                n_kv_heads: kv,
-                head_dim: hd,
-            };
             if let (Some(io), false) = (lo.indexer.as_ref(), cache.dense) {
                 crate::dsa::infer::attend(
                     self,
@@ -258,7 +250,32 @@ impl Model {
                     &mut o,
                     &mut lse,
                 );
+            } else if n == 1 {
+                // One-token decoding: the decoding kernel (the same one, with the same bits,
+                // as the verification rows of lookup decoding, `batch::forward_batch`).
+                attention::decode_rows(
+                    &qkv,
+                    qd,
+                    &cache.k[l][..(p0 + n) * kw],
+                    &cache.v[l][..(p0 + n) * kw],
+                    kw,
+                    n,
+                    p0,
+                    h,
+                    kv,
+                    hd,
+                    &mut o,
+                );
             } else {
+                let dims = AttnDims {
+                    batch: 1,
+                    tq: n,
+                    tk: p0 + n,
+                    q_pos0: p0,
+                    n_heads: h,
+                    n_kv_heads: kv,
+                    head_dim: hd,
+                };
                 attention::forward(
                     dims,
                     Heads {

@@ -38,6 +38,9 @@ pub struct LookupConfig {
     pub max_draft: usize,
     /// Lossy mode: emit unverified continuations whose empirical probability is `≥ P`.
     pub threshold: Option<f32>,
+    /// Adapt the number of drafts to recent acceptance (see [`SeqDecoder`]); `false`: always
+    /// up to `max_draft`.
+    pub adaptive: bool,
 }
 
 impl Default for LookupConfig {
@@ -47,6 +50,7 @@ impl Default for LookupConfig {
             min_ngram: 2,
             max_draft: 8,
             threshold: None,
+            adaptive: true,
         }
     }
 }
@@ -153,6 +157,13 @@ pub fn accept_draft(
 
 /// The decoding state of one sequence, shared by [`generate_lookup`] and the server's engine.
 ///
+/// Adaptive drafting (`LookupConfig::adaptive`): a verification row costs a fraction of a
+/// decode step (the weights are read once for all rows), so drafts pay off only while they
+/// are likely to be kept. The draft length starts at 2 and doubles (up to `max_draft`) after a
+/// pass in which every draft was kept (copying a span), and drops to `kept + 1` after a
+/// rejection (an edit point). With no N-gram match there is no draft: the pass is a plain
+/// one-row decode step.
+///
 /// `hist` holds the prompt and every emitted token; the cache holds K/V of `hist[..cached]`.
 /// A step: [`SeqDecoder::feed`] gives the tokens to run (the pending ones and the drafts),
 /// the caller runs them (logits of rows `feed.len() - 1 - drafts ..`, i.e. from
@@ -170,6 +181,8 @@ pub struct SeqDecoder {
     pub n_valid: usize,
     pub lookup: Option<LookupConfig>,
     pub stats: LookupStats,
+    /// Current draft length (adaptive drafting).
+    draft_len: usize,
 }
 
 impl SeqDecoder {
@@ -192,6 +205,7 @@ impl SeqDecoder {
             n_valid,
             lookup,
             stats: LookupStats::default(),
+            draft_len: 2,
         }
     }
 
@@ -235,8 +249,12 @@ impl SeqDecoder {
             return Vec::new();
         }
         if let Some(cfg) = self.lookup {
-            let k = cfg
-                .max_draft
+            let want = if cfg.adaptive {
+                self.draft_len.min(cfg.max_draft)
+            } else {
+                cfg.max_draft
+            };
+            let k = want
                 .min(room - pending)
                 .min(budget.saturating_sub(self.lossy.len() + 1));
             self.drafts = propose(&self.hist, &cfg, k);
@@ -273,11 +291,18 @@ impl SeqDecoder {
                     out.push(x);
                 }
                 Err(y) => {
+                    // An edit point: draft only as far as this pass got, plus one.
+                    self.draft_len = i + 1;
                     self.hist.push(y);
                     out.push(y);
                     return out;
                 }
             }
+        }
+        if !drafts.is_empty() && drafts.len() >= self.draft_len {
+            // Every draft kept (copying a span): draft further next time.
+            let max = self.lookup.map_or(1, |c| c.max_draft.max(1));
+            self.draft_len = (self.draft_len * 2).min(max);
         }
         let row = &logits[drafts.len() * v..(drafts.len() + 1) * v];
         let t = sample(row, self.n_valid, self.sampling, &mut self.rng);
@@ -506,6 +531,127 @@ mod tests {
             .unwrap();
             assert_eq!(g2, w2);
         }
+    }
+
+    /// A tiny model whose linear layers also have quantised copies (`Q4_1`, `Q4_0`, `Q8_0`),
+    /// as a GGUF model has: one-token decoding and verification rows use the quantised
+    /// products (8-bit activations), prefill the f32 weights.
+    fn tiny_quantised(seed: u64) -> Model {
+        use crate::kernels::quant::{quantize_matrix, QType};
+        let cfg = ModelConfig {
+            vocab_size: 29,
+            d_model: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            rope_theta: 10000.0,
+            rope_dim: 16,
+            rope_layout: RopeLayout::Half,
+            ffn_hidden: 96,
+            tied_embeddings: false,
+            norm_eps: 1e-5,
+            init_std: 0.5,
+            max_seq_len: 400,
+            ..ModelConfig::dense_defaults()
+        };
+        let mut m = Model::new(cfg).unwrap();
+        m.init(seed);
+        let c = m.cfg.clone();
+        let (d, f, v, qd) = (c.d_model, c.ffn_hidden, c.vocab_size, c.qkv_dim());
+        let mut mats = vec![(m.layout.output, v, d, QType::Q8_0)];
+        for lo in &m.layout.layers {
+            mats.push((lo.wqkv, qd, d, QType::Q4_1));
+            mats.push((lo.wo, d, c.n_heads * c.head_dim, QType::Q4_0));
+            if let crate::model::Ffn::Dense { w13, w2 } = lo.ffn {
+                mats.push((w13, 2 * f, d, QType::Q8_0));
+                mats.push((w2, d, f, QType::Q4_1));
+            }
+        }
+        for (off, rows, cols, ty) in mats {
+            let q = quantize_matrix(ty, rows, cols, &m.params[off..off + rows * cols]);
+            m.quant.insert(off, q);
+        }
+        m
+    }
+
+    #[test]
+    fn greedy_lookup_equals_plain_greedy_on_a_quantised_model() {
+        for seed in [1u64, 2] {
+            let m = tiny_quantised(seed);
+            assert_eq!(m.quant.len(), 9);
+            let unit: Vec<u32> = (0..17).map(|i| (i * 7 % 29) as u32).collect();
+            let mut prompt = unit.clone();
+            prompt.extend_from_slice(&unit);
+            prompt.extend_from_slice(&unit[..6]);
+            // A verification pass's rows are bit-identical to one-token decoding's logits.
+            let rows: Vec<u32> = (0..7).map(|i| (i * 5 % 29) as u32).collect();
+            let mut c = KvCache::new(&m);
+            m.forward_cached(&prompt, &mut c).unwrap();
+            let all = crate::batch::forward_all(&m, &rows, &mut c).unwrap();
+            let mut c = KvCache::new(&m);
+            m.forward_cached(&prompt, &mut c).unwrap();
+            for (i, &t) in rows.iter().enumerate() {
+                let one = m.forward_cached(&[t], &mut c).unwrap();
+                assert_eq!(&all[i * 29..(i + 1) * 29], &one[..], "seed {seed} row {i}");
+            }
+            let want = generate(&m, &prompt, 200, GREEDY, 0, 29, None, |_| Ok(())).unwrap();
+            for adaptive in [true, false] {
+                let cfg = LookupConfig {
+                    adaptive,
+                    ..Default::default()
+                };
+                let mut c = KvCache::new(&m);
+                let (got, st) = generate_lookup(
+                    &m,
+                    &mut c,
+                    &prompt,
+                    200,
+                    GREEDY,
+                    0,
+                    29,
+                    None,
+                    Some(cfg),
+                    |_| Ok(()),
+                )
+                .unwrap();
+                assert_eq!(got, want, "seed {seed} adaptive {adaptive}");
+                // Multi-row verification passes ran, and some drafts were kept.
+                assert!(st.drafted > 0 && st.accepted > 0, "{st:?}");
+                assert!(st.passes < 200, "{st:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn adaptive_drafting_shrinks_after_rejections_and_grows_while_kept() {
+        let cfg = LookupConfig::default();
+        let v = 5;
+        let onehot = |t: usize| {
+            let mut l = vec![0.0f32; v];
+            l[t] = 1.0;
+            l
+        };
+        // History 0 1 2 3 4 0 1 → drafts continue "2 3 4 ...".
+        let mut dec = SeqDecoder::new(&[0, 1, 2, 3, 4, 0], GREEDY, 0, v, Some(cfg));
+        dec.start(&onehot(1));
+        let f = dec.feed(100, 100);
+        assert_eq!(f, vec![1, 2, 3], "pending + 2 drafts (initial length 2)");
+        // All kept: the next draft length doubles.
+        let mut l = onehot(2);
+        l.extend(onehot(3));
+        l.extend(onehot(4));
+        assert_eq!(dec.step(&l), vec![2, 3, 4]);
+        let f = dec.feed(100, 100);
+        assert_eq!(f.len(), 1 + 4, "{f:?}");
+        // First draft rejected: the next pass drafts one token.
+        let mut l = onehot(2);
+        for _ in 0..4 {
+            l.extend(onehot(0));
+        }
+        assert_eq!(dec.step(&l), vec![2]);
+        let f = dec.feed(100, 100);
+        assert!(f.len() <= 2, "{f:?}");
     }
 
     #[test]

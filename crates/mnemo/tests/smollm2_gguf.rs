@@ -177,3 +177,60 @@ fn smollm2_as_hugging_face_checkpoint() {
         "GGUF vs HF layout: max logit difference {worst}"
     );
 }
+
+/// Lookup-first decoding on the real quantised model: the greedy output of a code edit (the
+/// prompt holds the file, the chat answer rewrites it) equals plain greedy decoding token for
+/// token, with multi-row verification passes that keep drafts.
+#[test]
+fn smollm2_greedy_lookup_equals_plain_greedy() {
+    let Some(path) = model_path() else {
+        eprintln!("SKIPPED: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh (or set MNEMO_SMOLLM2_GGUF)");
+        return;
+    };
+    let l = mnemo::checkpoint::load(&path, false).unwrap();
+    let (model, tok) = (&l.model, &l.tokenizer);
+    let task = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/data/edit-task.txt"),
+    )
+    .unwrap();
+    let (before, after) = mnemo::chat::split_prompt(tok).unwrap();
+    let prompt = tok
+        .encode_with_special(&format!("{before}{task}{after}"))
+        .unwrap();
+    let s = mnemo::generate::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let n = 96;
+    let v = tok.vocab_size();
+    let run = |cfg| {
+        let mut c = mnemo::generate::KvCache::new(model);
+        mnemo::lookup::generate_lookup(
+            model,
+            &mut c,
+            &prompt,
+            n,
+            s,
+            0,
+            v,
+            Some(tok.eot()),
+            cfg,
+            |_| Ok(()),
+        )
+        .unwrap()
+    };
+    let want =
+        mnemo::generate::generate(model, &prompt, n, s, 0, v, Some(tok.eot()), |_| Ok(())).unwrap();
+    let (plain, _) = run(None);
+    assert_eq!(plain, want);
+    let (got, st) = run(Some(mnemo::lookup::LookupConfig::default()));
+    assert_eq!(
+        got,
+        want,
+        "{}\nvs\n{}",
+        tok.decode(&got).unwrap(),
+        tok.decode(&want).unwrap()
+    );
+    assert!(st.accepted > 10 && st.passes < n, "{st:?}");
+}

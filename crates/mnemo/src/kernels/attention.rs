@@ -150,6 +150,205 @@ pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse:
     });
 }
 
+/// Decoding attention: `nq` query rows of one sequence, row `r` at position `pos0 + r`,
+/// against its cached keys/values `0..=pos0 + r` (the K/V of the rows themselves already
+/// written). `q`: row `r`, head `h` at `q[r·q_rs + h·d_h ..]`; `k`, `v`: position `s`, kv head
+/// `g` at `[s·kv_rs + g·d_h ..]`; `o: [nq, H·d_h]`.
+///
+/// Per (row, head), exactly: `s_j = (q·k_j)·scale` (8-lane FMA accumulation, a fixed
+/// horizontal sum), `p_j = exp(s_j − max)`, `l = Σ p_j` in key order, `o = (Σ_j p_j·v_j)/l`
+/// (FMA in key order), so a row's output does not depend on the other rows: one-token decoding
+/// (`nq = 1`) and a verification pass over several rows give the same bits. The rows of a head
+/// share each key/value load. Parallel over heads.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_rows(
+    q: &[f32],
+    q_rs: usize,
+    k: &[f32],
+    v: &[f32],
+    kv_rs: usize,
+    nq: usize,
+    pos0: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    hd: usize,
+    o: &mut [f32],
+) {
+    assert!(n_heads.is_multiple_of(n_kv_heads) && nq > 0);
+    let tk = pos0 + nq;
+    assert!(q.len() >= (nq - 1) * q_rs + n_heads * hd);
+    assert!(k.len() >= (tk - 1) * kv_rs + n_kv_heads * hd);
+    assert!(v.len() >= (tk - 1) * kv_rs + n_kv_heads * hd);
+    assert_eq!(o.len(), nq * n_heads * hd);
+    let rep = n_heads / n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let o_ptr = SendPtr(o.as_mut_ptr());
+    // (A head size that is not a multiple of 8 takes the portable path.)
+    let avx2 = avx2_fma() && hd.is_multiple_of(8);
+    (0..n_heads).into_par_iter().for_each(|h| {
+        let g = h / rep;
+        let mut sc = vec![0.0f32; nq * tk];
+        let mut acc = vec![0.0f32; nq * hd];
+        let args = DecodeHead {
+            q: &q[h * hd..],
+            q_rs,
+            k: &k[g * hd..],
+            v: &v[g * hd..],
+            kv_rs,
+            nq,
+            pos0,
+            hd,
+            scale,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: AVX2 and FMA were detected at run time.
+            unsafe { decode_head_avx2(&args, &mut sc, &mut acc) };
+        } else {
+            decode_head_generic(&args, &mut sc, &mut acc);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = avx2;
+            decode_head_generic(&args, &mut sc, &mut acc);
+        }
+        for r in 0..nq {
+            // SAFETY: columns of head h of every row belong to this task only.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(o_ptr.get().add(r * n_heads * hd + h * hd), hd)
+            };
+            dst.copy_from_slice(&acc[r * hd..(r + 1) * hd]);
+        }
+    });
+}
+
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One head of [`decode_rows`]: slices start at the head's columns.
+struct DecodeHead<'a> {
+    q: &'a [f32],
+    q_rs: usize,
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_rs: usize,
+    nq: usize,
+    pos0: usize,
+    hd: usize,
+    scale: f32,
+}
+
+/// Softmax of row `r`'s scores `sc[r·tk ..][..pos0 + r + 1]` in place; returns `1 / Σ p`.
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) -> f32 {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0f32;
+    for x in row.iter_mut() {
+        *x = (*x - mx).exp();
+        sum += *x;
+    }
+    1.0 / sum
+}
+
+/// Portable [`DecodeHead`]: the same operations in the same order as the AVX2 version
+/// (8 accumulator lanes, `mul_add`, the same horizontal sum), so it gives the same bits.
+fn decode_head_generic(a: &DecodeHead, sc: &mut [f32], acc: &mut [f32]) {
+    let (nq, pos0, hd, tk) = (a.nq, a.pos0, a.hd, a.pos0 + a.nq);
+    for s in 0..tk {
+        let ks = &a.k[s * a.kv_rs..s * a.kv_rs + hd];
+        for r in s.saturating_sub(pos0)..nq {
+            let qr = &a.q[r * a.q_rs..r * a.q_rs + hd];
+            let mut l = [0.0f32; 8];
+            for (i, (&x, &y)) in qr.iter().zip(ks).enumerate() {
+                l[i % 8] = x.mul_add(y, l[i % 8]);
+            }
+            let u = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+            let dot = (u[0] + u[2]) + (u[1] + u[3]);
+            sc[r * tk + s] = dot * a.scale;
+        }
+    }
+    let mut inv = vec![0.0f32; nq];
+    for r in 0..nq {
+        inv[r] = softmax_row(&mut sc[r * tk..r * tk + pos0 + r + 1]);
+    }
+    acc.fill(0.0);
+    for s in 0..tk {
+        let vs = &a.v[s * a.kv_rs..s * a.kv_rs + hd];
+        for r in s.saturating_sub(pos0)..nq {
+            let p = sc[r * tk + s];
+            for (o, &x) in acc[r * hd..(r + 1) * hd].iter_mut().zip(vs) {
+                *o = p.mul_add(x, *o);
+            }
+        }
+    }
+    for r in 0..nq {
+        for o in &mut acc[r * hd..(r + 1) * hd] {
+            *o *= inv[r];
+        }
+    }
+}
+
+/// [`decode_head_generic`] with AVX2/FMA intrinsics.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_head_avx2(a: &DecodeHead, sc: &mut [f32], acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (nq, pos0, hd, tk) = (a.nq, a.pos0, a.hd, a.pos0 + a.nq);
+    assert!(sc.len() >= nq * tk && acc.len() >= nq * hd);
+    assert!(a.q.len() >= (nq - 1) * a.q_rs + hd);
+    assert!(a.k.len() >= (tk - 1) * a.kv_rs + hd && a.v.len() >= (tk - 1) * a.kv_rs + hd);
+    let (qp, kp, vp) = (a.q.as_ptr(), a.k.as_ptr(), a.v.as_ptr());
+    for s in 0..tk {
+        let ks = kp.add(s * a.kv_rs);
+        for r in s.saturating_sub(pos0)..nq {
+            let qr = qp.add(r * a.q_rs);
+            let mut l = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < hd {
+                l = _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(c)), _mm256_loadu_ps(ks.add(c)), l);
+                c += 8;
+            }
+            let u = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
+            let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+            let d = _mm_add_ss(w, _mm_movehdup_ps(w));
+            *sc.get_unchecked_mut(r * tk + s) = _mm_cvtss_f32(d) * a.scale;
+        }
+    }
+    let mut inv = vec![0.0f32; nq];
+    for r in 0..nq {
+        inv[r] = softmax_row(&mut sc[r * tk..r * tk + pos0 + r + 1]);
+    }
+    acc.fill(0.0);
+    let ap = acc.as_mut_ptr();
+    for s in 0..tk {
+        let vs = vp.add(s * a.kv_rs);
+        for r in s.saturating_sub(pos0)..nq {
+            let p = _mm256_set1_ps(*sc.get_unchecked(r * tk + s));
+            let ar = ap.add(r * hd);
+            let mut c = 0;
+            while c < hd {
+                let o = _mm256_fmadd_ps(p, _mm256_loadu_ps(vs.add(c)), _mm256_loadu_ps(ar.add(c)));
+                _mm256_storeu_ps(ar.add(c), o);
+                c += 8;
+            }
+        }
+    }
+    for r in 0..nq {
+        for o in &mut acc[r * hd..(r + 1) * hd] {
+            *o *= inv[r];
+        }
+    }
+}
+
 /// Layout of a fused `[q | k | v]` projection buffer: row stride and column offsets.
 #[derive(Clone, Copy, Debug)]
 pub struct QkvLayout {
@@ -376,6 +575,98 @@ mod tests {
             &mut lse,
         );
         (o, lse)
+    }
+
+    #[test]
+    fn decode_rows_match_one_row_at_a_time_bit_for_bit_and_the_reference() {
+        let mut r = Rng::new(12);
+        let (h, kv, hd, pos0, nq) = (6, 2, 16, 37, 5);
+        let (qrs, kvrs) = (h * hd + 3, kv * hd + 1);
+        let tk = pos0 + nq;
+        let mut q = vec![0.0f32; nq * qrs];
+        let mut k = vec![0.0f32; tk * kvrs];
+        let mut v = vec![0.0f32; tk * kvrs];
+        r.fill_normal(&mut q, 1.0);
+        r.fill_normal(&mut k, 1.0);
+        r.fill_normal(&mut v, 1.0);
+        let mut all = vec![0.0f32; nq * h * hd];
+        decode_rows(&q, qrs, &k, &v, kvrs, nq, pos0, h, kv, hd, &mut all);
+        for row in 0..nq {
+            let mut one = vec![0.0f32; h * hd];
+            let p = pos0 + row;
+            decode_rows(
+                &q[row * qrs..],
+                qrs,
+                &k[..(p + 1) * kvrs],
+                &v[..(p + 1) * kvrs],
+                kvrs,
+                1,
+                p,
+                h,
+                kv,
+                hd,
+                &mut one,
+            );
+            assert_eq!(
+                &all[row * h * hd..(row + 1) * h * hd],
+                &one[..],
+                "row {row}"
+            );
+        }
+        // Portable and AVX2 paths agree bit for bit; both match the naive reference.
+        let dims = AttnDims {
+            batch: 1,
+            tq: nq,
+            tk,
+            q_pos0: pos0,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+        };
+        let want = naive_forward(
+            dims,
+            Heads {
+                data: &q,
+                rs: qrs,
+                off: 0,
+            },
+            Heads {
+                data: &k,
+                rs: kvrs,
+                off: 0,
+            },
+            Heads {
+                data: &v,
+                rs: kvrs,
+                off: 0,
+            },
+        );
+        for (a, b) in all.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        for hh in 0..h {
+            let g = hh / (h / kv);
+            let args = DecodeHead {
+                q: &q[hh * hd..],
+                q_rs: qrs,
+                k: &k[g * hd..],
+                v: &v[g * hd..],
+                kv_rs: kvrs,
+                nq,
+                pos0,
+                hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let (mut sc, mut acc) = (vec![0.0f32; nq * tk], vec![0.0f32; nq * hd]);
+            decode_head_generic(&args, &mut sc, &mut acc);
+            for row in 0..nq {
+                assert_eq!(
+                    &acc[row * hd..(row + 1) * hd],
+                    &all[row * h * hd + hh * hd..][..hd],
+                    "generic head {hh} row {row}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! (`x ≈ dx·qx`), so each block is an integer dot product `Σ q_j·qx_j` (AVX2 `maddubs`, or one
 //! AVX-512 VNNI `vpdpbusd`, chosen at run time; a portable loop otherwise) and one FMA with
 //! `d·dx`.
+//!
+//! Several vectors at once (`matmat`: a decode batch, or lookup decoding's verification rows):
+//! for each weight row, each block is loaded and unpacked once and applied to up to 8 vectors
+//! (one 8-lane accumulator per vector in registers); the minimum term of all of them is one
+//! 8-lane multiply-add per block (lane = vector). A vector's arithmetic is the same whatever
+//! the other vectors, so every output equals the one-vector product (`matvec`) bit for bit.
 
 use rayon::prelude::*;
 
@@ -74,7 +80,7 @@ fn half(b: &[u8]) -> f32 {
     crate::gguf::f16(b)
 }
 
-/// The input vector quantised like llama.cpp's `Q8_1`: per 32-value block a scale `dx`,
+/// An input vector quantised like llama.cpp's `Q8_1`: per 32-value block a scale `dx`,
 /// 32 signed bytes `qx` with `x ≈ dx·qx`, and `sx = dx·Σ qx` (for the weight minimums).
 struct Q8Vec {
     qx: Vec<i8>,
@@ -104,47 +110,98 @@ fn quantize_q8(x: &[f32]) -> Q8Vec {
     v
 }
 
-/// `Σ_b m_b · sx_b`: the contribution of the blocks' minimums (`Q4_1`) or offsets (`Q4_0`).
-#[inline(always)]
-fn min_term(ms: &[f32], sx: &[f32]) -> f32 {
-    ms.iter().zip(sx).map(|(m, s)| m * s).sum()
+/// Vectors per group: each weight block is unpacked once and applied to up to this many
+/// vectors, with one 8-lane accumulator per vector in registers.
+const GROUP: usize = 8;
+
+/// Up to [`GROUP`] quantised vectors, laid out for the kernels: `sxt[b·GROUP + i]` is `sx` of
+/// vector `i`, block `b` (transposed and zero-padded, so the minimum term of all the vectors is
+/// one 8-lane multiply-add per block), and `qxu = qx + 128` as unsigned bytes for the VNNI
+/// `Q8_0` kernel.
+struct Group<'a> {
+    v: &'a [Q8Vec],
+    sxt: Vec<f32>,
+    qxu: Vec<Vec<u8>>,
 }
 
-/// One row's dot product with integer block sums, portable: `Σ_b d_b·dx_b·Σ_j q_j·qx_j`
-/// (+ the minimum term). The SIMD kernels compute exactly these integer sums.
-fn row_dot_generic(ty: QType, row: &[u8], ds: &[f32], ms: &[f32], x: &Q8Vec) -> f32 {
-    let bs = ty.block_bytes();
-    let mut acc = 0.0f32;
-    for (b, blk) in row.chunks_exact(bs).enumerate() {
-        let qx = &x.qx[b * 32..(b + 1) * 32];
-        let isum: i32 = match ty {
-            QType::Q8_0 => blk[2..34]
-                .iter()
-                .zip(qx)
-                .map(|(&w, &q)| (w as i8) as i32 * q as i32)
-                .sum(),
-            QType::Q4_0 | QType::Q4_1 => {
-                let qs = &blk[bs - 16..];
-                (0..16)
-                    .map(|j| {
-                        (qs[j] & 0x0f) as i32 * qx[j] as i32
-                            + (qs[j] >> 4) as i32 * qx[j + 16] as i32
-                    })
-                    .sum()
+impl<'a> Group<'a> {
+    fn new(v: &'a [Q8Vec], ty: QType, isa: Isa) -> Self {
+        assert!(!v.is_empty() && v.len() <= GROUP);
+        let nb = v[0].dx.len();
+        let mut sxt = vec![0.0f32; nb * GROUP];
+        for (i, q) in v.iter().enumerate() {
+            for (b, &s) in q.sx.iter().enumerate() {
+                sxt[b * GROUP + i] = s;
             }
+        }
+        let qxu = if ty == QType::Q8_0 && isa == Isa::Vnni {
+            v.iter()
+                .map(|q| q.qx.iter().map(|&t| (t as u8) ^ 0x80).collect())
+                .collect()
+        } else {
+            Vec::new()
         };
-        acc += ds[b] * x.dx[b] * isum as f32;
+        Group { v, sxt, qxu }
     }
-    if ty == QType::Q8_0 {
-        acc
-    } else {
-        acc + min_term(ms, &x.sx)
+}
+
+/// The minimum (`Q4_1`) or offset (`Q4_0`) term of one weight row against one vector:
+/// `Σ_b m_b · sx_b`, summed in block order from `0` (the SIMD kernels compute exactly this,
+/// one vector per lane).
+#[inline(always)]
+fn min_term(ms: &[f32], sx: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for (m, x) in ms.iter().zip(sx) {
+        s += m * x;
+    }
+    s
+}
+
+/// Weight rows `r0..r0 + nr` against every vector of `g`, portable:
+/// `out[k·n + i] = Σ_b d_b·dx_b·Σ_j q_j·qx_j` (+ the minimum term), with the same integer block
+/// sums as the SIMD kernels (the float sums are in another order).
+fn rows_generic(m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
+    let (ty, n) = (m.ty, g.v.len());
+    let bs = ty.block_bytes();
+    let nb = m.cols / 32;
+    for k in 0..nr {
+        let r = r0 + k;
+        let row = &m.data[r * nb * bs..(r + 1) * nb * bs];
+        let ds = &m.d[r * nb..(r + 1) * nb];
+        for (i, x) in g.v.iter().enumerate() {
+            let mut acc = 0.0f32;
+            for (b, blk) in row.chunks_exact(bs).enumerate() {
+                let qx = &x.qx[b * 32..(b + 1) * 32];
+                let isum: i32 = match ty {
+                    QType::Q8_0 => blk[2..34]
+                        .iter()
+                        .zip(qx)
+                        .map(|(&w, &q)| (w as i8) as i32 * q as i32)
+                        .sum(),
+                    QType::Q4_0 | QType::Q4_1 => {
+                        let qs = &blk[bs - 16..];
+                        (0..16)
+                            .map(|j| {
+                                (qs[j] & 0x0f) as i32 * qx[j] as i32
+                                    + (qs[j] >> 4) as i32 * qx[j + 16] as i32
+                            })
+                            .sum()
+                    }
+                };
+                acc += ds[b] * x.dx[b] * isum as f32;
+            }
+            out[k * n + i] = if ty == QType::Q8_0 {
+                acc
+            } else {
+                acc + min_term(&m.m[r * nb..(r + 1) * nb], &x.sx)
+            };
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{min_term, Q8Vec, QType};
+    use super::{Group, QMatrix, QType, GROUP};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -155,68 +212,136 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// The 32 weights of a block as bytes in element order: unsigned nibbles `0..=15` for
-    /// `Q4_*` (byte `j` holds elements `j` and `j + 16`), or `|w|` for `Q8_0` with the sign moved
-    /// onto the activations (the `maddubs` operand order is unsigned × signed).
+    /// The 32 nibbles of a `Q4_*` block as unsigned bytes in element order (byte `j` of the
+    /// block holds elements `j` and `j + 16`).
     #[inline(always)]
-    unsafe fn block_operands(ty: QType, p: *const u8, x: __m256i) -> (__m256i, __m256i) {
-        match ty {
-            QType::Q8_0 => {
-                let w = _mm256_loadu_si256(p as *const __m256i);
-                (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-            }
-            _ => {
-                let t = _mm_loadu_si128(p as *const __m128i);
-                let w = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-                (_mm256_and_si256(w, _mm256_set1_epi8(0x0f)), x)
-            }
-        }
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let t = _mm_loadu_si128(p as *const __m128i);
+        let w = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+        _mm256_and_si256(w, _mm256_set1_epi8(0x0f))
     }
 
-    /// AVX2: `maddubs` (u8·i8 → i16 pairs, no overflow: 2·15·127 and 2·128·127 < 2¹⁵) then
-    /// `madd` with ones (→ i32), one FMA per block with `d·dx`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_dot_avx2(ty: QType, row: &[u8], ds: &[f32], ms: &[f32], x: &Q8Vec) -> f32 {
+    /// Rows `r0..r0 + nr` of `m` against the `N` vectors of `g` (`out[k·N + i]`). Each weight
+    /// block is loaded and unpacked once; per vector, its integer block sum (8 lanes of 4
+    /// products) is converted and added with one FMA by `d·dx` into the vector's accumulator;
+    /// then a horizontal sum and the minimum term (one vector per lane). The arithmetic of an
+    /// output does not depend on `N` or on the other vectors.
+    ///
+    /// `VNNI`: `vpdpbusd` (u8·i8 products summed into i32 lanes); `Q8_0` runs it on
+    /// `(qx + 128)·w` starting from `−128·Σw` (per lane), which is `Σ qx·w` exactly. Otherwise
+    /// AVX2 `maddubs` (u8·i8 → i16 pairs, no overflow: 2·15·127 and 2·128·127 < 2¹⁵) then `madd`
+    /// with ones, `Q8_0` with the sign moved onto the activations. Same integer sums.
+    #[inline(always)]
+    unsafe fn rows_impl<const N: usize, const VNNI: bool>(
+        m: &QMatrix,
+        r0: usize,
+        nr: usize,
+        g: &Group,
+        out: &mut [f32],
+    ) {
+        let ty = m.ty;
         let bs = ty.block_bytes();
+        let nb = m.cols / 32;
         let qoff = bs - if ty == QType::Q8_0 { 32 } else { 16 };
         let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..ds.len() {
-            let xv = _mm256_loadu_si256(x.qx.as_ptr().add(b * 32) as *const __m256i);
-            let (w, xs) = block_operands(ty, row.as_ptr().add(b * bs + qoff), xv);
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xs), ones);
-            let scale = _mm256_set1_ps(*ds.get_unchecked(b) * *x.dx.get_unchecked(b));
-            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc);
-        }
-        let dot = hsum(acc);
-        if ty == QType::Q8_0 {
-            dot
-        } else {
-            dot + min_term(ms, &x.sx)
+        let zero = _mm256_setzero_si256();
+        let xq: [*const i8; N] = std::array::from_fn(|i| g.v[i].qx.as_ptr());
+        let xd: [*const f32; N] = std::array::from_fn(|i| g.v[i].dx.as_ptr());
+        let xu: [*const u8; N] = std::array::from_fn(|i| {
+            if VNNI && ty == QType::Q8_0 {
+                g.qxu[i].as_ptr()
+            } else {
+                std::ptr::null()
+            }
+        });
+        for k in 0..nr {
+            let r = r0 + k;
+            let row = m.data.as_ptr().add(r * nb * bs + qoff);
+            let ds = m.d.as_ptr().add(r * nb);
+            let mut acc = [_mm256_setzero_ps(); N];
+            if ty == QType::Q8_0 {
+                for b in 0..nb {
+                    let w = _mm256_loadu_si256(row.add(b * bs) as *const __m256i);
+                    let sd = _mm256_set1_ps(*ds.add(b));
+                    if VNNI {
+                        let c = _mm256_dpbusd_epi32(zero, _mm256_set1_epi8(-128), w);
+                        let negc = _mm256_sub_epi32(zero, c);
+                        for i in 0..N {
+                            let x = _mm256_loadu_si256(xu[i].add(b * 32) as *const __m256i);
+                            let p = _mm256_dpbusd_epi32(negc, x, w);
+                            let sc = _mm256_mul_ps(sd, _mm256_set1_ps(*xd[i].add(b)));
+                            acc[i] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[i]);
+                        }
+                    } else {
+                        let wa = _mm256_sign_epi8(w, w);
+                        for i in 0..N {
+                            let x = _mm256_loadu_si256(xq[i].add(b * 32) as *const __m256i);
+                            let p = _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w)),
+                                ones,
+                            );
+                            let sc = _mm256_mul_ps(sd, _mm256_set1_ps(*xd[i].add(b)));
+                            acc[i] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[i]);
+                        }
+                    }
+                }
+                for i in 0..N {
+                    out[k * N + i] = hsum(acc[i]);
+                }
+            } else {
+                for b in 0..nb {
+                    let w = nibbles(row.add(b * bs));
+                    let sd = _mm256_set1_ps(*ds.add(b));
+                    for i in 0..N {
+                        let x = _mm256_loadu_si256(xq[i].add(b * 32) as *const __m256i);
+                        let p = if VNNI {
+                            _mm256_dpbusd_epi32(zero, w, x)
+                        } else {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)
+                        };
+                        let sc = _mm256_mul_ps(sd, _mm256_set1_ps(*xd[i].add(b)));
+                        acc[i] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[i]);
+                    }
+                }
+                // Minimum term, lane i = vector i: mt_i += m_b · sx_ib in block order.
+                let ms = m.m.as_ptr().add(r * nb);
+                let mut mt = _mm256_setzero_ps();
+                for b in 0..nb {
+                    let t = _mm256_mul_ps(
+                        _mm256_set1_ps(*ms.add(b)),
+                        _mm256_loadu_ps(g.sxt.as_ptr().add(b * GROUP)),
+                    );
+                    mt = _mm256_add_ps(mt, t);
+                }
+                let mut mts = [0.0f32; 8];
+                _mm256_storeu_ps(mts.as_mut_ptr(), mt);
+                for i in 0..N {
+                    out[k * N + i] = hsum(acc[i]) + mts[i];
+                }
+            }
         }
     }
 
-    /// AVX-512 VNNI on 256-bit vectors: `vpdpbusd` does the u8·i8 products and the i32 sums in
-    /// one instruction. Same integer results as the AVX2 path.
-    #[target_feature(enable = "avx2,fma,avx512vl,avx512vnni")]
-    pub unsafe fn row_dot_vnni(ty: QType, row: &[u8], ds: &[f32], ms: &[f32], x: &Q8Vec) -> f32 {
-        let bs = ty.block_bytes();
-        let qoff = bs - if ty == QType::Q8_0 { 32 } else { 16 };
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..ds.len() {
-            let xv = _mm256_loadu_si256(x.qx.as_ptr().add(b * 32) as *const __m256i);
-            let (w, xs) = block_operands(ty, row.as_ptr().add(b * bs + qoff), xv);
-            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xs);
-            let scale = _mm256_set1_ps(*ds.get_unchecked(b) * *x.dx.get_unchecked(b));
-            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc);
-        }
-        let dot = hsum(acc);
-        if ty == QType::Q8_0 {
-            dot
-        } else {
-            dot + min_term(ms, &x.sx)
-        }
+    macro_rules! dispatch {
+        ($name:ident, $vnni:expr, $feat:literal) => {
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
+                assert!(out.len() >= nr * g.v.len() && r0 + nr <= m.rows);
+                match g.v.len() {
+                    1 => rows_impl::<1, $vnni>(m, r0, nr, g, out),
+                    2 => rows_impl::<2, $vnni>(m, r0, nr, g, out),
+                    3 => rows_impl::<3, $vnni>(m, r0, nr, g, out),
+                    4 => rows_impl::<4, $vnni>(m, r0, nr, g, out),
+                    5 => rows_impl::<5, $vnni>(m, r0, nr, g, out),
+                    6 => rows_impl::<6, $vnni>(m, r0, nr, g, out),
+                    7 => rows_impl::<7, $vnni>(m, r0, nr, g, out),
+                    _ => rows_impl::<8, $vnni>(m, r0, nr, g, out),
+                }
+            }
+        };
     }
+    dispatch!(rows_avx2, false, "avx2,fma");
+    dispatch!(rows_vnni, true, "avx2,fma,avx512vl,avx512vnni");
 }
 
 /// Which row kernel this CPU runs (detected once).
@@ -248,98 +373,72 @@ fn isa() -> Isa {
     }
 }
 
-fn row_dot(isa: Isa, ty: QType, row: &[u8], ds: &[f32], ms: &[f32], x: &Q8Vec) -> f32 {
+/// Rows `r0..r0 + nr` of `m` against the vectors of `g` into `out[k·n + i]`.
+fn rows(isa: Isa, m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // SAFETY: the features were detected at run time; slices have `ds.len()` blocks.
-        Isa::Vnni => return unsafe { x86::row_dot_vnni(ty, row, ds, ms, x) },
-        Isa::Avx2 => return unsafe { x86::row_dot_avx2(ty, row, ds, ms, x) },
+        // SAFETY: the features were detected at run time (tests force lower ones only);
+        // `out` and the row range are checked inside.
+        Isa::Vnni => return unsafe { x86::rows_vnni(m, r0, nr, g, out) },
+        Isa::Avx2 => return unsafe { x86::rows_avx2(m, r0, nr, g, out) },
         Isa::Generic => {}
     }
     let _ = isa;
-    row_dot_generic(ty, row, ds, ms, x)
+    rows_generic(m, r0, nr, g, out)
 }
 
-/// `y (+)= M · x` for one vector `x: [cols]`, `y: [rows]`, parallel over row chunks. `x` is
+/// `y (+)= M · x` for one vector `x: [cols]`, `y: [rows]`: [`matmat`] with one vector. `x` is
 /// first quantised to 8 bits per 32-value block (as llama.cpp does), so the inner loops are
 /// integer multiply-adds; the relative error this adds is about 1e-3 of the row's scale.
 pub fn matvec(m: &QMatrix, x: &[f32], y: &mut [f32], accumulate: bool) {
-    matvec_with(isa(), m, x, y, accumulate)
-}
-
-fn matvec_with(isa: Isa, m: &QMatrix, x: &[f32], y: &mut [f32], accumulate: bool) {
-    assert_eq!(x.len(), m.cols);
-    assert_eq!(y.len(), m.rows);
-    assert_eq!(m.data.len(), m.rows * m.row_bytes());
-    assert!(m.cols.is_multiple_of(32) && m.rows * (m.cols / 32) == m.d.len());
-    let xq = quantize_q8(x);
-    let (rb, nb) = (m.row_bytes(), m.cols / 32);
-    const ROWS: usize = 64;
-    y.par_chunks_mut(ROWS).enumerate().for_each(|(c, yc)| {
-        for (i, yi) in yc.iter_mut().enumerate() {
-            let r = c * ROWS + i;
-            let ms = if m.m.is_empty() {
-                &[][..]
-            } else {
-                &m.m[r * nb..(r + 1) * nb]
-            };
-            let v = row_dot(
-                isa,
-                m.ty,
-                &m.data[r * rb..(r + 1) * rb],
-                &m.d[r * nb..(r + 1) * nb],
-                ms,
-                &xq,
-            );
-            if accumulate {
-                *yi += v;
-            } else {
-                *yi = v;
-            }
-        }
-    });
+    matmat_with(isa(), m, x, 1, y, accumulate)
 }
 
 /// `y[n, rows] (+)= X[n, cols] · Mᵀ` for `n` vectors at once (a batch of decoding sequences,
-/// or a run of draft tokens being verified): each weight row chunk is read once for all of
-/// them. Each output is computed exactly as [`matvec`] computes it, bit for bit.
+/// or a run of draft tokens being verified), parallel over chunks of weight rows. Vectors go
+/// in groups of up to 8: each weight block is read and unpacked once per group, so extra
+/// vectors cost only their integer dot products and FMAs. Each output is computed exactly as
+/// [`matvec`] computes it, bit for bit (its arithmetic does not depend on the other vectors).
 pub fn matmat(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
-    if n == 1 {
-        return matvec(m, x, y, accumulate);
-    }
+    matmat_with(isa(), m, x, n, y, accumulate)
+}
+
+fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
     assert_eq!(x.len(), n * m.cols);
     assert_eq!(y.len(), n * m.rows);
     assert_eq!(m.data.len(), m.rows * m.row_bytes());
-    let isa = isa();
+    assert!(m.cols.is_multiple_of(32) && m.rows * (m.cols / 32) == m.d.len());
+    if n == 0 {
+        return;
+    }
     let xq: Vec<Q8Vec> = x.chunks_exact(m.cols).map(quantize_q8).collect();
-    let (rb, nb) = (m.row_bytes(), m.cols / 32);
+    let groups: Vec<Group> = xq.chunks(GROUP).map(|v| Group::new(v, m.ty, isa)).collect();
+    let nrows = m.rows;
     const ROWS: usize = 32;
-    // yt[r, i]: weight row r against vector i (row chunks contiguous for the parallel loop).
-    let mut yt = vec![0.0f32; m.rows * n];
-    yt.par_chunks_mut(ROWS * n).enumerate().for_each(|(c, yc)| {
-        for (ri, out) in yc.chunks_exact_mut(n).enumerate() {
-            let r = c * ROWS + ri;
-            let ms = if m.m.is_empty() {
-                &[][..]
-            } else {
-                &m.m[r * nb..(r + 1) * nb]
-            };
-            let (row, ds) = (&m.data[r * rb..(r + 1) * rb], &m.d[r * nb..(r + 1) * nb]);
-            for (o, xi) in out.iter_mut().zip(&xq) {
-                *o = row_dot(isa, m.ty, row, ds, ms, xi);
+    let yp = super::SendPtr(y.as_mut_ptr());
+    (0..nrows.div_ceil(ROWS)).into_par_iter().for_each(|c| {
+        let (r0, nr) = (c * ROWS, ROWS.min(nrows - c * ROWS));
+        let mut buf = [0.0f32; ROWS * GROUP];
+        for (gi, g) in groups.iter().enumerate() {
+            let gn = g.v.len();
+            rows(isa, m, r0, nr, g, &mut buf[..nr * gn]);
+            for i in 0..gn {
+                // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
+                // inside y (n · rows elements).
+                let yi = unsafe {
+                    std::slice::from_raw_parts_mut(yp.get().add((gi * GROUP + i) * nrows + r0), nr)
+                };
+                for (k, o) in yi.iter_mut().enumerate() {
+                    let v = buf[k * gn + i];
+                    if accumulate {
+                        *o += v;
+                    } else {
+                        *o = v;
+                    }
+                }
             }
         }
     });
-    for (i, yi) in y.chunks_exact_mut(m.rows).enumerate() {
-        for (r, out) in yi.iter_mut().enumerate() {
-            let t = yt[r * n + i];
-            if accumulate {
-                *out += t;
-            } else {
-                *out = t;
-            }
-        }
-    }
 }
 
 /// Dequantise row `r` of `m` into `w` (`w = d·q + m` per block).
@@ -517,6 +616,72 @@ pub fn matmat_fast(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: 
     }
 }
 
+/// Quantise a row-major `[rows, cols]` f32 matrix to `ty` blocks (round to nearest; f16
+/// scales truncated), for tests that need a quantised model without a GGUF file.
+#[cfg(test)]
+pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) -> QMatrix {
+    assert!(cols.is_multiple_of(32) && w.len() == rows * cols);
+    // f32 → f16 bits (normal range, mantissa truncated; tiny values flush to zero).
+    let h = |x: f32| -> [u8; 2] {
+        let b = x.to_bits();
+        let sign = ((b >> 16) & 0x8000) as u16;
+        let e = ((b >> 23) & 0xff) as i32 - 127 + 15;
+        let v = if e <= 0 {
+            sign
+        } else {
+            sign | ((e.min(30) as u16) << 10) | ((b >> 13) & 0x3ff) as u16
+        };
+        v.to_le_bytes()
+    };
+    let mut data = Vec::with_capacity(rows * cols / 32 * ty.block_bytes());
+    for blk in w.chunks_exact(32) {
+        match ty {
+            QType::Q8_0 => {
+                let amax = blk.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+                let hd = h(amax / 127.0);
+                let d = half(&hd);
+                data.extend_from_slice(&hd);
+                for &x in blk {
+                    let q = if d > 0.0 {
+                        (x / d).round().clamp(-127.0, 127.0)
+                    } else {
+                        0.0
+                    };
+                    data.push(q as i8 as u8);
+                }
+            }
+            QType::Q4_0 | QType::Q4_1 => {
+                let (lo, hi) = blk
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                let (d, m) = if ty == QType::Q4_0 {
+                    // Symmetric: w = d·(q − 8).
+                    let amax = lo.abs().max(hi.abs());
+                    let hd = h(amax / 7.0);
+                    data.extend_from_slice(&hd);
+                    (half(&hd), -8.0 * half(&hd))
+                } else {
+                    let (hd, hm) = (h((hi - lo) / 15.0), h(lo));
+                    data.extend_from_slice(&hd);
+                    data.extend_from_slice(&hm);
+                    (half(&hd), half(&hm))
+                };
+                let q = |x: f32| -> u8 {
+                    if d > 0.0 {
+                        ((x - m) / d).round().clamp(0.0, 15.0) as u8
+                    } else {
+                        0
+                    }
+                };
+                for j in 0..16 {
+                    data.push(q(blk[j]) | (q(blk[j + 16]) << 4));
+                }
+            }
+        }
+    }
+    QMatrix::new(ty, rows, cols, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,7 +725,7 @@ mod tests {
                 })
                 .collect();
             let mut generic = vec![1.0f32; rows];
-            matvec_with(Isa::Generic, &m, &x, &mut generic, true);
+            matmat_with(Isa::Generic, &m, &x, 1, &mut generic, true);
             for i in 0..rows {
                 assert!(
                     (generic[i] - want[i]).abs() < 5e-3 * scale[i] + 1e-4,
@@ -575,7 +740,7 @@ mod tests {
                     continue;
                 }
                 let mut y = vec![1.0f32; rows];
-                matvec_with(isa_, &m, &x, &mut y, true);
+                matmat_with(isa_, &m, &x, 1, &mut y, true);
                 for i in 0..rows {
                     assert!(
                         (y[i] - generic[i]).abs() < 1e-5 * (1.0 + scale[i]),
@@ -588,20 +753,73 @@ mod tests {
         }
     }
 
+    /// The ISAs this CPU can run.
+    fn isas() -> Vec<Isa> {
+        match isa() {
+            Isa::Vnni => vec![Isa::Generic, Isa::Avx2, Isa::Vnni],
+            Isa::Avx2 => vec![Isa::Generic, Isa::Avx2],
+            Isa::Generic => vec![Isa::Generic],
+        }
+    }
+
     #[test]
     fn matmat_equals_matvec_bit_for_bit() {
+        // Every vector of a multi-vector product (1..=19 vectors: partial and several groups
+        // of 8) equals the one-vector product bit for bit, on every kernel; the AVX2 and VNNI
+        // kernels also agree with each other bit for bit (same integer sums, same float ops).
         let mut r = Rng::new(5);
         for ty in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
-            let (rows, cols, n) = (77, 64, 5);
+            let (rows, cols) = (77, 160);
             let m = random_qmatrix(&mut r, ty, rows, cols);
-            let mut x = vec![0.0f32; n * cols];
-            r.fill_normal(&mut x, 1.0);
-            let mut y = vec![0.5f32; n * rows];
-            matmat(&m, &x, n, &mut y, true);
-            for i in 0..n {
-                let mut yi = vec![0.5f32; rows];
-                matvec(&m, &x[i * cols..(i + 1) * cols], &mut yi, true);
-                assert_eq!(&y[i * rows..(i + 1) * rows], &yi[..], "{ty:?} vector {i}");
+            for n in [1usize, 2, 3, 5, 8, 9, 19] {
+                let mut x = vec![0.0f32; n * cols];
+                r.fill_normal(&mut x, 1.0);
+                let mut simd: Option<Vec<f32>> = None;
+                for isa_ in isas() {
+                    let mut y = vec![0.5f32; n * rows];
+                    matmat_with(isa_, &m, &x, n, &mut y, true);
+                    for i in 0..n {
+                        let mut yi = vec![0.5f32; rows];
+                        matmat_with(isa_, &m, &x[i * cols..(i + 1) * cols], 1, &mut yi, true);
+                        assert_eq!(
+                            &y[i * rows..(i + 1) * rows],
+                            &yi[..],
+                            "{ty:?} {isa_:?} n {n} vector {i}"
+                        );
+                    }
+                    if isa_ != Isa::Generic {
+                        match &simd {
+                            Some(s) => assert_eq!(s, &y, "{ty:?} n {n}: AVX2 vs VNNI"),
+                            None => simd = Some(y),
+                        }
+                    }
+                }
+                // Overwrite mode writes the same values.
+                let mut a = vec![0.0f32; n * rows];
+                let mut b = vec![7.0f32; n * rows];
+                matmat(&m, &x, n, &mut a, true);
+                matmat(&m, &x, n, &mut b, false);
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_matrix_round_trips_within_a_step() {
+        let mut r = Rng::new(8);
+        let (rows, cols) = (6, 64);
+        let mut w = vec![0.0f32; rows * cols];
+        r.fill_normal(&mut w, 0.3);
+        for (ty, gg, step) in [
+            (QType::Q8_0, 8u32, 0.02),
+            (QType::Q4_0, 2, 0.2),
+            (QType::Q4_1, 3, 0.15),
+        ] {
+            let q = quantize_matrix(ty, rows, cols, &w);
+            let mut back = vec![0.0f32; rows * cols];
+            crate::gguf::dequantize(gg, &q.data, &mut back).unwrap();
+            for (a, b) in w.iter().zip(&back) {
+                assert!((a - b).abs() < step, "{ty:?}: {a} vs {b}");
             }
         }
     }
