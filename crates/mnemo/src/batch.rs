@@ -180,8 +180,9 @@ pub fn forward_batch(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec
                     n_kv_heads: kv,
                     head_dim: hd,
                 };
-                attention::forward(
+                attention::forward_scaled(
                     dims,
+                    c.attn_scale(),
                     Heads {
                         data: &rows[q0 * qd..(q0 + nq) * qd],
                         rs: qd,

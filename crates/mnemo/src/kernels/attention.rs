@@ -51,8 +51,23 @@ impl<'a> Heads<'a> {
     }
 }
 
-/// Forward pass. Parallel over (sequence, head, query block).
+/// Forward pass with the default softmax scale `1/√d_h`.
 pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse: &mut [f32]) {
+    forward_scaled(dims, 1.0 / (dims.head_dim as f32).sqrt(), q, k, v, o, lse)
+}
+
+/// Forward pass with softmax scale `scale` in place of `1/√d_h` (e.g. YaRN's
+/// `mscale²/√d_h`, [`crate::config::ModelConfig::attn_scale`]). Parallel over (sequence, head,
+/// query block).
+pub fn forward_scaled(
+    dims: AttnDims,
+    scale: f32,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
     let AttnDims {
         batch,
         tq,
@@ -70,7 +85,6 @@ pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse:
     assert_eq!(o.len(), batch * tq * n_heads * hd);
     assert_eq!(lse.len(), batch * n_heads * tq);
     let rep = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let nqb = tq.div_ceil(BLOCK);
     let o_ptr = SendPtr(o.as_mut_ptr());
     let lse_ptr = SendPtr(lse.as_mut_ptr());
@@ -159,11 +173,28 @@ pub struct QkvLayout {
     pub v_off: usize,
 }
 
-/// Backward pass (training: `q_pos0 = 0`, `tq = tk`). Writes `dqkv` (same layout as `qkv`)
-/// entirely. Parallel over (sequence, kv head): each task owns the dq columns of its query heads
-/// and the dk/dv columns of its kv head, so the accumulation order is fixed.
+/// Backward pass with the default softmax scale `1/√d_h`.
 pub fn backward(
     dims: AttnDims,
+    qkv: &[f32],
+    lay: QkvLayout,
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
+    let scale = 1.0 / (dims.head_dim as f32).sqrt();
+    backward_scaled(dims, scale, qkv, lay, o, lse, dout, dqkv)
+}
+
+/// Backward pass (training: `q_pos0 = 0`, `tq = tk`) of [`forward_scaled`] with the same
+/// `scale`. Writes `dqkv` (same layout as `qkv`) entirely. Parallel over (sequence, kv head):
+/// each task owns the dq columns of its query heads and the dk/dv columns of its kv head, so the
+/// accumulation order is fixed.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_scaled(
+    dims: AttnDims,
+    scale: f32,
     qkv: &[f32],
     lay: QkvLayout,
     o: &[f32],
@@ -187,7 +218,6 @@ pub fn backward(
     assert_eq!(qkv.len(), dqkv.len());
     let t = tq;
     let rep = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let o_rs = n_heads * hd;
     let nb = t.div_ceil(BLOCK);
     let dptr = SendPtr(dqkv.as_mut_ptr());
