@@ -188,6 +188,9 @@ fn vt_name(rng: &mut Rng, used: &mut Vec<String>) -> String {
     }
 }
 
+/// Extra (needle, answered query) pairs in a NIAH training document ([`make_train_sample`]).
+pub const TRAIN_RECALLS: usize = 3;
+
 /// Build one sample of exactly `len` tokens (`prompt ‖ answer`), the needle at `depth ∈ [0, 1]`,
 /// deterministic in (`task`, `len`, `depth`, `seed`, tokenizer).
 pub fn make_sample(
@@ -196,6 +199,31 @@ pub fn make_sample(
     len: usize,
     depth: f64,
     seed: u64,
+) -> Result<Sample> {
+    build(task, tok, len, depth, seed, 0)
+}
+
+/// A training document: like [`make_sample`], and for NIAH with up to [`TRAIN_RECALLS`] more
+/// needles, as many as fit in half of the document (other keys, in the first half of the filler) each answered by a complete query line
+/// `… answer = secret_key_J = VVVVV;` in the second half, so that one document holds several
+/// retrievals to learn from instead of one.
+pub fn make_train_sample(
+    task: Task,
+    tok: &Tokenizer,
+    len: usize,
+    depth: f64,
+    seed: u64,
+) -> Result<Sample> {
+    build(task, tok, len, depth, seed, TRAIN_RECALLS)
+}
+
+fn build(
+    task: Task,
+    tok: &Tokenizer,
+    len: usize,
+    depth: f64,
+    seed: u64,
+    recalls: usize,
 ) -> Result<Sample> {
     if !(0.0..=1.0).contains(&depth) {
         bail!("depth {depth} must be in [0, 1]");
@@ -213,10 +241,29 @@ pub fn make_sample(
     } else {
         ("//", ";", "let ")
     };
+    // Extra (needle, answered query) lines of a training document: (depth, text).
+    let mut extras: Vec<(f64, String)> = Vec::new();
     // The needle lines and the query/answer texts.
     let (needles, query, answer): (Vec<String>, String, String) = match task {
         Task::Niah | Task::Mix => {
-            let key = format!("secret_key_{}", rng.below(100));
+            let mut keys = vec![rng.below(100)];
+            let mut values = vec![value];
+            while keys.len() < 1 + recalls {
+                let k = rng.below(100);
+                if !keys.contains(&k) {
+                    keys.push(k);
+                    values.push(10000 + rng.below(90000));
+                }
+            }
+            for (k, v) in keys.iter().zip(&values).skip(1) {
+                let key = format!("secret_key_{k}");
+                extras.push((0.5 * rng.next_f64(), format!("{letkw}{key} = {v}{semi}\n")));
+                extras.push((
+                    0.5 + 0.5 * rng.next_f64(),
+                    format!("{cm} what is {key}?\n{letkw}answer = {key} = {v}{semi}\n"),
+                ));
+            }
+            let key = format!("secret_key_{}", keys[0]);
             (
                 vec![format!("{letkw}{key} = {value}{semi}\n")],
                 format!("{cm} what is {key}?\n{letkw}answer = {key} ="),
@@ -251,7 +298,18 @@ pub fn make_sample(
     let needle_ids: Vec<Vec<u32>> = needles.iter().map(|s| enc(s)).collect::<Result<_>>()?;
     let query_ids = enc(&query)?;
     let answer_ids = enc(&answer)?;
-    let fixed = needle_ids.iter().map(Vec::len).sum::<usize>() + query_ids.len() + answer_ids.len();
+    let mut extra_ids: Vec<(f64, Vec<u32>)> = extras
+        .iter()
+        .map(|(d, t)| Ok((*d, enc(t)?)))
+        .collect::<Result<_>>()?;
+    let base = needle_ids.iter().map(Vec::len).sum::<usize>() + query_ids.len() + answer_ids.len();
+    // Extras take at most half of the document: drop (needle, answer) pairs until they fit.
+    while !extra_ids.is_empty()
+        && base + extra_ids.iter().map(|e| e.1.len()).sum::<usize>() > len / 2
+    {
+        extra_ids.truncate(extra_ids.len() - 2);
+    }
+    let fixed = base + extra_ids.iter().map(|e| e.1.len()).sum::<usize>();
     if len < MIN_CONTEXT || len < fixed + 8 {
         bail!(
             "a context of {len} tokens is too short for a sample (at least {} tokens)",
@@ -291,36 +349,39 @@ pub fn make_sample(
         }
         best
     };
+    // Inserted items (boundary slot, is the first needle, ids), in slot order; the needles
+    // keep their chain order, extras go after needles of the same slot.
     let k = needle_ids.len();
-    let slots: Vec<usize> = (0..k)
+    let mut items: Vec<(usize, bool, &[u32])> = (0..k)
         .map(|j| {
             let d = if k == 1 {
                 depth
             } else {
                 depth + (1.0 - depth) * j as f64 / k as f64
             };
-            nearest(d * budget as f64)
+            (nearest(d * budget as f64), j == 0, &needle_ids[j][..])
         })
         .collect();
+    items.extend(
+        extra_ids
+            .iter()
+            .map(|(d, ids)| (nearest(d * budget as f64), false, &ids[..])),
+    );
+    items.sort_by_key(|it| it.0);
     let mut prompt = Vec::with_capacity(len);
     let mut needle_at = usize::MAX;
     let mut next = 0;
-    for (i, l) in lines.iter().enumerate() {
-        while next < k && slots[next] == i {
-            if next == 0 {
+    for i in 0..=lines.len() {
+        while next < items.len() && items[next].0 == i {
+            if items[next].1 {
                 needle_at = prompt.len();
             }
-            prompt.extend_from_slice(&needle_ids[next]);
+            prompt.extend_from_slice(items[next].2);
             next += 1;
         }
-        prompt.extend_from_slice(l);
-    }
-    while next < k {
-        if next == 0 {
-            needle_at = prompt.len();
+        if let Some(l) = lines.get(i) {
+            prompt.extend_from_slice(l);
         }
-        prompt.extend_from_slice(&needle_ids[next]);
-        next += 1;
     }
     prompt.extend_from_slice(&query_ids);
     debug_assert_eq!(prompt.len() + answer_ids.len(), len);
@@ -361,6 +422,8 @@ pub struct Cell {
     pub correct: usize,
     pub total: usize,
     pub accuracy: f64,
+    /// Per sample: the expected answer and the greedy continuation.
+    pub answers: Vec<(String, String)>,
 }
 
 /// Check the settings against the model before any work: every context within
@@ -438,6 +501,7 @@ pub fn run_eval(
                 correct: 0,
                 total: 0,
                 accuracy: 0.0,
+                answers: Vec::new(),
             };
             for i in 0..cfg.samples {
                 let s = make_sample(
@@ -451,6 +515,7 @@ pub fn run_eval(
                 cell.total += 1;
                 cell.correct += score(&text, &s.expect) as usize;
                 cell.accuracy = cell.correct as f64 / cell.total as f64;
+                cell.answers.push((s.expect.clone(), text));
                 progress(&cell);
             }
             cells.push(cell);
@@ -554,7 +619,7 @@ pub fn mix_into_batch(
             continue;
         }
         let depth = rng.next_f64();
-        let s = make_sample(task, tok, t + 1, depth, rng.next_u64())?.full();
+        let s = make_train_sample(task, tok, t + 1, depth, rng.next_u64())?.full();
         inputs[r * t..(r + 1) * t].copy_from_slice(&s[..t]);
         targets[r * t..(r + 1) * t].copy_from_slice(&s[1..]);
         n += 1;
@@ -654,6 +719,28 @@ mod tests {
             "{t}"
         );
         assert!(make_sample(Task::Niah, &tk, 20, 0.5, 3).is_err());
+    }
+
+    #[test]
+    fn training_samples_answer_every_extra_needle() {
+        let tk = tok();
+        let s = make_train_sample(Task::Niah, &tk, 600, 0.3, 11).unwrap();
+        assert_eq!(s.full().len(), 600);
+        let text = tk.decode(&s.prompt).unwrap();
+        let answered: Vec<&str> = text.split("answer = ").skip(1).collect();
+        assert_eq!(answered.len(), 1 + TRAIN_RECALLS, "{text}");
+        for a in &answered[..TRAIN_RECALLS] {
+            // `secret_key_J = VVVVV;` was defined before it is answered.
+            let line = a.split('\n').next().unwrap().trim_end_matches(';');
+            let at = text.find(a).unwrap();
+            assert!(
+                text[..at].contains(&format!("let {line};"))
+                    || text[..at].contains(&format!("{line}\n")),
+                "{line}"
+            );
+        }
+        // The main needle is unchanged by the extras' presence: its value answers the query.
+        assert!(text.contains(&s.value));
     }
 
     #[test]
