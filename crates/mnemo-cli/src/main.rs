@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod eval_cmd;
+mod longctx_cmd;
 mod lookup_cmd;
 mod pack_cmd;
 mod serve;
@@ -107,6 +108,41 @@ struct ConfigArgs {
     /// attention; default). Allowed with --resume to switch stage.
     #[arg(long, value_name = "STAGE")]
     dsa_stage: Option<mnemo::dsa::DsaStage>,
+    /// Start from this run's weights (not its optimizer state) in a new run whose model, training
+    /// and data settings default to that run's: e.g. a long-context stage with `--seq-len 1024
+    /// --rope-scaling-factor 4`. Only the context length and RoPE scaling of the model may change.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "preset")]
+    init: Option<PathBuf>,
+    /// YaRN RoPE scaling by this factor over the original context (the model's current
+    /// `max_seq_len`, or its existing scaling's original); sets `max_seq_len = original · F`.
+    #[arg(long, value_name = "F")]
+    rope_scaling_factor: Option<f64>,
+    /// Replace training rows with synthetic long-context documents: niah, vt or mix.
+    #[arg(long, value_name = "TASK")]
+    synthetic: Option<String>,
+    /// Share of the training rows that are synthetic (with --synthetic) [default: 1].
+    #[arg(long, value_name = "P", requires = "synthetic")]
+    synthetic_mix: Option<f64>,
+}
+
+/// The model/train/data settings of an `--init` run: its `run.json` (or, for a checkpoint or
+/// imported model without one, its model config with default training settings).
+fn init_base(init: &Path) -> Result<serde_json::Value> {
+    let run_json = init.join("run.json");
+    if run_json.is_file() {
+        let s = std::fs::read_to_string(&run_json)
+            .with_context(|| format!("--init: cannot read {}", run_json.display()))?;
+        let run: RunConfig = serde_json::from_str(&s)
+            .with_context(|| format!("--init: {} is not a valid run config", run_json.display()))?;
+        return Ok(serde_json::to_value(run)?);
+    }
+    let l = mnemo::checkpoint::load(init, false)
+        .with_context(|| format!("--init {}", init.display()))?;
+    Ok(serde_json::json!({
+        "model": l.model.cfg,
+        "train": TrainConfig::default(),
+        "data": CorpusSpec::new(PathBuf::from(".")),
+    }))
 }
 
 #[derive(Args)]
@@ -123,10 +159,6 @@ struct TrainArgs {
     /// Use this tokenizer.json instead of training a byte-level BPE on the data.
     #[arg(long, value_name = "FILE", conflicts_with = "init")]
     tokenizer: Option<PathBuf>,
-    /// Start from the weights, tokenizer and Engram tables of this run (fresh optimizer
-    /// state; the model config is that run's, training settings come from the flags).
-    #[arg(long, value_name = "RUN_DIR", conflicts_with = "resume")]
-    init: Option<PathBuf>,
     /// With --init: train only the Engram tables (`engram`) or the tables and their gates
     /// (`engram+gates`), backbone frozen; writes RUN_DIR/engram_delta.safetensors (the
     /// changed rows only), which loads on its own as base + delta.
@@ -146,8 +178,10 @@ struct EvalArgs {
     #[command(subcommand)]
     bench: Option<eval_cmd::EvalBench>,
     /// Run directory (or checkpoint directory).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "task")]
     run_dir: Option<PathBuf>,
+    #[command(flatten)]
+    longctx: longctx_cmd::LongCtxArgs,
     /// Data to evaluate on [default: the run's training data directory]; its validation split is used.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
@@ -648,6 +682,7 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
             bail!("config file {} must hold a JSON object", p.display());
         }
     }
+    let init = a.init.as_ref().map(|p| init_base(p)).transpose()?;
     let preset = a
         .preset
         .clone()
@@ -664,11 +699,17 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
         )
     })?;
     let data_root = a.data.clone().unwrap_or_else(|| PathBuf::from("."));
-    let mut v = serde_json::json!({
-        "model": model,
-        "train": TrainConfig::default(),
-        "data": CorpusSpec::new(data_root),
-    });
+    let mut v = match init {
+        Some(base) => base,
+        None => serde_json::json!({
+            "model": model,
+            "train": TrainConfig::default(),
+            "data": CorpusSpec::new(data_root),
+        }),
+    };
+    if v["train"].get("synthetic").is_none() {
+        v["train"]["synthetic"] = serde_json::Value::Null;
+    }
     // Optional model fields that a plain config does not serialise, so that `--set` finds them.
     for (k, val) in mnemo::config::ModelConfig::optional_fields() {
         if v["model"].get(k).is_none() {
@@ -711,6 +752,31 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
     }
     if let Some(x) = a.dsa_stage {
         t["dsa_stage"] = x.name().into();
+    }
+    if let Some(task) = &a.synthetic {
+        let task: mnemo::longctx::Task = task.parse().context("--synthetic")?;
+        t["synthetic"] = serde_json::json!({
+            "task": task,
+            "fraction": a.synthetic_mix.unwrap_or(1.0),
+        });
+    }
+    if let Some(f) = a.rope_scaling_factor {
+        let m: ModelConfig =
+            serde_json::from_value(v["model"].clone()).context("invalid model config")?;
+        let orig = m
+            .rope_scaling
+            .as_ref()
+            .map_or(m.max_seq_len, |r| r.original_max_position_embeddings);
+        let mut rs = m
+            .rope_scaling
+            .clone()
+            .unwrap_or_else(|| mnemo::kernels::rope::RopeScaling::yarn(f, orig));
+        rs.factor = f;
+        if !(f.is_finite() && f >= 1.0) {
+            bail!("--rope-scaling-factor {f}: must be a number >= 1");
+        }
+        v["model"]["max_seq_len"] = rs.max_context().into();
+        v["model"]["rope_scaling"] = serde_json::to_value(rs)?;
     }
     if a.data.is_some() {
         v["data"]["root"] = serde_json::to_value(a.data.clone())?;
@@ -798,7 +864,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         .cache_dir
         .clone()
         .unwrap_or_else(mnemo::data::default_cache_root);
-    let start = if let Some(init) = &a.init {
+    let start = if let (Some(init), Some(w)) = (&a.cfg.init, &a.train_only) {
+        // Memory-only fine-tuning (Engram): weights, tokenizer and tables from the run.
         if a.cfg.preset.is_some() || a.cfg.config.is_some() {
             bail!(
                 "--init takes the model from {}: --preset/--config cannot be given with it",
@@ -810,9 +877,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         let (mut run, _) = resolve(&a.cfg)?;
         run.train.init = Some(init.clone());
-        if let Some(w) = &a.train_only {
-            run.train.train_only = mnemo::finetune::TrainOnly::parse(w)?;
-        }
+        run.train.train_only = mnemo::finetune::TrainOnly::parse(w)?;
         Start::Init { run: Box::new(run) }
     } else if a.resume.is_some() {
         // The run's own config is authoritative; only the step budget may change.
@@ -827,6 +892,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             || c.seq_len.is_some()
             || c.lr.is_some()
             || c.seed.is_some()
+            || c.init.is_some()
+            || c.rope_scaling_factor.is_some()
+            || c.synthetic.is_some()
             || a.tokenizer.is_some();
         if other {
             bail!(
@@ -839,7 +907,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         }
     } else {
         let (run, preset) = resolve(&a.cfg)?;
-        if a.cfg.data.is_none() && a.cfg.config.is_none() {
+        if a.cfg.data.is_none() && a.cfg.config.is_none() && a.cfg.init.is_none() {
             let here = std::env::current_dir()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|_| ".".into());
@@ -848,12 +916,13 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         Start::Fresh {
             run: Box::new(run),
             tokenizer: a.tokenizer.clone(),
+            init: a.cfg.init.clone(),
         }
     };
     let out = match (&a.resume, &a.out) {
         (Some(dir), _) => dir.clone(),
         (None, Some(o)) => o.clone(),
-        (None, None) if a.init.is_some() => bail!("--init needs --out NEW_RUN_DIR"),
+        (None, None) if a.cfg.init.is_some() => bail!("--init needs --out NEW_RUN_DIR"),
         (None, None) => free_run_dir(a.cfg.preset.as_deref().unwrap_or("tiny")),
     };
     if a.resume.is_none() {
@@ -904,6 +973,9 @@ fn free_run_dir(preset: &str) -> PathBuf {
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     if let Some(b) = a.bench {
         return eval_cmd::run(b);
+    }
+    if a.longctx.task.is_some() {
+        return longctx_cmd::run(a.longctx, a.run_dir.as_deref());
     }
     let run_dir = a.run_dir.context("give a run directory")?;
     let mut l = mnemo::checkpoint::load(&run_dir, false)?;
@@ -993,7 +1065,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let room = l.model.cfg.max_seq_len.saturating_sub(prompt.len());
     if room == 0 {
         bail!(
-            "the prompt is {} tokens; the model's context is {}",
+            "the prompt is {} tokens, at or beyond the model's maximum context of {} tokens \
+             (max_seq_len): shorten it",
             prompt.len(),
             l.model.cfg.max_seq_len
         );

@@ -611,3 +611,190 @@ fn dsa_config_and_stage_flags() {
         "--dsa-stage",
     );
 }
+
+/// Long context end to end: a tiny run trained on synthetic NIAH rows, a YaRN continuation
+/// stage from it with `--init`, `eval --task niah|vt` (table + JSON), and the bad-input errors
+/// (context beyond the model, RoPE scaling that cannot reach max_seq_len, prompt too long).
+#[test]
+fn long_context_synthetic_training_init_stage_and_niah_eval() {
+    let d = tmpdir("longctx");
+    let data = d.join("code");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..4 {
+        let body: String = (0..40)
+            .map(|j| {
+                format!("fn f_{i}_{j}(x: u32) -> u32 {{\n    let y = x + {j};\n    y * 3\n}}\n")
+            })
+            .collect();
+        std::fs::write(data.join(format!("m{i}.rs")), body).unwrap();
+    }
+    let run = d.join("run");
+    let small = [
+        "--set",
+        "vocab_size=300",
+        "--set",
+        "d_model=32",
+        "--set",
+        "n_layers=1",
+        "--set",
+        "head_dim=8",
+        "--set",
+        "rope_dim=8",
+        "--set",
+        "ffn_hidden=32",
+        "--set",
+        "max_seq_len=128",
+    ];
+    let mut args = vec![
+        "--threads",
+        "1",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "128",
+        "--synthetic",
+        "niah",
+        "--synthetic-mix",
+        "0.5",
+        "--quiet",
+    ];
+    args.extend_from_slice(&small);
+    let (code, _, err) = mnemo(&args);
+    assert_eq!(code, 0, "{err}");
+    let rj = std::fs::read_to_string(run.join("run.json")).unwrap();
+    assert!(
+        rj.contains(r#""task": "niah""#) && rj.contains(r#""fraction": 0.5"#),
+        "{rj}"
+    );
+    // Continuation: 4x context with YaRN, weights from the first run.
+    let long = d.join("long");
+    let (code, _, err) = mnemo(&[
+        "--threads",
+        "1",
+        "train",
+        "--init",
+        run.to_str().unwrap(),
+        "--seq-len",
+        "512",
+        "--rope-scaling-factor",
+        "4",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--out",
+        long.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("initialised from"), "{err}");
+    let cfg = std::fs::read_to_string(long.join("checkpoint/config.json")).unwrap();
+    assert!(
+        cfg.contains(r#""max_seq_len": 512"#)
+            && cfg.contains(r#""original_max_position_embeddings": 128"#),
+        "{cfg}"
+    );
+    // The eval: table on stdout, cells in the JSON.
+    let json = d.join("niah.json");
+    let (code, out, err) = mnemo(&[
+        "--threads",
+        "1",
+        "eval",
+        "--task",
+        "niah",
+        "--model",
+        long.to_str().unwrap(),
+        "--context",
+        "128,512",
+        "--depths",
+        "0,1",
+        "--samples",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("depth") && out.contains("512") && out.contains("mean"),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["cells"].as_array().unwrap().len(), 4);
+    assert_eq!(v["rope_scaling"]["factor"], 4.0);
+    let (code, out, err) = mnemo(&[
+        "--threads",
+        "1",
+        "eval",
+        "--task",
+        "vt",
+        run.to_str().unwrap(),
+        "--context",
+        "128",
+        "--depths",
+        "0.5",
+        "--samples",
+        "1",
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("vt accuracy"), "{out}");
+    // Bad input: errors before any work.
+    assert_fails(
+        &[
+            "eval",
+            "--task",
+            "niah",
+            "--model",
+            run.to_str().unwrap(),
+            "--context",
+            "1024",
+        ],
+        "--context 1024 exceeds the model's maximum context of 128 tokens",
+    );
+    assert_fails(
+        &[
+            "eval",
+            "--task",
+            "niah",
+            "--model",
+            run.to_str().unwrap(),
+            "--depths",
+            "2",
+        ],
+        "--depths: 2 is not in [0, 1]",
+    );
+    assert_fails(
+        &[
+            "train", "--data", data.to_str().unwrap(), "--out", d.join("bad").to_str().unwrap(),
+            "--set", "max_seq_len=4096", "--set",
+            r#"rope_scaling={"factor":2,"original_max_position_embeddings":256}"#,
+        ],
+        "`max_seq_len` (4096) is beyond what the RoPE scaling reaches: rope_scaling.original_max_position_embeddings (256) × rope_scaling.factor (2) = 512",
+    );
+    assert_fails(
+        &[
+            "train",
+            "--init",
+            run.to_str().unwrap(),
+            "--set",
+            "d_model=64",
+            "--out",
+            d.join("bad2").to_str().unwrap(),
+        ],
+        "do not fit the new model",
+    );
+    let prompt = "fn main() { let x = 1; }\n".repeat(200);
+    assert_fails(
+        &["generate", run.to_str().unwrap(), "--prompt", &prompt],
+        "beyond the model's maximum context of 128 tokens",
+    );
+}

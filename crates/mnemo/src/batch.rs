@@ -274,6 +274,7 @@ fn forward_batch_in_pool(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec
                     h,
                     kv,
                     hd,
+                    c.attn_scale(),
                     orows,
                 );
             } else {
@@ -287,8 +288,9 @@ fn forward_batch_in_pool(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec
                     head_dim: hd,
                 };
                 let (kh, vh) = (&kc[..(p0 + ni) * kw], &vc[..(p0 + ni) * kw]);
-                attention::forward(
+                attention::forward_scaled(
                     dims,
+                    c.attn_scale(),
                     Heads {
                         data: rows,
                         rs: qd,

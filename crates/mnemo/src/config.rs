@@ -1,7 +1,7 @@
 //! Model configuration: a plain serde struct that is written beside every checkpoint as
 //! `config.json`, with presets and validation that names the offending field.
 
-use crate::kernels::rope::RopeLayout;
+use crate::kernels::rope::{RopeLayout, RopeScaling, RopeTable};
 use serde::{Deserialize, Serialize};
 
 /// Shape and hyper-parameters of the dense decoder-only transformer.
@@ -34,6 +34,11 @@ pub struct ModelConfig {
     pub init_std: f32,
     /// Longest sequence (RoPE table size, KV-cache capacity).
     pub max_seq_len: usize,
+    /// YaRN RoPE scaling (see `kernels::rope`): scaled frequencies and the attention temperature
+    /// `mscale²` ([`ModelConfig::attn_scale`]). `max_seq_len` may not exceed
+    /// `original_max_position_embeddings · factor`. Not written to JSON when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
 
     // ---- DeepSeekMoE (see `moe.rs`); all optional, dense by default ----
     /// `dense` (SwiGLU of width `ffn_hidden`) or `moe` (DeepSeekMoE from layer `n_dense_layers` on).
@@ -376,6 +381,7 @@ impl ModelConfig {
             norm_eps: 1e-5,
             init_std: 0.02,
             max_seq_len: 0,
+            rope_scaling: None,
             ffn: FfnKind::Dense,
             n_dense_layers: 0,
             n_shared_experts: 0,
@@ -408,6 +414,7 @@ impl ModelConfig {
             ("hc_eps", serde_json::json!(default_hc_eps())),
             ("engram", serde_json::Value::Null),
             ("dsa", serde_json::Value::Null),
+            ("rope_scaling", serde_json::Value::Null),
         ]
     }
 
@@ -464,6 +471,9 @@ impl ModelConfig {
                 "rope_theta",
                 format!("({}) must be a finite number > 1", self.rope_theta),
             ));
+        }
+        if let Some(rs) = &self.rope_scaling {
+            self.validate_rope_scaling(rs)?;
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return Err(err("norm_eps", "must be a finite number > 0"));
@@ -533,7 +543,85 @@ impl ModelConfig {
         if self.engram.is_some() {
             return Err(err("dsa", "cannot be combined with Engram (yet)"));
         }
+        if self
+            .rope_scaling
+            .as_ref()
+            .is_some_and(|r| r.mscale() != 1.0)
+        {
+            // The sparse attention and indexer-loss kernels use the plain 1/√d_h scale.
+            return Err(err(
+                "dsa",
+                "cannot be combined with rope_scaling whose attention mscale ≠ 1 (yet); set rope_scaling.mscale = 0 for scaled frequencies with the plain softmax scale",
+            ));
+        }
         Ok(())
+    }
+
+    fn validate_rope_scaling(&self, rs: &RopeScaling) -> Result<(), ConfigError> {
+        if !(rs.factor.is_finite() && rs.factor >= 1.0) {
+            return Err(err(
+                "rope_scaling.factor",
+                format!("({}) must be a finite number >= 1", rs.factor),
+            ));
+        }
+        if rs.original_max_position_embeddings == 0 {
+            return Err(err(
+                "rope_scaling.original_max_position_embeddings",
+                "must be > 0",
+            ));
+        }
+        if !(rs.beta_slow.is_finite()
+            && rs.beta_fast.is_finite()
+            && rs.beta_slow > 0.0
+            && rs.beta_fast > rs.beta_slow)
+        {
+            return Err(err(
+                "rope_scaling.beta_fast",
+                format!(
+                    "({}) must be > rope_scaling.beta_slow ({}) > 0",
+                    rs.beta_fast, rs.beta_slow
+                ),
+            ));
+        }
+        if !(rs.mscale.is_finite() && rs.mscale >= 0.0) {
+            return Err(err(
+                "rope_scaling.mscale",
+                format!("({}) must be a finite number >= 0", rs.mscale),
+            ));
+        }
+        if self.max_seq_len > rs.max_context() {
+            return Err(err(
+                "max_seq_len",
+                format!(
+                    "({}) is beyond what the RoPE scaling reaches: \
+                     rope_scaling.original_max_position_embeddings ({}) × rope_scaling.factor ({}) = {}; \
+                     raise rope_scaling.factor or lower max_seq_len",
+                    self.max_seq_len,
+                    rs.original_max_position_embeddings,
+                    rs.factor,
+                    rs.max_context()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Softmax scale of the attention logits: `1/√head_dim`, times DeepSeek's `mscale²` when
+    /// YaRN scaling is on (`MLA.__init__`: `softmax_scale * mscale * mscale`).
+    pub fn attn_scale(&self) -> f32 {
+        let m = self.rope_scaling.as_ref().map_or(1.0, |r| r.mscale());
+        (m * m / (self.head_dim as f64).sqrt()) as f32
+    }
+
+    /// The RoPE table of this config (`max_seq_len` positions, YaRN frequencies when scaled).
+    pub fn rope_table(&self) -> RopeTable {
+        RopeTable::with_scaling(
+            self.rope_dim,
+            self.rope_theta,
+            self.max_seq_len,
+            self.rope_layout,
+            self.rope_scaling.as_ref(),
+        )
     }
 
     fn validate_moe(&self) -> Result<(), ConfigError> {
@@ -722,6 +810,30 @@ mod tests {
         assert!(e.to_string().contains("plain residual"), "{e}");
         let e = dsa_err(|c| c.engram = ModelConfig::preset("tiny-engram").unwrap().engram);
         assert!(e.to_string().contains("Engram"), "{e}");
+        // RoPE scaling: absent from plain JSON, must reach max_seq_len, named on error.
+        assert!(!plain.contains("rope_scaling"), "{plain}");
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.max_seq_len = 1024;
+        c.rope_scaling = Some(RopeScaling::yarn(2.0, 256));
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "max_seq_len");
+        let s = e.to_string();
+        assert!(
+            s.contains("rope_scaling.original_max_position_embeddings (256)")
+                && s.contains("rope_scaling.factor (2)")
+                && s.contains("= 512"),
+            "{s}"
+        );
+        c.rope_scaling = Some(RopeScaling::yarn(4.0, 256));
+        c.validate().unwrap();
+        let m = 0.1 * 4f64.ln() + 1.0;
+        assert!((c.attn_scale() as f64 - m * m / 8.0).abs() < 1e-7);
+        assert_eq!(ModelConfig::preset("tiny").unwrap().attn_scale(), 0.125);
+        let j = serde_json::to_string(&c).unwrap();
+        assert!(j.contains(r#""rope_scaling":{"factor":4.0"#), "{j}");
+        assert_eq!(serde_json::from_str::<ModelConfig>(&j).unwrap(), c);
+        c.rope_scaling = Some(RopeScaling::yarn(0.5, 256));
+        assert_eq!(c.validate().unwrap_err().field, "rope_scaling.factor");
         let bad = r#"{"vocab_size": 1, "d_modle": 3}"#;
         let e = serde_json::from_str::<ModelConfig>(bad)
             .unwrap_err()

@@ -264,6 +264,7 @@ impl Model {
                     h,
                     kv,
                     hd,
+                    c.attn_scale(),
                     &mut o,
                 );
             } else {
@@ -276,8 +277,9 @@ impl Model {
                     n_kv_heads: kv,
                     head_dim: hd,
                 };
-                attention::forward(
+                attention::forward_scaled(
                     dims,
+                    c.attn_scale(),
                     Heads {
                         data: &qkv,
                         rs: qd,
@@ -749,7 +751,27 @@ mod tests {
 
     #[test]
     fn cached_decoding_matches_the_training_forward() {
+        cached_matches_forward(None);
+    }
+
+    /// With YaRN (scaled frequencies, mscale² temperature) the cached path still equals the
+    /// training forward, and the scaling changes the logits.
+    #[test]
+    fn cached_decoding_matches_the_training_forward_with_yarn() {
+        let a = cached_matches_forward(Some(crate::kernels::rope::RopeScaling::yarn(4.0, 75)));
+        let b = cached_matches_forward(None);
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d > 1e-3, "YaRN must change the logits (max diff {d})");
+    }
+
+    /// Returns the training-forward logits.
+    fn cached_matches_forward(rope_scaling: Option<crate::kernels::rope::RopeScaling>) -> Vec<f32> {
         let cfg = ModelConfig {
+            rope_scaling,
             vocab_size: 23,
             d_model: 16,
             n_layers: 2,
@@ -785,6 +807,7 @@ mod tests {
             m.forward_cached(&[0; 21], &mut cache).is_err(),
             "overflow must be an error"
         );
+        ws.logits.clone()
     }
 
     fn dsa_test_model(topk: usize) -> Model {

@@ -5,7 +5,7 @@
 //! model uses `rope_layout = half` and needs no permutation of q/k.
 
 use crate::config::ModelConfig;
-use crate::kernels::rope::RopeLayout;
+use crate::kernels::rope::{RopeLayout, RopeScaling};
 use crate::model::Model;
 use crate::safetensors_io::{serialize, TensorFile};
 use crate::tokenizer::Tokenizer;
@@ -72,10 +72,14 @@ pub fn load_llama(dir: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> 
             );
         }
     }
-    if !v["rope_scaling"].is_null() && v.get("rope_scaling").is_some() {
-        bail!("{}: `rope_scaling` is not supported yet", cpath.display());
-    }
     let (d, heads) = (get("hidden_size")?, get("num_attention_heads")?);
+    let rope_scaling = match v.get("rope_scaling") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(rs) => Some(
+            yarn_from_hf(rs, get("max_position_embeddings").unwrap_or(2048))
+                .with_context(|| format!("{}: `rope_scaling`", cpath.display()))?,
+        ),
+    };
     let hd = get("head_dim").unwrap_or(d / heads);
     let cfg = ModelConfig {
         vocab_size: get("vocab_size")?,
@@ -94,6 +98,7 @@ pub fn load_llama(dir: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> 
         max_seq_len: get("max_position_embeddings")
             .unwrap_or(2048)
             .min(max_seq_len),
+        rope_scaling,
         ..ModelConfig::dense_defaults()
     };
     let mut model = Model::new(cfg)
@@ -111,6 +116,50 @@ pub fn load_llama(dir: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> 
         );
     }
     Ok((model, tok))
+}
+
+/// Hugging Face's `rope_scaling: {rope_type: yarn, factor, original_max_position_embeddings,
+/// beta_fast, beta_slow[, attention_factor]}` (the original context defaults to
+/// `max_position_embeddings`). Transformers multiplies cos/sin by `attention_factor`
+/// (default `0.1·ln(factor) + 1`) on q and k, which for RoPE over the whole head (Llama) is
+/// DeepSeek's `softmax_scale·mscale²` with `mscale = 1`; other attention factors, and the
+/// DeepSeek-specific `mscale`/`mscale_all_dim` keys, are refused.
+fn yarn_from_hf(rs: &serde_json::Value, max_pos: usize) -> Result<RopeScaling> {
+    let kind = rs["rope_type"]
+        .as_str()
+        .or(rs["type"].as_str())
+        .unwrap_or("");
+    if kind != "yarn" {
+        bail!("type `{kind}` is not supported (only yarn)");
+    }
+    for k in ["mscale", "mscale_all_dim", "long_factor", "short_factor"] {
+        if rs.get(k).is_some_and(|x| !x.is_null()) {
+            bail!("the key `{k}` is not supported");
+        }
+    }
+    let factor = rs["factor"]
+        .as_f64()
+        .context("`factor` is missing or not a number")?;
+    let num = |k: &str, d: f64| rs.get(k).and_then(|x| x.as_f64()).unwrap_or(d);
+    let s = RopeScaling {
+        factor,
+        original_max_position_embeddings: rs
+            .get("original_max_position_embeddings")
+            .and_then(|x| x.as_u64())
+            .map_or(max_pos, |x| x as usize),
+        beta_fast: num("beta_fast", 32.0),
+        beta_slow: num("beta_slow", 1.0),
+        mscale: 1.0,
+    };
+    if let Some(a) = rs.get("attention_factor").and_then(|x| x.as_f64()) {
+        if (a - s.mscale()).abs() > 1e-6 {
+            bail!(
+                "attention_factor {a} differs from 0.1·ln(factor) + 1 = {}: not supported",
+                s.mscale()
+            );
+        }
+    }
+    Ok(s)
 }
 
 /// Rows of a q/k projection `[heads·hd, d]` in the interleaved RoPE layout reordered to the
@@ -141,6 +190,9 @@ pub fn export(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
             "models with hyper-connections (residual = hc/mhc) have no Llama layout to export to"
         );
     }
+    if c.rope_scaling.as_ref().is_some_and(|r| r.mscale != 1.0) {
+        bail!("YaRN with mscale != 1 has no Hugging Face Llama equivalent to export to");
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for spec in &model.layout.tensors {
@@ -161,7 +213,7 @@ pub fn export(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
         &dir.join("model.safetensors"),
         &serialize(&views, Default::default())?,
     )?;
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
@@ -169,6 +221,13 @@ pub fn export(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
         "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tied_embeddings,
         "hidden_act": "silu", "torch_dtype": "float32",
     });
+    if let Some(r) = &c.rope_scaling {
+        config["rope_scaling"] = serde_json::json!({
+            "rope_type": "yarn", "type": "yarn", "factor": r.factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+            "beta_fast": r.beta_fast, "beta_slow": r.beta_slow, "attention_factor": r.mscale(),
+        });
+    }
     crate::util::write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -202,6 +261,8 @@ mod tests {
         cfg.rope_dim = 12;
         cfg.ffn_hidden = 40;
         cfg.tied_embeddings = false;
+        // YaRN travels as `rope_scaling: {rope_type: yarn, ...}`.
+        cfg.rope_scaling = Some(RopeScaling::yarn(2.0, 128));
         let mut m = Model::new(cfg).unwrap();
         m.init(5);
         let tok =
@@ -211,6 +272,7 @@ mod tests {
         assert!(is_hf_dir(&dir));
         let l = crate::checkpoint::load(&dir, false).unwrap();
         assert_eq!(l.model.cfg.rope_layout, RopeLayout::Half);
+        assert_eq!(l.model.cfg.rope_scaling, m.cfg.rope_scaling);
         let toks: Vec<u32> = (0..20).map(|i| (i * 13 % 300) as u32).collect();
         let run = |m: &Model| {
             let mut c = crate::generate::KvCache::new(m);
@@ -221,6 +283,11 @@ mod tests {
             assert!((x - y).abs() < 1e-4, "{x} vs {y}");
         }
         assert_eq!(l.tokenizer.eot(), tok.eot());
+        let bad = serde_json::json!({"type": "linear", "factor": 2.0});
+        assert!(yarn_from_hf(&bad, 64)
+            .unwrap_err()
+            .to_string()
+            .contains("linear"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -31,6 +31,7 @@ pub mod gguf;
 pub mod hf;
 pub mod humaneval;
 pub mod kernels;
+pub mod longctx;
 pub mod lookup;
 pub mod mhc;
 pub mod model;

@@ -577,12 +577,7 @@ impl Model {
     pub fn new(cfg: ModelConfig) -> Result<Self, crate::config::ConfigError> {
         cfg.validate()?;
         let layout = ParamLayout::new(&cfg);
-        let rope = RopeTable::new(
-            cfg.rope_dim,
-            cfg.rope_theta,
-            cfg.max_seq_len,
-            cfg.rope_layout,
-        );
+        let rope = cfg.rope_table();
         let hash_tables = (0..cfg.n_layers)
             .map(|l| {
                 cfg.is_hash(l)
@@ -1085,8 +1080,9 @@ impl Model {
                     kl_sum += kl;
                     recall_sum += recall;
                 }
-                _ => attention::forward(
+                _ => attention::forward_scaled(
                     dims,
+                    c.attn_scale(),
                     hv(lay.q_off),
                     hv(lay.k_off),
                     hv(lay.v_off),
@@ -1377,7 +1373,16 @@ impl Model {
                     &mut ws.dqkv,
                 );
             } else {
-                attention::backward(dims, &la.qkv, lay, &la.o, &la.lse, &ws.dattn, &mut ws.dqkv);
+                attention::backward_scaled(
+                    dims,
+                    c.attn_scale(),
+                    &la.qkv,
+                    lay,
+                    &la.o,
+                    &la.lse,
+                    &ws.dattn,
+                    &mut ws.dqkv,
+                );
             }
             self.rope
                 .apply(&mut ws.dqkv, n, qd, lay.q_off, h, hd, |r| r % t, true);
@@ -1468,8 +1473,9 @@ impl Model {
                 rs: qd,
                 off,
             };
-            attention::forward(
+            attention::forward_scaled(
                 dims,
+                c.attn_scale(),
                 hv(lay.q_off),
                 hv(lay.k_off),
                 hv(lay.v_off),
@@ -1756,7 +1762,16 @@ impl Model {
                 h * hd,
                 d,
             );
-            attention::backward(dims, &la.qkv, lay, &la.o, &la.lse, &ws.dattn, &mut ws.dqkv);
+            attention::backward_scaled(
+                dims,
+                c.attn_scale(),
+                &la.qkv,
+                lay,
+                &la.o,
+                &la.lse,
+                &ws.dattn,
+                &mut ws.dqkv,
+            );
             self.rope
                 .apply(&mut ws.dqkv, n, qd, lay.q_off, h, hd, |r| r % t, true);
             self.rope
@@ -1940,11 +1955,17 @@ pub(crate) mod tests {
 
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
-        for (tied, kv, layout) in [
-            (true, 2, RopeLayout::Interleaved),
-            (false, 1, RopeLayout::Half),
+        for (tied, kv, layout, yarn) in [
+            (true, 2, RopeLayout::Interleaved, false),
+            (false, 1, RopeLayout::Half, false),
+            // YaRN: scaled frequencies and the mscale² softmax temperature.
+            (false, 2, RopeLayout::Half, true),
         ] {
-            let mut m = Model::new(small_cfg(tied, kv, layout)).unwrap();
+            let mut cfg = small_cfg(tied, kv, layout);
+            if yarn {
+                cfg.rope_scaling = Some(crate::kernels::rope::RopeScaling::yarn(4.0, 4));
+            }
+            let mut m = Model::new(cfg).unwrap();
             m.init(1);
             // Perturb norms away from 1 so their gradients are exercised generically.
             let mut r = Rng::new(5);

@@ -15,6 +15,7 @@ use crate::dsa::{DsaRun, DsaStage, DsaStats};
 use crate::engram::{SparseAdam, SparseGrad};
 use crate::finetune::{DeltaBase, TrainOnly};
 use crate::kernels::adamw::{self, AdamWParams};
+use crate::longctx::SyntheticMix;
 use crate::model::{Model, Workspace};
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
@@ -68,6 +69,11 @@ pub struct TrainConfig {
     /// default). Not written to JSON when `sparse`.
     #[serde(skip_serializing_if = "DsaStage::is_sparse")]
     pub dsa_stage: DsaStage,
+    /// Replace this share of the training rows with synthetic long-context documents
+    /// (needle-in-a-haystack / variable tracking, see `longctx`) tokenized with the run's
+    /// tokenizer. Not written to JSON when off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<SyntheticMix>,
 }
 
 impl Default for TrainConfig {
@@ -94,6 +100,7 @@ impl Default for TrainConfig {
             train_only: TrainOnly::All,
             init: None,
             dsa_stage: DsaStage::Sparse,
+            synthetic: None,
         }
     }
 }
@@ -149,6 +156,24 @@ impl TrainConfig {
                 ),
             ));
         }
+        if let Some(sm) = &self.synthetic {
+            if !(0.0..=1.0).contains(&sm.fraction) {
+                return Err(bad(
+                    "synthetic.fraction",
+                    format!("({}) must be in [0, 1]", sm.fraction),
+                ));
+            }
+            if self.seq_len < crate::longctx::MIN_CONTEXT {
+                return Err(bad(
+                    "seq_len",
+                    format!(
+                        "({}) must be at least {} with synthetic documents",
+                        self.seq_len,
+                        crate::longctx::MIN_CONTEXT
+                    ),
+                ));
+            }
+        }
         if self.log_interval == 0 || self.eval_interval == 0 || self.save_interval == 0 {
             return Err(bad(
                 "log_interval/eval_interval/save_interval",
@@ -186,6 +211,10 @@ pub enum Start {
         run: Box<RunConfig>,
         /// Use this tokenizer instead of training one on the data.
         tokenizer: Option<PathBuf>,
+        /// Start from this run's weights (not its optimizer state or step): a new stage such
+        /// as a long-context continuation with a longer `max_seq_len` and RoPE scaling. Its
+        /// tokenizer is used unless `tokenizer` is given.
+        init: Option<PathBuf>,
     },
     /// A new run whose model (weights, tokenizer, Engram tables) is loaded from the run
     /// `run.train.init`, with fresh optimizer state; `run.model` is replaced by that run's model
@@ -367,11 +396,38 @@ struct Session {
     base: Option<DeltaBase>,
 }
 
+/// Copy the weights of `src` (an `--init` run) into `model`: the same tensors with the same
+/// shapes are required (context length and RoPE scaling may differ; they have no weights).
+fn init_weights(model: &mut Model, src: Model, from: &Path) -> Result<()> {
+    let (a, b) = (&model.layout.tensors, &src.layout.tensors);
+    for i in 0..a.len().max(b.len()) {
+        match (a.get(i), b.get(i)) {
+            (Some(x), Some(y)) if x.name == y.name && x.shape == y.shape => {}
+            (x, y) => bail!(
+                "--init {}: its weights do not fit the new model: tensor {} {:?} vs {} {:?} \
+                 (only max_seq_len, rope_scaling and training settings may change)",
+                from.display(),
+                y.map_or("(none)", |t| t.name.as_str()),
+                y.map(|t| &t.shape),
+                x.map_or("(none)", |t| t.name.as_str()),
+                x.map(|t| &t.shape),
+            ),
+        }
+    }
+    model.params.copy_from_slice(&src.params);
+    model.hash_tables = src.hash_tables;
+    if src.engram.is_some() && src.cfg.engram == model.cfg.engram {
+        model.engram = src.engram;
+    }
+    Ok(())
+}
+
 fn start_fresh(
     out: &Path,
     run: RunConfig,
     tokenizer: Option<&Path>,
     corpus: &data::Corpus,
+    init: Option<&Path>,
 ) -> Result<Session> {
     if out.join(checkpoint::CHECKPOINT_DIR).exists() {
         bail!(
@@ -381,7 +437,17 @@ fn start_fresh(
     }
     run.model.validate()?;
     run.train.validate(&run.model)?;
-    let tok = fresh_tokenizer(tokenizer, &run, corpus)?;
+    let init = match init {
+        Some(p) => Some((
+            p,
+            checkpoint::load(p, false).with_context(|| format!("--init {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let tok = match (&init, tokenizer) {
+        (Some((_, l)), None) => l.tokenizer.clone(),
+        _ => fresh_tokenizer(tokenizer, &run, corpus)?,
+    };
     if tok.vocab_size() > run.model.vocab_size {
         bail!(
             "the tokenizer has {} tokens but the model's vocab_size is {}: raise vocab_size or use a smaller tokenizer",
@@ -404,6 +470,13 @@ fn start_fresh(
                 .as_ref()
                 .map(|e| e.inspect_text())
                 .unwrap_or_default()
+        );
+    }
+    if let Some((p, l)) = init {
+        init_weights(&mut model, l.model, p)?;
+        eprintln!(
+            "initialised from {} (weights only; fresh optimizer state, step 0)",
+            p.display()
         );
     }
     let table_opt = new_table_opt(&model);
@@ -587,10 +660,14 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         .with_context(|| format!("cannot create run directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
     let (sess, corpus) = match opts.start {
-        Start::Fresh { run, tokenizer } => {
+        Start::Fresh {
+            run,
+            tokenizer,
+            init,
+        } => {
             let corpus = data::scan(&run.data)?;
             (
-                start_fresh(out, *run, tokenizer.as_deref(), &corpus)?,
+                start_fresh(out, *run, tokenizer.as_deref(), &corpus, init.as_deref())?,
                 corpus,
             )
         }
@@ -694,6 +771,18 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         let mut dsa_recall = None::<f64>;
         for micro in 0..tc.grad_accum {
             data::sample_batch(&cache.train, &mut state.data_rng, b, t, &mut x, &mut y)?;
+            if let Some(sm) = &tc.synthetic {
+                crate::longctx::mix_into_batch(
+                    sm.task,
+                    sm.fraction,
+                    &tok,
+                    &mut state.data_rng,
+                    b,
+                    t,
+                    &mut x,
+                    &mut y,
+                )?;
+            }
             let gs = 1.0 / tc.grad_accum as f32;
             loss += match run.model.dsa {
                 Some(_) => {

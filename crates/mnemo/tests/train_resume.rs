@@ -70,6 +70,7 @@ fn fresh(out: &Path, run: RunConfig, cache: &Path) -> TrainOptions {
     let start = Start::Fresh {
         run: Box::new(run),
         tokenizer: None,
+        init: None,
     };
     TrainOptions {
         out: out.to_path_buf(),

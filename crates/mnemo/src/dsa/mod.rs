@@ -113,14 +113,17 @@ pub fn weight_scale(c: &DsaConfig) -> f32 {
     1.0 / ((c.index_n_heads * c.index_head_dim) as f32).sqrt()
 }
 
-/// The indexer RoPE table of a model config (rotate-half, the model's θ, `max_seq_len`).
+/// The indexer RoPE table of a model config (rotate-half, the model's θ, `max_seq_len`, and
+/// the model's YaRN frequency scaling when it has one, as DeepSeek's indexer shares MLA's
+/// `freqs_cis`).
 pub fn rope_table(c: &ModelConfig) -> Option<RopeTable> {
     c.dsa.as_ref().map(|x| {
-        RopeTable::new(
+        RopeTable::with_scaling(
             x.index_rope_dim,
             c.rope_theta,
             c.max_seq_len,
             crate::kernels::rope::RopeLayout::Half,
+            c.rope_scaling.as_ref(),
         )
     })
 }

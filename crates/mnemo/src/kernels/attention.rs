@@ -51,8 +51,23 @@ impl<'a> Heads<'a> {
     }
 }
 
-/// Forward pass. Parallel over (sequence, head, query block).
+/// Forward pass with the default softmax scale `1/√d_h`.
 pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse: &mut [f32]) {
+    forward_scaled(dims, 1.0 / (dims.head_dim as f32).sqrt(), q, k, v, o, lse)
+}
+
+/// Forward pass with softmax scale `scale` in place of `1/√d_h` (e.g. YaRN's
+/// `mscale²/√d_h`, [`crate::config::ModelConfig::attn_scale`]). Parallel over (sequence, head,
+/// query block).
+pub fn forward_scaled(
+    dims: AttnDims,
+    scale: f32,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
     let AttnDims {
         batch,
         tq,
@@ -70,7 +85,6 @@ pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse:
     assert_eq!(o.len(), batch * tq * n_heads * hd);
     assert_eq!(lse.len(), batch * n_heads * tq);
     let rep = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let nqb = tq.div_ceil(BLOCK);
     let o_ptr = SendPtr(o.as_mut_ptr());
     let lse_ptr = SendPtr(lse.as_mut_ptr());
@@ -155,6 +169,7 @@ pub fn forward(dims: AttnDims, q: Heads, k: Heads, v: Heads, o: &mut [f32], lse:
 /// written). `q`: row `r`, head `h` at `q[r·q_rs + h·d_h ..]`; `k`, `v`: position `s`, kv head
 /// `g` at `[s·kv_rs + g·d_h ..]`; `o: [nq, H·d_h]`.
 ///
+/// `scale` is the softmax scale (`1/√d_h`, times YaRN's mscale² when scaling is on).
 /// Per (row, head), exactly: `s_j = (q·k_j)·scale` (8-lane FMA accumulation, a fixed
 /// horizontal sum), `p_j = exp(s_j − max)`, `l = Σ p_j` in key order, `o = (Σ_j p_j·v_j)/l`
 /// (FMA in key order), so a row's output does not depend on the other rows: one-token decoding
@@ -172,6 +187,7 @@ pub fn decode_rows(
     n_heads: usize,
     n_kv_heads: usize,
     hd: usize,
+    scale: f32,
     o: &mut [f32],
 ) {
     assert!(n_heads.is_multiple_of(n_kv_heads) && nq > 0);
@@ -181,7 +197,6 @@ pub fn decode_rows(
     assert!(v.len() >= (tk - 1) * kv_rs + n_kv_heads * hd);
     assert_eq!(o.len(), nq * n_heads * hd);
     let rep = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let o_ptr = SendPtr(o.as_mut_ptr());
     // (A head size that is not a multiple of 8 takes the portable path.)
     let avx2 = avx2_fma() && hd.is_multiple_of(8);
@@ -358,11 +373,28 @@ pub struct QkvLayout {
     pub v_off: usize,
 }
 
-/// Backward pass (training: `q_pos0 = 0`, `tq = tk`). Writes `dqkv` (same layout as `qkv`)
-/// entirely. Parallel over (sequence, kv head): each task owns the dq columns of its query heads
-/// and the dk/dv columns of its kv head, so the accumulation order is fixed.
+/// Backward pass with the default softmax scale `1/√d_h`.
 pub fn backward(
     dims: AttnDims,
+    qkv: &[f32],
+    lay: QkvLayout,
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
+    let scale = 1.0 / (dims.head_dim as f32).sqrt();
+    backward_scaled(dims, scale, qkv, lay, o, lse, dout, dqkv)
+}
+
+/// Backward pass (training: `q_pos0 = 0`, `tq = tk`) of [`forward_scaled`] with the same
+/// `scale`. Writes `dqkv` (same layout as `qkv`) entirely. Parallel over (sequence, kv head):
+/// each task owns the dq columns of its query heads and the dk/dv columns of its kv head, so the
+/// accumulation order is fixed.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_scaled(
+    dims: AttnDims,
+    scale: f32,
     qkv: &[f32],
     lay: QkvLayout,
     o: &[f32],
@@ -386,7 +418,6 @@ pub fn backward(
     assert_eq!(qkv.len(), dqkv.len());
     let t = tq;
     let rep = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let o_rs = n_heads * hd;
     let nb = t.div_ceil(BLOCK);
     let dptr = SendPtr(dqkv.as_mut_ptr());
@@ -590,7 +621,8 @@ mod tests {
         r.fill_normal(&mut k, 1.0);
         r.fill_normal(&mut v, 1.0);
         let mut all = vec![0.0f32; nq * h * hd];
-        decode_rows(&q, qrs, &k, &v, kvrs, nq, pos0, h, kv, hd, &mut all);
+        let sc = 1.0 / (hd as f32).sqrt();
+        decode_rows(&q, qrs, &k, &v, kvrs, nq, pos0, h, kv, hd, sc, &mut all);
         for row in 0..nq {
             let mut one = vec![0.0f32; h * hd];
             let p = pos0 + row;
@@ -605,6 +637,7 @@ mod tests {
                 h,
                 kv,
                 hd,
+                sc,
                 &mut one,
             );
             assert_eq!(

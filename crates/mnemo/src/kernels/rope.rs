@@ -10,6 +10,32 @@
 //!
 //! Buffers are rows of `[n_heads, head_dim]` inside a matrix of row stride `row_stride`
 //! (e.g. the q part of a fused q|k|v row); `pos[r]` is the position of row `r`.
+//!
+//! # YaRN context extension ([`RopeScaling`])
+//!
+//! YaRN (Peng et al. 2023, arXiv 2309.00071), exactly as DeepSeek's `inference/model.py`
+//! (`precompute_freqs_cis` and `yarn_get_mscale`, V3 / V3.2 / V4) computes it. With `d =
+//! rope_dim`, base `θ`, scale `s = factor`, original context `L₀ =
+//! original_max_position_embeddings` and `β_fast`, `β_slow`:
+//!
+//! ```text
+//! f_i      = θ^(−2i/d)                                   i ∈ [0, d/2)
+//! dim(r)   = d·ln(L₀ / (2π·r)) / (2·ln θ)                 (the pair that turns r times over L₀)
+//! low      = max(⌊dim(β_fast)⌋, 0),  high = min(⌈dim(β_slow)⌉, d − 1)   (high += 0.001 if equal)
+//! ramp_i   = clamp((i − low) / (high − low), 0, 1),  smooth_i = 1 − ramp_i
+//! f'_i     = f_i / s · (1 − smooth_i) + f_i · smooth_i
+//! ```
+//!
+//! High-frequency pairs (i < low) keep their frequency (extrapolation), low-frequency pairs
+//! (i > high) are divided by `s` (interpolation), and a linear ramp blends the pairs between.
+//! The attention logits are sharpened to compensate for the longer context: DeepSeek multiplies
+//! the softmax scale by `mscale²` with `mscale = 0.1·mscale_coef·ln(s) + 1` (1 when `s ≤ 1`), see
+//! [`RopeScaling::mscale`] and [`crate::config::ModelConfig::attn_scale`].
+//!
+//! One difference from DeepSeek's script: it applies YaRN only when the run's `max_seq_len`
+//! exceeds `L₀` (`if seqlen > args.original_seq_len`); here the presence of `rope_scaling` in the
+//! config is the switch (as in Hugging Face's implementation), so capping the context of a
+//! loaded model can never silently change what it computes. `factor = 1` is the identity.
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -19,6 +45,93 @@ use serde::{Deserialize, Serialize};
 pub enum RopeLayout {
     Interleaved,
     Half,
+}
+
+/// YaRN RoPE scaling (see the module doc): `ModelConfig::rope_scaling`, and Hugging Face's
+/// `rope_scaling: {type: yarn, ...}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    /// Context extension factor `s` (≥ 1).
+    pub factor: f64,
+    /// The context `L₀` the model was (pre)trained at; `L₀·s` is the longest reachable context.
+    pub original_max_position_embeddings: usize,
+    /// Pairs turning more than `β_fast` times over `L₀` keep their frequency.
+    #[serde(default = "default_beta_fast")]
+    pub beta_fast: f64,
+    /// Pairs turning fewer than `β_slow` times over `L₀` are fully interpolated.
+    #[serde(default = "default_beta_slow")]
+    pub beta_slow: f64,
+    /// DeepSeek's `mscale` coefficient of the attention temperature (1 in V3/V3.2/V4).
+    #[serde(default = "default_mscale")]
+    pub mscale: f64,
+}
+
+fn default_beta_fast() -> f64 {
+    32.0
+}
+fn default_beta_slow() -> f64 {
+    1.0
+}
+fn default_mscale() -> f64 {
+    1.0
+}
+
+impl RopeScaling {
+    /// YaRN with DeepSeek's defaults (β_fast 32, β_slow 1, mscale 1).
+    pub fn yarn(factor: f64, original_max_position_embeddings: usize) -> Self {
+        RopeScaling {
+            factor,
+            original_max_position_embeddings,
+            beta_fast: default_beta_fast(),
+            beta_slow: default_beta_slow(),
+            mscale: default_mscale(),
+        }
+    }
+
+    /// The longest context the scaling reaches: `L₀ · s`.
+    pub fn max_context(&self) -> usize {
+        (self.original_max_position_embeddings as f64 * self.factor).floor() as usize
+    }
+
+    /// DeepSeek's `yarn_get_mscale(factor, mscale)`: `0.1·mscale·ln(s) + 1`, or 1 when `s ≤ 1`.
+    /// The softmax scale is multiplied by its square.
+    pub fn mscale(&self) -> f64 {
+        if self.factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * self.mscale * self.factor.ln() + 1.0
+        }
+    }
+
+    /// The scaled inverse frequencies `f'_i`, `i ∈ [0, rope_dim/2)`, for base `theta`.
+    pub fn inv_freqs(&self, rope_dim: usize, theta: f64) -> Vec<f64> {
+        let d = rope_dim as f64;
+        let l0 = self.original_max_position_embeddings as f64;
+        let corr =
+            |rot: f64| d * (l0 / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+        let low = corr(self.beta_fast).floor().max(0.0);
+        let mut high = corr(self.beta_slow).ceil().min(d - 1.0);
+        if low == high {
+            high += 0.001;
+        }
+        base_inv_freqs(rope_dim, theta)
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let smooth = 1.0 - ramp;
+                f / self.factor * (1.0 - smooth) + f * smooth
+            })
+            .collect()
+    }
+}
+
+/// Unscaled inverse frequencies `θ^(−2i/d)`, `i ∈ [0, d/2)`.
+pub fn base_inv_freqs(rope_dim: usize, theta: f64) -> Vec<f64> {
+    (0..rope_dim / 2)
+        .map(|i| theta.powf(-2.0 * i as f64 / rope_dim as f64))
+        .collect()
 }
 
 /// Precomputed cos/sin for positions `0..max_pos`, `[max_pos, rope_dim/2]` each.
@@ -31,14 +144,30 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
+    /// Plain RoPE (no scaling).
     pub fn new(rope_dim: usize, theta: f64, max_pos: usize, layout: RopeLayout) -> Self {
+        Self::with_scaling(rope_dim, theta, max_pos, layout, None)
+    }
+
+    /// RoPE with optional YaRN scaling of the frequencies (the attention temperature `mscale`
+    /// is not part of the table: it goes into the softmax scale).
+    pub fn with_scaling(
+        rope_dim: usize,
+        theta: f64,
+        max_pos: usize,
+        layout: RopeLayout,
+        scaling: Option<&RopeScaling>,
+    ) -> Self {
         assert!(rope_dim.is_multiple_of(2), "rope_dim must be even");
         let half = rope_dim / 2;
+        let freqs = match scaling {
+            Some(s) => s.inv_freqs(rope_dim, theta),
+            None => base_inv_freqs(rope_dim, theta),
+        };
         let mut cos = vec![0.0; max_pos * half];
         let mut sin = vec![0.0; max_pos * half];
         for p in 0..max_pos {
-            for i in 0..half {
-                let freq = theta.powf(-2.0 * i as f64 / rope_dim as f64);
+            for (i, &freq) in freqs.iter().enumerate() {
                 let a = p as f64 * freq;
                 cos[p * half + i] = a.cos() as f32;
                 sin[p * half + i] = a.sin() as f32;
@@ -155,6 +284,73 @@ mod tests {
             };
             check(&x, &dx, loss, 1e-2, 1e-3);
         }
+    }
+
+    /// Frequencies and mscale against `reference/yarn.py` (DeepSeek's `precompute_freqs_cis`
+    /// and `yarn_get_mscale`, run in PyTorch).
+    #[test]
+    fn yarn_matches_deepseek_reference() {
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/yarn_freqs.json")).unwrap();
+        let cases = v.as_array().unwrap();
+        assert!(cases.len() >= 3);
+        for c in cases {
+            let s = RopeScaling {
+                factor: c["factor"].as_f64().unwrap(),
+                original_max_position_embeddings: c["original"].as_u64().unwrap() as usize,
+                beta_fast: c["beta_fast"].as_f64().unwrap(),
+                beta_slow: c["beta_slow"].as_f64().unwrap(),
+                mscale: c["mscale_coef"].as_f64().unwrap(),
+            };
+            let dim = c["dim"].as_u64().unwrap() as usize;
+            let theta = c["base"].as_f64().unwrap();
+            let want: Vec<f64> = c["freqs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            let got = s.inv_freqs(dim, theta);
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // The reference runs in float32.
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1e-30),
+                    "{c}: pair {i}: {g} vs {w}"
+                );
+            }
+            let ms = c["mscale"].as_f64().unwrap();
+            assert!((s.mscale() - ms).abs() < 1e-12, "{c}: mscale");
+            // cos/sin at a far position from the reference's torch.polar.
+            let p = c["pos"].as_u64().unwrap() as usize;
+            let t = RopeTable::with_scaling(dim, theta, p + 1, RopeLayout::Interleaved, Some(&s));
+            let cw = c["cos_at_pos"].as_array().unwrap();
+            for (i, w) in cw.iter().enumerate() {
+                let w = w.as_f64().unwrap();
+                assert!(
+                    (t.cos[p * dim / 2 + i] as f64 - w).abs() < 1e-3,
+                    "{c}: cos {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn yarn_factor_one_is_plain_rope() {
+        let plain = RopeTable::new(16, 10000.0, 64, RopeLayout::Half);
+        let s = RopeScaling::yarn(1.0, 32);
+        let y = RopeTable::with_scaling(16, 10000.0, 64, RopeLayout::Half, Some(&s));
+        assert_eq!(plain.cos, y.cos);
+        assert_eq!(plain.sin, y.sin);
+        assert_eq!(s.mscale(), 1.0);
+        // A real factor: the highest-frequency pair is untouched, the lowest divided by s.
+        let s = RopeScaling::yarn(8.0, 64);
+        let f = s.inv_freqs(16, 10000.0);
+        let b = base_inv_freqs(16, 10000.0);
+        assert_eq!(f[0], b[0]);
+        assert!((f[7] - b[7] / 8.0).abs() < 1e-15);
+        assert_eq!(s.max_context(), 512);
+        assert!((s.mscale() - (0.1 * 8f64.ln() + 1.0)).abs() < 1e-15);
     }
 
     #[test]
