@@ -60,7 +60,8 @@ PY
 for rho in $RHOS; do
   name=$(printf "rho-%.1f" "$rho")
   run="$WORK/$name"
-  if [ ! -f "$run/metrics.jsonl" ] || ! grep -q "\"step\":$STEPS,\"val_loss\"" "$run/metrics.jsonl"; then
+  # Reuse a finished run: its metrics hold the final step's validation line.
+  if [ ! -f "$run/metrics.jsonl" ] || ! grep "\"step\":$STEPS," "$run/metrics.jsonl" | grep -q val_loss; then
     rm -rf "$run"
     $MNEMO train --config "$OUT/configs/$name.json" --data "$DATA" --tokenizer "$TOK" --steps "$STEPS" \
       --seed 1337 --out "$run" --quiet $TRAIN_ARGS 2> "$WORK/$name.log"
