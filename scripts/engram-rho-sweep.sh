@@ -6,6 +6,9 @@
 # the only extra activated weight and is printed in the accounting.
 #   STEPS=2000 scripts/engram-rho-sweep.sh        (the real sweep: hours on 2 cores)
 #   STEPS=5 scripts/engram-rho-sweep.sh           (end-to-end check)
+#   STEPS=100 TRAIN_ARGS="--batch-size 8 --set train.warmup_steps=20" OUT=results/engram-rho-100 \
+#     WORK=/work/exp/engramexp/rho nice -n 10 scripts/engram-rho-sweep.sh
+#                                                 (the reduced run committed in results/engram-rho-100)
 # Results: results/engram-rho/{configs/*.json, rho.json, rho.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +19,7 @@ WORK=${WORK:-/work/exp/engram-rho-$STEPS}
 DATA=${DATA:-/work/corpus}
 TOK=${TOK:-/work/runs/tiny-real/tokenizer.json}
 OUT=${OUT:-results/engram-rho}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
 mkdir -p "$OUT/configs" "$WORK"
 # Write one config per ρ and its parameter accounting (python: exact formulas of the preset).
@@ -56,10 +60,11 @@ PY
 for rho in $RHOS; do
   name=$(printf "rho-%.1f" "$rho")
   run="$WORK/$name"
-  if [ ! -f "$run/metrics.jsonl" ] || ! grep -q "\"step\":$STEPS,\"val_loss\"" "$run/metrics.jsonl"; then
+  # Reuse a finished run: its metrics hold the final step's validation line.
+  if [ ! -f "$run/metrics.jsonl" ] || ! grep "\"step\":$STEPS," "$run/metrics.jsonl" | grep -q val_loss; then
     rm -rf "$run"
     $MNEMO train --config "$OUT/configs/$name.json" --data "$DATA" --tokenizer "$TOK" --steps "$STEPS" \
-      --seed 1337 --out "$run" --quiet 2> "$WORK/$name.log"
+      --seed 1337 --out "$run" --quiet $TRAIN_ARGS 2> "$WORK/$name.log"
   fi
   # The exact sizes as built (prime table sizes): parameters from the log and `engram inspect`.
   grep -E "^model:|engram gates" "$WORK/$name.log" | sed "s/^/$name: /" || true

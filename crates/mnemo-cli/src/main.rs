@@ -322,7 +322,8 @@ enum EngramCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Time full training steps (forward, backward, clip, AdamW) on random tokens; prints JSON.
+    /// Time full training steps (forward, backward, clip, AdamW, Engram tables' lazy Adam) on
+    /// random tokens; prints JSON.
     TrainStep {
         #[command(flatten)]
         cfg: Box<ConfigArgs>,
@@ -330,6 +331,29 @@ enum BenchCmd {
         iters: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Also time the same model without Engram, interleaved step by step; prints a JSON
+        /// array (with Engram, without) and the ratio of median CPU times.
+        #[arg(long)]
+        vs_no_engram: bool,
+        /// Also time the memory-only fine-tuning step (`--train-only engram`: frozen backbone),
+        /// interleaved with the full step.
+        #[arg(long)]
+        vs_frozen: bool,
+    },
+    /// Forward throughput with a large Engram table in RAM vs memory-mapped (interleaved);
+    /// prints JSON.
+    EngramOffload {
+        #[command(flatten)]
+        cfg: Box<ConfigArgs>,
+        /// Total table size in GB (rows per head scaled to fit).
+        #[arg(long, default_value_t = 2.0)]
+        table_gb: f64,
+        /// Forward passes per mode.
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        /// Directory for the table file (deleted at the end).
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Prefill and decode speed of a model (run directory or .gguf): prints JSON.
     Decode {
@@ -495,16 +519,84 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&run)?);
             Ok(())
         }
-        Cmd::Bench(BenchCmd::TrainStep { cfg, iters, warmup }) => {
+        Cmd::Bench(BenchCmd::TrainStep {
+            cfg,
+            iters,
+            warmup,
+            vs_no_engram,
+            vs_frozen,
+        }) => {
             let (run, _) = resolve(&cfg)?;
-            let r = mnemo::train::bench_steps(
+            let (b, t, seed) = (run.train.batch_size, run.train.seq_len, run.train.seed);
+            if !vs_no_engram && !vs_frozen {
+                let r = mnemo::train::bench_steps(&run.model, b, t, iters.max(1), warmup, seed)?;
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            if run.model.engram.is_none() {
+                bail!("--vs-no-engram / --vs-frozen need a model with Engram (e.g. --preset tiny-engram)");
+            }
+            use mnemo::train::BenchVariant;
+            let mut vars = vec![BenchVariant {
+                label: "engram".into(),
+                cfg: run.model.clone(),
+                frozen_backbone: false,
+            }];
+            if vs_no_engram {
+                vars.push(BenchVariant {
+                    label: "no-engram".into(),
+                    cfg: mnemo::config::ModelConfig {
+                        engram: None,
+                        ..run.model.clone()
+                    },
+                    frozen_backbone: false,
+                });
+            }
+            if vs_frozen {
+                vars.push(BenchVariant {
+                    label: "engram-frozen-backbone".into(),
+                    cfg: run.model.clone(),
+                    frozen_backbone: true,
+                });
+            }
+            let r = mnemo::train::bench_steps_interleaved(&vars, b, t, iters.max(1), warmup, seed)?;
+            for x in &r[1..] {
+                let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+                eprintln!(
+                    "{} / {}: median CPU time per step {:.3}, wall {:.3}",
+                    r[0].label,
+                    x.label,
+                    ratio(r[0].step_cpu_ms_median, x.step_cpu_ms_median).unwrap_or(f64::NAN),
+                    r[0].step_ms_median / x.step_ms_median
+                );
+            }
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::EngramOffload {
+            cfg,
+            table_gb,
+            reps,
+            dir,
+        }) => {
+            let (run, _) = resolve(&cfg)?;
+            let r = mnemo::train::bench_offload(
                 &run.model,
+                (table_gb * 1e9) as u64,
                 run.train.batch_size,
                 run.train.seq_len,
-                iters.max(1),
-                warmup,
+                reps.max(1),
+                &dir,
                 run.train.seed,
             )?;
+            eprintln!(
+                "{:.2} GB table: RAM {:.0} tok/s, mapped {:.0} tok/s ({:+.2}% time; paired median {:+.2}%)",
+                r.table_bytes as f64 / 1e9,
+                r.ram_tokens_per_s_median,
+                r.mapped_tokens_per_s_median,
+                r.mapped_overhead_pct,
+                r.mapped_overhead_pct_paired_median
+            );
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
@@ -1020,6 +1112,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let corpus = mnemo::data::scan(&spec)?;
     let cache_root = a.cache_dir.unwrap_or_else(mnemo::data::default_cache_root);
     let cache = mnemo::data::prepare(&corpus, &spec, &l.tokenizer, &cache_root, true)?;
+    l.model
+        .check_engram_tokens(cache.val.tokens())
+        .with_context(|| format!("token cache {}", cache.dir.display()))?;
     let mut ws = mnemo::model::Workspace::default();
     let (loss, bpb) = mnemo::train::evaluate(&l.model, &cache.val, b, t, a.batches, &mut ws)
         .with_context(|| {

@@ -178,6 +178,8 @@ fn forward_batch_in_pool(model: &Model, seqs: &mut [BatchSeq<'_>]) -> Result<Vec
         if s.logits_from >= s.tokens.len() {
             bail!("forward_batch: logits_from is past the last token");
         }
+        // Before any sequence's cache is touched.
+        model.check_engram_tokens(s.tokens)?;
         if s.cache.len() + s.tokens.len() > s.cache.capacity() {
             bail!(
                 "context of {} tokens exceeds the cache's capacity {}",

@@ -20,6 +20,13 @@
 //! just before its norm weight in the flat buffer; `hc_head.*` just before `norm.weight`. The
 //! plain path is a separate function and unchanged.
 //!
+//! With Engram (module [`crate::engram`]) block `l ∈ layer_ids` first adds `y = gate(e, hˡ)` to
+//! its input (`e` gathered from the table by hashed N-grams before the blocks run). A
+//! frozen-backbone backward (`Workspace::frozen_backbone`, memory-only fine-tuning) propagates
+//! only `dL/dh` (no `dW = dYᵀ·X` GEMMs of the frozen linear weights, no embedding gradient;
+//! MoE experts, hyper-connections and the O(d) norm weights still compute theirs) and stops
+//! after the lowest Engram block: the gate and table gradients are exactly the full ones.
+//!
 //! All parameters live in one flat `Vec<f32>` (and the gradients in one of the same layout),
 //! so the optimiser and gradient clipping are single loops. Within a layer `wq, wk, wv` are
 //! adjacent and so form one `[(H+2KV)·d_h, d]` matrix (one GEMM for q, k and v); `w1, w3`
@@ -33,13 +40,14 @@ use crate::config::{ModelConfig, Residual};
 use crate::dsa::{self, DsaActs, DsaRun, DsaStage, DsaStats, IndexerOffsets};
 use crate::engram::{self, CompressedTokenizer, Engram, EngramActs, SparseGrad};
 use crate::kernels::attention::{self, AttnDims, Heads, QkvLayout};
-use crate::kernels::matmul::{linear_backward, linear_forward};
+use crate::kernels::matmul::{linear_backward_frozen, linear_forward};
 use crate::kernels::rope::RopeTable;
 use crate::kernels::sparse_attention::{self, SparseDims};
 use crate::kernels::{cross_entropy, embedding, rmsnorm, swiglu};
 use crate::mhc::{self, HcActs, HcDims, HcOffsets};
 use crate::moe::{self, MoeActs, MoeOffsets, MoeSpec};
 use crate::rng::Rng;
+use anyhow::Context;
 
 /// A named tensor inside the flat parameter buffer.
 #[derive(Clone, Debug)]
@@ -366,6 +374,11 @@ pub struct Workspace {
     /// DSA: per-layer indexer activations, what the last forward pass did, and its stats.
     pub(crate) dsa: Vec<DsaActs>,
     dsa_run: Option<DsaRun>,
+    /// Memory-only fine-tuning (`--train-only engram`): the backbone is frozen, so the backward
+    /// pass skips its weight-gradient GEMMs (those gradients stay untouched) and stops after the
+    /// lowest Engram block (nothing below it is trained). Engram gate and table gradients are
+    /// exact.
+    pub frozen_backbone: bool,
     /// Keep the selection of the previous forward pass (tests: finite differences with the
     /// top-k fixed).
     pub(crate) dsa_freeze_selection: bool,
@@ -994,8 +1007,8 @@ impl Model {
     /// in `ws.logits` (`[b·t, V]`). A DSA model attends over its indexer's top-k selection
     /// (no indexer loss; see [`Model::forward_dsa`]).
     pub fn forward(&self, tokens: &[u32], b: usize, t: usize, ws: &mut Workspace) {
-        let run = self.cfg.dsa.as_ref().map(|_| DsaRun::INFERENCE);
-        self.forward_run(tokens, b, t, ws, run)
+        self.try_forward(tokens, b, t, ws)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// [`Model::forward`] of a DSA model in a given training mode: dense or sparse attention,
@@ -1003,6 +1016,20 @@ impl Model {
     pub fn forward_dsa(&self, tokens: &[u32], b: usize, t: usize, ws: &mut Workspace, run: DsaRun) {
         assert!(self.cfg.dsa.is_some(), "forward_dsa needs a DSA model");
         self.forward_run(tokens, b, t, ws, Some(run))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Model::forward`] that returns an error where the Engram lookup fails (a memory-mapped
+    /// table whose file vanished or changed size) instead of panicking.
+    pub fn try_forward(
+        &self,
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+        ws: &mut Workspace,
+    ) -> anyhow::Result<()> {
+        let run = self.cfg.dsa.as_ref().map(|_| DsaRun::INFERENCE);
+        self.forward_run(tokens, b, t, ws, run)
     }
 
     fn forward_run(
@@ -1012,7 +1039,7 @@ impl Model {
         t: usize,
         ws: &mut Workspace,
         run: Option<DsaRun>,
-    ) {
+    ) -> anyhow::Result<()> {
         let c = &self.cfg;
         assert_eq!(tokens.len(), b * t, "tokens must be [b, t]");
         assert!(
@@ -1023,8 +1050,10 @@ impl Model {
         ws.ensure(c, b, t);
         ws.dsa_run = run;
         ws.dsa_stats = DsaStats::default();
+        let mut mems = self.engram_prelude(tokens, b, t, ws)?;
         if let Some(dm) = HcDims::from_config(c) {
-            return self.forward_hc(tokens, b, t, ws, dm);
+            self.forward_hc(tokens, b, t, ws, dm, mems);
+            return Ok(());
         }
         let (mut kl_sum, mut recall_sum) = (0.0f64, 0.0f64);
         let n = b * t;
@@ -1032,7 +1061,6 @@ impl Model {
         let (h, kv) = (c.n_heads, c.n_kv_heads);
         let qd = c.qkv_dim();
         let (lay, dims) = self.attn_shapes(b, t);
-        let mut mems = self.engram_prelude(tokens, b, t, ws);
         embedding::forward(&mut ws.xs[0], self.w(self.layout.embed, v * d), tokens, d);
         for (l, lo) in self.layout.layers.iter().enumerate() {
             if let Some(i) = self.engram.as_ref().and_then(|e| e.layer_of_block(l)) {
@@ -1165,6 +1193,7 @@ impl Model {
             v,
             false,
         );
+        Ok(())
     }
 
     /// Mean cross-entropy of the logits left by [`Model::forward`] (no gradient).
@@ -1188,6 +1217,28 @@ impl Model {
         grad_scale: f32,
         ws: &mut Workspace,
     ) -> f64 {
+        let run = self.cfg.dsa.as_ref().map(|_| DsaRun {
+            stage: DsaStage::Sparse,
+            kl: true,
+            recall: false,
+        });
+        self.forward_backward_run(tokens, targets, b, t, grads, grad_scale, ws, run)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Model::forward_backward`] that returns an error where the Engram lookup fails (a
+    /// memory-mapped table whose file vanished or changed size) instead of panicking.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_forward_backward(
+        &self,
+        tokens: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        grads: &mut [f32],
+        grad_scale: f32,
+        ws: &mut Workspace,
+    ) -> anyhow::Result<f64> {
         let run = self.cfg.dsa.as_ref().map(|_| DsaRun {
             stage: DsaStage::Sparse,
             kl: true,
@@ -1222,6 +1273,7 @@ impl Model {
             "forward_backward_dsa needs a DSA model"
         );
         self.forward_backward_run(tokens, targets, b, t, grads, grad_scale, ws, Some(run))
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1235,17 +1287,17 @@ impl Model {
         grad_scale: f32,
         ws: &mut Workspace,
         run: Option<DsaRun>,
-    ) -> f64 {
+    ) -> anyhow::Result<f64> {
         assert_eq!(grads.len(), self.layout.total);
         assert_eq!(targets.len(), b * t);
-        self.forward_run(tokens, b, t, ws, run);
+        self.forward_run(tokens, b, t, ws, run)?;
         if let Some(r) = run.filter(|r| r.stage == DsaStage::Warmup) {
             // Everything but the indexer is frozen: no LM backward at all.
             let loss = self.loss(targets, ws) + ws.aux_loss;
             if r.kl {
                 self.dsa_indexer_backward(b, t, grads, grad_scale, ws);
             }
-            return loss;
+            return Ok(loss);
         }
         let c = &self.cfg;
         let n = b * t;
@@ -1265,13 +1317,14 @@ impl Model {
         let loss = cross_entropy::sum(&ws.losses) / n as f64 + ws.aux_loss;
         if let Some(dm) = HcDims::from_config(c) {
             self.backward_hc(tokens, b, t, grads, grad_scale, ws, dm);
-            return loss;
+            return Ok(loss);
         }
+        let (fz, lowest) = (ws.frozen_backbone, self.lowest_engram_block());
         // Output projection and final norm. ws.dtmp = dL/dhf.
         let out_w = self.w(ly.output, v * d);
-        linear_backward(
+        linear_backward_frozen(
             Some((&mut ws.dtmp, false)),
-            &mut grads[ly.output..ly.output + v * d],
+            (!fz).then_some(&mut grads[ly.output..ly.output + v * d]),
             &ws.logits,
             &ws.hf,
             out_w,
@@ -1294,9 +1347,9 @@ impl Model {
             // Feed-forward: x_{l+1} = xmid + FFN(f); ws.dtmp = dL/df.
             match lo.ffn {
                 Ffn::Dense { w13, w2 } => {
-                    linear_backward(
+                    linear_backward_frozen(
                         Some((&mut ws.dg, false)),
-                        &mut grads[w2..w2 + d * f],
+                        (!fz).then_some(&mut grads[w2..w2 + d * f]),
                         &ws.dx,
                         &la.g,
                         self.w(w2, d * f),
@@ -1305,9 +1358,9 @@ impl Model {
                         d,
                     );
                     swiglu::backward(&mut ws.dh13, &ws.dg, &la.h13, f);
-                    linear_backward(
+                    linear_backward_frozen(
                         Some((&mut ws.dtmp, false)),
-                        &mut grads[w13..w13 + 2 * f * d],
+                        (!fz).then_some(&mut grads[w13..w13 + 2 * f * d]),
                         &ws.dh13,
                         &la.f,
                         self.w(w13, 2 * f * d),
@@ -1343,9 +1396,9 @@ impl Model {
                 true,
             );
             // Attention: xmid = x + o Woᵀ
-            linear_backward(
+            linear_backward_frozen(
                 Some((&mut ws.dattn, false)),
-                &mut grads[lo.wo..lo.wo + d * h * hd],
+                (!fz).then_some(&mut grads[lo.wo..lo.wo + d * h * hd]),
                 &ws.dx,
                 &la.o,
                 self.w(lo.wo, d * h * hd),
@@ -1388,9 +1441,9 @@ impl Model {
                 .apply(&mut ws.dqkv, n, qd, lay.q_off, h, hd, |r| r % t, true);
             self.rope
                 .apply(&mut ws.dqkv, n, qd, lay.k_off, kv, hd, |r| r % t, true);
-            linear_backward(
+            linear_backward_frozen(
                 Some((&mut ws.dtmp, false)),
-                &mut grads[lo.wqkv..lo.wqkv + qd * d],
+                (!fz).then_some(&mut grads[lo.wqkv..lo.wqkv + qd * d]),
                 &ws.dqkv,
                 &la.a,
                 self.w(lo.wqkv, qd * d),
@@ -1413,12 +1466,18 @@ impl Model {
                 self.engram_gate_backward(i, &mut dx, grads, ws);
                 ws.dx = dx;
             }
+            if fz && lowest == Some(l) {
+                return Ok(loss); // frozen below: nothing left to train
+            }
+        }
+        if fz {
+            return Ok(loss);
         }
         embedding::backward(&mut grads[ly.embed..ly.embed + v * d], &ws.dx, tokens, d);
         if ws.dsa_run.is_some_and(|r| r.kl) {
             self.dsa_indexer_backward(b, t, grads, grad_scale, ws);
         }
-        loss
+        Ok(loss)
     }
 }
 
@@ -1426,7 +1485,15 @@ impl Model {
     /// [`Model::forward`] with the `n`-stream residual (module `mhc`): expand, then per
     /// sublayer `(y, post, comb) = coefficients(x); F(RMSNorm(y)); x = merge(x, F, post, comb)`,
     /// then collapse (mHC head or HC sum) and the final norm.
-    fn forward_hc(&self, tokens: &[u32], b: usize, t: usize, ws: &mut Workspace, dm: HcDims) {
+    fn forward_hc(
+        &self,
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+        ws: &mut Workspace,
+        dm: HcDims,
+        mut mems: Vec<engram::Memory>,
+    ) {
         let c = &self.cfg;
         let n = b * t;
         let nh = dm.n;
@@ -1435,7 +1502,6 @@ impl Model {
         let qd = c.qkv_dim();
         let (lay, dims) = self.attn_shapes(b, t);
         let p = &self.params;
-        let mut mems = self.engram_prelude(tokens, b, t, ws);
         embedding::forward(&mut ws.xs[0], self.w(self.layout.embed, v * d), tokens, d);
         mhc::expand(&mut ws.hc.streams[0], &mut ws.hc.ssq[0], &ws.xs[0], nh, d);
         for (l, lo) in self.layout.layers.iter().enumerate() {
@@ -1607,11 +1673,12 @@ impl Model {
         let (lay, dims) = self.attn_shapes(b, t);
         let ly = &self.layout;
         let p = &self.params;
+        let (fz, lowest) = (ws.frozen_backbone, self.lowest_engram_block());
         let hw = &mut ws.hc;
         let out_w = self.w(ly.output, v * d);
-        linear_backward(
+        linear_backward_frozen(
             Some((&mut ws.dtmp, false)),
-            &mut grads[ly.output..ly.output + v * d],
+            (!fz).then_some(&mut grads[ly.output..ly.output + v * d]),
             &ws.logits,
             &ws.hf,
             out_w,
@@ -1675,9 +1742,9 @@ impl Model {
             );
             match lo.ffn {
                 Ffn::Dense { w13, w2 } => {
-                    linear_backward(
+                    linear_backward_frozen(
                         Some((&mut ws.dg, false)),
-                        &mut grads[w2..w2 + d * f],
+                        (!fz).then_some(&mut grads[w2..w2 + d * f]),
                         &hw.dout,
                         &la.g,
                         self.w(w2, d * f),
@@ -1686,9 +1753,9 @@ impl Model {
                         d,
                     );
                     swiglu::backward(&mut ws.dh13, &ws.dg, &la.h13, f);
-                    linear_backward(
+                    linear_backward_frozen(
                         Some((&mut ws.dtmp, false)),
-                        &mut grads[w13..w13 + 2 * f * d],
+                        (!fz).then_some(&mut grads[w13..w13 + 2 * f * d]),
                         &ws.dh13,
                         &la.f,
                         self.w(w13, 2 * f * d),
@@ -1752,9 +1819,9 @@ impl Model {
                 nh,
                 d,
             );
-            linear_backward(
+            linear_backward_frozen(
                 Some((&mut ws.dattn, false)),
-                &mut grads[lo.wo..lo.wo + d * h * hd],
+                (!fz).then_some(&mut grads[lo.wo..lo.wo + d * h * hd]),
                 &hw.dout,
                 &la.o,
                 self.w(lo.wo, d * h * hd),
@@ -1776,9 +1843,9 @@ impl Model {
                 .apply(&mut ws.dqkv, n, qd, lay.q_off, h, hd, |r| r % t, true);
             self.rope
                 .apply(&mut ws.dqkv, n, qd, lay.k_off, kv, hd, |r| r % t, true);
-            linear_backward(
+            linear_backward_frozen(
                 Some((&mut ws.dtmp, false)),
-                &mut grads[lo.wqkv..lo.wqkv + qd * d],
+                (!fz).then_some(&mut grads[lo.wqkv..lo.wqkv + qd * d]),
                 &ws.dqkv,
                 &la.a,
                 self.w(lo.wqkv, qd * d),
@@ -1815,6 +1882,12 @@ impl Model {
                 self.engram_gate_backward(i, &mut dx, grads, ws);
                 ws.hc.dxs = dx;
             }
+            if fz && lowest == Some(l) {
+                return; // frozen below: nothing left to train
+            }
+        }
+        if fz {
+            return;
         }
         let hw = &mut ws.hc;
         mhc::expand_backward(&mut ws.dx, &hw.dxs, nh, d);
@@ -1823,6 +1896,12 @@ impl Model {
 }
 
 impl Model {
+    /// The lowest block with an active Engram layer (where a frozen-backbone backward stops).
+    fn lowest_engram_block(&self) -> Option<usize> {
+        let e = self.engram.as_ref().filter(|e| !e.off)?;
+        e.layers.iter().map(|l| l.hash.layer_id).min()
+    }
+
     /// Engram prelude of a forward pass: positions inside documents and every layer's lookup
     /// (hash + gather; ids only, so it runs before the blocks).
     fn engram_prelude(
@@ -1831,15 +1910,15 @@ impl Model {
         b: usize,
         t: usize,
         ws: &mut Workspace,
-    ) -> Vec<engram::Memory> {
+    ) -> anyhow::Result<Vec<engram::Memory>> {
         let Some(e) = &self.engram else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         ws.eng_pos = engram::positions_in_documents(tokens, b, t, self.engram_eot);
         ws.eng_acts.resize_with(e.layers.len(), Default::default);
         let cids = e.compress.compress(tokens);
         e.lookup_all(&cids, &ws.eng_pos)
-            .unwrap_or_else(|err| panic!("engram lookup failed: {err:#}"))
+            .context("engram lookup failed")
     }
 
     /// Engram layer `i`'s gate on the streams `h: [N, n, d]` into `ws.eng_y`, keeping its
@@ -2121,6 +2200,125 @@ pub(crate) mod tests {
             }
         }
         m.sync_engram_gates();
+    }
+
+    /// Memory-only fine-tuning's backward (frozen backbone) gives exactly the Engram gate and
+    /// table gradients of the full backward, and no gradient at all for the backbone.
+    #[test]
+    fn frozen_backbone_backward_keeps_engram_gradients_exact() {
+        for residual in [Residual::Plain, Residual::Mhc] {
+            for ids in [vec![1, 0], vec![1]] {
+                let mut cfg = engram_test_cfg(residual);
+                cfg.engram.as_mut().unwrap().layer_ids = ids.clone();
+                let mut m = Model::new(cfg).unwrap();
+                m.init(1);
+                perturb_engram(&mut m, 5);
+                let (b, t) = (2, 6);
+                let tokens: Vec<u32> = (0..b * t).map(|i| (i * 7 % 19) as u32).collect();
+                let targets: Vec<u32> = (0..b * t).map(|i| (i * 5 % 19) as u32).collect();
+                let run = |frozen: bool| {
+                    let mut ws = Workspace {
+                        frozen_backbone: frozen,
+                        ..Workspace::default()
+                    };
+                    let mut grads = vec![0.0; m.layout.total];
+                    let loss = m
+                        .try_forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws)
+                        .unwrap();
+                    (loss, grads, ws.engram_table_grads)
+                };
+                let (l_full, g_full, tg_full) = run(false);
+                let (l_fz, g_fz, tg_fz) = run(true);
+                assert_eq!(l_full, l_fz);
+                assert_eq!(tg_full, tg_fz, "{residual:?} {ids:?}: table gradients");
+                assert!(tg_fz.iter().all(|g| !g.rows.is_empty()));
+                let mut engram_seen = 0;
+                for spec in &m.layout.tensors {
+                    let r = spec.range();
+                    if is_engram_tensor(&spec.name) {
+                        assert_eq!(
+                            g_full[r.clone()],
+                            g_fz[r],
+                            "{residual:?} {ids:?}: {}",
+                            spec.name
+                        );
+                        engram_seen += 1;
+                    } else if (spec.shape.len() >= 2 && !is_hc_tensor(&spec.name))
+                        || (ids == [1] && spec.name.starts_with("layers.0."))
+                    {
+                        // Linear weights and the embedding get no gradient, nor anything
+                        // below the lowest Engram block; norm weights and hyper-connections
+                        // above it still get theirs (dropped by the optimiser).
+                        assert!(g_fz[r].iter().all(|&g| g == 0.0), "{}: frozen", spec.name);
+                    }
+                }
+                assert!(engram_seen > 0);
+            }
+        }
+    }
+
+    /// A token id inside the model's vocabulary but outside the tokenizer's (the Engram
+    /// compression table) is a clear error on the cached (generate, serve) and batched paths.
+    #[test]
+    fn engram_token_outside_the_tokenizer_range_is_an_error() {
+        let mut m = Model::new(engram_test_cfg(Residual::Plain)).unwrap();
+        m.init(1);
+        let v = m.cfg.vocab_size as u32;
+        let comp = CompressedTokenizer::from_lookup((0..v - 3).collect()).unwrap();
+        m.init_engram(comp, 2).unwrap();
+        let bad = v - 2; // a valid embedding row, outside the tokenizer
+        let tokens = vec![1, 2, bad, 3];
+        let want = format!(
+            "token id {bad} is outside the tokenizer's range 0..{}",
+            v - 3
+        );
+        let e = m.check_engram_tokens(&tokens).unwrap_err();
+        assert!(e.to_string().contains(&want), "{e}");
+        let mut cache = crate::generate::KvCache::with_capacity(&m, 16);
+        let e = m.forward_cached(&tokens, &mut cache).unwrap_err();
+        assert!(e.to_string().contains(&want), "{e}");
+        let e = crate::batch::forward_all(&m, &tokens, &mut cache).unwrap_err();
+        assert!(format!("{e:#}").contains(&want), "{e:#}");
+        assert_eq!(cache.len(), 0);
+        m.check_engram_tokens(&[1, 2, v - 4]).unwrap();
+        assert!(!m.forward_cached(&[1, 2, 3], &mut cache).unwrap().is_empty());
+    }
+
+    /// A memory-mapped table whose file vanishes before a training step is an error naming
+    /// the file (no panic), from both the training and the inference forward.
+    #[test]
+    fn vanished_mapped_table_is_an_error_naming_the_file() {
+        let mut m = Model::new(engram_test_cfg(Residual::Plain)).unwrap();
+        m.init(1);
+        let dir = std::env::temp_dir().join(format!("mnemo-vanish-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("engram_table.1.f32");
+        {
+            let e = m.engram.as_mut().unwrap();
+            let l = &mut e.layers[0];
+            l.table.write_file(&path).unwrap();
+            l.table = engram::EngramTable::open_mapped(&path, l.table.rows(), l.table.dim(), true)
+                .unwrap();
+        }
+        let (b, t) = (1, 5);
+        let tokens: Vec<u32> = (0..5).collect();
+        let mut grads = vec![0.0; m.layout.total];
+        let mut ws = Workspace::default();
+        m.try_forward_backward(&tokens, &tokens, b, t, &mut grads, 1.0, &mut ws)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let e = m
+            .try_forward_backward(&tokens, &tokens, b, t, &mut grads, 1.0, &mut ws)
+            .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("engram_table.1.f32") && msg.contains("vanished"),
+            "{msg}"
+        );
+        let e = m.try_forward(&tokens, b, t, &mut ws).unwrap_err();
+        assert!(format!("{e:#}").contains("engram_table.1.f32"));
+        assert!(m.check_engram_tables().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -232,6 +232,37 @@ pub fn linear_backward(
     );
 }
 
+/// [`linear_backward`] with the weight gradient skipped (`dw` is `None`: a frozen weight, as
+/// in memory-only fine-tuning): only `dx (+)= dy · W` when `dx` is given.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_frozen(
+    dx: Option<(&mut [f32], bool)>,
+    dw: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) {
+    match dw {
+        Some(dw) => linear_backward(dx, dw, dy, x, w, n, din, dout),
+        None => {
+            if let Some((dx, acc)) = dx {
+                gemm(
+                    dx,
+                    din,
+                    MatRef::new(dy, n, dout),
+                    MatRef::new(w, dout, din),
+                    1.0,
+                    acc,
+                    true,
+                );
+            }
+        }
+    }
+}
+
 /// Median GFLOP/s of `n×n×n` f32 GEMMs over `iters` runs (the peak used for MFU).
 pub fn bench_gemm(n: usize, iters: usize) -> f64 {
     let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
