@@ -86,6 +86,10 @@ pub struct ModelConfig {
     /// bias does not lag one step of router drift. See `moe::router_scores`.
     #[serde(default)]
     pub bias_fit_rescore: bool,
+    /// With the refit on: rounds of dual ascent on the batch's hard top-k load after the
+    /// soft (entropic) fit, which balances soft, not top-k, assignments. See `moe::fit_bias`.
+    #[serde(default)]
+    pub bias_fit_hard_rounds: usize,
     /// Weight of the optional sequence-wise balance loss (0 = off).
     #[serde(default)]
     pub seq_aux_loss_coef: f32,
@@ -401,6 +405,7 @@ impl ModelConfig {
             bias_fit_iters: 0,
             bias_fit_rate: 1.0,
             bias_fit_rescore: false,
+            bias_fit_hard_rounds: 0,
             seq_aux_loss_coef: 0.0,
             residual: Residual::Plain,
             hc_mult: default_hc_mult(),
@@ -593,6 +598,9 @@ impl ModelConfig {
         }
         if self.bias_fit_iters > 1000 {
             return Err(err("bias_fit_iters", "must be at most 1000"));
+        }
+        if self.bias_fit_hard_rounds > 1000 {
+            return Err(err("bias_fit_hard_rounds", "must be at most 1000"));
         }
         if !(self.bias_fit_rate.is_finite()
             && self.bias_fit_rate > 0.0

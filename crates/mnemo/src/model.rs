@@ -805,15 +805,23 @@ impl Model {
     /// Refit every routed layer's selection bias against the scores of the last batch with
     /// `iters` Sinkhorn rounds, moving `bias_fit_rate` of the way (see [`moe::refit_bias`]).
     pub fn fit_moe_bias(&mut self, scores: &[&[f32]], iters: usize) {
-        let (e, k, rate) = (
+        let (e, k, rate, hard) = (
             self.cfg.n_routed_experts,
             self.cfg.top_k,
             self.cfg.bias_fit_rate,
+            self.cfg.bias_fit_hard_rounds,
         );
         for (lo, sc) in self.layout.layers.iter().zip(scores) {
             if let Ffn::Moe(mo) = lo.ffn {
                 if !mo.hash && !sc.is_empty() {
-                    moe::refit_bias(&mut self.params[mo.bias..mo.bias + e], sc, k, iters, rate);
+                    moe::refit_bias(
+                        &mut self.params[mo.bias..mo.bias + e],
+                        sc,
+                        k,
+                        iters,
+                        hard,
+                        rate,
+                    );
                 }
             }
         }

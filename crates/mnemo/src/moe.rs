@@ -664,7 +664,7 @@ pub fn update_bias(bias: &mut [f32], load: &[u64], speed: f32) {
 /// per batch can neither reach nor follow it. The dual fit reaches it in a few rounds at any
 /// scale. It only ever uses the batch already routed, so no token's routing depends on
 /// tokens of its own batch.
-pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize) {
+pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_rounds: usize) {
     let e = bias.len();
     if e == 0 || iters == 0 {
         return;
@@ -725,6 +725,29 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize) {
         }
     }
     bias.iter_mut().zip(&b).for_each(|(x, &v)| *x = v as f32);
+    hard_correct(bias, scores, k, hard_rounds, tau as f32);
+}
+
+/// After the soft fit: `rounds` rounds of dual ascent on the *hard* top-k load of the same
+/// batch, `b_e += η_r · τ · (ln(N·k/E) − ln(max(load_e, ½)))` with `η_r = 2^{-r/2}`. The
+/// entropic model spreads each token's `k` units by a softmax, which is not top-k selection:
+/// the soft fit leaves an expert-specific gap between soft and hard load that it would
+/// otherwise carry from batch to batch.
+fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, rounds: usize, tau: f32) {
+    let e = bias.len();
+    let target = (scores.len() / e * k) as f32 / e as f32;
+    let mut sel = vec![0u32; k];
+    for r in 0..rounds {
+        let mut load = vec![0u64; e];
+        for row in scores.chunks_exact(e) {
+            top_k(row, bias, &mut sel);
+            sel.iter().for_each(|&x| load[x as usize] += 1);
+        }
+        let eta = 0.5f32.powf(r as f32 / 2.0);
+        for (b, &l) in bias.iter_mut().zip(&load) {
+            *b += eta * tau * (target.ln() - (l as f32).max(0.5).ln());
+        }
+    }
 }
 
 /// The refit with memory: `b ← (1 − rate)·b + rate·fit(b, scores)` ([`fit_bias`] warm-started
@@ -732,12 +755,19 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize) {
 /// documents) moves the fitted bias by as much as the drift of the scores; with `rate < 1`
 /// the bias averages the per-batch fits over the last ~`1/rate` batches, so the next batch is
 /// routed with a bias fitted to the recent mixture. The only state is the bias itself.
-pub fn refit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, rate: f32) {
+pub fn refit_bias(
+    bias: &mut [f32],
+    scores: &[f32],
+    k: usize,
+    iters: usize,
+    hard_rounds: usize,
+    rate: f32,
+) {
     if rate >= 1.0 {
-        return fit_bias(bias, scores, k, iters);
+        return fit_bias(bias, scores, k, iters, hard_rounds);
     }
     let old = bias.to_vec();
-    fit_bias(bias, scores, k, iters);
+    fit_bias(bias, scores, k, iters, hard_rounds);
     for (b, o) in bias.iter_mut().zip(old) {
         *b = o + rate * (*b - o);
     }
@@ -798,12 +828,21 @@ mod tests {
             "one step cannot undo the collapse"
         );
         let mut fit = vec![0.0f32; e];
-        fit_bias(&mut fit, &scores, k, 16);
+        fit_bias(&mut fit, &scores, k, 16, 0);
         let (mx, mn) = load_stats(&load_of(&fit));
         assert!(
             mx < 1.5 && mn > 0.5,
             "refitted load max {mx:.2} min {mn:.2}"
         );
+        // The hard-load rounds close the gap the soft (softmax) model leaves.
+        let mut hard = vec![0.0f32; e];
+        fit_bias(&mut hard, &scores, k, 16, 8);
+        let (hx, hn) = load_stats(&load_of(&hard));
+        assert!(
+            hx < mx && hx < 1.2 && hn > 0.8,
+            "soft fit max {mx:.3} min {mn:.3}, with hard rounds max {hx:.3} min {hn:.3}"
+        );
+        eprintln!("soft fit max {mx:.3} min {mn:.3}, with hard rounds max {hx:.3} min {hn:.3}");
     }
 
     /// A drifting stream of batches like the real corpus gives: each batch holds a few
@@ -854,7 +893,7 @@ mod tests {
                     }
                 }
                 update_bias(&mut bias, &load, 0.01);
-                refit_bias(&mut bias, &s, k, 16, rate);
+                refit_bias(&mut bias, &s, k, 16, 0, rate);
             }
             let mean = per_batch.iter().sum::<f64>() / per_batch.len() as f64;
             let worst_window = windows.iter().cloned().fold(0.0, f64::max);
@@ -929,7 +968,7 @@ mod tests {
                 } else {
                     s
                 };
-                refit_bias(&mut bias, &s, k, 16, 1.0);
+                refit_bias(&mut bias, &s, k, 16, 0, 1.0);
             }
             per_batch.iter().sum::<f64>() / per_batch.len() as f64
         };
