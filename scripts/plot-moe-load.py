@@ -2,9 +2,17 @@
 """Plot the expert load of an MoE run from its metrics.jsonl: per routed layer, the max expert
 share relative to the mean (1.0 = perfectly balanced) per batch and over a sliding window of
 logged steps (when the metrics carry the raw per-expert loads), plus the validation loss.
-Prints a JSON summary: the first step after which every layer stays under 2x, per measure.
+Prints a JSON summary: the first step after which every layer stays under 2x, per measure,
+and, after warm-up (the run's lr warm-up, `train.warmup_steps`, unless WARMUP is given), the
+worst layer's max share per step and over the window: its maximum, median and the fraction of
+steps under 2x. When the run logged every step, the windowed numbers are also given over every
+2nd step only (`*_every2`), the grid of runs logged with `log_interval=2`, so that runs logged
+either way compare.
 
-Usage: scripts/plot-moe-load.py RUN_DIR OUT.png [WINDOW_STEPS=10]   (needs matplotlib)
+LAST_STEP cuts the run there (to compare a partial run with a full one over the same steps).
+
+Usage: scripts/plot-moe-load.py RUN_DIR OUT.png [WINDOW_STEPS=10 [WARMUP [LAST_STEP]]]
+(needs matplotlib)
 """
 import json
 import sys
@@ -16,7 +24,11 @@ import matplotlib.pyplot as plt
 
 run, out = sys.argv[1], sys.argv[2]
 window = int(sys.argv[3]) if len(sys.argv) > 3 else 10
+run_cfg = json.load(open(f"{run}/run.json"))
+warmup = int(sys.argv[4]) if len(sys.argv) > 4 else run_cfg["train"]["warmup_steps"]
+last_step = int(sys.argv[5]) if len(sys.argv) > 5 else None
 rows = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if l.strip()]
+rows = [r for r in rows if last_step is None or r["step"] <= last_step]
 moe = [r for r in rows if "moe" in r]
 val = [r for r in rows if "val_loss" in r]
 layers = sorted({m["layer"] for r in moe for m in r["moe"] if not m["hash"]})
@@ -28,9 +40,9 @@ def layer_rows(l):
     return [next(m for m in r["moe"] if m["layer"] == l) for r in moe]
 
 
-def windowed(l):
+def windowed(l, steps=steps, lr=None):
     """Max share over the logged batches within the last `window` steps."""
-    lr = layer_rows(l)
+    lr = layer_rows(l) if lr is None else lr
     outv = []
     for i, s in enumerate(steps):
         acc = None
@@ -84,5 +96,33 @@ if has_raw:
     last = [i for i, s in enumerate(steps) if s > steps[-1] - 100]
     summary["last100_worst_per_batch"] = max(max(per_batch[l][i] for i in last) for l in layers)
     summary[f"last100_worst_window{window}"] = max(max(win[l][i] for i in last) for l in layers)
+
+
+def after_warmup(series_by_layer, steps=steps):
+    """Worst layer per logged step after warm-up: max, median, fraction of steps under 2x."""
+    w = sorted(max(v[i] for v in series_by_layer) for i, s in enumerate(steps) if s > warmup)
+    if not w:
+        return None
+    return {
+        "max": round(w[-1], 3),
+        "median": round(w[len(w) // 2], 3),
+        "frac_under_2x": round(sum(x < 2.0 for x in w) / len(w), 3),
+        "steps": len(w),
+    }
+
+
+summary["warmup_steps"] = warmup
+summary["last_step"] = steps[-1]
+summary["after_warmup_per_batch"] = after_warmup(list(per_batch.values()))
+if has_raw:
+    summary[f"after_warmup_window{window}"] = after_warmup(list(win.values()))
+    if all(b - a == 1 for a, b in zip(steps, steps[1:])):
+        idx = [i for i, s in enumerate(steps) if s == 1 or s % 2 == 0]
+        st2 = [steps[i] for i in idx]
+        win2 = [windowed(l, st2, [layer_rows(l)[i] for i in idx]) for l in layers]
+        summary[f"after_warmup_window{window}_every2"] = after_warmup(win2, st2)
+        pb2 = [[per_batch[l][i] for i in idx] for l in layers]
+        summary["after_warmup_per_batch_every2"] = after_warmup(pb2, st2)
+summary["val_loss"] = {r["step"]: round(r["val_loss"], 4) for r in val}
 print(json.dumps(summary))
 print(f"wrote {out}", file=sys.stderr)

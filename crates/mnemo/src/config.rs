@@ -80,6 +80,21 @@ pub struct ModelConfig {
     /// the common mode; the refit can. See `moe::fit_bias`.
     #[serde(default)]
     pub bias_fit_iters: usize,
+    /// With the refit on: how far the bias moves toward the refitted one per step,
+    /// `b ← (1 − r)·b + r·fit(b, last batch)` (1 = jump to it, the original rule). Below 1 the
+    /// bias is an exponential moving average of the per-batch fits over ~`1/r` batches: it
+    /// tracks the drift of the scores, not one batch's composition. See `moe::refit_bias`.
+    #[serde(default = "one")]
+    pub bias_fit_rate: f32,
+    /// With the refit on: score the batch just routed again with the router as updated by
+    /// the optimizer step before refitting (its stored inputs, the new router weights), so the
+    /// bias does not lag one step of router drift. See `moe::router_scores`.
+    #[serde(default)]
+    pub bias_fit_rescore: bool,
+    /// With the refit on: rounds of dual ascent on the batch's hard top-k load after the
+    /// soft (entropic) fit, which balances soft, not top-k, assignments. See `moe::fit_bias`.
+    #[serde(default)]
+    pub bias_fit_hard_rounds: usize,
     /// Weight of the optional sequence-wise balance loss (0 = off).
     #[serde(default)]
     pub seq_aux_loss_coef: f32,
@@ -394,6 +409,9 @@ impl ModelConfig {
             num_hash_layers: 0,
             bias_update_speed: 0.001,
             bias_fit_iters: 0,
+            bias_fit_rate: 1.0,
+            bias_fit_rescore: false,
+            bias_fit_hard_rounds: 0,
             seq_aux_loss_coef: 0.0,
             residual: Residual::Plain,
             hc_mult: default_hc_mult(),
@@ -668,6 +686,15 @@ impl ModelConfig {
         }
         if self.bias_fit_iters > 1000 {
             return Err(err("bias_fit_iters", "must be at most 1000"));
+        }
+        if self.bias_fit_hard_rounds > 1000 {
+            return Err(err("bias_fit_hard_rounds", "must be at most 1000"));
+        }
+        if !(self.bias_fit_rate.is_finite()
+            && self.bias_fit_rate > 0.0
+            && self.bias_fit_rate <= 1.0)
+        {
+            return Err(err("bias_fit_rate", "must be in (0, 1]"));
         }
         if !(self.seq_aux_loss_coef.is_finite() && self.seq_aux_loss_coef >= 0.0) {
             return Err(err("seq_aux_loss_coef", "must be a finite number >= 0"));

@@ -823,16 +823,46 @@ impl Model {
     }
 
     /// Refit every routed layer's selection bias against the scores of the last batch with
-    /// `iters` Sinkhorn rounds (see [`moe::fit_bias`]).
+    /// `iters` Sinkhorn rounds, moving `bias_fit_rate` of the way (see [`moe::refit_bias`]).
     pub fn fit_moe_bias(&mut self, scores: &[&[f32]], iters: usize) {
-        let (e, k) = (self.cfg.n_routed_experts, self.cfg.top_k);
+        let (e, k, rate, hard) = (
+            self.cfg.n_routed_experts,
+            self.cfg.top_k,
+            self.cfg.bias_fit_rate,
+            self.cfg.bias_fit_hard_rounds,
+        );
         for (lo, sc) in self.layout.layers.iter().zip(scores) {
             if let Ffn::Moe(mo) = lo.ffn {
                 if !mo.hash && !sc.is_empty() {
-                    moe::fit_bias(&mut self.params[mo.bias..mo.bias + e], sc, k, iters);
+                    moe::refit_bias(
+                        &mut self.params[mo.bias..mo.bias + e],
+                        sc,
+                        k,
+                        iters,
+                        hard,
+                        rate,
+                    );
                 }
             }
         }
+    }
+
+    /// Router scores `[N, E]` of the last forward pass's MoE inputs under the *current* router
+    /// weights (empty for dense and hash layers): after the optimizer step, the batch just
+    /// routed as the updated router scores it (see [`moe::router_scores`]).
+    pub fn moe_rescore(&self, ws: &Workspace) -> Vec<Vec<f32>> {
+        let spec = MoeSpec::new(&self.cfg);
+        self.layout
+            .layers
+            .iter()
+            .zip(&ws.layers)
+            .map(|(lo, la)| match lo.ffn {
+                Ffn::Moe(mo) if !mo.hash && !la.f.is_empty() => {
+                    moe::router_scores(&spec, &self.params, &mo, &la.f)
+                }
+                _ => Vec::new(),
+            })
+            .collect()
     }
 
     /// (min, max) of layer `l`'s MoE selection bias.

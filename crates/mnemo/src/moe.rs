@@ -12,7 +12,10 @@
 //!
 //! The bias `b` is not trained by gradient: after every optimizer step it moves by
 //! `±bias_update_speed` toward equal load ([`update_bias`]); optionally it is then refitted
-//! against the scores of the batch just seen ([`fit_bias`], `bias_fit_iters`). An optional sequence-wise balance
+//! against the scores of the batch just seen ([`fit_bias`], `bias_fit_iters`), moving only
+//! `bias_fit_rate` of the way ([`refit_bias`]: `b ← (1 − r)·b + r·fit(b, s)`), with `s` either
+//! the scores that routed that batch or (`bias_fit_rescore`) the same inputs scored again by
+//! the router after the optimizer step ([`router_scores`]). An optional sequence-wise balance
 //! loss `α Σ_e f_e P_e` (V3 eq. 17–20) can be added.
 //!
 //! Compute is expert by expert over gathered token groups, never a dense `N×E` expert product:
@@ -312,6 +315,23 @@ pub fn forward(
     } else {
         0.0
     };
+}
+
+/// Router scores `s = score(f · W_gᵀ)` `[N, E]` of the inputs `f: [N, d]` under the current
+/// router weights (as in [`forward`]). With `bias_fit_rescore`, the refit uses the batch just
+/// routed scored by the router *after* the optimizer step, so the bias does not lag that
+/// step's change of the router.
+pub fn router_scores(spec: &MoeSpec, params: &[f32], o: &MoeOffsets, f: &[f32]) -> Vec<f32> {
+    let (d, e) = (spec.d, spec.n_experts);
+    let n = f.len() / d;
+    let mut s = vec![0.0f32; n * e];
+    gate_logits(&mut s, f, &params[o.gate..o.gate + e * d], n, d, e);
+    s.par_chunks_mut(e).for_each(|row| {
+        for x in row.iter_mut() {
+            *x = score_fn(spec.score, *x);
+        }
+    });
+    s
 }
 
 fn gate_logits(out: &mut [f32], f: &[f32], wg: &[f32], n: usize, d: usize, e: usize) {
@@ -644,7 +664,7 @@ pub fn update_bias(bias: &mut [f32], load: &[u64], speed: f32) {
 /// per batch can neither reach nor follow it. The dual fit reaches it in a few rounds at any
 /// scale. It only ever uses the batch already routed, so no token's routing depends on
 /// tokens of its own batch.
-pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize) {
+pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_rounds: usize) {
     let e = bias.len();
     if e == 0 || iters == 0 {
         return;
@@ -705,6 +725,52 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize) {
         }
     }
     bias.iter_mut().zip(&b).for_each(|(x, &v)| *x = v as f32);
+    hard_correct(bias, scores, k, hard_rounds, tau as f32);
+}
+
+/// After the soft fit: `rounds` rounds of dual ascent on the *hard* top-k load of the same
+/// batch, `b_e += η_r · τ · (ln(N·k/E) − ln(max(load_e, ½)))` with `η_r = 2^{-r/2}`. The
+/// entropic model spreads each token's `k` units by a softmax, which is not top-k selection:
+/// the soft fit leaves an expert-specific gap between soft and hard load that it would
+/// otherwise carry from batch to batch.
+fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, rounds: usize, tau: f32) {
+    let e = bias.len();
+    let target = (scores.len() / e * k) as f32 / e as f32;
+    let mut sel = vec![0u32; k];
+    for r in 0..rounds {
+        let mut load = vec![0u64; e];
+        for row in scores.chunks_exact(e) {
+            top_k(row, bias, &mut sel);
+            sel.iter().for_each(|&x| load[x as usize] += 1);
+        }
+        let eta = 0.5f32.powf(r as f32 / 2.0);
+        for (b, &l) in bias.iter_mut().zip(&load) {
+            *b += eta * tau * (target.ln() - (l as f32).max(0.5).ln());
+        }
+    }
+}
+
+/// The refit with memory: `b ← (1 − rate)·b + rate·fit(b, scores)` ([`fit_bias`] warm-started
+/// from `b`). `rate = 1` jumps to the fit of the last batch, whose composition (a handful of
+/// documents) moves the fitted bias by as much as the drift of the scores; with `rate < 1`
+/// the bias averages the per-batch fits over the last ~`1/rate` batches, so the next batch is
+/// routed with a bias fitted to the recent mixture. The only state is the bias itself.
+pub fn refit_bias(
+    bias: &mut [f32],
+    scores: &[f32],
+    k: usize,
+    iters: usize,
+    hard_rounds: usize,
+    rate: f32,
+) {
+    if rate >= 1.0 {
+        return fit_bias(bias, scores, k, iters, hard_rounds);
+    }
+    let old = bias.to_vec();
+    fit_bias(bias, scores, k, iters, hard_rounds);
+    for (b, o) in bias.iter_mut().zip(old) {
+        *b = o + rate * (*b - o);
+    }
 }
 
 /// Load statistics of one layer: (max share / mean share, min share / mean share).
@@ -762,12 +828,156 @@ mod tests {
             "one step cannot undo the collapse"
         );
         let mut fit = vec![0.0f32; e];
-        fit_bias(&mut fit, &scores, k, 16);
+        fit_bias(&mut fit, &scores, k, 16, 0);
         let (mx, mn) = load_stats(&load_of(&fit));
         assert!(
             mx < 1.5 && mn > 0.5,
             "refitted load max {mx:.2} min {mn:.2}"
         );
+        // The hard-load rounds close the gap the soft (softmax) model leaves.
+        let mut hard = vec![0.0f32; e];
+        fit_bias(&mut hard, &scores, k, 16, 8);
+        let (hx, hn) = load_stats(&load_of(&hard));
+        assert!(
+            hx < mx && hx < 1.2 && hn > 0.8,
+            "soft fit max {mx:.3} min {mn:.3}, with hard rounds max {hx:.3} min {hn:.3}"
+        );
+        eprintln!("soft fit max {mx:.3} min {mn:.3}, with hard rounds max {hx:.3} min {hn:.3}");
+    }
+
+    /// A drifting stream of batches like the real corpus gives: each batch holds a few
+    /// documents of a few kinds, each kind preferring its own experts, on top of a common mode
+    /// that drifts. Every batch is routed with the bias left by the previous ones, then the
+    /// bias takes the sign step and the refit. Jumping to each batch's fit (`rate = 1`)
+    /// carries that batch's composition into the next one's routing; averaging the fits
+    /// (`rate = 0.2`) lowers the max share per batch and over 10-batch windows.
+    #[test]
+    fn refit_rate_below_one_balances_a_drifting_stream_better() {
+        use crate::rng::Rng;
+        let (e, k, docs, doc_len, kinds) = (16, 2, 4, 128, 6);
+        let n = docs * doc_len;
+        let run = |rate: f32| {
+            let mut r = Rng::new(11);
+            let mut pref = vec![0.0f32; kinds * e];
+            r.fill_normal(&mut pref, 0.05);
+            let mut drift = vec![0.0f32; e];
+            r.fill_normal(&mut drift, 0.004);
+            let mut bias = vec![0.0f32; e];
+            let (mut per_batch, mut windows) = (Vec::new(), Vec::new());
+            let mut acc = vec![0u64; e];
+            let mut noise = vec![0.0f32; n * e];
+            let mut sel = vec![0u32; k];
+            for t in 0..120 {
+                r.fill_normal(&mut noise, 0.03);
+                let mut s = vec![0.0f32; n * e];
+                for d in 0..docs {
+                    let kind = r.below(kinds as u64) as usize;
+                    for i in d * doc_len..(d + 1) * doc_len {
+                        for j in 0..e {
+                            s[i * e + j] =
+                                0.6 + drift[j] * t as f32 + pref[kind * e + j] + noise[i * e + j];
+                        }
+                    }
+                }
+                let mut load = vec![0u64; e];
+                for row in s.chunks_exact(e) {
+                    top_k(row, &bias, &mut sel);
+                    sel.iter().for_each(|&x| load[x as usize] += 1);
+                }
+                if t >= 20 {
+                    per_batch.push(load_stats(&load).0);
+                    acc.iter_mut().zip(&load).for_each(|(a, l)| *a += l);
+                    if (t + 1) % 10 == 0 {
+                        windows.push(load_stats(&acc).0);
+                        acc.iter_mut().for_each(|a| *a = 0);
+                    }
+                }
+                update_bias(&mut bias, &load, 0.01);
+                refit_bias(&mut bias, &s, k, 16, 0, rate);
+            }
+            let mean = per_batch.iter().sum::<f64>() / per_batch.len() as f64;
+            let worst_window = windows.iter().cloned().fold(0.0, f64::max);
+            (mean, worst_window)
+        };
+        let (old_mean, old_win) = run(1.0);
+        let (new_mean, new_win) = run(0.2);
+        assert!(
+            new_mean < 0.9 * old_mean && new_win < old_win,
+            "per batch {old_mean:.3} -> {new_mean:.3}, worst 10-batch window {old_win:.3} -> {new_win:.3}"
+        );
+        eprintln!(
+            "per batch {old_mean:.3} -> {new_mean:.3}, worst window {old_win:.3} -> {new_win:.3}"
+        );
+    }
+
+    /// A router whose weights drift in a persistent direction every step, over inputs that
+    /// share a common mode (as in training): refitting to the batch just routed as the
+    /// *updated* router scores it (`bias_fit_rescore`) leaves the next batch better balanced
+    /// than refitting to the stale scores, which always lag one step of drift.
+    #[test]
+    fn refit_on_rescored_batch_follows_a_drifting_router() {
+        use crate::rng::Rng;
+        let (d, e, k, n) = (16, 16, 2, 512);
+        let spec = MoeSpec {
+            d,
+            inter: 1,
+            n_shared: 0,
+            n_experts: e,
+            top_k: k,
+            score: ScoreFunc::Sqrtsoftplus,
+            scale: 1.0,
+            norm_topk: true,
+            aux_coef: 0.0,
+        };
+        let o = MoeOffsets {
+            gate: 0,
+            bias: e * d,
+            shared_w13: 0,
+            shared_w2: 0,
+            experts: 0,
+            hash: false,
+        };
+        let run = |rescore: bool| {
+            let mut r = Rng::new(3);
+            let mut w = vec![0.0f32; e * d];
+            r.fill_normal(&mut w, 0.3);
+            let mut dw = vec![0.0f32; e * d];
+            r.fill_normal(&mut dw, 0.02);
+            let mut mu = vec![0.0f32; d];
+            r.fill_normal(&mut mu, 1.0);
+            let mut bias = vec![0.0f32; e];
+            let (mut per_batch, mut sel) = (Vec::new(), vec![0u32; k]);
+            for t in 0..80 {
+                let mut f = vec![0.0f32; n * d];
+                r.fill_normal(&mut f, 0.3);
+                f.iter_mut().enumerate().for_each(|(i, x)| *x += mu[i % d]);
+                let s = router_scores(&spec, &w, &o, &f);
+                let mut load = vec![0u64; e];
+                for row in s.chunks_exact(e) {
+                    top_k(row, &bias, &mut sel);
+                    sel.iter().for_each(|&x| load[x as usize] += 1);
+                }
+                if t >= 10 {
+                    per_batch.push(load_stats(&load).0);
+                }
+                // The optimizer step, then the balancing.
+                w.iter_mut().zip(&dw).for_each(|(w, dw)| *w += dw);
+                update_bias(&mut bias, &load, 0.01);
+                let s = if rescore {
+                    router_scores(&spec, &w, &o, &f)
+                } else {
+                    s
+                };
+                refit_bias(&mut bias, &s, k, 16, 0, 1.0);
+            }
+            per_batch.iter().sum::<f64>() / per_batch.len() as f64
+        };
+        let (stale, fresh) = (run(false), run(true));
+        assert!(
+            fresh < 0.9 * stale,
+            "mean max share per batch {stale:.3} -> {fresh:.3}"
+        );
+        eprintln!("mean max share per batch: stale {stale:.3} -> rescored {fresh:.3}");
     }
 
     #[test]

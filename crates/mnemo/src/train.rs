@@ -882,7 +882,13 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         if mode.is_all() && !dsa_warmup {
             model.update_moe_bias(&loads);
             if run.model.bias_fit_iters > 0 {
-                model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters);
+                if run.model.bias_fit_rescore {
+                    let sc = model.moe_rescore(&ws);
+                    let sc: Vec<&[f32]> = sc.iter().map(|v| &v[..]).collect();
+                    model.fit_moe_bias(&sc, run.model.bias_fit_iters);
+                } else {
+                    model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters);
+                }
             }
         }
         let step_ms = step_t0.elapsed().as_secs_f64() * 1e3;

@@ -229,6 +229,12 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
         r.model.top_k = 2;
         r.model.num_hash_layers = 1;
         r.model.bias_update_speed = 0.01;
+        // Sign step, then the refit with every option on (re-scored batch, hard-load rounds,
+        // averaged over ~5 batches): no state beyond the bias, so resume stays bit-identical.
+        r.model.bias_fit_iters = 16;
+        r.model.bias_fit_rate = 0.2;
+        r.model.bias_fit_rescore = true;
+        r.model.bias_fit_hard_rounds = 8;
         r.train.eval_interval = 40;
         r
     };
