@@ -400,6 +400,12 @@ enum BenchCmd {
         /// Longest context whose dense prefill is timed (it grows quadratically).
         #[arg(long, default_value_t = 65536)]
         dense_prefill_max: usize,
+        /// Fill the sparse cache with a window-local prefill (each prefill token attends to its
+        /// last top-k positions; no indexer scan) to time decoding at contexts whose exact DSA
+        /// prefill would take hours. Decoding stays exact DSA. The prefill time is then NOT the
+        /// model's.
+        #[arg(long)]
+        window_prefill: bool,
         /// Write all rows as a JSON array here.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
@@ -655,8 +661,17 @@ fn run(cli: Cli) -> Result<()> {
             decode,
             int8,
             dense_prefill_max,
+            window_prefill,
             json,
-        }) => bench_long_context(&cfg, contexts, decode, int8, dense_prefill_max, json),
+        }) => bench_long_context(
+            &cfg,
+            contexts,
+            decode,
+            int8,
+            dense_prefill_max,
+            window_prefill,
+            json,
+        ),
         Cmd::Bench(BenchCmd::Indexer {
             keys,
             queries,
@@ -1430,6 +1445,7 @@ fn bench_long_context(
     decode: usize,
     int8: bool,
     dense_prefill_max: usize,
+    window_prefill: bool,
     json: Option<PathBuf>,
 ) -> Result<()> {
     use mnemo::dsa::bench::{long_context, LongContextBench};
@@ -1461,6 +1477,7 @@ fn bench_long_context(
         decode: decode.max(1),
         index_keys_8bit: int8,
         dense_prefill_max,
+        window_prefill,
         seed: run.train.seed,
     };
     let t0 = std::time::Instant::now();
@@ -1483,6 +1500,7 @@ fn bench_long_context(
     if let Some(p) = json {
         let out = serde_json::json!({
             "config": cfg, "threads": rayon::current_num_threads(), "int8_index_keys": int8,
+            "window_prefill": window_prefill,
             "decode_tokens": decode, "rows": rows,
         });
         std::fs::write(&p, serde_json::to_string_pretty(&out)?)

@@ -35,6 +35,8 @@ pub struct KvCache {
     ik: Vec<KeyStore>,
     /// DSA models: attend densely (no indexer), e.g. to compare with the sparse path.
     dense: bool,
+    /// See [`CacheOptions::window_prefill`].
+    window_prefill: bool,
     len: usize,
     cap: usize,
     /// Engram decode state (token history and each gate's convolution history).
@@ -63,6 +65,12 @@ pub struct CacheOptions {
     pub index_keys_8bit: bool,
     /// Attend densely instead of over the indexer's top-k (DSA models; for comparisons).
     pub dense_attention: bool,
+    /// Benchmarks only (DSA models): prefill chunks (more than one new token) attend to their
+    /// last `index_topk` positions instead of the indexer's top-k, skipping the indexer's
+    /// `O(L²)` scan; the indexer keys are still cached and decoding is exact DSA. This is NOT
+    /// the model's computation: it fills a long cache quickly to time decoding at a context
+    /// length whose exact prefill would take hours.
+    pub window_prefill: bool,
 }
 
 /// Tokens processed per prefill chunk.
@@ -244,6 +252,7 @@ impl Model {
                     &qkv,
                     p0,
                     n,
+                    cache.window_prefill && n > 1,
                     &mut cache.ik[l],
                     &cache.k[l],
                     &cache.v[l],
@@ -652,6 +661,7 @@ impl KvCache {
             w: c.n_kv_heads * c.head_dim,
             ik,
             dense: opts.dense_attention,
+            window_prefill: opts.window_prefill,
             len: 0,
             cap,
             engram: model.engram.as_ref().map(|e| e.new_state()),

@@ -36,6 +36,8 @@ pub struct LongContextBench {
     pub decode: usize,
     pub index_keys_8bit: bool,
     pub dense_prefill_max: usize,
+    /// Fill the sparse cache with a window-local prefill (see `CacheOptions::window_prefill`).
+    pub window_prefill: bool,
     pub seed: u64,
 }
 
@@ -109,6 +111,7 @@ pub fn long_context(
         let opts = CacheOptions {
             index_keys_8bit: b.index_keys_8bit,
             dense_attention: false,
+            window_prefill: b.window_prefill,
         };
         let mut cache = KvCache::with_options(model, need, opts);
         let t0 = Instant::now();
@@ -124,6 +127,7 @@ pub fn long_context(
         let dense_prefill_s = if l <= b.dense_prefill_max {
             let opts = CacheOptions {
                 dense_attention: true,
+                window_prefill: false,
                 ..opts
             };
             let mut cache = KvCache::with_options(model, need, opts);

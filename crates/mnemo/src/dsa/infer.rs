@@ -23,7 +23,8 @@ use crate::model::Model;
 /// Sparse attention of layer rows `p0..p0+n` against the cache. `a: [n, d]` is the attention
 /// input, `qkv: [n, qd]` the fused projections with RoPE applied (K/V rows already written to
 /// `kc`/`vc`, which hold `[p0 + n, KV·d_h]` at least); the new indexer keys are appended to
-/// `keys`. Writes `o: [n, H·d_h]` and `lse: [n, H]`.
+/// `keys`. Writes `o: [n, H·d_h]` and `lse: [n, H]`. With `window` (benchmarks only, see
+/// `CacheOptions::window_prefill`) each row attends to its last `k` positions instead.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     model: &Model,
@@ -32,6 +33,7 @@ pub(crate) fn attend(
     qkv: &[f32],
     p0: usize,
     n: usize,
+    window: bool,
     keys: &mut KeyStore,
     kc: &[f32],
     vc: &[f32],
@@ -51,7 +53,17 @@ pub(crate) fn attend(
     let k_max = k.min(p0 + n);
     let limit: Vec<usize> = (0..n).map(|r| p0 + r + 1).collect();
     let mut idx = vec![-1i32; n * k_max];
-    select(&qi, &wi, hi, keys, &limit, k, k_max, &mut idx);
+    if window {
+        for (r, row) in idx.chunks_mut(k_max).enumerate() {
+            let end = limit[r];
+            let start = end.saturating_sub(k);
+            for (o, s) in row.iter_mut().zip(start..end) {
+                *o = s as i32;
+            }
+        }
+    } else {
+        select(&qi, &wi, hi, keys, &limit, k, k_max, &mut idx);
+    }
     let kw = c.n_kv_heads * c.head_dim;
     let view = |data| Heads {
         data,

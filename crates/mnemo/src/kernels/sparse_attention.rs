@@ -250,9 +250,8 @@ mod x86 {
                     }
                 }
             }
-            for hr in 0..rep {
+            for (hr, &tot) in sum.iter().enumerate().take(rep) {
                 let h = g * rep + hr;
-                let tot = sum[hr];
                 if lrow[h] == f32::NEG_INFINITY || tot == 0.0 {
                     continue;
                 }
