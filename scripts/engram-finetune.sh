@@ -25,7 +25,7 @@ if [ ! -d "$NEW" ]; then
 fi
 COMMON=(--data "$NEW" --steps "$STEPS" --lr "$LR" --set train.warmup_steps=10 --set data.val_fraction=$VALF
         --set train.eval_interval=25 --set train.save_interval=1000 --quiet)
-ev() { local run=$1 data=$2; shift 2; $MNEMO eval "$run" --data "$data" --val-fraction "$VALF" --batches 8 --json "$@"; }
+ev() { local run=$1 data=$2; shift 2; $MNEMO eval "$run" --data "$data" --val-fraction "$VALF" --batches 8 --json - "$@"; }
 # tr NAME ARGS...: one fine-tuning run (kept and reused with REUSE=1); wall seconds in NAME.wall.
 tr() {
   local name=$1; shift

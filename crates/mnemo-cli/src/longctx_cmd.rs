@@ -47,8 +47,9 @@ pub struct LongCtxArgs {
     /// Seed of the synthetic documents.
     #[arg(long, default_value_t = 0, requires = "task")]
     pub seed: u64,
-    /// Write the cells (and settings) here as JSON.
-    #[arg(long, value_name = "FILE", requires = "task")]
+    /// Write the result as JSON to FILE (`-`: standard output). With --task: the cells and
+    /// settings; without: the validation loss.
+    #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Extend the model's context F× without training before evaluating (see --extend-mode).
     #[arg(long, value_name = "F", requires = "task")]

@@ -196,9 +196,6 @@ struct EvalArgs {
     /// Ablation: switch the Engram memory off (its contribution zeroed in every block).
     #[arg(long)]
     no_engram: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args)]
@@ -1139,11 +1136,14 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             )
         })?;
     let windows = (a.batches * b).min(cache.val.n_tokens / t.max(1)).max(1);
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"run": run_dir, "data": spec.root, "val_loss": loss, "val_bpb": bpb, "val_tokens": cache.val.n_tokens, "windows": windows, "seq_len": t, "engram_off": a.no_engram})
-        );
+    if let Some(p) = &a.longctx.json {
+        let j = serde_json::json!({"run": run_dir, "data": spec.root, "val_loss": loss, "val_bpb": bpb, "val_tokens": cache.val.n_tokens, "windows": windows, "seq_len": t, "engram_off": a.no_engram});
+        if p.as_os_str() == "-" {
+            println!("{j}");
+        } else {
+            std::fs::write(p, j.to_string())
+                .with_context(|| format!("cannot write {}", p.display()))?;
+        }
     } else {
         println!(
             "val loss {loss:.4} nats/token, {bpb:.4} bits/byte ({} val tokens, {windows} windows of {t}){}",
