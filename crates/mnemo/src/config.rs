@@ -287,7 +287,8 @@ impl ModelConfig {
             // activated FFN width (shared + top_k)·moe_inter equal to the dense `ffn_hidden`.
             // The balancing bias moves 0.01 per step (DeepSeek-V3 uses 0.001 at ~10x lower lr
             // and ~7000x larger batches; at 0.001 our short runs stay collapsed for hundreds of
-            // steps, see the README).
+            // steps, see the README). After the sign step the bias is refitted to the last
+            // batch (16 Sinkhorn rounds, then 8 rounds on its hard top-k load).
             "tiny-moe" => Some(ModelConfig {
                 ffn: FfnKind::Moe,
                 n_dense_layers: 1,
@@ -297,6 +298,7 @@ impl ModelConfig {
                 top_k: 2,
                 bias_update_speed: 0.01,
                 bias_fit_iters: 16,
+                bias_fit_hard_rounds: 8,
                 ..Self::preset("tiny")?
             }),
             "small-moe" => Some(ModelConfig {
@@ -308,6 +310,7 @@ impl ModelConfig {
                 top_k: 2,
                 bias_update_speed: 0.01,
                 bias_fit_iters: 16,
+                bias_fit_hard_rounds: 8,
                 ffn_hidden: 1392,
                 ..Self::preset("small")?
             }),
