@@ -67,14 +67,15 @@ fn prefill(
 
 fn decode(model: &Model, first: &[f32], n: usize, cache: &mut KvCache) -> Result<f64> {
     let mut logits = first.to_vec();
+    let greedy = crate::generate::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let mut rng = Rng::new(0);
     let t0 = Instant::now();
     for _ in 0..n {
-        let greedy = crate::generate::Sampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-        };
-        let tok = crate::generate::sample(&logits, logits.len(), greedy, &mut Rng::new(0));
+        let tok = crate::generate::sample(&logits, logits.len(), greedy, &mut rng);
         logits = model.forward_cached(&[tok], cache)?;
     }
     Ok(t0.elapsed().as_secs_f64() * 1e3 / n.max(1) as f64)

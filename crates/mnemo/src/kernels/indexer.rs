@@ -24,7 +24,7 @@
 //! Scores are written row-major `[n_q, L]`; entries at or beyond a query's `limit` are
 //! `-inf`. Work is split across key ranges (rayon), each task writing its own columns.
 
-use crate::kernels::SendPtr;
+use crate::kernels::{has_avx512f, SendPtr};
 use rayon::prelude::*;
 
 /// Keys per block of the 8-bit layout.
@@ -339,18 +339,6 @@ unsafe fn block_scores_f32_avx512(q: &[f32], w: &[f32], blk: &[f32], acc: &mut [
         total = _mm512_mask_add_ps(total, pos, total, wz);
     }
     _mm512_storeu_ps(acc.as_mut_ptr(), total);
-}
-
-fn has_avx512f() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *V.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Queries quantised per head to 8 bits: `q ≈ sq·q8`, with `w·sq` folded into one weight and

@@ -25,3 +25,16 @@ impl SendPtr {
         self.0
     }
 }
+
+/// Whether this CPU runs AVX-512F (detected once), for kernels with an AVX-512 path.
+pub(crate) fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *V.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}

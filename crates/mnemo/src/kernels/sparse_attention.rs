@@ -20,7 +20,7 @@
 //! that selected the key, in increasing `t`), so every sum has a fixed order.
 
 use super::attention::{Heads, QkvLayout};
-use super::SendPtr;
+use super::{has_avx512f, SendPtr};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -141,18 +141,6 @@ pub fn forward(
                 lrow[h] = mx + sum.ln();
             }
         });
-}
-
-fn has_avx512f() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *V.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// The forward row with AVX-512 (16-wide FMAs; `head_dim % 16 == 0`, at most 64 query heads
