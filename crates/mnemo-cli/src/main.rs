@@ -1128,16 +1128,31 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         .check_engram_tokens(cache.val.tokens())
         .with_context(|| format!("token cache {}", cache.dir.display()))?;
     let mut ws = mnemo::model::Workspace::default();
-    let (loss, bpb) = mnemo::train::evaluate(&l.model, &cache.val, b, t, a.batches, &mut ws)
+    let ev = mnemo::train::evaluate_with(&l.model, &cache.val, b, t, a.batches, &mut ws, None)
         .with_context(|| {
             format!(
                 "the validation split of {} is shorter than one window of {t} tokens",
                 spec.root.display()
             )
         })?;
+    let (loss, bpb) = (ev.loss, ev.bpb);
+    // MoE: expert load over the validation windows (max / min share relative to the mean).
+    let moe: Vec<serde_json::Value> = ev
+        .moe_loads
+        .iter()
+        .enumerate()
+        .filter_map(|(layer, load)| {
+            let load = load.as_ref()?;
+            let (mx, mn) = mnemo::moe::load_stats(load);
+            Some(serde_json::json!({"layer": layer, "load_max": mx, "load_min": mn, "hash": l.model.cfg.is_hash(layer), "load": load}))
+        })
+        .collect();
     let windows = (a.batches * b).min(cache.val.n_tokens / t.max(1)).max(1);
     if let Some(p) = &a.longctx.json {
-        let j = serde_json::json!({"run": run_dir, "data": spec.root, "val_loss": loss, "val_bpb": bpb, "val_tokens": cache.val.n_tokens, "windows": windows, "seq_len": t, "engram_off": a.no_engram});
+        let mut j = serde_json::json!({"run": run_dir, "data": spec.root, "val_loss": loss, "val_bpb": bpb, "val_tokens": cache.val.n_tokens, "windows": windows, "seq_len": t, "engram_off": a.no_engram});
+        if !moe.is_empty() {
+            j["moe"] = serde_json::Value::Array(moe);
+        }
         if p.as_os_str() == "-" {
             println!("{j}");
         } else {
@@ -1150,6 +1165,15 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             cache.val.n_tokens,
             if a.no_engram { " [Engram off]" } else { "" }
         );
+        for m in &moe {
+            println!(
+                "  layer {}{}: expert load max {:.2}x / min {:.2}x the mean",
+                m["layer"],
+                if m["hash"] == true { " (hash)" } else { "" },
+                m["load_max"].as_f64().unwrap_or(0.0),
+                m["load_min"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

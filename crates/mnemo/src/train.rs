@@ -259,11 +259,27 @@ pub fn evaluate(
     batches: usize,
     ws: &mut Workspace,
 ) -> Option<(f64, f64)> {
-    evaluate_with(model, split, b, t, batches, ws, None).map(|(l, b, _)| (l, b))
+    evaluate_with(model, split, b, t, batches, ws, None).map(|e| (e.loss, e.bpb))
 }
 
-/// [`evaluate`] of a DSA model in a training mode (`run`: dense or sparse attention), also
-/// returning the indexer KL and recall averaged over the batches.
+/// What [`evaluate_with`] measures over the validation windows.
+#[derive(Clone, Debug)]
+pub struct EvalOut {
+    /// Mean loss, nats/token.
+    pub loss: f64,
+    /// Bits per byte of the raw text.
+    pub bpb: f64,
+    /// DSA models in a training mode: indexer KL and recall averaged over the batches.
+    pub dsa: Option<DsaStats>,
+    /// Per layer (`None` for dense layers): tokens each routed expert received over all the
+    /// validation windows, routed with the current bias (the bias itself is not touched). This
+    /// is the *global* expert load of DeepSeek's auxiliary-loss-free balancing paper (MaxVio
+    /// on held-out text), independent of the composition of one small training batch.
+    pub moe_loads: Vec<Option<Vec<u64>>>,
+}
+
+/// [`evaluate`], also returning the indexer KL and recall of a DSA model in a training mode
+/// (`run`: dense or sparse attention) and the expert load of MoE layers over all windows.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_with(
     model: &Model,
@@ -273,7 +289,7 @@ pub fn evaluate_with(
     batches: usize,
     ws: &mut Workspace,
     run: Option<DsaRun>,
-) -> Option<(f64, f64, Option<DsaStats>)> {
+) -> Option<EvalOut> {
     let starts = data::eval_windows(split, t, batches * b);
     if starts.is_empty() {
         return None;
@@ -281,6 +297,7 @@ pub fn evaluate_with(
     let toks = split.tokens();
     let (mut sum, mut count) = (0.0f64, 0usize);
     let (mut kl, mut recall, mut nb) = (0.0f64, 0.0f64, 0usize);
+    let mut moe_loads: Vec<Option<Vec<u64>>> = Vec::new();
     for chunk in starts.chunks(b) {
         let mut x = Vec::with_capacity(chunk.len() * t);
         let mut y = Vec::with_capacity(chunk.len() * t);
@@ -297,6 +314,14 @@ pub fn evaluate_with(
             }
             None => model.forward(&x, chunk.len(), t, ws),
         }
+        let layer_loads = ws.moe_loads();
+        moe_loads.resize(layer_loads.len(), None);
+        for (acc, l) in moe_loads.iter_mut().zip(layer_loads) {
+            if let Some(l) = l {
+                let a = acc.get_or_insert_with(|| vec![0; l.len()]);
+                a.iter_mut().zip(l).for_each(|(a, b)| *a += b);
+            }
+        }
         sum += model.loss(&y, ws) * y.len() as f64;
         count += y.len();
     }
@@ -306,7 +331,12 @@ pub fn evaluate_with(
         kl: kl / nb as f64,
         recall: r.recall.then_some(recall / nb as f64),
     });
-    Some((loss, bpb, stats))
+    Some(EvalOut {
+        loss,
+        bpb,
+        dsa: stats,
+        moe_loads,
+    })
 }
 
 /// Entropy (nats/token) of the unigram distribution of `tokens`: the loss of a model that
@@ -935,7 +965,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 kl: true,
                 recall: true,
             });
-            if let Some((vl, bpb, ds)) = evaluate_with(
+            if let Some(ev) = evaluate_with(
                 &model,
                 &cache.val,
                 b,
@@ -944,13 +974,20 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 &mut eval_ws,
                 eval_run,
             ) {
+                let (vl, bpb) = (ev.loss, ev.bpb);
                 last.1 = Some((vl, bpb));
                 let mut m = serde_json::json!({"step": step, "val_loss": vl, "val_bpb": bpb});
                 let mut extra = String::new();
-                if let Some(ds) = ds {
+                if let Some(stats) = moe_stats(&model, &ev.moe_loads) {
+                    m["val_moe"] = stats;
+                }
+                if let Some(w) = worst_load(&model, &ev.moe_loads) {
+                    extra = format!(", max expert load {w:.2}x mean over the validation windows");
+                }
+                if let Some(ds) = ev.dsa {
                     m["val_dsa_kl"] = serde_json::json!(ds.kl);
                     m["val_dsa_recall"] = serde_json::json!(ds.recall);
-                    extra = format!(
+                    extra += &format!(
                         ", indexer KL {:.4} recall {:.3}",
                         ds.kl,
                         ds.recall.unwrap_or(f64::NAN)
