@@ -428,14 +428,26 @@ struct Session {
 
 /// Copy the weights of `src` (an `--init` run) into `model`: the same tensors with the same
 /// shapes are required (context length and RoPE scaling may differ; they have no weights).
+/// One addition is allowed: a DSA model may start from a model without the lightning indexer
+/// (DeepSeek-V3.2's recipe starts the indexer warm-up from a trained dense checkpoint); the
+/// indexer tensors then keep their fresh initialisation.
 fn init_weights(model: &mut Model, src: Model, from: &Path) -> Result<()> {
-    let (a, b) = (&model.layout.tensors, &src.layout.tensors);
+    let adds_indexer = src.cfg.dsa.is_none() && model.cfg.dsa.is_some();
+    let new: Vec<_> = model
+        .layout
+        .tensors
+        .iter()
+        .filter(|t| !(adds_indexer && crate::model::is_indexer_tensor(&t.name)))
+        .cloned()
+        .collect();
+    let (a, b) = (&new, &src.layout.tensors);
     for i in 0..a.len().max(b.len()) {
         match (a.get(i), b.get(i)) {
             (Some(x), Some(y)) if x.name == y.name && x.shape == y.shape => {}
             (x, y) => bail!(
                 "--init {}: its weights do not fit the new model: tensor {} {:?} vs {} {:?} \
-                 (only max_seq_len, rope_scaling and training settings may change)",
+                 (only max_seq_len, rope_scaling, an added DSA indexer and training settings \
+                 may change)",
                 from.display(),
                 y.map_or("(none)", |t| t.name.as_str()),
                 y.map(|t| &t.shape),
@@ -444,7 +456,9 @@ fn init_weights(model: &mut Model, src: Model, from: &Path) -> Result<()> {
             ),
         }
     }
-    model.params.copy_from_slice(&src.params);
+    for (x, y) in new.iter().zip(&src.layout.tensors) {
+        model.params[x.range()].copy_from_slice(&src.params[y.range()]);
+    }
     model.hash_tables = src.hash_tables;
     if src.engram.is_some() && src.cfg.engram == model.cfg.engram {
         model.engram = src.engram;

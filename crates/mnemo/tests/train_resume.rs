@@ -701,3 +701,78 @@ fn dsa_warmup_freezes_the_model_and_sparse_resume_is_bit_identical() {
     assert!(format!("{err:#}").contains("dsa_stage"), "{err:#}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `--init` from a dense run into a DSA model (the paper's warm-up starts from a trained dense
+/// checkpoint): every dense tensor is copied bit for bit, the indexer keeps its fresh
+/// initialisation and the warm-up trains it; a changed dense shape is still refused.
+#[test]
+fn dsa_model_initialised_from_a_dense_run_keeps_its_weights_and_a_fresh_indexer() {
+    use mnemo::dsa::DsaStage;
+    let root = tmpdir("dsa-init");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_corpus(&data);
+    let cache = root.join("cache");
+    let never = AtomicBool::new(false);
+    let dense = root.join("dense");
+    train(fresh(&dense, run_config(&data, 6), &cache), &never).unwrap();
+    let src = mnemo::checkpoint::load(&dense, false).unwrap();
+    let init_run = |out: &Path, r: RunConfig| TrainOptions {
+        out: out.to_path_buf(),
+        start: Start::Fresh {
+            run: Box::new(r),
+            tokenizer: None,
+            init: Some(dense.clone()),
+        },
+        cache_root: cache.clone(),
+        progress: false,
+    };
+    let mut r = run_config(&data, 0);
+    r.model.dsa = Some(mnemo::config::DsaConfig {
+        index_n_heads: 2,
+        index_head_dim: 8,
+        index_rope_dim: 4,
+        index_topk: 8,
+    });
+    r.train.dsa_stage = DsaStage::Warmup;
+    r.train.max_steps = 3;
+    let sparse = root.join("sparse");
+    train(init_run(&sparse, r.clone()), &never).unwrap();
+    let l = mnemo::checkpoint::load(&sparse, false).unwrap();
+    let mut fresh_model = mnemo::model::Model::new(l.model.cfg.clone()).unwrap();
+    fresh_model.init(r.train.seed);
+    let (mut copied, mut indexer) = (0, 0);
+    for t in &l.model.layout.tensors {
+        let got = &l.model.params[t.range()];
+        if mnemo::model::is_indexer_tensor(&t.name) {
+            // Trained by the warm-up from its fresh initialisation (not from the source).
+            assert!(!src.model.layout.tensors.iter().any(|s| s.name == t.name));
+            assert_ne!(got, &fresh_model.params[t.range()], "{}", t.name);
+            indexer += 1;
+        } else {
+            let s = src
+                .model
+                .layout
+                .tensors
+                .iter()
+                .find(|s| s.name == t.name)
+                .unwrap();
+            assert!(got == &src.model.params[s.range()], "{} differs", t.name);
+            copied += 1;
+        }
+    }
+    assert_eq!(indexer, 2 * 5);
+    assert!(copied > 10);
+    // Any other shape change is still refused, naming the tensor.
+    let mut bad = r.clone();
+    bad.model.ffn_hidden = 96;
+    let err = format!(
+        "{:#}",
+        train(init_run(&root.join("bad"), bad), &never).unwrap_err()
+    );
+    assert!(
+        err.contains("do not fit") && err.contains("feed_forward.w1"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
