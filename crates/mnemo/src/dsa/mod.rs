@@ -244,27 +244,11 @@ pub fn scores_row(q_t: &[f32], w_t: &[f32], keys: &[f32], out: &mut [f32]) {
 }
 
 /// The positions of the `min(k, len)` largest `scores`, ascending (a set: ties go to the
-/// lower position; NaN sorts lowest). `out` is overwritten (and used as scratch).
+/// lower position; NaN sorts lowest). `out` is overwritten. The one top-k of the crate:
+/// [`crate::kernels::indexer::topk`] (one pass with a running threshold), which the cached
+/// inference path uses too, so training and inference select the same sets.
 pub fn topk_select(scores: &[f32], k: usize, out: &mut Vec<u32>) {
-    out.clear();
-    out.extend(0..scores.len() as u32);
-    if k < scores.len() {
-        let key = |i: &u32| {
-            let x = scores[*i as usize];
-            if x.is_nan() {
-                f32::NEG_INFINITY
-            } else {
-                x
-            }
-        };
-        // Descending score, then ascending position: a strict total order.
-        let cmp = |a: &u32, b: &u32| key(b).total_cmp(&key(a)).then(a.cmp(b));
-        if k > 0 {
-            out.select_nth_unstable_by(k - 1, cmp);
-        }
-        out.truncate(k);
-        out.sort_unstable();
-    }
+    crate::kernels::indexer::topk(scores, k, out);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -490,6 +490,8 @@ impl TopK {
     }
     #[inline]
     fn push(&mut self, v: f32, s: u32) {
+        // NaN ranks lowest (as −∞), so a NaN score never displaces a real one.
+        let v = if v.is_nan() { f32::NEG_INFINITY } else { v };
         if !self.full || v > self.thr {
             self.buf.push((v, s));
             if self.buf.len() == 4 * self.k {
@@ -621,8 +623,8 @@ pub fn select(
         });
 }
 
-/// The `k` best positions of `row` ranked by (score desc, position asc), ascending by
-/// position, into `out`. All positions when `row.len() ≤ k`. One pass with a running
+/// The `k` best positions of `row` ranked by (score desc, position asc; NaN lowest),
+/// ascending by position, into `out`. All positions when `row.len() ≤ k`. One pass with a running
 /// threshold: a candidate enters a buffer only if it beats the current k-th best, and the
 /// buffer is cut back to `k` when it reaches `4k`, so the cost is about one compare per score.
 pub fn topk(row: &[f32], k: usize, out: &mut Vec<u32>) {
