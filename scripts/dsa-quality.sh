@@ -10,7 +10,9 @@
 # Logged per arm: val loss every EVAL steps (the sparse arm evaluates with sparse attention), the
 # indexer KL and recall (share of the dense attention mass inside the top-k) on training batches
 # every LOG steps and on the validation windows. Results: results/dsa-quality/{*.jsonl,summary.json,quality.png}.
-# Usage: scripts/dsa-quality.sh   (env: STEPS=100 WARM=20 SEQ=4096 TOPK=512 EVAL=20 LOG=5 THREADS=2)
+# Usage: scripts/dsa-quality.sh   (env: STEPS=100 WARM=20 SEQ=4096 TOPK=512 EVAL=20 LOG=5 THREADS=2;
+#   ARMS="dense" and ARMS="sparse" run one arm each, e.g. two single-thread processes side by side;
+#   the summary and plot are written once both arms are complete)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
@@ -30,16 +32,22 @@ mkdir -p "$W" "$R"
 COMMON="--init $INIT --data $DATA --seq-len $SEQ --set max_seq_len=$SEQ --batch-size 1 \
   --set train.eval_interval=$EVAL --set train.eval_batches=4 --set train.log_interval=$LOG \
   --set train.save_interval=$WARM --set train.warmup_steps=10 --quiet"
-if ! grep -q "\"step\":$STEPS,.*val_loss" "$W/dense/metrics.jsonl" 2>/dev/null; then
+ARMS=${ARMS:-dense sparse}
+done_arm() { grep -q "\"step\":$STEPS,.*val_loss" "$W/$1/metrics.jsonl" 2>/dev/null; }
+if [[ " $ARMS " == *" dense "* ]] && ! done_arm dense; then
   rm -rf "$W/dense"
   $MNEMO --threads "$THREADS" train $COMMON --steps "$STEPS" --out "$W/dense" 2> "$W/dense.log"
 fi
-if ! grep -q "\"step\":$STEPS,.*val_loss" "$W/sparse/metrics.jsonl" 2>/dev/null; then
+if [[ " $ARMS " == *" sparse "* ]] && ! done_arm sparse; then
   rm -rf "$W/sparse"
   $MNEMO --threads "$THREADS" train $COMMON --set dsa.index_topk="$TOPK" --dsa-stage warmup \
     --steps "$WARM" --out "$W/sparse" 2> "$W/sparse-warmup.log"
   $MNEMO --threads "$THREADS" train --resume "$W/sparse" --steps "$STEPS" --dsa-stage sparse --quiet \
     2> "$W/sparse.log"
+fi
+if ! done_arm dense || ! done_arm sparse; then
+  echo "arms done: $(done_arm dense && echo dense) $(done_arm sparse && echo sparse); summary when both are"
+  exit 0
 fi
 cp "$W/dense/metrics.jsonl" "$R/dense_metrics.jsonl"
 cp "$W/sparse/metrics.jsonl" "$R/sparse_metrics.jsonl"

@@ -2,6 +2,9 @@
 """Plot the expert load of an MoE run from its metrics.jsonl: per routed layer, the max expert
 share relative to the mean (1.0 = perfectly balanced) per batch and over a sliding window of
 logged steps (when the metrics carry the raw per-expert loads), plus the validation loss.
+Runs that evaluated with per-layer loads (`val_moe`, logged since the validation-load change) also
+get the *global* measure: the load over all validation windows routed with the bias of that step
+(DeepSeek's MaxVio on held-out text), drawn as markers on the per-batch panel and summarised.
 Prints a JSON summary: the first step after which every layer stays under 2x, per measure,
 and, after warm-up (the run's lr warm-up, `train.warmup_steps`, unless WARMUP is given), the
 worst layer's max share per step and over the window: its maximum, median and the fraction of
@@ -83,6 +86,13 @@ for ax, (name, series) in zip(axes, panels):
     ax.set_ylabel("max expert share / mean share")
     ax.set_title(f"max expert load, {name}")
     ax.legend(fontsize=7)
+valm = [r for r in rows if "val_moe" in r]
+if valm:
+    vsteps = [r["step"] for r in valm]
+    vlayers = {l: [next(m["load_max"] for m in r["val_moe"] if m["layer"] == l) for r in valm] for l in layers}
+    vworst = [max(v[i] for v in vlayers.values()) for i in range(len(vsteps))]
+    axes[0].plot(vsteps, vworst, "ks", ms=4, label="validation windows (worst layer)")
+    axes[0].legend(fontsize=7)
 ax2 = axes[-1]
 ax2.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-")
 ax2.set_xlabel("step")
@@ -123,6 +133,11 @@ if has_raw:
         summary[f"after_warmup_window{window}_every2"] = after_warmup(win2, st2)
         pb2 = [[per_batch[l][i] for i in idx] for l in layers]
         summary["after_warmup_per_batch_every2"] = after_warmup(pb2, st2)
+if valm:
+    summary["val_windows_worst_layer"] = {s: round(w, 3) for s, w in zip(vsteps, vworst)}
+    summary["after_warmup_val_windows"] = after_warmup(list(vlayers.values()), vsteps)
+    first = next((vsteps[i] for i in range(len(vsteps)) if all(w < 2.0 for w in vworst[i:])), None)
+    summary["settled_under_2x_val_windows"] = first
 summary["val_loss"] = {r["step"]: round(r["val_loss"], 4) for r in val}
 print(json.dumps(summary))
 print(f"wrote {out}", file=sys.stderr)
