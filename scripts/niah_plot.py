@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "results/niah")
+label = f", {sys.argv[2]}" if len(sys.argv) > 2 else ""
 runs = [
     ("base_plain_extrapolation.json", "trained at 256,\nplain RoPE extrapolation"),
     ("base_zero_shot_yarn.json", "trained at 256,\nzero-shot YaRN x4"),
@@ -33,7 +34,8 @@ for ax, (f, title) in zip(axes[0], runs):
             ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center",
                     color="white" if v < 0.6 else "black", fontsize=8)
 fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-fig.suptitle("NIAH accuracy, tiny model (4.3M params), %d samples per cell" % d["samples"], fontsize=10)
+fig.suptitle("NIAH accuracy, tiny model (4.3M params)%s, %d samples per cell" % (label, d["samples"]),
+             fontsize=10)
 out = root / "niah_heatmap.png"
 fig.savefig(out, dpi=120, bbox_inches="tight")
 print("wrote", out)
