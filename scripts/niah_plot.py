@@ -39,3 +39,19 @@ fig.suptitle("NIAH accuracy, tiny model (4.3M params)%s, %d samples per cell" % 
 out = root / "niah_heatmap.png"
 fig.savefig(out, dpi=120, bbox_inches="tight")
 print("wrote", out)
+
+# Partial credit: share of answers whose digits 2-5 are right (the copy without the first digit),
+# per file and context, printed and written to partial.csv.
+rows = []
+for f, title in runs:
+    d = json.loads((root / f).read_text())
+    for ctx in sorted({c["context"] for c in d["cells"]}):
+        ans = [a for c in d["cells"] if c["context"] == ctx for a in c["answers"]]
+        exact = sum(c["correct"] for c in d["cells"] if c["context"] == ctx) / len(ans)
+        tail4 = sum(g[2:6] == e[2:6] for e, g in ans) / len(ans)
+        rows.append((f.removesuffix(".json"), ctx, len(ans), exact, tail4))
+with open(root / "partial.csv", "w") as out_csv:
+    out_csv.write("run,context,samples,exact,digits_2_to_5\n")
+    for r in rows:
+        out_csv.write("%s,%d,%d,%.3f,%.3f\n" % r)
+        print("%-28s ctx %5d  n=%3d  exact %5.1f%%  digits 2-5 %5.1f%%" % (r[0], r[1], r[2], 100 * r[3], 100 * r[4]))
