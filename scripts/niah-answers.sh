@@ -58,5 +58,6 @@ fi
 "$MNEMO" eval $EV --model "$W/stage3" --context 256,512,1024 --extend 4 --extend-mode plain --json "$R/base_plain_extrapolation.json"
 "$MNEMO" eval $EV --model "$W/stage3" --context 256,512,1024 --extend 4 --json "$R/base_zero_shot_yarn.json"
 "$MNEMO" eval $EV --model "$W/yarn4" --context 256,512,1024 --json "$R/yarn4_continued.json"
+"$MNEMO" eval $EV --model "$W/stage3" --context 2048 --extend 8 --json "$R/base_zero_shot_yarn8_2048.json"
 # 5. Heat-maps.
 /work/venv/bin/python scripts/niah_plot.py "$R" "answer-only loss"

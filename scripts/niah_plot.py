@@ -35,7 +35,7 @@ for ax, (f, title) in zip(axes[0], runs):
                     color="white" if v < 0.6 else "black", fontsize=8)
 fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
 fig.suptitle("NIAH accuracy, tiny model (4.3M params)%s, %d samples per cell" % (label, d["samples"]),
-             fontsize=10)
+             fontsize=10, y=1.06)
 out = root / "niah_heatmap.png"
 fig.savefig(out, dpi=120, bbox_inches="tight")
 print("wrote", out)
