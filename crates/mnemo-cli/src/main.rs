@@ -123,6 +123,10 @@ struct ConfigArgs {
     /// Share of the training rows that are synthetic (with --synthetic) [default: 1].
     #[arg(long, value_name = "P", requires = "synthetic")]
     synthetic_mix: Option<f64>,
+    /// Which targets of a synthetic row count in the loss: all (every next token) or answers
+    /// (only the answer tokens; the filler's targets are ignored) [default: all].
+    #[arg(long, value_name = "WHICH", requires = "synthetic")]
+    synthetic_loss: Option<String>,
 }
 
 /// The model/train/data settings of an `--init` run: its `run.json` (or, for a checkpoint or
@@ -859,9 +863,16 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
     }
     if let Some(task) = &a.synthetic {
         let task: mnemo::longctx::Task = task.parse().context("--synthetic")?;
+        let loss: mnemo::longctx::SyntheticLoss = a
+            .synthetic_loss
+            .as_deref()
+            .unwrap_or("all")
+            .parse()
+            .context("--synthetic-loss")?;
         t["synthetic"] = serde_json::json!({
             "task": task,
             "fraction": a.synthetic_mix.unwrap_or(1.0),
+            "loss": loss,
         });
     }
     if let Some(f) = a.rope_scaling_factor {

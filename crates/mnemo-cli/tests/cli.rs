@@ -663,6 +663,8 @@ fn long_context_synthetic_training_init_stage_and_niah_eval() {
         "niah",
         "--synthetic-mix",
         "0.5",
+        "--synthetic-loss",
+        "answers",
         "--quiet",
     ];
     args.extend_from_slice(&small);
@@ -670,8 +672,20 @@ fn long_context_synthetic_training_init_stage_and_niah_eval() {
     assert_eq!(code, 0, "{err}");
     let rj = std::fs::read_to_string(run.join("run.json")).unwrap();
     assert!(
-        rj.contains(r#""task": "niah""#) && rj.contains(r#""fraction": 0.5"#),
+        rj.contains(r#""task": "niah""#)
+            && rj.contains(r#""fraction": 0.5"#)
+            && rj.contains(r#""loss": "answers""#),
         "{rj}"
+    );
+    // An unknown loss selection is refused, naming the flag.
+    let mut bad = args.clone();
+    let at = bad.iter().position(|a| *a == "answers").unwrap();
+    bad[at] = "filler";
+    let (code, _, err) = mnemo(&bad);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--synthetic-loss") && err.contains("filler"),
+        "{err}"
     );
     // Continuation: 4x context with YaRN, weights from the first run.
     let long = d.join("long");

@@ -466,8 +466,12 @@ impl ModelConfig {
         pos(self.head_dim, "head_dim")?;
         pos(self.ffn_hidden, "ffn_hidden")?;
         pos(self.max_seq_len, "max_seq_len")?;
-        if self.vocab_size > u32::MAX as usize {
-            return Err(err("vocab_size", "must fit in 32 bits"));
+        if self.vocab_size >= u32::MAX as usize {
+            // u32::MAX is the ignored-target sentinel (`cross_entropy::IGNORE`).
+            return Err(err(
+                "vocab_size",
+                "must be below 2^32 - 1 (ids fit in 32 bits, u32::MAX marks an ignored target)",
+            ));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err(

@@ -94,6 +94,10 @@ pub struct Sample {
     pub needle_at: usize,
     /// Filler tokens in the prompt.
     pub filler_tokens: usize,
+    /// Positions in [`Sample::full`] of every answer token: the answered extra queries' values
+    /// (training documents) and the final answer (always last). `train.synthetic.loss =
+    /// "answers"` counts only the targets at these positions.
+    pub answer_spans: Vec<std::ops::Range<usize>>,
 }
 
 impl Sample {
@@ -241,8 +245,10 @@ fn build(
     } else {
         ("//", ";", "let ")
     };
-    // Extra (needle, answered query) lines of a training document: (depth, text).
-    let mut extras: Vec<(f64, String)> = Vec::new();
+    // Extra (needle, answered query) lines of a training document: (depth, text pieces, which
+    // piece is an answer). An answered query is `query ‖ answer ‖ "\n"`, each piece tokenized on
+    // its own like the final query and answer.
+    let mut extras: Vec<(f64, Vec<String>, Option<usize>)> = Vec::new();
     // The needle lines and the query/answer texts.
     let (needles, query, answer): (Vec<String>, String, String) = match task {
         Task::Niah | Task::Mix => {
@@ -257,10 +263,19 @@ fn build(
             }
             for (k, v) in keys.iter().zip(&values).skip(1) {
                 let key = format!("secret_key_{k}");
-                extras.push((0.5 * rng.next_f64(), format!("{letkw}{key} = {v}{semi}\n")));
+                extras.push((
+                    0.5 * rng.next_f64(),
+                    vec![format!("{letkw}{key} = {v}{semi}\n")],
+                    None,
+                ));
                 extras.push((
                     0.5 + 0.5 * rng.next_f64(),
-                    format!("{cm} what is {key}?\n{letkw}answer = {key} = {v}{semi}\n"),
+                    vec![
+                        format!("{cm} what is {key}?\n{letkw}answer = {key} ="),
+                        format!(" {v}{semi}"),
+                        "\n".to_string(),
+                    ],
+                    Some(1),
                 ));
             }
             let key = format!("secret_key_{}", keys[0]);
@@ -298,9 +313,22 @@ fn build(
     let needle_ids: Vec<Vec<u32>> = needles.iter().map(|s| enc(s)).collect::<Result<_>>()?;
     let query_ids = enc(&query)?;
     let answer_ids = enc(&answer)?;
-    let mut extra_ids: Vec<(f64, Vec<u32>)> = extras
+    // (depth, ids, answer range within the ids).
+    type Extra = (f64, Vec<u32>, Option<std::ops::Range<usize>>);
+    let mut extra_ids: Vec<Extra> = extras
         .iter()
-        .map(|(d, t)| Ok((*d, enc(t)?)))
+        .map(|(d, pieces, ans)| {
+            let mut ids = Vec::new();
+            let mut range = None;
+            for (i, p) in pieces.iter().enumerate() {
+                let start = ids.len();
+                ids.extend(enc(p)?);
+                if Some(i) == *ans {
+                    range = Some(start..ids.len());
+                }
+            }
+            Ok((*d, ids, range))
+        })
         .collect::<Result<_>>()?;
     let base = needle_ids.iter().map(Vec::len).sum::<usize>() + query_ids.len() + answer_ids.len();
     // Extras take at most half of the document: drop (needle, answer) pairs until they fit.
@@ -349,32 +377,37 @@ fn build(
         }
         best
     };
-    // Inserted items (boundary slot, is the first needle, ids), in slot order; the needles
-    // keep their chain order, extras go after needles of the same slot.
+    // Inserted items (boundary slot, is the first needle, ids, answer range in the ids), in
+    // slot order; the needles keep their chain order, extras go after needles of the same slot.
+    type Item<'a> = (usize, bool, &'a [u32], Option<std::ops::Range<usize>>);
     let k = needle_ids.len();
-    let mut items: Vec<(usize, bool, &[u32])> = (0..k)
+    let mut items: Vec<Item> = (0..k)
         .map(|j| {
             let d = if k == 1 {
                 depth
             } else {
                 depth + (1.0 - depth) * j as f64 / k as f64
             };
-            (nearest(d * budget as f64), j == 0, &needle_ids[j][..])
+            (nearest(d * budget as f64), j == 0, &needle_ids[j][..], None)
         })
         .collect();
     items.extend(
         extra_ids
             .iter()
-            .map(|(d, ids)| (nearest(d * budget as f64), false, &ids[..])),
+            .map(|(d, ids, a)| (nearest(d * budget as f64), false, &ids[..], a.clone())),
     );
     items.sort_by_key(|it| it.0);
     let mut prompt = Vec::with_capacity(len);
     let mut needle_at = usize::MAX;
+    let mut answer_spans = Vec::new();
     let mut next = 0;
     for i in 0..=lines.len() {
         while next < items.len() && items[next].0 == i {
             if items[next].1 {
                 needle_at = prompt.len();
+            }
+            if let Some(a) = &items[next].3 {
+                answer_spans.push(prompt.len() + a.start..prompt.len() + a.end);
             }
             prompt.extend_from_slice(items[next].2);
             next += 1;
@@ -385,6 +418,7 @@ fn build(
     }
     prompt.extend_from_slice(&query_ids);
     debug_assert_eq!(prompt.len() + answer_ids.len(), len);
+    answer_spans.push(prompt.len()..len);
     Ok(Sample {
         prompt,
         answer_tokens: answer_ids,
@@ -392,6 +426,7 @@ fn build(
         expect: format!(" {value}"),
         needle_at,
         filler_tokens: budget,
+        answer_spans,
     })
 }
 
@@ -601,11 +636,14 @@ pub fn extend_context(model: &mut Model, factor: f64, yarn: bool) -> Result<()> 
 
 /// Training rows: overwrite each row of `inputs`/`targets` (`b` rows of `t`) with a synthetic
 /// document of `t + 1` tokens with probability `fraction`, drawing from `rng` (so a resumed run
-/// samples the same rows). Depths are uniform in [0, 1].
+/// samples the same rows). Depths are uniform in [0, 1]. With [`SyntheticLoss::Answers`] every
+/// target of a synthetic row but its answer tokens ([`Sample::answer_spans`]) is
+/// [`crate::kernels::cross_entropy::IGNORE`]; real rows are left as they are.
 #[allow(clippy::too_many_arguments)]
 pub fn mix_into_batch(
     task: Task,
     fraction: f64,
+    loss: SyntheticLoss,
     tok: &Tokenizer,
     rng: &mut Rng,
     b: usize,
@@ -619,9 +657,22 @@ pub fn mix_into_batch(
             continue;
         }
         let depth = rng.next_f64();
-        let s = make_train_sample(task, tok, t + 1, depth, rng.next_u64())?.full();
+        let sample = make_train_sample(task, tok, t + 1, depth, rng.next_u64())?;
+        let s = sample.full();
         inputs[r * t..(r + 1) * t].copy_from_slice(&s[..t]);
-        targets[r * t..(r + 1) * t].copy_from_slice(&s[1..]);
+        let row = &mut targets[r * t..(r + 1) * t];
+        match loss {
+            SyntheticLoss::All => row.copy_from_slice(&s[1..]),
+            SyntheticLoss::Answers => {
+                // Target j predicts full[j + 1].
+                row.fill(crate::kernels::cross_entropy::IGNORE);
+                for p in sample.answer_spans.iter().flat_map(|a| a.clone()) {
+                    if p >= 1 {
+                        row[p - 1] = s[p];
+                    }
+                }
+            }
+        }
         n += 1;
     }
     Ok(n)
@@ -634,6 +685,37 @@ pub struct SyntheticMix {
     pub task: Task,
     /// Probability that a row is synthetic (0..=1).
     pub fraction: f64,
+    /// Which targets of a synthetic row count in the loss (default `all`; not written when so).
+    #[serde(default, skip_serializing_if = "SyntheticLoss::is_all")]
+    pub loss: SyntheticLoss,
+}
+
+/// `train.synthetic.loss`: the targets of a synthetic row that count in the loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyntheticLoss {
+    /// Every next token (the filler included).
+    #[default]
+    All,
+    /// Only the answer tokens ([`Sample::answer_spans`]); the others are ignored targets.
+    Answers,
+}
+
+impl SyntheticLoss {
+    pub fn is_all(&self) -> bool {
+        *self == SyntheticLoss::All
+    }
+}
+
+impl std::str::FromStr for SyntheticLoss {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(SyntheticLoss::All),
+            "answers" => Ok(SyntheticLoss::Answers),
+            _ => bail!("unknown synthetic loss `{s}` (expected all or answers)"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -744,6 +826,74 @@ mod tests {
     }
 
     #[test]
+    fn answer_loss_keeps_exactly_the_answer_tokens() {
+        use crate::kernels::cross_entropy::IGNORE;
+        let tk = tok();
+        let (b, t) = (2, 600);
+        let mut x = vec![1u32; b * t];
+        let mut y = vec![2u32; b * t];
+        let mut r = Rng::new(9);
+        let mut r2 = r.clone();
+        let n = mix_into_batch(
+            Task::Niah,
+            1.0,
+            SyntheticLoss::Answers,
+            &tk,
+            &mut r,
+            b,
+            t,
+            &mut x,
+            &mut y,
+        )
+        .unwrap();
+        assert_eq!(n, b);
+        // Rebuild the rows' samples from the same draws and check each target.
+        for row in 0..b {
+            let _ = r2.next_f64();
+            let depth = r2.next_f64();
+            let s = make_train_sample(Task::Niah, &tk, t + 1, depth, r2.next_u64()).unwrap();
+            let full = s.full();
+            assert_eq!(&x[row * t..(row + 1) * t], &full[..t]);
+            // One span per answered query: the extras' and the final answer (last).
+            assert_eq!(s.answer_spans.len(), 1 + TRAIN_RECALLS);
+            assert_eq!(
+                s.answer_spans.last().unwrap().clone(),
+                t + 1 - s.answer_tokens.len()..t + 1
+            );
+            let kept: Vec<usize> = (0..t).filter(|&j| y[row * t + j] != IGNORE).collect();
+            let want: Vec<usize> = s
+                .answer_spans
+                .iter()
+                .flat_map(|a| a.clone())
+                .map(|p| p - 1)
+                .collect();
+            assert_eq!(kept, want);
+            for &j in &kept {
+                assert_eq!(y[row * t + j], full[j + 1]);
+            }
+            // Every kept span decodes to a space and five digits (and the terminator).
+            for a in &s.answer_spans {
+                let text = tk.decode(&full[a.clone()]).unwrap();
+                let digits = text.trim_start_matches(' ').trim_end_matches(';');
+                assert!(
+                    text.starts_with(' ')
+                        && digits.len() == 5
+                        && digits.chars().all(|c| c.is_ascii_digit()),
+                    "{text:?}"
+                );
+            }
+        }
+        // The answer values are the needles': every extra's value appears earlier in its row.
+        let text = tk.decode(&x[..t]).unwrap();
+        assert!(text.matches("answer = ").count() >= TRAIN_RECALLS);
+        // Old run.json files (no `loss`) load as `all`, which is not written back.
+        let sm: SyntheticMix = serde_json::from_str(r#"{"task":"niah","fraction":1.0}"#).unwrap();
+        assert_eq!(sm.loss, SyntheticLoss::All);
+        assert!(!serde_json::to_string(&sm).unwrap().contains("loss"));
+        assert!("bogus".parse::<SyntheticLoss>().is_err());
+    }
+
+    #[test]
     fn scoring_is_exact() {
         assert!(score(" 48213;", " 48213"));
         assert!(score(" 48213", " 48213"));
@@ -804,7 +954,18 @@ mod tests {
             let mut x = vec![1u32; b * t];
             let mut y = vec![2u32; b * t];
             let mut r = Rng::new(5);
-            let n = mix_into_batch(Task::Mix, frac, &tk, &mut r, b, t, &mut x, &mut y).unwrap();
+            let n = mix_into_batch(
+                Task::Mix,
+                frac,
+                SyntheticLoss::All,
+                &tk,
+                &mut r,
+                b,
+                t,
+                &mut x,
+                &mut y,
+            )
+            .unwrap();
             (n, x, y)
         };
         let (n1, x1, y1) = run(1.0);

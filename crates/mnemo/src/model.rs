@@ -9,7 +9,8 @@
 //! f  = RMSNorm(m)           g = silu(f·W1ᵀ) ⊙ (f·W3ᵀ)              [n, F]
 //! hˡ⁺¹ = m + g·W2ᵀ
 //! logits = RMSNorm(hᴸ)·Woutᵀ      (Wout = E when embeddings are tied)  [n, V]
-//! loss = mean CE(logits, targets)
+//! loss = mean CE(logits, targets)   over the targets ≠ cross_entropy::IGNORE (masked rows: 0
+//!                                     loss, 0 gradient; the mean divides by the counted ones)
 //! ```
 //!
 //! With `residual = "hc" | "mhc"` the residual stream is `n = hc_mult` streams `[n_tok, n, d]`
@@ -1226,11 +1227,12 @@ impl Model {
         Ok(())
     }
 
-    /// Mean cross-entropy of the logits left by [`Model::forward`] (no gradient).
+    /// Mean cross-entropy of the logits left by [`Model::forward`] (no gradient), over the
+    /// targets other than [`cross_entropy::IGNORE`] (0 when none counts).
     pub fn loss(&self, targets: &[u32], ws: &mut Workspace) -> f64 {
         let v = self.cfg.vocab_size;
         cross_entropy::forward(&mut ws.losses, &ws.logits, targets, v);
-        cross_entropy::sum(&ws.losses) / targets.len() as f64
+        cross_entropy::sum(&ws.losses) / cross_entropy::counted(targets).max(1) as f64
     }
 
     /// Forward + backward on one batch: adds `grad_scale · dL/dθ` into `grads` and returns the
@@ -1337,14 +1339,16 @@ impl Model {
         let (lay, dims) = self.attn_shapes(b, t);
         let ly = &self.layout;
 
+        // Mean over the counted targets (all but `IGNORE`); none counted: zero LM gradient.
+        let kept = cross_entropy::counted(targets).max(1);
         cross_entropy::forward_backward(
             &mut ws.losses,
             &mut ws.logits,
             targets,
             v,
-            grad_scale / n as f32,
+            grad_scale / kept as f32,
         );
-        let loss = cross_entropy::sum(&ws.losses) / n as f64 + ws.aux_loss;
+        let loss = cross_entropy::sum(&ws.losses) / kept as f64 + ws.aux_loss;
         if let Some(dm) = HcDims::from_config(c) {
             self.backward_hc(tokens, b, t, grads, grad_scale, ws, dm);
             return Ok(loss);
@@ -2103,6 +2107,62 @@ pub(crate) mod tests {
             };
             crate::kernels::gradcheck::check(&params, &grads, loss, 1e-2, 1e-2);
         }
+    }
+
+    #[test]
+    fn ignored_targets_are_left_out_of_the_loss_and_its_gradient() {
+        use crate::kernels::cross_entropy::IGNORE;
+        let mut m = Model::new(small_cfg(false, 2, RopeLayout::Half)).unwrap();
+        m.init(3);
+        let (b, t) = (2, 5);
+        let tokens: Vec<u32> = (0..b * t).map(|i| (i * 7 % 19) as u32).collect();
+        let full: Vec<u32> = (0..b * t).map(|i| (i * 5 % 19) as u32).collect();
+        let kept = [1usize, 4, 5, 9];
+        let targets: Vec<u32> = (0..b * t)
+            .map(|i| if kept.contains(&i) { full[i] } else { IGNORE })
+            .collect();
+        // The loss is the mean over the kept positions only, computed by hand from the logits.
+        let mut ws = Workspace::default();
+        m.forward(&tokens, b, t, &mut ws);
+        let v = m.cfg.vocab_size;
+        let manual = kept
+            .iter()
+            .map(|&i| {
+                let z = &ws.logits[i * v..(i + 1) * v];
+                let mx = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let s: f64 = z.iter().map(|&x| (x as f64 - mx).exp()).sum();
+                mx + s.ln() - z[full[i] as usize] as f64
+            })
+            .sum::<f64>()
+            / kept.len() as f64;
+        assert!((m.loss(&targets, &mut ws) - manual).abs() < 1e-5);
+        let mut grads = vec![0.0; m.layout.total];
+        let l = m.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
+        assert!((l - manual).abs() < 1e-5);
+        let params = m.params.clone();
+        let loss = |p: &[f32]| {
+            let mm = Model {
+                params: p.to_vec(),
+                ..Model::new(m.cfg.clone()).unwrap()
+            };
+            let mut ws = Workspace::default();
+            mm.forward(&tokens, b, t, &mut ws);
+            mm.loss(&targets, &mut ws)
+        };
+        crate::kernels::gradcheck::check(&params, &grads, loss, 1e-2, 1e-2);
+        // Nothing counted: zero loss and zero gradient.
+        let none = vec![IGNORE; b * t];
+        let mut g0 = vec![0.0; m.layout.total];
+        assert_eq!(
+            m.forward_backward(&tokens, &none, b, t, &mut g0, 1.0, &mut ws),
+            0.0
+        );
+        assert!(g0.iter().all(|&g| g == 0.0));
+        // The sentinel can never be a token id.
+        let mut big = small_cfg(false, 2, RopeLayout::Half);
+        big.vocab_size = IGNORE as usize;
+        let e = big.validate().unwrap_err().to_string();
+        assert!(e.contains("vocab_size"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::dsa::{DsaRun, DsaStage, DsaStats};
 use crate::engram::{SparseAdam, SparseGrad};
 use crate::finetune::{DeltaBase, TrainOnly};
 use crate::kernels::adamw::{self, AdamWParams};
+use crate::kernels::cross_entropy;
 use crate::longctx::SyntheticMix;
 use crate::model::{Model, Workspace};
 use crate::rng::Rng;
@@ -799,8 +800,10 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     // Memory-only fine-tuning: no weight gradients for the frozen backbone.
     ws.frozen_backbone = !mode.is_all();
     let mut eval_ws = Workspace::default();
-    let mut x = vec![0u32; b * t];
-    let mut y = vec![0u32; b * t];
+    // The step's micro-batches, sampled before any of them runs so that each one's gradient
+    // can be weighted by its share of the step's counted targets (see below).
+    let mut xs = vec![vec![0u32; b * t]; tc.grad_accum];
+    let mut ys = vec![vec![0u32; b * t]; tc.grad_accum];
     let pb = progress_bar(opts.progress, state.step, tc.max_steps);
     let started = Instant::now();
     let start_step = state.step;
@@ -821,22 +824,28 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         let log_step = step % tc.log_interval == 0 || step == 1 || step == tc.max_steps;
         let mut dsa_kl = 0.0f64;
         let mut dsa_recall = None::<f64>;
-        for micro in 0..tc.grad_accum {
-            data::sample_batch(&cache.train, &mut state.data_rng, b, t, &mut x, &mut y)?;
+        for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
+            data::sample_batch(&cache.train, &mut state.data_rng, b, t, x, y)?;
             if let Some(sm) = &tc.synthetic {
                 crate::longctx::mix_into_batch(
                     sm.task,
                     sm.fraction,
+                    sm.loss,
                     &tok,
                     &mut state.data_rng,
                     b,
                     t,
-                    &mut x,
-                    &mut y,
+                    x,
+                    y,
                 )?;
             }
-            let gs = 1.0 / tc.grad_accum as f32;
-            loss += match run.model.dsa {
+        }
+        let weights = micro_batch_weights(&ys);
+        for (micro, (x, y)) in xs.iter().zip(&ys).enumerate() {
+            let (x, y) = (&x[..], &y[..]);
+            let w = weights[micro];
+            let gs = w as f32;
+            loss += w * match run.model.dsa {
                 Some(_) => {
                     // Recall needs the dense attention in the sparse stage: measured on the
                     // first micro-batch of logging steps only.
@@ -845,7 +854,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                         kl: true,
                         recall: log_step && micro == 0,
                     };
-                    let l = model.forward_backward_dsa(&x, &y, b, t, &mut grads, gs, &mut ws, r);
+                    let l = model.forward_backward_dsa(x, y, b, t, &mut grads, gs, &mut ws, r);
                     dsa_kl += ws.dsa_stats.kl / tc.grad_accum as f64;
                     if let Some(rc) = ws.dsa_stats.recall {
                         dsa_recall = Some(rc);
@@ -854,7 +863,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 }
                 // (DSA models have no Engram tables, the only fallible part of a step.)
                 None => model
-                    .try_forward_backward(&x, &y, b, t, &mut grads, gs, &mut ws)
+                    .try_forward_backward(x, y, b, t, &mut grads, gs, &mut ws)
                     .with_context(|| format!("training step {step}"))?,
             };
             for (acc, g) in tgrads.iter_mut().zip(&ws.engram_table_grads) {
@@ -867,7 +876,6 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 }
             }
         }
-        loss /= tc.grad_accum as f64;
         // A non-finite loss or gradient stops the run before the optimizer step, so neither the
         // parameters nor the last checkpoint on disk are touched.
         if !loss.is_finite() {
@@ -1291,6 +1299,17 @@ fn progress_bar(enabled: bool, pos: u64, len: u64) -> indicatif::ProgressBar {
     pb
 }
 
+/// Weights of a step's micro-batches (their targets) so that the step's loss is the mean over
+/// all its counted targets (those other than [`cross_entropy::IGNORE`]): micro-batch m returns
+/// the mean over its own c_m counted targets and weighs in with `c_m / Σc` (`1 / grad_accum`
+/// when nothing is masked; 0 for a micro-batch with nothing counted). With masked targets the
+/// MoE balance loss of a micro-batch is weighted the same way.
+pub fn micro_batch_weights(targets: &[Vec<u32>]) -> Vec<f64> {
+    let counts: Vec<usize> = targets.iter().map(|y| cross_entropy::counted(y)).collect();
+    let total = counts.iter().sum::<usize>().max(1) as f64;
+    counts.iter().map(|&c| c as f64 / total).collect()
+}
+
 /// Timing of synthetic training steps (random tokens), for the benchmark against PyTorch.
 #[derive(Debug, Serialize)]
 pub struct StepBench {
@@ -1672,4 +1691,61 @@ pub fn bench_steps_interleaved(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cross_entropy::IGNORE;
+
+    /// Gradient accumulation over micro-batches with different numbers of masked targets equals
+    /// one batch holding all their rows: the mean is over all counted targets of the step.
+    #[test]
+    fn accumulation_with_masked_targets_matches_one_batch() {
+        let cfg = ModelConfig {
+            vocab_size: 19,
+            d_model: 12,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 2,
+            head_dim: 6,
+            rope_dim: 4,
+            ffn_hidden: 10,
+            max_seq_len: 8,
+            init_std: 0.3,
+            ..ModelConfig::dense_defaults()
+        };
+        let mut m = Model::new(cfg).unwrap();
+        m.init(2);
+        let t = 6;
+        let tokens: Vec<u32> = (0..2 * t).map(|i| (i * 7 % 19) as u32).collect();
+        // Row 0 keeps one target, row 1 keeps five.
+        let mut targets: Vec<u32> = (0..2 * t).map(|i| (i * 5 % 19) as u32).collect();
+        for j in [0, 1, 2, 4, 5, 6] {
+            targets[j] = IGNORE;
+        }
+        let mut ws = Workspace::default();
+        let mut whole = vec![0.0; m.layout.total];
+        let l_whole = m.forward_backward(&tokens, &targets, 2, t, &mut whole, 1.0, &mut ws);
+        let ys = vec![targets[..t].to_vec(), targets[t..].to_vec()];
+        let w = micro_batch_weights(&ys);
+        assert_eq!(w, vec![1.0 / 6.0, 5.0 / 6.0]);
+        let mut acc = vec![0.0; m.layout.total];
+        let mut l_acc = 0.0;
+        for (r, y) in ys.iter().enumerate() {
+            let x = &tokens[r * t..(r + 1) * t];
+            l_acc += w[r] * m.forward_backward(x, y, 1, t, &mut acc, w[r] as f32, &mut ws);
+        }
+        assert!((l_whole - l_acc).abs() < 1e-5, "{l_whole} vs {l_acc}");
+        let scale = whole.iter().fold(0.0f32, |a, g| a.max(g.abs()));
+        for (a, b) in whole.iter().zip(&acc) {
+            assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{a} vs {b}");
+        }
+        // Nothing masked: every micro-batch weighs 1 / grad_accum.
+        assert_eq!(
+            micro_batch_weights(&[vec![1, 2], vec![3, 4]]),
+            vec![0.5, 0.5]
+        );
+        assert_eq!(micro_batch_weights(&[vec![IGNORE; 3]]), vec![0.0]);
+    }
 }
