@@ -86,6 +86,14 @@ pub struct ModelConfig {
     /// tracks the drift of the scores, not one batch's composition. See `moe::refit_bias`.
     #[serde(default = "one")]
     pub bias_fit_rate: f32,
+    /// `bias_fit_rate` applies only after this many steps; up to it the refit jumps to each
+    /// batch's fit (rate 1). Early in training the router's common mode moves fast and a full
+    /// refit ends the routing collapse within a few steps; later the per-batch fit mostly
+    /// carries the composition of 8 documents, which an average over ~`1/r` batches removes.
+    /// 0 (the default): the rate applies from the first step. A function of the step only,
+    /// so resume stays bit-identical.
+    #[serde(default)]
+    pub bias_fit_rate_after: u64,
     /// With the refit on: score the batch just routed again with the router as updated by
     /// the optimizer step before refitting (its stored inputs, the new router weights), so the
     /// bias does not lag one step of router drift. See `moe::router_scores`.
@@ -413,6 +421,7 @@ impl ModelConfig {
             bias_update_speed: 0.001,
             bias_fit_iters: 0,
             bias_fit_rate: 1.0,
+            bias_fit_rate_after: 0,
             bias_fit_rescore: false,
             bias_fit_hard_rounds: 0,
             seq_aux_loss_coef: 0.0,

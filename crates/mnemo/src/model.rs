@@ -825,11 +825,16 @@ impl Model {
 
     /// Refit every routed layer's selection bias against the scores of the last batch with
     /// `iters` Sinkhorn rounds, moving `bias_fit_rate` of the way (see [`moe::refit_bias`]).
-    pub fn fit_moe_bias(&mut self, scores: &[&[f32]], iters: usize) {
-        let (e, k, rate, hard) = (
+    /// `step`: the optimizer step just taken (the rate is 1 up to `bias_fit_rate_after`).
+    pub fn fit_moe_bias(&mut self, scores: &[&[f32]], iters: usize, step: u64) {
+        let rate = if step <= self.cfg.bias_fit_rate_after {
+            1.0
+        } else {
+            self.cfg.bias_fit_rate
+        };
+        let (e, k, hard) = (
             self.cfg.n_routed_experts,
             self.cfg.top_k,
-            self.cfg.bias_fit_rate,
             self.cfg.bias_fit_hard_rounds,
         );
         for (lo, sc) in self.layout.layers.iter().zip(scores) {
@@ -2064,6 +2069,42 @@ pub(crate) mod tests {
             max_seq_len: 16,
             ..ModelConfig::dense_defaults()
         }
+    }
+
+    /// `bias_fit_rate_after`: up to that step the refit jumps to the batch's fit (rate 1),
+    /// after it the bias moves `bias_fit_rate` of the way.
+    #[test]
+    fn moe_bias_refit_rate_applies_after_its_step() {
+        let mut cfg = small_cfg(true, 2, RopeLayout::Interleaved);
+        cfg.ffn = crate::config::FfnKind::Moe;
+        cfg.n_routed_experts = 4;
+        cfg.n_shared_experts = 1;
+        cfg.moe_inter = 4;
+        cfg.top_k = 2;
+        cfg.bias_fit_iters = 8;
+        cfg.bias_fit_hard_rounds = 2;
+        cfg.bias_fit_rate = 0.25;
+        cfg.bias_fit_rate_after = 10;
+        let mut rng = crate::rng::Rng::new(3);
+        let scores: Vec<f32> = (0..64 * 4).map(|_| rng.next_f64() as f32).collect();
+        let per_layer: Vec<&[f32]> = vec![&scores[..]; cfg.n_layers];
+        let bias_after = |step: u64, rate_one: bool| {
+            let mut c = cfg.clone();
+            if rate_one {
+                c.bias_fit_rate = 1.0;
+            }
+            let mut m = Model::new(c).unwrap();
+            m.fit_moe_bias(&per_layer, 8, step);
+            m.moe_bias_range(1).unwrap()
+        };
+        let full = bias_after(1, true);
+        assert_ne!(full, (0.0, 0.0), "the refit moved nothing");
+        assert_eq!(bias_after(10, false), full, "rate 1 up to bias_fit_rate_after");
+        let (lo, hi) = bias_after(11, false);
+        assert!(
+            (lo - 0.25 * full.0).abs() < 1e-6 && (hi - 0.25 * full.1).abs() < 1e-6,
+            "{lo} {hi} vs {full:?}"
+        );
     }
 
     #[test]

@@ -937,9 +937,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 if run.model.bias_fit_rescore {
                     let sc = model.moe_rescore(&ws);
                     let sc: Vec<&[f32]> = sc.iter().map(|v| &v[..]).collect();
-                    model.fit_moe_bias(&sc, run.model.bias_fit_iters);
+                    model.fit_moe_bias(&sc, run.model.bias_fit_iters, step);
                 } else {
-                    model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters);
+                    model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters, step);
                 }
             }
         }

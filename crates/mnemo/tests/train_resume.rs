@@ -233,6 +233,7 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
         // averaged over ~5 batches): no state beyond the bias, so resume stays bit-identical.
         r.model.bias_fit_iters = 16;
         r.model.bias_fit_rate = 0.2;
+        r.model.bias_fit_rate_after = 30;
         r.model.bias_fit_rescore = true;
         r.model.bias_fit_hard_rounds = 8;
         r.train.eval_interval = 40;
