@@ -4,7 +4,13 @@
 # as routed experts; the rest pays for Engram table rows (block 1, orders 2–3, 4 heads × 16 dims).
 # top_k stays 2, so activated expert parameters are equal; the Engram gate (~68k params) is
 # the only extra activated weight and is printed in the accounting.
-#   STEPS=2000 scripts/engram-rho-sweep.sh        (the real sweep: hours on 2 cores)
+#   STEPS=1000 TRAIN_ARGS="--batch-size 8 --set train.eval_batches=32" OUT=results/engram-rho-1000 \
+#     WORK=/work/exp/engram-rho-1000 MNEMO="target/release/mnemo --threads 1" scripts/engram-rho-sweep.sh
+#     RHOS="1.0 0.8" SEEDS=7 ... (same, again: a second seed of ρ = 1.0 and 0.8)
+#                                                 (the run committed in results/engram-rho-1000:
+#                                                 ~15 min per ρ on one core; two invocations
+#                                                 with disjoint RHOS run side by side)
+#   STEPS=2000 scripts/engram-rho-sweep.sh        (longer: hours on 2 cores)
 #   STEPS=5 scripts/engram-rho-sweep.sh           (end-to-end check)
 #   STEPS=100 TRAIN_ARGS="--batch-size 8 --set train.warmup_steps=20" OUT=results/engram-rho-100 \
 #     WORK=/work/exp/engramexp/rho nice -n 10 scripts/engram-rho-sweep.sh
@@ -20,6 +26,7 @@ DATA=${DATA:-/work/corpus}
 TOK=${TOK:-/work/runs/tiny-real/tokenizer.json}
 OUT=${OUT:-results/engram-rho}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+SEEDS=${SEEDS:-1337}    # runs of seeds other than 1337 are named rho-X-seedS; the JSON and plot use every seed found
 export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
 mkdir -p "$OUT/configs" "$WORK"
 # Write one config per ρ and its parameter accounting (python: exact formulas of the preset).
@@ -57,20 +64,24 @@ for a in acct:
     print(f"ρ={a['rho']:.1f}: {a['routed_experts']:2d} experts ({a['routed_expert_params']:,}) + Engram table "
           f"{a['engram_table_params_target']:,} (target) = {a['routed_expert_params'] + a['engram_table_params_target']:,}")
 PY
+for seed in $SEEDS; do
 for rho in $RHOS; do
-  name=$(printf "rho-%.1f" "$rho")
+  cfgname=$(printf "rho-%.1f" "$rho")
+  name=$cfgname
+  [ "$seed" = 1337 ] || name="$cfgname-seed$seed"
   run="$WORK/$name"
   # Reuse a finished run: its metrics hold the final step's validation line.
   if [ ! -f "$run/metrics.jsonl" ] || ! grep "\"step\":$STEPS," "$run/metrics.jsonl" | grep -q val_loss; then
     rm -rf "$run"
-    $MNEMO train --config "$OUT/configs/$name.json" --data "$DATA" --tokenizer "$TOK" --steps "$STEPS" \
-      --seed 1337 --out "$run" --quiet $TRAIN_ARGS 2> "$WORK/$name.log"
+    $MNEMO train --config "$OUT/configs/$cfgname.json" --data "$DATA" --tokenizer "$TOK" --steps "$STEPS" \
+      --seed "$seed" --out "$run" --quiet $TRAIN_ARGS 2> "$WORK/$name.log"
   fi
   # The exact sizes as built (prime table sizes): parameters from the log and `engram inspect`.
   grep -E "^model:|engram gates" "$WORK/$name.log" | sed "s/^/$name: /" || true
-  if grep -q '"engram": {' "$OUT/configs/$name.json"; then
+  if grep -q '"engram": {' "$OUT/configs/$cfgname.json"; then
     $MNEMO engram inspect "$run" | grep -E "rows" | sed "s/^/$name: /"
   fi
+done
 done
 /work/venv/bin/python - "$OUT" "$WORK" "$STEPS" <<'PY'
 import json, sys, re
@@ -87,13 +98,29 @@ for a in acct:
     tables = num(t[2]) if t else 0.0
     r = dict(a, params_flat=num(m[1]), activated=num(m[2]), engram_tables=tables,
              total_params=num(m[1]) + tables, val_loss=val["val_loss"], val_bpb=val["val_bpb"], steps=steps)
+    # Other seeds of the same ρ (rho-X-seedS), when present and finished.
+    import glob, os
+    seeds = {"1337": val["val_loss"]}
+    for d in sorted(glob.glob(f"{work}/{a['name']}-seed*")):
+        rows_s = [json.loads(l) for l in open(f"{d}/metrics.jsonl") if "val_loss" in l] if os.path.exists(f"{d}/metrics.jsonl") else []
+        if rows_s and rows_s[-1]["step"] == steps:
+            seeds[d.rsplit("-seed", 1)[1]] = rows_s[-1]["val_loss"]
+    r["val_loss_by_seed"] = seeds
+    r["val_loss_mean"] = sum(seeds.values()) / len(seeds)
+    r["val_curve"] = {v["step"]: round(v["val_loss"], 4) for v in
+                      (json.loads(l) for l in open(f"{work}/{a['name']}/metrics.jsonl") if "val_loss" in l)}
     rows.append(r)
     print(f"ρ={r['rho']:.1f}: total {r['total_params']/1e6:.2f}M, activated {r['activated']/1e6:.2f}M, "
           f"val loss {r['val_loss']:.4f}, bpb {r['val_bpb']:.4f}")
 json.dump(rows, open(f"{out}/rho.json", "w"), indent=1)
 import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(6, 4))
-ax.plot([r["rho"] for r in rows], [r["val_loss"] for r in rows], marker="o")
+ax.plot([r["rho"] for r in rows], [r["val_loss"] for r in rows], marker="o", label="seed 1337")
+for r in rows:
+    other = [v for k, v in r["val_loss_by_seed"].items() if k != "1337"]
+    if other:
+        ax.scatter([r["rho"]] * len(other), other, marker="x", color="gray", zorder=3,
+                   label="other seeds" if r is rows[0] else None)
 best = min(rows, key=lambda r: r["val_loss"])
 ax.scatter([best["rho"]], [best["val_loss"]], color="red", zorder=3, label=f"minimum at ρ={best['rho']:.1f}")
 ax.set_xlabel("ρ (share of the sparse budget given to routed experts)"); ax.set_ylabel("val loss (nats/token)")
