@@ -2099,7 +2099,11 @@ pub(crate) mod tests {
         };
         let full = bias_after(1, true);
         assert_ne!(full, (0.0, 0.0), "the refit moved nothing");
-        assert_eq!(bias_after(10, false), full, "rate 1 up to bias_fit_rate_after");
+        assert_eq!(
+            bias_after(10, false),
+            full,
+            "rate 1 up to bias_fit_rate_after"
+        );
         let (lo, hi) = bias_after(11, false);
         assert!(
             (lo - 0.25 * full.0).abs() < 1e-6 && (hi - 0.25 * full.1).abs() < 1e-6,
