@@ -29,6 +29,27 @@ fn make_corpus(dir: &Path) {
     }
 }
 
+/// A fresh temporary directory `name` with the small corpus in `data/` and a token cache
+/// directory `cache/`: (root, data, cache).
+fn corpus_dir(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let root = tmpdir(name);
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    make_corpus(&data);
+    let cache = root.join("cache");
+    (root, data, cache)
+}
+
+/// The DSA indexer used by the DSA tests: 2 heads × 8 dims, RoPE on 4, top-8.
+fn small_dsa() -> mnemo::config::DsaConfig {
+    mnemo::config::DsaConfig {
+        index_n_heads: 2,
+        index_head_dim: 8,
+        index_rope_dim: 4,
+        index_topk: 8,
+    }
+}
+
 fn run_config(data: &Path, steps: u64) -> RunConfig {
     RunConfig {
         model: ModelConfig {
@@ -95,11 +116,7 @@ fn resume(out: &Path, cache: &Path) -> TrainOptions {
 
 #[test]
 fn training_learns_and_resume_is_bit_identical() {
-    let root = tmpdir("resume");
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    make_corpus(&data);
-    let cache = root.join("cache");
+    let (root, data, cache) = corpus_dir("resume");
     let never = AtomicBool::new(false);
 
     // Uninterrupted 150 steps.
@@ -214,11 +231,7 @@ fn corrupt_checkpoints_give_clear_errors() {
 /// and balancing bias across a resume (bit-identical), and the bias method balances the load.
 #[test]
 fn moe_training_balances_load_and_resumes_bit_identically() {
-    let root = tmpdir("moe");
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    make_corpus(&data);
-    let cache = root.join("cache");
+    let (root, data, cache) = corpus_dir("moe");
     let moe_run = |steps| {
         let mut r = run_config(&data, steps);
         r.model.ffn = mnemo::config::FfnKind::Moe;
@@ -281,11 +294,7 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
 /// step and the layer, and leaves the last checkpoint untouched.
 #[test]
 fn hyper_connection_training_diagnostics_resume_and_nan_stop() {
-    let root = tmpdir("mhc");
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    make_corpus(&data);
-    let cache = root.join("cache");
+    let (root, data, cache) = corpus_dir("mhc");
     let hc_run = |steps, residual| {
         let mut r = run_config(&data, steps);
         r.model.residual = residual;
@@ -388,11 +397,7 @@ fn hyper_connection_training_diagnostics_resume_and_nan_stop() {
 /// the wrong size or an inconsistent Engram config is a clear error.
 #[test]
 fn engram_training_resumes_bit_identically_and_bad_files_are_errors() {
-    let root = tmpdir("engram");
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    make_corpus(&data);
-    let cache = root.join("cache");
+    let (root, data, cache) = corpus_dir("engram");
     let run = |steps| {
         let mut r = run_config(&data, steps);
         r.model.engram = Some(mnemo::engram::EngramConfig {
@@ -615,20 +620,11 @@ fn engram_memory_only_finetuning_freezes_the_backbone_and_the_delta_reloads_exac
 #[test]
 fn dsa_warmup_freezes_the_model_and_sparse_resume_is_bit_identical() {
     use mnemo::dsa::DsaStage;
-    let root = tmpdir("dsa");
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    make_corpus(&data);
-    let cache = root.join("cache");
+    let (root, data, cache) = corpus_dir("dsa");
     let never = AtomicBool::new(false);
     let cfg = |steps| {
         let mut r = run_config(&data, steps);
-        r.model.dsa = Some(mnemo::config::DsaConfig {
-            index_n_heads: 2,
-            index_head_dim: 8,
-            index_rope_dim: 4,
-            index_topk: 8,
-        });
+        r.model.dsa = Some(small_dsa());
         r.train.dsa_stage = DsaStage::Warmup;
         r.train.eval_interval = 10;
         r
@@ -709,11 +705,7 @@ fn dsa_warmup_freezes_the_model_and_sparse_resume_is_bit_identical() {
 #[test]
 fn dsa_model_initialised_from_a_dense_run_keeps_its_weights_and_a_fresh_indexer() {
     use mnemo::dsa::DsaStage;
-    let root = tmpdir("dsa-init");
-    let data = root.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    make_corpus(&data);
-    let cache = root.join("cache");
+    let (root, data, cache) = corpus_dir("dsa-init");
     let never = AtomicBool::new(false);
     let dense = root.join("dense");
     train(fresh(&dense, run_config(&data, 6), &cache), &never).unwrap();
@@ -729,12 +721,7 @@ fn dsa_model_initialised_from_a_dense_run_keeps_its_weights_and_a_fresh_indexer(
         progress: false,
     };
     let mut r = run_config(&data, 0);
-    r.model.dsa = Some(mnemo::config::DsaConfig {
-        index_n_heads: 2,
-        index_head_dim: 8,
-        index_rope_dim: 4,
-        index_topk: 8,
-    });
+    r.model.dsa = Some(small_dsa());
     r.train.dsa_stage = DsaStage::Warmup;
     r.train.max_steps = 3;
     let sparse = root.join("sparse");
