@@ -1148,16 +1148,10 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         })?;
     let (loss, bpb) = (ev.loss, ev.bpb);
     // MoE: expert load over the validation windows (max / min share relative to the mean).
-    let moe: Vec<serde_json::Value> = ev
-        .moe_loads
-        .iter()
-        .enumerate()
-        .filter_map(|(layer, load)| {
-            let load = load.as_ref()?;
-            let (mx, mn) = mnemo::moe::load_stats(load);
-            Some(serde_json::json!({"layer": layer, "load_max": mx, "load_min": mn, "hash": l.model.cfg.is_hash(layer), "load": load}))
-        })
-        .collect();
+    let moe = match mnemo::train::moe_stats(&l.model, &ev.moe_loads) {
+        Some(serde_json::Value::Array(rows)) => rows,
+        _ => Vec::new(),
+    };
     let windows = (a.batches * b).min(cache.val.n_tokens / t.max(1)).max(1);
     if let Some(p) = &a.longctx.json {
         let mut j = serde_json::json!({"run": run_dir, "data": spec.root, "val_loss": loss, "val_bpb": bpb, "val_tokens": cache.val.n_tokens, "windows": windows, "seq_len": t, "engram_off": a.no_engram});

@@ -2071,6 +2071,26 @@ pub(crate) mod tests {
         }
     }
 
+    /// The mean loss of `m`'s architecture with parameters `p` on (`tokens`, `targets`): the
+    /// function a finite-difference check differentiates.
+    fn loss_at<'a>(
+        m: &'a Model,
+        tokens: &'a [u32],
+        targets: &'a [u32],
+        b: usize,
+        t: usize,
+    ) -> impl Fn(&[f32]) -> f64 + 'a {
+        move |p: &[f32]| {
+            let mm = Model {
+                params: p.to_vec(),
+                ..Model::new(m.cfg.clone()).unwrap()
+            };
+            let mut ws = Workspace::default();
+            mm.forward(tokens, b, t, &mut ws);
+            mm.loss(targets, &mut ws)
+        }
+    }
+
     /// `bias_fit_rate_after`: up to that step the refit jumps to the batch's fit (rate 1),
     /// after it the bias moves `bias_fit_rate` of the way.
     #[test]
@@ -2141,15 +2161,7 @@ pub(crate) mod tests {
             let mut grads = vec![0.0; m.layout.total];
             m.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
             let params = m.params.clone();
-            let loss = |p: &[f32]| {
-                let mm = Model {
-                    params: p.to_vec(),
-                    ..Model::new(m.cfg.clone()).unwrap()
-                };
-                let mut ws = Workspace::default();
-                mm.forward(&tokens, b, t, &mut ws);
-                mm.loss(&targets, &mut ws)
-            };
+            let loss = loss_at(&m, &tokens, &targets, b, t);
             crate::kernels::gradcheck::check(&params, &grads, loss, 1e-2, 1e-2);
         }
     }
@@ -2185,15 +2197,7 @@ pub(crate) mod tests {
         let l = m.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
         assert!((l - manual).abs() < 1e-5);
         let params = m.params.clone();
-        let loss = |p: &[f32]| {
-            let mm = Model {
-                params: p.to_vec(),
-                ..Model::new(m.cfg.clone()).unwrap()
-            };
-            let mut ws = Workspace::default();
-            mm.forward(&tokens, b, t, &mut ws);
-            mm.loss(&targets, &mut ws)
-        };
+        let loss = loss_at(&m, &tokens, &targets, b, t);
         crate::kernels::gradcheck::check(&params, &grads, loss, 1e-2, 1e-2);
         // Nothing counted: zero loss and zero gradient.
         let none = vec![IGNORE; b * t];
@@ -2240,16 +2244,8 @@ pub(crate) mod tests {
             let mut ws = Workspace::default();
             let mut grads = vec![0.0; m.layout.total];
             m.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
-            let loss = |p: &[f32]| {
-                let mm = Model {
-                    params: p.to_vec(),
-                    ..Model::new(m.cfg.clone()).unwrap()
-                };
-                let mut ws = Workspace::default();
-                mm.forward(&tokens, b, t, &mut ws);
-                mm.loss(&targets, &mut ws)
-            };
-            crate::kernels::gradcheck::check(&m.params, &grads, loss, 1e-2, 1e-2);
+            let loss = loss_at(&m, &tokens, &targets, b, t);
+            crate::kernels::gradcheck::check(&m.params, &grads, &loss, 1e-2, 1e-2);
             // Just the hyper-connection parameters (a small share of the whole vector).
             // (f32 central differences resolve gradients down to ~1e-5; smaller ones are
             // covered by the per-layer checks in `mhc`.)

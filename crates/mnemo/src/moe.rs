@@ -728,10 +728,7 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_r
     // hard round) raises the mean bias when the load is uneven (Σ_e ln(target/load_e) ≥ 0 by
     // Jensen), so without re-centring the mean drifts up without bound (≈ +80 after 1,000
     // steps of `tiny-moe`) and eats f32 resolution; it is removed after the fit.
-    let mean = b.iter().sum::<f64>() / e as f64;
-    bias.iter_mut()
-        .zip(&b)
-        .for_each(|(x, &v)| *x = (v - mean) as f32);
+    bias.iter_mut().zip(&b).for_each(|(x, &v)| *x = v as f32);
     hard_correct(bias, scores, k, hard_rounds, tau as f32);
     let mean = bias.iter().map(|&x| x as f64).sum::<f64>() / e as f64;
     bias.iter_mut().for_each(|x| *x = (*x as f64 - mean) as f32);

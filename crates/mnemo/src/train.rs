@@ -315,14 +315,7 @@ pub fn evaluate_with(
             }
             None => model.forward(&x, chunk.len(), t, ws),
         }
-        let layer_loads = ws.moe_loads();
-        moe_loads.resize(layer_loads.len(), None);
-        for (acc, l) in moe_loads.iter_mut().zip(layer_loads) {
-            if let Some(l) = l {
-                let a = acc.get_or_insert_with(|| vec![0; l.len()]);
-                a.iter_mut().zip(l).for_each(|(a, b)| *a += b);
-            }
-        }
+        add_moe_loads(&mut moe_loads, ws);
         sum += model.loss(&y, ws) * y.len() as f64;
         count += y.len();
     }
@@ -869,12 +862,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
             for (acc, g) in tgrads.iter_mut().zip(&ws.engram_table_grads) {
                 acc.accumulate(g);
             }
-            for (acc, l) in loads.iter_mut().zip(ws.moe_loads()) {
-                if let Some(l) = l {
-                    let a = acc.get_or_insert_with(|| vec![0; l.len()]);
-                    a.iter_mut().zip(l).for_each(|(a, b)| *a += b);
-                }
-            }
+            add_moe_loads(&mut loads, &ws);
         }
         // A non-finite loss or gradient stops the run before the optimizer step, so neither the
         // parameters nor the last checkpoint on disk are touched.
@@ -1256,9 +1244,24 @@ pub fn optimizer_step_where(
     }
 }
 
-/// Per MoE layer: expert load (max and min share relative to the mean) of this step and the
-/// range of the balancing bias.
-fn moe_stats(model: &Model, loads: &[Option<Vec<u64>>]) -> Option<serde_json::Value> {
+/// Add the expert loads of the last forward pass (per layer; `None` for dense layers) to `acc`,
+/// growing it to the model's layer count on first use.
+fn add_moe_loads(acc: &mut Vec<Option<Vec<u64>>>, ws: &Workspace) {
+    let layer_loads = ws.moe_loads();
+    if acc.len() < layer_loads.len() {
+        acc.resize(layer_loads.len(), None);
+    }
+    for (a, l) in acc.iter_mut().zip(layer_loads) {
+        if let Some(l) = l {
+            let a = a.get_or_insert_with(|| vec![0; l.len()]);
+            a.iter_mut().zip(l).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+/// Per MoE layer: expert load (max and min share relative to the mean) and the range of the
+/// balancing bias, as logged in `metrics.jsonl` (also printed by `mnemo eval`).
+pub fn moe_stats(model: &Model, loads: &[Option<Vec<u64>>]) -> Option<serde_json::Value> {
     let rows: Vec<serde_json::Value> = loads
         .iter()
         .enumerate()
