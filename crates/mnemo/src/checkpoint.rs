@@ -27,8 +27,9 @@
 use crate::config::ModelConfig;
 use crate::engram::{Engram, EngramTable, LayerHash, SparseAdam};
 use crate::model::Model;
+use crate::moe::BiasPool;
 use crate::rng::Rng;
-use crate::safetensors_io::{serialize, serialize_mixed, Data, TensorFile};
+use crate::safetensors_io::{serialize_mixed, Data, TensorFile};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,9 @@ pub struct Loaded {
     pub adam: Option<(Vec<f32>, Vec<f32>)>,
     /// The Engram tables' lazy-Adam state (with the optimizer, Engram models only).
     pub engram_opt: Option<Vec<SparseAdam>>,
+    /// The MoE refit pools, one per layer (with the optimizer; empty pools when the run keeps
+    /// none, see `bias_fit_window`).
+    pub moe_pools: Option<Vec<BiasPool>>,
     pub dir: PathBuf,
 }
 
@@ -238,21 +242,29 @@ pub fn save(
     if model.engram.is_some() {
         bail!("checkpoint::save: an Engram model needs `save_with` (tables and their optimizer)");
     }
-    save_inner(run_dir, model, tok, adam, &[], state)
+    save_inner(run_dir, model, tok, adam, &[], &[], state)
 }
 
 /// Save a complete checkpoint atomically into `run_dir/checkpoint`, with the Engram files and
-/// the tables' lazy-Adam states `table_opt` when the model has Engram.
+/// the tables' lazy-Adam states `table_opt` when the model has Engram, and the MoE refit
+/// pools `moe_pools` (one per layer, or none) beside the Adam moments.
+#[allow(clippy::too_many_arguments)]
 pub fn save_with(
     run_dir: &Path,
     model: &mut Model,
     tok: &Tokenizer,
     adam: (&[f32], &[f32]),
     table_opt: &[SparseAdam],
+    moe_pools: &[BiasPool],
     state: &TrainState,
 ) -> Result<()> {
     model.sync_engram_gates();
-    save_inner(run_dir, model, tok, adam, table_opt, state)
+    save_inner(run_dir, model, tok, adam, table_opt, moe_pools, state)
+}
+
+/// Names of layer `l`'s refit pool in `optimizer.safetensors`: inputs `[R, d]`, rows per batch.
+fn pool_names(l: usize) -> (String, String) {
+    (format!("moe_pool.{l}.inputs"), format!("moe_pool.{l}.rows"))
 }
 
 fn save_inner(
@@ -261,6 +273,7 @@ fn save_inner(
     tok: &Tokenizer,
     adam: (&[f32], &[f32]),
     table_opt: &[SparseAdam],
+    moe_pools: &[BiasPool],
     state: &TrainState,
 ) -> Result<()> {
     let tmp = run_dir.join(TMP_DIR);
@@ -271,13 +284,27 @@ fn save_inner(
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     write_file(&tmp, "model.safetensors", &model_bytes(model)?)?;
     let n = model.layout.total;
-    let opt = serialize(
-        &[
-            ("adam.m".into(), vec![n], adam.0),
-            ("adam.v".into(), vec![n], adam.1),
-        ],
-        HashMap::new(),
-    )?;
+    let pools: Vec<(usize, Vec<f32>, Vec<u32>)> = moe_pools
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.rows() > 0)
+        .map(|(l, p)| {
+            let (x, rows) = p.to_parts();
+            (l, x, rows)
+        })
+        .collect();
+    let mut tensors: Vec<(String, Vec<usize>, Data)> = vec![
+        ("adam.m".into(), vec![n], Data::F32(adam.0)),
+        ("adam.v".into(), vec![n], Data::F32(adam.1)),
+    ];
+    let d = model.cfg.d_model;
+    for (l, x, rows) in &pools {
+        let (xn, rn) = pool_names(*l);
+        tensors.push((xn, vec![x.len() / d, d], Data::F32(x)));
+        let rows: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        tensors.push((rn, vec![rows.len()], Data::I32(rows)));
+    }
+    let opt = serialize_mixed(&tensors, HashMap::new())?;
     write_file(&tmp, "optimizer.safetensors", &opt)?;
     write_file(
         &tmp,
@@ -412,6 +439,7 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
             state: None,
             adam: None,
             engram_opt: None,
+            moe_pools: None,
             dir: path.to_path_buf(),
         });
     }
@@ -472,14 +500,48 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
     } else {
         None
     };
+    let moe_pools = if with_optimizer {
+        Some(read_moe_pools(&dir.join("optimizer.safetensors"), &model)?)
+    } else {
+        None
+    };
     Ok(Loaded {
         model,
         tokenizer,
         state,
         adam,
         engram_opt,
+        moe_pools,
         dir,
     })
+}
+
+/// The MoE refit pools saved beside the Adam moments (empty pools where none was saved, e.g. a
+/// run without `bias_fit_window`).
+fn read_moe_pools(p: &Path, model: &Model) -> Result<Vec<BiasPool>> {
+    let f = TensorFile::open(p)?;
+    let names = f.names();
+    let mut pools = model.new_moe_pools();
+    let (c, d) = (&model.cfg, model.cfg.d_model);
+    for (l, pool) in pools.iter_mut().enumerate() {
+        let (xn, rn) = pool_names(l);
+        if !names.contains(&xn) {
+            continue;
+        }
+        let rows = f.u32(&rn)?;
+        let total: usize = rows.iter().map(|&r| r as usize).sum();
+        let x = f.f32(&xn, Some(&[total, d]))?;
+        *pool = BiasPool::from_parts(c.bias_fit_window, c.bias_fit_stride, d, &x, &rows)
+            .with_context(|| {
+                format!(
+                    "{}: the MoE refit pool of layer {l} ({} batches) does not fit bias_fit_window = {}",
+                    p.display(),
+                    rows.len(),
+                    c.bias_fit_window
+                )
+            })?;
+    }
+    Ok(pools)
 }
 
 #[cfg(test)]

@@ -99,10 +99,26 @@ pub struct ModelConfig {
     /// bias does not lag one step of router drift. See `moe::router_scores`.
     #[serde(default)]
     pub bias_fit_rescore: bool,
-    /// With the refit on: rounds of dual ascent on the batch's hard top-k load after the
-    /// soft (entropic) fit, which balances soft, not top-k, assignments. See `moe::fit_bias`.
+    /// With the refit on: sweeps of exact per-expert updates on the hard top-k load after the
+    /// soft (entropic) fit, which balances soft, not top-k, assignments: each sweep gives
+    /// every expert in turn exactly its share of the sample. See `moe::fit_bias`.
     #[serde(default)]
     pub bias_fit_hard_rounds: usize,
+    /// With the refit on: fit to the router inputs of the last `bias_fit_window` batches
+    /// (micro-batches under gradient accumulation; every `bias_fit_stride`-th token of each),
+    /// scored by the router as it stands after the optimizer step, instead of to the last
+    /// batch alone (0, the default: off). One batch of a few documents is a noisy sample of
+    /// the text the next batches bring; the pooled fit estimates the bias that balances the
+    /// recent mixture without lagging the router (the pool is re-scored every step). The pool
+    /// is part of the optimizer state in the checkpoint, so resume stays bit-identical. See
+    /// `moe::BiasPool`.
+    #[serde(default)]
+    pub bias_fit_window: usize,
+    /// Keep every `bias_fit_stride`-th token of each batch in the refit pool (1 = all).
+    /// Tokens of one window share their document; a stride keeps the pool small while the
+    /// window spans many documents.
+    #[serde(default = "one_usize")]
+    pub bias_fit_stride: usize,
     /// Weight of the optional sequence-wise balance loss (0 = off).
     #[serde(default)]
     pub seq_aux_loss_coef: f32,
@@ -215,6 +231,10 @@ pub enum ScoreFunc {
 fn one() -> f32 {
     1.0
 }
+fn one_usize() -> usize {
+    1
+}
+
 fn yes() -> bool {
     true
 }
@@ -295,8 +315,9 @@ impl ModelConfig {
             // activated FFN width (shared + top_k)·moe_inter equal to the dense `ffn_hidden`.
             // The balancing bias moves 0.01 per step (DeepSeek-V3 uses 0.001 at ~10x lower lr
             // and ~7000x larger batches; at 0.001 our short runs stay collapsed for hundreds of
-            // steps, see the README). After the sign step the bias is refitted to the last
-            // batch (16 Sinkhorn rounds, then 8 rounds on its hard top-k load).
+            // steps, see the README). After the sign step the bias is refitted (16 Sinkhorn
+            // rounds, then 8 exact sweeps on the hard top-k load) to the router inputs of the
+            // last 16 batches, every 8th token, re-scored by the updated router.
             "tiny-moe" => Some(ModelConfig {
                 ffn: FfnKind::Moe,
                 n_dense_layers: 1,
@@ -307,6 +328,8 @@ impl ModelConfig {
                 bias_update_speed: 0.01,
                 bias_fit_iters: 16,
                 bias_fit_hard_rounds: 8,
+                bias_fit_window: 16,
+                bias_fit_stride: 8,
                 ..Self::preset("tiny")?
             }),
             "small-moe" => Some(ModelConfig {
@@ -319,6 +342,8 @@ impl ModelConfig {
                 bias_update_speed: 0.01,
                 bias_fit_iters: 16,
                 bias_fit_hard_rounds: 8,
+                bias_fit_window: 16,
+                bias_fit_stride: 8,
                 ffn_hidden: 1392,
                 ..Self::preset("small")?
             }),
@@ -424,6 +449,8 @@ impl ModelConfig {
             bias_fit_rate_after: 0,
             bias_fit_rescore: false,
             bias_fit_hard_rounds: 0,
+            bias_fit_window: 0,
+            bias_fit_stride: 1,
             seq_aux_loss_coef: 0.0,
             residual: Residual::Plain,
             hc_mult: default_hc_mult(),
@@ -705,6 +732,12 @@ impl ModelConfig {
         }
         if self.bias_fit_hard_rounds > 1000 {
             return Err(err("bias_fit_hard_rounds", "must be at most 1000"));
+        }
+        if self.bias_fit_window > 4096 {
+            return Err(err("bias_fit_window", "must be at most 4096 batches"));
+        }
+        if self.bias_fit_stride == 0 || self.bias_fit_stride > 65536 {
+            return Err(err("bias_fit_stride", "must be in 1..=65536"));
         }
         if !(self.bias_fit_rate.is_finite()
             && self.bias_fit_rate > 0.0

@@ -823,6 +823,39 @@ impl Model {
         }
     }
 
+    /// The whole auxiliary-loss-free balancing after optimizer step `step`: the sign step on
+    /// the step's `loads`, then (with `bias_fit_iters > 0`) the refit to the pooled router
+    /// inputs `pools` (`bias_fit_window > 0`; the caller has pushed the step's batches), to the
+    /// last batch re-scored by the updated router (`bias_fit_rescore`), or to the scores that
+    /// routed it (`ws`: the workspace of the step's last forward pass).
+    pub fn balance_moe(
+        &mut self,
+        loads: &[Option<Vec<u64>>],
+        ws: &Workspace,
+        pools: &[moe::BiasPool],
+        step: u64,
+    ) {
+        self.update_moe_bias(loads);
+        let iters = self.cfg.bias_fit_iters;
+        if iters == 0 {
+            return;
+        }
+        let owned = if self.cfg.bias_fit_window > 0 {
+            Some(self.moe_pool_scores(pools))
+        } else if self.cfg.bias_fit_rescore {
+            Some(self.moe_rescore(ws))
+        } else {
+            None
+        };
+        match owned {
+            Some(sc) => {
+                let sc: Vec<&[f32]> = sc.iter().map(|v| &v[..]).collect();
+                self.fit_moe_bias(&sc, iters, step);
+            }
+            None => self.fit_moe_bias(&ws.moe_scores(), iters, step),
+        }
+    }
+
     /// Refit every routed layer's selection bias against the scores of the last batch with
     /// `iters` Sinkhorn rounds, moving `bias_fit_rate` of the way (see [`moe::refit_bias`]).
     /// `step`: the optimizer step just taken (the rate is 1 up to `bias_fit_rate_after`).
@@ -865,6 +898,50 @@ impl Model {
             .map(|(lo, la)| match lo.ffn {
                 Ffn::Moe(mo) if !mo.hash && !la.f.is_empty() => {
                     moe::router_scores(&spec, &self.params, &mo, &la.f)
+                }
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Empty refit pools (`bias_fit_window` batches, every `bias_fit_stride`-th token), one per
+    /// layer; only routed MoE layers fill theirs (see [`moe::BiasPool`]).
+    pub fn new_moe_pools(&self) -> Vec<moe::BiasPool> {
+        let c = &self.cfg;
+        self.layout
+            .layers
+            .iter()
+            .map(|lo| match lo.ffn {
+                Ffn::Moe(mo) if !mo.hash => {
+                    moe::BiasPool::new(c.bias_fit_window, c.bias_fit_stride, c.d_model)
+                }
+                _ => moe::BiasPool::new(0, 1, c.d_model),
+            })
+            .collect()
+    }
+
+    /// Add the router inputs of the last forward pass to each routed layer's refit pool.
+    pub fn push_moe_pools(&self, pools: &mut [moe::BiasPool], ws: &Workspace) {
+        for ((lo, la), pool) in self.layout.layers.iter().zip(&ws.layers).zip(pools) {
+            if let Ffn::Moe(mo) = lo.ffn {
+                if !mo.hash && !la.f.is_empty() {
+                    pool.push(&la.f);
+                }
+            }
+        }
+    }
+
+    /// Router scores `[R, E]` of each routed layer's pooled inputs under the *current* router
+    /// weights (empty for the other layers): what the pooled refit balances.
+    pub fn moe_pool_scores(&self, pools: &[moe::BiasPool]) -> Vec<Vec<f32>> {
+        let spec = MoeSpec::new(&self.cfg);
+        self.layout
+            .layers
+            .iter()
+            .zip(pools)
+            .map(|(lo, pool)| match lo.ffn {
+                Ffn::Moe(mo) if !mo.hash && pool.rows() > 0 => {
+                    moe::router_scores(&spec, &self.params, &mo, &pool.joined())
                 }
                 _ => Vec::new(),
             })

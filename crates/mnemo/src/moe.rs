@@ -13,10 +13,11 @@
 //! The bias `b` is not trained by gradient: after every optimizer step it moves by
 //! `±bias_update_speed` toward equal load ([`update_bias`]); optionally it is then refitted
 //! against the scores of the batch just seen ([`fit_bias`], `bias_fit_iters`), moving only
-//! `bias_fit_rate` of the way ([`refit_bias`]: `b ← (1 − r)·b + r·fit(b, s)`), with `s` either
-//! the scores that routed that batch or (`bias_fit_rescore`) the same inputs scored again by
-//! the router after the optimizer step ([`router_scores`]). An optional sequence-wise balance
-//! loss `α Σ_e f_e P_e` (V3 eq. 17–20) can be added.
+//! `bias_fit_rate` of the way ([`refit_bias`]: `b ← (1 − r)·b + r·fit(b, s)`), with `s` the
+//! scores that routed that batch, or (`bias_fit_rescore`) the same inputs scored again by the
+//! router after the optimizer step ([`router_scores`]), or (`bias_fit_window`) the inputs of
+//! the last few batches pooled and scored again by that router ([`BiasPool`]). An optional
+//! sequence-wise balance loss `α Σ_e f_e P_e` (V3 eq. 17–20) can be added.
 //!
 //! Compute is expert by expert over gathered token groups, never a dense `N×E` expert product:
 //! the tokens routed to expert `e` are gathered into `[n_e, d]`, run through its SwiGLU with
@@ -28,6 +29,7 @@ use crate::config::{ModelConfig, ScoreFunc};
 use crate::kernels::matmul::{gemm, MatRef};
 use crate::kernels::{swiglu, SendPtr};
 use rayon::prelude::*;
+use std::collections::VecDeque;
 
 /// Shapes and routing settings of one MoE layer.
 #[derive(Clone, Copy, Debug)]
@@ -659,6 +661,9 @@ pub fn update_bias(bias: &mut [f32], load: &[u64], speed: f32) {
 /// b_e  += τ · (log(N·k/E) − log(k · Σ_t P[t, e]))
 /// ```
 ///
+/// then `hard_rounds` sweeps of exact per-expert updates on the hard top-k load (see
+/// `hard_correct`), and finally the mean is removed (selection is shift-invariant).
+///
 /// Early in training every token's router input is nearly the same vector: the scores share
 /// a common mode that is large next to their token-specific part, and a fixed-size sign step
 /// per batch can neither reach nor follow it. The dual fit reaches it in a few rounds at any
@@ -724,34 +729,76 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_r
             b[j] += tau * (target.ln() - col[j].max(1e-12).ln());
         }
     }
-    // Selection depends on the bias only up to a common shift. Each Sinkhorn round (and each
-    // hard round) raises the mean bias when the load is uneven (Σ_e ln(target/load_e) ≥ 0 by
-    // Jensen), so without re-centring the mean drifts up without bound (≈ +80 after 1,000
-    // steps of `tiny-moe`) and eats f32 resolution; it is removed after the fit.
+    // Selection depends on the bias only up to a common shift. Each Sinkhorn round raises
+    // the mean bias when the load is uneven (Σ_e ln(target/load_e) ≥ 0 by Jensen), so
+    // without re-centring the mean drifts up without bound (≈ +80 after 1,000 steps of
+    // `tiny-moe`) and eats f32 resolution; it is removed after the fit.
     bias.iter_mut().zip(&b).for_each(|(x, &v)| *x = v as f32);
-    hard_correct(bias, scores, k, hard_rounds, tau as f32);
+    hard_correct(bias, scores, k, hard_rounds, 1e-3 * tau as f32);
     let mean = bias.iter().map(|&x| x as f64).sum::<f64>() / e as f64;
     bias.iter_mut().for_each(|x| *x = (*x as f64 - mean) as f32);
 }
 
-/// After the soft fit: `rounds` rounds of dual ascent on the *hard* top-k load of the same
-/// batch, `b_e += η_r · τ · (ln(N·k/E) − ln(max(load_e, ½)))` with `η_r = 2^{-r/2}`. The
-/// entropic model spreads each token's `k` units by a softmax, which is not top-k selection:
-/// the soft fit leaves an expert-specific gap between soft and hard load that it would
-/// otherwise carry from batch to batch.
-fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, rounds: usize, tau: f32) {
+/// After the soft fit: `sweeps` sweeps of exact coordinate updates on the *hard* top-k load.
+/// For expert `j` with the other biases fixed, token `t` selects `j` iff
+/// `s[t, j] + b_j > m_t`, with `m_t` the `k`-th largest `s[t, i] + b_i` over `i ≠ j`; so
+/// `b_j = −(midpoint of the target-th and (target+1)-th largest of s[t, j] − m_t)` gives `j`
+/// exactly its share `round(N·k/E)` of this sample. Experts are updated one after another
+/// (Gauss–Seidel), each with the others' latest biases. The entropic model spreads each
+/// token's `k` units by a softmax, which is not top-k selection: the soft fit leaves an
+/// expert-specific gap that these sweeps close. Unlike a gradient step on `ln(load)`, an
+/// exact update cannot overshoot when an expert's load is near zero, which is common early
+/// in training when every token's scores are almost the same.
+fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: f32) {
     let e = bias.len();
-    let target = (scores.len() / e * k) as f32 / e as f32;
-    let mut sel = vec![0u32; k];
-    for r in 0..rounds {
-        let mut load = vec![0u64; e];
-        for row in scores.chunks_exact(e) {
-            top_k(row, bias, &mut sel);
-            sel.iter().for_each(|&x| load[x as usize] += 1);
+    let n = scores.len() / e.max(1);
+    if e == 0 || n == 0 || k == 0 || k >= e {
+        return;
+    }
+    let want = ((n * k) as f64 / e as f64).round().clamp(1.0, n as f64) as usize;
+    let mut gap = vec![0.0f32; n];
+    for _ in 0..sweeps {
+        let mut moved = 0.0f32;
+        for j in 0..e {
+            let b: &[f32] = bias;
+            gap.par_chunks_mut(512)
+                .zip(scores.par_chunks(512 * e))
+                .for_each(|(gs, rows)| {
+                    // The k largest biased scores of the other experts, descending.
+                    let mut others = vec![f32::NEG_INFINITY; k];
+                    for (g, row) in gs.iter_mut().zip(rows.chunks_exact(e)) {
+                        others.fill(f32::NEG_INFINITY);
+                        let kk = k;
+                        for (i, (&sv, &bv)) in row.iter().zip(b).enumerate() {
+                            let v = sv + bv;
+                            if i == j || v <= others[kk - 1] {
+                                continue;
+                            }
+                            let mut p = kk - 1;
+                            while p > 0 && others[p - 1] < v {
+                                others[p] = others[p - 1];
+                                p -= 1;
+                            }
+                            others[p] = v;
+                        }
+                        *g = row[j] - others[kk - 1];
+                    }
+                });
+            // Descending: the want-th largest gap sits at index want − 1.
+            let desc = |a: &f32, b: &f32| b.total_cmp(a);
+            let (_, &mut hi, rest) = gap.select_nth_unstable_by(want - 1, desc);
+            let lo = rest.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let cut = if lo.is_finite() {
+                0.5 * (hi + lo)
+            } else {
+                hi - 1.0
+            };
+            moved = moved.max((bias[j] + cut).abs());
+            bias[j] = -cut;
         }
-        let eta = 0.5f32.powf(r as f32 / 2.0);
-        for (b, &l) in bias.iter_mut().zip(&load) {
-            *b += eta * tau * (target.ln() - (l as f32).max(0.5).ln());
+        // A sweep that moved no bias by more than `tol` has converged.
+        if moved <= tol {
+            break;
         }
     }
 }
@@ -776,6 +823,91 @@ pub fn refit_bias(
     fit_bias(bias, scores, k, iters, hard_rounds);
     for (b, o) in bias.iter_mut().zip(old) {
         *b = o + rate * (*b - o);
+    }
+}
+
+/// The router inputs (`f`, `[n, d]` per batch) of one routed layer over the last `window`
+/// batches, every `stride`-th token of each: the sample the refit balances when
+/// `bias_fit_window > 0`. Before every fit the whole pool is scored again by the current router
+/// ([`router_scores`]), so the fit follows the router without lag and averages the
+/// composition of `window` batches rather than carrying one batch's handful of documents.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BiasPool {
+    window: usize,
+    stride: usize,
+    d: usize,
+    batches: VecDeque<Vec<f32>>,
+}
+
+impl BiasPool {
+    /// An empty pool of `window` batches keeping every `stride`-th row of width `d`.
+    pub fn new(window: usize, stride: usize, d: usize) -> Self {
+        BiasPool {
+            window,
+            stride: stride.max(1),
+            d,
+            batches: VecDeque::new(),
+        }
+    }
+
+    /// Add one batch's router inputs `f: [n, d]` (rows 0, stride, 2·stride, …), dropping the
+    /// oldest batch beyond the window.
+    pub fn push(&mut self, f: &[f32]) {
+        if self.window == 0 || self.d == 0 {
+            return;
+        }
+        let rows: Vec<f32> = f
+            .chunks_exact(self.d)
+            .step_by(self.stride)
+            .flatten()
+            .copied()
+            .collect();
+        self.batches.push_back(rows);
+        while self.batches.len() > self.window {
+            self.batches.pop_front();
+        }
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(|b| b.len()).sum::<usize>() / self.d.max(1)
+    }
+
+    /// The pooled inputs `[rows, d]`, oldest batch first.
+    pub fn joined(&self) -> Vec<f32> {
+        self.batches.iter().flatten().copied().collect()
+    }
+
+    /// For the checkpoint: the pooled inputs and each batch's row count.
+    pub fn to_parts(&self) -> (Vec<f32>, Vec<u32>) {
+        let counts = self
+            .batches
+            .iter()
+            .map(|b| (b.len() / self.d.max(1)) as u32)
+            .collect();
+        (self.joined(), counts)
+    }
+
+    /// The inverse of [`BiasPool::to_parts`]; `None` when the parts do not fit together.
+    pub fn from_parts(
+        window: usize,
+        stride: usize,
+        d: usize,
+        data: &[f32],
+        counts: &[u32],
+    ) -> Option<Self> {
+        let total: usize = counts.iter().map(|&c| c as usize).sum();
+        if d == 0 || total.checked_mul(d)? != data.len() || counts.len() > window {
+            return None;
+        }
+        let mut pool = BiasPool::new(window, stride, d);
+        let mut at = 0;
+        for &c in counts {
+            let len = c as usize * d;
+            pool.batches.push_back(data[at..at + len].to_vec());
+            at += len;
+        }
+        Some(pool)
     }
 }
 
@@ -840,15 +972,27 @@ mod tests {
             mx < 1.5 && mn > 0.5,
             "refitted load max {mx:.2} min {mn:.2}"
         );
-        // The hard-load rounds close the gap the soft (softmax) model leaves.
+        // The exact hard-load sweeps close the gap the soft (softmax) model leaves: every
+        // expert gets its share of this batch to within a few tokens.
         let mut hard = vec![0.0f32; e];
         fit_bias(&mut hard, &scores, k, 16, 8);
         let (hx, hn) = load_stats(&load_of(&hard));
         assert!(
-            hx < mx && hx < 1.2 && hn > 0.8,
-            "soft fit max {mx:.3} min {mn:.3}, with hard rounds max {hx:.3} min {hn:.3}"
+            hx < mx && hx < 1.03 && hn > 0.97,
+            "soft fit max {mx:.3} min {mn:.3}, with hard sweeps max {hx:.3} min {hn:.3}"
         );
-        eprintln!("soft fit max {mx:.3} min {mn:.3}, with hard rounds max {hx:.3} min {hn:.3}");
+        eprintln!("soft fit max {mx:.3} min {mn:.3}, with hard sweeps max {hx:.3} min {hn:.3}");
+        // From a bias that starves one expert, with a soft fit far from converged (one
+        // round): the sweeps still balance, where a step on ln(load) would overshoot (an
+        // empty expert's ln(target / ½) is large next to the scores' spread).
+        let mut starved = vec![0.0f32; e];
+        starved[e - 1] = -1.0;
+        fit_bias(&mut starved, &scores, k, 1, 3);
+        let (sx, sn) = load_stats(&load_of(&starved));
+        assert!(
+            sx < 1.03 && sn > 0.97,
+            "from a starved expert: max {sx:.3} min {sn:.3}"
+        );
     }
 
     /// A drifting stream of batches like the real corpus gives: each batch holds a few
@@ -984,6 +1128,130 @@ mod tests {
             "mean max share per batch {stale:.3} -> {fresh:.3}"
         );
         eprintln!("mean max share per batch: stale {stale:.3} -> rescored {fresh:.3}");
+    }
+
+    /// The pool keeps every `stride`-th row of the last `window` batches and survives the
+    /// round trip through its checkpoint parts; parts that do not fit are refused.
+    #[test]
+    fn bias_pool_keeps_a_strided_window_and_round_trips() {
+        let d = 3;
+        let batch = |v: f32, n: usize| -> Vec<f32> {
+            (0..n * d).map(|i| v + (i / d) as f32 * 0.01).collect()
+        };
+        let mut p = BiasPool::new(2, 2, d);
+        p.push(&batch(1.0, 5)); // rows 0, 2, 4
+        assert_eq!(p.rows(), 3);
+        assert_eq!(&p.joined()[3..6], &[1.02; 3]);
+        p.push(&batch(2.0, 4)); // rows 0, 2
+        p.push(&batch(3.0, 2)); // row 0; the first batch leaves
+        assert_eq!(p.rows(), 3);
+        assert_eq!(p.joined()[0], 2.0);
+        assert_eq!(p.joined()[6], 3.0);
+        let (x, rows) = p.to_parts();
+        assert_eq!(rows, vec![2, 1]);
+        assert_eq!(BiasPool::from_parts(2, 2, d, &x, &rows), Some(p.clone()));
+        assert_eq!(BiasPool::from_parts(2, 2, d, &x[1..], &rows), None);
+        assert_eq!(BiasPool::from_parts(1, 2, d, &x, &rows), None);
+        // Window 0 keeps nothing.
+        let mut off = BiasPool::new(0, 1, d);
+        off.push(&batch(1.0, 4));
+        assert_eq!(off.rows(), 0);
+    }
+
+    /// Documents of a few kinds, each pulling the router input its own way, under a router
+    /// that drifts every step: a bias refitted to the last batch (re-scored) carries that
+    /// batch's handful of documents, while a bias fitted to the re-scored pool of the last 16
+    /// batches balances held-out text of every kind (the global load) far better.
+    #[test]
+    fn pooled_refit_balances_held_out_text_better_than_the_last_batch() {
+        use crate::rng::Rng;
+        let (d, e, k, kinds, docs, doc_len) = (16, 16, 2, 6, 4, 64);
+        let spec = MoeSpec {
+            d,
+            inter: 1,
+            n_shared: 0,
+            n_experts: e,
+            top_k: k,
+            score: ScoreFunc::Sqrtsoftplus,
+            scale: 1.0,
+            norm_topk: true,
+            aux_coef: 0.0,
+        };
+        let o = MoeOffsets {
+            gate: 0,
+            bias: e * d,
+            shared_w13: 0,
+            shared_w2: 0,
+            experts: 0,
+            hash: false,
+        };
+        let run = |window: usize| {
+            let mut r = Rng::new(5);
+            let mut w = vec![0.0f32; e * d];
+            r.fill_normal(&mut w, 0.3);
+            let mut dw = vec![0.0f32; e * d];
+            r.fill_normal(&mut dw, 0.005);
+            let mut mu = vec![0.0f32; d];
+            r.fill_normal(&mut mu, 1.0);
+            let mut kind_mu = vec![0.0f32; kinds * d];
+            r.fill_normal(&mut kind_mu, 0.6);
+            let doc = |r: &mut Rng, kind: usize, len: usize| {
+                let mut f = vec![0.0f32; len * d];
+                r.fill_normal(&mut f, 0.3);
+                for (i, x) in f.iter_mut().enumerate() {
+                    *x += mu[i % d] + kind_mu[kind * d + i % d];
+                }
+                f
+            };
+            // Held-out text: every kind equally.
+            let held: Vec<f32> = (0..kinds * 8)
+                .flat_map(|i| doc(&mut r, i % kinds, 32))
+                .collect();
+            let mut pool = BiasPool::new(window, 4, d);
+            let mut bias = vec![0.0f32; e];
+            let (mut global, mut sel) = (Vec::new(), vec![0u32; k]);
+            for t in 0..100 {
+                let f: Vec<f32> = (0..docs)
+                    .flat_map(|_| {
+                        let kind = r.below(kinds as u64) as usize;
+                        doc(&mut r, kind, doc_len)
+                    })
+                    .collect();
+                let s = router_scores(&spec, &w, &o, &f);
+                let mut load = vec![0u64; e];
+                for row in s.chunks_exact(e) {
+                    top_k(row, &bias, &mut sel);
+                    sel.iter().for_each(|&x| load[x as usize] += 1);
+                }
+                // The optimizer step, then the balancing on the re-scored batch or pool.
+                w.iter_mut().zip(&dw).for_each(|(w, dw)| *w += dw);
+                update_bias(&mut bias, &load, 0.01);
+                let s = if window > 0 {
+                    pool.push(&f);
+                    router_scores(&spec, &w, &o, &pool.joined())
+                } else {
+                    router_scores(&spec, &w, &o, &f)
+                };
+                refit_bias(&mut bias, &s, k, 16, 8, 1.0);
+                if t >= 20 {
+                    let hs = router_scores(&spec, &w, &o, &held);
+                    let mut hl = vec![0u64; e];
+                    for row in hs.chunks_exact(e) {
+                        top_k(row, &bias, &mut sel);
+                        sel.iter().for_each(|&x| hl[x as usize] += 1);
+                    }
+                    global.push(load_stats(&hl).0);
+                }
+            }
+            let mean = global.iter().sum::<f64>() / global.len() as f64;
+            (mean, global.iter().cloned().fold(0.0, f64::max))
+        };
+        let (last, pooled) = (run(0), run(16));
+        assert!(
+            pooled.0 < 0.85 * last.0 && pooled.1 < last.1,
+            "held-out max share mean/worst: last batch {last:.3?}, pool of 16 {pooled:.3?}"
+        );
+        eprintln!("held-out max share mean/worst: last batch {last:.3?}, pool of 16 {pooled:.3?}");
     }
 
     /// The refit leaves a zero-mean bias (the common shift does not change any selection and

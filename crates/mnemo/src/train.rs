@@ -418,6 +418,8 @@ struct Session {
     table_opt: Vec<SparseAdam>,
     /// Memory-only fine-tuning: the base run the delta is taken against.
     base: Option<DeltaBase>,
+    /// The MoE refit pools, one per layer (empty unless `bias_fit_window > 0`).
+    moe_pools: Vec<crate::moe::BiasPool>,
 }
 
 /// Copy the weights of `src` (an `--init` run) into `model`: the same tensors with the same
@@ -529,6 +531,7 @@ fn start_fresh(
             .with_context(|| format!("cannot remove stale {}", metrics.display()))?;
     }
     let n = model.layout.total;
+    let moe_pools = model.new_moe_pools();
     Ok(Session {
         state: TrainState {
             format_version: 1,
@@ -544,6 +547,7 @@ fn start_fresh(
         adam_v: vec![0.0; n],
         table_opt,
         base: None,
+        moe_pools,
     })
 }
 
@@ -588,6 +592,7 @@ fn start_init(out: &Path, mut run: RunConfig) -> Result<Session> {
     }
     let n = model.layout.total;
     let table_opt = new_table_opt(&model);
+    let moe_pools = model.new_moe_pools();
     Ok(Session {
         state: TrainState {
             format_version: 1,
@@ -603,6 +608,7 @@ fn start_init(out: &Path, mut run: RunConfig) -> Result<Session> {
         adam_m: vec![0.0; n],
         adam_v: vec![0.0; n],
         table_opt,
+        moe_pools,
     })
 }
 
@@ -678,6 +684,10 @@ fn start_resume(
         (Some(init), false) => Some(DeltaBase::open(init)?.0),
         _ => None,
     };
+    let moe_pools = match l.moe_pools {
+        Some(p) => p,
+        None => l.model.new_moe_pools(),
+    };
     Ok(Session {
         run,
         model: l.model,
@@ -687,6 +697,7 @@ fn start_resume(
         adam_v,
         table_opt,
         base,
+        moe_pools,
     })
 }
 
@@ -731,6 +742,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         mut adam_v,
         mut table_opt,
         base,
+        mut moe_pools,
     } = sess;
     let mode = run.train.train_only;
     let tc = run.train.clone();
@@ -863,6 +875,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 acc.accumulate(g);
             }
             add_moe_loads(&mut loads, &ws);
+            if run.model.bias_fit_window > 0 && mode.is_all() {
+                model.push_moe_pools(&mut moe_pools, &ws);
+            }
         }
         // A non-finite loss or gradient stops the run before the optimizer step, so neither the
         // parameters nor the last checkpoint on disk are touched.
@@ -920,16 +935,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         // The MoE balancing bias is part of the backbone: frozen in memory-only fine-tuning
         // and in the DSA warm-up.
         if mode.is_all() && !dsa_warmup {
-            model.update_moe_bias(&loads);
-            if run.model.bias_fit_iters > 0 {
-                if run.model.bias_fit_rescore {
-                    let sc = model.moe_rescore(&ws);
-                    let sc: Vec<&[f32]> = sc.iter().map(|v| &v[..]).collect();
-                    model.fit_moe_bias(&sc, run.model.bias_fit_iters, step);
-                } else {
-                    model.fit_moe_bias(&ws.moe_scores(), run.model.bias_fit_iters, step);
-                }
-            }
+            model.balance_moe(&loads, &ws, &moe_pools, step);
         }
         let step_ms = step_t0.elapsed().as_secs_f64() * 1e3;
         state.step = step;
@@ -1034,6 +1040,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 &tok,
                 (&adam_m, &adam_v),
                 &table_opt,
+                &moe_pools,
                 &state,
             )?;
             if let Some(base) = &base {
@@ -1563,6 +1570,7 @@ pub fn bench_steps_interleaved(
         v: Vec<f32>,
         table_opt: Vec<SparseAdam>,
         ws: Workspace,
+        pools: Vec<crate::moe::BiasPool>,
         times: Vec<f64>,
         cpu: Vec<f64>,
         fwd_t: Vec<f64>,
@@ -1589,6 +1597,7 @@ pub fn bench_steps_interleaved(
         ws.frozen_backbone = var.frozen_backbone;
         runs.push(Run {
             table_opt: new_table_opt(&model),
+            pools: model.new_moe_pools(),
             model,
             x,
             y,
@@ -1636,7 +1645,10 @@ pub fn bench_steps_interleaved(
                         .into_iter()
                         .map(|l| l.map(<[u64]>::to_vec))
                         .collect();
-                r.model.update_moe_bias(&loads);
+                // The balancing as in training: the sign step and the refit (its pool filled
+                // with this step's batch).
+                r.model.push_moe_pools(&mut r.pools, &r.ws);
+                r.model.balance_moe(&loads, &r.ws, &r.pools, i as u64 + 1);
             }
             if let Some(e) = r.model.engram.as_mut() {
                 let th = e.cfg.table_optimizer();

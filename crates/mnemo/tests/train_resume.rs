@@ -242,12 +242,15 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
         r.model.top_k = 2;
         r.model.num_hash_layers = 1;
         r.model.bias_update_speed = 0.01;
-        // Sign step, then the refit with every option on (re-scored batch, hard-load rounds,
-        // averaged over ~5 batches): no state beyond the bias, so resume stays bit-identical.
+        // Sign step, then the refit with every option on (a pool of the last 4 batches'
+        // router inputs re-scored every step, hard-load sweeps, averaged over ~5 fits after
+        // step 30). The pool is state beyond the bias: it travels in the checkpoint, so the
+        // run stopped after step 1 resumes with that batch in its pool, bit-identically.
         r.model.bias_fit_iters = 16;
         r.model.bias_fit_rate = 0.2;
         r.model.bias_fit_rate_after = 30;
-        r.model.bias_fit_rescore = true;
+        r.model.bias_fit_window = 4;
+        r.model.bias_fit_stride = 3;
         r.model.bias_fit_hard_rounds = 8;
         r.train.eval_interval = 40;
         r
@@ -258,16 +261,27 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
     assert!(sa.val_loss.unwrap() < sa.unigram_entropy);
     let b = root.join("b");
     train(fresh(&b, moe_run(80), &cache), &AtomicBool::new(true)).unwrap();
+    let pools = mnemo::checkpoint::load(&b, true)
+        .unwrap()
+        .moe_pools
+        .unwrap();
+    // Layer 0 routes by hash (no pool); layer 1 holds every 3rd token of step 1's two
+    // micro-batches of 4 × 32 tokens.
+    assert_eq!(pools[0].rows(), 0);
+    assert_eq!(pools[1].rows(), 2 * (4 * 32usize).div_ceil(3));
     train(resume(&b, &cache), &never).unwrap();
     let read = |p: &Path| std::fs::read(p).unwrap();
     assert_eq!(
         read(&a.join("metrics.jsonl")),
         read(&b.join("metrics.jsonl"))
     );
-    assert_eq!(
-        read(&a.join("checkpoint/model.safetensors")),
-        read(&b.join("checkpoint/model.safetensors"))
-    );
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert_eq!(
+            read(&a.join("checkpoint").join(f)),
+            read(&b.join("checkpoint").join(f)),
+            "{f}"
+        );
+    }
     // Load statistics per MoE layer in the metrics; the routed layer ends balanced.
     let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
         .unwrap()
