@@ -94,6 +94,27 @@ fn inconsistent_configs_name_the_field() {
         ],
         "num_hash_layers",
     );
+    // The refit pool needs the refit; a zero stride keeps nothing.
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-moe",
+            "--set",
+            "bias_fit_iters=0",
+        ],
+        "bias_fit_window",
+    );
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-moe",
+            "--set",
+            "bias_fit_stride=0",
+        ],
+        "bias_fit_stride",
+    );
     assert_fails(&["config", "--set", "ffn=sparse"], "sparse");
     let d = tmpdir("cfg");
     let f = d.join("bad.json");

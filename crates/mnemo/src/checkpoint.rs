@@ -262,9 +262,14 @@ pub fn save_with(
     save_inner(run_dir, model, tok, adam, table_opt, moe_pools, state)
 }
 
-/// Names of layer `l`'s refit pool in `optimizer.safetensors`: inputs `[R, d]`, rows per batch.
-fn pool_names(l: usize) -> (String, String) {
-    (format!("moe_pool.{l}.inputs"), format!("moe_pool.{l}.rows"))
+/// Names of layer `l`'s refit pool in `optimizer.safetensors`: inputs `[R, d]`, rows per batch,
+/// and the next sampling offset `[1]`.
+fn pool_names(l: usize) -> [String; 3] {
+    [
+        format!("moe_pool.{l}.inputs"),
+        format!("moe_pool.{l}.rows"),
+        format!("moe_pool.{l}.offset"),
+    ]
 }
 
 fn save_inner(
@@ -284,25 +289,23 @@ fn save_inner(
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     write_file(&tmp, "model.safetensors", &model_bytes(model)?)?;
     let n = model.layout.total;
-    let pools: Vec<(usize, Vec<f32>, Vec<u32>)> = moe_pools
+    let pools: Vec<(usize, (Vec<f32>, Vec<u32>, usize))> = moe_pools
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.rows() > 0)
-        .map(|(l, p)| {
-            let (x, rows) = p.to_parts();
-            (l, x, rows)
-        })
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(l, p)| (l, p.to_parts()))
         .collect();
     let mut tensors: Vec<(String, Vec<usize>, Data)> = vec![
         ("adam.m".into(), vec![n], Data::F32(adam.0)),
         ("adam.v".into(), vec![n], Data::F32(adam.1)),
     ];
     let d = model.cfg.d_model;
-    for (l, x, rows) in &pools {
-        let (xn, rn) = pool_names(*l);
+    for (l, (x, rows, offset)) in &pools {
+        let [xn, rn, on] = pool_names(*l);
         tensors.push((xn, vec![x.len() / d, d], Data::F32(x)));
         let rows: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
         tensors.push((rn, vec![rows.len()], Data::I32(rows)));
+        tensors.push((on, vec![1], Data::I32(vec![*offset as i32])));
     }
     let opt = serialize_mixed(&tensors, HashMap::new())?;
     write_file(&tmp, "optimizer.safetensors", &opt)?;
@@ -524,20 +527,22 @@ fn read_moe_pools(p: &Path, model: &Model) -> Result<Vec<BiasPool>> {
     let mut pools = model.new_moe_pools();
     let (c, d) = (&model.cfg, model.cfg.d_model);
     for (l, pool) in pools.iter_mut().enumerate() {
-        let (xn, rn) = pool_names(l);
+        let [xn, rn, on] = pool_names(l);
         if !names.contains(&xn) {
             continue;
         }
         let rows = f.u32(&rn)?;
         let total: usize = rows.iter().map(|&r| r as usize).sum();
         let x = f.f32(&xn, Some(&[total, d]))?;
-        *pool = BiasPool::from_parts(c.bias_fit_window, c.bias_fit_stride, d, &x, &rows)
+        let offset = f.u32_shaped(&on, Some(&[1]))?[0] as usize;
+        *pool = BiasPool::from_parts(c.bias_fit_window, c.bias_fit_stride, d, &x, &rows, offset)
             .with_context(|| {
                 format!(
-                    "{}: the MoE refit pool of layer {l} ({} batches) does not fit bias_fit_window = {}",
+                    "{}: the MoE refit pool of layer {l} ({} batches, offset {offset}) does not fit bias_fit_window = {}, bias_fit_stride = {}",
                     p.display(),
                     rows.len(),
-                    c.bias_fit_window
+                    c.bias_fit_window,
+                    c.bias_fit_stride
                 )
             })?;
     }

@@ -110,8 +110,8 @@ pub struct ModelConfig {
     /// batch alone (0, the default: off). One batch of a few documents is a noisy sample of
     /// the text the next batches bring; the pooled fit estimates the bias that balances the
     /// recent mixture without lagging the router (the pool is re-scored every step). The pool
-    /// is part of the optimizer state in the checkpoint, so resume stays bit-identical. See
-    /// `moe::BiasPool`.
+    /// is part of the optimizer state in the checkpoint, so resume stays bit-identical. It
+    /// replaces `bias_fit_rescore` (the pool is always re-scored). See `moe::BiasPool`.
     #[serde(default)]
     pub bias_fit_window: usize,
     /// Keep every `bias_fit_stride`-th token of each batch in the refit pool (1 = all).
@@ -738,6 +738,12 @@ impl ModelConfig {
         }
         if self.bias_fit_stride == 0 || self.bias_fit_stride > 65536 {
             return Err(err("bias_fit_stride", "must be in 1..=65536"));
+        }
+        if self.bias_fit_window > 0 && self.bias_fit_iters == 0 {
+            return Err(err(
+                "bias_fit_window",
+                "pools batches for the refit, which is off (bias_fit_iters = 0): set bias_fit_iters > 0 or bias_fit_window = 0",
+            ));
         }
         if !(self.bias_fit_rate.is_finite()
             && self.bias_fit_rate > 0.0

@@ -718,13 +718,15 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_r
                 }
                 col
             })
-            .reduce(
-                || vec![0.0f64; e],
-                |mut a, c| {
-                    a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
-                    a
-                },
-            );
+            .collect::<Vec<_>>()
+            // Summed in chunk order: a rayon `reduce` groups the chunks by how the work was
+            // split, which depends on the thread count and on stealing, and the f64 sums (so
+            // the bias, so resume) would not be bit-reproducible.
+            .into_iter()
+            .fold(vec![0.0f64; e], |mut a, c| {
+                a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+                a
+            });
         for j in 0..e {
             b[j] += tau * (target.ln() - col[j].max(1e-12).ln());
         }
@@ -743,7 +745,8 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_r
 /// For expert `j` with the other biases fixed, token `t` selects `j` iff
 /// `s[t, j] + b_j > m_t`, with `m_t` the `k`-th largest `s[t, i] + b_i` over `i ≠ j`; so
 /// `b_j = −(midpoint of the target-th and (target+1)-th largest of s[t, j] − m_t)` gives `j`
-/// exactly its share `round(N·k/E)` of this sample. Experts are updated one after another
+/// exactly its share of this sample (`⌊N·k/E⌋`, one more for the first `(N·k) mod E` experts,
+/// so that the shares add up and the sweeps can settle). Experts are updated one after another
 /// (Gauss–Seidel), each with the others' latest biases. The entropic model spreads each
 /// token's `k` units by a softmax, which is not top-k selection: the soft fit leaves an
 /// expert-specific gap that these sweeps close. Unlike a gradient step on `ln(load)`, an
@@ -755,7 +758,8 @@ fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: 
     if e == 0 || n == 0 || k == 0 || k >= e {
         return;
     }
-    let want = ((n * k) as f64 / e as f64).round().clamp(1.0, n as f64) as usize;
+    // Shares that add up to the N·k slots: the first `(N·k) mod E` experts take one more.
+    let (base, extra) = ((n * k) / e, (n * k) % e);
     let mut gap = vec![0.0f32; n];
     for _ in 0..sweeps {
         let mut moved = 0.0f32;
@@ -784,14 +788,21 @@ fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: 
                         *g = row[j] - others[kk - 1];
                     }
                 });
-            // Descending: the want-th largest gap sits at index want − 1.
-            let desc = |a: &f32, b: &f32| b.total_cmp(a);
-            let (_, &mut hi, rest) = gap.select_nth_unstable_by(want - 1, desc);
-            let lo = rest.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let cut = if lo.is_finite() {
-                0.5 * (hi + lo)
+            let want = (base + usize::from(j < extra)).min(n);
+            let cut = if want == 0 {
+                // No token: the cut sits just above the largest gap.
+                let top = gap.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                top + top.abs().max(1.0) * 1e-3
             } else {
-                hi - 1.0
+                // Descending: the want-th largest gap sits at index want − 1.
+                let desc = |a: &f32, b: &f32| b.total_cmp(a);
+                let (_, &mut hi, rest) = gap.select_nth_unstable_by(want - 1, desc);
+                let lo = rest.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if lo.is_finite() {
+                    0.5 * (hi + lo)
+                } else {
+                    hi - 1.0
+                }
             };
             moved = moved.max((bias[j] + cut).abs());
             bias[j] = -cut;
@@ -836,6 +847,10 @@ pub struct BiasPool {
     window: usize,
     stride: usize,
     d: usize,
+    /// Row the next batch's sample starts at (`0..stride`): it moves by one per batch, so
+    /// that a stride dividing the sequence length does not always keep the same positions
+    /// (position 0, the token without context, would be `stride`× over-represented).
+    offset: usize,
     batches: VecDeque<Vec<f32>>,
 }
 
@@ -846,23 +861,26 @@ impl BiasPool {
             window,
             stride: stride.max(1),
             d,
+            offset: 0,
             batches: VecDeque::new(),
         }
     }
 
-    /// Add one batch's router inputs `f: [n, d]` (rows 0, stride, 2·stride, …), dropping the
-    /// oldest batch beyond the window.
+    /// Add one batch's router inputs `f: [n, d]` (rows o, o + stride, o + 2·stride, …, with
+    /// the offset `o` moving by one per batch), dropping the oldest batch beyond the window.
     pub fn push(&mut self, f: &[f32]) {
         if self.window == 0 || self.d == 0 {
             return;
         }
         let rows: Vec<f32> = f
             .chunks_exact(self.d)
+            .skip(self.offset)
             .step_by(self.stride)
             .flatten()
             .copied()
             .collect();
         self.batches.push_back(rows);
+        self.offset = (self.offset + 1) % self.stride;
         while self.batches.len() > self.window {
             self.batches.pop_front();
         }
@@ -878,14 +896,24 @@ impl BiasPool {
         self.batches.iter().flatten().copied().collect()
     }
 
-    /// For the checkpoint: the pooled inputs and each batch's row count.
-    pub fn to_parts(&self) -> (Vec<f32>, Vec<u32>) {
+    /// Batches held.
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// No batch held.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// For the checkpoint: the pooled inputs, each batch's row count, and the next offset.
+    pub fn to_parts(&self) -> (Vec<f32>, Vec<u32>, usize) {
         let counts = self
             .batches
             .iter()
             .map(|b| (b.len() / self.d.max(1)) as u32)
             .collect();
-        (self.joined(), counts)
+        (self.joined(), counts, self.offset)
     }
 
     /// The inverse of [`BiasPool::to_parts`]; `None` when the parts do not fit together.
@@ -895,12 +923,18 @@ impl BiasPool {
         d: usize,
         data: &[f32],
         counts: &[u32],
+        offset: usize,
     ) -> Option<Self> {
         let total: usize = counts.iter().map(|&c| c as usize).sum();
-        if d == 0 || total.checked_mul(d)? != data.len() || counts.len() > window {
+        if d == 0
+            || total.checked_mul(d)? != data.len()
+            || counts.len() > window
+            || offset >= stride.max(1)
+        {
             return None;
         }
         let mut pool = BiasPool::new(window, stride, d);
+        pool.offset = offset;
         let mut at = 0;
         for &c in counts {
             let len = c as usize * d;
@@ -1142,16 +1176,24 @@ mod tests {
         p.push(&batch(1.0, 5)); // rows 0, 2, 4
         assert_eq!(p.rows(), 3);
         assert_eq!(&p.joined()[3..6], &[1.02; 3]);
-        p.push(&batch(2.0, 4)); // rows 0, 2
+        p.push(&batch(2.0, 4)); // the offset moved: rows 1, 3
         p.push(&batch(3.0, 2)); // row 0; the first batch leaves
-        assert_eq!(p.rows(), 3);
-        assert_eq!(p.joined()[0], 2.0);
+        assert_eq!((p.rows(), p.len()), (3, 2));
+        assert_eq!(p.joined()[0], 2.01);
+        assert_eq!(p.joined()[3], 2.03);
         assert_eq!(p.joined()[6], 3.0);
-        let (x, rows) = p.to_parts();
-        assert_eq!(rows, vec![2, 1]);
-        assert_eq!(BiasPool::from_parts(2, 2, d, &x, &rows), Some(p.clone()));
-        assert_eq!(BiasPool::from_parts(2, 2, d, &x[1..], &rows), None);
-        assert_eq!(BiasPool::from_parts(1, 2, d, &x, &rows), None);
+        let (x, rows, offset) = p.to_parts();
+        assert_eq!((rows.clone(), offset), (vec![2, 1], 1));
+        let back = BiasPool::from_parts(2, 2, d, &x, &rows, offset);
+        assert_eq!(back, Some(p.clone()));
+        // The restored pool continues where the saved one would.
+        let (mut a, mut b) = (p.clone(), back.unwrap_or_default());
+        a.push(&batch(4.0, 4));
+        b.push(&batch(4.0, 4));
+        assert_eq!(a, b);
+        assert_eq!(BiasPool::from_parts(2, 2, d, &x[1..], &rows, 0), None);
+        assert_eq!(BiasPool::from_parts(1, 2, d, &x, &rows, 0), None);
+        assert_eq!(BiasPool::from_parts(2, 2, d, &x, &rows, 2), None);
         // Window 0 keeps nothing.
         let mut off = BiasPool::new(0, 1, d);
         off.push(&batch(1.0, 4));

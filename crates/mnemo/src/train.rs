@@ -1645,9 +1645,17 @@ pub fn bench_steps_interleaved(
                         .into_iter()
                         .map(|l| l.map(<[u64]>::to_vec))
                         .collect();
-                // The balancing as in training: the sign step and the refit (its pool filled
-                // with this step's batch).
-                r.model.push_moe_pools(&mut r.pools, &r.ws);
+                // The balancing as in training: the sign step and the refit, its pool filled
+                // with this step's batch (the first step fills the whole window, so that every
+                // timed step fits a full pool).
+                let fill = if i == 0 {
+                    r.model.cfg.bias_fit_window.max(1)
+                } else {
+                    1
+                };
+                for _ in 0..fill {
+                    r.model.push_moe_pools(&mut r.pools, &r.ws);
+                }
                 r.model.balance_moe(&loads, &r.ws, &r.pools, i as u64 + 1);
             }
             if let Some(e) = r.model.engram.as_mut() {
