@@ -289,7 +289,7 @@ fn save_inner(
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     write_file(&tmp, "model.safetensors", &model_bytes(model)?)?;
     let n = model.layout.total;
-    let pools: Vec<(usize, (Vec<f32>, Vec<u32>, usize))> = moe_pools
+    let pools: Vec<_> = moe_pools
         .iter()
         .enumerate()
         .filter(|(_, p)| !p.is_empty())
