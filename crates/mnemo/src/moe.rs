@@ -961,6 +961,30 @@ pub fn load_stats(load: &[u64]) -> (f64, f64) {
 mod tests {
     use super::*;
 
+    /// A layer that is only a router (`W_g: [E, d]` at offset 0), for the balancing tests.
+    fn router_only(d: usize, e: usize, k: usize) -> (MoeSpec, MoeOffsets) {
+        let spec = MoeSpec {
+            d,
+            inter: 1,
+            n_shared: 0,
+            n_experts: e,
+            top_k: k,
+            score: ScoreFunc::Sqrtsoftplus,
+            scale: 1.0,
+            norm_topk: true,
+            aux_coef: 0.0,
+        };
+        let o = MoeOffsets {
+            gate: 0,
+            bias: e * d,
+            shared_w13: 0,
+            shared_w2: 0,
+            experts: 0,
+            hash: false,
+        };
+        (spec, o)
+    }
+
     #[test]
     fn top_k_respects_bias_and_ties() {
         let s = [0.1, 0.5, 0.5, 0.2];
@@ -1102,25 +1126,7 @@ mod tests {
     fn refit_on_rescored_batch_follows_a_drifting_router() {
         use crate::rng::Rng;
         let (d, e, k, n) = (16, 16, 2, 512);
-        let spec = MoeSpec {
-            d,
-            inter: 1,
-            n_shared: 0,
-            n_experts: e,
-            top_k: k,
-            score: ScoreFunc::Sqrtsoftplus,
-            scale: 1.0,
-            norm_topk: true,
-            aux_coef: 0.0,
-        };
-        let o = MoeOffsets {
-            gate: 0,
-            bias: e * d,
-            shared_w13: 0,
-            shared_w2: 0,
-            experts: 0,
-            hash: false,
-        };
+        let (spec, o) = router_only(d, e, k);
         let run = |rescore: bool| {
             let mut r = Rng::new(3);
             let mut w = vec![0.0f32; e * d];
@@ -1208,25 +1214,7 @@ mod tests {
     fn pooled_refit_balances_held_out_text_better_than_the_last_batch() {
         use crate::rng::Rng;
         let (d, e, k, kinds, docs, doc_len) = (16, 16, 2, 6, 4, 64);
-        let spec = MoeSpec {
-            d,
-            inter: 1,
-            n_shared: 0,
-            n_experts: e,
-            top_k: k,
-            score: ScoreFunc::Sqrtsoftplus,
-            scale: 1.0,
-            norm_topk: true,
-            aux_coef: 0.0,
-        };
-        let o = MoeOffsets {
-            gate: 0,
-            bias: e * d,
-            shared_w13: 0,
-            shared_w2: 0,
-            experts: 0,
-            hash: false,
-        };
+        let (spec, o) = router_only(d, e, k);
         let run = |window: usize| {
             let mut r = Rng::new(5);
             let mut w = vec![0.0f32; e * d];
