@@ -495,18 +495,14 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
     } else {
         None
     };
-    let adam = if with_optimizer {
+    let (adam, moe_pools) = if with_optimizer {
         let p = dir.join("optimizer.safetensors");
         let f = TensorFile::open(&p)?;
         let n = model.layout.total;
-        Some((f.f32("adam.m", Some(&[n]))?, f.f32("adam.v", Some(&[n]))?))
+        let adam = (f.f32("adam.m", Some(&[n]))?, f.f32("adam.v", Some(&[n]))?);
+        (Some(adam), Some(read_moe_pools(&f, &p, &model)?))
     } else {
-        None
-    };
-    let moe_pools = if with_optimizer {
-        Some(read_moe_pools(&dir.join("optimizer.safetensors"), &model)?)
-    } else {
-        None
+        (None, None)
     };
     Ok(Loaded {
         model,
@@ -521,8 +517,7 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
 
 /// The MoE refit pools saved beside the Adam moments (empty pools where none was saved, e.g. a
 /// run without `bias_fit_window`).
-fn read_moe_pools(p: &Path, model: &Model) -> Result<Vec<BiasPool>> {
-    let f = TensorFile::open(p)?;
+fn read_moe_pools(f: &TensorFile, p: &Path, model: &Model) -> Result<Vec<BiasPool>> {
     let names = f.names();
     let mut pools = model.new_moe_pools();
     let (c, d) = (&model.cfg, model.cfg.d_model);

@@ -890,15 +890,28 @@ impl Model {
     /// weights (empty for dense and hash layers): after the optimizer step, the batch just
     /// routed as the updated router scores it (see [`moe::router_scores`]).
     pub fn moe_rescore(&self, ws: &Workspace) -> Vec<Vec<f32>> {
+        self.score_routed(|l| {
+            ws.layers
+                .get(l)
+                .map(|la| vec![&la.f[..]])
+                .unwrap_or_default()
+        })
+    }
+
+    /// Router scores under the current weights of each routed (non-hash) layer `l`'s inputs
+    /// `inputs(l)` (`[n_i, d]` parts, scored one after another), empty for the other layers.
+    fn score_routed<'a>(&self, inputs: impl Fn(usize) -> Vec<&'a [f32]>) -> Vec<Vec<f32>> {
         let spec = MoeSpec::new(&self.cfg);
         self.layout
             .layers
             .iter()
-            .zip(&ws.layers)
-            .map(|(lo, la)| match lo.ffn {
-                Ffn::Moe(mo) if !mo.hash && !la.f.is_empty() => {
-                    moe::router_scores(&spec, &self.params, &mo, &la.f)
-                }
+            .enumerate()
+            .map(|(l, lo)| match lo.ffn {
+                Ffn::Moe(mo) if !mo.hash => inputs(l)
+                    .into_iter()
+                    .filter(|f| !f.is_empty())
+                    .flat_map(|f| moe::router_scores(&spec, &self.params, &mo, f))
+                    .collect(),
                 _ => Vec::new(),
             })
             .collect()
@@ -934,18 +947,12 @@ impl Model {
     /// Router scores `[R, E]` of each routed layer's pooled inputs under the *current* router
     /// weights (empty for the other layers): what the pooled refit balances.
     pub fn moe_pool_scores(&self, pools: &[moe::BiasPool]) -> Vec<Vec<f32>> {
-        let spec = MoeSpec::new(&self.cfg);
-        self.layout
-            .layers
-            .iter()
-            .zip(pools)
-            .map(|(lo, pool)| match lo.ffn {
-                Ffn::Moe(mo) if !mo.hash && pool.rows() > 0 => {
-                    moe::router_scores(&spec, &self.params, &mo, &pool.joined())
-                }
-                _ => Vec::new(),
-            })
-            .collect()
+        self.score_routed(|l| {
+            pools
+                .get(l)
+                .map(|p| p.batches().collect())
+                .unwrap_or_default()
+        })
     }
 
     /// (min, max) of layer `l`'s MoE selection bias.

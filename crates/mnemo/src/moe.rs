@@ -891,6 +891,11 @@ impl BiasPool {
         self.batches.iter().map(|b| b.len()).sum::<usize>() / self.d.max(1)
     }
 
+    /// Each batch's kept inputs `[n_i, d]`, oldest first.
+    pub fn batches(&self) -> impl Iterator<Item = &[f32]> {
+        self.batches.iter().map(|b| &b[..])
+    }
+
     /// The pooled inputs `[rows, d]`, oldest batch first.
     pub fn joined(&self) -> Vec<f32> {
         self.batches.iter().flatten().copied().collect()
