@@ -94,6 +94,31 @@ fn inconsistent_configs_name_the_field() {
         ],
         "num_hash_layers",
     );
+    // The balancing sample feeds the refit pool; its windows fit the context.
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-moe",
+            "--set",
+            "bias_fit_window=0",
+            "--set",
+            "bias_fit_sample=8",
+        ],
+        "bias_fit_sample",
+    );
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-moe",
+            "--set",
+            "bias_fit_sample=8",
+            "--set",
+            "bias_fit_sample_len=100000",
+        ],
+        "bias_fit_sample_len",
+    );
     // The refit pool needs the refit; a zero stride keeps nothing.
     assert_fails(
         &[

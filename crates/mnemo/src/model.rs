@@ -825,7 +825,8 @@ impl Model {
 
     /// The whole auxiliary-loss-free balancing after optimizer step `step`: the sign step on
     /// the step's `loads`, then (with `bias_fit_iters > 0`) the refit to the pooled router
-    /// inputs `pools` (`bias_fit_window > 0`; the caller has pushed the step's batches), to the
+    /// inputs `pools` (`bias_fit_window > 0`; the caller has pushed the step's batches, or with
+    /// `bias_fit_sample` the fresh sample it forwarded through the updated model), to the
     /// last batch re-scored by the updated router (`bias_fit_rescore`), or to the scores that
     /// routed it (`ws`: the workspace of the step's last forward pass).
     pub fn balance_moe(

@@ -802,6 +802,8 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
 
     let mut grads = vec![0.0f32; model.layout.total];
     let mut ws = Workspace::default();
+    // The MoE balancing sample's forward passes (`bias_fit_sample`), apart from the step's.
+    let mut sample_ws = Workspace::default();
     // Memory-only fine-tuning: no weight gradients for the frozen backbone.
     ws.frozen_backbone = !mode.is_all();
     let mut eval_ws = Workspace::default();
@@ -875,7 +877,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 acc.accumulate(g);
             }
             add_moe_loads(&mut loads, &ws);
-            if run.model.bias_fit_window > 0 && mode.is_all() {
+            if run.model.bias_fit_window > 0 && run.model.bias_fit_sample == 0 && mode.is_all() {
                 model.push_moe_pools(&mut moe_pools, &ws);
             }
         }
@@ -935,6 +937,14 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         // The MoE balancing bias is part of the backbone: frozen in memory-only fine-tuning
         // and in the DSA warm-up.
         if mode.is_all() && !dsa_warmup {
+            if run.model.bias_fit_sample > 0 {
+                let (n, len) = (run.model.bias_fit_sample, run.model.bias_fit_sample_len);
+                let x = moe_sample_windows(&cache.train, tc.seed, step, n, len)?;
+                model
+                    .try_forward(&x, n, len, &mut sample_ws)
+                    .with_context(|| format!("MoE balancing sample of step {step}"))?;
+                model.push_moe_pools(&mut moe_pools, &sample_ws);
+            }
             model.balance_moe(&loads, &ws, &moe_pools, step);
         }
         let step_ms = step_t0.elapsed().as_secs_f64() * 1e3;
@@ -1538,6 +1548,36 @@ pub fn bench_offload(
     })
 }
 
+/// The windows of the MoE balancing sample after optimizer step `step` (`bias_fit_sample`):
+/// `n` windows of `len` tokens of `split` (`[n·len]`), drawn from a stream derived from the
+/// run's seed and the step, so that nothing about it needs checkpointing.
+pub fn moe_sample_windows(
+    split: &TokenSplit,
+    seed: u64,
+    step: u64,
+    n: usize,
+    len: usize,
+) -> Result<Vec<u32>> {
+    let toks = split.tokens();
+    if len == 0 || toks.len() < len {
+        bail!(
+            "the training split has {} tokens, fewer than bias_fit_sample_len = {len}",
+            toks.len()
+        );
+    }
+    let mut rng = Rng::derived(
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        "moe-sample",
+    );
+    let starts = (toks.len() - len + 1) as u64;
+    let mut x = Vec::with_capacity(n * len);
+    for _ in 0..n {
+        let s = rng.below(starts) as usize;
+        x.extend_from_slice(&toks[s..s + len]);
+    }
+    Ok(x)
+}
+
 /// One model of [`bench_steps_interleaved`].
 #[derive(Clone, Debug)]
 pub struct BenchVariant {
@@ -1571,6 +1611,9 @@ pub fn bench_steps_interleaved(
         table_opt: Vec<SparseAdam>,
         ws: Workspace,
         pools: Vec<crate::moe::BiasPool>,
+        sample_ws: Workspace,
+        rng: Rng,
+        vocab: usize,
         times: Vec<f64>,
         cpu: Vec<f64>,
         fwd_t: Vec<f64>,
@@ -1598,6 +1641,9 @@ pub fn bench_steps_interleaved(
         runs.push(Run {
             table_opt: new_table_opt(&model),
             pools: model.new_moe_pools(),
+            sample_ws: Workspace::default(),
+            rng,
+            vocab,
             model,
             x,
             y,
@@ -1653,8 +1699,18 @@ pub fn bench_steps_interleaved(
                 } else {
                     1
                 };
+                let (n, len) = (r.model.cfg.bias_fit_sample, r.model.cfg.bias_fit_sample_len);
                 for _ in 0..fill {
-                    r.model.push_moe_pools(&mut r.pools, &r.ws);
+                    if n > 0 {
+                        // The fresh sample of random tokens, as long as training's.
+                        let xs: Vec<u32> = (0..n * len)
+                            .map(|_| r.rng.below(r.vocab as u64) as u32)
+                            .collect();
+                        r.model.try_forward(&xs, n, len, &mut r.sample_ws)?;
+                        r.model.push_moe_pools(&mut r.pools, &r.sample_ws);
+                    } else {
+                        r.model.push_moe_pools(&mut r.pools, &r.ws);
+                    }
                 }
                 r.model.balance_moe(&loads, &r.ws, &r.pools, i as u64 + 1);
             }
@@ -1720,6 +1776,33 @@ pub fn bench_steps_interleaved(
 mod tests {
     use super::*;
     use crate::kernels::cross_entropy::IGNORE;
+
+    /// The MoE balancing sample: `n` windows of `len` consecutive tokens of the split, the same
+    /// for the same seed and step (resume needs no state), another draw at another step or
+    /// seed, and a clear error when the split is shorter than a window.
+    #[test]
+    fn moe_sample_windows_are_slices_drawn_per_step() {
+        let toks: Vec<u32> = (0..500).collect();
+        let split = TokenSplit::from_tokens(toks, 500, 1);
+        let x = moe_sample_windows(&split, 7, 12, 9, 16).unwrap();
+        assert_eq!(x.len(), 9 * 16);
+        for w in x.chunks_exact(16) {
+            // Consecutive ids: a slice of the split.
+            assert!(w.windows(2).all(|p| p[1] == p[0] + 1), "{w:?}");
+            assert!(w[15] < 500);
+        }
+        assert_eq!(x, moe_sample_windows(&split, 7, 12, 9, 16).unwrap());
+        assert_ne!(x, moe_sample_windows(&split, 7, 13, 9, 16).unwrap());
+        assert_ne!(x, moe_sample_windows(&split, 8, 12, 9, 16).unwrap());
+        // A window as long as the split is the whole split.
+        let all = moe_sample_windows(&split, 1, 1, 2, 500).unwrap();
+        assert_eq!(&all[..500], split.tokens());
+        let e = moe_sample_windows(&split, 1, 1, 2, 501).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("bias_fit_sample_len = 501"),
+            "{e:#}"
+        );
+    }
 
     /// Gradient accumulation over micro-batches with different numbers of masked targets equals
     /// one batch holding all their rows: the mean is over all counted targets of the step.

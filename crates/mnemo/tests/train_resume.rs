@@ -227,34 +227,38 @@ fn corrupt_checkpoints_give_clear_errors() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// The tiny MoE model of the tests below: a hash layer, then a routed layer of 8 experts,
+/// top-2, with the sign step and the refit with every option on (a pool of the last 4
+/// batches' router inputs re-scored every step, hard-load sweeps, averaged over ~5 fits after
+/// step 30).
+fn moe_run(data: &Path, steps: u64) -> RunConfig {
+    let mut r = run_config(data, steps);
+    r.model.ffn = mnemo::config::FfnKind::Moe;
+    r.model.n_dense_layers = 0;
+    r.model.n_shared_experts = 1;
+    r.model.n_routed_experts = 8;
+    r.model.moe_inter = 16;
+    r.model.top_k = 2;
+    r.model.num_hash_layers = 1;
+    r.model.bias_update_speed = 0.01;
+    r.model.bias_fit_iters = 16;
+    r.model.bias_fit_rate = 0.2;
+    r.model.bias_fit_rate_after = 30;
+    r.model.bias_fit_window = 4;
+    r.model.bias_fit_stride = 3;
+    r.model.bias_fit_hard_rounds = 8;
+    r.train.eval_interval = 40;
+    r
+}
+
 /// The MoE model trains, writes its expert-load statistics to the metrics, keeps its hash table
 /// and balancing bias across a resume (bit-identical), and the bias method balances the load.
+/// The refit pool is state beyond the bias: it travels in the checkpoint, so the run stopped
+/// after step 1 resumes with that batch in its pool, bit-identically.
 #[test]
 fn moe_training_balances_load_and_resumes_bit_identically() {
     let (root, data, cache) = corpus_dir("moe");
-    let moe_run = |steps| {
-        let mut r = run_config(&data, steps);
-        r.model.ffn = mnemo::config::FfnKind::Moe;
-        r.model.n_dense_layers = 0;
-        r.model.n_shared_experts = 1;
-        r.model.n_routed_experts = 8;
-        r.model.moe_inter = 16;
-        r.model.top_k = 2;
-        r.model.num_hash_layers = 1;
-        r.model.bias_update_speed = 0.01;
-        // Sign step, then the refit with every option on (a pool of the last 4 batches'
-        // router inputs re-scored every step, hard-load sweeps, averaged over ~5 fits after
-        // step 30). The pool is state beyond the bias: it travels in the checkpoint, so the
-        // run stopped after step 1 resumes with that batch in its pool, bit-identically.
-        r.model.bias_fit_iters = 16;
-        r.model.bias_fit_rate = 0.2;
-        r.model.bias_fit_rate_after = 30;
-        r.model.bias_fit_window = 4;
-        r.model.bias_fit_stride = 3;
-        r.model.bias_fit_hard_rounds = 8;
-        r.train.eval_interval = 40;
-        r
-    };
+    let moe_run = |steps| moe_run(&data, steps);
     let never = AtomicBool::new(false);
     let a = root.join("a");
     let sa = train(fresh(&a, moe_run(80), &cache), &never).unwrap();
@@ -299,6 +303,63 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
         "unbalanced: {routed}"
     );
     assert!(routed["bias_max"].as_f64().unwrap() > routed["bias_min"].as_f64().unwrap());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// With `bias_fit_sample`, fresh windows forwarded after each step feed the refit pool instead
+/// of the training batches: the pool holds exactly the sample (6 windows of 8 tokens, every
+/// token), a run stopped after step 1 resumes bit-identically (the sample stream is a
+/// function of the seed and the step), and the routed layer ends balanced.
+#[test]
+fn moe_sample_refit_resumes_bit_identically() {
+    let (root, data, cache) = corpus_dir("moe-sample");
+    let run = |steps| {
+        let mut r = moe_run(&data, steps);
+        r.model.bias_fit_sample = 6;
+        r.model.bias_fit_sample_len = 8;
+        r.model.bias_fit_window = 2;
+        r.model.bias_fit_stride = 1;
+        r
+    };
+    let never = AtomicBool::new(false);
+    let a = root.join("a");
+    train(fresh(&a, run(40), &cache), &never).unwrap();
+    let b = root.join("b");
+    train(fresh(&b, run(40), &cache), &AtomicBool::new(true)).unwrap();
+    let pools = mnemo::checkpoint::load(&b, true)
+        .unwrap()
+        .moe_pools
+        .unwrap();
+    assert_eq!(pools[0].rows(), 0);
+    assert_eq!((pools[1].len(), pools[1].rows()), (1, 6 * 8));
+    train(resume(&b, &cache), &never).unwrap();
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    assert_eq!(
+        read(&a.join("metrics.jsonl")),
+        read(&b.join("metrics.jsonl"))
+    );
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert_eq!(
+            read(&a.join("checkpoint").join(f)),
+            read(&b.join("checkpoint").join(f)),
+            "{f}"
+        );
+    }
+    let l = mnemo::checkpoint::load(&a, true).unwrap();
+    let pools = l.moe_pools.unwrap();
+    assert_eq!((pools[1].len(), pools[1].rows()), (2, 2 * 6 * 8));
+    let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("moe").is_some())
+        .unwrap();
+    let routed = &last["moe"][1];
+    assert!(
+        routed["load_max"].as_f64().unwrap() < 2.0,
+        "unbalanced: {routed}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -1,0 +1,292 @@
+//! Diagnostic for the MoE balancing sample (README, "Load balance on the real corpus"): how
+//! much of the held-out imbalance comes from fitting the bias to router inputs that older
+//! models computed?
+//!
+//! For a checkpoint of an MoE run (saved with its optimizer state, so that the refit pool is
+//! there) it routes the 64 validation windows that training evaluates on, and prints the worst
+//! routed layer's max share over the mean with a bias fitted (`moe::fit_bias`, 16 Sinkhorn
+//! rounds + 8 hard sweeps) to:
+//! - the run's pool as saved (router inputs of older steps, re-scored by the current router),
+//!   also with two level corrections (a per-expert linear trend over the batches' ages, and a
+//!   shift to the newest batch's mean scores);
+//! - the same training windows forwarded again by the checkpoint's model (fresh inputs), and
+//!   the pool with the per-expert mean shift to those (does a level shift explain the drift?);
+//! - the same windows forwarded by the models of other checkpoints `OLDER…` of the same run and
+//!   scored by the current router (what inputs a given number of steps old do);
+//! - fresh random training windows of several counts and lengths (what a sample forwarded after
+//!   the step can reach at a given forward cost).
+//!
+//! Usage: `MNEMO_CACHE=… cargo run --release --example moe_staleness -- RUN_DIR [OLDER…]`
+//! (`SKIP_POOL=1` for a checkpoint without optimizer state; the run's `state.json` names its
+//! corpus, and the training windows of each step are redrawn from its seed).
+use anyhow::Context;
+use mnemo::model::{Ffn, Workspace};
+use mnemo::train::RunConfig;
+
+fn topk_load(scores: &[f32], bias: &[f32], k: usize) -> Vec<u64> {
+    let e = bias.len();
+    let mut load = vec![0u64; e];
+    let mut idx: Vec<usize> = (0..e).collect();
+    for row in scores.chunks_exact(e) {
+        idx.sort_by(|&a, &b| (row[b] + bias[b]).total_cmp(&(row[a] + bias[a])));
+        for &j in &idx[..k] {
+            load[j] += 1;
+        }
+    }
+    load
+}
+
+fn means(sc: &[f32], e: usize) -> Vec<f64> {
+    let mut m = vec![0.0; e];
+    let n = sc.len() / e;
+    for r in sc.chunks_exact(e) {
+        for j in 0..e {
+            m[j] += r[j] as f64;
+        }
+    }
+    m.iter().map(|v| v / n as f64).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let run_dir = std::path::PathBuf::from(std::env::args().nth(1).context("RUN_DIR")?);
+    let l = mnemo::checkpoint::load(&run_dir, std::env::var("SKIP_POOL").is_err())?;
+    let state = l.state.as_ref().context("no state")?;
+    let run: RunConfig = serde_json::from_value(state.run.clone())?;
+    let spec = run.data.clone();
+    let (b, t) = (run.train.batch_size, run.train.seq_len);
+    let step = state.step as usize;
+    let corpus = mnemo::data::scan(&spec)?;
+    let cache = mnemo::data::prepare(
+        &corpus,
+        &spec,
+        &l.tokenizer,
+        &mnemo::data::default_cache_root(),
+        true,
+    )?;
+    let model = &l.model;
+    let pools = l.moe_pools.clone().unwrap_or_default();
+    let (e, k) = (model.cfg.n_routed_experts, model.cfg.top_k);
+    let routed: Vec<usize> = model
+        .layout
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, lo)| match lo.ffn {
+            Ffn::Moe(mo) if !mo.hash => Some(i),
+            _ => None,
+        })
+        .collect();
+    let mut ws = Workspace::default();
+    let collect =
+        |split: &mnemo::data::TokenSplit, starts: &[usize], ws: &mut Workspace, stride: usize| {
+            let toks = split.tokens();
+            let mut out: Vec<Vec<Vec<f32>>> = vec![Vec::new(); model.layout.layers.len()];
+            for ch in starts.chunks(8) {
+                let mut x = Vec::new();
+                for &s in ch {
+                    x.extend_from_slice(&toks[s..s + t]);
+                }
+                model.forward(&x, ch.len(), t, ws);
+                for (l, sc) in ws.moe_scores().iter().enumerate() {
+                    out[l].push(
+                        sc.chunks_exact(e.max(1))
+                            .step_by(stride)
+                            .flatten()
+                            .copied()
+                            .collect(),
+                    );
+                }
+            }
+            out
+        };
+    let val_starts = mnemo::data::eval_windows(&cache.val, t, 64);
+    let val: Vec<Vec<f32>> = collect(&cache.val, &val_starts, &mut ws, 1)
+        .into_iter()
+        .map(|v| v.concat())
+        .collect();
+    let ntr = cache.train.tokens().len();
+    let mut rng = mnemo::rng::Rng::derived(run.train.seed, "data");
+    let mut hist: Vec<Vec<usize>> = Vec::new();
+    for _ in 0..step + 1 {
+        hist.push(
+            (0..b)
+                .map(|_| rng.below((ntr - t) as u64) as usize)
+                .collect(),
+        );
+    }
+    let bias_of = |l: usize| -> Vec<f32> {
+        match model.layout.layers[l].ffn {
+            Ffn::Moe(mo) => model.params[mo.bias..mo.bias + e].to_vec(),
+            _ => unreachable!(),
+        }
+    };
+    let worst = |name: &str, f: &dyn Fn(usize) -> Vec<f32>| {
+        let v: Vec<f64> = routed
+            .iter()
+            .map(|&l| mnemo::moe::load_stats(&topk_load(&val[l], &f(l), k)).0)
+            .collect();
+        let w = v.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "step {step}: {name:40} worst {w:.2} [{}]",
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    };
+    let fit = |l: usize, sc: &[f32]| {
+        let mut bb = bias_of(l);
+        mnemo::moe::fit_bias(&mut bb, sc, k, 16, 8);
+        bb
+    };
+    if std::env::var("SKIP_POOL").is_err() {
+        // stale pool per batch, scored by current router: [layer][batch] oldest first
+        let stale: Vec<Vec<Vec<f32>>> = (0..model.layout.layers.len())
+            .map(|l| {
+                pools[l]
+                    .batches()
+                    .map(|bt| {
+                        mnemo::moe::router_scores(
+                            &mnemo::moe::MoeSpec::new(&model.cfg),
+                            &model.params,
+                            &match model.layout.layers[l].ffn {
+                                Ffn::Moe(mo) => mo,
+                                _ => unreachable!(),
+                            },
+                            bt,
+                        )
+                    })
+                    .collect()
+            })
+            .collect::<Vec<_>>();
+        let _ = &stale;
+        worst("run bias", &|l| bias_of(l));
+        worst("fit stale pool", &|l| fit(l, &stale[l].concat()));
+        // detrend: regress per-batch per-expert means on age
+        let detrend = |l: usize, newest_only: bool| -> Vec<f32> {
+            let bs = &stale[l];
+            let nb = bs.len();
+            let ages: Vec<f64> = (0..nb).map(|i| (nb - i) as f64).collect();
+            let ms: Vec<Vec<f64>> = bs.iter().map(|s| means(s, e)).collect();
+            let abar = ages.iter().sum::<f64>() / nb as f64;
+            let mut out = Vec::new();
+            for (i, s) in bs.iter().enumerate() {
+                for r in s.chunks_exact(e) {
+                    for j in 0..e {
+                        let mbar = ms.iter().map(|m| m[j]).sum::<f64>() / nb as f64;
+                        let beta = if newest_only {
+                            0.0
+                        } else {
+                            let num: f64 =
+                                (0..nb).map(|q| (ages[q] - abar) * (ms[q][j] - mbar)).sum();
+                            let den: f64 = (0..nb).map(|q| (ages[q] - abar).powi(2)).sum();
+                            num / den
+                        };
+                        let shift = if newest_only {
+                            ms[nb - 1][j] - mbar
+                        } else {
+                            -beta * ages[i]
+                        };
+                        out.push(r[j] + shift as f32);
+                    }
+                }
+            }
+            fit(l, &out)
+        };
+        worst("detrended stale pool (linear, to age 0)", &|l| {
+            detrend(l, false)
+        });
+        worst("stale pool shifted to newest batch mean", &|l| {
+            detrend(l, true)
+        });
+        // oracle: fresh versions of the pool's windows
+        let lo = step + 1 - pools[routed[0]].len();
+        let starts: Vec<usize> = hist[lo..step].iter().flatten().copied().collect();
+        let fresh = collect(&cache.train, &starts, &mut ws, 8);
+        worst("fresh pool windows", &|l| fit(l, &fresh[l].concat()));
+        worst("stale pool + oracle level shift", &|l| {
+            let fm = means(&fresh[l].concat(), e);
+            let sm = means(&stale[l].concat(), e);
+            let out: Vec<f32> = stale[l]
+                .concat()
+                .chunks_exact(e)
+                .flat_map(|r| {
+                    (0..e)
+                        .map(|j| r[j] + (fm[j] - sm[j]) as f32)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            fit(l, &out)
+        });
+        // next batch (fresh, under this model): what an in-forward fit would see
+        let next = collect(&cache.train, &hist[step], &mut ws, 1);
+        worst("fresh next batch only", &|l| fit(l, &next[l].concat()));
+        worst("stale pool shifted to next batch mean", &|l| {
+            let fm = means(&next[l].concat(), e);
+            let sm = means(&stale[l].concat(), e);
+            let out: Vec<f32> = stale[l]
+                .concat()
+                .chunks_exact(e)
+                .flat_map(|r| {
+                    (0..e)
+                        .map(|j| r[j] + (fm[j] - sm[j]) as f32)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            fit(l, &out)
+        });
+    }
+    for older in std::env::args().skip(2) {
+        let lo_m = mnemo::checkpoint::load(std::path::Path::new(&older), false)?;
+        let ostep = lo_m.state.as_ref().map_or(0, |s| s.step);
+        let from = step.saturating_sub(16);
+        let starts: Vec<usize> = hist[from..step].iter().flatten().copied().collect();
+        let toks = cache.train.tokens();
+        let mut sc: Vec<Vec<f32>> = vec![Vec::new(); model.layout.layers.len()];
+        for ch in starts.chunks(8) {
+            let mut x = Vec::new();
+            for &s in ch {
+                x.extend_from_slice(&toks[s..s + t]);
+            }
+            lo_m.model.forward(&x, ch.len(), t, &mut ws);
+            for (l, v) in model.moe_rescore(&ws).iter().enumerate() {
+                sc[l].extend(v.chunks_exact(e).step_by(8).flatten().copied());
+            }
+        }
+        worst(&format!("last 16 batches, inputs of step {ostep}"), &|l| {
+            fit(l, &sc[l])
+        });
+    }
+    let mut r2 = mnemo::rng::Rng::new(7);
+    for (nw, len) in [
+        (8usize, 256usize),
+        (16, 32),
+        (32, 16),
+        (64, 16),
+        (128, 16),
+        (32, 64),
+        (64, 32),
+        (128, 32),
+    ] {
+        for rep in 0..2 {
+            let toks = cache.train.tokens();
+            let mut sc: Vec<Vec<f32>> = vec![Vec::new(); model.layout.layers.len()];
+            let starts: Vec<usize> = (0..nw)
+                .map(|_| r2.below((ntr - len) as u64) as usize)
+                .collect();
+            let mut x = Vec::new();
+            for &s in &starts {
+                x.extend_from_slice(&toks[s..s + len]);
+            }
+            model.forward(&x, nw, len, &mut ws);
+            for (l, v) in ws.moe_scores().iter().enumerate() {
+                sc[l].extend_from_slice(v);
+            }
+            worst(
+                &format!("fresh {nw} windows x {len} tokens (rep {rep})"),
+                &|l| fit(l, &sc[l]),
+            );
+        }
+    }
+    Ok(())
+}
