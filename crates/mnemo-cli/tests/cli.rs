@@ -105,7 +105,7 @@ fn inconsistent_configs_name_the_field() {
             "--set",
             "bias_fit_sample=8",
         ],
-        "bias_fit_sample",
+        "`bias_fit_sample` feeds the refit pool",
     );
     assert_fails(
         &[
@@ -117,7 +117,19 @@ fn inconsistent_configs_name_the_field() {
             "--set",
             "bias_fit_sample_len=100000",
         ],
-        "bias_fit_sample_len",
+        "`bias_fit_sample_len` must be in 1..=max_seq_len",
+    );
+    assert_fails(
+        &[
+            "config",
+            "--preset",
+            "tiny-moe",
+            "--set",
+            "bias_fit_sample=4096",
+            "--set",
+            "bias_fit_sample_len=64",
+        ],
+        "`bias_fit_sample` times bias_fit_sample_len is 262144 tokens",
     );
     // The refit pool needs the refit; a zero stride keeps nothing.
     assert_fails(

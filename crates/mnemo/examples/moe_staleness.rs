@@ -9,8 +9,9 @@
 //! - the run's pool as saved (router inputs of older steps, re-scored by the current router),
 //!   also with two level corrections (a per-expert linear trend over the batches' ages, and a
 //!   shift to the newest batch's mean scores);
-//! - the same training windows forwarded again by the checkpoint's model (fresh inputs), and
-//!   the pool with the per-expert mean shift to those (does a level shift explain the drift?);
+//! - the same training windows (and sampled rows) forwarded again by the checkpoint's model
+//!   (fresh inputs), and the pool with the per-expert mean shift to those (does a level shift
+//!   explain the drift?); the next step's batch alone, fresh, and the pool shifted to its mean;
 //! - the same windows forwarded by the models of other checkpoints `OLDER…` of the same run and
 //!   scored by the current router (what inputs a given number of steps old do);
 //! - fresh random training windows of several counts and lengths (what a sample forwarded after
@@ -77,30 +78,36 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let mut ws = Workspace::default();
-    let collect =
-        |split: &mnemo::data::TokenSplit, starts: &[usize], ws: &mut Workspace, stride: usize| {
-            let toks = split.tokens();
-            let mut out: Vec<Vec<Vec<f32>>> = vec![Vec::new(); model.layout.layers.len()];
-            for ch in starts.chunks(8) {
-                let mut x = Vec::new();
-                for &s in ch {
-                    x.extend_from_slice(&toks[s..s + t]);
-                }
-                model.forward(&x, ch.len(), t, ws);
-                for (l, sc) in ws.moe_scores().iter().enumerate() {
-                    out[l].push(
-                        sc.chunks_exact(e.max(1))
-                            .step_by(stride)
-                            .flatten()
-                            .copied()
-                            .collect(),
-                    );
-                }
+    // Router scores per layer and batch of `b` windows starting at `starts`, keeping every
+    // `stride`-th token from offset `offset(i)` in batch `i` (as `moe::BiasPool::push` does).
+    let collect = |split: &mnemo::data::TokenSplit,
+                   starts: &[usize],
+                   ws: &mut Workspace,
+                   stride: usize,
+                   offset: &dyn Fn(usize) -> usize| {
+        let toks = split.tokens();
+        let mut out: Vec<Vec<Vec<f32>>> = vec![Vec::new(); model.layout.layers.len()];
+        for (i, ch) in starts.chunks(b).enumerate() {
+            let mut x = Vec::new();
+            for &s in ch {
+                x.extend_from_slice(&toks[s..s + t]);
             }
-            out
-        };
+            model.forward(&x, ch.len(), t, ws);
+            for (l, sc) in ws.moe_scores().iter().enumerate() {
+                out[l].push(
+                    sc.chunks_exact(e.max(1))
+                        .skip(offset(i))
+                        .step_by(stride)
+                        .flatten()
+                        .copied()
+                        .collect(),
+                );
+            }
+        }
+        out
+    };
     let val_starts = mnemo::data::eval_windows(&cache.val, t, 64);
-    let val: Vec<Vec<f32>> = collect(&cache.val, &val_starts, &mut ws, 1)
+    let val: Vec<Vec<f32>> = collect(&cache.val, &val_starts, &mut ws, 1, &|_| 0)
         .into_iter()
         .map(|v| v.concat())
         .collect();
@@ -139,7 +146,24 @@ fn main() -> anyhow::Result<()> {
         mnemo::moe::fit_bias(&mut bb, sc, k, 16, 8);
         bb
     };
-    if std::env::var("SKIP_POOL").is_err() {
+    // The pool and OLDER rows redraw the run's training windows: only for runs whose pool held
+    // the training batches of one micro-batch per step, without synthetic rows.
+    let redraw_ok = run.train.grad_accum == 1
+        && run.train.synthetic.is_none()
+        && model.cfg.bias_fit_sample == 0
+        && model.cfg.bias_fit_window > 0;
+    if !redraw_ok {
+        println!(
+            "(no pool/OLDER rows: they need bias_fit_sample = 0, bias_fit_window > 0, grad_accum = 1 and no synthetic rows)"
+        );
+    }
+    // The pool's sampling offsets: batch i (oldest first) of nb was pushed with offset
+    // (next − nb + i) mod stride.
+    let stride = model.cfg.bias_fit_stride.max(1);
+    let nb = pools.get(routed[0]).map_or(0, |p| p.len());
+    let next_off = pools.get(routed[0]).map_or(0, |p| p.to_parts().2);
+    let pool_off = move |i: usize| (next_off + stride * (nb + 1) - nb + i) % stride;
+    if redraw_ok && std::env::var("SKIP_POOL").is_err() {
         // stale pool per batch, scored by current router: [layer][batch] oldest first
         let stale: Vec<Vec<Vec<f32>>> = (0..model.layout.layers.len())
             .map(|l| {
@@ -159,7 +183,6 @@ fn main() -> anyhow::Result<()> {
                     .collect()
             })
             .collect::<Vec<_>>();
-        let _ = &stale;
         worst("run bias", &|l| bias_of(l));
         worst("fit stale pool", &|l| fit(l, &stale[l].concat()));
         // detrend: regress per-batch per-expert means on age
@@ -200,9 +223,9 @@ fn main() -> anyhow::Result<()> {
             detrend(l, true)
         });
         // oracle: fresh versions of the pool's windows
-        let lo = step + 1 - pools[routed[0]].len();
+        let lo = step - nb;
         let starts: Vec<usize> = hist[lo..step].iter().flatten().copied().collect();
-        let fresh = collect(&cache.train, &starts, &mut ws, 8);
+        let fresh = collect(&cache.train, &starts, &mut ws, stride, &pool_off);
         worst("fresh pool windows", &|l| fit(l, &fresh[l].concat()));
         worst("stale pool + oracle level shift", &|l| {
             let fm = means(&fresh[l].concat(), e);
@@ -219,7 +242,7 @@ fn main() -> anyhow::Result<()> {
             fit(l, &out)
         });
         // next batch (fresh, under this model): what an in-forward fit would see
-        let next = collect(&cache.train, &hist[step], &mut ws, 1);
+        let next = collect(&cache.train, &hist[step], &mut ws, 1, &|_| 0);
         worst("fresh next batch only", &|l| fit(l, &next[l].concat()));
         worst("stale pool shifted to next batch mean", &|l| {
             let fm = means(&next[l].concat(), e);
@@ -236,24 +259,33 @@ fn main() -> anyhow::Result<()> {
             fit(l, &out)
         });
     }
-    for older in std::env::args().skip(2) {
+    for older in std::env::args().skip(2).filter(|_| redraw_ok) {
         let lo_m = mnemo::checkpoint::load(std::path::Path::new(&older), false)?;
         let ostep = lo_m.state.as_ref().map_or(0, |s| s.step);
-        let from = step.saturating_sub(16);
+        // The pool's windows (or the last 16 batches' without a saved pool).
+        let w = if nb > 0 { nb } else { 16 };
+        let from = step.saturating_sub(w);
         let starts: Vec<usize> = hist[from..step].iter().flatten().copied().collect();
         let toks = cache.train.tokens();
         let mut sc: Vec<Vec<f32>> = vec![Vec::new(); model.layout.layers.len()];
-        for ch in starts.chunks(8) {
+        for (i, ch) in starts.chunks(b).enumerate() {
             let mut x = Vec::new();
             for &s in ch {
                 x.extend_from_slice(&toks[s..s + t]);
             }
             lo_m.model.forward(&x, ch.len(), t, &mut ws);
             for (l, v) in model.moe_rescore(&ws).iter().enumerate() {
-                sc[l].extend(v.chunks_exact(e).step_by(8).flatten().copied());
+                let off = if nb > 0 { pool_off(i) } else { 0 };
+                sc[l].extend(
+                    v.chunks_exact(e)
+                        .skip(off)
+                        .step_by(stride)
+                        .flatten()
+                        .copied(),
+                );
             }
         }
-        worst(&format!("last 16 batches, inputs of step {ostep}"), &|l| {
+        worst(&format!("pool windows, inputs of step {ostep}"), &|l| {
             fit(l, &sc[l])
         });
     }

@@ -121,8 +121,9 @@ pub struct ModelConfig {
     #[serde(default = "one_usize")]
     pub bias_fit_stride: usize,
     /// With the pooled refit: after each optimizer step, forward `bias_fit_sample` fresh
-    /// windows of training text (`bias_fit_sample_len` tokens each) through the *updated*
-    /// model and pool their router inputs instead of the training batch's (0, the default:
+    /// windows of training text (`bias_fit_sample_len` tokens each) through the model as the
+    /// step left it (routed with the biases before this step's refit) and pool their router
+    /// inputs instead of the training batch's (0, the default:
     /// the training batches feed the pool). The batch's inputs were computed by the model
     /// before the step, and those of older batches by older models: at the peak learning
     /// rate, inputs a few steps old route differently enough that a bias fitted to them
@@ -780,6 +781,20 @@ impl ModelConfig {
             return Err(err(
                 "bias_fit_sample_len",
                 format!("must be in 1..=max_seq_len ({})", self.max_seq_len),
+            ));
+        }
+        if self
+            .bias_fit_sample
+            .saturating_mul(self.bias_fit_sample_len)
+            > 65536
+        {
+            return Err(err(
+                "bias_fit_sample",
+                format!(
+                    "times bias_fit_sample_len is {} tokens forwarded per step; at most 65536",
+                    self.bias_fit_sample
+                        .saturating_mul(self.bias_fit_sample_len)
+                ),
             ));
         }
         if self.bias_fit_window > 0 && self.bias_fit_iters == 0 {

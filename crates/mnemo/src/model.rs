@@ -826,7 +826,7 @@ impl Model {
     /// The whole auxiliary-loss-free balancing after optimizer step `step`: the sign step on
     /// the step's `loads`, then (with `bias_fit_iters > 0`) the refit to the pooled router
     /// inputs `pools` (`bias_fit_window > 0`; the caller has pushed the step's batches, or with
-    /// `bias_fit_sample` the fresh sample it forwarded through the updated model), to the
+    /// `bias_fit_sample` the fresh sample it forwarded after the optimizer step), to the
     /// last batch re-scored by the updated router (`bias_fit_rescore`), or to the scores that
     /// routed it (`ws`: the workspace of the step's last forward pass).
     pub fn balance_moe(
@@ -916,6 +916,16 @@ impl Model {
                 _ => Vec::new(),
             })
             .collect()
+    }
+
+    /// Number of MoE layers routed by the router (not by hash): those the balancing bias and
+    /// its refit act on.
+    pub fn routed_moe_layers(&self) -> usize {
+        self.layout
+            .layers
+            .iter()
+            .filter(|lo| matches!(lo.ffn, Ffn::Moe(mo) if !mo.hash))
+            .count()
     }
 
     /// Empty refit pools (`bias_fit_window` batches, every `bias_fit_stride`-th token), one per

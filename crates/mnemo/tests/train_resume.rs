@@ -332,6 +332,36 @@ fn moe_sample_refit_resumes_bit_identically() {
         .unwrap();
     assert_eq!(pools[0].rows(), 0);
     assert_eq!((pools[1].len(), pools[1].rows()), (1, 6 * 8));
+    // The pool holds step 1's sample forwarded after the optimizer step. Layer 1's router
+    // inputs depend on no bias (layer 0 routes by hash), so the saved model reproduces them:
+    // its router scores the pool as the forward of `moe_sample_windows(seed, step 1)` does,
+    // and not as the windows of another step.
+    let l = mnemo::checkpoint::load(&b, true).unwrap();
+    let r = run(40);
+    let corpus = mnemo::data::scan(&r.data).unwrap();
+    let split = mnemo::data::prepare(&corpus, &r.data, &l.tokenizer, &cache, false)
+        .unwrap()
+        .train;
+    let pooled = l.model.moe_pool_scores(&pools);
+    let forwarded = |step| {
+        let x = mnemo::train::moe_sample_windows(&split, r.train.seed, step, 6, 8).unwrap();
+        let mut ws = mnemo::model::Workspace::default();
+        l.model.forward(&x, 6, 8, &mut ws);
+        ws.moe_scores()[1].to_vec()
+    };
+    let max_diff = |v: &[f32]| {
+        assert_eq!(v.len(), pooled[1].len());
+        v.iter()
+            .zip(&pooled[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(
+        max_diff(&forwarded(1)) < 1e-5,
+        "{}",
+        max_diff(&forwarded(1))
+    );
+    assert!(max_diff(&forwarded(2)) > 1e-3);
     train(resume(&b, &cache), &never).unwrap();
     let read = |p: &Path| std::fs::read(p).unwrap();
     assert_eq!(
