@@ -222,6 +222,17 @@ fn main() -> anyhow::Result<()> {
         worst("stale pool shifted to newest batch mean", &|l| {
             detrend(l, true)
         });
+        // The pool's scores shifted per expert so that their means are `target`.
+        let shift_to = |sc: &[f32], target: &[f64]| -> Vec<f32> {
+            let m = means(sc, e);
+            sc.chunks_exact(e)
+                .flat_map(|r| {
+                    (0..e)
+                        .map(|j| r[j] + (target[j] - m[j]) as f32)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
         // oracle: fresh versions of the pool's windows
         let lo = step - nb;
         let starts: Vec<usize> = hist[lo..step].iter().flatten().copied().collect();
@@ -229,34 +240,14 @@ fn main() -> anyhow::Result<()> {
         worst("fresh pool windows", &|l| fit(l, &fresh[l].concat()));
         worst("stale pool + oracle level shift", &|l| {
             let fm = means(&fresh[l].concat(), e);
-            let sm = means(&stale[l].concat(), e);
-            let out: Vec<f32> = stale[l]
-                .concat()
-                .chunks_exact(e)
-                .flat_map(|r| {
-                    (0..e)
-                        .map(|j| r[j] + (fm[j] - sm[j]) as f32)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            fit(l, &out)
+            fit(l, &shift_to(&stale[l].concat(), &fm))
         });
         // next batch (fresh, under this model): what an in-forward fit would see
         let next = collect(&cache.train, &hist[step], &mut ws, 1, &|_| 0);
         worst("fresh next batch only", &|l| fit(l, &next[l].concat()));
         worst("stale pool shifted to next batch mean", &|l| {
             let fm = means(&next[l].concat(), e);
-            let sm = means(&stale[l].concat(), e);
-            let out: Vec<f32> = stale[l]
-                .concat()
-                .chunks_exact(e)
-                .flat_map(|r| {
-                    (0..e)
-                        .map(|j| r[j] + (fm[j] - sm[j]) as f32)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            fit(l, &out)
+            fit(l, &shift_to(&stale[l].concat(), &fm))
         });
     }
     for older in std::env::args().skip(2).filter(|_| redraw_ok) {

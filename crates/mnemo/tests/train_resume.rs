@@ -227,6 +227,22 @@ fn corrupt_checkpoints_give_clear_errors() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// Two runs wrote the same metrics, model and optimizer state, byte for byte.
+fn assert_same_run(a: &Path, b: &Path) {
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    assert_eq!(
+        read(&a.join("metrics.jsonl")),
+        read(&b.join("metrics.jsonl"))
+    );
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert_eq!(
+            read(&a.join("checkpoint").join(f)),
+            read(&b.join("checkpoint").join(f)),
+            "{f}"
+        );
+    }
+}
+
 /// The tiny MoE model of the tests below: a hash layer, then a routed layer of 8 experts,
 /// top-2, with the sign step and the refit with every option on (a pool of the last 4
 /// batches' router inputs re-scored every step, hard-load sweeps, averaged over ~5 fits after
@@ -274,18 +290,7 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
     assert_eq!(pools[0].rows(), 0);
     assert_eq!(pools[1].rows(), 2 * (4 * 32usize).div_ceil(3));
     train(resume(&b, &cache), &never).unwrap();
-    let read = |p: &Path| std::fs::read(p).unwrap();
-    assert_eq!(
-        read(&a.join("metrics.jsonl")),
-        read(&b.join("metrics.jsonl"))
-    );
-    for f in ["model.safetensors", "optimizer.safetensors"] {
-        assert_eq!(
-            read(&a.join("checkpoint").join(f)),
-            read(&b.join("checkpoint").join(f)),
-            "{f}"
-        );
-    }
+    assert_same_run(&a, &b);
     // Load statistics per MoE layer in the metrics; the routed layer ends balanced.
     let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
         .unwrap()
@@ -363,18 +368,7 @@ fn moe_sample_refit_resumes_bit_identically() {
     );
     assert!(max_diff(&forwarded(2)) > 1e-3);
     train(resume(&b, &cache), &never).unwrap();
-    let read = |p: &Path| std::fs::read(p).unwrap();
-    assert_eq!(
-        read(&a.join("metrics.jsonl")),
-        read(&b.join("metrics.jsonl"))
-    );
-    for f in ["model.safetensors", "optimizer.safetensors"] {
-        assert_eq!(
-            read(&a.join("checkpoint").join(f)),
-            read(&b.join("checkpoint").join(f)),
-            "{f}"
-        );
-    }
+    assert_same_run(&a, &b);
     let l = mnemo::checkpoint::load(&a, true).unwrap();
     let pools = l.moe_pools.unwrap();
     assert_eq!((pools[1].len(), pools[1].rows()), (2, 2 * 6 * 8));
