@@ -380,6 +380,9 @@ pub struct Workspace {
     /// lowest Engram block (nothing below it is trained). Engram gate and table gradients are
     /// exact.
     pub frozen_backbone: bool,
+    /// Stop the forward pass after the last layer: no final norm, no output projection, no
+    /// logits. For passes that only need the layers' activations (the MoE balancing sample).
+    pub skip_head: bool,
     /// Keep the selection of the previous forward pass (tests: finite differences with the
     /// top-k fixed).
     pub(crate) dsa_freeze_selection: bool,
@@ -1306,6 +1309,9 @@ impl Model {
                 recall: run.recall.then_some(recall_sum / denom),
             };
         }
+        if ws.skip_head {
+            return Ok(());
+        }
         let xl = &ws.xs[c.n_layers];
         rmsnorm::forward(
             &mut ws.hf,
@@ -1766,6 +1772,9 @@ impl Model {
             }
             None => mhc::readout(&mut hw.head.y, &hw.streams[last], &[], nh, d),
         }
+        if ws.skip_head {
+            return;
+        }
         rmsnorm::forward(
             &mut ws.hf,
             &mut ws.rstd_f,
@@ -2183,6 +2192,35 @@ pub(crate) mod tests {
             let mut ws = Workspace::default();
             mm.forward(tokens, b, t, &mut ws);
             mm.loss(targets, &mut ws)
+        }
+    }
+
+    /// `skip_head` (the MoE balancing sample's forward) stops after the last layer: the same
+    /// router scores as a full forward, plain and with hyper-connections, and no logits.
+    #[test]
+    fn skip_head_keeps_the_layers_and_drops_the_logits() {
+        for residual in [crate::config::Residual::Plain, crate::config::Residual::Mhc] {
+            let mut cfg = small_cfg(true, 2, RopeLayout::Interleaved);
+            cfg.ffn = crate::config::FfnKind::Moe;
+            cfg.n_routed_experts = 4;
+            cfg.n_shared_experts = 1;
+            cfg.moe_inter = 4;
+            cfg.top_k = 2;
+            cfg.residual = residual;
+            let mut m = Model::new(cfg).unwrap();
+            m.init(5);
+            let tokens: Vec<u32> = (0..2 * 7).map(|i| (i * 5 % 19) as u32).collect();
+            let mut full = Workspace::default();
+            m.forward(&tokens, 2, 7, &mut full);
+            let mut cut = Workspace {
+                skip_head: true,
+                ..Default::default()
+            };
+            m.forward(&tokens, 2, 7, &mut cut);
+            assert!(!full.moe_scores()[1].is_empty());
+            assert_eq!(full.moe_scores(), cut.moe_scores(), "{residual:?}");
+            assert!(full.logits.iter().any(|&x| x != 0.0));
+            assert!(cut.logits.iter().all(|&x| x == 0.0), "{residual:?}");
         }
     }
 

@@ -805,6 +805,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     // The MoE balancing sample's forward passes (`bias_fit_sample`), apart from the step's;
     // only for a model with routed (not hash) MoE layers and when the bias is balanced.
     let mut sample_ws = Workspace::default();
+    sample_ws.skip_head = true;
     let sample_moe = run.model.bias_fit_sample > 0 && model.routed_moe_layers() > 0;
     if sample_moe && cache.train.tokens().len() < run.model.bias_fit_sample_len {
         bail!(
@@ -1665,7 +1666,11 @@ pub fn bench_steps_interleaved(
         runs.push(Run {
             table_opt: new_table_opt(&model),
             pools: model.new_moe_pools(),
-            sample_ws: Workspace::default(),
+            sample_ws: {
+                let mut w = Workspace::default();
+                w.skip_head = true;
+                w
+            },
             rng,
             vocab,
             model,
