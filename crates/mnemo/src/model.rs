@@ -2175,6 +2175,18 @@ pub(crate) mod tests {
         }
     }
 
+    /// [`small_cfg`] with MoE layers: 1 shared + 4 routed experts of width 4, top-2.
+    fn small_moe_cfg() -> ModelConfig {
+        ModelConfig {
+            ffn: crate::config::FfnKind::Moe,
+            n_routed_experts: 4,
+            n_shared_experts: 1,
+            moe_inter: 4,
+            top_k: 2,
+            ..small_cfg(true, 2, RopeLayout::Interleaved)
+        }
+    }
+
     /// The mean loss of `m`'s architecture with parameters `p` on (`tokens`, `targets`): the
     /// function a finite-difference check differentiates.
     fn loss_at<'a>(
@@ -2200,13 +2212,10 @@ pub(crate) mod tests {
     #[test]
     fn skip_head_keeps_the_layers_and_drops_the_logits() {
         for residual in [crate::config::Residual::Plain, crate::config::Residual::Mhc] {
-            let mut cfg = small_cfg(true, 2, RopeLayout::Interleaved);
-            cfg.ffn = crate::config::FfnKind::Moe;
-            cfg.n_routed_experts = 4;
-            cfg.n_shared_experts = 1;
-            cfg.moe_inter = 4;
-            cfg.top_k = 2;
-            cfg.residual = residual;
+            let cfg = ModelConfig {
+                residual,
+                ..small_moe_cfg()
+            };
             let mut m = Model::new(cfg).unwrap();
             m.init(5);
             let tokens: Vec<u32> = (0..2 * 7).map(|i| (i * 5 % 19) as u32).collect();
@@ -2228,12 +2237,7 @@ pub(crate) mod tests {
     /// after it the bias moves `bias_fit_rate` of the way.
     #[test]
     fn moe_bias_refit_rate_applies_after_its_step() {
-        let mut cfg = small_cfg(true, 2, RopeLayout::Interleaved);
-        cfg.ffn = crate::config::FfnKind::Moe;
-        cfg.n_routed_experts = 4;
-        cfg.n_shared_experts = 1;
-        cfg.moe_inter = 4;
-        cfg.top_k = 2;
+        let mut cfg = small_moe_cfg();
         cfg.bias_fit_iters = 8;
         cfg.bias_fit_hard_rounds = 2;
         cfg.bias_fit_rate = 0.25;
