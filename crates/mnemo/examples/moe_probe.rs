@@ -12,24 +12,8 @@
 //! `state.json` names its corpus).
 use anyhow::Context;
 use mnemo::model::{Ffn, Workspace};
+use mnemo::moe::{load_stats, topk_load};
 use mnemo::train::RunConfig;
-
-fn topk_load(scores: &[f32], bias: &[f32], k: usize) -> Vec<u64> {
-    let e = bias.len();
-    let mut load = vec![0u64; e];
-    let mut idx: Vec<usize> = (0..e).collect();
-    for row in scores.chunks_exact(e) {
-        idx.sort_by(|&a, &b| (row[b] + bias[b]).total_cmp(&(row[a] + bias[a])));
-        for &j in &idx[..k] {
-            load[j] += 1;
-        }
-    }
-    load
-}
-
-fn maxmin(load: &[u64]) -> (f64, f64) {
-    mnemo::moe::load_stats(load)
-}
 
 fn main() -> anyhow::Result<()> {
     let run_dir = std::path::PathBuf::from(
@@ -55,16 +39,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let model = &l.model;
     let (e, k) = (model.cfg.n_routed_experts, model.cfg.top_k);
-    let routed: Vec<usize> = model
-        .layout
-        .layers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, lo)| match lo.ffn {
-            Ffn::Moe(mo) if !mo.hash => Some(i),
-            _ => None,
-        })
-        .collect();
+    let routed = model.routed_moe_layers();
     let mut ws = Workspace::default();
     // scores per layer for a list of window starts
     let collect = |split: &mnemo::data::TokenSplit, starts: &[usize], ws: &mut Workspace| {
@@ -107,17 +82,17 @@ fn main() -> anyhow::Result<()> {
         let b0 = bias_of(l);
         println!(
             "layer {l}: current bias  val {:.2}/{:.2}  train-heldout {:.2}/{:.2}",
-            maxmin(&topk_load(&val[l], &b0, k)).0,
-            maxmin(&topk_load(&val[l], &b0, k)).1,
-            maxmin(&topk_load(&hot[l], &b0, k)).0,
-            maxmin(&topk_load(&hot[l], &b0, k)).1
+            load_stats(&topk_load(&val[l], &b0, k)).0,
+            load_stats(&topk_load(&val[l], &b0, k)).1,
+            load_stats(&topk_load(&hot[l], &b0, k)).0,
+            load_stats(&topk_load(&hot[l], &b0, k)).1
         );
         let mut bv = b0.clone();
         mnemo::moe::fit_bias(&mut bv, &val[l], k, 16, 8);
         println!(
             "   fit to val itself: val {:.2}  train-heldout {:.2}",
-            maxmin(&topk_load(&val[l], &bv, k)).0,
-            maxmin(&topk_load(&hot[l], &bv, k)).0
+            load_stats(&topk_load(&val[l], &bv, k)).0,
+            load_stats(&topk_load(&hot[l], &bv, k)).0
         );
     }
     for kwin in [8usize, 32, 128] {
@@ -142,8 +117,8 @@ fn main() -> anyhow::Result<()> {
                 mnemo::moe::fit_bias(&mut b, &sub, k, 16, 8);
                 line += &format!(
                     "  L{l} val {:.2} ho {:.2}",
-                    maxmin(&topk_load(&val[l], &b, k)).0,
-                    maxmin(&topk_load(&hot[l], &b, k)).0
+                    load_stats(&topk_load(&val[l], &b, k)).0,
+                    load_stats(&topk_load(&hot[l], &b, k)).0
                 );
             }
             println!("{line}");

@@ -22,20 +22,8 @@
 //! corpus, and the training windows of each step are redrawn from its seed).
 use anyhow::Context;
 use mnemo::model::{Ffn, Workspace};
+use mnemo::moe::{load_stats, topk_load};
 use mnemo::train::RunConfig;
-
-fn topk_load(scores: &[f32], bias: &[f32], k: usize) -> Vec<u64> {
-    let e = bias.len();
-    let mut load = vec![0u64; e];
-    let mut idx: Vec<usize> = (0..e).collect();
-    for row in scores.chunks_exact(e) {
-        idx.sort_by(|&a, &b| (row[b] + bias[b]).total_cmp(&(row[a] + bias[a])));
-        for &j in &idx[..k] {
-            load[j] += 1;
-        }
-    }
-    load
-}
 
 fn means(sc: &[f32], e: usize) -> Vec<f64> {
     let mut m = vec![0.0; e];
@@ -67,16 +55,7 @@ fn main() -> anyhow::Result<()> {
     let model = &l.model;
     let pools = l.moe_pools.clone().unwrap_or_default();
     let (e, k) = (model.cfg.n_routed_experts, model.cfg.top_k);
-    let routed: Vec<usize> = model
-        .layout
-        .layers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, lo)| match lo.ffn {
-            Ffn::Moe(mo) if !mo.hash => Some(i),
-            _ => None,
-        })
-        .collect();
+    let routed = model.routed_moe_layers();
     let mut ws = Workspace::default();
     // Router scores per layer and batch of `b` windows starting at `starts`, keeping every
     // `stride`-th token from offset `offset(i)` in batch `i` (as `moe::BiasPool::push` does).
@@ -130,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     let worst = |name: &str, f: &dyn Fn(usize) -> Vec<f32>| {
         let v: Vec<f64> = routed
             .iter()
-            .map(|&l| mnemo::moe::load_stats(&topk_load(&val[l], &f(l), k)).0)
+            .map(|&l| load_stats(&topk_load(&val[l], &f(l), k)).0)
             .collect();
         let w = v.iter().cloned().fold(0.0, f64::max);
         println!(

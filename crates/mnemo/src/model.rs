@@ -921,14 +921,16 @@ impl Model {
             .collect()
     }
 
-    /// Number of MoE layers routed by the router (not by hash): those the balancing bias and
-    /// its refit act on.
-    pub fn routed_moe_layers(&self) -> usize {
+    /// The MoE layers routed by the router (not by hash): those the balancing bias and its
+    /// refit act on.
+    pub fn routed_moe_layers(&self) -> Vec<usize> {
         self.layout
             .layers
             .iter()
-            .filter(|lo| matches!(lo.ffn, Ffn::Moe(mo) if !mo.hash))
-            .count()
+            .enumerate()
+            .filter(|(_, lo)| matches!(lo.ffn, Ffn::Moe(mo) if !mo.hash))
+            .map(|(l, _)| l)
+            .collect()
     }
 
     /// Empty refit pools (`bias_fit_window` batches, every `bias_fit_stride`-th token), one per

@@ -374,6 +374,19 @@ fn top_k(s: &[f32], bias: &[f32], sel: &mut [u32]) {
     }
 }
 
+/// Tokens per expert when each row of `scores` (`[N, E]`) picks its `k` largest
+/// `score + bias`, as the router does: the hard top-k load a bias gives a sample.
+pub fn topk_load(scores: &[f32], bias: &[f32], k: usize) -> Vec<u64> {
+    let e = bias.len();
+    let mut load = vec![0u64; e];
+    let mut sel = vec![0u32; k];
+    for row in scores.chunks_exact(e.max(1)) {
+        top_k(row, bias, &mut sel);
+        sel.iter().for_each(|&x| load[x as usize] += 1);
+    }
+    load
+}
+
 /// Sequence-wise balance loss `mean_b Σ_e f_e P_e` (without the coefficient); with `grad`,
 /// adds `coef_scale · dL/ds` into it.
 fn seq_balance(
@@ -1012,15 +1025,7 @@ mod tests {
         let mut noise = vec![0.0f32; n * e];
         r.fill_normal(&mut noise, 0.01);
         let scores: Vec<f32> = (0..n * e).map(|i| common[i % e] + noise[i]).collect();
-        let load_of = |bias: &[f32]| {
-            let mut load = vec![0u64; e];
-            let mut sel = vec![0u32; k];
-            for row in scores.chunks_exact(e) {
-                top_k(row, bias, &mut sel);
-                sel.iter().for_each(|&x| load[x as usize] += 1);
-            }
-            load
-        };
+        let load_of = |bias: &[f32]| topk_load(&scores, bias, k);
         let mut one = vec![0.0f32; e];
         let l0 = load_of(&one);
         update_bias(&mut one, &l0, 0.01);
@@ -1079,7 +1084,6 @@ mod tests {
             let (mut per_batch, mut windows) = (Vec::new(), Vec::new());
             let mut acc = vec![0u64; e];
             let mut noise = vec![0.0f32; n * e];
-            let mut sel = vec![0u32; k];
             for t in 0..120 {
                 r.fill_normal(&mut noise, 0.03);
                 let mut s = vec![0.0f32; n * e];
@@ -1092,11 +1096,7 @@ mod tests {
                         }
                     }
                 }
-                let mut load = vec![0u64; e];
-                for row in s.chunks_exact(e) {
-                    top_k(row, &bias, &mut sel);
-                    sel.iter().for_each(|&x| load[x as usize] += 1);
-                }
+                let load = topk_load(&s, &bias, k);
                 if t >= 20 {
                     per_batch.push(load_stats(&load).0);
                     acc.iter_mut().zip(&load).for_each(|(a, l)| *a += l);
@@ -1141,17 +1141,13 @@ mod tests {
             let mut mu = vec![0.0f32; d];
             r.fill_normal(&mut mu, 1.0);
             let mut bias = vec![0.0f32; e];
-            let (mut per_batch, mut sel) = (Vec::new(), vec![0u32; k]);
+            let mut per_batch = Vec::new();
             for t in 0..80 {
                 let mut f = vec![0.0f32; n * d];
                 r.fill_normal(&mut f, 0.3);
                 f.iter_mut().enumerate().for_each(|(i, x)| *x += mu[i % d]);
                 let s = router_scores(&spec, &w, &o, &f);
-                let mut load = vec![0u64; e];
-                for row in s.chunks_exact(e) {
-                    top_k(row, &bias, &mut sel);
-                    sel.iter().for_each(|&x| load[x as usize] += 1);
-                }
+                let load = topk_load(&s, &bias, k);
                 if t >= 10 {
                     per_batch.push(load_stats(&load).0);
                 }
@@ -1244,7 +1240,7 @@ mod tests {
                 .collect();
             let mut pool = BiasPool::new(window, 4, d);
             let mut bias = vec![0.0f32; e];
-            let (mut global, mut sel) = (Vec::new(), vec![0u32; k]);
+            let mut global = Vec::new();
             for t in 0..100 {
                 let f: Vec<f32> = (0..docs)
                     .flat_map(|_| {
@@ -1253,11 +1249,7 @@ mod tests {
                     })
                     .collect();
                 let s = router_scores(&spec, &w, &o, &f);
-                let mut load = vec![0u64; e];
-                for row in s.chunks_exact(e) {
-                    top_k(row, &bias, &mut sel);
-                    sel.iter().for_each(|&x| load[x as usize] += 1);
-                }
+                let load = topk_load(&s, &bias, k);
                 // The optimizer step, then the balancing on the re-scored batch or pool.
                 w.iter_mut().zip(&dw).for_each(|(w, dw)| *w += dw);
                 update_bias(&mut bias, &load, 0.01);
@@ -1270,11 +1262,7 @@ mod tests {
                 refit_bias(&mut bias, &s, k, 16, 8, 1.0);
                 if t >= 20 {
                     let hs = router_scores(&spec, &w, &o, &held);
-                    let mut hl = vec![0u64; e];
-                    for row in hs.chunks_exact(e) {
-                        top_k(row, &bias, &mut sel);
-                        sel.iter().for_each(|&x| hl[x as usize] += 1);
-                    }
+                    let hl = topk_load(&hs, &bias, k);
                     global.push(load_stats(&hl).0);
                 }
             }

@@ -806,13 +806,10 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     // only for a model with routed (not hash) MoE layers and when the bias is balanced.
     let mut sample_ws = Workspace::default();
     sample_ws.skip_head = true;
-    let sample_moe = run.model.bias_fit_sample > 0 && model.routed_moe_layers() > 0;
-    if sample_moe && cache.train.tokens().len() < run.model.bias_fit_sample_len {
-        bail!(
-            "the training split has {} tokens, fewer than bias_fit_sample_len = {}: lower it or use more data",
-            cache.train.tokens().len(),
-            run.model.bias_fit_sample_len
-        );
+    let sample_moe = run.model.bias_fit_sample > 0 && !model.routed_moe_layers().is_empty();
+    if sample_moe {
+        // A split shorter than one window fails here, before step 1.
+        moe_sample_windows(&cache.train, tc.seed, 0, 0, run.model.bias_fit_sample_len)?;
     }
     // Memory-only fine-tuning: no weight gradients for the frozen backbone.
     ws.frozen_backbone = !mode.is_all();
@@ -1586,7 +1583,7 @@ pub fn moe_sample_windows(
     let toks = split.tokens();
     if len == 0 || toks.len() < len {
         bail!(
-            "the training split has {} tokens, fewer than bias_fit_sample_len = {len}",
+            "the training split has {} tokens, fewer than bias_fit_sample_len = {len}: lower it or use more data",
             toks.len()
         );
     }
@@ -1728,10 +1725,12 @@ pub fn bench_steps_interleaved(
                 } else {
                     1
                 };
-                let (mut n, len) = (r.model.cfg.bias_fit_sample, r.model.cfg.bias_fit_sample_len);
-                if r.model.routed_moe_layers() == 0 {
-                    n = 0;
-                }
+                let len = r.model.cfg.bias_fit_sample_len;
+                let n = if r.model.routed_moe_layers().is_empty() {
+                    0
+                } else {
+                    r.model.cfg.bias_fit_sample
+                };
                 for _ in 0..fill {
                     if n > 0 {
                         // The fresh sample of random tokens, as long as training's.
