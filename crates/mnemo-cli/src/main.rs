@@ -818,6 +818,9 @@ fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
     if v["train"].get("synthetic").is_none() {
         v["train"]["synthetic"] = serde_json::Value::Null;
     }
+    if v["train"].get("keep_steps").is_none() {
+        v["train"]["keep_steps"] = serde_json::json!([]);
+    }
     // Optional model fields that a plain config does not serialise, so that `--set` finds them.
     for (k, val) in mnemo::config::ModelConfig::optional_fields() {
         if v["model"].get(k).is_none() {

@@ -70,6 +70,26 @@ fn inconsistent_configs_name_the_field() {
     assert_fails(&["config", "--preset", "huge"], "unknown preset `huge`");
     assert_fails(&["config", "--seq-len", "100000"], "seq_len");
     assert_fails(
+        &[
+            "config",
+            "--steps",
+            "100",
+            "--set",
+            "train.keep_steps=[50,200]",
+        ],
+        "`keep_steps` holds step 200",
+    );
+    let (code, out, err) = mnemo(&[
+        "config",
+        "--steps",
+        "100",
+        "--set",
+        "train.keep_steps=[50,100]",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["train"]["keep_steps"], serde_json::json!([50, 100]));
+    assert_fails(
         &["config", "--preset", "tiny-moe", "--set", "top_k=17"],
         "top_k",
     );

@@ -10,10 +10,11 @@
 //!
 //! Usage: `MNEMO_CACHE=… cargo run --release --example moe_probe -- RUN_DIR` (the run's
 //! `state.json` names its corpus).
+mod common;
+
 use anyhow::Context;
-use mnemo::model::{Ffn, Workspace};
+use mnemo::model::Workspace;
 use mnemo::moe::{load_stats, topk_load};
-use mnemo::train::RunConfig;
 
 fn main() -> anyhow::Result<()> {
     let run_dir = std::path::PathBuf::from(
@@ -21,41 +22,14 @@ fn main() -> anyhow::Result<()> {
             .nth(1)
             .context("usage: moe_probe RUN_DIR")?,
     );
-    let l = mnemo::checkpoint::load(&run_dir, false)?;
-    let state = l
-        .state
-        .as_ref()
-        .with_context(|| format!("{}: no training state", run_dir.display()))?;
-    let run: RunConfig = serde_json::from_value(state.run.clone())?;
-    let spec = run.data.clone();
-    let t = run.train.seq_len;
-    let corpus = mnemo::data::scan(&spec)?;
-    let cache = mnemo::data::prepare(
-        &corpus,
-        &spec,
-        &l.tokenizer,
-        &mnemo::data::default_cache_root(),
-        true,
-    )?;
-    let model = &l.model;
+    let r = common::Run::open(&run_dir, false)?;
+    let (cache, model) = (&r.cache, r.model());
+    let t = r.run.train.seq_len;
     let (e, k) = (model.cfg.n_routed_experts, model.cfg.top_k);
     let routed = model.routed_moe_layers();
     let mut ws = Workspace::default();
-    // scores per layer for a list of window starts
     let collect = |split: &mnemo::data::TokenSplit, starts: &[usize], ws: &mut Workspace| {
-        let toks = split.tokens();
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); model.layout.layers.len()];
-        for ch in starts.chunks(8) {
-            let mut x = Vec::new();
-            for &s in ch {
-                x.extend_from_slice(&toks[s..s + t]);
-            }
-            model.forward(&x, ch.len(), t, ws);
-            for (l, sc) in ws.moe_scores().iter().enumerate() {
-                out[l].extend_from_slice(sc);
-            }
-        }
-        out
+        common::router_scores(model, split, starts, t, 8, ws)
     };
     let val_starts = mnemo::data::eval_windows(&cache.val, t, 256);
     let val = collect(&cache.val, &val_starts, &mut ws);
@@ -72,12 +46,8 @@ fn main() -> anyhow::Result<()> {
         .map(|_| (rand() % (ntr - t - 1) as u64) as usize)
         .collect();
     let hot = collect(&cache.train, &ho, &mut ws);
-    let bias_of = |l: usize| -> Vec<f32> {
-        match model.layout.layers[l].ffn {
-            Ffn::Moe(mo) => model.params[mo.bias..mo.bias + e].to_vec(),
-            _ => unreachable!(),
-        }
-    };
+    let biases = r.biases();
+    let bias_of = |l: usize| biases[l].clone();
     for &l in &routed {
         let b0 = bias_of(l);
         println!(

@@ -20,10 +20,11 @@
 //! Usage: `MNEMO_CACHE=… cargo run --release --example moe_staleness -- RUN_DIR [OLDER…]`
 //! (`SKIP_POOL=1` for a checkpoint without optimizer state; the run's `state.json` names its
 //! corpus, and the training windows of each step are redrawn from its seed).
+mod common;
+
 use anyhow::Context;
 use mnemo::model::{Ffn, Workspace};
 use mnemo::moe::{load_stats, topk_load};
-use mnemo::train::RunConfig;
 
 fn means(sc: &[f32], e: usize) -> Vec<f64> {
     let mut m = vec![0.0; e];
@@ -38,20 +39,10 @@ fn means(sc: &[f32], e: usize) -> Vec<f64> {
 
 fn main() -> anyhow::Result<()> {
     let run_dir = std::path::PathBuf::from(std::env::args().nth(1).context("RUN_DIR")?);
-    let l = mnemo::checkpoint::load(&run_dir, std::env::var("SKIP_POOL").is_err())?;
-    let state = l.state.as_ref().context("no state")?;
-    let run: RunConfig = serde_json::from_value(state.run.clone())?;
-    let spec = run.data.clone();
+    let r = common::Run::open(&run_dir, std::env::var("SKIP_POOL").is_err())?;
+    let (l, run, cache) = (&r.loaded, &r.run, &r.cache);
     let (b, t) = (run.train.batch_size, run.train.seq_len);
-    let step = state.step as usize;
-    let corpus = mnemo::data::scan(&spec)?;
-    let cache = mnemo::data::prepare(
-        &corpus,
-        &spec,
-        &l.tokenizer,
-        &mnemo::data::default_cache_root(),
-        true,
-    )?;
+    let step = r.step as usize;
     let model = &l.model;
     let pools = l.moe_pools.clone().unwrap_or_default();
     let (e, k) = (model.cfg.n_routed_experts, model.cfg.top_k);
@@ -100,12 +91,8 @@ fn main() -> anyhow::Result<()> {
                 .collect(),
         );
     }
-    let bias_of = |l: usize| -> Vec<f32> {
-        match model.layout.layers[l].ffn {
-            Ffn::Moe(mo) => model.params[mo.bias..mo.bias + e].to_vec(),
-            _ => unreachable!(),
-        }
-    };
+    let biases = r.biases();
+    let bias_of = |l: usize| biases[l].clone();
     let worst = |name: &str, f: &dyn Fn(usize) -> Vec<f32>| {
         let v: Vec<f64> = routed
             .iter()

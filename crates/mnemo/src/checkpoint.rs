@@ -347,6 +347,40 @@ fn save_inner(
     Ok(())
 }
 
+/// Keep the checkpoint just saved in `run_dir` as `run_dir/checkpoint-step{step}`: each file
+/// of `checkpoint/` hard-linked (copied where the file system has no hard links) into a
+/// temporary directory that is then renamed, so a kept directory is always complete. One left
+/// by an earlier attempt at the same step is replaced. Returns its path; [`load`] and
+/// `mnemo eval`/`generate` accept it.
+pub fn keep(run_dir: &Path, step: u64) -> Result<PathBuf> {
+    let cur = run_dir.join(CHECKPOINT_DIR);
+    let dst = run_dir.join(format!("{CHECKPOINT_DIR}-step{step}"));
+    let tmp = run_dir.join(format!(".{CHECKPOINT_DIR}-step{step}.tmp"));
+    for d in [&tmp, &dst] {
+        if d.exists() {
+            std::fs::remove_dir_all(d)
+                .with_context(|| format!("cannot replace {}", d.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    for entry in
+        std::fs::read_dir(&cur).with_context(|| format!("cannot list {}", cur.display()))?
+    {
+        let src = entry?.path();
+        let to = tmp.join(src.file_name().context("checkpoint file without a name")?);
+        if std::fs::hard_link(&src, &to).is_err() {
+            std::fs::copy(&src, &to)
+                .with_context(|| format!("cannot keep {} as {}", src.display(), to.display()))?;
+        }
+    }
+    if let Ok(d) = std::fs::File::open(&tmp) {
+        d.sync_all().ok();
+    }
+    std::fs::rename(&tmp, &dst)
+        .with_context(|| format!("cannot move the kept checkpoint into {}", dst.display()))?;
+    Ok(dst)
+}
+
 /// Find the checkpoint directory for a run directory (or accept a checkpoint directory itself).
 pub fn locate(path: &Path) -> Result<PathBuf> {
     if !path.exists() {

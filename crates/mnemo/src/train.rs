@@ -55,6 +55,12 @@ pub struct TrainConfig {
     /// Validation batches (of `batch_size` windows) per evaluation.
     pub eval_batches: usize,
     pub save_interval: u64,
+    /// Steps whose checkpoint is kept as `RUN_DIR/checkpoint-step{N}` (hard links to the
+    /// files of `checkpoint/`, so keeping costs no copy; a checkpoint is saved at these steps
+    /// whatever `save_interval` says). For analysing a run at given points, e.g. the MoE load
+    /// right after the lr warm-up. Not written to JSON when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keep_steps: Vec<u64>,
     pub seed: u64,
     /// Bytes of training text used to train the tokenizer when the run trains its own.
     pub tokenizer_max_bytes: u64,
@@ -96,6 +102,7 @@ impl Default for TrainConfig {
             eval_interval: 100,
             eval_batches: 8,
             save_interval: 250,
+            keep_steps: Vec::new(),
             seed: 1337,
             tokenizer_max_bytes: 32 << 20,
             train_only: TrainOnly::All,
@@ -179,6 +186,19 @@ impl TrainConfig {
             return Err(bad(
                 "log_interval/eval_interval/save_interval",
                 "must be > 0".into(),
+            ));
+        }
+        if let Some(&s) = self
+            .keep_steps
+            .iter()
+            .find(|&&s| s == 0 || s > self.max_steps)
+        {
+            return Err(bad(
+                "keep_steps",
+                format!(
+                    "holds step {s}: kept checkpoints must be at steps 1..={} (max_steps)",
+                    self.max_steps
+                ),
             ));
         }
         Ok(())
@@ -643,6 +663,16 @@ fn start_resume(
             bail!("--steps {n} is below the run's current step {}", state.step);
         }
         run.train.max_steps = n;
+        let beyond: Vec<u64> = run
+            .train
+            .keep_steps
+            .iter()
+            .copied()
+            .filter(|&s| s > n)
+            .collect();
+        if !beyond.is_empty() {
+            eprintln!("--steps {n}: the checkpoints of steps {beyond:?} (train.keep_steps) will not be kept");
+        }
         state.run = serde_json::to_value(&run)?;
     }
     if let Some(st) = dsa_stage {
@@ -746,6 +776,14 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     } = sess;
     let mode = run.train.train_only;
     let tc = run.train.clone();
+    // A crash between saving a kept step's checkpoint and keeping it: the run resumes from
+    // that very checkpoint, so keep it now.
+    if state.step > 0
+        && tc.keep_steps.contains(&state.step)
+        && !out.join(format!("checkpoint-step{}", state.step)).is_dir()
+    {
+        checkpoint::keep(out, state.step)?;
+    }
     let cache = data::prepare(&corpus, &run.data, &tok, &opts.cache_root, opts.progress)?;
     eprintln!(
         "data: {} files, train {} tokens ({} bytes), val {} tokens; token cache {}{}",
@@ -1065,7 +1103,8 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 }
             }
         }
-        if step % tc.save_interval == 0 || step == tc.max_steps || stop_now {
+        let keep = tc.keep_steps.contains(&step);
+        if step % tc.save_interval == 0 || step == tc.max_steps || stop_now || keep {
             checkpoint::save_with(
                 out,
                 &mut model,
@@ -1075,6 +1114,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
                 &moe_pools,
                 &state,
             )?;
+            if keep {
+                checkpoint::keep(out, step)?;
+            }
             if let Some(base) = &base {
                 let st = crate::finetune::write_delta(out, &model, base, mode, step)?;
                 let line = format!(

@@ -119,7 +119,12 @@ fn training_learns_and_resume_is_bit_identical() {
     let (root, data, cache) = corpus_dir("resume");
     let never = AtomicBool::new(false);
 
-    // Uninterrupted 150 steps.
+    // Uninterrupted 150 steps, keeping the checkpoint of step 7 (not a `save_interval` step).
+    let run_config = |data: &Path, steps| {
+        let mut r = run_config(data, steps);
+        r.train.keep_steps = vec![7];
+        r
+    };
     let a = root.join("a");
     let sa = train(fresh(&a, run_config(&data, 150), &cache), &never).unwrap();
     assert!(!sa.stopped_early);
@@ -159,6 +164,17 @@ fn training_learns_and_resume_is_bit_identical() {
         read(&b.join("checkpoint/optimizer.safetensors"))
     );
     assert!(a.join("loss.png").is_file());
+    // Both runs kept step 7, the same bytes; it loads, and it is not the final model.
+    let kept = |d: &Path| d.join("checkpoint-step7");
+    let l7 = mnemo::checkpoint::load(&kept(&a), true).unwrap();
+    assert_eq!(l7.state.as_ref().unwrap().step, 7);
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert_eq!(read(&kept(&a).join(f)), read(&kept(&b).join(f)), "{f}");
+    }
+    assert_ne!(
+        read(&kept(&a).join("model.safetensors")),
+        read(&a.join("checkpoint/model.safetensors"))
+    );
 
     // The checkpoint reloads, evaluates to the logged validation loss, and generates.
     let l = mnemo::checkpoint::load(&a, false).unwrap();
