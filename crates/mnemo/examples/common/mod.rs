@@ -66,6 +66,16 @@ impl Run {
     }
 }
 
+/// Set the balancing bias of each routed layer (the shape [`Run::biases`] gives).
+pub fn set_biases(model: &mut Model, biases: &[Vec<f32>]) {
+    let e = model.cfg.n_routed_experts;
+    for (l, b) in biases.iter().enumerate() {
+        if let Ffn::Moe(mo) = model.layout.layers[l].ffn {
+            model.params[mo.bias..mo.bias + e].copy_from_slice(b);
+        }
+    }
+}
+
 /// Router scores `[windows · len, E]` per layer of the windows of `len` tokens at `starts`
 /// of `split`, forwarded `chunk` windows at a time.
 pub fn router_scores(
