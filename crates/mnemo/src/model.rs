@@ -426,6 +426,14 @@ struct LayerActs {
 }
 
 impl Workspace {
+    /// A workspace whose forward passes stop after the last layer (`skip_head`).
+    pub fn headless() -> Workspace {
+        Workspace {
+            skip_head: true,
+            ..Workspace::default()
+        }
+    }
+
     /// Engram gate values `a` of the last forward pass, per Engram layer `[N, n]` (token-major,
     /// `n` streams); empty without Engram.
     pub fn engram_gates(&self) -> Vec<Vec<f32>> {

@@ -842,8 +842,7 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     let mut ws = Workspace::default();
     // The MoE balancing sample's forward passes (`bias_fit_sample`), apart from the step's;
     // only for a model with routed (not hash) MoE layers and when the bias is balanced.
-    let mut sample_ws = Workspace::default();
-    sample_ws.skip_head = true;
+    let mut sample_ws = Workspace::headless();
     let sample_moe = run.model.bias_fit_sample > 0 && !model.routed_moe_layers().is_empty();
     if sample_moe {
         // A split shorter than one window fails here, before step 1.
@@ -1705,11 +1704,7 @@ pub fn bench_steps_interleaved(
         runs.push(Run {
             table_opt: new_table_opt(&model),
             pools: model.new_moe_pools(),
-            sample_ws: {
-                let mut w = Workspace::default();
-                w.skip_head = true;
-                w
-            },
+            sample_ws: Workspace::headless(),
             rng,
             vocab,
             model,

@@ -259,6 +259,17 @@ fn assert_same_run(a: &Path, b: &Path) {
     }
 }
 
+/// The last metrics line of run `dir` with per-layer MoE statistics.
+fn last_moe_metrics(dir: &Path) -> serde_json::Value {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("moe").is_some())
+        .unwrap()
+}
+
 /// The tiny MoE model of the tests below: a hash layer, then a routed layer of 8 experts,
 /// top-2, with the sign step and the refit with every option on (a pool of the last 4
 /// batches' router inputs re-scored every step, hard-load sweeps, averaged over ~5 fits after
@@ -308,13 +319,7 @@ fn moe_training_balances_load_and_resumes_bit_identically() {
     train(resume(&b, &cache), &never).unwrap();
     assert_same_run(&a, &b);
     // Load statistics per MoE layer in the metrics; the routed layer ends balanced.
-    let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("moe").is_some())
-        .unwrap();
+    let last = last_moe_metrics(&a);
     let layers = last["moe"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
     assert_eq!(layers[0]["hash"], true);
@@ -347,17 +352,14 @@ fn moe_sample_refit_resumes_bit_identically() {
     train(fresh(&a, run(40), &cache), &never).unwrap();
     let b = root.join("b");
     train(fresh(&b, run(40), &cache), &AtomicBool::new(true)).unwrap();
-    let pools = mnemo::checkpoint::load(&b, true)
-        .unwrap()
-        .moe_pools
-        .unwrap();
+    let l = mnemo::checkpoint::load(&b, true).unwrap();
+    let pools = l.moe_pools.clone().unwrap();
     assert_eq!(pools[0].rows(), 0);
     assert_eq!((pools[1].len(), pools[1].rows()), (1, 6 * 8));
     // The pool holds step 1's sample forwarded after the optimizer step. Layer 1's router
     // inputs depend on no bias (layer 0 routes by hash), so the saved model reproduces them:
     // its router scores the pool as the forward of `moe_sample_windows(seed, step 1)` does,
     // and not as the windows of another step.
-    let l = mnemo::checkpoint::load(&b, true).unwrap();
     let r = run(40);
     let corpus = mnemo::data::scan(&r.data).unwrap();
     let split = mnemo::data::prepare(&corpus, &r.data, &l.tokenizer, &cache, false)
@@ -388,13 +390,7 @@ fn moe_sample_refit_resumes_bit_identically() {
     let l = mnemo::checkpoint::load(&a, true).unwrap();
     let pools = l.moe_pools.unwrap();
     assert_eq!((pools[1].len(), pools[1].rows()), (2, 2 * 6 * 8));
-    let last: serde_json::Value = std::fs::read_to_string(a.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("moe").is_some())
-        .unwrap();
+    let last = last_moe_metrics(&a);
     let routed = &last["moe"][1];
     assert!(
         routed["load_max"].as_f64().unwrap() < 2.0,
