@@ -656,10 +656,10 @@ fn dsa_config_and_stage_flags() {
         ],
         "dsa.index_topk",
     );
-    assert_fails(
-        &["config", "--preset", "tiny-dsa", "--set", "residual=mhc"],
-        "plain residual",
-    );
+    // DSA composes with mHC (and Engram): the released V4 combination.
+    let (code, out, err) = mnemo(&["config", "--preset", "tiny-dsa", "--set", "residual=mhc"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"residual\": \"mhc\""), "{out}");
     assert_fails(&["config", "--set", "dsa.index_topq=3"], "index_topq");
     assert_fails(&["config", "--dsa-stage", "warmup"], "dsa_stage");
     assert_fails(&["config", "--dsa-stage", "later"], "later");

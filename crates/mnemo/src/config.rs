@@ -622,15 +622,6 @@ impl ModelConfig {
                 ),
             ));
         }
-        if !self.residual.is_plain() {
-            return Err(err(
-                "dsa",
-                "is only supported with the plain residual (residual = \"plain\"), not hc/mhc",
-            ));
-        }
-        if self.engram.is_some() {
-            return Err(err("dsa", "cannot be combined with Engram (yet)"));
-        }
         if self
             .rope_scaling
             .as_ref()
@@ -946,10 +937,11 @@ mod tests {
             dsa_err(|c| c.dsa.as_mut().unwrap().index_rope_dim = 18).field,
             "dsa.index_rope_dim"
         );
-        let e = dsa_err(|c| c.residual = Residual::Mhc);
-        assert!(e.to_string().contains("plain residual"), "{e}");
-        let e = dsa_err(|c| c.engram = ModelConfig::preset("tiny-engram").unwrap().engram);
-        assert!(e.to_string().contains("Engram"), "{e}");
+        // DSA composes with hyper-connections and Engram (one block, module `model::block`).
+        let mut c = ModelConfig::preset("tiny-dsa").unwrap();
+        c.residual = Residual::Mhc;
+        c.engram = ModelConfig::preset("tiny-engram").unwrap().engram;
+        c.validate().unwrap();
         // RoPE scaling: absent from plain JSON, must reach max_seq_len, named on error.
         assert!(!plain.contains("rope_scaling"), "{plain}");
         let mut c = ModelConfig::preset("tiny").unwrap();

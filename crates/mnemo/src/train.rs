@@ -1699,8 +1699,10 @@ pub fn bench_steps_interleaved(
         let x: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
         let y: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
         let grads = vec![0.0f32; model.layout.total];
-        let mut ws = Workspace::default();
-        ws.frozen_backbone = var.frozen_backbone;
+        let ws = Workspace {
+            frozen_backbone: var.frozen_backbone,
+            ..Workspace::default()
+        };
         runs.push(Run {
             table_opt: new_table_opt(&model),
             pools: model.new_moe_pools(),

@@ -106,7 +106,7 @@ fn small_topk_changes_the_output_and_selection_is_causal() {
     let (x, _) = batch(b, t);
     let mut ws = Workspace::default();
     m.forward(&x, b, t, &mut ws);
-    let da = &ws.dsa[0];
+    let da = ws.dsa(0);
     assert_eq!(da.k_max, 3);
     for r in 0..b * t {
         let (s0, i) = (r - r % t, r % t);

@@ -80,9 +80,10 @@ fn default_table_std() -> f32 {
     1.0
 }
 
-/// Engram settings (the demo's `EngramConfig`, scaled down by default).
+/// Engram settings (the demo's `EngramConfig`, scaled down by default). Fields left out of a
+/// config (e.g. `--set 'engram={"layer_ids":[1]}'`) take the defaults below.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct EngramConfig {
     /// 0-based blocks that get an Engram module (demo `[1, 15]`).
     pub layer_ids: Vec<usize>,

@@ -1,0 +1,411 @@
+//! The cached driver: rows of one or more sequences through every block, each sequence's
+//! keys and values appended to its own [`KvCache`] — prefill, one-token decoding, batched
+//! serving and lookup verification are all this one function ([`Model::forward_batch`]).
+//!
+//! ```text
+//! rows of sequence i: stacked at r0_i..r0_i + n_i, positions p0_i..p0_i + n_i
+//! x⁰ = expand(E[tokens])                          [N, w]
+//! x^{l+1} = Block_l(x^l)   (attention: per sequence against its cache; module `block`)
+//! logits = RMSNorm(collapse(x^L[requested rows]))·Woutᵀ      [M, V]
+//! ```
+//!
+//! Every linear layer is a single product over all stacked rows (for quantised weights and
+//! few rows, one pass over the quantised blocks for all rows, see
+//! [`crate::kernels::quant::matmat`]); RoPE, the cache writes and attention run per sequence.
+//! A row's logits do not depend on the other rows up to f32 rounding (≈1e-6), and for a
+//! quantised model's weights every row is computed exactly as one-token decoding computes it
+//! (see [`set_quant_max_rows`]).
+
+use super::attention::{Kv, Span};
+use super::block::{BlockRows, Mem};
+use super::ffn::FfnRows;
+use super::residual::{NormActs, Stream};
+use super::workspace::LayerActs;
+use super::{KvCache, Model, PREFILL_CHUNK};
+use crate::kernels::matmul::linear_forward;
+use crate::kernels::{embedding, quant, rmsnorm};
+use crate::mhc::HcActs;
+use anyhow::{bail, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// At most this many rows use the bit-exact quantised product [`crate::kernels::quant::matmat`]
+/// (each output exactly as one-token decoding computes it: 8-bit activations, integer block
+/// sums); more rows (up to [`QUANT_FAST_MAX_ROWS`]) use [`crate::kernels::quant::matmat_fast`]
+/// (f32 activations, each block dequantised once for all rows).
+///
+/// The default is exact for every row: the multi-row integer kernel unpacks each weight block
+/// once for up to 8 rows, so an extra row costs about 0.3 of one (SmolLM2, one thread: 8 rows
+/// 2.9–3.6× one row's product time; `mnemo bench rows`), and exact rows make lookup decoding's
+/// greedy output identical to plain decoding on quantised models too. `set_quant_max_rows(1)`
+/// selects the fast product.
+static QUANT_MAX_ROWS: AtomicUsize = AtomicUsize::new(QUANT_FAST_MAX_ROWS);
+
+/// Up to this many rows, quantised weights are used directly (beyond, the f32 GEMM: prefill).
+pub const QUANT_FAST_MAX_ROWS: usize = 64;
+
+/// See [`QUANT_MAX_ROWS`]: rows up to `n` use the exact quantised product (default: all).
+pub fn set_quant_max_rows(n: usize) {
+    QUANT_MAX_ROWS.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Optional per-component timing of [`forward_batch`] (for `mnemo bench rows`): wall-clock and
+/// process CPU nanoseconds spent in each part, summed over calls while enabled (CPU time is
+/// the robust measure on a loaded machine with one worker thread).
+pub mod profile {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Components, in the order of [`NAMES`].
+    pub const QKV: usize = 0;
+    pub const WO: usize = 1;
+    pub const FFN_UP: usize = 2;
+    pub const FFN_DOWN: usize = 3;
+    pub const HEAD: usize = 4;
+    pub const ATTN: usize = 5;
+    pub const TOTAL: usize = 6;
+    pub const NAMES: [&str; 7] = [
+        "qkv",
+        "wo",
+        "ffn_up",
+        "ffn_down",
+        "lm_head",
+        "attention",
+        "total",
+    ];
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static NS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+    static CPU_NS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+
+    /// Start (and zero) or stop the counters.
+    pub fn enable(on: bool) {
+        for c in NS.iter().chain(&CPU_NS) {
+            c.store(0, Ordering::Relaxed);
+        }
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    /// The counters since [`enable`] (wall ns, process CPU ns), zeroing them.
+    pub fn take() -> ([u64; 7], [u64; 7]) {
+        (
+            std::array::from_fn(|i| NS[i].swap(0, Ordering::Relaxed)),
+            std::array::from_fn(|i| CPU_NS[i].swap(0, Ordering::Relaxed)),
+        )
+    }
+
+    /// CPU time of the whole process (all threads), seconds.
+    pub fn cpu_secs() -> f64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `t` is a valid timespec to write to.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+    }
+
+    /// Start times (wall, process CPU) when enabled (for [`stop`]).
+    #[inline]
+    pub(crate) fn start() -> Option<(std::time::Instant, f64)> {
+        ON.load(Ordering::Relaxed)
+            .then(|| (std::time::Instant::now(), cpu_secs()))
+    }
+
+    /// Add the time since `t0` (from [`start`]) to component `c`.
+    #[inline]
+    pub(crate) fn stop(c: usize, t0: Option<(std::time::Instant, f64)>) {
+        if let Some((t0, c0)) = t0 {
+            NS[c].fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            CPU_NS[c].fetch_add(((cpu_secs() - c0) * 1e9) as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Run `f`, adding its time to component `c` when enabled.
+    #[inline]
+    pub(crate) fn time<T>(c: usize, f: impl FnOnce() -> T) -> T {
+        let t0 = start();
+        let r = f();
+        stop(c, t0);
+        r
+    }
+}
+
+/// One sequence's part of a batched forward.
+pub struct BatchSeq<'a> {
+    /// Tokens at positions `cache.len()..` (non-empty).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Logits are returned for the rows `logits_from..tokens.len()` (`tokens.len() - 1`: the
+    /// last token only).
+    pub logits_from: usize,
+}
+
+/// Which rows of a forward pass run their products on the model's quantised weights
+/// (GGUF models; f32 models have none). The rule is per sequence, so a row's numerics never
+/// depend on what else is in the batch:
+/// - rows whose logits are all wanted (one-token decoding, draft verification) use the
+///   quantised products, each row exactly as one-token decoding computes it (module docs);
+/// - a prompt chunk (more than one row, logits of its last row only) uses the f32 weights.
+///
+/// `generate`, `serve`, `ask` and lookup decoding all run this one rule, so they agree token
+/// for token at temperature 0.
+#[derive(Clone, Debug)]
+pub(crate) enum Plan {
+    /// Every row in f32 (training, full forwards).
+    F32,
+    /// Contiguous row runs `(r0, n, quantised)`, in order, covering the stacked rows.
+    Runs(Vec<(usize, usize, bool)>),
+}
+
+impl Plan {
+    /// The plan of a cached forward over `seqs`: one run per sequence (adjacent runs of the
+    /// same kind merged) of all its rows, or (`head`) of the rows whose logits it wants.
+    fn of(seqs: &[BatchSeq<'_>], head: bool) -> Plan {
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+        let mut r0 = 0;
+        for s in seqs {
+            let n = s.tokens.len() - if head { s.logits_from } else { 0 };
+            let q = s.logits_from == 0;
+            match runs.last_mut() {
+                Some(last) if last.2 == q => last.1 += n,
+                _ => runs.push((r0, n, q)),
+            }
+            r0 += n;
+        }
+        Plan::Runs(runs)
+    }
+}
+
+impl Model {
+    /// `y (+)= x · Wᵀ` for `n` rows and the weight at `off` (`[dout, din]`), each run of rows
+    /// of `plan` from the f32 parameters or (when the model has a quantised copy of this
+    /// weight) the quantised one, in products of at most [`QUANT_FAST_MAX_ROWS`] rows; timed
+    /// as profile component `part`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn lin(
+        &self,
+        plan: &Plan,
+        part: usize,
+        y: &mut [f32],
+        x: &[f32],
+        off: usize,
+        n: usize,
+        din: usize,
+        dout: usize,
+        acc: bool,
+    ) {
+        let f32_rows = |y: &mut [f32], x: &[f32], n: usize| {
+            linear_forward(y, x, self.w(off, din * dout), n, din, dout, acc)
+        };
+        let q = match (plan, self.quant.get(&off)) {
+            (Plan::Runs(runs), Some(q)) if q.rows == dout && q.cols == din => (runs, q),
+            _ => return profile::time(part, || f32_rows(y, x, n)),
+        };
+        let (runs, qm) = q;
+        profile::time(part, || {
+            for &(r0, nr, quantised) in runs {
+                let (yr, xr) = (
+                    &mut y[r0 * dout..(r0 + nr) * dout],
+                    &x[r0 * din..(r0 + nr) * din],
+                );
+                if !quantised {
+                    f32_rows(yr, xr, nr);
+                    continue;
+                }
+                let exact = QUANT_MAX_ROWS.load(Ordering::Relaxed);
+                for (yc, xc) in yr
+                    .chunks_mut(QUANT_FAST_MAX_ROWS * dout)
+                    .zip(xr.chunks(QUANT_FAST_MAX_ROWS * din))
+                {
+                    let m = xc.len() / din;
+                    if m <= exact {
+                        quant::matmat(qm, xc, m, yc, acc)
+                    } else {
+                        quant::matmat_fast(qm, xc, m, yc, acc)
+                    }
+                }
+            }
+        })
+    }
+
+    /// Run `tokens` (positions `cache.len()..`) through the model, appending to the cache;
+    /// returns the logits `[V]` of the last token. Long inputs run in chunks of
+    /// [`PREFILL_CHUNK`] tokens.
+    pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            bail!("forward_cached needs at least one token");
+        }
+        if cache.len() + tokens.len() > cache.capacity() {
+            bail!(
+                "context of {} tokens exceeds the model's max_seq_len {}",
+                cache.len() + tokens.len(),
+                cache.capacity()
+            );
+        }
+        self.check_engram_tokens(tokens)?;
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            let mut seq = [BatchSeq {
+                tokens: chunk,
+                cache: &mut *cache,
+                logits_from: chunk.len() - 1,
+            }];
+            logits = self.forward_batch(&mut seq)?.pop().unwrap_or_default();
+        }
+        Ok(logits)
+    }
+
+    /// Run every sequence's tokens through the model, appending to its cache. Returns, per
+    /// sequence, the logits `[rows, V]` of its rows `logits_from..` (row-major).
+    pub fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                bail!("forward_batch: a sequence has no tokens");
+            }
+            if s.logits_from >= s.tokens.len() {
+                bail!("forward_batch: logits_from is past the last token");
+            }
+            // Before any sequence's cache is touched.
+            self.check_engram_tokens(s.tokens)?;
+            if s.cache.len() + s.tokens.len() > s.cache.capacity() {
+                bail!(
+                    "context of {} tokens exceeds the cache's capacity {}",
+                    s.cache.len() + s.tokens.len(),
+                    s.cache.capacity()
+                );
+            }
+        }
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The whole forward runs on a rayon worker, so the many small parallel loops inside it
+        // (per layer: norms, products, attention) start without waking a blocked caller thread
+        // each time; the arithmetic is the same.
+        rayon::scope(|_| self.forward_rows(seqs))
+    }
+
+    fn forward_rows(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        let t_total = profile::start();
+        let c = &self.cfg;
+        let (d, v) = (c.d_model, c.vocab_size);
+        let ly = &self.layout;
+        let st = Stream::of(c);
+        let w = st.width();
+        let nh = w / d;
+        // Stack the rows of every sequence; the rows whose logits are wanted.
+        let mut sel = Vec::new();
+        let mut r0 = 0;
+        for s in seqs.iter() {
+            sel.extend((s.logits_from..s.tokens.len()).map(|r| r0 + r));
+            r0 += s.tokens.len();
+        }
+        let (plan, head_plan) = (Plan::of(seqs, false), Plan::of(seqs, true));
+        let mut tokens = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let (p0, ni) = (s.cache.len(), s.tokens.len());
+            s.cache.reserve(p0 + ni);
+            spans.push(Span {
+                r0: tokens.len(),
+                n: ni,
+                p0,
+                cache: &mut *s.cache,
+            });
+            tokens.extend_from_slice(s.tokens);
+        }
+        let n = tokens.len();
+        let mut x0 = vec![0.0f32; n * d];
+        embedding::forward(&mut x0, self.w(ly.embed, v * d), &tokens, d);
+        // Stream buffers: entering the block, between its sublayers, after it.
+        let hc = !matches!(st, Stream::Plain { .. });
+        let mut xs: Vec<Vec<f32>> = (0..3).map(|_| vec![0.0f32; n * w]).collect();
+        let mut ssq: Vec<Vec<f32>> = match hc {
+            true => (0..3).map(|_| vec![0.0f32; n * nh]).collect(),
+            false => Vec::new(),
+        };
+        {
+            let mut none = [];
+            let s0 = ssq.first_mut().map_or(&mut none[..], |v| &mut v[..]);
+            st.expand(&mut xs[0], s0, &x0);
+        }
+        let mut la = LayerActs::new(c, 0, n);
+        let cids = self
+            .engram
+            .as_ref()
+            .map(|e| e.compress.compress(&tokens))
+            .unwrap_or_default();
+        let ffn = FfnRows {
+            tokens: &tokens,
+            seq_len: n,
+            aux: false,
+            plan: &plan,
+        };
+        for l in 0..c.n_layers {
+            let mut rows = BlockRows {
+                kv: Kv::Cache(&mut spans),
+                ffn,
+                mem: match self.engram_layer_of(l) {
+                    Some(_) => Mem::Cache { cids: &cids },
+                    None => Mem::None,
+                },
+            };
+            self.block_forward(l, &mut xs, &mut ssq, &mut la, &mut rows)?;
+            xs.swap(0, 2);
+            if hc {
+                ssq.swap(0, 2);
+            }
+        }
+        self.engram_advance(&tokens, &cids, &mut spans);
+        // The head over the requested rows only, as one product.
+        let m = sel.len();
+        let gather = |x: &[f32], k: usize| -> Vec<f32> {
+            sel.iter()
+                .flat_map(|&r| x[r * k..(r + 1) * k].iter().copied())
+                .collect()
+        };
+        let xm = gather(&xs[0], w);
+        let sm = if hc { gather(&ssq[0], nh) } else { Vec::new() };
+        let mut head = match st {
+            Stream::Hc(dm) => HcActs::new(&dm, m, true),
+            Stream::Plain { .. } => HcActs::default(),
+        };
+        let y = st.collapse(&self.params, ly.hc_head, (&xm, &sm), &mut head);
+        let mut nf = NormActs::new(m, d);
+        rmsnorm::forward(
+            &mut nf.y,
+            &mut nf.rstd,
+            y,
+            self.w(ly.norm, d),
+            d,
+            c.norm_eps,
+        );
+        let mut logits = vec![0.0f32; m * v];
+        self.lin(
+            &head_plan,
+            profile::HEAD,
+            &mut logits,
+            &nf.y,
+            ly.output,
+            m,
+            d,
+            v,
+            false,
+        );
+        let lens: Vec<usize> = spans.iter().map(|sp| sp.p0 + sp.n).collect();
+        drop(spans);
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut j = 0;
+        let one = seqs.len() == 1;
+        for (s, len) in seqs.iter_mut().zip(lens) {
+            let k = s.tokens.len() - s.logits_from;
+            if one {
+                out.push(std::mem::take(&mut logits));
+            } else {
+                out.push(logits[j * v..(j + k) * v].to_vec());
+            }
+            j += k;
+            s.cache.set_len(len);
+        }
+        profile::stop(profile::TOTAL, t_total);
+        Ok(out)
+    }
+}

@@ -1,0 +1,281 @@
+//! Where every tensor sits in the model's flat parameter buffer: names (the checkpoint's),
+//! shapes, offsets, and which tensors AdamW decays or trains. One [`LayerOffsets`] per block
+//! names the offsets of its sublayers; [`Ffn`] chooses the feed-forward module.
+
+use crate::config::{ModelConfig, Residual};
+use crate::dsa::IndexerOffsets;
+use crate::engram;
+use crate::mhc::{HcDims, HcOffsets};
+use crate::moe::MoeOffsets;
+
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    /// Whether AdamW applies weight decay (matrices yes; norms and embeddings no).
+    pub decay: bool,
+    /// Whether the optimizer updates it (the MoE selection bias is moved by the balancing
+    /// rule instead, see `moe::update_bias`).
+    pub trainable: bool,
+}
+
+impl TensorSpec {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Offsets of one layer's tensors.
+#[derive(Clone, Debug)]
+pub struct LayerOffsets {
+    pub attn_norm: usize,
+    /// `wq`, `wk`, `wv` back to back.
+    pub wqkv: usize,
+    pub wo: usize,
+    pub ffn_norm: usize,
+    pub ffn: Ffn,
+    /// Hyper-connection layers of the attention and FFN sublayers (`residual` = hc/mhc).
+    pub attn_hc: Option<HcOffsets>,
+    pub ffn_hc: Option<HcOffsets>,
+    /// The DSA lightning indexer (`layers.{i}.indexer.*`, right after `wo`), DSA models only.
+    pub indexer: Option<IndexerOffsets>,
+}
+
+/// The feed-forward of a layer.
+#[derive(Clone, Copy, Debug)]
+pub enum Ffn {
+    /// SwiGLU of width `ffn_hidden`: `w13` = `w1` (gate) then `w3` (up), then `w2`.
+    Dense {
+        w13: usize,
+        w2: usize,
+    },
+    Moe(MoeOffsets),
+}
+
+/// Where every tensor sits in the flat buffer.
+#[derive(Clone, Debug)]
+pub struct ParamLayout {
+    pub tensors: Vec<TensorSpec>,
+    pub embed: usize,
+    pub layers: Vec<LayerOffsets>,
+    pub norm: usize,
+    /// Output projection; equals `embed` when tied.
+    pub output: usize,
+    /// The mHC collapse head (`hc_head.{fn,scale,base}`), mHC only.
+    pub hc_head: Option<HcOffsets>,
+    /// Offset of each Engram layer's gate parameters (`layers.{l}.engram.*`, laid out by
+    /// `GateSpec::offsets`), in `engram.layer_ids` order.
+    pub engram_gate: Vec<usize>,
+    pub total: usize,
+}
+
+#[derive(Default)]
+struct LayoutBuilder {
+    tensors: Vec<TensorSpec>,
+    off: usize,
+}
+
+impl LayoutBuilder {
+    fn add_t(&mut self, name: String, shape: Vec<usize>, decay: bool, trainable: bool) -> usize {
+        let o = self.off;
+        self.off += shape.iter().product::<usize>();
+        self.tensors.push(TensorSpec {
+            name,
+            shape,
+            offset: o,
+            decay,
+            trainable,
+        });
+        o
+    }
+    fn add(&mut self, name: String, shape: Vec<usize>, decay: bool) -> usize {
+        self.add_t(name, shape, decay, true)
+    }
+    /// The tensors of one hyper-connection layer, `{prefix}.{fn,scale,base}` (mHC) or
+    /// `{prefix}.{fn,scale,static_alpha,static_beta}` (HC).
+    fn add_hc(&mut self, prefix: &str, dm: &HcDims) -> HcOffsets {
+        let offs: Vec<usize> = dm
+            .layer_tensors()
+            .into_iter()
+            .map(|(suffix, shape, decay)| self.add(format!("{prefix}.{suffix}"), shape, decay))
+            .collect();
+        HcOffsets {
+            fn_: offs[0],
+            scale: offs[1],
+            stat: offs[2],
+        }
+    }
+}
+
+impl ParamLayout {
+    pub fn new(c: &ModelConfig) -> Self {
+        let mut bld = LayoutBuilder::default();
+        let (d, hd, f) = (c.d_model, c.head_dim, c.ffn_hidden);
+        let embed = bld.add("tok_embeddings.weight".into(), vec![c.vocab_size, d], false);
+        let hcd = HcDims::from_config(c);
+        let mut layers = Vec::new();
+        let ec = c.engram.as_ref();
+        let mut engram_gate = vec![0; ec.map_or(0, |e| e.layer_ids.len())];
+        for i in 0..c.n_layers {
+            let p = |s: &str| format!("layers.{i}.{s}");
+            if let Some(k) = ec.and_then(|e| e.layer_ids.iter().position(|&l| l == i)) {
+                // The Engram gate of this block (no weight decay: the paper's Engram uses 0).
+                let spec = engram_gate_spec(c);
+                let base = bld.off;
+                for (name, shape, off) in spec.tensors() {
+                    let o = bld.add(p(&format!("engram.{name}")), shape, false);
+                    debug_assert_eq!(o, base + off);
+                }
+                engram_gate[k] = base;
+            }
+            let attn_hc = hcd.map(|dm| bld.add_hc(&p("attn_hc"), &dm));
+            let attn_norm = bld.add(p("attention_norm.weight"), vec![d], false);
+            let wqkv = bld.add(p("attention.wq.weight"), vec![c.n_heads * hd, d], true);
+            bld.add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
+            bld.add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
+            let wo = bld.add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
+            let indexer = c.dsa.as_ref().map(|x| {
+                let (hi, di) = (x.index_n_heads, x.index_head_dim);
+                IndexerOffsets {
+                    wq: bld.add(p("indexer.wq"), vec![hi * di, d], true),
+                    wk: bld.add(p("indexer.wk"), vec![di, d], true),
+                    k_norm_w: bld.add(p("indexer.k_norm.weight"), vec![di], false),
+                    k_norm_b: bld.add(p("indexer.k_norm.bias"), vec![di], false),
+                    wproj: bld.add(p("indexer.weights_proj"), vec![hi, d], true),
+                }
+            });
+            let ffn_hc = hcd.map(|dm| bld.add_hc(&p("ffn_hc"), &dm));
+            let ffn_norm = bld.add(p("ffn_norm.weight"), vec![d], false);
+            let ffn = if c.is_moe(i) {
+                let (e, mi, si) = (
+                    c.n_routed_experts,
+                    c.moe_inter,
+                    c.n_shared_experts * c.moe_inter,
+                );
+                let gate = bld.add(p("ffn.gate.weight"), vec![e, d], true);
+                let bias = bld.add_t(p("ffn.gate.bias"), vec![e], false, false);
+                let (mut shared_w13, mut shared_w2) = (0, 0);
+                if si > 0 {
+                    shared_w13 = bld.add(p("ffn.shared_experts.w1.weight"), vec![si, d], true);
+                    bld.add(p("ffn.shared_experts.w3.weight"), vec![si, d], true);
+                    shared_w2 = bld.add(p("ffn.shared_experts.w2.weight"), vec![d, si], true);
+                }
+                let mut experts = 0;
+                for x in 0..e {
+                    let o = bld.add(p(&format!("ffn.experts.{x}.w1.weight")), vec![mi, d], true);
+                    bld.add(p(&format!("ffn.experts.{x}.w3.weight")), vec![mi, d], true);
+                    bld.add(p(&format!("ffn.experts.{x}.w2.weight")), vec![d, mi], true);
+                    if x == 0 {
+                        experts = o;
+                    }
+                }
+                Ffn::Moe(MoeOffsets {
+                    gate,
+                    bias,
+                    shared_w13,
+                    shared_w2,
+                    experts,
+                    hash: c.is_hash(i),
+                })
+            } else {
+                let w13 = bld.add(p("feed_forward.w1.weight"), vec![f, d], true);
+                bld.add(p("feed_forward.w3.weight"), vec![f, d], true);
+                let w2 = bld.add(p("feed_forward.w2.weight"), vec![d, f], true);
+                Ffn::Dense { w13, w2 }
+            };
+            layers.push(LayerOffsets {
+                attn_norm,
+                wqkv,
+                wo,
+                ffn_norm,
+                ffn,
+                attn_hc,
+                ffn_hc,
+                indexer,
+            });
+        }
+        let hc_head = hcd.filter(|_| c.residual == Residual::Mhc).map(|dm| {
+            let n = dm.n;
+            let f = bld.add("hc_head.fn".into(), vec![n, n * d], true);
+            let sc = bld.add("hc_head.scale".into(), vec![1], false);
+            let b = bld.add("hc_head.base".into(), vec![n], false);
+            HcOffsets {
+                fn_: f,
+                scale: sc,
+                stat: b,
+            }
+        });
+        let norm = bld.add("norm.weight".into(), vec![d], false);
+        let output = if c.tied_embeddings {
+            embed
+        } else {
+            bld.add("output.weight".into(), vec![c.vocab_size, d], true)
+        };
+        ParamLayout {
+            tensors: bld.tensors,
+            embed,
+            layers,
+            norm,
+            output,
+            hc_head,
+            engram_gate,
+            total: bld.off,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// The Engram gate shapes of a model (`n` streams with hc/mhc, else 1).
+pub fn engram_gate_spec(c: &ModelConfig) -> engram::GateSpec {
+    let n = if c.residual.is_plain() { 1 } else { c.hc_mult };
+    c.engram
+        .as_ref()
+        .expect("an Engram config")
+        .gate_spec(c.d_model, n)
+}
+
+/// Whether a parameter belongs to a DSA lightning indexer (`layers.{i}.indexer.*`).
+pub fn is_indexer_tensor(name: &str) -> bool {
+    name.contains(".indexer.")
+}
+
+/// Whether a parameter is an Engram gate parameter.
+pub fn is_engram_tensor(name: &str) -> bool {
+    name.contains(".engram.")
+}
+
+/// Parameter counts by kind, for the start-of-run summary.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ParamCounts {
+    pub total: usize,
+    /// Parameters that one token uses: everything but the routed experts it is not sent to.
+    pub activated: usize,
+    pub embedding: usize,
+    pub attention: usize,
+    pub dense_ffn: usize,
+    pub router: usize,
+    pub shared_experts: usize,
+    pub routed_experts: usize,
+    pub norms: usize,
+    pub output: usize,
+    /// Hyper-connection parameters (hc/mhc residual).
+    pub hyper_connections: usize,
+    /// Engram gate parameters (in the flat buffer) and table entries (outside it).
+    pub engram_gates: usize,
+    pub engram_tables: usize,
+}
+
+/// Whether a parameter belongs to a hyper-connection layer or the mHC head.
+pub fn is_hc_tensor(name: &str) -> bool {
+    name.contains("_hc.") || name.starts_with("hc_head.")
+}

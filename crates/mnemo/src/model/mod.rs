@@ -1,0 +1,344 @@
+//! The decoder-only transformer ("V4-mini"): one block, many drivers.
+//!
+//! ```text
+//! h = E[tokens]                                                    [N, d]   (N = B·T)
+//! x⁰ = expand(h)                                                   [N, w]   (w = d, or n·d)
+//! block l:  x ← x + Engram(x)                    (layers in engram.layer_ids)
+//!           x ← R(x, Attn ∘ RMSNorm)             Attn = dense | DSA     (GQA, partial RoPE)
+//!           x ← R(x, FFN ∘ RMSNorm)              FFN  = SwiGLU | DeepSeekMoE
+//! logits = RMSNorm(collapse(xᴸ))·Woutᵀ          (Wout = E when embeddings are tied)  [N, V]
+//! loss = mean CE(logits, targets)   over the targets ≠ cross_entropy::IGNORE (masked rows: 0
+//!                                     loss, 0 gradient; the mean divides by the counted ones)
+//! ```
+//!
+//! `R` is the residual strategy (`residual` = plain | hc | mhc, module [`residual`]): plain
+//! `x + F(RMSNorm(x))`; with hyper-connections `n = hc_mult` streams `[N, n, d]` (module
+//! [`crate::mhc`]), expanded once after the embedding, each sublayer reading
+//! `y = Σ_j H_pre[j]·x[j]` and merging `x ← H_resᵀ-mix(x) + H_post ⊗ F(RMSNorm(y))`, collapsed
+//! once before the final norm (mHC head or HC sum).
+//!
+//! Every combination of residual × attention × feed-forward × Engram is the same block
+//! ([`block`]); each sublayer is one forward/backward pair ([`attention`], [`ffn`],
+//! [`engram_layer`]). Drivers only decide where keys and values come from and which rows run:
+//! - [`training`]: a batch `[B, T]` attending to itself; keeps every activation in a
+//!   [`Workspace`] and runs the backward pass ([`Model::forward_backward`]).
+//! - [`decode`]: rows of one or many sequences, each with its own [`KvCache`]: prefill,
+//!   one-token decoding, batched serving, lookup verification ([`Model::forward_batch`],
+//!   [`Model::forward_cached`]).
+//!
+//! A frozen-backbone backward (`Workspace::frozen_backbone`, memory-only fine-tuning)
+//! propagates only `dL/dh` (no `dW = dYᵀ·X` GEMMs of the frozen linear weights, no embedding
+//! gradient; MoE experts, hyper-connections and the O(d) norm weights still compute theirs) and
+//! stops after the lowest Engram block: the gate and table gradients are exactly the full ones.
+//!
+//! All parameters live in one flat `Vec<f32>` (and the gradients in one of the same layout,
+//! [`layout`]), so the optimiser and gradient clipping are single loops. Within a layer
+//! `wq, wk, wv` are adjacent and so form one `[(H+2KV)·d_h, d]` matrix (one GEMM for q, k and
+//! v); `w1, w3` likewise form `[2F, d]`. Linear weights are stored `[out, in]` as in PyTorch.
+//!
+//! **Initialisation** ([`Model::init`]): every matrix and the embedding ~ N(0, init_std²); the
+//! two projections that write into the residual stream (`wo`, `w2`) are further scaled by
+//! `1/√(2·n_layers)` (GPT-2); RMSNorm weights are 1.
+
+pub mod attention;
+pub mod block;
+pub mod cache;
+pub mod decode;
+pub mod engram_layer;
+pub mod ffn;
+pub mod layout;
+mod moe_balance;
+pub mod residual;
+#[cfg(test)]
+pub(crate) mod tests;
+#[cfg(test)]
+mod tests_compose;
+pub mod training;
+pub mod workspace;
+
+pub use cache::{CacheOptions, KvCache, PREFILL_CHUNK};
+pub use layout::{
+    engram_gate_spec, is_engram_tensor, is_hc_tensor, is_indexer_tensor, Ffn, LayerOffsets,
+    ParamCounts, ParamLayout, TensorSpec,
+};
+pub use workspace::Workspace;
+
+use crate::config::ModelConfig;
+use crate::dsa;
+use crate::engram::{CompressedTokenizer, Engram};
+use crate::kernels::rope::RopeTable;
+use crate::mhc::{self, HcDims};
+use crate::rng::Rng;
+
+/// The model: config, flat parameters, their layout, and the RoPE table.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub layout: ParamLayout,
+    pub params: Vec<f32>,
+    pub rope: RopeTable,
+    /// Token id → experts table `[V, top_k]` of each hash-routed MoE layer (`None` elsewhere).
+    pub hash_tables: Vec<Option<Vec<u32>>>,
+    /// Quantised copies of linear weights (keyed by their offset in `params`, possibly spanning
+    /// a fused range such as q|k|v), used by one-token decoding when present (GGUF models).
+    pub quant: std::collections::HashMap<usize, crate::kernels::quant::QMatrix>,
+    /// Engram memory (`cfg.engram`): compression, hashes and tables. Its gate parameters live
+    /// in `params` (`layout.engram_gate`); `EngramLayer::params` is only a copy for saving
+    /// ([`Model::sync_engram_gates`]).
+    pub engram: Option<Engram>,
+    /// End-of-text id of the tokenizer: Engram's hash and convolution restart after it.
+    pub engram_eot: Option<u32>,
+    /// Rotate-half RoPE table of the DSA indexer (`cfg.dsa`; dims `0..index_rope_dim`).
+    pub index_rope: Option<RopeTable>,
+}
+
+impl Model {
+    /// The `len` parameters at offset `off`.
+    pub(crate) fn w(&self, off: usize, len: usize) -> &[f32] {
+        &self.params[off..off + len]
+    }
+
+    /// A model with all-zero parameters (call [`Model::init`] or load weights).
+    pub fn new(cfg: ModelConfig) -> Result<Self, crate::config::ConfigError> {
+        cfg.validate()?;
+        let layout = ParamLayout::new(&cfg);
+        let rope = cfg.rope_table();
+        let hash_tables = (0..cfg.n_layers)
+            .map(|l| {
+                cfg.is_hash(l)
+                    .then(|| hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.top_k, &mut None))
+            })
+            .collect();
+        // A placeholder Engram (identity compression over the model vocabulary) until
+        // `init_engram` gives it the tokenizer's compression or a checkpoint replaces it.
+        let engram = match &cfg.engram {
+            Some(ec) => {
+                let ident = CompressedTokenizer::from_lookup((0..cfg.vocab_size as u32).collect())
+                    .map_err(|e| crate::config::ConfigError {
+                        field: "engram",
+                        problem: format!("{e:#}"),
+                    })?;
+                let nb = if cfg.residual.is_plain() {
+                    1
+                } else {
+                    cfg.hc_mult
+                };
+                Some(
+                    Engram::new(ec.clone(), ident, cfg.d_model, nb, 0, cfg.init_std).map_err(
+                        |e| crate::config::ConfigError {
+                            field: "engram",
+                            problem: format!("{e:#}"),
+                        },
+                    )?,
+                )
+            }
+            None => None,
+        };
+        let index_rope = dsa::rope_table(&cfg);
+        Ok(Model {
+            params: vec![0.0; layout.total],
+            layout,
+            rope,
+            cfg,
+            hash_tables,
+            quant: Default::default(),
+            engram,
+            engram_eot: None,
+            index_rope,
+        })
+    }
+
+    /// (Re)initialise the Engram memory with the tokenizer compression `compress`: multipliers
+    /// drawn for its `V'`, tables and gates from `seed` (gates copied into `params`).
+    pub fn init_engram(&mut self, compress: CompressedTokenizer, seed: u64) -> anyhow::Result<()> {
+        let Some(ec) = self.cfg.engram.clone() else {
+            anyhow::bail!("the model has no Engram config");
+        };
+        let nb = engram_gate_spec(&self.cfg).n_branch;
+        let e = Engram::new(ec, compress, self.cfg.d_model, nb, seed, self.cfg.init_std)?;
+        for (l, &o) in e.layers.iter().zip(&self.layout.engram_gate) {
+            self.params[o..o + l.params.len()].copy_from_slice(&l.params);
+        }
+        self.engram = Some(e);
+        Ok(())
+    }
+
+    /// The gate parameters of Engram layer `i` (in the flat buffer).
+    pub fn engram_gate_params(&self, i: usize) -> &[f32] {
+        let o = self.layout.engram_gate[i];
+        let n = self.engram.as_ref().expect("engram").layers[i]
+            .gate
+            .n_params();
+        &self.params[o..o + n]
+    }
+
+    /// Copy the gate parameters from the flat buffer into the Engram layers (before saving
+    /// the Engram file).
+    pub fn sync_engram_gates(&mut self) {
+        let Some(e) = self.engram.as_mut() else {
+            return;
+        };
+        for (l, &o) in e.layers.iter_mut().zip(&self.layout.engram_gate) {
+            let n = l.params.len();
+            l.params.copy_from_slice(&self.params[o..o + n]);
+        }
+    }
+
+    /// Engram: an error if a memory-mapped table's file vanished or changed size (call before
+    /// a forward pass, which cannot return an error).
+    pub fn check_engram_tables(&self) -> anyhow::Result<()> {
+        if let Some(e) = &self.engram {
+            for l in &e.layers {
+                l.table.check()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Engram: token ids must lie inside the compression table (the tokenizer's range).
+    pub fn check_engram_tokens(&self, tokens: &[u32]) -> anyhow::Result<()> {
+        if let Some(e) = &self.engram {
+            let v = e.compress.tokenizer_vocab_size();
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+                anyhow::bail!(
+                    "token id {bad} is outside the tokenizer's range 0..{v} (the Engram compression table)"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The documented initialisation (module docs), fully determined by `seed`.
+    pub fn init(&mut self, seed: u64) {
+        let mut rng = Rng::derived(seed, "init");
+        let std = self.cfg.init_std;
+        let resid_scale = 1.0 / (2.0 * self.cfg.n_layers as f32).sqrt();
+        for t in &self.layout.tensors {
+            let p = &mut self.params[t.range()];
+            if is_hc_tensor(&t.name) || is_engram_tensor(&t.name) {
+                continue; // below
+            } else if !t.trainable || t.name.ends_with("indexer.k_norm.bias") {
+                p.fill(0.0); // MoE selection bias, LayerNorm bias
+            } else if t.shape.len() == 1 {
+                p.fill(1.0);
+            } else if t.name.ends_with("attention.wo.weight") || t.name.ends_with("w2.weight") {
+                rng.fill_normal(p, std * resid_scale);
+            } else {
+                rng.fill_normal(p, std);
+            }
+        }
+        if let Some(dm) = HcDims::from_config(&self.cfg) {
+            let mut rng = Rng::derived(seed, "hyper-connections");
+            let mut normal = |p: &mut [f32]| rng.fill_normal(p, std);
+            for (l, lo) in self.layout.layers.iter().enumerate() {
+                for (s, o) in [(2 * l, lo.attn_hc), (2 * l + 1, lo.ffn_hc)] {
+                    if let Some(o) = o {
+                        mhc::init_layer(&dm, &mut self.params, o, s, false, &mut normal);
+                    }
+                }
+            }
+            if let Some(o) = self.layout.hc_head {
+                mhc::init_layer(&dm, &mut self.params, o, 0, true, &mut normal);
+            }
+        }
+        if let Some(e) = self.engram.take() {
+            self.init_engram(e.compress, seed)
+                .expect("a validated Engram config initialises");
+        }
+        let mut rng = Some(Rng::derived(seed, "tid2eid"));
+        let c = &self.cfg;
+        for (l, tab) in self.hash_tables.iter_mut().enumerate() {
+            if c.is_hash(l) {
+                *tab = Some(hash_table(
+                    c.vocab_size,
+                    c.n_routed_experts,
+                    c.top_k,
+                    &mut rng,
+                ));
+            }
+        }
+    }
+
+    pub fn counts(&self) -> ParamCounts {
+        let mut c = ParamCounts {
+            total: 0,
+            activated: 0,
+            embedding: 0,
+            attention: 0,
+            dense_ffn: 0,
+            router: 0,
+            shared_experts: 0,
+            routed_experts: 0,
+            norms: 0,
+            output: 0,
+            hyper_connections: 0,
+            engram_gates: 0,
+            engram_tables: 0,
+        };
+        for t in &self.layout.tensors {
+            let n = t.len();
+            c.total += n;
+            let slot = if is_engram_tensor(&t.name) {
+                &mut c.engram_gates
+            } else if is_hc_tensor(&t.name) {
+                &mut c.hyper_connections
+            } else if t.name.starts_with("tok_embeddings") {
+                &mut c.embedding
+            } else if t.name == "output.weight" {
+                &mut c.output
+            } else if t.name.contains(".ffn.gate.") {
+                &mut c.router
+            } else if t.shape.len() == 1 {
+                &mut c.norms
+            } else if t.name.contains(".attention.") || t.name.contains(".indexer.") {
+                &mut c.attention
+            } else if t.name.contains(".shared_experts.") {
+                &mut c.shared_experts
+            } else if t.name.contains(".experts.") {
+                &mut c.routed_experts
+            } else {
+                &mut c.dense_ffn
+            };
+            *slot += n;
+        }
+        let k_over_e = if self.cfg.n_routed_experts > 0 {
+            self.cfg.top_k as f64 / self.cfg.n_routed_experts as f64
+        } else {
+            0.0
+        };
+        c.activated =
+            c.total - c.routed_experts + (c.routed_experts as f64 * k_over_e).round() as usize;
+        if let Some(e) = &self.engram {
+            c.engram_tables = e
+                .layers
+                .iter()
+                .map(|l| l.table.rows() * l.table.dim())
+                .sum();
+            // Each token reads H rows of D_h per layer.
+            c.activated += e.layers.len() * e.cfg.d_mem();
+        }
+        c
+    }
+}
+
+/// A token → `k` distinct experts table `[V, k]`: uniform without replacement from `rng`
+/// (all zeros when `rng` is `None`: a placeholder that loading or `init` replaces).
+fn hash_table(v: usize, e: usize, k: usize, rng: &mut Option<Rng>) -> Vec<u32> {
+    let mut tab = vec![0u32; v * k];
+    let Some(rng) = rng else {
+        for row in tab.chunks_mut(k) {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = j as u32;
+            }
+        }
+        return tab;
+    };
+    let mut perm: Vec<u32> = (0..e as u32).collect();
+    for row in tab.chunks_mut(k) {
+        for j in 0..k {
+            let r = j + rng.below((e - j) as u64) as usize;
+            perm.swap(j, r);
+            row[j] = perm[j];
+        }
+    }
+    tab
+}
