@@ -741,8 +741,10 @@ fn engram_gates(run_dir: &Path, text: &Path, out: &Path, max_tokens: usize) -> R
 }
 
 /// `mnemo engram inspect`: a run directory / checkpoint (the stored hashes and tables), or a
-/// model config JSON (a fresh Engram with an identity compression over `vocab_size`, since no
-/// tokenizer is known: the multipliers then differ from a trained run's).
+/// model config JSON (the Engram a fresh model would get, with an identity compression over
+/// `vocab_size` since no tokenizer is known: the multipliers then differ from a trained run's).
+/// A config is only sized ([`mnemo::engram::Engram::plan`]), never built: no table and no
+/// model is allocated, so it answers at once for tables of any size.
 fn engram_inspect(path: &Path) -> Result<String> {
     if path.is_file() {
         let text = std::fs::read_to_string(path)
@@ -755,17 +757,19 @@ fn engram_inspect(path: &Path) -> Result<String> {
             .with_context(|| format!("{} is not a valid model config", path.display()))?;
         cfg.validate()
             .with_context(|| format!("in {}", path.display()))?;
-        if cfg.engram.is_none() {
+        let Some(ec) = &cfg.engram else {
             bail!(
                 "{}: the model has no Engram (`engram` is not set)",
                 path.display()
             );
-        }
-        let model = mnemo::model::Model::new(cfg)?;
-        let e = model.engram.as_ref().context("engram")?;
+        };
+        let ident = mnemo::engram::CompressedTokenizer::identity(cfg.vocab_size)?;
+        let spec = mnemo::model::engram_gate_spec(&cfg);
+        let layers = mnemo::engram::Engram::plan(ec, &ident, spec.d, spec.n_branch)
+            .with_context(|| format!("in {}", path.display()))?;
         return Ok(format!(
             "(config only: identity compression over the model vocabulary; a trained run uses its tokenizer's)\n{}",
-            e.inspect_text()
+            mnemo::engram::inspect_report(&ident, &layers)
         ));
     }
     let l = mnemo::checkpoint::load(path, false)?;
