@@ -1,10 +1,141 @@
-//! `mnemo eval humaneval` / `mnemo eval humaneval-rust`: code benchmarks (pass@k).
+//! `mnemo eval`: validation loss and bits per byte of a run (expert load of MoE layers,
+//! `--no-engram` ablation); `mnemo eval humaneval` / `humaneval-rust`: code benchmarks
+//! (pass@k); `mnemo eval --task niah|vt`: synthetic long context (in `longctx_cmd`).
 
-use anyhow::{bail, Result};
+use crate::longctx_cmd;
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use mnemo::data::CorpusSpec;
 use mnemo::humaneval::{self, EvalOptions, ExecConfig, GenConfig, Lang};
+use mnemo::train::RunConfig;
 use std::path::PathBuf;
 use std::time::Duration;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    bench: Option<EvalBench>,
+    /// Run directory (or checkpoint directory).
+    #[arg(required_unless_present = "task")]
+    run_dir: Option<PathBuf>,
+    #[command(flatten)]
+    longctx: crate::longctx_cmd::LongCtxArgs,
+    /// Data to evaluate on [default: the run's training data directory]; its validation split is used.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Number of batches of validation windows.
+    #[arg(long, default_value_t = 32)]
+    batches: usize,
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Share of files held out for validation [default: the run's].
+    #[arg(long, value_name = "F")]
+    val_fraction: Option<f64>,
+    /// Ablation: switch the Engram memory off (its contribution zeroed in every block).
+    #[arg(long)]
+    no_engram: bool,
+}
+
+/// `mnemo eval`: validation loss and bits per byte of a run (with the expert load of MoE
+/// layers), or a code benchmark, or a synthetic long-context task.
+pub fn run(a: EvalArgs) -> Result<()> {
+    if let Some(b) = a.bench {
+        return humaneval(b);
+    }
+    if a.longctx.task.is_some() {
+        return longctx_cmd::run(a.longctx, a.run_dir.as_deref());
+    }
+    let run_dir = a.run_dir.context("give a run directory")?;
+    let mut l = mnemo::checkpoint::load(&run_dir, false)?;
+    if a.no_engram {
+        let e =
+            l.model.engram.as_mut().with_context(|| {
+                format!("--no-engram: {} has no Engram memory", run_dir.display())
+            })?;
+        e.off = true;
+    }
+    l.model.check_engram_tables()?;
+    let run: Option<RunConfig> = l
+        .state
+        .as_ref()
+        .and_then(|s| serde_json::from_value(s.run.clone()).ok());
+    let mut spec = match (&a.data, &run) {
+        (Some(d), Some(r)) => CorpusSpec {
+            root: d.clone(),
+            ..r.data.clone()
+        },
+        (Some(d), None) => CorpusSpec::new(d),
+        (None, Some(r)) => r.data.clone(),
+        (None, None) => bail!(
+            "{}: no training data recorded; pass --data DIR",
+            run_dir.display()
+        ),
+    };
+    if let Some(f) = a.val_fraction {
+        if !(f > 0.0 && f < 1.0) {
+            bail!("--val-fraction {f}: must be in (0, 1)");
+        }
+        spec.val_fraction = f;
+    }
+    if spec.val_fraction <= 0.0 {
+        spec.val_fraction = 0.05;
+    }
+    let t = run
+        .as_ref()
+        .map(|r| r.train.seq_len)
+        .unwrap_or(l.model.cfg.max_seq_len.min(256));
+    let b = run.as_ref().map(|r| r.train.batch_size).unwrap_or(8);
+    let corpus = mnemo::data::scan(&spec)?;
+    let cache_root = a.cache_dir.unwrap_or_else(mnemo::data::default_cache_root);
+    let cache = mnemo::data::prepare(&corpus, &spec, &l.tokenizer, &cache_root, true)?;
+    l.model
+        .check_engram_tokens(cache.val.tokens())
+        .with_context(|| format!("token cache {}", cache.dir.display()))?;
+    let mut ws = mnemo::model::Workspace::default();
+    let ev = mnemo::train::evaluate_with(&l.model, &cache.val, b, t, a.batches, &mut ws, None)
+        .with_context(|| {
+            format!(
+                "the validation split of {} is shorter than one window of {t} tokens",
+                spec.root.display()
+            )
+        })?;
+    let (loss, bpb) = (ev.loss, ev.bpb);
+    // MoE: expert load over the validation windows (max / min share relative to the mean).
+    let moe = match mnemo::train::moe_stats(&l.model, &ev.moe_loads) {
+        Some(serde_json::Value::Array(rows)) => rows,
+        _ => Vec::new(),
+    };
+    let windows = (a.batches * b).min(cache.val.n_tokens / t.max(1)).max(1);
+    if let Some(p) = &a.longctx.json {
+        let mut j = serde_json::json!({"run": run_dir, "data": spec.root, "val_loss": loss, "val_bpb": bpb, "val_tokens": cache.val.n_tokens, "windows": windows, "seq_len": t, "engram_off": a.no_engram});
+        if !moe.is_empty() {
+            j["moe"] = serde_json::Value::Array(moe);
+        }
+        if p.as_os_str() == "-" {
+            println!("{j}");
+        } else {
+            std::fs::write(p, j.to_string())
+                .with_context(|| format!("cannot write {}", p.display()))?;
+        }
+    } else {
+        println!(
+            "val loss {loss:.4} nats/token, {bpb:.4} bits/byte ({} val tokens, {windows} windows of {t}){}",
+            cache.val.n_tokens,
+            if a.no_engram { " [Engram off]" } else { "" }
+        );
+        for m in &moe {
+            println!(
+                "  layer {}{}: expert load max {:.2}x / min {:.2}x the mean",
+                m["layer"],
+                if m["hash"] == true { " (hash)" } else { "" },
+                m["load_max"].as_f64().unwrap_or(0.0),
+                m["load_min"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}
 
 #[derive(Subcommand)]
 pub enum EvalBench {
@@ -71,7 +202,8 @@ pub struct HumanEvalArgs {
     include_broken: bool,
 }
 
-pub fn run(bench: EvalBench) -> Result<()> {
+/// `mnemo eval humaneval` / `humaneval-rust`: pass@k as JSON on stdout.
+fn humaneval(bench: EvalBench) -> Result<()> {
     let (lang, a) = match bench {
         EvalBench::Humaneval(a) => (Lang::Python, a),
         EvalBench::HumanevalRust(a) => (Lang::Rust, a),

@@ -495,6 +495,48 @@ fn engram_commands_overrides_and_bad_engram_configs() {
     );
 }
 
+/// `engram inspect CONFIG` sizes the tables from the config without building them: a
+/// DeepSeek-V4.1-sized Engram (blocks 1 and 14, orders 2..=4, 8 heads of ~16M rows per order,
+/// ~384M rows and ~25 GB per layer) answers at once with the rows its tables would have.
+#[test]
+fn engram_inspect_sizes_a_v41_config_without_building_it() {
+    let (code, out, err) = mnemo(&[
+        "config",
+        "--preset",
+        "tiny",
+        "--set",
+        "n_layers=16",
+        "--set",
+        "vocab_size=129280",
+        "--set",
+        "engram.layer_ids=[1,14]",
+        "--set",
+        "engram.max_ngram_size=4",
+        "--set",
+        "engram.n_head_per_ngram=8",
+        "--set",
+        "engram.head_dim=16",
+        "--set",
+        "engram.vocab_size_per_ngram=[16000000,16000000,16000000]",
+        "--set",
+        "engram.kernel_size=0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let d = tmpdir("engram-v41");
+    let cfg = d.join("v41.json");
+    std::fs::write(&cfg, &out).unwrap();
+    let (code, out, err) = mnemo(&["engram", "inspect", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("layer 1: orders [2, 3, 4], 8 heads/order x 16 dims, 384006168 rows"),
+        "{out}"
+    );
+    assert!(
+        out.contains("layer 14: orders [2, 3, 4], 8 heads/order x 16 dims, 384016682 rows"),
+        "{out}"
+    );
+}
+
 fn mnemo_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mnemo"));
     cmd.args(args).env(

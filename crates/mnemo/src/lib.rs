@@ -7,7 +7,8 @@
 //!
 //! - [`kernels`]: matmul, RMSNorm, RoPE, fused causal attention, SwiGLU, cross-entropy,
 //!   embedding, AdamW — forward and backward over f32 slices; quantised matrix–vector products.
-//! - [`config`]: the serde model config with presets and validation.
+//! - [`config`]: the serde model config with presets and validation; [`config_resolve`]: a
+//!   run config from a preset, a config file, flags and `--set` overrides.
 //! - [`model`]: the transformer: parameters, forward, backward, initialisation.
 //! - [`moe`]: DeepSeekMoE feed-forward (shared + routed experts, bias balancing, hash routing).
 //! - [`mhc`]: hyper-connection residuals (HC, and mHC with Sinkhorn-projected stream mixing).
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod config_resolve;
 pub mod data;
 pub mod dsa;
 pub mod engram;

@@ -350,7 +350,7 @@ fn read_metric_objects(
         .collect())
 }
 
-/// The stability diagnostics of a hyper-connection run (see `train.rs`): `amax_png` charts the
+/// The stability diagnostics of a hyper-connection run (see `train/`): `amax_png` charts the
 /// Amax gain magnitudes of the composite residual mapping `∏ H^res` against the step — forward
 /// (max row sum) and backward (max column sum) gain of the full composite (up to the last
 /// layer) and the maximum over all partial composites — and `grad_png` the gradient norm of

@@ -165,6 +165,14 @@ impl CompressedTokenizer {
         })
     }
 
+    /// The identity compression over `n` ids (each its own compressed id): the placeholder of a
+    /// model whose tokenizer is not known yet.
+    pub fn identity(n: usize) -> Result<Self> {
+        let n = u32::try_from(n)
+            .map_err(|_| anyhow::anyhow!("engram compression table: {n} ids is too many"))?;
+        Self::from_lookup((0..n).collect())
+    }
+
     /// Number of tokenizer ids covered.
     pub fn tokenizer_vocab_size(&self) -> usize {
         self.lookup.len()

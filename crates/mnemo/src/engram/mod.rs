@@ -52,7 +52,8 @@
 //!
 //! Tables live in RAM or in a memory-mapped file ([`EngramTable::open_mapped`], errors for a
 //! wrong size or a vanished file); [`Engram::inspect`] / [`Engram::inspect_text`] summarise the
-//! layers for `mnemo engram inspect`, [`CompressedTokenizer::report`] the compression.
+//! layers for `mnemo engram inspect`, [`Engram::plan`] the layers a config would build (sizes
+//! only, no tables), [`CompressedTokenizer::report`] the compression.
 
 pub mod compress;
 pub mod gate;
@@ -390,6 +391,98 @@ pub struct LayerInfo {
     pub mapped: bool,
 }
 
+impl LayerInfo {
+    /// The summary of a layer hashed by `hash` with heads of `head_dim` values: its rows are
+    /// [`LayerHash::total_rows`] and its bytes [`EngramTable::bytes_for`], the sizes the layer's
+    /// table is built with.
+    pub fn new(hash: &LayerHash, head_dim: usize, gate_params: usize, mapped: bool) -> Self {
+        let total_rows = hash.total_rows();
+        LayerInfo {
+            layer_id: hash.layer_id,
+            orders: (2..=hash.max_ngram).collect(),
+            heads_per_order: hash.n_head,
+            head_dim,
+            primes: hash
+                .primes
+                .chunks(hash.n_head)
+                .map(|c| c.to_vec())
+                .collect(),
+            multipliers: hash.multipliers.clone(),
+            total_rows,
+            table_bytes: EngramTable::bytes_for(total_rows as usize, head_dim),
+            gate_params,
+            mapped,
+        }
+    }
+}
+
+/// The hash parameters of every layer of `cfg` (in `layer_ids` order) for the compression
+/// `compress`: table sizes from the shared prime search ([`layer_primes`]) and multipliers
+/// drawn from `cfg.seed` exactly as the demo (numpy's `default_rng(seed + 10007·layer)`).
+/// [`Engram::new`] builds its tables from these; [`Engram::plan`] only sizes them.
+pub fn layer_hashes(cfg: &EngramConfig, compress: &CompressedTokenizer) -> Result<Vec<LayerHash>> {
+    cfg.validate(None)?;
+    let vp = compress.compressed_vocab_size() as u64;
+    if vp >= 1 << 30 {
+        bail!("engram: a compressed vocabulary of {vp} ids is too large (at most 2^30)");
+    }
+    let pad = compress.compress_one(cfg.pad_id);
+    let primes = layer_primes(
+        cfg.layer_ids.len(),
+        &cfg.vocab_size_per_ngram,
+        cfg.n_head_per_ngram,
+    );
+    cfg.layer_ids
+        .iter()
+        .zip(primes)
+        .map(|(&lid, primes)| {
+            let mult = hash::draw_multipliers(cfg.seed, lid, cfg.max_ngram_size, vp);
+            LayerHash::new(
+                lid,
+                cfg.max_ngram_size,
+                cfg.n_head_per_ngram,
+                mult,
+                primes,
+                pad,
+                vp,
+            )
+        })
+        .collect()
+}
+
+/// The text of `mnemo engram inspect`: the compression `compress` (tokenizer ids before and
+/// after), then one block per layer of `layers`.
+pub fn inspect_report(compress: &CompressedTokenizer, layers: &[LayerInfo]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let v = compress.tokenizer_vocab_size();
+    let vp = compress.compressed_vocab_size();
+    let _ = writeln!(
+        s,
+        "compression: {v} tokenizer ids -> {vp} ({:.2}% fewer)",
+        100.0 * (v - vp) as f64 / v.max(1) as f64
+    );
+    for i in layers {
+        let _ = writeln!(
+            s,
+            "layer {}: orders {:?}, {} heads/order x {} dims, {} rows, {:.1} MB{}, {} gate params",
+            i.layer_id,
+            i.orders,
+            i.heads_per_order,
+            i.head_dim,
+            i.total_rows,
+            i.table_bytes as f64 / 1e6,
+            if i.mapped { " (mapped)" } else { "" },
+            i.gate_params
+        );
+        for (o, p) in i.orders.iter().zip(&i.primes) {
+            let _ = writeln!(s, "  {o}-gram table sizes {p:?}");
+        }
+        let _ = writeln!(s, "  multipliers {:?}", i.multipliers);
+    }
+    s
+}
+
 /// All Engram layers of a model plus the tokenizer compression.
 #[derive(Debug)]
 pub struct Engram {
@@ -418,29 +511,11 @@ impl Engram {
         if d == 0 || n_branch == 0 {
             bail!("engram: model width {d} and {n_branch} residual streams");
         }
-        let vp = compress.compressed_vocab_size() as u64;
-        if vp >= 1 << 30 {
-            bail!("engram: a compressed vocabulary of {vp} ids is too large (at most 2^30)");
-        }
-        let pad = compress.compress_one(cfg.pad_id);
-        let primes = layer_primes(
-            cfg.layer_ids.len(),
-            &cfg.vocab_size_per_ngram,
-            cfg.n_head_per_ngram,
-        );
+        let hashes = layer_hashes(&cfg, &compress)?;
         let spec = cfg.gate_spec(d, n_branch);
         let mut layers = Vec::new();
-        for (&lid, primes) in cfg.layer_ids.iter().zip(primes) {
-            let mult = hash::draw_multipliers(cfg.seed, lid, cfg.max_ngram_size, vp);
-            let hash = LayerHash::new(
-                lid,
-                cfg.max_ngram_size,
-                cfg.n_head_per_ngram,
-                mult,
-                primes,
-                pad,
-                vp,
-            )?;
+        for hash in hashes {
+            let lid = hash.layer_id;
             let mut rng = crate::rng::Rng::derived(init_seed, &format!("engram.{lid}"));
             let table = EngramTable::normal(
                 hash.total_rows() as usize,
@@ -621,34 +696,27 @@ impl Engram {
 
     /// [`Engram::inspect`] as text, one block per layer (for `mnemo engram inspect`).
     pub fn inspect_text(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let v = self.compress.tokenizer_vocab_size();
-        let vp = self.compress.compressed_vocab_size();
-        let _ = writeln!(
-            s,
-            "compression: {v} tokenizer ids -> {vp} ({:.2}% fewer)",
-            100.0 * (v - vp) as f64 / v.max(1) as f64
-        );
-        for i in self.inspect() {
-            let _ = writeln!(
-                s,
-                "layer {}: orders {:?}, {} heads/order x {} dims, {} rows, {:.1} MB{}, {} gate params",
-                i.layer_id,
-                i.orders,
-                i.heads_per_order,
-                i.head_dim,
-                i.total_rows,
-                i.table_bytes as f64 / 1e6,
-                if i.mapped { " (mapped)" } else { "" },
-                i.gate_params
-            );
-            for (o, p) in i.orders.iter().zip(&i.primes) {
-                let _ = writeln!(s, "  {o}-gram table sizes {p:?}");
-            }
-            let _ = writeln!(s, "  multipliers {:?}", i.multipliers);
+        inspect_report(&self.compress, &self.inspect())
+    }
+
+    /// The per-layer summary of the Engram [`Engram::new`] would build from `cfg` and
+    /// `compress` for a model of width `d` with `n_branch` residual streams — the same primes,
+    /// multipliers, rows and bytes ([`layer_hashes`], [`LayerInfo::new`]) — without allocating
+    /// any table: instant even for tables of hundreds of millions of rows.
+    pub fn plan(
+        cfg: &EngramConfig,
+        compress: &CompressedTokenizer,
+        d: usize,
+        n_branch: usize,
+    ) -> Result<Vec<LayerInfo>> {
+        if d == 0 || n_branch == 0 {
+            bail!("engram: model width {d} and {n_branch} residual streams");
         }
-        s
+        let gate_params = cfg.gate_spec(d, n_branch).n_params();
+        Ok(layer_hashes(cfg, compress)?
+            .iter()
+            .map(|h| LayerInfo::new(h, cfg.head_dim, gate_params, false))
+            .collect())
     }
 
     /// The Engram layer index of block `block`, if it has one.
@@ -672,21 +740,7 @@ impl Engram {
     pub fn inspect(&self) -> Vec<LayerInfo> {
         self.layers
             .iter()
-            .map(|l| {
-                let h = &l.hash;
-                LayerInfo {
-                    layer_id: h.layer_id,
-                    orders: (2..=h.max_ngram).collect(),
-                    heads_per_order: h.n_head,
-                    head_dim: l.table.dim(),
-                    primes: h.primes.chunks(h.n_head).map(|c| c.to_vec()).collect(),
-                    multipliers: h.multipliers.clone(),
-                    total_rows: h.total_rows(),
-                    table_bytes: l.table.bytes(),
-                    gate_params: l.params.len(),
-                    mapped: l.table.is_mapped(),
-                }
-            })
+            .map(|l| LayerInfo::new(&l.hash, l.table.dim(), l.params.len(), l.table.is_mapped()))
             .collect()
     }
 }

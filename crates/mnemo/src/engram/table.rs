@@ -90,7 +90,7 @@ impl EngramTable {
         if cfg!(target_endian = "big") {
             bail!("engram tables are little-endian f32 files; this machine is big-endian");
         }
-        let want = (rows * dim * 4) as u64;
+        let want = Self::bytes_for(rows, dim);
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
@@ -150,7 +150,11 @@ impl EngramTable {
         self.dim
     }
     pub fn bytes(&self) -> u64 {
-        (self.rows * self.dim * 4) as u64
+        Self::bytes_for(self.rows, self.dim)
+    }
+    /// Bytes of a `[rows, dim]` f32 table (in RAM or as a file).
+    pub fn bytes_for(rows: usize, dim: usize) -> u64 {
+        rows as u64 * dim as u64 * 4
     }
     pub fn is_mapped(&self) -> bool {
         matches!(self.storage, Storage::Mapped { .. })

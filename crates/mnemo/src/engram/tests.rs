@@ -253,6 +253,35 @@ fn engram_layer_backward_returns_sparse_rows_matching_dense_finite_differences()
     );
 }
 
+/// [`Engram::plan`] sizes a DeepSeek-V4.1-sized Engram (blocks 1 and 14, orders 2..=4, 8 heads
+/// of about 16M rows per order: ~384M rows per layer) without building a table, and agrees
+/// with what [`Engram::new`] builds.
+#[test]
+fn engram_plan_sizes_tables_without_building_them() {
+    let v41 = EngramConfig {
+        layer_ids: vec![1, 14],
+        max_ngram_size: 4,
+        n_head_per_ngram: 8,
+        head_dim: 16,
+        vocab_size_per_ngram: vec![16_000_000; 3],
+        kernel_size: 0,
+        ..EngramConfig::default()
+    };
+    let ident = CompressedTokenizer::identity(129_280).unwrap();
+    let plan = Engram::plan(&v41, &ident, 64, 1).unwrap();
+    let rows: Vec<u64> = plan.iter().map(|i| i.total_rows).collect();
+    assert_eq!(rows, [384_006_168, 384_016_682]);
+    assert_eq!(plan[0].table_bytes, 384_006_168 * 16 * 4);
+    assert_eq!(plan[1].orders, [2, 3, 4]);
+    assert_eq!(plan[1].primes.len(), 3);
+    assert!(plan[1].primes.iter().flatten().all(|&p| p > 16_000_000));
+    // The same summary as the Engram that is built (primes, multipliers, rows, gate sizes).
+    let eng = tiny_engram(2, 4);
+    let planned = Engram::plan(&eng.cfg, &eng.compress, 8, 2).unwrap();
+    assert_eq!(planned, eng.inspect());
+    assert!(Engram::plan(&eng.cfg, &eng.compress, 0, 2).is_err());
+}
+
 #[test]
 fn engram_config_validation_and_inspect() {
     let ok = EngramConfig::default();

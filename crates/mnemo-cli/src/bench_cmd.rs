@@ -1,0 +1,455 @@
+//! `mnemo bench`: training-step time (vs no Engram / a frozen backbone), Engram offload,
+//! prefill/decode speed, lookup-first decoding, rows per forward, DSA long context, the
+//! lightning-indexer scan, and the GEMM peak; each prints JSON.
+
+use crate::config_cmd::{resolve, ConfigArgs};
+use crate::lookup_cmd;
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Time full training steps (forward, backward, clip, AdamW, Engram tables' lazy Adam) on
+    /// random tokens; prints JSON.
+    TrainStep {
+        #[command(flatten)]
+        cfg: Box<ConfigArgs>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Also time the same model without Engram, interleaved step by step; prints a JSON
+        /// array (with Engram, without) and the ratio of median CPU times.
+        #[arg(long)]
+        vs_no_engram: bool,
+        /// Also time the memory-only fine-tuning step (`--train-only engram`: frozen backbone),
+        /// interleaved with the full step.
+        #[arg(long)]
+        vs_frozen: bool,
+    },
+    /// Forward throughput with a large Engram table in RAM vs memory-mapped (interleaved);
+    /// prints JSON.
+    EngramOffload {
+        #[command(flatten)]
+        cfg: Box<ConfigArgs>,
+        /// Total table size in GB (rows per head scaled to fit).
+        #[arg(long, default_value_t = 2.0)]
+        table_gb: f64,
+        /// Forward passes per mode.
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        /// Directory for the table file (deleted at the end).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Prefill and decode speed of a model (run directory or .gguf): prints JSON.
+    Decode {
+        /// Run directory, checkpoint directory or `.gguf` file.
+        model: PathBuf,
+        /// Prompt length in tokens (a repeated code snippet).
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens to decode (greedy).
+        #[arg(long, default_value_t = 64)]
+        gen: usize,
+    },
+    /// Lookup-first decoding vs plain greedy decoding on one prompt: tokens/s, identical
+    /// output, lossy thresholds; prints JSON.
+    Lookup(lookup_cmd::BenchLookupArgs),
+    /// Time of one forward over n rows (a verify pass / a decode batch) for each n; JSON.
+    Rows {
+        model: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
+        rows: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Context tokens before the rows (their K/V are in the cache).
+        #[arg(long, default_value_t = 320)]
+        prefix: usize,
+        /// Use the exact quantised product for up to this many rows (beyond: the fast one).
+        #[arg(long, default_value_t = 64)]
+        quant_rows: usize,
+    },
+    /// Long context with a DSA model: prefill and decode time per token, sparse vs dense
+    /// attention, at each context length; prints one JSON line per length (and --json FILE).
+    LongContext {
+        #[command(flatten)]
+        cfg: Box<ConfigArgs>,
+        /// Context lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_value = "4096,16384,65536,131072")]
+        contexts: Vec<usize>,
+        /// Tokens decoded per mode and length.
+        #[arg(long, default_value_t = 16)]
+        decode: usize,
+        /// Store the indexer keys in 8 bits.
+        #[arg(long)]
+        int8: bool,
+        /// Longest context whose dense prefill is timed (it grows quadratically).
+        #[arg(long, default_value_t = 65536)]
+        dense_prefill_max: usize,
+        /// Fill the sparse cache with a window-local prefill (each prefill token attends to its
+        /// last top-k positions; no indexer scan) to time decoding at contexts whose exact DSA
+        /// prefill would take hours. Decoding stays exact DSA. The prefill time is then NOT the
+        /// model's.
+        #[arg(long)]
+        window_prefill: bool,
+        /// Write all rows as a JSON array here.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// Lightning-indexer scan: scores of `queries` queries against `keys` cached keys, then
+    /// top-k per query (f32 or 8-bit keys); prints JSON with ns per (query, key) pair.
+    Indexer {
+        #[arg(long, default_value_t = 131072)]
+        keys: usize,
+        #[arg(long, default_value_t = 1)]
+        queries: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 32)]
+        dim: usize,
+        #[arg(long, default_value_t = 512)]
+        topk: usize,
+        /// Store the keys in 8 bits (one scale per key).
+        #[arg(long)]
+        int8: bool,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+    /// f32 GEMM throughput of the gemm crate at n×n×n (the peak for MFU); prints JSON.
+    Gemm {
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::TrainStep {
+            cfg,
+            iters,
+            warmup,
+            vs_no_engram,
+            vs_frozen,
+        } => train_step(&cfg, iters, warmup, vs_no_engram, vs_frozen),
+        BenchCmd::EngramOffload {
+            cfg,
+            table_gb,
+            reps,
+            dir,
+        } => engram_offload(&cfg, table_gb, reps, &dir),
+        BenchCmd::Decode {
+            model,
+            prompt_tokens,
+            gen,
+        } => decode(&model, prompt_tokens, gen),
+        BenchCmd::Lookup(a) => lookup_cmd::bench(a),
+        BenchCmd::Rows {
+            model,
+            rows,
+            reps,
+            prefix,
+            quant_rows,
+        } => {
+            mnemo::batch::set_quant_max_rows(quant_rows);
+            lookup_cmd::bench_rows(&model, &rows, reps, prefix)
+        }
+        BenchCmd::LongContext {
+            cfg,
+            contexts,
+            decode,
+            int8,
+            dense_prefill_max,
+            window_prefill,
+            json,
+        } => bench_long_context(
+            &cfg,
+            contexts,
+            decode,
+            int8,
+            dense_prefill_max,
+            window_prefill,
+            json,
+        ),
+        BenchCmd::Indexer {
+            keys,
+            queries,
+            heads,
+            dim,
+            topk,
+            int8,
+            reps,
+        } => bench_indexer(keys, queries, heads, dim, topk, int8, reps),
+        BenchCmd::Gemm { size, iters } => gemm(size, iters),
+    }
+}
+
+/// `mnemo bench train-step`: full training steps on random tokens; with `--vs-no-engram` /
+/// `--vs-frozen`, the same model without Engram / with a frozen backbone, interleaved.
+fn train_step(
+    cfg: &ConfigArgs,
+    iters: usize,
+    warmup: usize,
+    vs_no_engram: bool,
+    vs_frozen: bool,
+) -> Result<()> {
+    let (run, _) = resolve(cfg)?;
+    let (b, t, seed) = (run.train.batch_size, run.train.seq_len, run.train.seed);
+    if !vs_no_engram && !vs_frozen {
+        let r = mnemo::train::bench_steps(&run.model, b, t, iters.max(1), warmup, seed)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    if run.model.engram.is_none() {
+        bail!("--vs-no-engram / --vs-frozen need a model with Engram (e.g. --preset tiny-engram)");
+    }
+    use mnemo::train::BenchVariant;
+    let mut vars = vec![BenchVariant {
+        label: "engram".into(),
+        cfg: run.model.clone(),
+        frozen_backbone: false,
+    }];
+    if vs_no_engram {
+        vars.push(BenchVariant {
+            label: "no-engram".into(),
+            cfg: mnemo::config::ModelConfig {
+                engram: None,
+                ..run.model.clone()
+            },
+            frozen_backbone: false,
+        });
+    }
+    if vs_frozen {
+        vars.push(BenchVariant {
+            label: "engram-frozen-backbone".into(),
+            cfg: run.model.clone(),
+            frozen_backbone: true,
+        });
+    }
+    let r = mnemo::train::bench_steps_interleaved(&vars, b, t, iters.max(1), warmup, seed)?;
+    for x in &r[1..] {
+        let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        eprintln!(
+            "{} / {}: median CPU time per step {:.3}, wall {:.3}",
+            r[0].label,
+            x.label,
+            ratio(r[0].step_cpu_ms_median, x.step_cpu_ms_median).unwrap_or(f64::NAN),
+            r[0].step_ms_median / x.step_ms_median
+        );
+    }
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+/// `mnemo bench engram-offload`: forward throughput with the Engram tables in RAM vs mapped.
+fn engram_offload(cfg: &ConfigArgs, table_gb: f64, reps: usize, dir: &Path) -> Result<()> {
+    let (run, _) = resolve(cfg)?;
+    let r = mnemo::train::bench_offload(
+        &run.model,
+        (table_gb * 1e9) as u64,
+        run.train.batch_size,
+        run.train.seq_len,
+        reps.max(1),
+        dir,
+        run.train.seed,
+    )?;
+    eprintln!(
+        "{:.2} GB table: RAM {:.0} tok/s, mapped {:.0} tok/s ({:+.2}% time; paired median {:+.2}%)",
+        r.table_bytes as f64 / 1e9,
+        r.ram_tokens_per_s_median,
+        r.mapped_tokens_per_s_median,
+        r.mapped_overhead_pct,
+        r.mapped_overhead_pct_paired_median
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+/// `mnemo bench decode`: prefill and greedy decode speed on a repeated code snippet.
+fn decode(model: &Path, prompt_tokens: usize, gen: usize) -> Result<()> {
+    let l = mnemo::checkpoint::load(model, false)?;
+    let text = "fn add(a: u32, b: u32) -> u32 {\n    a + b\n}\n".repeat(prompt_tokens);
+    let mut prompt = l.tokenizer.encode(&text)?;
+    prompt.truncate(prompt_tokens);
+    if prompt.len() + gen > l.model.cfg.max_seq_len {
+        bail!(
+            "--prompt-tokens + --gen exceed the model's context {}",
+            l.model.cfg.max_seq_len
+        );
+    }
+    let mut cache = mnemo::generate::KvCache::new(&l.model);
+    let t0 = std::time::Instant::now();
+    let mut logits = l.model.forward_cached(&prompt, &mut cache)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let s = mnemo::generate::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let mut rng = mnemo::rng::Rng::new(0);
+    let t1 = std::time::Instant::now();
+    for _ in 0..gen {
+        let t = mnemo::generate::sample(&logits, l.tokenizer.vocab_size(), s, &mut rng);
+        logits = l.model.forward_cached(&[t], &mut cache)?;
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"impl": "mnemo", "threads": rayon::current_num_threads(), "prompt_tokens": prompt.len(),
+        "gen": gen, "prefill_tok_s": prompt.len() as f64 / prefill, "decode_tok_s": gen as f64 / decode})
+    );
+    Ok(())
+}
+
+/// `mnemo bench gemm`: f32 GEMM throughput at `size`³ (median GFLOP/s).
+fn gemm(size: usize, iters: usize) -> Result<()> {
+    let r = mnemo::kernels::matmul::bench_gemm(size, iters.max(1));
+    println!(
+        "{}",
+        serde_json::json!({"size": size, "threads": rayon::current_num_threads(), "gflops_median": r})
+    );
+    Ok(())
+}
+
+/// `mnemo bench indexer`: time the indexer scan and the top-k over a synthetic key cache.
+fn bench_indexer(
+    keys: usize,
+    queries: usize,
+    heads: usize,
+    dim: usize,
+    topk: usize,
+    int8: bool,
+    reps: usize,
+) -> Result<()> {
+    use mnemo::kernels::indexer::{scores, topk as select, KeyStore};
+    if keys == 0 || queries == 0 || heads == 0 || dim == 0 || topk == 0 {
+        bail!("--keys, --queries, --heads, --dim and --topk must be > 0");
+    }
+    if int8 && !dim.is_multiple_of(4) {
+        bail!("--int8 needs --dim to be a multiple of 4 (got {dim})");
+    }
+    let mut rng = mnemo::rng::Rng::new(1);
+    let mut store = KeyStore::new(dim, keys, int8);
+    let mut k = vec![0.0f32; 4096 * dim];
+    let mut left = keys;
+    while left > 0 {
+        let n = left.min(4096);
+        rng.fill_normal(&mut k[..n * dim], 1.0);
+        store.push(&k[..n * dim]);
+        left -= n;
+    }
+    let mut q = vec![0.0f32; queries * heads * dim];
+    rng.fill_normal(&mut q, 1.0);
+    let mut w = vec![0.0f32; queries * heads];
+    rng.fill_normal(&mut w, 1.0);
+    // Causal: the queries are the last `queries` positions.
+    let limit: Vec<usize> = (0..queries).map(|i| keys - queries + 1 + i).collect();
+    let (mut out, mut sel) = (Vec::new(), Vec::new());
+    let (mut ts, mut tk, mut tf) = (Vec::new(), Vec::new(), Vec::new());
+    let mut idx = vec![0i32; queries * topk];
+    for _ in 0..reps.max(1) {
+        let t0 = std::time::Instant::now();
+        let width = scores(&q, &w, heads, &store, &limit, &mut out);
+        let t1 = std::time::Instant::now();
+        for (i, &lim) in limit.iter().enumerate() {
+            select(&out[i * width..i * width + lim], topk, &mut sel);
+        }
+        ts.push(t1.duration_since(t0).as_secs_f64());
+        tk.push(t1.elapsed().as_secs_f64());
+        let t2 = std::time::Instant::now();
+        mnemo::kernels::indexer::select(&q, &w, heads, &store, &limit, topk, topk, &mut idx);
+        tf.push(t2.elapsed().as_secs_f64());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (s, t, f) = (med(&mut ts), med(&mut tk), med(&mut tf));
+    let pairs = (queries * keys) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "keys": keys, "queries": queries, "heads": heads, "dim": dim, "topk": topk,
+            "int8": int8, "threads": rayon::current_num_threads(),
+            "scores_s": s, "topk_s": t,
+            "ns_per_pair_scores": s / pairs * 1e9, "ns_per_pair_topk": t / pairs * 1e9,
+            "select_s": f, "ns_per_pair_select": f / pairs * 1e9,
+            "key_bytes": store.bytes_used(),
+        })
+    );
+    Ok(())
+}
+
+/// `mnemo bench long-context`: dense vs sparse prefill/decode of a DSA model.
+fn bench_long_context(
+    a: &ConfigArgs,
+    contexts: Vec<usize>,
+    decode: usize,
+    int8: bool,
+    dense_prefill_max: usize,
+    window_prefill: bool,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    use mnemo::dsa::bench::{long_context, LongContextBench};
+    let (run, _) = resolve(a)?;
+    let mut cfg = run.model.clone();
+    let need = contexts.iter().copied().max().unwrap_or(0) + 2 * decode + 1;
+    cfg.max_seq_len = cfg.max_seq_len.max(need);
+    let dsa = cfg
+        .dsa
+        .clone()
+        .context("bench long-context needs a DSA model (e.g. --preset small-dsa)")?;
+    let mut model = mnemo::model::Model::new(cfg.clone())?;
+    model.init(run.train.seed);
+    eprintln!(
+        "model: {} layers, d {}, {} heads × {} (kv {}), indexer {} heads × {}, top-k {}, {} keys, {} threads",
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.head_dim,
+        cfg.n_kv_heads,
+        dsa.index_n_heads,
+        dsa.index_head_dim,
+        dsa.index_topk,
+        if int8 { "8-bit" } else { "f32" },
+        rayon::current_num_threads()
+    );
+    let bench = LongContextBench {
+        contexts,
+        decode: decode.max(1),
+        index_keys_8bit: int8,
+        dense_prefill_max,
+        window_prefill,
+        seed: run.train.seed,
+    };
+    let t0 = std::time::Instant::now();
+    let mut last_print = 0.0f64;
+    let rows = long_context(
+        &model,
+        &bench,
+        &mut |what, done, total| {
+            let el = t0.elapsed().as_secs_f64();
+            if el - last_print > 2.0 || done == total {
+                last_print = el;
+                eprint!("\r{what}: {done}/{total} tokens ({el:.0} s)      ");
+                if done == total {
+                    eprintln!();
+                }
+            }
+        },
+        &mut |row| println!("{}", serde_json::to_string(row).unwrap_or_default()),
+    )?;
+    if let Some(p) = json {
+        let out = serde_json::json!({
+            "config": cfg, "threads": rayon::current_num_threads(), "int8_index_keys": int8,
+            "window_prefill": window_prefill,
+            "decode_tokens": decode, "rows": rows,
+        });
+        std::fs::write(&p, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! `mnemo config`: print the resolved run config; and the config flags ([`ConfigArgs`]) that
+//! `train` and the benchmarks share, resolved by [`mnemo::config_resolve`].
+
+use anyhow::Result;
+use clap::Args;
+use mnemo::train::RunConfig;
+use std::path::PathBuf;
+
+#[derive(Args, Clone)]
+pub struct ConfigArgs {
+    /// Model preset: tiny (~3.5M parameters, minutes on 2 cores) or small (~22M).
+    #[arg(long)]
+    pub(crate) preset: Option<String>,
+    /// JSON config file: {"preset": ..., "model": {...}, "train": {...}, "data": {...}}; every
+    /// field optional, overriding the preset.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Override any config field: `--set d_model=512`, `--set train.lr=1e-3`,
+    /// `--set rope_layout=half` (repeatable; bare names are looked up in model, train, data).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub(crate) sets: Vec<String>,
+    /// Directory of text/code files to train on [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) data: Option<PathBuf>,
+    /// Only files matching these globs (repeatable) [default: common source extensions].
+    #[arg(long, value_name = "GLOB")]
+    pub(crate) include: Vec<String>,
+    /// Skip files matching these globs (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub(crate) exclude: Vec<String>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub(crate) steps: Option<u64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub(crate) batch_size: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    pub(crate) seq_len: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub(crate) lr: Option<f32>,
+    /// Random seed (initialisation and data order).
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// DSA models: training stage `dense` (dense attention, everything trains, the indexer
+    /// beside it), `warmup` (dense attention, only the indexer trains) or `sparse` (top-k
+    /// attention; default). Allowed with --resume to switch stage.
+    #[arg(long, value_name = "STAGE")]
+    pub(crate) dsa_stage: Option<mnemo::dsa::DsaStage>,
+    /// Start from this run's weights (not its optimizer state) in a new run whose model, training
+    /// and data settings default to that run's: e.g. a long-context stage with `--seq-len 1024
+    /// --rope-scaling-factor 4`. Only the context length and RoPE scaling of the model may change.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "preset")]
+    pub(crate) init: Option<PathBuf>,
+    /// YaRN RoPE scaling by this factor over the original context (the model's current
+    /// `max_seq_len`, or its existing scaling's original); sets `max_seq_len = original · F`.
+    #[arg(long, value_name = "F")]
+    pub(crate) rope_scaling_factor: Option<f64>,
+    /// Replace training rows with synthetic long-context documents: niah, vt or mix.
+    #[arg(long, value_name = "TASK")]
+    pub(crate) synthetic: Option<String>,
+    /// Share of the training rows that are synthetic (with --synthetic) [default: 1].
+    #[arg(long, value_name = "P", requires = "synthetic")]
+    pub(crate) synthetic_mix: Option<f64>,
+    /// Which targets of a synthetic row count in the loss: all (every next token) or answers
+    /// (only the answer tokens; the filler's targets are ignored) [default: all].
+    #[arg(long, value_name = "WHICH", requires = "synthetic")]
+    pub(crate) synthetic_loss: Option<String>,
+}
+
+impl ConfigArgs {
+    /// The flags as the library's config sources.
+    pub fn sources(&self) -> mnemo::config_resolve::ConfigSources {
+        mnemo::config_resolve::ConfigSources {
+            preset: self.preset.clone(),
+            config: self.config.clone(),
+            sets: self.sets.clone(),
+            data: self.data.clone(),
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            steps: self.steps,
+            batch_size: self.batch_size,
+            seq_len: self.seq_len,
+            lr: self.lr,
+            seed: self.seed,
+            dsa_stage: self.dsa_stage,
+            init: self.init.clone(),
+            rope_scaling_factor: self.rope_scaling_factor,
+            synthetic: self.synthetic.clone(),
+            synthetic_mix: self.synthetic_mix,
+            synthetic_loss: self.synthetic_loss.clone(),
+        }
+    }
+}
+
+/// [`mnemo::config_resolve::resolve`] of the config flags: the run config and its preset.
+pub fn resolve(a: &ConfigArgs) -> Result<(RunConfig, String)> {
+    mnemo::config_resolve::resolve(&a.sources())
+}
+
+/// `mnemo config`: the resolved run config as JSON on stdout.
+pub fn run(a: &ConfigArgs) -> Result<()> {
+    let (run, _) = resolve(a)?;
+    println!("{}", serde_json::to_string_pretty(&run)?);
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! `mnemo generate`: sample from a run (or a `.gguf` model), streaming tokens to stdout; and
+//! [`stream_answer`], the streaming decode that `mnemo ask` shares.
+
+use crate::lookup_cmd;
+use anyhow::{bail, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Run directory, checkpoint directory, or a Llama-architecture `.gguf` model file.
+    run_dir: PathBuf,
+    /// Text to continue (or, with --chat, the user's message).
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template (e.g. the one inside a GGUF) and answer it.
+    #[arg(long)]
+    chat: bool,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Softmax temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// Nucleus sampling: smallest set of tokens with this total probability.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Lookup-first decoding: draft tokens from N-gram matches in the prompt and output,
+    /// verified in one forward pass (same output when greedy; same distribution otherwise).
+    #[arg(long)]
+    lookup: bool,
+    /// Lossy lookup: emit continuations whose empirical N-gram probability is >= P without
+    /// verification (implies --lookup).
+    #[arg(long, value_name = "P")]
+    lookup_threshold: Option<f32>,
+}
+
+/// `mnemo generate`: continue a prompt (or answer it with the chat template), streaming the
+/// text to stdout; plain or lookup-first decoding.
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!("--temperature must be >= 0");
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    let l = mnemo::checkpoint::load(&a.run_dir, false)?;
+    let tok = &l.tokenizer;
+    let prompt = if a.chat {
+        if tok.chat_template().is_none() {
+            bail!("{} has no chat template; drop --chat", a.run_dir.display());
+        }
+        let (before, after) = mnemo::chat::split_prompt(tok)?;
+        tok.encode_with_special(&format!("{before}{}{after}", a.prompt))?
+    } else {
+        tok.encode(&a.prompt)?
+    };
+    let room = l.model.cfg.max_seq_len.saturating_sub(prompt.len());
+    if room == 0 {
+        bail!(
+            "the prompt is {} tokens, at or beyond the model's maximum context of {} tokens \
+             (max_seq_len): shorten it",
+            prompt.len(),
+            l.model.cfg.max_seq_len
+        );
+    }
+    let s = mnemo::generate::Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+    };
+    let mut stdout = std::io::stdout().lock();
+    if !a.chat {
+        write!(stdout, "{}", a.prompt)?;
+    }
+    stdout.flush()?;
+    let mut cache = mnemo::generate::KvCache::new(&l.model);
+    if a.lookup || a.lookup_threshold.is_some() {
+        if let Some(p) = a.lookup_threshold {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("--lookup-threshold must be in (0, 1]");
+            }
+        }
+        let cfg = mnemo::lookup::LookupConfig {
+            threshold: a.lookup_threshold,
+            ..Default::default()
+        };
+        let st = lookup_cmd::stream_lookup(
+            &l.model,
+            tok,
+            &mut cache,
+            &prompt,
+            a.max_tokens.min(room),
+            s,
+            a.seed,
+            cfg,
+            &mut stdout,
+        )?;
+        writeln!(stdout)?;
+        eprintln!(
+            "lookup: {} passes, {} drafted, {} accepted, {} unverified",
+            st.passes, st.drafted, st.accepted, st.unverified
+        );
+        return Ok(());
+    }
+    stream_answer(
+        &l.model,
+        tok,
+        &mut cache,
+        &prompt,
+        a.max_tokens.min(room),
+        s,
+        a.seed,
+        &mut stdout,
+    )?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+/// Prefill `tokens` after what `cache` holds, then sample up to `max_new` tokens, writing the
+/// text to `out` as it is produced; stops at the tokenizer's end-of-text token.
+#[allow(clippy::too_many_arguments)]
+pub fn stream_answer(
+    model: &mnemo::model::Model,
+    tok: &mnemo::tokenizer::Tokenizer,
+    cache: &mut mnemo::generate::KvCache,
+    tokens: &[u32],
+    max_new: usize,
+    s: mnemo::generate::Sampling,
+    seed: u64,
+    out: &mut impl Write,
+) -> Result<()> {
+    let mut stream = mnemo::tokenizer::StreamDecoder::new(tok);
+    let n_valid = tok.vocab_size();
+    mnemo::generate::generate_after(
+        model,
+        cache,
+        tokens,
+        max_new,
+        s,
+        seed,
+        n_valid,
+        Some(tok.eot()),
+        |t| {
+            write!(out, "{}", stream.push(t)?)?;
+            Ok(out.flush()?)
+        },
+    )?;
+    Ok(())
+}
