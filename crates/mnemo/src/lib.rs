@@ -36,7 +36,6 @@ pub mod lookup;
 pub mod mhc;
 pub mod model;
 pub mod moe;
-pub mod pack;
 pub mod plot;
 pub mod rng;
 pub mod safetensors_io;
