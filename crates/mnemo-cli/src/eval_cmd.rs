@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use mnemo::humaneval::{self, EvalOptions, ExecConfig, GenConfig, Lang};
+use mnemo_eval::humaneval::{self, EvalOptions, ExecConfig, GenConfig, Lang};
 use std::path::PathBuf;
 use std::time::Duration;
 
