@@ -63,11 +63,11 @@ pub fn run(a: AskArgs) -> Result<()> {
         );
     }
     let t0 = std::time::Instant::now();
-    let mut opts = mnemo::pack::PackOptions::new(&a.dir);
+    let mut opts = mnemo_pack::PackOptions::new(&a.dir);
     opts.max_tokens = Some(ctx);
     opts.query = Some(a.question.clone());
-    let pack = mnemo::pack::pack(&opts, Some(tok))?;
-    let mut prefix = tok.encode(&mnemo::pack::context_text(&pack))?;
+    let pack = mnemo_pack::pack(&opts, Some(tok))?;
+    let mut prefix = tok.encode(&mnemo_pack::context_text(&pack))?;
     if prefix.len() > ctx {
         // File headers and separators are not in the per-file budget; cut the tail.
         prefix.truncate(ctx);

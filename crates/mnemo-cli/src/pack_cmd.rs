@@ -1,12 +1,12 @@
-//! `mnemo pack`: pack a repository into one context document (see `mnemo::pack`).
+//! `mnemo pack`: pack a repository into one context document (see the `mnemo-pack` crate).
 //!
 //! The document (or the JSON, or the `--count` table) goes to stdout or `--out`; the excluded
 //! files, the budget cut report and a one-line timing summary go to stderr.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use mnemo::pack::{self, PackOptions};
 use mnemo::tokenizer::Tokenizer;
+use mnemo_pack::{self as pack, PackOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

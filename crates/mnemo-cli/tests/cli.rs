@@ -595,7 +595,7 @@ fn eval_humaneval_scores_fixture_problems_in_the_sandbox() {
         "--quiet",
     ]);
     assert_eq!(code, 0, "{err}");
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../mnemo/tests/fixtures");
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../mnemo-eval/tests/fixtures");
     let check = |bench: &str, file: &str, env: &[(&str, &str)]| -> serde_json::Value {
         let out = d.join(format!("{bench}.jsonl"));
         let (code, stdout, err) = mnemo_env(

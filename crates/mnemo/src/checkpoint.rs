@@ -24,6 +24,8 @@
 //! `checkpoint.prev` if a crash happened between them. A partly written checkpoint is never
 //! taken for a complete one.
 
+pub mod delta;
+
 use crate::config::ModelConfig;
 use crate::engram::{Engram, EngramTable, LayerHash, SparseAdam};
 use crate::model::Model;
@@ -481,8 +483,8 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
         });
     }
     // A memory-only fine-tuning run kept as a delta only: its base plus the delta.
-    if path.is_dir() && path.join(crate::finetune::DELTA_FILE).is_file() && locate(path).is_err() {
-        return crate::finetune::load_delta_run(path);
+    if path.is_dir() && path.join(delta::DELTA_FILE).is_file() && locate(path).is_err() {
+        return delta::load_delta_run(path);
     }
     let dir = locate(path)?;
     let cfg = read_config(&dir.join("config.json"))?;

@@ -12,129 +12,19 @@
 //!              + fingerprint(B)                      → adapted model = B + D, exactly
 //! ```
 //!
-//! The delta (`RUN_DIR/engram_delta.safetensors`) holds, per Engram block `l`,
-//! `engram.{l}.rows` (I32 `[k]`, increasing) and `engram.{l}.values` (F32 `[k, D_h]`), with
-//! `engram+gates` also every gate tensor `engram.{l}.gate.{name}`, and metadata
-//! `engram_delta` = JSON `{base, base_fingerprint, train_only, step}`. The fingerprint
-//! ([`fingerprint`]) is a 64-bit hash of the base checkpoint's files, so a delta is never
-//! applied to another model. A directory holding only `engram_delta.safetensors` loads as the
-//! adapted model ([`load_delta_run`], used by `checkpoint::load`), with exactly the logits of
-//! the fine-tuned checkpoint.
+//! The delta's format, and loading a run kept as a delta, are the checkpoint's
+//! ([`crate::checkpoint::delta`]); this module opens the base ([`DeltaBase`]) and writes the
+//! delta ([`write_delta`]).
 
+pub use crate::checkpoint::delta::TrainOnly;
+use crate::checkpoint::delta::{fingerprint, DeltaMeta, DELTA_FILE};
 use crate::engram::EngramTable;
-use crate::model::{is_engram_tensor, Model};
-use crate::safetensors_io::{serialize_mixed, Data, TensorFile};
+use crate::model::Model;
+use crate::safetensors_io::{serialize_mixed, Data};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-
-/// File name of the delta inside a fine-tuning run directory.
-pub const DELTA_FILE: &str = "engram_delta.safetensors";
-
-/// Which parameters a run trains.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TrainOnly {
-    /// Everything (ordinary training).
-    #[default]
-    #[serde(rename = "all")]
-    All,
-    /// Only the Engram tables.
-    #[serde(rename = "engram")]
-    Engram,
-    /// The Engram tables and gate parameters.
-    #[serde(rename = "engram+gates")]
-    EngramGates,
-}
-
-impl TrainOnly {
-    pub fn is_all(&self) -> bool {
-        *self == TrainOnly::All
-    }
-
-    /// Whether the flat-buffer tensor `name` is trained.
-    pub fn trains(&self, name: &str) -> bool {
-        match self {
-            TrainOnly::All => true,
-            TrainOnly::Engram => false,
-            TrainOnly::EngramGates => is_engram_tensor(name),
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "all" => Ok(TrainOnly::All),
-            "engram" => Ok(TrainOnly::Engram),
-            "engram+gates" => Ok(TrainOnly::EngramGates),
-            _ => bail!("--train-only {s}: expected `engram` or `engram+gates`"),
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            TrainOnly::All => "all",
-            TrainOnly::Engram => "engram",
-            TrainOnly::EngramGates => "engram+gates",
-        }
-    }
-}
-
-/// A 64-bit fingerprint (hex) of a checkpoint directory: its config, tokenizer, weights and
-/// Engram files, read in a fixed order (multiply-xor over little-endian 8-byte words, the file
-/// name and length mixed in).
-pub fn fingerprint(ckpt_dir: &Path) -> Result<String> {
-    let mut names: Vec<String> = vec![
-        "config.json".into(),
-        "tokenizer.json".into(),
-        "model.safetensors".into(),
-        "engram.safetensors".into(),
-    ];
-    let mut tables: Vec<String> = std::fs::read_dir(ckpt_dir)
-        .with_context(|| format!("cannot list {}", ckpt_dir.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with("engram_table.") && n.ends_with(".f32"))
-        .collect();
-    tables.sort();
-    names.extend(tables);
-    const P: u64 = 0x100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mix = |h: &mut u64, w: u64| {
-        *h = (*h ^ w).wrapping_mul(P);
-        *h ^= *h >> 29;
-    };
-    for n in names {
-        let p = ckpt_dir.join(&n);
-        if !p.is_file() {
-            continue;
-        }
-        n.bytes().for_each(|b| mix(&mut h, b as u64));
-        let mut f =
-            std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut len = 0u64;
-        loop {
-            let k = f
-                .read(&mut buf)
-                .with_context(|| format!("cannot read {}", p.display()))?;
-            if k == 0 {
-                break;
-            }
-            len += k as u64;
-            let mut chunks = buf[..k].chunks_exact(8);
-            for c in &mut chunks {
-                mix(&mut h, u64::from_le_bytes(c.try_into().expect("8 bytes")));
-            }
-            for &b in chunks.remainder() {
-                mix(&mut h, b as u64);
-            }
-        }
-        mix(&mut h, len);
-    }
-    Ok(format!("{h:016x}"))
-}
-
 /// The base of a memory-only fine-tuning run: where it came from and its Engram tables and
 /// gates as they were (the tables memory-mapped read-only).
 pub struct DeltaBase {
@@ -183,16 +73,10 @@ impl DeltaBase {
 /// Give every Engram table of `model` its own RAM copy (trainable), e.g. after loading a run
 /// whose tables are memory-mapped read-only.
 pub fn tables_to_ram(model: &mut Model) -> Result<()> {
-    if let Some(e) = model.engram.as_mut() {
-        for l in &mut e.layers {
-            if l.table.is_mapped() {
-                l.table.check()?;
-                let (r, d) = (l.table.rows(), l.table.dim());
-                l.table = EngramTable::from_vec(r, d, l.table.as_slice().to_vec())?;
-            }
-        }
+    match model.engram.as_mut() {
+        Some(e) => e.tables_to_ram(),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Size summary of a written delta.
@@ -272,109 +156,16 @@ pub fn write_delta(
             }
         }
     }
-    let meta = serde_json::json!({
-        "base": base.dir,
-        "base_fingerprint": base.fingerprint,
-        "train_only": mode,
-        "step": step,
-    });
+    let meta = DeltaMeta {
+        base: base.dir.clone(),
+        base_fingerprint: base.fingerprint.clone(),
+        step,
+        train_only: mode,
+    };
     let mut m = HashMap::new();
-    m.insert("engram_delta".to_string(), meta.to_string());
+    m.insert("engram_delta".to_string(), serde_json::to_string(&meta)?);
     let bytes = serialize_mixed(&t, m)?;
     stats.delta_bytes = bytes.len() as u64;
     crate::util::write_atomic(&run_dir.join(DELTA_FILE), &bytes)?;
     Ok(stats)
-}
-
-/// The metadata of a delta file.
-#[derive(Clone, Debug, Deserialize)]
-pub struct DeltaMeta {
-    pub base: PathBuf,
-    pub base_fingerprint: String,
-    pub train_only: TrainOnly,
-    pub step: u64,
-}
-
-/// Read a delta's metadata.
-pub fn read_delta_meta(path: &Path) -> Result<(TensorFile, DeltaMeta)> {
-    let f = TensorFile::open(path)?;
-    let meta = f.metadata()?;
-    let s = meta
-        .get("engram_delta")
-        .with_context(|| format!("{}: no `engram_delta` metadata", path.display()))?;
-    let m: DeltaMeta = serde_json::from_str(s)
-        .with_context(|| format!("{}: unreadable delta metadata", path.display()))?;
-    Ok((f, m))
-}
-
-/// Apply the delta `path` to `model` (the base it was made from; the caller checks the
-/// fingerprint): changed rows into RAM copies of the tables, and the gates when stored.
-pub fn apply_delta(model: &mut Model, path: &Path) -> Result<DeltaMeta> {
-    let (f, meta) = read_delta_meta(path)?;
-    tables_to_ram(model)?;
-    let names = f.names();
-    let gate_offs = model.layout.engram_gate.clone();
-    let e = model
-        .engram
-        .as_mut()
-        .context("the base model has no Engram")?;
-    let mut gates: Vec<(usize, Vec<f32>)> = Vec::new();
-    for (i, l) in e.layers.iter_mut().enumerate() {
-        let (lid, d, nrows) = (l.hash.layer_id, l.table.dim(), l.table.rows());
-        let rows = f.u32(&format!("engram.{lid}.rows"))?;
-        let vals = f.f32(&format!("engram.{lid}.values"), Some(&[rows.len(), d]))?;
-        let tab = l.table.as_mut_slice()?;
-        for (&r, v) in rows.iter().zip(vals.chunks(d)) {
-            if r as usize >= nrows {
-                bail!(
-                    "{}: engram layer {lid}: row {r} is outside the table of {nrows} rows",
-                    path.display()
-                );
-            }
-            tab[r as usize * d..(r as usize + 1) * d].copy_from_slice(v);
-        }
-        let prefix = format!("engram.{lid}.gate.");
-        if names.iter().any(|n| n.starts_with(&prefix)) {
-            let mut g = vec![0.0f32; l.gate.n_params()];
-            for (name, shape, off) in l.gate.tensors() {
-                let x = f.f32(&format!("engram.{lid}.gate.{name}"), Some(&shape))?;
-                g[off..off + x.len()].copy_from_slice(&x);
-            }
-            gates.push((i, g));
-        }
-    }
-    for (i, g) in gates {
-        let o = gate_offs[i];
-        model.params[o..o + g.len()].copy_from_slice(&g);
-    }
-    model.sync_engram_gates();
-    Ok(meta)
-}
-
-/// Load a run directory that holds only a delta: the base it names (whose fingerprint must
-/// match) plus the delta.
-pub fn load_delta_run(dir: &Path) -> Result<crate::checkpoint::Loaded> {
-    let p = dir.join(DELTA_FILE);
-    let (_, meta) = read_delta_meta(&p)?;
-    let base = crate::checkpoint::locate(&meta.base).with_context(|| {
-        format!(
-            "{}: the base run {} of this delta cannot be found",
-            p.display(),
-            meta.base.display()
-        )
-    })?;
-    let fp = fingerprint(&base)?;
-    if fp != meta.base_fingerprint {
-        bail!(
-            "{}: the base {} has changed since the delta was made (fingerprint {fp}, delta made for {})",
-            p.display(),
-            base.display(),
-            meta.base_fingerprint
-        );
-    }
-    let mut l = crate::checkpoint::load(&base, false)?;
-    apply_delta(&mut l.model, &p)?;
-    l.state = None;
-    l.dir = dir.to_path_buf();
-    Ok(l)
 }

@@ -15,6 +15,7 @@
 //! "normal" RoPE), i.e. mnemo's `interleaved` layout.
 
 use crate::config::ModelConfig;
+use crate::kernels::f16::f16_to_f32;
 use crate::kernels::quant::{QMatrix, QType};
 use crate::kernels::rope::RopeLayout;
 use crate::model::{Ffn, Model};
@@ -180,33 +181,6 @@ fn byte_len(t: u32, n: usize) -> Option<usize> {
     })
 }
 
-/// An IEEE half-precision number (2 little-endian bytes) as f32.
-pub fn f16(b: &[u8]) -> f32 {
-    let h = u16::from_le_bytes([b[0], b[1]]) as u32;
-    let sign = (h >> 15) << 31;
-    let exp = (h >> 10) & 0x1f;
-    let man = h & 0x3ff;
-    let bits = if exp == 0 {
-        if man == 0 {
-            sign
-        } else {
-            // Subnormal: normalise.
-            let mut e = 127 - 15 + 1;
-            let mut m = man;
-            while m & 0x400 == 0 {
-                m <<= 1;
-                e -= 1;
-            }
-            sign | ((e as u32) << 23) | ((m & 0x3ff) << 13)
-        }
-    } else if exp == 31 {
-        sign | 0x7f80_0000 | (man << 13)
-    } else {
-        sign | ((exp + 127 - 15) << 23) | (man << 13)
-    };
-    f32::from_bits(bits)
-}
-
 /// Dequantise `n` elements of type `t` from `b` into `out`.
 pub fn dequantize(t: u32, b: &[u8], out: &mut [f32]) -> Result<()> {
     match t {
@@ -217,12 +191,12 @@ pub fn dequantize(t: u32, b: &[u8], out: &mut [f32]) -> Result<()> {
         }
         F16 => {
             for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-                *o = f16(c);
+                *o = f16_to_f32(c);
             }
         }
         Q8_0 => {
             for (o, blk) in out.chunks_exact_mut(32).zip(b.chunks_exact(34)) {
-                let d = f16(&blk[..2]);
+                let d = f16_to_f32(&blk[..2]);
                 for (x, &q) in o.iter_mut().zip(&blk[2..]) {
                     *x = d * (q as i8) as f32;
                 }
@@ -231,11 +205,11 @@ pub fn dequantize(t: u32, b: &[u8], out: &mut [f32]) -> Result<()> {
         Q4_0 | Q4_1 => {
             let bs = if t == Q4_0 { 18 } else { 20 };
             for (o, blk) in out.chunks_exact_mut(32).zip(b.chunks_exact(bs)) {
-                let d = f16(&blk[..2]);
+                let d = f16_to_f32(&blk[..2]);
                 let (m, qs) = if t == Q4_0 {
                     (-8.0 * d, &blk[2..18])
                 } else {
-                    (f16(&blk[2..4]), &blk[4..20])
+                    (f16_to_f32(&blk[2..4]), &blk[4..20])
                 };
                 for j in 0..16 {
                     o[j] = d * (qs[j] & 0x0f) as f32 + m;
@@ -599,10 +573,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn f16_and_block_dequantisation() {
-        assert_eq!(f16(&0x3c00u16.to_le_bytes()), 1.0);
-        assert_eq!(f16(&0xc000u16.to_le_bytes()), -2.0);
-        assert_eq!(f16(&0x0001u16.to_le_bytes()), 2f32.powi(-24));
+    fn block_dequantisation() {
         // Q4_1 block: d = 0.5, m = -1, nibbles j (low) and 15 - j (high).
         let mut blk = vec![];
         blk.extend_from_slice(&0x3800u16.to_le_bytes());

@@ -17,7 +17,10 @@
 //!   training stages); the sparse attention kernel is `kernels::sparse_attention`.
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
-//! - [`humaneval`], [`sandbox`]: HumanEval / HumanEval-Rust pass@k, generated code run contained.
+//!
+//! Tools built on the engine live in their own crates: `mnemo-pack` (a repository packed into
+//! a model's context) and `mnemo-eval` (HumanEval pass@k, with the sandbox generated code
+//! runs in).
 
 pub mod batch;
 pub mod chat;
@@ -31,18 +34,15 @@ pub mod finetune;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
-pub mod humaneval;
 pub mod kernels;
 pub mod longctx;
 pub mod lookup;
 pub mod mhc;
 pub mod model;
 pub mod moe;
-pub mod pack;
 pub mod plot;
 pub mod rng;
 pub mod safetensors_io;
-pub mod sandbox;
 pub mod tokenizer;
 pub mod train;
 pub mod util;

@@ -1,5 +1,6 @@
 //! Reading and writing f32 tensors as safetensors, with errors that name the file and tensor.
 
+use crate::kernels::f16::{bf16_to_f32, f16_to_f32};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
@@ -72,11 +73,8 @@ impl TensorFile {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-                .collect(),
-            Dtype::F16 => data.chunks_exact(2).map(crate::gguf::f16).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(bf16_to_f32).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(f16_to_f32).collect(),
             other => bail!(
                 "{}: tensor `{name}` has dtype {other:?}; F32, F16 and BF16 are supported",
                 self.path.display()

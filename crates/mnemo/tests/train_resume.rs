@@ -595,7 +595,8 @@ fn engram_training_resumes_bit_identically_and_bad_files_are_errors() {
 /// is refused; `off` (the `--no-engram` ablation) changes the logits.
 #[test]
 fn engram_memory_only_finetuning_freezes_the_backbone_and_the_delta_reloads_exactly() {
-    use mnemo::finetune::{TrainOnly, DELTA_FILE};
+    use mnemo::checkpoint::delta::{read_delta_meta, DELTA_FILE};
+    use mnemo::finetune::TrainOnly;
     let root = tmpdir("engramft");
     let data = root.join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -694,7 +695,7 @@ fn engram_memory_only_finetuning_freezes_the_backbone_and_the_delta_reloads_exac
         let (lf, ld, lb) = (logits(&f.model), logits(&d.model), logits(&b.model));
         assert_eq!(bits(&lf), bits(&ld), "{}: delta logits differ", mode.name());
         assert_ne!(bits(&lf), bits(&lb));
-        let (_, meta) = mnemo::finetune::read_delta_meta(&only.join(DELTA_FILE)).unwrap();
+        let (_, meta) = read_delta_meta(&only.join(DELTA_FILE)).unwrap();
         assert_eq!((meta.train_only, meta.step), (mode, 10));
         let delta_bytes = std::fs::metadata(only.join(DELTA_FILE)).unwrap().len();
         assert!(

@@ -599,6 +599,19 @@ impl Engram {
         })
     }
 
+    /// Give every table its own RAM copy (trainable, writable), e.g. after loading a run whose
+    /// tables are memory-mapped read-only; tables already in RAM are left as they are.
+    pub fn tables_to_ram(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            if l.table.is_mapped() {
+                l.table.check()?;
+                let (r, d) = (l.table.rows(), l.table.dim());
+                l.table = EngramTable::from_vec(r, d, l.table.as_slice().to_vec())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Serialise to safetensors bytes: metadata `engram` = JSON `{config, d, n_branch,
     /// hashes}` (multipliers and primes as data), `engram.compress.lookup` (I32 `[V]`),
     /// `engram.{layer}.gate.{name}` (F32, [`GateSpec::tensors`] names) and, with

@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod f16;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod indexer;

@@ -16,6 +16,7 @@
 //! 8-lane multiply-add per block (lane = vector). A vector's arithmetic is the same whatever
 //! the other vectors, so every output equals the one-vector product (`matvec`) bit for bit.
 
+use super::f16::f16_to_f32;
 use rayon::prelude::*;
 
 /// Block formats with 32 values per block.
@@ -51,12 +52,15 @@ pub struct QMatrix {
 impl QMatrix {
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Self {
         let bs = ty.block_bytes();
-        let d = data.chunks_exact(bs).map(|b| half(&b[..2])).collect();
+        let d = data.chunks_exact(bs).map(|b| f16_to_f32(&b[..2])).collect();
         let m = match ty {
-            QType::Q4_1 => data.chunks_exact(bs).map(|b| half(&b[2..4])).collect(),
+            QType::Q4_1 => data
+                .chunks_exact(bs)
+                .map(|b| f16_to_f32(&b[2..4]))
+                .collect(),
             QType::Q4_0 => data
                 .chunks_exact(bs)
-                .map(|b| -8.0 * half(&b[..2]))
+                .map(|b| -8.0 * f16_to_f32(&b[..2]))
                 .collect(),
             QType::Q8_0 => Vec::new(),
         };
@@ -73,11 +77,6 @@ impl QMatrix {
     pub fn row_bytes(&self) -> usize {
         self.cols / 32 * self.ty.block_bytes()
     }
-}
-
-#[inline(always)]
-fn half(b: &[u8]) -> f32 {
-    crate::gguf::f16(b)
 }
 
 /// An input vector quantised like llama.cpp's `Q8_1`: per 32-value block a scale `dx`,
@@ -621,25 +620,14 @@ pub fn matmat_fast(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: 
 #[cfg(test)]
 pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) -> QMatrix {
     assert!(cols.is_multiple_of(32) && w.len() == rows * cols);
-    // f32 → f16 bits (normal range, mantissa truncated; tiny values flush to zero).
-    let h = |x: f32| -> [u8; 2] {
-        let b = x.to_bits();
-        let sign = ((b >> 16) & 0x8000) as u16;
-        let e = ((b >> 23) & 0xff) as i32 - 127 + 15;
-        let v = if e <= 0 {
-            sign
-        } else {
-            sign | ((e.min(30) as u16) << 10) | ((b >> 13) & 0x3ff) as u16
-        };
-        v.to_le_bytes()
-    };
+    let h = super::f16::f32_to_f16_truncated;
     let mut data = Vec::with_capacity(rows * cols / 32 * ty.block_bytes());
     for blk in w.chunks_exact(32) {
         match ty {
             QType::Q8_0 => {
                 let amax = blk.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
                 let hd = h(amax / 127.0);
-                let d = half(&hd);
+                let d = f16_to_f32(&hd);
                 data.extend_from_slice(&hd);
                 for &x in blk {
                     let q = if d > 0.0 {
@@ -659,12 +647,12 @@ pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) ->
                     let amax = lo.abs().max(hi.abs());
                     let hd = h(amax / 7.0);
                     data.extend_from_slice(&hd);
-                    (half(&hd), -8.0 * half(&hd))
+                    (f16_to_f32(&hd), -8.0 * f16_to_f32(&hd))
                 } else {
                     let (hd, hm) = (h((hi - lo) / 15.0), h(lo));
                     data.extend_from_slice(&hd);
                     data.extend_from_slice(&hm);
-                    (half(&hd), half(&hm))
+                    (f16_to_f32(&hd), f16_to_f32(&hm))
                 };
                 let q = |x: f32| -> u8 {
                     if d > 0.0 {

