@@ -393,7 +393,7 @@ fn bench_long_context(
     window_prefill: bool,
     json: Option<PathBuf>,
 ) -> Result<()> {
-    use mnemo::dsa::bench::{long_context, LongContextBench};
+    use mnemo::bench::long_context::{long_context, LongContextBench};
     let (run, _) = resolve(a)?;
     let mut cfg = run.model.clone();
     let need = contexts.iter().copied().max().unwrap_or(0) + 2 * decode + 1;

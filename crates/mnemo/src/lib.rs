@@ -23,6 +23,7 @@
 //! runs in).
 
 pub mod batch;
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;

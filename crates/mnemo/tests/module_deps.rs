@@ -14,26 +14,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Cycles between top-level modules that exist today, left to the transformer rebuild (issue
-/// #18), which has `model.rs`, `generate.rs` and `dsa/` in hand. Each is written from its
-/// alphabetically smallest module, in edge order (`["a", "b"]` is `a → b → a`). Remove an
-/// entry when its cycle is gone (the test says which); never add one.
-const ALLOWED_CYCLES: &[&[&str]] = &[
-    // `dsa/bench.rs` (the long-context benchmark) drives `generate::KvCache`, and
-    // `generate.rs` calls `dsa::infer::attend` for cached sparse attention. To break: the
-    // benchmark moves above `generate` (next to the CLI's other benchmarks), and the cached
-    // attention either into `generate` or down into `kernels::sparse_attention`.
-    &["dsa", "generate"],
-    // The same two edges closed through `generate → model → dsa`; gone with the one below or
-    // with the one above.
-    &["dsa", "generate", "model"],
-    // `model.rs` holds DSA layers (`dsa::{DsaActs, DsaRun, DsaStage, IndexerOffsets}`,
-    // `dsa::rope_table`, `dsa::Shapes`), and `dsa/mod.rs` + `dsa/infer.rs` + `dsa/bench.rs`
-    // take a whole `Model`. To break: `dsa` keeps the layer (indexer parameters, forward,
-    // backward over slices and shapes) and the parts that walk a `Model` (training stages,
-    // `infer::attend`, the benchmark) move into `model` / `generate` / above them.
-    &["dsa", "model"],
-];
+/// Cycles between top-level modules that may exist (written from the alphabetically smallest
+/// module, in edge order: `["a", "b"]` is `a → b → a`). None today; never add one.
+const ALLOWED_CYCLES: &[&[&str]] = &[];
 
 /// A module that may only depend downwards: nothing of the crate outside itself.
 const LEAF_MODULES: &[&str] = &["kernels"];

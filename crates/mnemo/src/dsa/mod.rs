@@ -37,12 +37,9 @@ use crate::kernels::attention::{Heads, QkvLayout};
 use crate::kernels::matmul::{linear_backward, linear_forward};
 use crate::kernels::rope::RopeTable;
 use crate::kernels::sparse_attention::{dot, invert_index};
-use crate::model::Model;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub mod bench;
-pub(crate) mod infer;
 #[cfg(test)]
 mod tests;
 
@@ -129,39 +126,10 @@ pub fn rope_table(c: &ModelConfig) -> Option<RopeTable> {
 }
 
 /// Everything of the indexer up to the scores, for `n` rows of `a: [n, d]` at positions
-/// `pos(r)`: `q_out: [n, H_I·d_I]` (RoPE applied), `k_out: [n, d_I]` (LayerNorm + RoPE),
-/// `w_out: [n, H_I]` (scaled by [`weight_scale`]). Panics if the model has no DSA config.
+/// `pos(r)`: `q: [n, H_I·d_I]` (RoPE applied), `k: [n, d_I]` (LayerNorm + RoPE), `w: [n, H_I]`
+/// (scaled by [`weight_scale`]).
 #[allow(clippy::too_many_arguments)]
-pub fn indexer_project(
-    model: &Model,
-    lo: &IndexerOffsets,
-    a: &[f32],
-    n: usize,
-    pos: impl Fn(usize) -> usize + Sync,
-    q_out: &mut [f32],
-    k_out: &mut [f32],
-    w_out: &mut [f32],
-) {
-    let c = model.cfg.dsa.as_ref().expect("a DSA model");
-    let rope = model.index_rope.as_ref().expect("the indexer RoPE table");
-    project(
-        &model.params,
-        model.cfg.d_model,
-        c,
-        rope,
-        lo,
-        a,
-        n,
-        &pos,
-        q_out,
-        k_out,
-        w_out,
-        None,
-    );
-}
-
-#[allow(clippy::too_many_arguments)]
-fn project(
+pub(crate) fn project(
     params: &[f32],
     d: usize,
     c: &DsaConfig,

@@ -22,7 +22,7 @@ use super::decode::Plan;
 use super::KvCache;
 use super::{LayerOffsets, Model};
 use crate::config::ModelConfig;
-use crate::dsa::{self, DsaActs, DsaRun, DsaStage, IndexerOffsets};
+use crate::dsa::{self, DsaActs, DsaRun};
 use crate::kernels::attention::{self, AttnDims, Heads, QkvLayout};
 use crate::kernels::matmul::linear_backward_frozen;
 use crate::kernels::sparse_attention::{self, SparseDims};
@@ -224,8 +224,7 @@ impl Model {
         let lse = &mut acts.lse[..ni * h];
         let (kc, vc, ik) = cache.attention_parts(l, p0 + ni);
         match (&lo.indexer, ik) {
-            (Some(io), Some((keys, window))) => dsa::infer::attend(
-                self,
+            (Some(io), Some((keys, window))) => self.attend_dsa_cached(
                 io,
                 &a[r0 * d..(r0 + ni) * d],
                 rows,
@@ -276,99 +275,6 @@ impl Model {
                     orows,
                     lse,
                 );
-            }
-        }
-    }
-
-    /// DSA attention of one block of a training batch: the indexer on `a`, then sparse
-    /// attention over its top-k (sparse stage) or dense attention (warm-up and dense stages),
-    /// writing `acts.o` and `acts.lse` (`[N, H]` when sparse, `[b, H, t]` when dense). Adds
-    /// the block's sums over query rows of the indexer KL and recall to `db`.
-    fn dsa_attention(
-        &self,
-        io: &IndexerOffsets,
-        (b, t): (usize, usize),
-        a: &[f32],
-        acts: &mut AttnActs,
-        db: &mut DsaBatch,
-    ) {
-        let c = &self.cfg;
-        let dc = c.dsa.as_ref().expect("a DSA config");
-        let irope = self.index_rope.as_ref().expect("the indexer RoPE table");
-        let n = b * t;
-        let (h, kv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let (lay, dims) = (qkv_layout(c), batch_dims(c, b, t));
-        let sh = dsa_shapes(c, b, t);
-        let run = db.run;
-        let da = &mut acts.dsa;
-        da.project(&self.params, dc, irope, io, a, sh);
-        let norm = 1.0 / (c.n_layers * n) as f32;
-        let dense_lse = |r: usize, hh: usize| ((r / t) * h + hh) * t + r % t;
-        let qkv = &acts.qkv;
-        let hv = |off| Heads {
-            data: qkv,
-            rs: lay.rs,
-            off,
-        };
-        if run.stage.is_sparse() {
-            let k_max = dc.index_topk.min(t);
-            if db.freeze && da.k_max == k_max && da.idx.len() == n * k_max {
-                da.rescore(dc);
-            } else {
-                da.select(dc, sh);
-            }
-            let sd = SparseDims {
-                n_q: n,
-                k_max,
-                n_heads: h,
-                n_kv_heads: kv,
-                head_dim: hd,
-            };
-            sparse_attention::forward(
-                sd,
-                hv(lay.q_off),
-                hv(lay.k_off),
-                hv(lay.v_off),
-                &da.idx,
-                &mut acts.o,
-                &mut acts.lse,
-            );
-            if run.kl {
-                let lse = &acts.lse;
-                let f = |r: usize, hh: usize| lse[r * h + hh];
-                db.kl += da.kl(dc, sh, qkv, lay, &f, DsaStage::Sparse, norm).0;
-            }
-            if run.recall {
-                // The dense attention's probabilities, for the recall only (bounded cost: the
-                // caller asks for it on logging steps).
-                db.od.resize(n * h * hd, 0.0);
-                db.lsed.resize(n * h, 0.0);
-                attention::forward(
-                    dims,
-                    hv(lay.q_off),
-                    hv(lay.k_off),
-                    hv(lay.v_off),
-                    db.od,
-                    db.lsed,
-                );
-                let l2 = &*db.lsed;
-                db.recall += da.recall_dense(sh, qkv, lay, &|r, hh| l2[dense_lse(r, hh)]);
-            }
-        } else {
-            attention::forward(
-                dims,
-                hv(lay.q_off),
-                hv(lay.k_off),
-                hv(lay.v_off),
-                &mut acts.o,
-                &mut acts.lse,
-            );
-            if run.kl || run.recall {
-                let lse = &acts.lse;
-                let f = |r: usize, hh: usize| lse[dense_lse(r, hh)];
-                let (kl, recall) = da.kl(dc, sh, qkv, lay, &f, run.stage, norm);
-                db.kl += kl;
-                db.recall += recall;
             }
         }
     }

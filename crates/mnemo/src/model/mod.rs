@@ -41,6 +41,7 @@
 //! `1/√(2·n_layers)` (GPT-2); RMSNorm weights are 1.
 
 pub mod attention;
+pub mod attention_dsa;
 pub mod block;
 pub mod cache;
 pub mod decode;
