@@ -1,0 +1,332 @@
+//! Auxiliary-loss-free balancing of the routed experts' selection bias `b` (module docs of
+//! [`crate::moe`]): the sign step toward equal load, the refit of `b` to a batch's (or a
+//! pool's) router scores, the pool of recent router inputs, and load statistics.
+
+use rayon::prelude::*;
+use std::collections::VecDeque;
+
+/// Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): after a step, raise the bias of every
+/// expert that got fewer than the mean number of tokens by `speed`, lower the others.
+pub fn update_bias(bias: &mut [f32], load: &[u64], speed: f32) {
+    let mean = load.iter().sum::<u64>() as f64 / load.len().max(1) as f64;
+    for (b, &l) in bias.iter_mut().zip(load) {
+        let l = l as f64;
+        if l < mean {
+            *b += speed;
+        } else if l > mean {
+            *b -= speed;
+        }
+    }
+}
+
+/// Refit the selection bias against one batch's scores `s: [N, E]` so that this batch's
+/// load would be even: the bias is the dual variable of an entropy-regularised balanced
+/// assignment (each token takes `k` units, each expert receives `N·k/E`), found by `iters`
+/// Sinkhorn rounds warm-started from the current bias:
+///
+/// ```text
+/// τ     = mean_e std_t s[t, e]                     (the token-specific spread of the scores)
+/// P     = softmax_e((s + b) / τ)                   [N, E]
+/// b_e  += τ · (log(N·k/E) − log(k · Σ_t P[t, e]))
+/// ```
+///
+/// then `hard_rounds` sweeps of exact per-expert updates on the hard top-k load (see
+/// `hard_correct`), and finally the mean is removed (selection is shift-invariant).
+///
+/// Early in training every token's router input is nearly the same vector: the scores share
+/// a common mode that is large next to their token-specific part, and a fixed-size sign step
+/// per batch can neither reach nor follow it. The dual fit reaches it in a few rounds at any
+/// scale. It only ever uses the batch already routed, so no token's routing depends on
+/// tokens of its own batch.
+pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_rounds: usize) {
+    let e = bias.len();
+    if e == 0 || iters == 0 {
+        return;
+    }
+    let n = scores.len() / e;
+    let mut mean = vec![0.0f64; e];
+    let mut sq = vec![0.0f64; e];
+    for row in scores.chunks_exact(e) {
+        for j in 0..e {
+            mean[j] += row[j] as f64;
+            sq[j] += row[j] as f64 * row[j] as f64;
+        }
+    }
+    let tau = (0..e)
+        .map(|j| {
+            let m = mean[j] / n as f64;
+            (sq[j] / n as f64 - m * m).max(0.0).sqrt()
+        })
+        .sum::<f64>()
+        / e as f64;
+    if tau <= 1e-9 {
+        return; // identical rows: no bias can split them
+    }
+    let target = (n * k) as f64 / e as f64;
+    let mut b: Vec<f64> = bias.iter().map(|&x| x as f64).collect();
+    for _ in 0..iters {
+        let col = scores
+            .par_chunks(e * 256)
+            .map(|chunk| {
+                let mut col = vec![0.0f64; e];
+                let mut z = vec![0.0f64; e];
+                for row in chunk.chunks_exact(e) {
+                    let mut zmax = f64::NEG_INFINITY;
+                    for j in 0..e {
+                        z[j] = (row[j] as f64 + b[j]) / tau;
+                        zmax = zmax.max(z[j]);
+                    }
+                    let mut sum = 0.0;
+                    for zj in z.iter_mut() {
+                        *zj = (*zj - zmax).exp();
+                        sum += *zj;
+                    }
+                    for j in 0..e {
+                        col[j] += k as f64 * z[j] / sum;
+                    }
+                }
+                col
+            })
+            .collect::<Vec<_>>()
+            // Summed in chunk order: a rayon `reduce` groups the chunks by how the work was
+            // split, which depends on the thread count and on stealing, and the f64 sums (so
+            // the bias, so resume) would not be bit-reproducible.
+            .into_iter()
+            .fold(vec![0.0f64; e], |mut a, c| {
+                a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+                a
+            });
+        for j in 0..e {
+            b[j] += tau * (target.ln() - col[j].max(1e-12).ln());
+        }
+    }
+    // Selection depends on the bias only up to a common shift. Each Sinkhorn round raises
+    // the mean bias when the load is uneven (Σ_e ln(target/load_e) ≥ 0 by Jensen), so
+    // without re-centring the mean drifts up without bound (≈ +80 after 1,000 steps of
+    // `tiny-moe`) and eats f32 resolution; it is removed after the fit.
+    bias.iter_mut().zip(&b).for_each(|(x, &v)| *x = v as f32);
+    hard_correct(bias, scores, k, hard_rounds, 1e-3 * tau as f32);
+    let mean = bias.iter().map(|&x| x as f64).sum::<f64>() / e as f64;
+    bias.iter_mut().for_each(|x| *x = (*x as f64 - mean) as f32);
+}
+
+/// After the soft fit: `sweeps` sweeps of exact coordinate updates on the *hard* top-k load.
+/// For expert `j` with the other biases fixed, token `t` selects `j` iff
+/// `s[t, j] + b_j > m_t`, with `m_t` the `k`-th largest `s[t, i] + b_i` over `i ≠ j`; so
+/// `b_j = −(midpoint of the target-th and (target+1)-th largest of s[t, j] − m_t)` gives `j`
+/// exactly its share of this sample (`⌊N·k/E⌋`, one more for the first `(N·k) mod E` experts,
+/// so that the shares add up and the sweeps can settle). Experts are updated one after another
+/// (Gauss–Seidel), each with the others' latest biases. The entropic model spreads each
+/// token's `k` units by a softmax, which is not top-k selection: the soft fit leaves an
+/// expert-specific gap that these sweeps close. Unlike a gradient step on `ln(load)`, an
+/// exact update cannot overshoot when an expert's load is near zero, which is common early
+/// in training when every token's scores are almost the same.
+fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: f32) {
+    let e = bias.len();
+    let n = scores.len() / e.max(1);
+    if e == 0 || n == 0 || k == 0 || k >= e {
+        return;
+    }
+    // Shares that add up to the N·k slots: the first `(N·k) mod E` experts take one more.
+    let (base, extra) = ((n * k) / e, (n * k) % e);
+    let mut gap = vec![0.0f32; n];
+    for _ in 0..sweeps {
+        let mut moved = 0.0f32;
+        for j in 0..e {
+            let b: &[f32] = bias;
+            gap.par_chunks_mut(512)
+                .zip(scores.par_chunks(512 * e))
+                .for_each(|(gs, rows)| {
+                    // The k largest biased scores of the other experts, descending.
+                    let mut others = vec![f32::NEG_INFINITY; k];
+                    for (g, row) in gs.iter_mut().zip(rows.chunks_exact(e)) {
+                        others.fill(f32::NEG_INFINITY);
+                        let kk = k;
+                        for (i, (&sv, &bv)) in row.iter().zip(b).enumerate() {
+                            let v = sv + bv;
+                            if i == j || v <= others[kk - 1] {
+                                continue;
+                            }
+                            let mut p = kk - 1;
+                            while p > 0 && others[p - 1] < v {
+                                others[p] = others[p - 1];
+                                p -= 1;
+                            }
+                            others[p] = v;
+                        }
+                        *g = row[j] - others[kk - 1];
+                    }
+                });
+            let want = (base + usize::from(j < extra)).min(n);
+            let cut = if want == 0 {
+                // No token: the cut sits just above the largest gap.
+                let top = gap.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                top + top.abs().max(1.0) * 1e-3
+            } else {
+                // Descending: the want-th largest gap sits at index want − 1.
+                let desc = |a: &f32, b: &f32| b.total_cmp(a);
+                let (_, &mut hi, rest) = gap.select_nth_unstable_by(want - 1, desc);
+                let lo = rest.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if lo.is_finite() {
+                    0.5 * (hi + lo)
+                } else {
+                    hi - 1.0
+                }
+            };
+            moved = moved.max((bias[j] + cut).abs());
+            bias[j] = -cut;
+        }
+        // A sweep that moved no bias by more than `tol` has converged.
+        if moved <= tol {
+            break;
+        }
+    }
+}
+
+/// The refit with memory: `b ← (1 − rate)·b + rate·fit(b, scores)` ([`fit_bias`] warm-started
+/// from `b`). `rate = 1` jumps to the fit of the last batch, whose composition (a handful of
+/// documents) moves the fitted bias by as much as the drift of the scores; with `rate < 1`
+/// the bias averages the per-batch fits over the last ~`1/rate` batches, so the next batch is
+/// routed with a bias fitted to the recent mixture. The only state is the bias itself.
+pub fn refit_bias(
+    bias: &mut [f32],
+    scores: &[f32],
+    k: usize,
+    iters: usize,
+    hard_rounds: usize,
+    rate: f32,
+) {
+    if rate >= 1.0 {
+        return fit_bias(bias, scores, k, iters, hard_rounds);
+    }
+    let old = bias.to_vec();
+    fit_bias(bias, scores, k, iters, hard_rounds);
+    for (b, o) in bias.iter_mut().zip(old) {
+        *b = o + rate * (*b - o);
+    }
+}
+
+/// The router inputs (`f`, `[n, d]` per batch) of one routed layer over the last `window`
+/// batches, every `stride`-th token of each: the sample the refit balances when
+/// `bias_fit_window > 0`. Before every fit the whole pool is scored again by the current router
+/// ([`router_scores`]), so the fit follows the router without lag and averages the
+/// composition of `window` batches rather than carrying one batch's handful of documents.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BiasPool {
+    window: usize,
+    stride: usize,
+    d: usize,
+    /// Row the next batch's sample starts at (`0..stride`): it moves by one per batch, so
+    /// that a stride dividing the sequence length does not always keep the same positions
+    /// (position 0, the token without context, would be `stride`× over-represented).
+    offset: usize,
+    batches: VecDeque<Vec<f32>>,
+}
+
+impl BiasPool {
+    /// An empty pool of `window` batches keeping every `stride`-th row of width `d`.
+    pub fn new(window: usize, stride: usize, d: usize) -> Self {
+        BiasPool {
+            window,
+            stride: stride.max(1),
+            d,
+            offset: 0,
+            batches: VecDeque::new(),
+        }
+    }
+
+    /// Add one batch's router inputs `f: [n, d]` (rows o, o + stride, o + 2·stride, …, with
+    /// the offset `o` moving by one per batch), dropping the oldest batch beyond the window.
+    pub fn push(&mut self, f: &[f32]) {
+        if self.window == 0 || self.d == 0 {
+            return;
+        }
+        let rows: Vec<f32> = f
+            .chunks_exact(self.d)
+            .skip(self.offset)
+            .step_by(self.stride)
+            .flatten()
+            .copied()
+            .collect();
+        self.batches.push_back(rows);
+        self.offset = (self.offset + 1) % self.stride;
+        while self.batches.len() > self.window {
+            self.batches.pop_front();
+        }
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(|b| b.len()).sum::<usize>() / self.d.max(1)
+    }
+
+    /// Each batch's kept inputs `[n_i, d]`, oldest first.
+    pub fn batches(&self) -> impl Iterator<Item = &[f32]> {
+        self.batches.iter().map(|b| &b[..])
+    }
+
+    /// The pooled inputs `[rows, d]`, oldest batch first.
+    pub fn joined(&self) -> Vec<f32> {
+        self.batches.iter().flatten().copied().collect()
+    }
+
+    /// Batches held.
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// No batch held.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// For the checkpoint: the pooled inputs, each batch's row count, and the next offset.
+    pub fn to_parts(&self) -> (Vec<f32>, Vec<u32>, usize) {
+        let counts = self
+            .batches
+            .iter()
+            .map(|b| (b.len() / self.d.max(1)) as u32)
+            .collect();
+        (self.joined(), counts, self.offset)
+    }
+
+    /// The inverse of [`BiasPool::to_parts`]; `None` when the parts do not fit together.
+    pub fn from_parts(
+        window: usize,
+        stride: usize,
+        d: usize,
+        data: &[f32],
+        counts: &[u32],
+        offset: usize,
+    ) -> Option<Self> {
+        let total: usize = counts.iter().map(|&c| c as usize).sum();
+        if d == 0
+            || total.checked_mul(d)? != data.len()
+            || counts.len() > window
+            || offset >= stride.max(1)
+        {
+            return None;
+        }
+        let mut pool = BiasPool::new(window, stride, d);
+        pool.offset = offset;
+        let mut at = 0;
+        for &c in counts {
+            let len = c as usize * d;
+            pool.batches.push_back(data[at..at + len].to_vec());
+            at += len;
+        }
+        Some(pool)
+    }
+}
+
+/// Load statistics of one layer: (max share / mean share, min share / mean share).
+pub fn load_stats(load: &[u64]) -> (f64, f64) {
+    let total: u64 = load.iter().sum();
+    if total == 0 || load.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mean = total as f64 / load.len() as f64;
+    let max = *load.iter().max().unwrap_or(&0) as f64;
+    let min = *load.iter().min().unwrap_or(&0) as f64;
+    (max / mean, min / mean)
+}
