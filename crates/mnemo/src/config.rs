@@ -172,6 +172,80 @@ pub struct ModelConfig {
     /// Lightning indexer + top-k sparse attention in every layer. Not written to JSON when off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dsa: Option<DsaConfig>,
+    // ---- DeepSeek-V4 (see `model::attention_v4`); optional ----
+    /// The released DeepSeek-V4 attention in every layer (sliding window, compressed entries,
+    /// indexer, sinks, grouped low-rank output) instead of GQA. Not written to JSON when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v4: Option<V4Config>,
+    /// SwiGLU clamp of every expert (DeepSeek-V4's `swiglu_limit`; 0 = none).
+    #[serde(default, skip_serializing_if = "is_zero_f32")]
+    pub swiglu_limit: f32,
+}
+
+fn is_zero_f32(x: &f32) -> bool {
+    *x == 0.0
+}
+
+/// The attention of one DeepSeek-V4 layer (`layer_types` of transformers' `DeepseekV4Config`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum V4LayerType {
+    /// Sliding-window attention only.
+    SlidingAttention,
+    /// CSA: overlapping compressed entries (ratio `compress_rate_csa`) chosen by the indexer.
+    CompressedSparseAttention,
+    /// HCA: non-overlapping compressed entries (ratio `compress_rate_hca`), all attended.
+    HeavilyCompressedAttention,
+}
+
+/// YaRN of the compressed layers' rotary embedding (transformers' `rope_parameters.compress`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct V4Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// Scale of cos and sin (1 = no mscale, as the official code and a legacy flat
+    /// `rope_scaling` give; transformers computes `0.1 ln f + 1` for a nested set without it).
+    pub attention_factor: f64,
+}
+
+/// DeepSeek-V4's attention settings, named as transformers' `DeepseekV4Config` names them
+/// (`docs/deepseek-v4-equations.md` §1). The query heads, head width (`head_dim`), `rope_theta`
+/// of the sliding layers and `norm_eps` are the model's own fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct V4Config {
+    pub q_lora_rank: usize,
+    pub o_lora_rank: usize,
+    pub o_groups: usize,
+    /// Window keys a query sees, itself included.
+    pub sliding_window: usize,
+    /// One per layer.
+    pub layer_types: Vec<V4LayerType>,
+    pub compress_rate_csa: usize,
+    pub compress_rate_hca: usize,
+    pub index_n_heads: usize,
+    pub index_head_dim: usize,
+    pub index_topk: usize,
+    /// Rotary channels: the last `qk_rope_head_dim` of each head (and indexer head).
+    pub qk_rope_head_dim: usize,
+    /// RoPE base of the compressed layers (and their entries and indexer).
+    pub compress_rope_theta: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress_rope_scaling: Option<V4Yarn>,
+}
+
+impl V4Config {
+    /// Tokens per compressed entry of layer `l` (0: sliding only).
+    pub fn ratio(&self, l: usize) -> usize {
+        match self.layer_types[l] {
+            V4LayerType::SlidingAttention => 0,
+            V4LayerType::CompressedSparseAttention => self.compress_rate_csa,
+            V4LayerType::HeavilyCompressedAttention => self.compress_rate_hca,
+        }
+    }
 }
 
 /// DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer per layer scores every
@@ -485,6 +559,8 @@ impl ModelConfig {
             hc_eps: default_hc_eps(),
             engram: None,
             dsa: None,
+            v4: None,
+            swiglu_limit: 0.0,
         }
     }
 
@@ -529,6 +605,9 @@ impl ModelConfig {
         pos(self.head_dim, "head_dim")?;
         pos(self.ffn_hidden, "ffn_hidden")?;
         pos(self.max_seq_len, "max_seq_len")?;
+        if let Some(v) = &self.v4 {
+            self.validate_v4(v)?;
+        }
         if self.vocab_size >= u32::MAX as usize {
             // u32::MAX is the ignored-target sentinel (`cross_entropy::IGNORE`).
             return Err(err(
@@ -596,6 +675,60 @@ impl ModelConfig {
         }
         if let Some(x) = &self.dsa {
             self.validate_dsa(x)?;
+        }
+        Ok(())
+    }
+
+    fn validate_v4(&self, v: &V4Config) -> Result<(), ConfigError> {
+        if v.layer_types.len() != self.n_layers {
+            return Err(err(
+                "v4.layer_types",
+                format!(
+                    "has {} entries for {} layers",
+                    v.layer_types.len(),
+                    self.n_layers
+                ),
+            ));
+        }
+        for (f, x) in [
+            ("v4.q_lora_rank", v.q_lora_rank),
+            ("v4.o_lora_rank", v.o_lora_rank),
+            ("v4.o_groups", v.o_groups),
+            ("v4.sliding_window", v.sliding_window),
+            ("v4.compress_rate_csa", v.compress_rate_csa),
+            ("v4.compress_rate_hca", v.compress_rate_hca),
+            ("v4.index_n_heads", v.index_n_heads),
+            ("v4.index_head_dim", v.index_head_dim),
+        ] {
+            if x == 0 {
+                return Err(err(f, "must be > 0"));
+            }
+        }
+        if !(self.n_heads * self.head_dim).is_multiple_of(v.o_groups) {
+            return Err(err(
+                "v4.o_groups",
+                format!(
+                    "({}) must divide n_heads · head_dim ({})",
+                    v.o_groups,
+                    self.n_heads * self.head_dim
+                ),
+            ));
+        }
+        let r = v.qk_rope_head_dim;
+        if !r.is_multiple_of(2) || r > self.head_dim || r > v.index_head_dim {
+            return Err(err(
+                "v4.qk_rope_head_dim",
+                format!(
+                    "({r}) must be even and at most head_dim ({}) and index_head_dim ({})",
+                    self.head_dim, v.index_head_dim
+                ),
+            ));
+        }
+        if self.residual != Residual::Mhc || self.ffn != FfnKind::Moe || self.dsa.is_some() {
+            return Err(err(
+                "v4",
+                "DeepSeek-V4 attention goes with residual = \"mhc\", ffn = \"moe\" and no dsa",
+            ));
         }
         Ok(())
     }

@@ -35,6 +35,7 @@ pub mod finetune;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod hf_v4;
 pub mod kernels;
 pub mod longctx;
 pub mod lookup;

@@ -123,6 +123,12 @@ impl Model {
         out: &mut [f32],
         acc: bool,
     ) {
+        if let Some(vo) = &lo.v4 {
+            let Kv::Batch { b, t, .. } = kv else {
+                unreachable!("cached DeepSeek-V4 decoding is refused by Model::forward_batch")
+            };
+            return self.v4_attention_forward(l, vo, a, (*b, *t), out, acc);
+        }
         let c = &self.cfg;
         let n = a.len() / c.d_model;
         let (d, h, kvh, hd) = (c.d_model, c.n_heads, c.n_kv_heads, c.head_dim);

@@ -46,6 +46,8 @@ pub struct LayerOffsets {
     pub ffn_hc: Option<HcOffsets>,
     /// The DSA lightning indexer (`layers.{i}.indexer.*`, right after `wo`), DSA models only.
     pub indexer: Option<IndexerOffsets>,
+    /// DeepSeek-V4 attention (`layers.{i}.attn.*`) in place of `wqkv`/`wo` (both 0).
+    pub v4: Option<super::attention_v4::V4AttnOffsets>,
 }
 
 /// The feed-forward of a layer.
@@ -77,7 +79,7 @@ pub struct ParamLayout {
 }
 
 #[derive(Default)]
-struct LayoutBuilder {
+pub(crate) struct LayoutBuilder {
     tensors: Vec<TensorSpec>,
     off: usize,
 }
@@ -95,7 +97,7 @@ impl LayoutBuilder {
         });
         o
     }
-    fn add(&mut self, name: String, shape: Vec<usize>, decay: bool) -> usize {
+    pub(crate) fn add(&mut self, name: String, shape: Vec<usize>, decay: bool) -> usize {
         self.add_t(name, shape, decay, true)
     }
     /// The tensors of one hyper-connection layer, `{prefix}.{fn,scale,base}` (mHC) or
@@ -137,20 +139,30 @@ impl ParamLayout {
             }
             let attn_hc = hcd.map(|dm| bld.add_hc(&p("attn_hc"), &dm));
             let attn_norm = bld.add(p("attention_norm.weight"), vec![d], false);
-            let wqkv = bld.add(p("attention.wq.weight"), vec![c.n_heads * hd, d], true);
-            bld.add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
-            bld.add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
-            let wo = bld.add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
-            let indexer = c.dsa.as_ref().map(|x| {
-                let (hi, di) = (x.index_n_heads, x.index_head_dim);
-                IndexerOffsets {
-                    wq: bld.add(p("indexer.wq"), vec![hi * di, d], true),
-                    wk: bld.add(p("indexer.wk"), vec![di, d], true),
-                    k_norm_w: bld.add(p("indexer.k_norm.weight"), vec![di], false),
-                    k_norm_b: bld.add(p("indexer.k_norm.bias"), vec![di], false),
-                    wproj: bld.add(p("indexer.weights_proj"), vec![hi, d], true),
-                }
-            });
+            let (mut wqkv, mut wo, mut indexer, mut v4) = (0, 0, None, None);
+            if c.v4.is_some() {
+                v4 = Some(super::attention_v4::V4AttnOffsets::add(
+                    &mut bld,
+                    &p("attn"),
+                    c,
+                    i,
+                ));
+            } else {
+                wqkv = bld.add(p("attention.wq.weight"), vec![c.n_heads * hd, d], true);
+                bld.add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
+                bld.add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
+                wo = bld.add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
+                indexer = c.dsa.as_ref().map(|x| {
+                    let (hi, di) = (x.index_n_heads, x.index_head_dim);
+                    IndexerOffsets {
+                        wq: bld.add(p("indexer.wq"), vec![hi * di, d], true),
+                        wk: bld.add(p("indexer.wk"), vec![di, d], true),
+                        k_norm_w: bld.add(p("indexer.k_norm.weight"), vec![di], false),
+                        k_norm_b: bld.add(p("indexer.k_norm.bias"), vec![di], false),
+                        wproj: bld.add(p("indexer.weights_proj"), vec![hi, d], true),
+                    }
+                });
+            }
             let ffn_hc = hcd.map(|dm| bld.add_hc(&p("ffn_hc"), &dm));
             let ffn_norm = bld.add(p("ffn_norm.weight"), vec![d], false);
             let ffn = if c.is_moe(i) {
@@ -199,6 +211,7 @@ impl ParamLayout {
                 attn_hc,
                 ffn_hc,
                 indexer,
+                v4,
             });
         }
         let hc_head = hcd.filter(|_| c.residual == Residual::Mhc).map(|dm| {

@@ -42,6 +42,7 @@
 
 pub mod attention;
 pub mod attention_dsa;
+pub mod attention_v4;
 pub mod block;
 pub mod cache;
 pub mod decode;

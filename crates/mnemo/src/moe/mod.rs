@@ -42,6 +42,9 @@ pub struct MoeSpec {
     pub scale: f32,
     pub norm_topk: bool,
     pub aux_coef: f32,
+    /// SwiGLU clamp `λ` of every expert (DeepSeek-V4's `swiglu_limit`; 0 = none), see
+    /// [`swiglu::forward_clamped`].
+    pub limit: f32,
 }
 
 impl MoeSpec {
@@ -56,6 +59,7 @@ impl MoeSpec {
             scale: c.routed_scaling_factor,
             norm_topk: c.norm_topk_prob,
             aux_coef: c.seq_aux_loss_coef,
+            limit: c.swiglu_limit,
         }
     }
     /// Floats of one routed expert: `w1, w3: [I, d]`, `w2: [d, I]`.
@@ -262,7 +266,7 @@ pub fn forward(
                 false,
                 false,
             );
-            swiglu::forward(&mut ex.g, &ex.h13, i);
+            swiglu::forward_clamped(&mut ex.g, &ex.h13, i, spec.limit);
             gemm(
                 &mut ex.out,
                 d,
@@ -287,7 +291,7 @@ pub fn forward(
             false,
             true,
         );
-        swiglu::forward(&mut acts.sg, &acts.sh13, si);
+        swiglu::forward_clamped(&mut acts.sg, &acts.sh13, si, spec.limit);
         gemm(
             y,
             d,
@@ -475,7 +479,7 @@ pub fn backward(
             true,
         );
         let mut dsh13 = vec![0.0f32; n * 2 * si];
-        swiglu::backward(&mut dsh13, &dsg, &acts.sh13, si);
+        swiglu::backward_clamped(&mut dsh13, &dsg, &acts.sh13, si, spec.limit);
         let w13 = &params[o.shared_w13..o.shared_w13 + 2 * si * d];
         gemm(
             df,
@@ -550,7 +554,7 @@ pub fn backward(
                 false,
             );
             let mut dh13 = vec![0.0f32; m * 2 * i];
-            swiglu::backward(&mut dh13, &dg, &ex.h13, i);
+            swiglu::backward_clamped(&mut dh13, &dg, &ex.h13, i, spec.limit);
             gemm(
                 g13,
                 d,

@@ -12,6 +12,7 @@ fn router_only(d: usize, e: usize, k: usize) -> (MoeSpec, MoeOffsets) {
         scale: 1.0,
         norm_topk: true,
         aux_coef: 0.0,
+        limit: 0.0,
     };
     let o = MoeOffsets {
         gate: 0,
@@ -350,11 +351,14 @@ fn score_gradients_match_finite_differences() {
 fn moe_layer_gradients_match_finite_differences() {
     use crate::kernels::gradcheck::check;
     use crate::rng::Rng;
-    for (score, norm, aux, shared) in [
+    for (score, norm, aux, shared, limit) in [
         (ScoreFunc::Sigmoid, true, 0.0, 1),
         (ScoreFunc::Sqrtsoftplus, false, 0.3, 0),
         (ScoreFunc::Sqrtsoftplus, true, 0.3, 2),
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|(s, n, a, sh)| [(s, n, a, sh, 0.0f32), (s, n, a, sh, 1.2)])
+    {
         let spec = MoeSpec {
             d: 6,
             inter: 4,
@@ -365,6 +369,7 @@ fn moe_layer_gradients_match_finite_differences() {
             scale: 1.7,
             norm_topk: norm,
             aux_coef: aux,
+            limit,
         };
         let (d, i, e) = (spec.d, spec.inter, spec.n_experts);
         let si = shared * i;

@@ -1,0 +1,368 @@
+//! DeepSeek-V4 checkpoints as transformers writes them (`DeepseekV4ForCausalLM.save_pretrained`:
+//! `config.json` with `model_type: deepseek_v4`, safetensors in its saved names), read into a
+//! mnemo model (`docs/deepseek-v4-equations.md` §1–2).
+//!
+//! - [`config_from_hf`]: `DeepseekV4Config` → [`ModelConfig`], folding the official legacy keys
+//!   (`compress_ratios`, `num_hash_layers`, `qk_rope_head_dim`, flat `rope_scaling`) as
+//!   transformers does.
+//! - [`hf_name`]: a mnemo tensor name → its key in transformers' files.
+//! - [`load_dir`]: both together; missing or unexpected tensors are listed.
+
+use crate::config::{FfnKind, ModelConfig, Residual, ScoreFunc, V4Config, V4LayerType, V4Yarn};
+use crate::model::{Ffn, Model};
+use crate::safetensors_io::TensorFile;
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// Whether `dir` holds a transformers DeepSeek-V4 checkpoint.
+pub fn is_v4_dir(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .is_some_and(|v| v["model_type"] == "deepseek_v4")
+}
+
+fn usize_of(v: &Value, k: &str) -> Result<Option<usize>> {
+    match &v[k] {
+        Value::Null => Ok(None),
+        x => x
+            .as_u64()
+            .map(|u| Some(u as usize))
+            .with_context(|| format!("config.json: `{k}` must be a non-negative integer, not {x}")),
+    }
+}
+
+fn f64_of(v: &Value, k: &str) -> Result<Option<f64>> {
+    match &v[k] {
+        Value::Null => Ok(None),
+        x => x
+            .as_f64()
+            .map(Some)
+            .with_context(|| format!("config.json: `{k}` must be a number, not {x}")),
+    }
+}
+
+fn req(v: &Value, k: &str, default: usize) -> Result<usize> {
+    Ok(usize_of(v, k)?.unwrap_or(default))
+}
+
+/// transformers' `DeepseekV4Config` (its defaults, its legacy keys) as a mnemo config.
+pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
+    if v["model_type"] != "deepseek_v4" {
+        bail!(
+            "config.json: model_type is {}, expected \"deepseek_v4\"",
+            v["model_type"]
+        );
+    }
+    let l = req(v, "num_hidden_layers", 43)?;
+    let d = req(v, "head_dim", 512)?;
+    let d_model = req(v, "hidden_size", 4096)?;
+    // Layer types: explicit > legacy compress_ratios > the default pattern.
+    let layer_types: Vec<V4LayerType> = match (&v["layer_types"], &v["compress_ratios"]) {
+        (Value::Array(a), _) => a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| match x.as_str() {
+                Some("sliding_attention") => Ok(V4LayerType::SlidingAttention),
+                Some("compressed_sparse_attention") => Ok(V4LayerType::CompressedSparseAttention),
+                Some("heavily_compressed_attention") => {
+                    Ok(V4LayerType::HeavilyCompressedAttention)
+                }
+                _ => bail!("config.json: layer_types[{i}] = {x} is not a DeepSeek-V4 layer type (sliding_attention, compressed_sparse_attention, heavily_compressed_attention)"),
+            })
+            .collect::<Result<_>>()?,
+        (_, Value::Array(a)) => a
+            .iter()
+            .take(l)
+            .enumerate()
+            .map(|(i, x)| match x.as_u64() {
+                Some(0) => Ok(V4LayerType::SlidingAttention),
+                Some(4) => Ok(V4LayerType::CompressedSparseAttention),
+                Some(128) => Ok(V4LayerType::HeavilyCompressedAttention),
+                _ => bail!("config.json: compress_ratios[{i}] = {x} (layer {i}) is not supported: transformers takes 0 (sliding), 4 (CSA) or 128 (HCA); other ratios go in compress_rates"),
+            })
+            .collect::<Result<_>>()?,
+        _ => (0..l)
+            .map(|i| {
+                if i < 2 || i % 2 == 0 {
+                    V4LayerType::HeavilyCompressedAttention
+                } else {
+                    V4LayerType::CompressedSparseAttention
+                }
+            })
+            .collect(),
+    };
+    if layer_types.len() != l {
+        bail!(
+            "config.json: {} layer types for num_hidden_layers = {l}",
+            layer_types.len()
+        );
+    }
+    let rates = &v["compress_rates"];
+    let csa = usize_of(rates, "compressed_sparse_attention")?
+        .or(usize_of(v, "compress_rate_csa")?)
+        .unwrap_or(4);
+    let hca = usize_of(rates, "heavily_compressed_attention")?
+        .or(usize_of(v, "compress_rate_hca")?)
+        .unwrap_or(128);
+    // Hash layers: explicit mlp_layer_types > legacy num_hash_layers > 3.
+    let n_hash = match &v["mlp_layer_types"] {
+        Value::Array(a) => {
+            let n = a
+                .iter()
+                .take_while(|x| x.as_str() == Some("hash_moe"))
+                .count();
+            if let Some((i, x)) = a
+                .iter()
+                .enumerate()
+                .skip(n)
+                .find(|(_, x)| x.as_str() != Some("moe"))
+            {
+                bail!("config.json: mlp_layer_types[{i}] = {x}: mnemo supports hash_moe layers first, then moe");
+            }
+            n
+        }
+        _ => usize_of(v, "num_hash_layers")?.unwrap_or(3).min(l),
+    };
+    // Rotary channels.
+    let r = match (
+        f64_of(v, "partial_rotary_factor")?,
+        usize_of(v, "qk_rope_head_dim")?,
+    ) {
+        (Some(p), _) => (d as f64 * p) as usize,
+        (None, Some(r)) => r,
+        (None, None) => 64.min(d),
+    };
+    let rope_theta = f64_of(v, "rope_theta")?.unwrap_or(10000.0);
+    let compress_theta = f64_of(v, "compress_rope_theta")?.unwrap_or(160000.0);
+    let max_pos = req(v, "max_position_embeddings", 1 << 20)?;
+    let (theta_c, yarn) = compress_rope(v, rope_theta, compress_theta, d, r, max_pos)?;
+    let score = match v["scoring_func"].as_str().unwrap_or("sqrtsoftplus") {
+        "sqrtsoftplus" => ScoreFunc::Sqrtsoftplus,
+        "sigmoid" => ScoreFunc::Sigmoid,
+        s => bail!("config.json: scoring_func {s:?} is not supported (sqrtsoftplus, sigmoid)"),
+    };
+    let inter = usize_of(v, "moe_intermediate_size")?
+        .or(usize_of(v, "intermediate_size")?)
+        .unwrap_or(2048);
+    let cfg = ModelConfig {
+        vocab_size: req(v, "vocab_size", 129280)?,
+        d_model,
+        n_layers: l,
+        n_heads: req(v, "num_attention_heads", 64)?,
+        n_kv_heads: 1,
+        head_dim: d,
+        rope_theta,
+        rope_dim: 0,
+        ffn_hidden: inter,
+        tied_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
+        norm_eps: f64_of(v, "rms_norm_eps")?.unwrap_or(1e-6) as f32,
+        max_seq_len: max_pos,
+        ffn: FfnKind::Moe,
+        n_dense_layers: 0,
+        n_shared_experts: 1,
+        n_routed_experts: usize_of(v, "n_routed_experts")?
+            .or(usize_of(v, "num_local_experts")?)
+            .unwrap_or(256),
+        moe_inter: inter,
+        top_k: req(v, "num_experts_per_tok", 6)?,
+        score_func: score,
+        routed_scaling_factor: f64_of(v, "routed_scaling_factor")?.unwrap_or(1.5) as f32,
+        norm_topk_prob: true,
+        num_hash_layers: n_hash,
+        residual: Residual::Mhc,
+        hc_mult: req(v, "hc_mult", 4)?,
+        hc_sinkhorn_iters: req(v, "hc_sinkhorn_iters", 20)?,
+        hc_eps: f64_of(v, "hc_eps")?.unwrap_or(1e-6) as f32,
+        swiglu_limit: f64_of(v, "swiglu_limit")?.unwrap_or(10.0) as f32,
+        v4: Some(V4Config {
+            q_lora_rank: req(v, "q_lora_rank", 1024)?,
+            o_lora_rank: req(v, "o_lora_rank", 1024)?,
+            o_groups: req(v, "o_groups", 8)?,
+            sliding_window: req(v, "sliding_window", 128)?,
+            layer_types,
+            compress_rate_csa: csa,
+            compress_rate_hca: hca,
+            index_n_heads: req(v, "index_n_heads", 64)?,
+            index_head_dim: req(v, "index_head_dim", 128)?,
+            index_topk: req(v, "index_topk", 512)?,
+            qk_rope_head_dim: r,
+            compress_rope_theta: theta_c,
+            compress_rope_scaling: yarn,
+        }),
+        ..ModelConfig::dense_defaults()
+    };
+    cfg.validate().context("config.json")?;
+    Ok(cfg)
+}
+
+/// θ and YaRN of the compressed layers' rope (§1.4): nested `rope_parameters.compress` as
+/// given (no injected attention factor, θ defaulting to `rope_theta`), or a legacy flat
+/// `rope_scaling` (attention factor 1, θ = `compress_rope_theta`), or none.
+fn compress_rope(
+    v: &Value,
+    rope_theta: f64,
+    compress_theta: f64,
+    d: usize,
+    r: usize,
+    max_pos: usize,
+) -> Result<(f64, Option<V4Yarn>)> {
+    let rp = &v["rope_parameters"];
+    let (set, legacy) = if rp["compress"].is_object() {
+        (&rp["compress"], false)
+    } else if v["rope_scaling"].is_object() {
+        (&v["rope_scaling"], true)
+    } else if rp.is_object() && rp.get("rope_type").is_some() {
+        (rp, true)
+    } else {
+        return Ok((compress_theta, None));
+    };
+    let theta = if legacy {
+        compress_theta
+    } else {
+        f64_of(set, "rope_theta")?.unwrap_or(rope_theta)
+    };
+    if !legacy {
+        let p = f64_of(set, "partial_rotary_factor")?.unwrap_or(1.0);
+        if (d as f64 * p) as usize != r {
+            bail!("config.json: rope_parameters.compress rotates {} channels but the attention rotates {r} (qk_rope_head_dim): mnemo needs them equal", (d as f64 * p) as usize);
+        }
+    }
+    let ty = set["rope_type"]
+        .as_str()
+        .or(set["type"].as_str())
+        .unwrap_or("default");
+    match ty {
+        "default" => Ok((theta, None)),
+        "yarn" => {
+            let f = f64_of(set, "factor")?.context("config.json: YaRN rope without a factor")?;
+            let l0 = usize_of(set, "original_max_position_embeddings")?
+                .unwrap_or((max_pos as f64 / f) as usize);
+            let af = match (legacy, f64_of(set, "attention_factor")?) {
+                (_, Some(a)) => a,
+                (true, None) => 1.0,
+                (false, None) if f > 1.0 => 0.1 * f.ln() + 1.0,
+                (false, None) => 1.0,
+            };
+            Ok((
+                theta,
+                Some(V4Yarn {
+                    factor: f,
+                    original_max_position_embeddings: l0,
+                    beta_fast: f64_of(set, "beta_fast")?.unwrap_or(32.0),
+                    beta_slow: f64_of(set, "beta_slow")?.unwrap_or(1.0),
+                    attention_factor: af,
+                }),
+            ))
+        }
+        t => bail!("config.json: rope_type {t:?} of the compressed layers is not supported (default, yarn)"),
+    }
+}
+
+/// The key transformers' `save_pretrained` writes for the mnemo tensor `ours` (§2).
+pub fn hf_name(ours: &str) -> String {
+    match ours {
+        "tok_embeddings.weight" => return "model.embed_tokens.weight".into(),
+        "output.weight" => return "head.weight".into(),
+        "norm.weight" => return "model.norm.weight".into(),
+        _ => {}
+    }
+    if let Some(rest) = ours.strip_prefix("hc_head.") {
+        return format!("model.hc_head.hc_{rest}");
+    }
+    let Some(rest) = ours.strip_prefix("layers.") else {
+        return ours.to_string();
+    };
+    let (i, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    let tail = match tail {
+        "attention_norm.weight" => "attn_norm.weight".to_string(),
+        "attn.kv_norm.weight" => "attn.norm.weight".to_string(),
+        _ => {
+            if let Some(s) = tail.strip_prefix("attn_hc.") {
+                format!("hc_attn_{s}")
+            } else if let Some(s) = tail.strip_prefix("ffn_hc.") {
+                format!("hc_ffn_{s}")
+            } else {
+                tail.to_string()
+            }
+        }
+    };
+    format!("model.layers.{i}.{tail}")
+}
+
+/// Load a transformers DeepSeek-V4 directory (`config.json` + `model.safetensors`).
+pub fn load_dir(dir: &Path) -> Result<Model> {
+    let cpath = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&cpath).with_context(|| format!("reading {}", cpath.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", cpath.display()))?;
+    let cfg = config_from_hf(&v).with_context(|| format!("{}", cpath.display()))?;
+    let wpath = dir.join("model.safetensors");
+    let f = TensorFile::open(&wpath)?;
+    let mut model = Model::new(cfg).context("the DeepSeek-V4 config")?;
+    let names: std::collections::HashSet<String> = f.names().into_iter().collect();
+    let mut used = std::collections::HashSet::new();
+    let mut missing = Vec::new();
+    for spec in model.layout.tensors.clone() {
+        let key = hf_name(&spec.name);
+        let hash_bias = model
+            .layout
+            .layers
+            .iter()
+            .any(|lo| matches!(lo.ffn, Ffn::Moe(mo) if mo.hash && mo.bias == spec.offset));
+        if !names.contains(&key) {
+            if hash_bias {
+                continue; // hash layers select by table: no correction bias (zeros)
+            }
+            missing.push(key);
+            continue;
+        }
+        let data = f.f32(&key, Some(&spec.shape))?;
+        model.params[spec.range()].copy_from_slice(&data);
+        used.insert(key);
+    }
+    let c = model.cfg.clone();
+    for l in 0..c.n_layers {
+        if c.is_hash(l) {
+            let key = format!("model.layers.{l}.ffn.gate.tid2eid");
+            if !names.contains(&key) {
+                missing.push(key);
+                continue;
+            }
+            let tab = f.u32_shaped(&key, Some(&[c.vocab_size, c.top_k]))?;
+            if let Some(bad) = tab.iter().find(|&&e| e as usize >= c.n_routed_experts) {
+                bail!(
+                    "{}: `{key}` routes to expert {bad} of {}",
+                    wpath.display(),
+                    c.n_routed_experts
+                );
+            }
+            model.hash_tables[l] = Some(tab);
+            used.insert(key);
+        }
+    }
+    let mut extra: Vec<String> = names
+        .into_iter()
+        .filter(|k| !used.contains(k) && !k.contains("rotary_emb"))
+        .collect();
+    extra.sort();
+    if !missing.is_empty() || !extra.is_empty() {
+        bail!(
+            "{}: the tensors do not match the config\n  missing: {}\n  unexpected: {}",
+            wpath.display(),
+            if missing.is_empty() {
+                "none".into()
+            } else {
+                missing.join(", ")
+            },
+            if extra.is_empty() {
+                "none".into()
+            } else {
+                extra.join(", ")
+            }
+        );
+    }
+    Ok(model)
+}
