@@ -730,6 +730,12 @@ impl ModelConfig {
                 "DeepSeek-V4 attention goes with residual = \"mhc\", ffn = \"moe\" and no dsa",
             ));
         }
+        if self.engram.is_some() {
+            return Err(err(
+                "v4",
+                "Engram with the DeepSeek-V4 attention is not built yet",
+            ));
+        }
         Ok(())
     }
 

@@ -52,3 +52,90 @@ fn deepseek_v4_logits_match_transformers() {
         );
     }
 }
+
+/// Where transformers keeps the gradient of each saved tensor: `meta.json → checkpoint_keys`
+/// maps its in-memory names to the saved keys (experts: slices of the fused tensors).
+fn reference_grad(
+    exp: &TensorFile,
+    meta: &serde_json::Value,
+    key: &str,
+    len: usize,
+) -> Option<Vec<f32>> {
+    for (param, keys) in meta["checkpoint_keys"].as_object()? {
+        for k in keys.as_array()? {
+            if k["key"] != key {
+                continue;
+            }
+            let g = exp.f32(&format!("grad.{param}"), None).ok()?;
+            let Some(slice) = k["slice_of_param"].as_str() else {
+                return Some(g);
+            };
+            // "[e, :I, :]" (w1), "[e, I:, :]" (w3) of gate_up_proj [E, 2I, D]; "[e, :, :]" of
+            // down_proj [E, D, I].
+            let parts: Vec<&str> = slice.trim_matches(['[', ']']).split(", ").collect();
+            let e: usize = parts[0].parse().ok()?;
+            let (block, off) = match parts[1] {
+                ":" => (len, 0),
+                p if p.starts_with(':') => (2 * len, 0),
+                _ => (2 * len, len),
+            };
+            return Some(g[e * block + off..e * block + off + len].to_vec());
+        }
+    }
+    None
+}
+
+#[test]
+fn deepseek_v4_gradients_match_transformers() {
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let model = mnemo::hf_v4::load_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let exp = TensorFile::open(&dir.join("expected.safetensors")).unwrap();
+        // Python's json writes Infinity for the margins of a top-k that keeps everything.
+        let meta = std::fs::read_to_string(dir.join("meta.json"))
+            .unwrap()
+            .replace("-Infinity", "null")
+            .replace("Infinity", "null");
+        let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+        let ids = exp.u32("input_ids").unwrap();
+        let t = ids.len();
+        let mut targets = ids[1..].to_vec();
+        targets.push(mnemo::kernels::cross_entropy::IGNORE);
+        let mut ws = Workspace::default();
+        let mut grads = vec![0.0f32; model.layout.total];
+        let loss = model.forward_backward(&ids, &targets, 1, t, &mut grads, 1.0, &mut ws);
+        let want_loss = exp.f32("loss", None).unwrap()[0] as f64;
+        assert!(
+            (loss - want_loss).abs() < 1e-5 * want_loss.abs(),
+            "{name}: loss {loss} vs {want_loss}"
+        );
+        let (mut checked, mut worst, mut worst_name) = (0, 0.0f64, String::new());
+        for spec in &model.layout.tensors {
+            let key = mnemo::hf_v4::hf_name(&spec.name);
+            let Some(want) = reference_grad(&exp, &meta, &key, spec.len()) else {
+                continue; // hash layers' correction bias: not in the checkpoint
+            };
+            let got = &grads[spec.range()];
+            assert_eq!(got.len(), want.len(), "{name}: {}", spec.name);
+            let diff: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+            let rel = diff.sqrt() / norm.sqrt().max(1e-6);
+            if rel > worst {
+                (worst, worst_name) = (rel, spec.name.clone());
+            }
+            assert!(
+                rel < 1e-3,
+                "{name}: gradient of {} ({key}) off by {rel:.2e} (‖ref‖ {:.2e})",
+                spec.name,
+                norm.sqrt()
+            );
+            checked += 1;
+        }
+        eprintln!("{name}: loss {loss:.6}, {checked} gradients, worst {worst:.2e} ({worst_name})");
+        assert!(checked > 40, "{name}: only {checked} tensors compared");
+    }
+}

@@ -70,6 +70,8 @@ pub(crate) struct AttnActs {
     pub(crate) lse: Vec<f32>,
     /// DSA: the indexer's activations and selection.
     pub(crate) dsa: DsaActs,
+    /// DeepSeek-V4 attention's activations.
+    pub(crate) v4: super::attention_v4::V4Acts,
 }
 
 impl AttnActs {
@@ -79,6 +81,7 @@ impl AttnActs {
             o: vec![0.0; n * c.n_heads * c.head_dim],
             lse: vec![0.0; n * c.n_heads],
             dsa: DsaActs::default(),
+            v4: Default::default(),
         }
     }
 }
@@ -127,7 +130,7 @@ impl Model {
             let Kv::Batch { b, t, .. } = kv else {
                 unreachable!("cached DeepSeek-V4 decoding is refused by Model::forward_batch")
             };
-            return self.v4_attention_forward(l, vo, a, (*b, *t), out, acc);
+            return self.v4_attention_forward(l, vo, a, (*b, *t), &mut acts.v4, out, acc);
         }
         let c = &self.cfg;
         let n = a.len() / c.d_model;
@@ -291,6 +294,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention_backward(
         &self,
+        l: usize,
         lo: &LayerOffsets,
         (b, t): (usize, usize),
         a: &[f32],
@@ -301,6 +305,9 @@ impl Model {
         grads: &mut [f32],
         (dattn, dqkv): (&mut [f32], &mut [f32]),
     ) {
+        if let Some(vo) = &lo.v4 {
+            return self.v4_attention_backward(l, vo, a, (b, t), &acts.v4, (dout, da), grads);
+        }
         let c = &self.cfg;
         let n = b * t;
         let (d, h, kv, hd) = (c.d_model, c.n_heads, c.n_kv_heads, c.head_dim);

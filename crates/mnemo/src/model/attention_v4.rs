@@ -23,7 +23,7 @@
 use super::layout::LayoutBuilder;
 use super::Model;
 use crate::config::{ModelConfig, V4Config, V4LayerType};
-use crate::kernels::matmul::linear_forward;
+use crate::kernels::matmul::{linear_backward, linear_forward};
 use crate::kernels::rmsnorm;
 use rayon::prelude::*;
 
@@ -218,13 +218,64 @@ impl V4Rope {
     }
 }
 
-/// `x / √(mean(x²) + ε)` over each `c`-wide vector, in place.
-fn urms(x: &mut [f32], c: usize, eps: f32) {
-    for v in x.chunks_mut(c) {
-        let ms = v.iter().map(|&u| u * u).sum::<f32>() / c as f32;
-        let s = 1.0 / (ms + eps).sqrt();
-        v.iter_mut().for_each(|u| *u *= s);
-    }
+/// `x / √(mean(x²) + ε)` over each `c`-wide vector, in place; returns each `1/rms`.
+fn urms(x: &mut [f32], c: usize, eps: f32) -> Vec<f32> {
+    x.chunks_mut(c)
+        .map(|v| {
+            let ms = v.iter().map(|&u| u * u).sum::<f32>() / c as f32;
+            let s = 1.0 / (ms + eps).sqrt();
+            v.iter_mut().for_each(|u| *u *= s);
+            s
+        })
+        .collect()
+}
+
+/// The `(token, column)` of every pooling slot of entry `w`, channel `ch` (§3.6, §3.7): CSA
+/// entries pool the first half of window `w − 1` and the second half of window `w`.
+fn pool_slots(
+    co: &CompressorOffsets,
+    w: usize,
+    ch: usize,
+) -> impl Iterator<Item = (usize, usize)> + Clone {
+    let (m, dim, ov) = (co.ratio, co.dim, co.overlap);
+    let prev = (ov && w >= 1).then(|| ((w - 1) * m..w * m).map(move |tau| (tau, ch)));
+    let cur = (w * m..(w + 1) * m).map(move |tau| (tau, if ov { dim + ch } else { ch }));
+    prev.into_iter().flatten().chain(cur)
+}
+
+/// A compressor's activations over one sequence: projections `[t, cw]` (the logits with the
+/// position bias added), pooled entries before the norm `[N, dim]`, their `1/rms`.
+#[derive(Default, Clone)]
+pub(crate) struct CompActs {
+    ckv: Vec<f32>,
+    cg: Vec<f32>,
+    e: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+/// The V4 attention's activations of one block, kept for the backward pass.
+#[derive(Default)]
+pub(crate) struct V4Acts {
+    /// `a·Wq_aᵀ` `[N, Q]`, its `1/rms`, and `q_res` (normed).
+    qa: Vec<f32>,
+    qa_rstd: Vec<f32>,
+    q_res: Vec<f32>,
+    /// `q_res·Wq_bᵀ` `[N, H·d]` before the per-head norm, its `1/rms` `[N·H]`, and `q` (normed,
+    /// roped).
+    qf: Vec<f32>,
+    qf_rstd: Vec<f32>,
+    q: Vec<f32>,
+    /// `a·Wkvᵀ` `[N, d]`, its `1/rms`, `kv` (normed, roped).
+    kv0: Vec<f32>,
+    kv_rstd: Vec<f32>,
+    kv: Vec<f32>,
+    /// Per sequence: the compressor's activations, the entries `[N_e, d]`, the CSA selection.
+    comp: Vec<CompActs>,
+    entries: Vec<Vec<f32>>,
+    sel: Vec<Option<Vec<Vec<usize>>>>,
+    /// The attention output after the inverse rope `[N, H·d]`, and the grouped `z` `[N, g·R]`.
+    o: Vec<f32>,
+    z: Vec<f32>,
 }
 
 impl Model {
@@ -237,8 +288,15 @@ impl Model {
         }
     }
 
-    /// The compressed entries `[⌊t/m⌋, dim]` of one sequence `x: [t, D]` (§3.6, §3.7).
-    fn v4_compress(&self, co: &CompressorOffsets, x: &[f32], rope: &V4Rope) -> Vec<f32> {
+    /// The compressed entries `[⌊t/m⌋, dim]` of one sequence `x: [t, D]` (§3.6, §3.7), keeping
+    /// in `ca` what the backward pass needs.
+    fn v4_compress(
+        &self,
+        co: &CompressorOffsets,
+        x: &[f32],
+        rope: &V4Rope,
+        ca: &mut CompActs,
+    ) -> Vec<f32> {
         let c = &self.cfg;
         let dm = c.d_model;
         let t = x.len() / dm;
@@ -246,57 +304,42 @@ impl Model {
         let cw = if co.overlap { 2 * dim } else { dim };
         let n_e = t / m;
         if n_e == 0 {
+            *ca = CompActs::default();
             return Vec::new();
         }
-        let mut ckv = vec![0.0f32; t * cw];
-        let mut cg = vec![0.0f32; t * cw];
-        linear_forward(&mut ckv, x, self.w(co.wkv, cw * dm), t, dm, cw, false);
-        linear_forward(&mut cg, x, self.w(co.wgate, cw * dm), t, dm, cw, false);
+        ca.ckv = vec![0.0f32; t * cw];
+        ca.cg = vec![0.0f32; t * cw];
+        linear_forward(&mut ca.ckv, x, self.w(co.wkv, cw * dm), t, dm, cw, false);
+        linear_forward(&mut ca.cg, x, self.w(co.wgate, cw * dm), t, dm, cw, false);
         let ape = self.w(co.ape, m * cw);
-        for (tau, row) in cg.chunks_mut(cw).enumerate() {
+        for (tau, row) in ca.cg.chunks_mut(cw).enumerate() {
             let j = tau % m;
             row.iter_mut()
                 .zip(&ape[j * cw..(j + 1) * cw])
                 .for_each(|(g, b)| *g += b);
         }
-        let mut e = vec![0.0f32; n_e * dim];
-        let mut slots: Vec<(f32, f32)> = Vec::with_capacity(2 * m);
+        ca.e = vec![0.0f32; n_e * dim];
         for w in 0..n_e {
             for ch in 0..dim {
-                slots.clear();
-                if co.overlap {
-                    if w >= 1 {
-                        for j in 0..m {
-                            let tau = (w - 1) * m + j;
-                            slots.push((cg[tau * cw + ch], ckv[tau * cw + ch]));
-                        }
-                    }
-                    for j in 0..m {
-                        let tau = w * m + j;
-                        slots.push((cg[tau * cw + dim + ch], ckv[tau * cw + dim + ch]));
-                    }
-                } else {
-                    for j in 0..m {
-                        let tau = w * m + j;
-                        slots.push((cg[tau * cw + ch], ckv[tau * cw + ch]));
-                    }
-                }
-                let mx = slots.iter().fold(f32::NEG_INFINITY, |a, s| a.max(s.0));
+                let slots = pool_slots(co, w, ch);
+                let mx = slots.clone().fold(f32::NEG_INFINITY, |acc, (tau, col)| {
+                    acc.max(ca.cg[tau * cw + col])
+                });
                 let (mut den, mut num) = (0.0f32, 0.0f32);
-                for &(z, v) in &slots {
-                    let p = (z - mx).exp();
+                for (tau, col) in slots {
+                    let p = (ca.cg[tau * cw + col] - mx).exp();
                     den += p;
-                    num += p * v;
+                    num += p * ca.ckv[tau * cw + col];
                 }
-                e[w * dim + ch] = num / den;
+                ca.e[w * dim + ch] = num / den;
             }
         }
         let mut out = vec![0.0f32; n_e * dim];
-        let mut rstd = vec![0.0f32; n_e];
+        ca.rstd = vec![0.0f32; n_e];
         rmsnorm::forward(
             &mut out,
-            &mut rstd,
-            &e,
+            &mut ca.rstd,
+            &ca.e,
             self.w(co.norm, dim),
             dim,
             c.norm_eps,
@@ -307,6 +350,101 @@ impl Model {
             V4Rope::rotate(&cs, row, dim, false);
         }
         out
+    }
+
+    /// Backward of [`Model::v4_compress`]: from `dc = dL/d(entries)` into `dx` (added) and the
+    /// compressor's parameter gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn v4_compress_backward(
+        &self,
+        co: &CompressorOffsets,
+        x: &[f32],
+        rope: &V4Rope,
+        ca: &CompActs,
+        dc: &[f32],
+        dx: &mut [f32],
+        grads: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let dm = c.d_model;
+        let t = x.len() / dm;
+        let (dim, m) = (co.dim, co.ratio);
+        let cw = if co.overlap { 2 * dim } else { dim };
+        let n_e = t / m;
+        if n_e == 0 {
+            return;
+        }
+        // Rope and norm.
+        let mut dn = dc.to_vec();
+        let mut cs = vec![0.0f32; rope.inv_freq.len() * 2];
+        for (w, row) in dn.chunks_mut(dim).enumerate() {
+            rope.table(w * m, &mut cs);
+            V4Rope::rotate(&cs, row, dim, true);
+        }
+        let mut de = vec![0.0f32; n_e * dim];
+        let (nw, nd) = (self.w(co.norm, dim), co.norm..co.norm + dim);
+        rmsnorm::backward(
+            &mut de,
+            &mut grads[nd],
+            &dn,
+            &ca.e,
+            nw,
+            &ca.rstd,
+            dim,
+            false,
+        );
+        // Pooling: value and logit gradients of every slot.
+        let mut dkv = vec![0.0f32; t * cw];
+        let mut dg = vec![0.0f32; t * cw];
+        let mx_of = |w: usize, ch: usize| {
+            pool_slots(co, w, ch).fold(f32::NEG_INFINITY, |acc, (tau, col)| {
+                acc.max(ca.cg[tau * cw + col])
+            })
+        };
+        for w in 0..n_e {
+            for ch in 0..dim {
+                let mx = mx_of(w, ch);
+                let den: f32 = pool_slots(co, w, ch)
+                    .map(|(tau, col)| (ca.cg[tau * cw + col] - mx).exp())
+                    .sum();
+                let (e, g) = (ca.e[w * dim + ch], de[w * dim + ch]);
+                for (tau, col) in pool_slots(co, w, ch) {
+                    let i = tau * cw + col;
+                    let alpha = (ca.cg[i] - mx).exp() / den;
+                    dkv[i] += alpha * g;
+                    dg[i] += alpha * (ca.ckv[i] - e) * g;
+                }
+            }
+        }
+        let ape = co.ape;
+        for (tau, row) in dg.chunks(cw).enumerate() {
+            let j = tau % m;
+            grads[ape + j * cw..ape + (j + 1) * cw]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(a, b)| *a += b);
+        }
+        let (wk, wg) = (co.wkv..co.wkv + cw * dm, co.wgate..co.wgate + cw * dm);
+        linear_backward(
+            Some((&mut *dx, true)),
+            &mut grads[wk],
+            &dkv,
+            x,
+            self.w(co.wkv, cw * dm),
+            t,
+            dm,
+            cw,
+        );
+        linear_backward(
+            Some((dx, true)),
+            &mut grads[wg],
+            &dg,
+            x,
+            self.w(co.wgate, cw * dm),
+            t,
+            dm,
+            cw,
+        );
     }
 
     /// The CSA indexer's selection for one sequence: per query `t`, the visible entries it
@@ -324,7 +462,7 @@ impl Model {
         let (hi, di, k) = (v.index_n_heads, v.index_head_dim, v.index_topk);
         let t = x.len() / dm;
         let m = io.comp.ratio;
-        let keys = self.v4_compress(&io.comp, x, rope);
+        let keys = self.v4_compress(&io.comp, x, rope, &mut CompActs::default());
         let mut qi = vec![0.0f32; t * hi * di];
         linear_forward(
             &mut qi,
@@ -381,8 +519,34 @@ impl Model {
             .collect()
     }
 
+    /// The keys of query `tq` of one sequence: its window rows, then its visible entries.
+    fn v4_keys<'k>(
+        &self,
+        vo: &V4AttnOffsets,
+        tq: usize,
+        kvs: &'k [f32],
+        entries: &'k [f32],
+        sel: Option<&Vec<Vec<usize>>>,
+    ) -> Vec<(bool, usize, &'k [f32])> {
+        let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
+        let d = self.cfg.head_dim;
+        let lo = (tq + 1).saturating_sub(v.sliding_window);
+        let mut keys: Vec<(bool, usize, &[f32])> = (lo..=tq)
+            .map(|s| (false, s, &kvs[s * d..(s + 1) * d]))
+            .collect();
+        if let Some(co) = &vo.compressor {
+            let visible = (tq + 1) / co.ratio;
+            let ent = |w: usize| (true, w, &entries[w * d..(w + 1) * d]);
+            match sel {
+                Some(sel) => keys.extend(sel[tq].iter().map(|&w| ent(w))),
+                None => keys.extend((0..visible).map(ent)),
+            }
+        }
+        keys
+    }
+
     /// The DeepSeek-V4 attention of layer `l` over a batch `[b, t]`: writes (`acc`: adds) its
-    /// output into `out: [N, D]` (module docs).
+    /// output into `out: [N, D]` (module docs), keeping its activations in `acts`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn v4_attention_forward(
         &self,
@@ -390,40 +554,59 @@ impl Model {
         vo: &V4AttnOffsets,
         a: &[f32],
         (b, t): (usize, usize),
+        acts: &mut V4Acts,
         out: &mut [f32],
         acc: bool,
     ) {
         let c = &self.cfg;
         let v = c.v4.as_ref().expect("a DeepSeek-V4 config");
         let (dm, h, d, eps) = (c.d_model, c.n_heads, c.head_dim, c.norm_eps);
-        let (ql, g, rl, win) = (v.q_lora_rank, v.o_groups, v.o_lora_rank, v.sliding_window);
+        let (ql, g, rl) = (v.q_lora_rank, v.o_groups, v.o_lora_rank);
         let n = b * t;
         let rope = self.v4_rope(l);
         let r = v.qk_rope_head_dim;
+        let z = |len: usize| vec![0.0f32; len];
         // Queries.
-        let mut qa = vec![0.0f32; n * ql];
-        linear_forward(&mut qa, a, self.w(vo.wq_a, ql * dm), n, dm, ql, false);
-        let mut q_res = vec![0.0f32; n * ql];
-        let mut rstd = vec![0.0f32; n];
-        rmsnorm::forward(&mut q_res, &mut rstd, &qa, self.w(vo.q_norm, ql), ql, eps);
-        let mut q = vec![0.0f32; n * h * d];
+        acts.qa = z(n * ql);
+        linear_forward(&mut acts.qa, a, self.w(vo.wq_a, ql * dm), n, dm, ql, false);
+        acts.q_res = z(n * ql);
+        acts.qa_rstd = z(n);
+        rmsnorm::forward(
+            &mut acts.q_res,
+            &mut acts.qa_rstd,
+            &acts.qa,
+            self.w(vo.q_norm, ql),
+            ql,
+            eps,
+        );
+        acts.qf = z(n * h * d);
         linear_forward(
-            &mut q,
-            &q_res,
+            &mut acts.qf,
+            &acts.q_res,
             self.w(vo.wq_b, h * d * ql),
             n,
             ql,
             h * d,
             false,
         );
-        urms(&mut q, d, eps);
+        acts.q = acts.qf.clone();
+        acts.qf_rstd = urms(&mut acts.q, d, eps);
         // The single K = V head.
-        let mut kv0 = vec![0.0f32; n * d];
-        linear_forward(&mut kv0, a, self.w(vo.wkv, d * dm), n, dm, d, false);
-        let mut kv = vec![0.0f32; n * d];
-        rmsnorm::forward(&mut kv, &mut rstd, &kv0, self.w(vo.kv_norm, d), d, eps);
-        q.par_chunks_mut(h * d)
-            .zip(kv.par_chunks_mut(d))
+        acts.kv0 = z(n * d);
+        linear_forward(&mut acts.kv0, a, self.w(vo.wkv, d * dm), n, dm, d, false);
+        acts.kv = z(n * d);
+        acts.kv_rstd = z(n);
+        rmsnorm::forward(
+            &mut acts.kv,
+            &mut acts.kv_rstd,
+            &acts.kv0,
+            self.w(vo.kv_norm, d),
+            d,
+            eps,
+        );
+        acts.q
+            .par_chunks_mut(h * d)
+            .zip(acts.kv.par_chunks_mut(d))
             .enumerate()
             .for_each(|(row, (qr, kr))| {
                 let mut cs = vec![0.0f32; r];
@@ -433,55 +616,36 @@ impl Model {
             });
         let sinks = self.w(vo.sink, h);
         let scale = (d as f32).powf(-0.5);
-        let mut o = vec![0.0f32; n * h * d];
+        acts.o = z(n * h * d);
+        acts.comp = vec![CompActs::default(); b];
+        acts.entries = vec![Vec::new(); b];
+        acts.sel = vec![None; b];
         for s in 0..b {
             let rows = s * t..(s + 1) * t;
             let xs = &a[rows.start * dm..rows.end * dm];
-            let entries = vo
-                .compressor
-                .as_ref()
-                .map(|co| self.v4_compress(co, xs, &rope))
-                .unwrap_or_default();
-            let m = vo.compressor.map_or(1, |co| co.ratio);
-            let sel = vo
-                .indexer
-                .as_ref()
-                .map(|io| self.v4_select(io, xs, &q_res[rows.start * ql..rows.end * ql], &rope));
-            let kvs = &kv[rows.start * d..rows.end * d];
-            let qs = &q[rows.start * h * d..rows.end * h * d];
-            o[rows.start * h * d..rows.end * h * d]
+            if let Some(co) = &vo.compressor {
+                acts.entries[s] = self.v4_compress(co, xs, &rope, &mut acts.comp[s]);
+            }
+            acts.sel[s] = vo.indexer.as_ref().map(|io| {
+                self.v4_select(io, xs, &acts.q_res[rows.start * ql..rows.end * ql], &rope)
+            });
+            let kvs = &acts.kv[rows.start * d..rows.end * d];
+            let qs = &acts.q[rows.start * h * d..rows.end * h * d];
+            let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
+            acts.o[rows.start * h * d..rows.end * h * d]
                 .par_chunks_mut(h * d)
                 .enumerate()
                 .for_each(|(tq, orow)| {
-                    let lo = (tq + 1).saturating_sub(win);
-                    let mut keys: Vec<&[f32]> =
-                        (lo..=tq).map(|s| &kvs[s * d..(s + 1) * d]).collect();
-                    if vo.compressor.is_some() {
-                        let visible = (tq + 1) / m;
-                        match &sel {
-                            Some(sel) => {
-                                keys.extend(sel[tq].iter().map(|&w| &entries[w * d..(w + 1) * d]))
-                            }
-                            None => keys.extend((0..visible).map(|w| &entries[w * d..(w + 1) * d])),
-                        }
-                    }
+                    let keys = self.v4_keys(vo, tq, kvs, entries, sel);
                     let mut p = vec![0.0f32; keys.len()];
                     for hh in 0..h {
                         let qh = &qs[(tq * h + hh) * d..(tq * h + hh + 1) * d];
-                        for (pi, k) in p.iter_mut().zip(&keys) {
-                            *pi = qh.iter().zip(*k).map(|(x, y)| x * y).sum::<f32>() * scale;
-                        }
-                        let mx = p.iter().fold(sinks[hh], |acc, &x| acc.max(x));
-                        let mut den = (sinks[hh] - mx).exp();
-                        for pi in p.iter_mut() {
-                            *pi = (*pi - mx).exp();
-                            den += *pi;
-                        }
+                        let den = probs(qh, &keys, sinks[hh], scale, &mut p);
                         let oh = &mut orow[hh * d..(hh + 1) * d];
                         oh.fill(0.0);
                         for (pi, k) in p.iter().zip(&keys) {
                             let w = pi / den;
-                            oh.iter_mut().zip(*k).for_each(|(acc, x)| *acc += w * x);
+                            oh.iter_mut().zip(k.2).for_each(|(acc, x)| *acc += w * x);
                         }
                     }
                     let mut cs = vec![0.0f32; r];
@@ -491,19 +655,256 @@ impl Model {
         }
         // Grouped low-rank output: z[:, γ] = o[:, γ]·Wo_a[γ]ᵀ, out (+)= z·Wo_bᵀ.
         let gw = h * d / g;
-        let mut z = vec![0.0f32; n * g * rl];
-        let mut og = vec![0.0f32; n * gw];
-        let mut zg = vec![0.0f32; n * rl];
+        acts.z = z(n * g * rl);
+        let mut og = z(n * gw);
+        let mut zg = z(n * rl);
         for gi in 0..g {
-            for (dst, src) in og.chunks_mut(gw).zip(o.chunks(h * d)) {
+            for (dst, src) in og.chunks_mut(gw).zip(acts.o.chunks(h * d)) {
                 dst.copy_from_slice(&src[gi * gw..(gi + 1) * gw]);
             }
             let wa = self.w(vo.wo_a + gi * rl * gw, rl * gw);
             linear_forward(&mut zg, &og, wa, n, gw, rl, false);
-            for (dst, src) in z.chunks_mut(g * rl).zip(zg.chunks(rl)) {
+            for (dst, src) in acts.z.chunks_mut(g * rl).zip(zg.chunks(rl)) {
                 dst[gi * rl..(gi + 1) * rl].copy_from_slice(src);
             }
         }
-        linear_forward(out, &z, self.w(vo.wo_b, dm * g * rl), n, g * rl, dm, acc);
+        linear_forward(
+            out,
+            &acts.z,
+            self.w(vo.wo_b, dm * g * rl),
+            n,
+            g * rl,
+            dm,
+            acc,
+        );
     }
+
+    /// Backward of [`Model::v4_attention_forward`]: from `dout = dL/dout` into `da = dL/da`
+    /// (overwritten), accumulating the parameter gradients (none for the indexer, whose
+    /// top-k is a set of integers: docs/deepseek-v4-equations.md §5.9).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn v4_attention_backward(
+        &self,
+        l: usize,
+        vo: &V4AttnOffsets,
+        a: &[f32],
+        (b, t): (usize, usize),
+        acts: &V4Acts,
+        (dout, da): (&[f32], &mut [f32]),
+        grads: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let v = c.v4.as_ref().expect("a DeepSeek-V4 config");
+        let (dm, h, d) = (c.d_model, c.n_heads, c.head_dim);
+        let (ql, g, rl) = (v.q_lora_rank, v.o_groups, v.o_lora_rank);
+        let n = b * t;
+        let rope = self.v4_rope(l);
+        let r = v.qk_rope_head_dim;
+        let z = |len: usize| vec![0.0f32; len];
+        let rg = |o: usize, len: usize| o..o + len;
+        // out = z·Wo_bᵀ.
+        let mut dz = z(n * g * rl);
+        let wob = self.w(vo.wo_b, dm * g * rl);
+        linear_backward(
+            Some((&mut dz, false)),
+            &mut grads[rg(vo.wo_b, dm * g * rl)],
+            dout,
+            &acts.z,
+            wob,
+            n,
+            g * rl,
+            dm,
+        );
+        // z[:, γ] = o[:, γ]·Wo_a[γ]ᵀ.
+        let gw = h * d / g;
+        let mut dob = z(n * h * d);
+        let (mut og, mut dzg, mut dog) = (z(n * gw), z(n * rl), z(n * gw));
+        for gi in 0..g {
+            for (dst, src) in og.chunks_mut(gw).zip(acts.o.chunks(h * d)) {
+                dst.copy_from_slice(&src[gi * gw..(gi + 1) * gw]);
+            }
+            for (dst, src) in dzg.chunks_mut(rl).zip(dz.chunks(g * rl)) {
+                dst.copy_from_slice(&src[gi * rl..(gi + 1) * rl]);
+            }
+            let off = vo.wo_a + gi * rl * gw;
+            linear_backward(
+                Some((&mut dog, false)),
+                &mut grads[rg(off, rl * gw)],
+                &dzg,
+                &og,
+                self.w(off, rl * gw),
+                n,
+                gw,
+                rl,
+            );
+            for (dst, src) in dob.chunks_mut(h * d).zip(dog.chunks(gw)) {
+                dst[gi * gw..(gi + 1) * gw].copy_from_slice(src);
+            }
+        }
+        // o = rope⁻¹(o_pre): its transpose is the forward rotation.
+        dob.par_chunks_mut(h * d)
+            .enumerate()
+            .for_each(|(row, orow)| {
+                let mut cs = vec![0.0f32; r];
+                rope.table(row % t, &mut cs);
+                V4Rope::rotate(&cs, orow, d, false);
+            });
+        // Attention core, sequence by sequence (keys shared by the rows).
+        let sinks = self.w(vo.sink, h);
+        let scale = (d as f32).powf(-0.5);
+        let mut dq = z(n * h * d);
+        let mut dkv = z(n * d);
+        let mut dsink = vec![0.0f32; h];
+        let mut dent: Vec<Vec<f32>> = acts.entries.iter().map(|e| vec![0.0f32; e.len()]).collect();
+        for (s, de) in dent.iter_mut().enumerate() {
+            let rows = s * t..(s + 1) * t;
+            let kvs = &acts.kv[rows.start * d..rows.end * d];
+            let qs = &acts.q[rows.start * h * d..rows.end * h * d];
+            let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
+            let dkvs = &mut dkv[rows.start * d..rows.end * d];
+            for tq in 0..t {
+                let keys = self.v4_keys(vo, tq, kvs, entries, sel);
+                let mut p = vec![0.0f32; keys.len()];
+                for hh in 0..h {
+                    let row = (rows.start + tq) * h + hh;
+                    let qh = &qs[(tq * h + hh) * d..(tq * h + hh + 1) * d];
+                    let den = probs(qh, &keys, sinks[hh], scale, &mut p);
+                    p.iter_mut().for_each(|x| *x /= den);
+                    let p_sink = 1.0 - p.iter().sum::<f32>();
+                    let go = &dob[row * d..(row + 1) * d];
+                    let gam: Vec<f32> = keys.iter().map(|k| dot(go, k.2)).collect();
+                    let mu: f32 = p.iter().zip(&gam).map(|(x, y)| x * y).sum();
+                    dsink[hh] -= p_sink * mu;
+                    let dqh = &mut dq[row * d..(row + 1) * d];
+                    for ((pi, gi), k) in p.iter().zip(&gam).zip(&keys) {
+                        let dl = pi * (gi - mu);
+                        dqh.iter_mut()
+                            .zip(k.2)
+                            .for_each(|(x, y)| *x += scale * dl * y);
+                        let dst = if k.0 {
+                            &mut de[k.1 * d..(k.1 + 1) * d]
+                        } else {
+                            &mut dkvs[k.1 * d..(k.1 + 1) * d]
+                        };
+                        for ((x, og), qv) in dst.iter_mut().zip(go).zip(qh) {
+                            *x += pi * og + scale * dl * qv;
+                        }
+                    }
+                }
+            }
+        }
+        grads[rg(vo.sink, h)]
+            .iter_mut()
+            .zip(&dsink)
+            .for_each(|(x, y)| *x += y);
+        // q = rope(urms(q_res·Wq_bᵀ)), per head.
+        dq.par_chunks_mut(h * d)
+            .zip(acts.qf.par_chunks(h * d))
+            .zip(acts.qf_rstd.par_chunks(h))
+            .enumerate()
+            .for_each(|(row, ((dr, xr), rr))| {
+                let mut cs = vec![0.0f32; r];
+                rope.table(row % t, &mut cs);
+                V4Rope::rotate(&cs, dr, d, true);
+                for ((u, x), &rs) in dr.chunks_mut(d).zip(xr.chunks(d)).zip(rr) {
+                    let ux: f32 = dot(u, x);
+                    let k = rs * rs * rs * ux / d as f32;
+                    u.iter_mut()
+                        .zip(x)
+                        .for_each(|(ui, xi)| *ui = rs * *ui - xi * k);
+                }
+            });
+        let mut dqres = z(n * ql);
+        linear_backward(
+            Some((&mut dqres, false)),
+            &mut grads[rg(vo.wq_b, h * d * ql)],
+            &dq,
+            &acts.q_res,
+            self.w(vo.wq_b, h * d * ql),
+            n,
+            ql,
+            h * d,
+        );
+        let mut dqa = z(n * ql);
+        rmsnorm::backward(
+            &mut dqa,
+            &mut grads[rg(vo.q_norm, ql)],
+            &dqres,
+            &acts.qa,
+            self.w(vo.q_norm, ql),
+            &acts.qa_rstd,
+            ql,
+            false,
+        );
+        linear_backward(
+            Some((&mut *da, false)),
+            &mut grads[rg(vo.wq_a, ql * dm)],
+            &dqa,
+            a,
+            self.w(vo.wq_a, ql * dm),
+            n,
+            dm,
+            ql,
+        );
+        // kv = rope(rms(a·Wkvᵀ; kv_norm)).
+        dkv.par_chunks_mut(d).enumerate().for_each(|(row, dr)| {
+            let mut cs = vec![0.0f32; r];
+            rope.table(row % t, &mut cs);
+            V4Rope::rotate(&cs, dr, d, true);
+        });
+        let mut dkv0 = z(n * d);
+        rmsnorm::backward(
+            &mut dkv0,
+            &mut grads[rg(vo.kv_norm, d)],
+            &dkv,
+            &acts.kv0,
+            self.w(vo.kv_norm, d),
+            &acts.kv_rstd,
+            d,
+            false,
+        );
+        linear_backward(
+            Some((&mut *da, true)),
+            &mut grads[rg(vo.wkv, d * dm)],
+            &dkv0,
+            a,
+            self.w(vo.wkv, d * dm),
+            n,
+            dm,
+            d,
+        );
+        // The compressed entries.
+        if let Some(co) = &vo.compressor {
+            for (s, (ca, dc)) in acts.comp.iter().zip(&dent).enumerate() {
+                let rows = s * t..(s + 1) * t;
+                let xs = &a[rows.start * dm..rows.end * dm];
+                let mut dxs = z(t * dm);
+                self.v4_compress_backward(co, xs, &rope, ca, dc, &mut dxs, grads);
+                da[rows.start * dm..rows.end * dm]
+                    .iter_mut()
+                    .zip(&dxs)
+                    .for_each(|(x, y)| *x += y);
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Unnormalised attention weights of query `q` over `keys` with the sink as an extra logit:
+/// `p[s] = e^{ℓ_s − M}` (`ℓ_s = q·k_s·scale`, `M` the max over the scores and the sink);
+/// returns the denominator `Σ p + e^{sink − M}`.
+fn probs(q: &[f32], keys: &[(bool, usize, &[f32])], sink: f32, scale: f32, p: &mut [f32]) -> f32 {
+    for (pi, k) in p.iter_mut().zip(keys) {
+        *pi = dot(q, k.2) * scale;
+    }
+    let mx = p.iter().fold(sink, |acc, &x| acc.max(x));
+    let mut den = (sink - mx).exp();
+    for pi in p.iter_mut() {
+        *pi = (*pi - mx).exp();
+        den += *pi;
+    }
+    den
 }

@@ -197,6 +197,7 @@ impl Model {
                 let a = &la.norm[0].y;
                 let scratch = (&mut dattn[..], &mut dqkv[..]);
                 self.attention_backward(
+                    l,
                     lo,
                     (b, t),
                     a,

@@ -232,9 +232,6 @@ impl Model {
     ) -> anyhow::Result<f64> {
         assert_eq!(grads.len(), self.layout.total);
         assert_eq!(targets.len(), b * t);
-        if self.cfg.v4.is_some() {
-            anyhow::bail!("training DeepSeek-V4 models is not built yet: their attention has a forward pass only");
-        }
         self.forward_run(tokens, b, t, ws, run)?;
         if let Some(r) = run.filter(|r| r.stage == DsaStage::Warmup) {
             // Everything but the indexer is frozen: no LM backward at all.
