@@ -16,15 +16,29 @@
 //! ([`crate::checkpoint::delta`]); this module opens the base ([`DeltaBase`]) and writes the
 //! delta ([`write_delta`]).
 
-pub use crate::checkpoint::delta::TrainOnly;
 use crate::checkpoint::delta::{fingerprint, DeltaMeta, DELTA_FILE};
+pub use crate::config::TrainOnly;
 use crate::engram::EngramTable;
-use crate::model::Model;
+use crate::model::{is_engram_tensor, Model};
 use crate::safetensors_io::{serialize_mixed, Data};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// Which flat-buffer tensors a [`TrainOnly`] mode trains (here rather than in `config`: it
+/// needs the model's tensor names).
+impl TrainOnly {
+    /// Whether the flat-buffer tensor `name` is trained.
+    pub fn trains(&self, name: &str) -> bool {
+        match self {
+            TrainOnly::All => true,
+            TrainOnly::Engram => false,
+            TrainOnly::EngramGates => is_engram_tensor(name),
+        }
+    }
+}
+
 /// The base of a memory-only fine-tuning run: where it came from and its Engram tables and
 /// gates as they were (the tables memory-mapped read-only).
 pub struct DeltaBase {

@@ -11,7 +11,8 @@
 //! by [`load`]), with exactly the logits of the fine-tuned checkpoint.
 
 use super::{load, locate, Loaded};
-use crate::model::{is_engram_tensor, Model};
+pub use crate::config::TrainOnly;
+use crate::model::Model;
 use crate::safetensors_io::TensorFile;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -20,53 +21,6 @@ use std::path::{Path, PathBuf};
 
 /// File name of the delta inside a fine-tuning run directory.
 pub const DELTA_FILE: &str = "engram_delta.safetensors";
-
-/// Which parameters a run trains (`run.train.train_only`; recorded in a delta's metadata).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TrainOnly {
-    /// Everything (ordinary training).
-    #[default]
-    #[serde(rename = "all")]
-    All,
-    /// Only the Engram tables.
-    #[serde(rename = "engram")]
-    Engram,
-    /// The Engram tables and gate parameters.
-    #[serde(rename = "engram+gates")]
-    EngramGates,
-}
-
-impl TrainOnly {
-    pub fn is_all(&self) -> bool {
-        *self == TrainOnly::All
-    }
-
-    /// Whether the flat-buffer tensor `name` is trained.
-    pub fn trains(&self, name: &str) -> bool {
-        match self {
-            TrainOnly::All => true,
-            TrainOnly::Engram => false,
-            TrainOnly::EngramGates => is_engram_tensor(name),
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "all" => Ok(TrainOnly::All),
-            "engram" => Ok(TrainOnly::Engram),
-            "engram+gates" => Ok(TrainOnly::EngramGates),
-            _ => bail!("--train-only {s}: expected `engram` or `engram+gates`"),
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            TrainOnly::All => "all",
-            TrainOnly::Engram => "engram",
-            TrainOnly::EngramGates => "engram+gates",
-        }
-    }
-}
 
 /// A 64-bit fingerprint (hex) of a checkpoint directory: its config, tokenizer, weights and
 /// Engram files, read in a fixed order (multiply-xor over little-endian 8-byte words, the file

@@ -6,8 +6,8 @@
 use super::log::truncate_metrics;
 use super::{RunConfig, Start};
 use crate::checkpoint::{self, TrainState};
+use crate::config::DsaStage;
 use crate::data;
-use crate::dsa::DsaStage;
 use crate::engram::SparseAdam;
 use crate::finetune::DeltaBase;
 use crate::model::Model;
