@@ -22,8 +22,9 @@
 //! or [`CompressedTokenizer::to_bytes`]). Once per model: [`Engram::new`] finds the primes,
 //! draws the multipliers exactly as the demo (numpy-compatible), initialises tables (N(0, 1))
 //! and gates ([`GateSpec::init`]: projections N(0, init_std²), biases 0, norms 1, conv 0).
-//! Multipliers and primes are data ([`LayerHash`], serde) saved by [`Engram::to_safetensors`]
-//! and restored by [`Engram::from_safetensors`] / [`Engram::from_parts`], never recomputed.
+//! Multipliers and primes are data ([`LayerHash`], serde) saved by `Engram::to_safetensors`
+//! and restored by `Engram::from_safetensors` (the file format, in [`crate::io::engram`]) /
+//! [`Engram::from_parts`], never recomputed.
 //!
 //! Training step, per batch of `b` rows of `t` tokens (`h`: the residual stream(s) entering
 //! block `engram.layers[i].hash.layer_id`, `[N, n, d]`):
@@ -446,95 +447,6 @@ impl Engram {
         Ok(())
     }
 
-    /// Serialise to safetensors bytes: metadata `engram` = JSON `{config, d, n_branch,
-    /// hashes}` (multipliers and primes as data), `engram.compress.lookup` (I32 `[V]`),
-    /// `engram.{layer}.gate.{name}` (F32, [`GateSpec::tensors`] names) and, with
-    /// `include_tables`, `engram.{layer}.table` (F32 `[R, D_h]`; leave large tables out and
-    /// keep them as mappable files, [`EngramTable::write_file`]).
-    pub fn to_safetensors(&self, include_tables: bool) -> Result<Vec<u8>> {
-        use crate::safetensors_io::{serialize_mixed, Data};
-        let first = self.layers.first();
-        let meta = serde_json::json!({
-            "config": self.cfg,
-            "d": first.map_or(0, |l| l.gate.d),
-            "n_branch": first.map_or(0, |l| l.gate.n_branch),
-            "hashes": self.layers.iter().map(|l| &l.hash).collect::<Vec<_>>(),
-        });
-        let lookup: Vec<i32> = self.compress.lookup().iter().map(|&x| x as i32).collect();
-        let mut t: Vec<(String, Vec<usize>, Data)> = vec![(
-            "engram.compress.lookup".into(),
-            vec![lookup.len()],
-            Data::I32(lookup),
-        )];
-        for l in &self.layers {
-            let lid = l.hash.layer_id;
-            for (name, shape, off) in l.gate.tensors() {
-                let len: usize = shape.iter().product();
-                t.push((
-                    format!("engram.{lid}.gate.{name}"),
-                    shape,
-                    Data::F32(&l.params[off..off + len]),
-                ));
-            }
-            if include_tables {
-                t.push((
-                    format!("engram.{lid}.table"),
-                    vec![l.table.rows(), l.table.dim()],
-                    Data::F32(l.table.as_slice()),
-                ));
-            }
-        }
-        let mut m = std::collections::HashMap::new();
-        m.insert("engram".to_string(), meta.to_string());
-        serialize_mixed(&t, m)
-    }
-
-    /// Inverse of [`Engram::to_safetensors`]. `tables`: the layers' tables when they were not
-    /// stored in the file (e.g. [`EngramTable::open_mapped`]), in layer order.
-    pub fn from_safetensors(
-        f: &crate::safetensors_io::TensorFile,
-        tables: Option<Vec<EngramTable>>,
-    ) -> Result<Self> {
-        use anyhow::Context;
-        let meta = f.metadata()?;
-        let text = meta
-            .get("engram")
-            .context("no `engram` metadata: not an Engram file")?;
-        let v: serde_json::Value = serde_json::from_str(text).context("engram metadata")?;
-        let cfg: EngramConfig =
-            serde_json::from_value(v["config"].clone()).context("engram config")?;
-        let hashes: Vec<LayerHash> =
-            serde_json::from_value(v["hashes"].clone()).context("engram hashes")?;
-        let d = v["d"].as_u64().context("engram metadata: d")? as usize;
-        let n_branch = v["n_branch"]
-            .as_u64()
-            .context("engram metadata: n_branch")? as usize;
-        let compress = CompressedTokenizer::from_lookup(f.u32("engram.compress.lookup")?)?;
-        let spec = cfg.gate_spec(d, n_branch);
-        let mut tables = tables.map(|t| t.into_iter());
-        let mut parts = Vec::new();
-        for h in hashes {
-            let lid = h.layer_id;
-            let mut params = vec![0.0f32; spec.n_params()];
-            for (name, shape, off) in spec.tensors() {
-                let x = f.f32(&format!("engram.{lid}.gate.{name}"), Some(&shape))?;
-                params[off..off + x.len()].copy_from_slice(&x);
-            }
-            let table = match tables.as_mut() {
-                Some(it) => it
-                    .next()
-                    .with_context(|| format!("no table given for engram layer {lid}"))?,
-                None => {
-                    let rows = h.total_rows() as usize;
-                    let x = f.f32(&format!("engram.{lid}.table"), Some(&[rows, cfg.head_dim]))?;
-                    EngramTable::from_vec(rows, cfg.head_dim, x)?
-                }
-            };
-            parts.push((h, table, params));
-        }
-        Self::from_parts(cfg, compress, d, n_branch, parts)
-    }
-
     /// Hash and gather for every layer (one [`Memory`] per layer, in layer order). It depends
     /// only on token ids, so a model can run it ahead of (or beside) the blocks below.
     pub fn lookup_all(&self, cids: &[u32], pos: &[u32]) -> Result<Vec<Memory>> {
@@ -593,4 +505,4 @@ impl Engram {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
