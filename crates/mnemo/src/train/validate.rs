@@ -3,8 +3,8 @@
 //! validation of the training loop that logs them.
 
 use super::log::{append_metrics, println_above};
-use super::RunConfig;
 use crate::config::DsaStage;
+use crate::config::RunConfig;
 use crate::data::{self, TokenSplit};
 use crate::dsa::{DsaRun, DsaStats};
 use crate::model::{Model, Workspace};
