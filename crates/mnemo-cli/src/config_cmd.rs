@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use mnemo::train::RunConfig;
+use mnemo::config::RunConfig;
 use std::path::PathBuf;
 
 #[derive(Args, Clone)]
@@ -47,7 +47,7 @@ pub struct ConfigArgs {
     /// beside it), `warmup` (dense attention, only the indexer trains) or `sparse` (top-k
     /// attention; default). Allowed with --resume to switch stage.
     #[arg(long, value_name = "STAGE")]
-    pub(crate) dsa_stage: Option<mnemo::dsa::DsaStage>,
+    pub(crate) dsa_stage: Option<mnemo::config::DsaStage>,
     /// Start from this run's weights (not its optimizer state) in a new run whose model, training
     /// and data settings default to that run's: e.g. a long-context stage with `--seq-len 1024
     /// --rope-scaling-factor 4`. Only the context length and RoPE scaling of the model may change.
@@ -71,8 +71,8 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// The flags as the library's config sources.
-    pub fn sources(&self) -> mnemo::config_resolve::ConfigSources {
-        mnemo::config_resolve::ConfigSources {
+    pub fn sources(&self) -> mnemo::config::ConfigSources {
+        mnemo::config::ConfigSources {
             preset: self.preset.clone(),
             config: self.config.clone(),
             sets: self.sets.clone(),

@@ -5,8 +5,8 @@
 use crate::longctx_cmd;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use mnemo::data::CorpusSpec;
-use mnemo::train::RunConfig;
+use mnemo::config::CorpusSpec;
+use mnemo::config::RunConfig;
 use mnemo_eval::humaneval::{self, EvalOptions, ExecConfig, GenConfig, Lang};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use mnemo::data::CorpusSpec;
+use mnemo::config::CorpusSpec;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]

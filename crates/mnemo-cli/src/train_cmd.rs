@@ -70,7 +70,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         let (mut run, _) = resolve(&a.cfg)?;
         run.train.init = Some(init.clone());
-        run.train.train_only = mnemo::finetune::TrainOnly::parse(w)?;
+        run.train.train_only = mnemo::config::TrainOnly::parse(w)?;
         Start::Init { run: Box::new(run) }
     } else if a.resume.is_some() {
         // The run's own config is authoritative; only the step budget may change.

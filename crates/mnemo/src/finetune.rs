@@ -12,19 +12,31 @@
 //!              + fingerprint(B)                      → adapted model = B + D, exactly
 //! ```
 //!
-//! The delta's format, and loading a run kept as a delta, are the checkpoint's
-//! ([`crate::checkpoint::delta`]); this module opens the base ([`DeltaBase`]) and writes the
-//! delta ([`write_delta`]).
+//! The delta's format is [`crate::io::delta`], and loading a run kept as a delta
+//! [`crate::checkpoint::delta`]; this module opens the base ([`DeltaBase`]) and decides what
+//! the delta holds ([`write_delta`]).
 
-pub use crate::checkpoint::delta::TrainOnly;
-use crate::checkpoint::delta::{fingerprint, DeltaMeta, DELTA_FILE};
+pub use crate::config::TrainOnly;
 use crate::engram::EngramTable;
-use crate::model::Model;
-use crate::safetensors_io::{serialize_mixed, Data};
+use crate::io::delta::{self, fingerprint, DeltaMeta, DELTA_FILE};
+use crate::model::{is_engram_tensor, Model};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// Which flat-buffer tensors a [`TrainOnly`] mode trains (here rather than in `config`: it
+/// needs the model's tensor names).
+impl TrainOnly {
+    /// Whether the flat-buffer tensor `name` is trained.
+    pub fn trains(&self, name: &str) -> bool {
+        match self {
+            TrainOnly::All => true,
+            TrainOnly::Engram => false,
+            TrainOnly::EngramGates => is_engram_tensor(name),
+        }
+    }
+}
+
 /// The base of a memory-only fine-tuning run: where it came from and its Engram tables and
 /// gates as they were (the tables memory-mapped read-only).
 pub struct DeltaBase {
@@ -49,7 +61,7 @@ impl DeltaBase {
         for lay in &e.layers {
             let p = l
                 .dir
-                .join(crate::checkpoint::engram_table_file(lay.hash.layer_id));
+                .join(crate::io::checkpoint::engram_table_file(lay.hash.layer_id));
             tables.push(EngramTable::open_mapped(
                 &p,
                 lay.table.rows(),
@@ -131,40 +143,13 @@ pub fn write_delta(
         stats.table_bytes += l.table.bytes();
         changed.push((rows, vals));
     }
-    let mut t: Vec<(String, Vec<usize>, Data)> = Vec::new();
-    for (i, (l, (rows, vals))) in e.layers.iter().zip(&changed).enumerate() {
-        let (d, lid) = (l.table.dim(), l.hash.layer_id);
-        t.push((
-            format!("engram.{lid}.rows"),
-            vec![rows.len()],
-            Data::I32(rows.clone()),
-        ));
-        t.push((
-            format!("engram.{lid}.values"),
-            vec![rows.len(), d],
-            Data::F32(vals),
-        ));
-        if mode == TrainOnly::EngramGates {
-            let g = model.engram_gate_params(i);
-            for (name, shape, off) in l.gate.tensors() {
-                let len: usize = shape.iter().product();
-                t.push((
-                    format!("engram.{lid}.gate.{name}"),
-                    shape,
-                    Data::F32(&g[off..off + len]),
-                ));
-            }
-        }
-    }
     let meta = DeltaMeta {
         base: base.dir.clone(),
         base_fingerprint: base.fingerprint.clone(),
         step,
         train_only: mode,
     };
-    let mut m = HashMap::new();
-    m.insert("engram_delta".to_string(), serde_json::to_string(&meta)?);
-    let bytes = serialize_mixed(&t, m)?;
+    let bytes = delta::to_safetensors(model, &changed, &meta)?;
     stats.delta_bytes = bytes.len() as u64;
     crate::util::write_atomic(&run_dir.join(DELTA_FILE), &bytes)?;
     Ok(stats)

@@ -7,8 +7,9 @@
 //!
 //! - [`kernels`]: matmul, RMSNorm, RoPE, fused causal attention, SwiGLU, cross-entropy,
 //!   embedding, AdamW — forward and backward over f32 slices; quantised matrix–vector products.
-//! - [`config`]: the serde model config with presets and validation; [`config_resolve`]: a
-//!   run config from a preset, a config file, flags and `--set` overrides.
+//! - [`config`]: every serde settings type (model with presets and validation, Engram, DSA,
+//!   training, data) and their resolution from a preset, a config file, flags and `--set`
+//!   overrides; [`config_resolve`] binds `--init` runs to the checkpoint loader.
 //! - [`model`]: the transformer: parameters, forward, backward, initialisation.
 //! - [`moe`]: DeepSeekMoE feed-forward (shared + routed experts, bias balancing, hash routing).
 //! - [`mhc`]: hyper-connection residuals (HC, and mHC with Sinkhorn-projected stream mixing).
@@ -16,6 +17,8 @@
 //! - [`dsa`]: DeepSeek Sparse Attention (lightning indexer, top-k selection, indexer KL
 //!   training stages); the sparse attention kernel is `kernels::sparse_attention`.
 //! - [`tokenizer`], [`data`]: byte-level BPE and the memory-mapped token cache of a corpus.
+//! - [`io`]: every file format (safetensors, checkpoint files, Engram files and deltas, prefix
+//!   caches, GGUF, Hugging Face); `model` and everything below it import none of it.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
 //!
 //! Tools built on the engine live in their own crates: `mnemo-pack` (a repository packed into
@@ -33,9 +36,7 @@ pub mod dsa;
 pub mod engram;
 pub mod finetune;
 pub mod generate;
-pub mod gguf;
-pub mod hf;
-pub mod hf_v4;
+pub mod io;
 pub mod kernels;
 pub mod longctx;
 pub mod lookup;
@@ -44,7 +45,10 @@ pub mod model;
 pub mod moe;
 pub mod plot;
 pub mod rng;
-pub mod safetensors_io;
 pub mod tokenizer;
 pub mod train;
 pub mod util;
+
+// Old paths of the formats now in `io`.
+pub use io::safetensors as safetensors_io;
+pub use io::{gguf, hf, hf_v4};

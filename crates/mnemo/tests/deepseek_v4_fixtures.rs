@@ -3,8 +3,8 @@
 //! (`tests/fixtures/deepseek_v4/*/expected.safetensors`). mnemo loads the directory as it is and
 //! must give the same logits: max |Δ| ≤ 1e-4 of the largest logit (f32 against f32).
 
+use mnemo::io::safetensors::TensorFile;
 use mnemo::model::Workspace;
-use mnemo::safetensors_io::TensorFile;
 use std::path::PathBuf;
 
 fn fixtures() -> Vec<PathBuf> {
@@ -23,8 +23,8 @@ fn fixtures() -> Vec<PathBuf> {
 fn deepseek_v4_logits_match_transformers() {
     for dir in fixtures() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        assert!(mnemo::hf_v4::is_v4_dir(&dir), "{name}");
-        let model = mnemo::hf_v4::load_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert!(mnemo::io::hf_v4::is_v4_dir(&dir), "{name}");
+        let model = mnemo::io::hf_v4::load_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let exp = TensorFile::open(&dir.join("expected.safetensors")).unwrap();
         let ids = exp.u32("input_ids").unwrap();
         let want = exp.f32("logits", None).unwrap();
@@ -89,7 +89,7 @@ fn reference_grad(
 fn deepseek_v4_gradients_match_transformers() {
     for dir in fixtures() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let model = mnemo::hf_v4::load_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let model = mnemo::io::hf_v4::load_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let exp = TensorFile::open(&dir.join("expected.safetensors")).unwrap();
         // Python's json writes Infinity for the margins of a top-k that keeps everything.
         let meta = std::fs::read_to_string(dir.join("meta.json"))
@@ -111,7 +111,7 @@ fn deepseek_v4_gradients_match_transformers() {
         );
         let (mut checked, mut worst, mut worst_name) = (0, 0.0f64, String::new());
         for spec in &model.layout.tensors {
-            let key = mnemo::hf_v4::hf_name(&spec.name);
+            let key = mnemo::io::hf_v4::hf_name(&spec.name);
             let Some(want) = reference_grad(&exp, &meta, &key, spec.len()) else {
                 continue; // hash layers' correction bias: not in the checkpoint
             };

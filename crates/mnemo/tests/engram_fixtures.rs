@@ -5,7 +5,7 @@
 //! (achieved: outputs ~1e-7, worst gradient ~7e-6).
 
 use mnemo::engram::{EngramActs, EngramLayer, EngramTable, GateSpec, LayerHash, Memory};
-use mnemo::safetensors_io::TensorFile;
+use mnemo::io::safetensors::TensorFile;
 use std::path::PathBuf;
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {

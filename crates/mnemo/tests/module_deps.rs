@@ -8,6 +8,13 @@
 //! 2. There is no cycle between top-level modules, except those in [`ALLOWED_CYCLES`]. Every
 //!    cycle present is printed (run with `--nocapture`), each edge with the first place that
 //!    makes it; a listed cycle that no longer exists fails too, so the list only shrinks.
+//! 3. `model`, and every module it imports directly or through others, refers to no module of
+//!    [`FORMAT_LAYER`] (strict: on failure every module of that closure is listed with what it
+//!    imports, and each import of the format layer with its site).
+//!
+//! Names re-exported at the crate root from a module (`pub use io::{gguf, hf};`, `pub use
+//! io::safetensors as safetensors_io;`, the old paths of moved modules) count as that module:
+//! `crate::gguf::…` is an edge to `io`.
 //!
 //! `cargo test --release --test module_deps -- --nocapture` prints the graph.
 
@@ -20,6 +27,13 @@ const ALLOWED_CYCLES: &[&[&str]] = &[];
 
 /// A module that may only depend downwards: nothing of the crate outside itself.
 const LEAF_MODULES: &[&str] = &["kernels"];
+
+/// The module holding every file format (safetensors, checkpoint files, Engram files and
+/// deltas, GGUF, Hugging Face).
+const FORMAT_LAYER: &str = "io";
+
+/// Modules that, with everything they import, must not depend on [`FORMAT_LAYER`].
+const FORMAT_FREE: &[&str] = &["model"];
 
 /// Where an edge comes from: file (relative to `src/`) and 1-based line.
 type Site = (String, usize);
@@ -235,10 +249,73 @@ fn first_segments(toks: &[(Tok, usize)], i: usize) -> Vec<(String, usize)> {
     }
 }
 
+/// The names a `use` tree starting at `i` (just past `use`) brings into scope, each with the
+/// first segment of the path it names: `io::{gguf, hf as h}` gives `(gguf, io)`, `(h, io)`.
+/// Globs bring no name. `crate::` and `self::` prefixes are skipped.
+fn use_names(toks: &[(Tok, usize)], mut i: usize) -> Vec<(String, String)> {
+    fn tree(
+        toks: &[(Tok, usize)],
+        i: &mut usize,
+        first: Option<&str>,
+        out: &mut Vec<(String, String)>,
+    ) {
+        let mut first = first.map(String::from);
+        let mut last: Option<String> = None;
+        loop {
+            match toks.get(*i) {
+                Some((Tok::Ident(x), _)) if x == "as" => {
+                    if let Some((Tok::Ident(alias), _)) = toks.get(*i + 1) {
+                        if let Some(f) = &first {
+                            out.push((alias.clone(), f.clone()));
+                        }
+                    }
+                    *i += 2;
+                    return;
+                }
+                Some((Tok::Ident(x), _)) => {
+                    first.get_or_insert_with(|| x.clone());
+                    last = Some(x.clone());
+                    *i += 1;
+                }
+                Some((Tok::PathSep, _)) => *i += 1,
+                Some((Tok::Punct('{'), _)) => {
+                    *i += 1;
+                    while !matches!(toks.get(*i), None | Some((Tok::Punct('}'), _))) {
+                        tree(toks, i, first.as_deref(), out);
+                        if is_punct(toks.get(*i), ',') {
+                            *i += 1;
+                        }
+                    }
+                    *i += 1;
+                    return;
+                }
+                Some((Tok::Punct('*'), _)) => {
+                    *i += 1;
+                    return;
+                }
+                _ => break,
+            }
+        }
+        if let (Some(l), Some(f)) = (last, first) {
+            if l != "self" {
+                out.push((l, f));
+            }
+        }
+    }
+    while is_ident(toks.get(i), "crate") || is_ident(toks.get(i), "self") {
+        i += 2; // the segment and its `::`
+    }
+    let mut out = Vec::new();
+    tree(toks, &mut i, None, &mut out);
+    out
+}
+
 struct Crate {
     src: PathBuf,
     /// Top-level modules, as declared in `lib.rs`.
     top: BTreeSet<String>,
+    /// Names re-exported at the crate root → the top-level module they come from.
+    aliases: BTreeMap<String, String>,
     graph: Graph,
 }
 
@@ -247,6 +324,7 @@ impl Crate {
         let mut c = Crate {
             src: src.to_path_buf(),
             top: BTreeSet::new(),
+            aliases: BTreeMap::new(),
             graph: Graph::new(),
         };
         c.visit_file(&src.join("lib.rs"), &[]);
@@ -336,6 +414,16 @@ impl Crate {
                     }
                 }
                 Tok::Ident(kw)
+                    if kw == "use" && path.is_empty() && depth == 0 && inline.is_empty() =>
+                {
+                    // A re-export at the crate root: remember where each name comes from.
+                    for (name, from) in use_names(&toks, i + 1) {
+                        if name != from {
+                            self.aliases.insert(name, from);
+                        }
+                    }
+                }
+                Tok::Ident(kw)
                     if kw == "crate" && toks.get(i + 1).map(|t| &t.0) == Some(&Tok::PathSep) =>
                 {
                     for (seg, l) in first_segments(&toks, i + 2) {
@@ -374,6 +462,7 @@ impl Crate {
         let Some(from) = from.first() else {
             return; // the crate root itself
         };
+        let to = self.aliases.get(to).map_or(to, String::as_str);
         if from == to || to == "self" || to == "super" {
             return;
         }
@@ -425,6 +514,20 @@ fn show_cycle(g: &Graph, c: &[String]) -> String {
         s += &format!(" → {to} ({file}:{line})");
     }
     s
+}
+
+/// Every module `start` depends on, directly or through others (`start` included).
+fn closure(g: &Graph, start: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::from([start.to_string()]);
+    let mut todo = vec![start.to_string()];
+    while let Some(m) = todo.pop() {
+        for next in g.get(&m).into_iter().flat_map(|t| t.keys()) {
+            if seen.insert(next.clone()) {
+                todo.push(next.clone());
+            }
+        }
+    }
+    seen
 }
 
 fn engine() -> Crate {
@@ -500,6 +603,41 @@ fn no_module_cycles_beyond_the_allowed() {
 }
 
 #[test]
+fn the_model_and_all_it_imports_use_no_file_format() {
+    let c = engine();
+    assert!(c.top.contains(FORMAT_LAYER), "{:?}", c.top);
+    for m in FORMAT_FREE {
+        let deps = closure(&c.graph, m);
+        println!("{m} and everything it imports ({} modules):", deps.len());
+        let mut bad = Vec::new();
+        for d in &deps {
+            let tos = c.graph.get(d);
+            let list: Vec<String> = tos
+                .into_iter()
+                .flatten()
+                .map(|(to, s)| format!("{to} ({}:{})", s[0].0, s[0].1))
+                .collect();
+            let list = if list.is_empty() {
+                "(nothing)".to_string()
+            } else {
+                list.join(", ")
+            };
+            println!("  {d} → {list}");
+            for (file, line) in tos.and_then(|t| t.get(FORMAT_LAYER)).into_iter().flatten() {
+                bad.push(format!("{file}:{line}: {d} uses crate::{FORMAT_LAYER}"));
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "`{m}` depends on the file formats through {:?} (move the format code into \
+             `{FORMAT_LAYER}`, which imports the engine, not the other way round):\n{}",
+            deps,
+            bad.join("\n")
+        );
+    }
+}
+
+#[test]
 fn the_parser_sees_paths_and_skips_tests_comments_and_strings() {
     let src = r##"
 //! Docs mention crate::doc_only.
@@ -515,11 +653,17 @@ fn helper() { crate::test_fn(); }
 #[cfg(not(test))]
 fn real() { crate::not_test::f(); }
 mod inner { fn k() { super::super::climbed::x(); super::same::y(); } }
+fn old_paths() { crate::old::f(); crate::kept::g(); crate::y(); }
 "##;
     let dir = std::env::temp_dir().join(format!("mnemo-module-deps-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("lib.rs"), "pub mod m;\n").unwrap();
+    std::fs::write(
+        dir.join("lib.rs"),
+        "pub mod m;\npub mod low;\npub use low::{renamed as old, kept};\npub use crate::low::deep::x as y;\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("m.rs"), src).unwrap();
+    std::fs::write(dir.join("low.rs"), "").unwrap();
     let c = Crate::read(&dir);
     std::fs::remove_dir_all(&dir).unwrap();
     let got: Vec<&str> = c.graph["m"].keys().map(String::as_str).collect();
@@ -530,10 +674,19 @@ mod inner { fn k() { super::super::climbed::x(); super::same::y(); } }
             "beta",
             "climbed",
             "delta",
+            "low",
             "not_test",
             "root_level",
             "zeta"
         ]
     );
     assert_eq!(c.graph["m"]["zeta"][0], ("m.rs".to_string(), 4));
+    // Re-exports at the root count as the module they come from.
+    let aliases: Vec<(&str, &str)> = c
+        .aliases
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(aliases, [("kept", "low"), ("old", "low"), ("y", "low")]);
+    assert_eq!(c.graph["m"]["low"].len(), 3);
 }

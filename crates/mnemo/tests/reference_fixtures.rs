@@ -7,8 +7,8 @@
 //! of both training stages).
 
 use mnemo::config::ModelConfig;
+use mnemo::io::safetensors::TensorFile;
 use mnemo::model::{Model, Workspace};
-use mnemo::safetensors_io::TensorFile;
 use std::path::PathBuf;
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -31,7 +31,7 @@ fn check_fixture(name: &str) {
     let b: usize = meta["batch"].parse().unwrap();
     let t: usize = meta["seq_len"].parse().unwrap();
     let mut model = Model::new(cfg.clone()).unwrap();
-    mnemo::checkpoint::load_weights(&mut model, &path).unwrap();
+    mnemo::io::checkpoint::load_weights(&mut model, &path).unwrap();
     let tokens = f.u32("tokens").unwrap();
     let targets = f.u32("targets").unwrap();
     let mut ws = Workspace::default();
@@ -143,7 +143,7 @@ fn dsa_indexer_topk_sparse_attention_and_kl() {
     let (b, t) = (2, 12);
     assert_eq!(meta["seq_len"], "12");
     let mut model = Model::new(cfg.clone()).unwrap();
-    mnemo::checkpoint::load_weights(&mut model, &path).unwrap();
+    mnemo::io::checkpoint::load_weights(&mut model, &path).unwrap();
     let tokens = f.u32("tokens").unwrap();
     let targets = f.u32("targets").unwrap();
     let mut ws = Workspace::default();
@@ -171,7 +171,7 @@ fn dsa_indexer_topk_sparse_attention_and_kl() {
     assert!(e < 1e-5, "sparse-stage L_I {} vs {kl}", ws.dsa_stats.kl);
     // Warm-up: dense attention, only the indexer's KL gradient.
     let run = mnemo::dsa::DsaRun {
-        stage: mnemo::dsa::DsaStage::Warmup,
+        stage: mnemo::config::DsaStage::Warmup,
         kl: true,
         recall: false,
     };

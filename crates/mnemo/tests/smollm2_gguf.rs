@@ -155,7 +155,7 @@ fn smollm2_as_hugging_face_checkpoint() {
     // activations) is off for this comparison, so both run the same f32 path.
     g.model.quant.clear();
     let dir = std::env::temp_dir().join(format!("mnemo-smollm2-hf-{}", std::process::id()));
-    mnemo::hf::export(&g.model, &g.tokenizer, &dir).unwrap();
+    mnemo::io::hf::export(&g.model, &g.tokenizer, &dir).unwrap();
     let h = mnemo::checkpoint::load(&dir, false).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let ids = h.tokenizer.encode("def fibonacci(n):").unwrap();

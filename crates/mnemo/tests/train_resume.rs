@@ -1,8 +1,8 @@
 //! End-to-end training on a tiny generated corpus: loss goes down, a stopped-and-resumed run is
 //! bit-identical to an uninterrupted one, and checkpoints survive reloading.
 
+use mnemo::config::CorpusSpec;
 use mnemo::config::ModelConfig;
-use mnemo::data::CorpusSpec;
 use mnemo::kernels::rope::RopeLayout;
 use mnemo::train::{train, RunConfig, Start, TrainConfig, TrainOptions};
 use std::path::{Path, PathBuf};
@@ -511,7 +511,7 @@ fn engram_training_resumes_bit_identically_and_bad_files_are_errors() {
     let (root, data, cache) = corpus_dir("engram");
     let run = |steps| {
         let mut r = run_config(&data, steps);
-        r.model.engram = Some(mnemo::engram::EngramConfig {
+        r.model.engram = Some(mnemo::config::EngramConfig {
             layer_ids: vec![1],
             max_ngram_size: 3,
             n_head_per_ngram: 2,
@@ -595,8 +595,8 @@ fn engram_training_resumes_bit_identically_and_bad_files_are_errors() {
 /// is refused; `off` (the `--no-engram` ablation) changes the logits.
 #[test]
 fn engram_memory_only_finetuning_freezes_the_backbone_and_the_delta_reloads_exactly() {
-    use mnemo::checkpoint::delta::{read_delta_meta, DELTA_FILE};
-    use mnemo::finetune::TrainOnly;
+    use mnemo::config::TrainOnly;
+    use mnemo::io::delta::{read_delta_meta, DELTA_FILE};
     let root = tmpdir("engramft");
     let data = root.join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -615,7 +615,7 @@ fn engram_memory_only_finetuning_freezes_the_backbone_and_the_delta_reloads_exac
     }
     let cache = root.join("cache");
     let mut base_run = run_config(&data, 20);
-    base_run.model.engram = Some(mnemo::engram::EngramConfig {
+    base_run.model.engram = Some(mnemo::config::EngramConfig {
         layer_ids: vec![1],
         max_ngram_size: 3,
         n_head_per_ngram: 2,
@@ -731,7 +731,7 @@ fn engram_memory_only_finetuning_freezes_the_backbone_and_the_delta_reloads_exac
 /// stopped and resumed in the sparse stage is bit-identical to an uninterrupted one.
 #[test]
 fn dsa_warmup_freezes_the_model_and_sparse_resume_is_bit_identical() {
-    use mnemo::dsa::DsaStage;
+    use mnemo::config::DsaStage;
     let (root, data, cache) = corpus_dir("dsa");
     let never = AtomicBool::new(false);
     let cfg = |steps| {
@@ -816,7 +816,7 @@ fn dsa_warmup_freezes_the_model_and_sparse_resume_is_bit_identical() {
 /// initialisation and the warm-up trains it; a changed dense shape is still refused.
 #[test]
 fn dsa_model_initialised_from_a_dense_run_keeps_its_weights_and_a_fresh_indexer() {
-    use mnemo::dsa::DsaStage;
+    use mnemo::config::DsaStage;
     let (root, data, cache) = corpus_dir("dsa-init");
     let never = AtomicBool::new(false);
     let dense = root.join("dense");

@@ -4,10 +4,10 @@
 
 use anyhow::Context;
 use mnemo::checkpoint::Loaded;
+use mnemo::config::RunConfig;
 use mnemo::data::{TokenCache, TokenSplit};
 use mnemo::model::{Ffn, Model, Workspace};
 use mnemo::moe::{load_stats, topk_load};
-use mnemo::train::RunConfig;
 use std::path::Path;
 
 /// A saved MoE run: its checkpoint, the run config from its `state.json`, and the token

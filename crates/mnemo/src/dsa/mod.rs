@@ -32,63 +32,21 @@
 //! dk is summed per key row over the inverted pair list, so every reduction has a fixed
 //! order (bit-identical resumption).
 
+pub use crate::config::DsaStage;
+
 use crate::config::{DsaConfig, ModelConfig};
 use crate::kernels::attention::{Heads, QkvLayout};
 use crate::kernels::matmul::{linear_backward, linear_forward};
 use crate::kernels::rope::RopeTable;
 use crate::kernels::sparse_attention::{dot, invert_index};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 #[cfg(test)]
 mod tests;
 
 /// LayerNorm epsilon of the indexer keys.
 pub const K_NORM_EPS: f32 = 1e-6;
-
-/// Training stage of a DSA model (spec §5).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DsaStage {
-    /// Dense attention, everything trains: the model on the LM loss, the indexer (input
-    /// detached) on its KL to the dense attention. Pre-training from scratch before the
-    /// paper's recipe, which starts from a trained dense model.
-    Dense,
-    /// Dense attention; only the indexer trains, on the KL to the dense attention (every other
-    /// parameter frozen).
-    Warmup,
-    /// Top-k sparse attention; the model trains on the LM loss, the indexer on its KL over
-    /// the selected set.
-    #[default]
-    Sparse,
-}
-
-impl DsaStage {
-    pub fn is_sparse(&self) -> bool {
-        *self == DsaStage::Sparse
-    }
-    pub fn name(&self) -> &'static str {
-        match self {
-            DsaStage::Dense => "dense",
-            DsaStage::Warmup => "warmup",
-            DsaStage::Sparse => "sparse",
-        }
-    }
-}
-
-impl std::str::FromStr for DsaStage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "dense" => Ok(DsaStage::Dense),
-            "warmup" => Ok(DsaStage::Warmup),
-            "sparse" => Ok(DsaStage::Sparse),
-            _ => Err(format!(
-                "unknown DSA stage `{s}` (expected dense, warmup or sparse)"
-            )),
-        }
-    }
-}
 
 /// Offsets of one layer's indexer tensors in the flat parameter buffer.
 #[derive(Clone, Copy, Debug)]

@@ -138,7 +138,7 @@ fn engram_gate_zero_conv_gives_the_gated_value_and_documents_are_independent() {
     }
 }
 
-fn tiny_engram(n_branch: usize, kernel: usize) -> Engram {
+pub(crate) fn tiny_engram(n_branch: usize, kernel: usize) -> Engram {
     let decoded: Vec<String> = (0..40).map(|i| format!("w{}", i % 25)).collect();
     let comp = CompressedTokenizer::from_strings(&decoded, &decoded).unwrap();
     let cfg = EngramConfig {
@@ -362,45 +362,6 @@ fn engram_config_validation_and_inspect() {
     bad[0].1 = EngramTable::zeros(10, 4);
     assert!(Engram::from_parts(cfg.clone(), comp.clone(), 8, 2, bad).is_err());
     Engram::from_parts(cfg, comp, 8, 2, parts).unwrap();
-}
-
-#[test]
-fn engram_safetensors_round_trip_with_and_without_tables() {
-    let eng = tiny_engram(2, 4);
-    let dir = std::env::temp_dir().join(format!("mnemo-engram-st-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("engram.safetensors");
-    std::fs::write(&path, eng.to_safetensors(true).unwrap()).unwrap();
-    let f = crate::safetensors_io::TensorFile::open(&path).unwrap();
-    let back = Engram::from_safetensors(&f, None).unwrap();
-    assert_eq!(back.cfg, eng.cfg);
-    assert_eq!(back.compress.lookup(), eng.compress.lookup());
-    for (a, b) in back.layers.iter().zip(&eng.layers) {
-        assert_eq!(a.hash, b.hash);
-        assert_eq!(a.params, b.params);
-        assert_eq!(a.table.as_slice(), b.table.as_slice());
-    }
-    // Tables kept as mapped files beside a table-less file.
-    std::fs::write(&path, eng.to_safetensors(false).unwrap()).unwrap();
-    let f = crate::safetensors_io::TensorFile::open(&path).unwrap();
-    assert!(Engram::from_safetensors(&f, None).is_err());
-    let tables: Vec<EngramTable> = eng
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let p = dir.join(format!("table{i}.f32"));
-            l.table.write_file(&p).unwrap();
-            EngramTable::open_mapped(&p, l.table.rows(), l.table.dim(), false).unwrap()
-        })
-        .collect();
-    let back = Engram::from_safetensors(&f, Some(tables)).unwrap();
-    assert!(back.inspect().iter().all(|i| i.mapped));
-    assert_eq!(
-        back.layers[1].table.as_slice(),
-        eng.layers[1].table.as_slice()
-    );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Compression statistics of a real tokenizer (what `mnemo engram compress` would print):

@@ -698,7 +698,7 @@ mod tests {
             let (rows, cols) = (70, 96);
             let m = random_qmatrix(&mut r, ty, rows, cols);
             let mut w = vec![0.0f32; rows * cols];
-            crate::gguf::dequantize(gg, &m.data, &mut w).unwrap();
+            crate::io::gguf::dequantize(gg, &m.data, &mut w).unwrap();
             let mut x = vec![0.0f32; cols];
             r.fill_normal(&mut x, 1.0);
             let want: Vec<f32> = (0..rows)
@@ -805,7 +805,7 @@ mod tests {
         ] {
             let q = quantize_matrix(ty, rows, cols, &w);
             let mut back = vec![0.0f32; rows * cols];
-            crate::gguf::dequantize(gg, &q.data, &mut back).unwrap();
+            crate::io::gguf::dequantize(gg, &q.data, &mut back).unwrap();
             for (a, b) in w.iter().zip(&back) {
                 assert!((a - b).abs() < step, "{ty:?}: {a} vs {b}");
             }

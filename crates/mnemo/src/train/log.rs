@@ -4,7 +4,7 @@
 
 use super::step::StepOut;
 use super::validate::{moe_stats, worst_load};
-use super::{RunConfig, TrainConfig};
+use crate::config::{RunConfig, TrainConfig};
 use crate::model::{Model, Workspace};
 use crate::util::human_count;
 use anyhow::{Context, Result};

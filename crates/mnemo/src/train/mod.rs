@@ -8,9 +8,9 @@
 //! step) — timings go to the progress bar, not the file. So a run resumed from step `s` writes
 //! the same bytes for steps `> s` as an uninterrupted run.
 //!
-//! [`train`] runs start → (step → log → validate → save)* ; one concern per file:
+//! [`train`] runs start → (step → log → validate → save)* ; one concern per file (the settings
+//! of a run, [`TrainConfig`] and [`RunConfig`], are `crate::config::train`):
 //!
-//! - `config`: [`TrainConfig`] and [`RunConfig`], the settings of a run.
 //! - `start`: a fresh, `--init` or resumed run, and its token cache.
 //! - `step`: one optimizer step, and the optimizer and gradient-norm pieces it is made of.
 //! - `validate`: validation loss / bits per byte ([`evaluate`]), expert load statistics.
@@ -19,24 +19,23 @@
 //! - `bench`: step-time and Engram offload benchmarks ([`bench_steps`], [`bench_offload`]).
 
 mod bench;
-mod config;
 mod log;
 mod save;
 mod start;
 mod step;
 mod validate;
 
+pub use crate::config::{RunConfig, TrainConfig};
 pub use bench::{
     bench_offload, bench_steps, bench_steps_interleaved, BenchVariant, OffloadBench, StepBench,
 };
-pub use config::{RunConfig, TrainConfig};
 pub use step::{
     layer_grad_norms, micro_batch_weights, moe_sample_windows, optimizer_step, optimizer_step_only,
     optimizer_step_where,
 };
 pub use validate::{evaluate, evaluate_with, moe_stats, unigram_entropy, EvalOut};
 
-use crate::dsa::DsaStage;
+use crate::config::DsaStage;
 use crate::model::Workspace;
 use anyhow::{Context, Result};
 use serde::Serialize;

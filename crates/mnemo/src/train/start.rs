@@ -4,10 +4,11 @@
 //! checkpoint); then the run's token cache.
 
 use super::log::truncate_metrics;
-use super::{RunConfig, Start};
+use super::Start;
 use crate::checkpoint::{self, TrainState};
+use crate::config::DsaStage;
+use crate::config::RunConfig;
 use crate::data;
-use crate::dsa::DsaStage;
 use crate::engram::SparseAdam;
 use crate::finetune::DeltaBase;
 use crate::model::Model;

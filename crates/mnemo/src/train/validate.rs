@@ -3,9 +3,10 @@
 //! validation of the training loop that logs them.
 
 use super::log::{append_metrics, println_above};
-use super::RunConfig;
+use crate::config::DsaStage;
+use crate::config::RunConfig;
 use crate::data::{self, TokenSplit};
-use crate::dsa::{DsaRun, DsaStage, DsaStats};
+use crate::dsa::{DsaRun, DsaStats};
 use crate::model::{Model, Workspace};
 use anyhow::Result;
 use std::path::Path;

@@ -1,8 +1,8 @@
 //! Reading and writing f32 tensors as safetensors, with errors that name the file and tensor.
 
 use crate::kernels::f16::{bf16_to_f32, f16_to_f32};
+use ::safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -167,11 +167,11 @@ pub fn serialize_mixed(
         .iter()
         .zip(&bytes)
         .map(|((n, s, _), (dt, b))| Ok((n.clone(), TensorView::new(*dt, s.clone(), b)?)))
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+        .collect::<Result<_, ::safetensors::SafeTensorError>>()?;
     let meta = if metadata.is_empty() {
         None
     } else {
         Some(metadata)
     };
-    Ok(safetensors::serialize(views, meta)?)
+    Ok(::safetensors::serialize(views, meta)?)
 }

@@ -1,15 +1,51 @@
 //! The settings of a run: [`TrainConfig`] (optimisation and bookkeeping, with its checks and
-//! the learning-rate schedule) and [`RunConfig`] (model + training + data, saved as
-//! `run.json` and inside every checkpoint).
+//! the learning-rate schedule), [`TrainOnly`] (which parameters train) and [`RunConfig`]
+//! (model + training + data, saved as `run.json` and inside every checkpoint). The training
+//! loop is `crate::train`.
 
-use crate::config::ModelConfig;
-use crate::data::CorpusSpec;
-use crate::dsa::DsaStage;
-use crate::finetune::TrainOnly;
-use crate::longctx::SyntheticMix;
-use anyhow::Result;
+use super::longctx::MIN_CONTEXT;
+use super::{CorpusSpec, DsaStage, ModelConfig, SyntheticMix};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+
+/// Which parameters a run trains (`run.train.train_only`; recorded in a delta's metadata).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainOnly {
+    /// Everything (ordinary training).
+    #[default]
+    #[serde(rename = "all")]
+    All,
+    /// Only the Engram tables.
+    #[serde(rename = "engram")]
+    Engram,
+    /// The Engram tables and gate parameters.
+    #[serde(rename = "engram+gates")]
+    EngramGates,
+}
+
+impl TrainOnly {
+    pub fn is_all(&self) -> bool {
+        *self == TrainOnly::All
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(TrainOnly::All),
+            "engram" => Ok(TrainOnly::Engram),
+            "engram+gates" => Ok(TrainOnly::EngramGates),
+            _ => bail!("--train-only {s}: expected `engram` or `engram+gates`"),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            TrainOnly::All => "all",
+            TrainOnly::Engram => "engram",
+            TrainOnly::EngramGates => "engram+gates",
+        }
+    }
+}
 
 /// Optimisation and bookkeeping settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -154,13 +190,12 @@ impl TrainConfig {
                     format!("({}) must be in [0, 1]", sm.fraction),
                 ));
             }
-            if self.seq_len < crate::longctx::MIN_CONTEXT {
+            if self.seq_len < MIN_CONTEXT {
                 return Err(bad(
                     "seq_len",
                     format!(
                         "({}) must be at least {} with synthetic documents",
-                        self.seq_len,
-                        crate::longctx::MIN_CONTEXT
+                        self.seq_len, MIN_CONTEXT
                     ),
                 ));
             }

@@ -8,9 +8,9 @@
 //! - [`hf_name`]: a mnemo tensor name → its key in transformers' files.
 //! - [`load_dir`]: both together; missing or unexpected tensors are listed.
 
+use super::safetensors::TensorFile;
 use crate::config::{FfnKind, ModelConfig, Residual, ScoreFunc, V4Config, V4LayerType, V4Yarn};
 use crate::model::{Ffn, Model};
-use crate::safetensors_io::TensorFile;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;

@@ -5,9 +5,9 @@
 //! model uses `rope_layout = half` and needs no permutation of q/k.
 
 use crate::config::ModelConfig;
+use crate::io::safetensors::{serialize, TensorFile};
 use crate::kernels::rope::{RopeLayout, RopeScaling};
 use crate::model::Model;
-use crate::safetensors_io::{serialize, TensorFile};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use std::path::Path;

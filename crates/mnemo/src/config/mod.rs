@@ -1,5 +1,27 @@
-//! Model configuration: a plain serde struct that is written beside every checkpoint as
-//! `config.json`, with presets and validation that names the offending field.
+//! Configuration: every serde settings type of the engine, with presets and validation that
+//! names the offending field. Pure data: it imports nothing from the crate but the RoPE
+//! settings of `kernels` (the engine builds from it, never the other way round).
+//!
+//! - [`ModelConfig`] (this file): the model, written beside every checkpoint as `config.json`;
+//!   its nested settings [`EngramConfig`] (`engram`) and [`DsaConfig`] (`dsa`).
+//! - [`train`]: [`TrainConfig`], [`TrainOnly`] and [`RunConfig`] (model + training + data,
+//!   saved as `run.json`); [`data`]: [`CorpusSpec`]; [`longctx`]: [`SyntheticMix`]; [`dsa`]:
+//!   [`DsaStage`].
+//! - [`resolve`]: a run config from a preset, a config file, flags and `--set` overrides.
+
+pub mod data;
+pub mod dsa;
+pub mod engram;
+pub mod longctx;
+pub mod resolve;
+pub mod train;
+
+pub use data::CorpusSpec;
+pub use dsa::{DsaConfig, DsaStage};
+pub use engram::EngramConfig;
+pub use longctx::{SyntheticLoss, SyntheticMix, Task};
+pub use resolve::ConfigSources;
+pub use train::{RunConfig, TrainConfig, TrainOnly};
 
 use crate::kernels::rope::{RopeLayout, RopeScaling, RopeTable};
 use serde::{Deserialize, Serialize};
@@ -166,7 +188,7 @@ pub struct ModelConfig {
     /// `engram.layer_ids`. Not written to JSON when off, so older configs load and serialise
     /// as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub engram: Option<crate::engram::EngramConfig>,
+    pub engram: Option<EngramConfig>,
 
     // ---- DeepSeek Sparse Attention (see `dsa`); optional, dense attention by default ----
     /// Lightning indexer + top-k sparse attention in every layer. Not written to JSON when off.
@@ -246,23 +268,6 @@ impl V4Config {
             V4LayerType::HeavilyCompressedAttention => self.compress_rate_hca,
         }
     }
-}
-
-/// DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer per layer scores every
-/// earlier token, `I(t,s) = Σ_j w(t,j)·ReLU(q_I(t,j)·k_I(s))`, and each query attends only to
-/// its `index_topk` best-scoring keys (shared by all heads). See `crate::dsa`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DsaConfig {
-    /// Indexer heads `H_I`.
-    pub index_n_heads: usize,
-    /// Indexer head width `d_I` (also the width of the single indexer key per token).
-    pub index_head_dim: usize,
-    /// Rotate-half RoPE on the first `index_rope_dim` dims of each indexer q head and of k
-    /// (pe first, then nope), same θ as the model.
-    pub index_rope_dim: usize,
-    /// Keys attended per query `k` (all of them while `t + 1 ≤ k`).
-    pub index_topk: usize,
 }
 
 /// Residual-stream kind of a model.
@@ -463,7 +468,7 @@ impl ModelConfig {
             // `small`), 4 heads per order; `tiny` has 2 × 4 heads × 16 dims × ~10k rows
             // (~5 MB of tables), `small` 2 layers × 8 heads × 32 dims × ~40k rows (~80 MB).
             "tiny-engram" => Some(ModelConfig {
-                engram: Some(crate::engram::EngramConfig {
+                engram: Some(EngramConfig {
                     layer_ids: vec![1],
                     max_ngram_size: 3,
                     n_head_per_ngram: 4,
@@ -478,7 +483,7 @@ impl ModelConfig {
                 ..Self::preset("tiny-engram")?
             }),
             "small-engram" => Some(ModelConfig {
-                engram: Some(crate::engram::EngramConfig {
+                engram: Some(EngramConfig {
                     layer_ids: vec![1, 3],
                     max_ngram_size: 3,
                     n_head_per_ngram: 4,

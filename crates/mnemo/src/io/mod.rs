@@ -1,0 +1,21 @@
+//! The io layer: every file format the engine reads or writes, and nothing else. The engine
+//! below it (`model` and what it is built from: `config`, `kernels`, `engram`, `dsa`, `moe`,
+//! `mhc`) imports no format; the drivers above it (`checkpoint`, `finetune`, `generate`,
+//! `train`) read and write files only through it. `tests/module_deps.rs` checks both.
+//!
+//! - [`safetensors`]: f32 (and F16/BF16/I32) tensors by name, memory-mapped.
+//! - [`checkpoint`]: the files of a checkpoint directory (model, optimizer, config, Engram).
+//! - [`engram`]: the Engram file (compression, hashes, gates, tables) and its optimizer state.
+//! - [`delta`]: the Engram delta of a memory-only fine-tuning run, and the base fingerprint.
+//! - [`prefix_cache`]: saved K/V prefixes of a model.
+//! - [`gguf`], [`hf`]: imported Llama-family models (llama.cpp's GGUF, Hugging Face
+//!   directories), and export to Hugging Face; [`hf_v4`]: DeepSeek-V4 Hugging Face directories.
+
+pub mod checkpoint;
+pub mod delta;
+pub mod engram;
+pub mod gguf;
+pub mod hf;
+pub mod hf_v4;
+pub mod prefix_cache;
+pub mod safetensors;
