@@ -139,3 +139,63 @@ fn deepseek_v4_gradients_match_transformers() {
         assert!(checked > 40, "{name}: only {checked} tensors compared");
     }
 }
+
+/// A model exported in transformers' layout loads back to the same parameters, hash tables and
+/// config: the fixtures (written by transformers) and a freshly initialised `v4-tiny`.
+#[test]
+fn deepseek_v4_export_roundtrips() {
+    let tmp = std::env::temp_dir().join(format!("mnemo-v4-export-{}", std::process::id()));
+    let mut models: Vec<mnemo::model::Model> = fixtures()
+        .iter()
+        .map(|d| mnemo::io::hf_v4::load_dir(d).unwrap())
+        .collect();
+    let mut tiny =
+        mnemo::model::Model::new(mnemo::config::ModelConfig::preset("v4-tiny").unwrap()).unwrap();
+    tiny.init(3);
+    models.push(tiny);
+    for m in models {
+        mnemo::io::hf_v4::export(&m, None, &tmp).unwrap();
+        let back = mnemo::io::hf_v4::load_dir(&tmp).unwrap();
+        assert_eq!(back.cfg.v4, m.cfg.v4);
+        assert_eq!(back.cfg, m.cfg);
+        assert!(
+            back.params == m.params,
+            "parameters differ after the round trip"
+        );
+        assert_eq!(back.hash_tables, m.hash_tables);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Bad checkpoints say what is wrong: a missing tensor is listed, an unsupported compression
+/// ratio names the layer and the value.
+#[test]
+fn deepseek_v4_bad_checkpoints_name_the_problem() {
+    let src = fixtures().remove(0);
+    let tmp = std::env::temp_dir().join(format!("mnemo-v4-bad-{}", std::process::id()));
+    let m = mnemo::io::hf_v4::load_dir(&src).unwrap();
+    mnemo::io::hf_v4::export(&m, None, &tmp).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.join("config.json")).unwrap()).unwrap();
+    // One more layer than the weights hold.
+    let mut more = cfg.clone();
+    more["num_hidden_layers"] = (m.cfg.n_layers + 1).into();
+    let types = more["layer_types"].as_array_mut().unwrap();
+    types.push("sliding_attention".into());
+    let mlp = more["mlp_layer_types"].as_array_mut().unwrap();
+    mlp.push("moe".into());
+    std::fs::write(tmp.join("config.json"), more.to_string()).unwrap();
+    let e = format!("{:#}", mnemo::io::hf_v4::load_dir(&tmp).unwrap_err());
+    let last = m.cfg.n_layers;
+    assert!(
+        e.contains("missing") && e.contains(&format!("model.layers.{last}.attn.wq_a.weight")),
+        "{e}"
+    );
+    // A legacy compress_ratios entry transformers does not take.
+    let mut bad = cfg.clone();
+    bad.as_object_mut().unwrap().remove("layer_types");
+    bad["compress_ratios"] = serde_json::json!([0, 4, 64, 4]);
+    let e = format!("{:#}", mnemo::io::hf_v4::config_from_hf(&bad).unwrap_err());
+    assert!(e.contains("compress_ratios[2]") && e.contains("64"), "{e}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -371,6 +371,8 @@ impl ModelConfig {
         "small-engram",
         "tiny-dsa",
         "small-dsa",
+        "v4-tiny",
+        "v4-small",
     ];
 
     /// `tiny`: ~3.5M parameters, trains in minutes on 2 cores. `small`: ~22M parameters, GQA.
@@ -514,6 +516,68 @@ impl ModelConfig {
                     index_topk: 512,
                 }),
                 ..Self::preset("small")?
+            }),
+            // The released DeepSeek-V4 architecture at small scale: mHC (4 streams), V4
+            // attention (sliding window; CSA with its indexer and HCA layers alternating),
+            // DeepSeekMoE with one hash layer, sqrtsoftplus routing and the SwiGLU clamp; the
+            // balancing rules of the MoE presets.
+            "v4-tiny" => Some(ModelConfig {
+                n_dense_layers: 0,
+                num_hash_layers: 1,
+                residual: Residual::Mhc,
+                rope_dim: 0,
+                swiglu_limit: 10.0,
+                v4: Some(V4Config {
+                    q_lora_rank: 128,
+                    o_lora_rank: 64,
+                    o_groups: 2,
+                    sliding_window: 64,
+                    layer_types: vec![
+                        V4LayerType::SlidingAttention,
+                        V4LayerType::CompressedSparseAttention,
+                        V4LayerType::HeavilyCompressedAttention,
+                        V4LayerType::CompressedSparseAttention,
+                    ],
+                    compress_rate_csa: 4,
+                    compress_rate_hca: 16,
+                    index_n_heads: 4,
+                    index_head_dim: 32,
+                    index_topk: 16,
+                    qk_rope_head_dim: 16,
+                    compress_rope_theta: 160000.0,
+                    compress_rope_scaling: None,
+                }),
+                ..Self::preset("tiny-moe")?
+            }),
+            "v4-small" => Some(ModelConfig {
+                n_dense_layers: 0,
+                num_hash_layers: 1,
+                residual: Residual::Mhc,
+                rope_dim: 0,
+                swiglu_limit: 10.0,
+                v4: Some(V4Config {
+                    q_lora_rank: 256,
+                    o_lora_rank: 128,
+                    o_groups: 4,
+                    sliding_window: 128,
+                    layer_types: vec![
+                        V4LayerType::SlidingAttention,
+                        V4LayerType::CompressedSparseAttention,
+                        V4LayerType::HeavilyCompressedAttention,
+                        V4LayerType::CompressedSparseAttention,
+                        V4LayerType::HeavilyCompressedAttention,
+                        V4LayerType::CompressedSparseAttention,
+                    ],
+                    compress_rate_csa: 4,
+                    compress_rate_hca: 32,
+                    index_n_heads: 4,
+                    index_head_dim: 32,
+                    index_topk: 32,
+                    qk_rope_head_dim: 16,
+                    compress_rope_theta: 160000.0,
+                    compress_rope_scaling: None,
+                }),
+                ..Self::preset("small-moe")?
             }),
             _ => None,
         }

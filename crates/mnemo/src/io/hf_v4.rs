@@ -7,8 +7,9 @@
 //!   transformers does.
 //! - [`hf_name`]: a mnemo tensor name → its key in transformers' files.
 //! - [`load_dir`]: both together; missing or unexpected tensors are listed.
+//! - [`export`]: a mnemo DeepSeek-V4 model as such a directory (what `from_pretrained` loads).
 
-use super::safetensors::TensorFile;
+use super::safetensors::{serialize_mixed, Data, TensorFile};
 use crate::config::{FfnKind, ModelConfig, Residual, ScoreFunc, V4Config, V4LayerType, V4Yarn};
 use crate::model::{Ffn, Model};
 use anyhow::{bail, Context, Result};
@@ -365,4 +366,148 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
         );
     }
     Ok(model)
+}
+
+/// The `config.json` of `c` as transformers' `DeepseekV4Config` writes it (modern keys).
+pub fn config_to_hf(c: &ModelConfig) -> Result<Value> {
+    let v =
+        c.v4.as_ref()
+            .context("not a DeepSeek-V4 model (no `v4` section in its config)")?;
+    let name = |t: &V4LayerType| match t {
+        V4LayerType::SlidingAttention => "sliding_attention",
+        V4LayerType::CompressedSparseAttention => "compressed_sparse_attention",
+        V4LayerType::HeavilyCompressedAttention => "heavily_compressed_attention",
+    };
+    let prf = v.qk_rope_head_dim as f64 / c.head_dim as f64;
+    let mut compress = serde_json::json!({
+        "rope_type": "default",
+        "rope_theta": v.compress_rope_theta,
+        "partial_rotary_factor": prf,
+    });
+    if let Some(y) = &v.compress_rope_scaling {
+        compress["rope_type"] = "yarn".into();
+        compress["factor"] = y.factor.into();
+        compress["original_max_position_embeddings"] = y.original_max_position_embeddings.into();
+        compress["beta_fast"] = y.beta_fast.into();
+        compress["beta_slow"] = y.beta_slow.into();
+        compress["attention_factor"] = y.attention_factor.into();
+    }
+    let score = match c.score_func {
+        ScoreFunc::Sqrtsoftplus => "sqrtsoftplus",
+        ScoreFunc::Sigmoid => "sigmoid",
+    };
+    Ok(serde_json::json!({
+        "architectures": ["DeepseekV4ForCausalLM"],
+        "model_type": "deepseek_v4",
+        "dtype": "float32",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": 1,
+        "head_dim": c.head_dim,
+        "q_lora_rank": v.q_lora_rank,
+        "o_lora_rank": v.o_lora_rank,
+        "o_groups": v.o_groups,
+        "moe_intermediate_size": c.moe_inter,
+        "n_routed_experts": c.n_routed_experts,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": c.top_k,
+        "scoring_func": score,
+        "norm_topk_prob": true,
+        "routed_scaling_factor": c.routed_scaling_factor,
+        "swiglu_limit": c.swiglu_limit,
+        "rms_norm_eps": c.norm_eps,
+        "hc_mult": c.hc_mult,
+        "hc_sinkhorn_iters": c.hc_sinkhorn_iters,
+        "hc_eps": c.hc_eps,
+        "sliding_window": v.sliding_window,
+        "layer_types": v.layer_types.iter().map(name).collect::<Vec<_>>(),
+        "compress_rates": {
+            "compressed_sparse_attention": v.compress_rate_csa,
+            "heavily_compressed_attention": v.compress_rate_hca,
+        },
+        "mlp_layer_types": (0..c.n_layers)
+            .map(|l| if c.is_hash(l) { "hash_moe" } else { "moe" })
+            .collect::<Vec<_>>(),
+        "index_n_heads": v.index_n_heads,
+        "index_head_dim": v.index_head_dim,
+        "index_topk": v.index_topk,
+        "partial_rotary_factor": prf,
+        "rope_theta": c.rope_theta,
+        "compress_rope_theta": v.compress_rope_theta,
+        "rope_parameters": {
+            "main": {"rope_type": "default", "rope_theta": c.rope_theta, "partial_rotary_factor": prf},
+            "compress": compress,
+        },
+        "max_position_embeddings": c.max_seq_len,
+        "tie_word_embeddings": c.tied_embeddings,
+        "num_nextn_predict_layers": 0,
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+    }))
+}
+
+/// Write `model` as a transformers DeepSeek-V4 directory: `config.json` and
+/// `model.safetensors` in the names `save_pretrained` uses (f32; `tid2eid` as I64; hash layers
+/// without a correction bias), and `tokenizer.json` when given.
+pub fn export(
+    model: &Model,
+    tokenizer: Option<&crate::tokenizer::Tokenizer>,
+    dir: &Path,
+) -> Result<()> {
+    let cfg = config_to_hf(&model.cfg)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tensors: Vec<(String, Vec<usize>, Data)> = Vec::new();
+    for spec in &model.layout.tensors {
+        let hash_bias = model
+            .layout
+            .layers
+            .iter()
+            .any(|lo| matches!(lo.ffn, Ffn::Moe(mo) if mo.hash && mo.bias == spec.offset));
+        if hash_bias {
+            continue;
+        }
+        let name = hf_name(&spec.name);
+        tensors.push((
+            name,
+            spec.shape.clone(),
+            Data::F32(&model.params[spec.range()]),
+        ));
+    }
+    if model.cfg.tied_embeddings {
+        let e = &model.layout.tensors[0];
+        tensors.push((
+            "head.weight".into(),
+            e.shape.clone(),
+            Data::F32(&model.params[e.range()]),
+        ));
+    }
+    for (l, tab) in model.hash_tables.iter().enumerate() {
+        if let Some(tab) = tab {
+            tensors.push((
+                format!("model.layers.{l}.ffn.gate.tid2eid"),
+                vec![model.cfg.vocab_size, model.cfg.top_k],
+                Data::I64(tab.iter().map(|&e| e as i64).collect()),
+            ));
+        }
+    }
+    let meta = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
+    let bytes = serialize_mixed(&tensors, meta)?;
+    let write = |name: &str, data: &[u8]| -> Result<()> {
+        let (tmp, path) = (dir.join(format!(".{name}.tmp")), dir.join(name));
+        std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    };
+    write("model.safetensors", &bytes)?;
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    if let Some(tok) = tokenizer {
+        tok.save(&dir.join("tokenizer.json"))?;
+    }
+    Ok(())
 }

@@ -137,6 +137,7 @@ impl TensorFile {
 pub enum Data<'a> {
     F32(&'a [f32]),
     I32(Vec<i32>),
+    I64(Vec<i64>),
 }
 
 /// Serialise named f32 tensors (name, shape, data) plus string metadata to safetensors bytes.
@@ -161,6 +162,7 @@ pub fn serialize_mixed(
         .map(|(_, _, d)| match d {
             Data::F32(d) => (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
             Data::I32(d) => (Dtype::I32, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Data::I64(d) => (Dtype::I64, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
         })
         .collect();
     let views: Vec<(String, TensorView)> = tensors

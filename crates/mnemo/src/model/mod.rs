@@ -218,11 +218,17 @@ impl Model {
             let p = &mut self.params[t.range()];
             if is_hc_tensor(&t.name) || is_engram_tensor(&t.name) {
                 continue; // below
-            } else if !t.trainable || t.name.ends_with("indexer.k_norm.bias") {
-                p.fill(0.0); // MoE selection bias, LayerNorm bias
+            } else if !t.trainable
+                || t.name.ends_with("indexer.k_norm.bias")
+                || t.name.ends_with("attn.attn_sink")
+            {
+                p.fill(0.0); // MoE selection bias, LayerNorm bias, attention sinks
             } else if t.shape.len() == 1 {
                 p.fill(1.0);
-            } else if t.name.ends_with("attention.wo.weight") || t.name.ends_with("w2.weight") {
+            } else if t.name.ends_with("attention.wo.weight")
+                || t.name.ends_with("attn.wo_b.weight")
+                || t.name.ends_with("w2.weight")
+            {
                 rng.fill_normal(p, std * resid_scale);
             } else {
                 rng.fill_normal(p, std);
@@ -291,7 +297,10 @@ impl Model {
                 &mut c.router
             } else if t.shape.len() == 1 {
                 &mut c.norms
-            } else if t.name.contains(".attention.") || t.name.contains(".indexer.") {
+            } else if t.name.contains(".attention.")
+                || t.name.contains(".indexer.")
+                || t.name.contains(".attn.")
+            {
                 &mut c.attention
             } else if t.name.contains(".shared_experts.") {
                 &mut c.shared_experts
