@@ -13,6 +13,7 @@ mod config_cmd;
 mod engram_cmd;
 mod eval_cmd;
 mod generate_cmd;
+mod logits_cmd;
 mod longctx_cmd;
 mod lookup_cmd;
 mod pack_cmd;
@@ -46,6 +47,10 @@ enum Cmd {
     Eval(eval_cmd::EvalArgs),
     /// Generate text from a trained run, streaming tokens to stdout.
     Generate(generate_cmd::GenerateArgs),
+    /// Write the logits of every position of a given token-id sequence to a safetensors file
+    /// (full forward, or prefill + one-token decoding with --decode-from).
+    #[command(long_about = logits_cmd::LONG_ABOUT)]
+    Logits(logits_cmd::LogitsArgs),
     /// Pack a repository into one context document (secrets excluded), count its tokens, fit
     /// it to a budget. Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some files unreadable).
     Pack(pack_cmd::PackArgs),
@@ -103,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Ask(a) => ask_cmd::run(a),
         Cmd::Generate(a) => generate_cmd::run(a),
+        Cmd::Logits(a) => logits_cmd::run(a),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Tokenizer(c) => tokenizer_cmd::run(c),
         Cmd::Engram(c) => engram_cmd::run(c),
