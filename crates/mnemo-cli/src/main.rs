@@ -12,6 +12,7 @@ mod bench_cmd;
 mod config_cmd;
 mod engram_cmd;
 mod eval_cmd;
+mod export_cmd;
 mod generate_cmd;
 mod logits_cmd;
 mod longctx_cmd;
@@ -47,6 +48,9 @@ enum Cmd {
     Eval(eval_cmd::EvalArgs),
     /// Generate text from a trained run, streaming tokens to stdout.
     Generate(generate_cmd::GenerateArgs),
+    /// Export a run as a Hugging Face directory (DeepSeek-V4: transformers' `deepseek_v4`
+    /// layout; dense models: the Llama layout).
+    Export(export_cmd::ExportArgs),
     /// Write the logits of every position of a given token-id sequence to a safetensors file
     /// (full forward, or prefill + one-token decoding with --decode-from).
     #[command(long_about = logits_cmd::LONG_ABOUT)]
@@ -109,6 +113,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ask(a) => ask_cmd::run(a),
         Cmd::Generate(a) => generate_cmd::run(a),
         Cmd::Logits(a) => logits_cmd::run(a),
+        Cmd::Export(a) => export_cmd::run(a),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Tokenizer(c) => tokenizer_cmd::run(c),
         Cmd::Engram(c) => engram_cmd::run(c),

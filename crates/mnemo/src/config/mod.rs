@@ -522,6 +522,9 @@ impl ModelConfig {
             // DeepSeekMoE with one hash layer, sqrtsoftplus routing and the SwiGLU clamp; the
             // balancing rules of the MoE presets.
             "v4-tiny" => Some(ModelConfig {
+                tied_embeddings: false,
+                n_kv_heads: 1,
+                ffn_hidden: 704 / 3,
                 n_dense_layers: 0,
                 num_hash_layers: 1,
                 residual: Residual::Mhc,
@@ -550,6 +553,9 @@ impl ModelConfig {
                 ..Self::preset("tiny-moe")?
             }),
             "v4-small" => Some(ModelConfig {
+                tied_embeddings: false,
+                n_kv_heads: 1,
+                ffn_hidden: 1392 / 3,
                 n_dense_layers: 0,
                 num_hash_layers: 1,
                 residual: Residual::Mhc,

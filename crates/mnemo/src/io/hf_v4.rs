@@ -347,6 +347,8 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     let mut extra: Vec<String> = names
         .into_iter()
         .filter(|k| !used.contains(k) && !k.contains("rotary_emb"))
+        // Tied embeddings: a head saved anyway is the embedding.
+        .filter(|k| !(c.tied_embeddings && k == "head.weight"))
         .collect();
     extra.sort();
     if !missing.is_empty() || !extra.is_empty() {
