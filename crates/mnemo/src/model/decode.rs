@@ -144,7 +144,8 @@ pub struct BatchSeq<'a> {
 /// depend on what else is in the batch:
 /// - rows whose logits are all wanted (one-token decoding, draft verification) use the
 ///   quantised products, each row exactly as one-token decoding computes it (module docs);
-/// - a prompt chunk (more than one row, logits of its last row only) uses the f32 weights.
+/// - a prompt chunk (more than one row, logits of its last row only) uses the f32 weights;
+/// - the output head, which runs only on wanted rows, always uses the quantised products.
 ///
 /// `generate`, `serve`, `ask` and lookup decoding all run this one rule, so they agree token
 /// for token at temperature 0.
@@ -158,12 +159,12 @@ pub(crate) enum Plan {
 
 impl Plan {
     /// The plan of a cached forward over `seqs`: one run per sequence (adjacent runs of the
-    /// same kind merged) of all its rows, or (`head`) of the rows whose logits it wants.
-    fn of(seqs: &[BatchSeq<'_>], head: bool) -> Plan {
+    /// same kind merged).
+    fn of(seqs: &[BatchSeq<'_>]) -> Plan {
         let mut runs: Vec<(usize, usize, bool)> = Vec::new();
         let mut r0 = 0;
         for s in seqs {
-            let n = s.tokens.len() - if head { s.logits_from } else { 0 };
+            let n = s.tokens.len();
             let q = s.logits_from == 0;
             match runs.last_mut() {
                 Some(last) if last.2 == q => last.1 += n,
@@ -301,7 +302,7 @@ impl Model {
             sel.extend((s.logits_from..s.tokens.len()).map(|r| r0 + r));
             r0 += s.tokens.len();
         }
-        let (plan, head_plan) = (Plan::of(seqs, false), Plan::of(seqs, true));
+        let plan = Plan::of(seqs);
         let mut tokens = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
@@ -382,6 +383,8 @@ impl Model {
             c.norm_eps,
         );
         let mut logits = vec![0.0f32; m * v];
+        // The head's rows are all wanted rows: quantised (as one-token decoding's).
+        let head_plan = Plan::Runs(vec![(0, m, true)]);
         self.lin(
             &head_plan,
             profile::HEAD,
