@@ -227,6 +227,17 @@ pub const IMPORTED_MAX_SEQ_LEN: usize = 4096;
 pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
     let imported = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         Some(gguf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?)
+    } else if path.is_dir() && crate::io::hf_v4::is_v4_dir(path) {
+        // A transformers DeepSeek-V4 directory (before the Llama check, which it also passes).
+        let model = crate::io::hf_v4::load_dir(path)?;
+        let tp = path.join("tokenizer.json");
+        if !tp.is_file() {
+            bail!(
+                "{}: a DeepSeek-V4 directory without tokenizer.json; `mnemo logits` runs it from token ids",
+                path.display()
+            );
+        }
+        Some((model, Tokenizer::load(&tp)?))
     } else if path.is_dir() && hf::is_hf_dir(path) {
         Some(hf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?)
     } else {
