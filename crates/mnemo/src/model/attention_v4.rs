@@ -659,14 +659,10 @@ impl Model {
         let mut og = z(n * gw);
         let mut zg = z(n * rl);
         for gi in 0..g {
-            for (dst, src) in og.chunks_mut(gw).zip(acts.o.chunks(h * d)) {
-                dst.copy_from_slice(&src[gi * gw..(gi + 1) * gw]);
-            }
+            gather_cols(&mut og, &acts.o, h * d, gi * gw);
             let wa = self.w(vo.wo_a + gi * rl * gw, rl * gw);
             linear_forward(&mut zg, &og, wa, n, gw, rl, false);
-            for (dst, src) in acts.z.chunks_mut(g * rl).zip(zg.chunks(rl)) {
-                dst[gi * rl..(gi + 1) * rl].copy_from_slice(src);
-            }
+            scatter_cols(&mut acts.z, &zg, g * rl, gi * rl);
         }
         linear_forward(
             out,
@@ -720,12 +716,8 @@ impl Model {
         let mut dob = z(n * h * d);
         let (mut og, mut dzg, mut dog) = (z(n * gw), z(n * rl), z(n * gw));
         for gi in 0..g {
-            for (dst, src) in og.chunks_mut(gw).zip(acts.o.chunks(h * d)) {
-                dst.copy_from_slice(&src[gi * gw..(gi + 1) * gw]);
-            }
-            for (dst, src) in dzg.chunks_mut(rl).zip(dz.chunks(g * rl)) {
-                dst.copy_from_slice(&src[gi * rl..(gi + 1) * rl]);
-            }
+            gather_cols(&mut og, &acts.o, h * d, gi * gw);
+            gather_cols(&mut dzg, &dz, g * rl, gi * rl);
             let off = vo.wo_a + gi * rl * gw;
             linear_backward(
                 Some((&mut dog, false)),
@@ -737,9 +729,7 @@ impl Model {
                 gw,
                 rl,
             );
-            for (dst, src) in dob.chunks_mut(h * d).zip(dog.chunks(gw)) {
-                dst[gi * gw..(gi + 1) * gw].copy_from_slice(src);
-            }
+            scatter_cols(&mut dob, &dog, h * d, gi * gw);
         }
         // o = rope⁻¹(o_pre): its transpose is the forward rotation.
         dob.par_chunks_mut(h * d)
@@ -886,6 +876,22 @@ impl Model {
                     .for_each(|(x, y)| *x += y);
             }
         }
+    }
+}
+
+/// `dst: [N, w]` ← the columns `c0..c0 + w` of `src: [N, width]` (one output group).
+fn gather_cols(dst: &mut [f32], src: &[f32], width: usize, c0: usize) {
+    let w = dst.len() / (src.len() / width);
+    for (d, s) in dst.chunks_mut(w).zip(src.chunks(width)) {
+        d.copy_from_slice(&s[c0..c0 + w]);
+    }
+}
+
+/// The columns `c0..c0 + w` of `dst: [N, width]` ← `src: [N, w]`.
+fn scatter_cols(dst: &mut [f32], src: &[f32], width: usize, c0: usize) {
+    let w = src.len() / (dst.len() / width);
+    for (d, s) in dst.chunks_mut(width).zip(src.chunks(w)) {
+        d[c0..c0 + w].copy_from_slice(s);
     }
 }
 
