@@ -815,54 +815,16 @@ impl Model {
             ql,
             h * d,
         );
-        let mut dqa = z(n * ql);
-        rmsnorm::backward(
-            &mut dqa,
-            &mut grads[rg(vo.q_norm, ql)],
-            &dqres,
-            &acts.qa,
-            self.w(vo.q_norm, ql),
-            &acts.qa_rstd,
-            ql,
-            false,
-        );
-        linear_backward(
-            Some((&mut *da, false)),
-            &mut grads[rg(vo.wq_a, ql * dm)],
-            &dqa,
-            a,
-            self.w(vo.wq_a, ql * dm),
-            n,
-            dm,
-            ql,
-        );
+        let (q_norm, q_pre) = ((vo.q_norm, &acts.qa[..], &acts.qa_rstd[..]), (vo.wq_a, ql));
+        self.norm_proj_backward(&dqres, q_norm, q_pre, a, (da, false), grads);
         // kv = rope(rms(a·Wkvᵀ; kv_norm)).
         dkv.par_chunks_mut(d).enumerate().for_each(|(row, dr)| {
             let mut cs = vec![0.0f32; r];
             rope.table(row % t, &mut cs);
             V4Rope::rotate(&cs, dr, d, true);
         });
-        let mut dkv0 = z(n * d);
-        rmsnorm::backward(
-            &mut dkv0,
-            &mut grads[rg(vo.kv_norm, d)],
-            &dkv,
-            &acts.kv0,
-            self.w(vo.kv_norm, d),
-            &acts.kv_rstd,
-            d,
-            false,
-        );
-        linear_backward(
-            Some((&mut *da, true)),
-            &mut grads[rg(vo.wkv, d * dm)],
-            &dkv0,
-            a,
-            self.w(vo.wkv, d * dm),
-            n,
-            dm,
-            d,
-        );
+        let (kv_norm, kv_pre) = ((vo.kv_norm, &acts.kv0[..], &acts.kv_rstd[..]), (vo.wkv, d));
+        self.norm_proj_backward(&dkv, kv_norm, kv_pre, a, (da, true), grads);
         // The compressed entries.
         if let Some(co) = &vo.compressor {
             for (s, (ca, dc)) in acts.comp.iter().zip(&dent).enumerate() {
@@ -876,6 +838,30 @@ impl Model {
                     .for_each(|(x, y)| *x += y);
             }
         }
+    }
+}
+
+impl Model {
+    /// Backward of `y = rms(a·Wᵀ; w_norm)`: from `dy` into `da` (added when `acc`), with the
+    /// norm weight's (`norm`: its offset, the pre-norm rows, their `1/rms`) and the
+    /// projection's (`proj`: its offset and output width) gradients.
+    #[allow(clippy::type_complexity)]
+    fn norm_proj_backward(
+        &self,
+        dy: &[f32],
+        (norm, pre, rstd): (usize, &[f32], &[f32]),
+        (proj, width): (usize, usize),
+        a: &[f32],
+        (da, acc): (&mut [f32], bool),
+        grads: &mut [f32],
+    ) {
+        let dm = self.cfg.d_model;
+        let n = a.len() / dm;
+        let mut dpre = vec![0.0f32; n * width];
+        let (w, dw) = (self.w(norm, width), norm..norm + width);
+        rmsnorm::backward(&mut dpre, &mut grads[dw], dy, pre, w, rstd, width, false);
+        let (wp, dwp) = (self.w(proj, width * dm), proj..proj + width * dm);
+        linear_backward(Some((da, acc)), &mut grads[dwp], &dpre, a, wp, n, dm, width);
     }
 }
 
