@@ -30,8 +30,7 @@ pub const LONG_ABOUT: &str =
     each decoding step giving its position's logits. The two agree to float rounding on f32 \
     models. A quantised GGUF runs the cached path (every row's logits wanted) on its quantised \
     weights and the full forward on the dequantised f32 ones, so there they differ by the \
-    quantisation error. DeepSeek-V4 models have no cached decoding yet (--decode-from fails \
-    with that error).\n\n\
+    quantisation error.\n\n\
     The output is written to a temporary file beside OUT and renamed into place, so OUT is \
     either the old file or the complete new one. A one-line summary goes to stderr.\n\n\
     Example:\n  echo '[1, 15, 27, 3]' > ids.json\n  \

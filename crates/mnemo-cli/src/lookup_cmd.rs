@@ -272,7 +272,7 @@ pub fn bench_rows(model: &std::path::Path, ns: &[usize], reps: usize, prefix: us
     for _ in 0..reps.max(1) {
         for (j, &n) in ns.iter().enumerate() {
             let toks: Vec<u32> = (0..n as u32).map(|i| (i * 13 + 5) % vocab).collect();
-            cache.truncate(prefix);
+            cache.truncate(prefix)?;
             profile::enable(true);
             let (t0, c0) = (std::time::Instant::now(), profile::cpu_secs());
             mnemo::batch::forward_all(&l.model, &toks, &mut cache)?;

@@ -140,7 +140,7 @@ mod tests {
             close(&all[j * 37..(j + 1) * 37], &want, &format!("row {j}"));
         }
         // Rewind to 13 positions and continue: same as never having seen the rest.
-        c.truncate(13);
+        c.truncate(13).unwrap();
         let got = m.forward_cached(&[7], &mut c).unwrap();
         let mut r = KvCache::new(&m);
         let mut p = toks[..13].to_vec();

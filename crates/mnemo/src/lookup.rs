@@ -425,7 +425,7 @@ fn run(
         }];
         let logits = forward_batch(model, &mut seqs)?.pop().unwrap_or_default();
         next = dec.step(&logits);
-        cache.truncate(base + dec.cached());
+        cache.truncate(base + dec.cached())?;
     }
 }
 

@@ -53,6 +53,89 @@ fn deepseek_v4_logits_match_transformers() {
     }
 }
 
+/// Every position's logits by the cached driver, feeding `chunk` tokens per call (1: prefill
+/// of one token, then one-token decoding).
+fn cached_logits(model: &mnemo::model::Model, ids: &[u32], chunk: usize) -> Vec<f32> {
+    use mnemo::batch::BatchSeq;
+    use mnemo::model::KvCache;
+    let mut cache = KvCache::new(model);
+    let mut out = Vec::new();
+    for c in ids.chunks(chunk) {
+        let mut seq = [BatchSeq {
+            tokens: c,
+            cache: &mut cache,
+            logits_from: 0,
+        }];
+        out.extend(model.forward_batch(&mut seq).unwrap().remove(0));
+    }
+    out
+}
+
+/// Largest |a − b| and the largest |b|.
+fn worst(a: &[f32], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    let top = b.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+    let w = a
+        .iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    (w, top)
+}
+
+#[test]
+fn deepseek_v4_cached_decoding_matches_transformers() {
+    use mnemo::batch::BatchSeq;
+    use mnemo::model::KvCache;
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let model = mnemo::io::hf_v4::load_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let exp = TensorFile::open(&dir.join("expected.safetensors")).unwrap();
+        let ids = exp.u32("input_ids").unwrap();
+        let want = exp.f32("logits", None).unwrap();
+        // One token at a time, odd chunks (entries completing inside a chunk), one prefill.
+        for chunk in [1, 3, 7, ids.len()] {
+            let got = cached_logits(&model, &ids, chunk);
+            let (w, top) = worst(&got, &want);
+            eprintln!("{name}: chunks of {chunk}: max |Δlogit| {w:.2e} (largest {top:.2})");
+            assert!(w <= 1e-4 * top.max(1.0), "{name}: chunk {chunk}: {w}");
+        }
+        // Two sequences in one batch give what each gives alone.
+        let v = model.cfg.vocab_size;
+        let t = ids.len();
+        let other: Vec<u32> = ids.iter().rev().copied().collect();
+        let (mut c1, mut c2) = (KvCache::new(&model), KvCache::new(&model));
+        let mut seqs = [
+            BatchSeq {
+                tokens: &ids[..t - 2],
+                cache: &mut c1,
+                logits_from: 0,
+            },
+            BatchSeq {
+                tokens: &other[..5],
+                cache: &mut c2,
+                logits_from: 4,
+            },
+        ];
+        let out = model.forward_batch(&mut seqs).unwrap();
+        let (w, top) = worst(&out[0], &want[..(t - 2) * v]);
+        assert!(w <= 1e-4 * top.max(1.0), "{name}: batched row 0: {w}");
+        let alone = cached_logits(&model, &other[..5], 5);
+        let (w, top) = worst(&out[1], &alone[4 * v..]);
+        assert!(w <= 1e-5 * top.max(1.0), "{name}: batched row 1: {w}");
+        // Roll back 5 positions (rejected drafts) and feed the same tokens again.
+        c1.truncate(t - 7).unwrap();
+        let mut seq = [BatchSeq {
+            tokens: &ids[t - 7..],
+            cache: &mut c1,
+            logits_from: 0,
+        }];
+        let again = model.forward_batch(&mut seq).unwrap().remove(0);
+        let (w, top) = worst(&again, &want[(t - 7) * v..]);
+        assert!(w <= 1e-4 * top.max(1.0), "{name}: after a rollback: {w}");
+        assert!(c1.kv_bytes() > 0, "{name}");
+    }
+}
+
 /// Where transformers keeps the gradient of each saved tensor: `meta.json → checkpoint_keys`
 /// maps its in-memory names to the saved keys (experts: slices of the fused tensors).
 fn reference_grad(

@@ -598,7 +598,11 @@ impl Engine {
                     self.shared
                         .accepted
                         .fetch_add((s.dec.stats.accepted - a0) as u64, Ordering::Relaxed);
-                    s.cache.truncate(s.dec.cached());
+                    if let Err(e) = s.cache.truncate(s.dec.cached()) {
+                        s.send(Event::Error(format!("{e:#}")));
+                        s.finished = true;
+                        continue;
+                    }
                     s.accept(&toks, &tok, &self.shared);
                 }
             }

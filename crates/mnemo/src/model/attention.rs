@@ -127,10 +127,7 @@ impl Model {
         acc: bool,
     ) {
         if let Some(vo) = &lo.v4 {
-            let Kv::Batch { b, t, .. } = kv else {
-                unreachable!("cached DeepSeek-V4 decoding is refused by Model::forward_batch")
-            };
-            return self.v4_attention_forward(l, vo, a, (*b, *t), &mut acts.v4, out, acc);
+            return self.v4_attention_forward(l, vo, a, kv, &mut acts.v4, out, acc);
         }
         let c = &self.cfg;
         let n = a.len() / c.d_model;

@@ -20,6 +20,7 @@
 //! layers use `rope_theta`, compressed layers (their queries, keys, entries and indexer)
 //! `compress_rope_theta` with YaRN (`compress_rope_scaling`).
 
+use super::attention::Kv;
 use super::layout::LayoutBuilder;
 use super::Model;
 use crate::config::{ModelConfig, V4Config, V4LayerType};
@@ -43,6 +44,26 @@ pub struct CompressorOffsets {
     pub ratio: usize,
     /// CSA: entries pool two windows (the second half of the projection the current one).
     pub overlap: bool,
+}
+
+impl CompressorOffsets {
+    /// Projection width `cw` (`2·dim` overlapping, `dim` not).
+    pub fn width(&self) -> usize {
+        if self.overlap {
+            2 * self.dim
+        } else {
+            self.dim
+        }
+    }
+
+    /// The first position whose projections entry `w` pools (CSA: the window before it).
+    pub fn first_pos(&self, w: usize) -> usize {
+        if self.overlap {
+            w.saturating_sub(1) * self.ratio
+        } else {
+            w * self.ratio
+        }
+    }
 }
 
 /// Offsets of a CSA layer's lightning indexer.
@@ -243,6 +264,31 @@ fn pool_slots(
     prev.into_iter().flatten().chain(cur)
 }
 
+/// Pool entry `w` into `e: [dim]` from a compressor's values and logits (`[rows, cw]` each,
+/// row `i` = position `base + i`): per channel, a softmax over the logits of its slots.
+pub(super) fn pool_entry(
+    co: &CompressorOffsets,
+    w: usize,
+    (ckv, cg): (&[f32], &[f32]),
+    base: usize,
+    e: &mut [f32],
+) {
+    let cw = co.width();
+    for (ch, ev) in e.iter_mut().enumerate() {
+        let slots = pool_slots(co, w, ch).map(|(tau, col)| (tau - base) * cw + col);
+        let mx = slots
+            .clone()
+            .fold(f32::NEG_INFINITY, |acc, i| acc.max(cg[i]));
+        let (mut den, mut num) = (0.0f32, 0.0f32);
+        for i in slots {
+            let p = (cg[i] - mx).exp();
+            den += p;
+            num += p * ckv[i];
+        }
+        *ev = num / den;
+    }
+}
+
 /// A compressor's activations over one sequence: projections `[t, cw]` (the logits with the
 /// position bias added), pooled entries before the norm `[N, dim]`, their `1/rms`.
 #[derive(Default, Clone)]
@@ -257,25 +303,25 @@ pub(crate) struct CompActs {
 #[derive(Default)]
 pub(crate) struct V4Acts {
     /// `a·Wq_aᵀ` `[N, Q]`, its `1/rms`, and `q_res` (normed).
-    qa: Vec<f32>,
-    qa_rstd: Vec<f32>,
-    q_res: Vec<f32>,
+    pub(super) qa: Vec<f32>,
+    pub(super) qa_rstd: Vec<f32>,
+    pub(super) q_res: Vec<f32>,
     /// `q_res·Wq_bᵀ` `[N, H·d]` before the per-head norm, its `1/rms` `[N·H]`, and `q` (normed,
     /// roped).
-    qf: Vec<f32>,
-    qf_rstd: Vec<f32>,
-    q: Vec<f32>,
+    pub(super) qf: Vec<f32>,
+    pub(super) qf_rstd: Vec<f32>,
+    pub(super) q: Vec<f32>,
     /// `a·Wkvᵀ` `[N, d]`, its `1/rms`, `kv` (normed, roped).
-    kv0: Vec<f32>,
-    kv_rstd: Vec<f32>,
-    kv: Vec<f32>,
+    pub(super) kv0: Vec<f32>,
+    pub(super) kv_rstd: Vec<f32>,
+    pub(super) kv: Vec<f32>,
     /// Per sequence: the compressor's activations, the entries `[N_e, d]`, the CSA selection.
-    comp: Vec<CompActs>,
-    entries: Vec<Vec<f32>>,
-    sel: Vec<Option<Vec<Vec<usize>>>>,
+    pub(super) comp: Vec<CompActs>,
+    pub(super) entries: Vec<Vec<f32>>,
+    pub(super) sel: Vec<Option<Vec<Vec<usize>>>>,
     /// The attention output after the inverse rope `[N, H·d]`, and the grouped `z` `[N, g·R]`.
-    o: Vec<f32>,
-    z: Vec<f32>,
+    pub(super) o: Vec<f32>,
+    pub(super) z: Vec<f32>,
 }
 
 impl Model {
@@ -288,6 +334,61 @@ impl Model {
         }
     }
 
+    /// A compressor's projections of rows `x: [n, D]` at positions `pos0..`: the values
+    /// `a·Wc_kvᵀ` and the pooling logits `a·Wc_gateᵀ + ape[pos mod m]`, `[n, cw]` each.
+    pub(super) fn v4_comp_project(
+        &self,
+        co: &CompressorOffsets,
+        x: &[f32],
+        pos0: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let dm = self.cfg.d_model;
+        let t = x.len() / dm;
+        let m = co.ratio;
+        let cw = co.width();
+        let mut ckv = vec![0.0f32; t * cw];
+        let mut cg = vec![0.0f32; t * cw];
+        linear_forward(&mut ckv, x, self.w(co.wkv, cw * dm), t, dm, cw, false);
+        linear_forward(&mut cg, x, self.w(co.wgate, cw * dm), t, dm, cw, false);
+        let ape = self.w(co.ape, m * cw);
+        for (r, row) in cg.chunks_mut(cw).enumerate() {
+            let j = (pos0 + r) % m;
+            row.iter_mut()
+                .zip(&ape[j * cw..(j + 1) * cw])
+                .for_each(|(g, b)| *g += b);
+        }
+        (ckv, cg)
+    }
+
+    /// Entries `w0..w0 + k` from their pooled values `e: [k, dim]`: normed and roped at their
+    /// first position `w·m`; returns the entries and each `1/rms`.
+    pub(super) fn v4_comp_finish(
+        &self,
+        co: &CompressorOffsets,
+        e: &[f32],
+        w0: usize,
+        rope: &V4Rope,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let dim = co.dim;
+        let k = e.len() / dim;
+        let mut out = vec![0.0f32; k * dim];
+        let mut rstd = vec![0.0f32; k];
+        rmsnorm::forward(
+            &mut out,
+            &mut rstd,
+            e,
+            self.w(co.norm, dim),
+            dim,
+            self.cfg.norm_eps,
+        );
+        let mut cs = vec![0.0f32; rope.inv_freq.len() * 2];
+        for (i, row) in out.chunks_mut(dim).enumerate() {
+            rope.table((w0 + i) * co.ratio, &mut cs);
+            V4Rope::rotate(&cs, row, dim, false);
+        }
+        (out, rstd)
+    }
+
     /// The compressed entries `[⌊t/m⌋, dim]` of one sequence `x: [t, D]` (§3.6, §3.7), keeping
     /// in `ca` what the backward pass needs.
     fn v4_compress(
@@ -297,58 +398,19 @@ impl Model {
         rope: &V4Rope,
         ca: &mut CompActs,
     ) -> Vec<f32> {
-        let c = &self.cfg;
-        let dm = c.d_model;
-        let t = x.len() / dm;
-        let (dim, m) = (co.dim, co.ratio);
-        let cw = if co.overlap { 2 * dim } else { dim };
-        let n_e = t / m;
+        let t = x.len() / self.cfg.d_model;
+        let (dim, n_e) = (co.dim, t / co.ratio);
         if n_e == 0 {
             *ca = CompActs::default();
             return Vec::new();
         }
-        ca.ckv = vec![0.0f32; t * cw];
-        ca.cg = vec![0.0f32; t * cw];
-        linear_forward(&mut ca.ckv, x, self.w(co.wkv, cw * dm), t, dm, cw, false);
-        linear_forward(&mut ca.cg, x, self.w(co.wgate, cw * dm), t, dm, cw, false);
-        let ape = self.w(co.ape, m * cw);
-        for (tau, row) in ca.cg.chunks_mut(cw).enumerate() {
-            let j = tau % m;
-            row.iter_mut()
-                .zip(&ape[j * cw..(j + 1) * cw])
-                .for_each(|(g, b)| *g += b);
-        }
+        (ca.ckv, ca.cg) = self.v4_comp_project(co, x, 0);
         ca.e = vec![0.0f32; n_e * dim];
-        for w in 0..n_e {
-            for ch in 0..dim {
-                let slots = pool_slots(co, w, ch);
-                let mx = slots.clone().fold(f32::NEG_INFINITY, |acc, (tau, col)| {
-                    acc.max(ca.cg[tau * cw + col])
-                });
-                let (mut den, mut num) = (0.0f32, 0.0f32);
-                for (tau, col) in slots {
-                    let p = (ca.cg[tau * cw + col] - mx).exp();
-                    den += p;
-                    num += p * ca.ckv[tau * cw + col];
-                }
-                ca.e[w * dim + ch] = num / den;
-            }
+        for (w, e) in ca.e.chunks_mut(dim).enumerate() {
+            pool_entry(co, w, (&ca.ckv, &ca.cg), 0, e);
         }
-        let mut out = vec![0.0f32; n_e * dim];
-        ca.rstd = vec![0.0f32; n_e];
-        rmsnorm::forward(
-            &mut out,
-            &mut ca.rstd,
-            &ca.e,
-            self.w(co.norm, dim),
-            dim,
-            c.norm_eps,
-        );
-        let mut cs = vec![0.0f32; rope.inv_freq.len() * 2];
-        for (w, row) in out.chunks_mut(dim).enumerate() {
-            rope.table(w * m, &mut cs);
-            V4Rope::rotate(&cs, row, dim, false);
-        }
+        let (out, rstd) = self.v4_comp_finish(co, &ca.e, 0, rope);
+        ca.rstd = rstd;
         out
     }
 
@@ -447,6 +509,64 @@ impl Model {
         );
     }
 
+    /// The CSA indexer's queries `qᴵ` (not yet roped) `[n, Hi·di]` and head weights `ω`
+    /// `[n, Hi]` of rows `x: [n, D]` with their q residuals `q_res: [n, Q]`.
+    pub(super) fn v4_index_queries(
+        &self,
+        io: &IndexerV4Offsets,
+        x: &[f32],
+        q_res: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let c = &self.cfg;
+        let v = c.v4.as_ref().expect("a DeepSeek-V4 config");
+        let (dm, ql) = (c.d_model, v.q_lora_rank);
+        let (hi, di) = (v.index_n_heads, v.index_head_dim);
+        let t = x.len() / dm;
+        let mut qi = vec![0.0f32; t * hi * di];
+        let wq = self.w(io.wq_b, hi * di * ql);
+        linear_forward(&mut qi, q_res, wq, t, ql, hi * di, false);
+        let mut wts = vec![0.0f32; t * hi];
+        let wp = self.w(io.weights_proj, hi * dm);
+        linear_forward(&mut wts, x, wp, t, dm, hi, false);
+        (qi, wts)
+    }
+
+    /// The entries query `tq` attends on a CSA layer: all `visible` ones while at most
+    /// `index_topk` are, else the `index_topk` best by
+    /// `I[w] = Σ_h ω[h]·ReLU(qᴵ[h]·Kᴵ[w])/√(Hi·dᴵ)`, ascending (`qi: [Hi·di]` is roped here).
+    pub(super) fn v4_topk(
+        &self,
+        rope: &V4Rope,
+        tq: usize,
+        (qi, wts): (&mut [f32], &[f32]),
+        keys: &[f32],
+        visible: usize,
+    ) -> Vec<usize> {
+        let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
+        let (hi, di, k) = (v.index_n_heads, v.index_head_dim, v.index_topk);
+        if visible <= k {
+            return (0..visible).collect();
+        }
+        let (ws, ss) = ((hi as f32).powf(-0.5), (di as f32).powf(-0.5));
+        let mut cs = vec![0.0f32; rope.inv_freq.len() * 2];
+        rope.table(tq, &mut cs);
+        V4Rope::rotate(&cs, qi, di, false);
+        let mut scored: Vec<(f32, usize)> = (0..visible)
+            .map(|w| {
+                let kw = &keys[w * di..(w + 1) * di];
+                let s: f32 = (0..hi)
+                    .map(|h| wts[h] * ws * dot(&qi[h * di..(h + 1) * di], kw).max(0.0) * ss)
+                    .sum();
+                (s, w)
+            })
+            .collect();
+        // Best first; ties to the lower entry (torch leaves them unspecified).
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut sel: Vec<usize> = scored[..k].iter().map(|s| s.1).collect();
+        sel.sort_unstable();
+        sel
+    }
+
     /// The CSA indexer's selection for one sequence: per query `t`, the visible entries it
     /// attends (all of them while at most `index_topk` are visible).
     fn v4_select(
@@ -456,104 +576,90 @@ impl Model {
         q_res: &[f32],
         rope: &V4Rope,
     ) -> Vec<Vec<usize>> {
-        let c = &self.cfg;
-        let v = c.v4.as_ref().expect("a DeepSeek-V4 config");
-        let (dm, ql) = (c.d_model, v.q_lora_rank);
-        let (hi, di, k) = (v.index_n_heads, v.index_head_dim, v.index_topk);
-        let t = x.len() / dm;
+        let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
+        let (hi, di) = (v.index_n_heads, v.index_head_dim);
         let m = io.comp.ratio;
         let keys = self.v4_compress(&io.comp, x, rope, &mut CompActs::default());
-        let mut qi = vec![0.0f32; t * hi * di];
-        linear_forward(
-            &mut qi,
-            q_res,
-            self.w(io.wq_b, hi * di * ql),
-            t,
-            ql,
-            hi * di,
-            false,
-        );
-        let mut wts = vec![0.0f32; t * hi];
-        linear_forward(
-            &mut wts,
-            x,
-            self.w(io.weights_proj, hi * dm),
-            t,
-            dm,
-            hi,
-            false,
-        );
-        let (ws, ss) = ((hi as f32).powf(-0.5), (di as f32).powf(-0.5));
-        let mut cs = vec![0.0f32; rope.inv_freq.len() * 2];
-        (0..t)
-            .map(|tq| {
-                let visible = (tq + 1) / m;
-                if visible <= k {
-                    return (0..visible).collect();
-                }
-                rope.table(tq, &mut cs);
-                let q = &mut qi[tq * hi * di..(tq + 1) * hi * di];
-                V4Rope::rotate(&cs, q, di, false);
-                let mut scored: Vec<(f32, usize)> = (0..visible)
-                    .map(|w| {
-                        let kw = &keys[w * di..(w + 1) * di];
-                        let s: f32 = (0..hi)
-                            .map(|h| {
-                                let dot: f32 = q[h * di..(h + 1) * di]
-                                    .iter()
-                                    .zip(kw)
-                                    .map(|(a, b)| a * b)
-                                    .sum();
-                                wts[tq * hi + h] * ws * dot.max(0.0) * ss
-                            })
-                            .sum();
-                        (s, w)
-                    })
-                    .collect();
-                // Best first; ties to the lower entry (torch leaves them unspecified).
-                scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                let mut sel: Vec<usize> = scored[..k].iter().map(|s| s.1).collect();
-                sel.sort_unstable();
-                sel
-            })
+        let (mut qi, wts) = self.v4_index_queries(io, x, q_res);
+        qi.chunks_mut(hi * di)
+            .zip(wts.chunks(hi))
+            .enumerate()
+            .map(|(tq, (q, w))| self.v4_topk(rope, tq, (q, w), &keys, (tq + 1) / m))
             .collect()
     }
 
-    /// The keys of query `tq` of one sequence: its window rows, then its visible entries.
-    fn v4_keys<'k>(
+    /// The keys of query `tq` of one sequence: its window rows (`kvs`: the K = V rows of
+    /// positions `base..`), then its visible entries (CSA: `sel`, the selected ones).
+    pub(super) fn v4_keys<'k>(
         &self,
         vo: &V4AttnOffsets,
         tq: usize,
-        kvs: &'k [f32],
+        (kvs, base): (&'k [f32], usize),
         entries: &'k [f32],
-        sel: Option<&Vec<Vec<usize>>>,
+        sel: Option<&[usize]>,
     ) -> Vec<(bool, usize, &'k [f32])> {
         let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
         let d = self.cfg.head_dim;
         let lo = (tq + 1).saturating_sub(v.sliding_window);
         let mut keys: Vec<(bool, usize, &[f32])> = (lo..=tq)
-            .map(|s| (false, s, &kvs[s * d..(s + 1) * d]))
+            .map(|s| (false, s, &kvs[(s - base) * d..(s - base + 1) * d]))
             .collect();
         if let Some(co) = &vo.compressor {
             let visible = (tq + 1) / co.ratio;
             let ent = |w: usize| (true, w, &entries[w * d..(w + 1) * d]);
             match sel {
-                Some(sel) => keys.extend(sel[tq].iter().map(|&w| ent(w))),
+                Some(sel) => keys.extend(sel.iter().map(|&w| ent(w))),
                 None => keys.extend((0..visible).map(ent)),
             }
         }
         keys
     }
 
-    /// The DeepSeek-V4 attention of layer `l` over a batch `[b, t]`: writes (`acc`: adds) its
-    /// output into `out: [N, D]` (module docs), keeping its activations in `acts`.
+    /// One query row's attention output `orow: [H·d]` (inverse-roped) from its queries
+    /// `qrow: [H·d]` at position `tq` over its keys (see [`Model::v4_keys`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn v4_attend_row(
+        &self,
+        vo: &V4AttnOffsets,
+        rope: &V4Rope,
+        tq: usize,
+        qrow: &[f32],
+        kvs: (&[f32], usize),
+        entries: &[f32],
+        sel: Option<&[usize]>,
+        orow: &mut [f32],
+    ) {
+        let (h, d) = (self.cfg.n_heads, self.cfg.head_dim);
+        let sinks = self.w(vo.sink, h);
+        let scale = (d as f32).powf(-0.5);
+        let keys = self.v4_keys(vo, tq, kvs, entries, sel);
+        let mut p = vec![0.0f32; keys.len()];
+        for hh in 0..h {
+            let qh = &qrow[hh * d..(hh + 1) * d];
+            let den = probs(qh, &keys, sinks[hh], scale, &mut p);
+            let oh = &mut orow[hh * d..(hh + 1) * d];
+            oh.fill(0.0);
+            for (pi, k) in p.iter().zip(&keys) {
+                let w = pi / den;
+                oh.iter_mut().zip(k.2).for_each(|(acc, x)| *acc += w * x);
+            }
+        }
+        let mut cs = vec![0.0f32; rope.inv_freq.len() * 2];
+        rope.table(tq, &mut cs);
+        V4Rope::rotate(&cs, orow, d, true);
+    }
+
+    /// The DeepSeek-V4 attention of layer `l` on its normed rows `a: [N, D]`: writes (`acc`:
+    /// adds) its output into `out: [N, D]` (module docs). `kv`: a training batch `[b, t]`
+    /// (activations kept in `acts` for the backward pass), or cached rows that attend to their
+    /// sequences' caches (module [`super::attention_v4_cache`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn v4_attention_forward(
         &self,
         l: usize,
         vo: &V4AttnOffsets,
         a: &[f32],
-        (b, t): (usize, usize),
+        kv: &mut Kv,
         acts: &mut V4Acts,
         out: &mut [f32],
         acc: bool,
@@ -562,7 +668,12 @@ impl Model {
         let v = c.v4.as_ref().expect("a DeepSeek-V4 config");
         let (dm, h, d, eps) = (c.d_model, c.n_heads, c.head_dim, c.norm_eps);
         let (ql, g, rl) = (v.q_lora_rank, v.o_groups, v.o_lora_rank);
-        let n = b * t;
+        let n = a.len() / dm;
+        // Each row's position.
+        let pos: Vec<usize> = match kv {
+            Kv::Batch { t, .. } => (0..n).map(|r| r % *t).collect(),
+            Kv::Cache(spans) => spans.iter().flat_map(|sp| sp.p0..sp.p0 + sp.n).collect(),
+        };
         let rope = self.v4_rope(l);
         let r = v.qk_rope_head_dim;
         let z = |len: usize| vec![0.0f32; len];
@@ -610,48 +721,20 @@ impl Model {
             .enumerate()
             .for_each(|(row, (qr, kr))| {
                 let mut cs = vec![0.0f32; r];
-                rope.table(row % t, &mut cs);
+                rope.table(pos[row], &mut cs);
                 V4Rope::rotate(&cs, qr, d, false);
                 V4Rope::rotate(&cs, kr, d, false);
             });
-        let sinks = self.w(vo.sink, h);
-        let scale = (d as f32).powf(-0.5);
         acts.o = z(n * h * d);
-        acts.comp = vec![CompActs::default(); b];
-        acts.entries = vec![Vec::new(); b];
-        acts.sel = vec![None; b];
-        for s in 0..b {
-            let rows = s * t..(s + 1) * t;
-            let xs = &a[rows.start * dm..rows.end * dm];
-            if let Some(co) = &vo.compressor {
-                acts.entries[s] = self.v4_compress(co, xs, &rope, &mut acts.comp[s]);
+        match kv {
+            Kv::Batch { b, t, .. } => self.v4_attend_batch(vo, &rope, a, (*b, *t), acts),
+            Kv::Cache(spans) => {
+                let t0 = super::decode::profile::start();
+                for sp in spans.iter_mut() {
+                    self.v4_attend_cached(l, vo, &rope, a, sp, acts);
+                }
+                super::decode::profile::stop(super::decode::profile::ATTN, t0);
             }
-            acts.sel[s] = vo.indexer.as_ref().map(|io| {
-                self.v4_select(io, xs, &acts.q_res[rows.start * ql..rows.end * ql], &rope)
-            });
-            let kvs = &acts.kv[rows.start * d..rows.end * d];
-            let qs = &acts.q[rows.start * h * d..rows.end * h * d];
-            let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
-            acts.o[rows.start * h * d..rows.end * h * d]
-                .par_chunks_mut(h * d)
-                .enumerate()
-                .for_each(|(tq, orow)| {
-                    let keys = self.v4_keys(vo, tq, kvs, entries, sel);
-                    let mut p = vec![0.0f32; keys.len()];
-                    for hh in 0..h {
-                        let qh = &qs[(tq * h + hh) * d..(tq * h + hh + 1) * d];
-                        let den = probs(qh, &keys, sinks[hh], scale, &mut p);
-                        let oh = &mut orow[hh * d..(hh + 1) * d];
-                        oh.fill(0.0);
-                        for (pi, k) in p.iter().zip(&keys) {
-                            let w = pi / den;
-                            oh.iter_mut().zip(k.2).for_each(|(acc, x)| *acc += w * x);
-                        }
-                    }
-                    let mut cs = vec![0.0f32; r];
-                    rope.table(tq, &mut cs);
-                    V4Rope::rotate(&cs, orow, d, true);
-                });
         }
         // Grouped low-rank output: z[:, γ] = o[:, γ]·Wo_a[γ]ᵀ, out (+)= z·Wo_bᵀ.
         let gw = h * d / g;
@@ -673,6 +756,45 @@ impl Model {
             dm,
             acc,
         );
+    }
+
+    /// The attention core of a training batch `[b, t]`: per sequence its compressed entries
+    /// and (CSA) selection, then every row over its window and entries, into `acts.o`.
+    fn v4_attend_batch(
+        &self,
+        vo: &V4AttnOffsets,
+        rope: &V4Rope,
+        a: &[f32],
+        (b, t): (usize, usize),
+        acts: &mut V4Acts,
+    ) {
+        let c = &self.cfg;
+        let (dm, h, d) = (c.d_model, c.n_heads, c.head_dim);
+        let ql = c.v4.as_ref().expect("a DeepSeek-V4 config").q_lora_rank;
+        acts.comp = vec![CompActs::default(); b];
+        acts.entries = vec![Vec::new(); b];
+        acts.sel = vec![None; b];
+        for s in 0..b {
+            let rows = s * t..(s + 1) * t;
+            let xs = &a[rows.start * dm..rows.end * dm];
+            if let Some(co) = &vo.compressor {
+                acts.entries[s] = self.v4_compress(co, xs, rope, &mut acts.comp[s]);
+            }
+            acts.sel[s] = vo.indexer.as_ref().map(|io| {
+                self.v4_select(io, xs, &acts.q_res[rows.start * ql..rows.end * ql], rope)
+            });
+            let kvs = &acts.kv[rows.start * d..rows.end * d];
+            let qs = &acts.q[rows.start * h * d..rows.end * h * d];
+            let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
+            acts.o[rows.start * h * d..rows.end * h * d]
+                .par_chunks_mut(h * d)
+                .enumerate()
+                .for_each(|(tq, orow)| {
+                    let qrow = &qs[tq * h * d..(tq + 1) * h * d];
+                    let sel = sel.map(|s| &s[tq][..]);
+                    self.v4_attend_row(vo, rope, tq, qrow, (kvs, 0), entries, sel, orow);
+                });
+        }
     }
 
     /// Backward of [`Model::v4_attention_forward`]: from `dout = dL/dout` into `da = dL/da`
@@ -753,7 +875,7 @@ impl Model {
             let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
             let dkvs = &mut dkv[rows.start * d..rows.end * d];
             for tq in 0..t {
-                let keys = self.v4_keys(vo, tq, kvs, entries, sel);
+                let keys = self.v4_keys(vo, tq, (kvs, 0), entries, sel.map(|s| &s[tq][..]));
                 let mut p = vec![0.0f32; keys.len()];
                 for hh in 0..h {
                     let row = (rows.start + tq) * h + hh;

@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! k[l], v[l]: [rows ≥ len, KV·d_h]     ik[l]: indexer keys [len, d_I] (DSA, sparse attention)
+//! v4[l]: DeepSeek-V4 models: window ring, compressed entries, indexer keys (instead of k, v)
 //! ```
 
+use super::attention_v4_cache::{self as v4c, V4LayerCache};
 use super::Model;
 use crate::kernels::indexer::KeyStore;
 use anyhow::{bail, Result};
@@ -30,6 +32,9 @@ pub struct KvCache {
     pub(crate) cap: usize,
     /// Engram decode state (token history and each gate's convolution history).
     pub engram: Option<crate::engram::EngramState>,
+    /// DeepSeek-V4 models: each layer's window, compressed entries and indexer keys
+    /// (module [`super::attention_v4_cache`]); `k` and `v` are then empty.
+    pub(crate) v4: Vec<V4LayerCache>,
 }
 
 impl KvCache {
@@ -83,9 +88,11 @@ impl KvCache {
                 .collect(),
             _ => Vec::new(),
         };
+        // DeepSeek-V4 layers keep their own state instead of per-position K/V rows.
+        let kv_layers = if c.v4.is_some() { 0 } else { c.n_layers };
         KvCache {
-            k: vec![Vec::new(); c.n_layers],
-            v: vec![Vec::new(); c.n_layers],
+            k: vec![Vec::new(); kv_layers],
+            v: vec![Vec::new(); kv_layers],
             w: c.n_kv_heads * c.head_dim,
             ik,
             dense: opts.dense_attention,
@@ -93,6 +100,7 @@ impl KvCache {
             len: 0,
             cap,
             engram: model.engram.as_ref().map(|e| e.new_state()),
+            v4: model.v4_layer_caches(),
         }
     }
 
@@ -113,9 +121,10 @@ impl KvCache {
         }
     }
 
-    /// Bytes of K/V rows in use (`len` positions, f32).
+    /// Bytes of K/V rows in use (`len` positions, f32); DeepSeek-V4 models: the window rows
+    /// and compressed entries the next token attends to.
     pub fn kv_bytes(&self) -> usize {
-        2 * self.k.len() * self.len * self.w * 4
+        2 * self.k.len() * self.len * self.w * 4 + v4c::bytes_all(&self.v4, self.len).0
     }
 
     /// Attend densely from now on (DSA models): the indexer keys are dropped, so the cache
@@ -125,18 +134,23 @@ impl KvCache {
         self.ik.clear();
     }
 
-    /// Bytes of the DSA indexer keys in use (0 without DSA or with dense attention).
+    /// Bytes of the DSA indexer keys in use (0 without DSA or with dense attention;
+    /// DeepSeek-V4 models: the CSA indexer's compressed keys).
     pub fn index_key_bytes(&self) -> usize {
-        self.ik.iter().map(|k| k.bytes_used()).sum()
+        self.ik.iter().map(|k| k.bytes_used()).sum::<usize>() + v4c::bytes_all(&self.v4, self.len).1
     }
 
     /// Forget every position from `len` on (e.g. rejected draft tokens). The Engram decode
-    /// state is not rewound: lookup decoding refuses Engram models.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// state is not rewound: lookup decoding refuses Engram models. A DeepSeek-V4 cache can
+    /// go back at most [`v4c::V4_ROLLBACK`] positions (an error beyond, the cache unchanged).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        let len = self.len.min(len);
+        v4c::truncate_all(&mut self.v4, len)?;
+        self.len = len;
         for ik in &mut self.ik {
             ik.truncate(self.len);
         }
+        Ok(())
     }
 
     /// Copy the first `n` positions of `src` into this cache (replacing what it held).
@@ -144,7 +158,11 @@ impl KvCache {
         if src.engram.is_some() {
             bail!("prefix caching is not supported for Engram models yet");
         }
-        if n > src.len || n > self.cap || self.k.len() != src.k.len() {
+        if n > src.len
+            || n > self.cap
+            || self.k.len() != src.k.len()
+            || self.v4.len() != src.v4.len()
+        {
             bail!(
                 "cannot copy {n} cached positions (source holds {}, room {})",
                 src.len,
@@ -164,6 +182,11 @@ impl KvCache {
             let mut c = s.clone();
             c.truncate(n);
             *dst = c;
+        }
+        if !src.v4.is_empty() {
+            let mut v4 = src.v4.clone();
+            v4c::truncate_all(&mut v4, n)?;
+            self.v4 = v4;
         }
         self.len = n;
         Ok(())

@@ -258,9 +258,6 @@ impl Model {
     /// Run every sequence's tokens through the model, appending to its cache. Returns, per
     /// sequence, the logits `[rows, V]` of its rows `logits_from..` (row-major).
     pub fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
-        if self.cfg.v4.is_some() {
-            bail!("cached decoding of DeepSeek-V4 models is not built yet (the window ring and compressed-entry cache are next); the full forward (`Model::forward`) runs them");
-        }
         for s in seqs.iter() {
             if s.tokens.is_empty() {
                 bail!("forward_batch: a sequence has no tokens");

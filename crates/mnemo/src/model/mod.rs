@@ -43,6 +43,7 @@
 pub mod attention;
 pub mod attention_dsa;
 pub mod attention_v4;
+pub mod attention_v4_cache;
 pub mod block;
 pub mod cache;
 pub mod decode;
