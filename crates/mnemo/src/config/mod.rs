@@ -594,6 +594,23 @@ impl ModelConfig {
         ]
     }
 
+    /// Layers with a lightning indexer: every layer of a DSA model, the CSA layers of a
+    /// DeepSeek-V4 model (0: no indexer, so no DSA training stages).
+    pub fn n_indexer_layers(&self) -> usize {
+        match (&self.dsa, &self.v4) {
+            (Some(_), _) => self.n_layers,
+            (None, Some(v)) => (0..self.n_layers)
+                .filter(|&l| v.layer_types[l] == V4LayerType::CompressedSparseAttention)
+                .count(),
+            _ => 0,
+        }
+    }
+
+    /// Whether the model has a lightning indexer to train (DSA, or DeepSeek-V4 with CSA).
+    pub fn has_indexer(&self) -> bool {
+        self.n_indexer_layers() > 0
+    }
+
     /// Whether layer `l` has an MoE feed-forward.
     pub fn is_moe(&self, l: usize) -> bool {
         self.ffn == FfnKind::Moe && l >= self.n_dense_layers

@@ -174,11 +174,11 @@ impl TrainConfig {
                 ),
             ));
         }
-        if model.dsa.is_none() && !self.dsa_stage.is_sparse() {
+        if !model.has_indexer() && !self.dsa_stage.is_sparse() {
             return Err(bad(
                 "dsa_stage",
                 format!(
-                    "({}) applies only to DSA models (the model has no `dsa` config)",
+                    "({}) applies only to models with a lightning indexer (a `dsa` config, or DeepSeek-V4 CSA layers)",
                     self.dsa_stage.name()
                 ),
             ));

@@ -216,6 +216,14 @@ impl V4Rope {
         }
     }
 
+    /// Rotate the last `r` channels of every `c`-wide vector of `x` to position `p`
+    /// (`inverse`: back from it).
+    pub(super) fn rotate_at(&self, p: usize, x: &mut [f32], c: usize, inverse: bool) {
+        let mut cs = vec![0.0f32; self.inv_freq.len() * 2];
+        self.table(p, &mut cs);
+        Self::rotate(&cs, x, c, inverse);
+    }
+
     /// Rotate the last `r` channels of every `c`-wide vector in `x` by the table `cs`
     /// (`inverse`: by `−sin`).
     fn rotate(cs: &[f32], x: &mut [f32], c: usize, inverse: bool) {
@@ -322,11 +330,13 @@ pub(crate) struct V4Acts {
     /// The attention output after the inverse rope `[N, H·d]`, and the grouped `z` `[N, g·R]`.
     pub(super) o: Vec<f32>,
     pub(super) z: Vec<f32>,
+    /// CSA layers in a DSA training stage: per sequence, the indexer's activations and loss.
+    pub(super) index: Vec<super::attention_v4_indexer::IndexActs>,
 }
 
 impl Model {
     /// The rope of layer `l` of a DeepSeek-V4 model.
-    fn v4_rope(&self, l: usize) -> V4Rope {
+    pub(super) fn v4_rope(&self, l: usize) -> V4Rope {
         let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
         match v.layer_types[l] {
             V4LayerType::SlidingAttention => V4Rope::main(&self.cfg, v.qk_rope_head_dim),
@@ -391,7 +401,7 @@ impl Model {
 
     /// The compressed entries `[⌊t/m⌋, dim]` of one sequence `x: [t, D]` (§3.6, §3.7), keeping
     /// in `ca` what the backward pass needs.
-    fn v4_compress(
+    pub(super) fn v4_compress(
         &self,
         co: &CompressorOffsets,
         x: &[f32],
@@ -417,7 +427,7 @@ impl Model {
     /// Backward of [`Model::v4_compress`]: from `dc = dL/d(entries)` into `dx` (added) and the
     /// compressor's parameter gradients.
     #[allow(clippy::too_many_arguments)]
-    fn v4_compress_backward(
+    pub(super) fn v4_compress_backward(
         &self,
         co: &CompressorOffsets,
         x: &[f32],
@@ -543,22 +553,13 @@ impl Model {
         visible: usize,
     ) -> Vec<usize> {
         let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
-        let (hi, di, k) = (v.index_n_heads, v.index_head_dim, v.index_topk);
+        let (di, k) = (v.index_head_dim, v.index_topk);
         if visible <= k {
             return (0..visible).collect();
         }
-        let (ws, ss) = ((hi as f32).powf(-0.5), (di as f32).powf(-0.5));
-        let mut cs = vec![0.0f32; rope.inv_freq.len() * 2];
-        rope.table(tq, &mut cs);
-        V4Rope::rotate(&cs, qi, di, false);
+        rope.rotate_at(tq, qi, di, false);
         let mut scored: Vec<(f32, usize)> = (0..visible)
-            .map(|w| {
-                let kw = &keys[w * di..(w + 1) * di];
-                let s: f32 = (0..hi)
-                    .map(|h| wts[h] * ws * dot(&qi[h * di..(h + 1) * di], kw).max(0.0) * ss)
-                    .sum();
-                (s, w)
-            })
+            .map(|w| (index_score(qi, wts, &keys[w * di..(w + 1) * di]), w))
             .collect();
         // Best first; ties to the lower entry (torch leaves them unspecified).
         scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -727,7 +728,9 @@ impl Model {
             });
         acts.o = z(n * h * d);
         match kv {
-            Kv::Batch { b, t, .. } => self.v4_attend_batch(vo, &rope, a, (*b, *t), acts),
+            Kv::Batch { b, t, dsa } => {
+                self.v4_attend_batch(vo, &rope, a, (*b, *t), dsa.as_deref_mut(), acts)
+            }
             Kv::Cache(spans) => {
                 let t0 = super::decode::profile::start();
                 for sp in spans.iter_mut() {
@@ -759,13 +762,16 @@ impl Model {
     }
 
     /// The attention core of a training batch `[b, t]`: per sequence its compressed entries
-    /// and (CSA) selection, then every row over its window and entries, into `acts.o`.
+    /// and (CSA) selection, then every row over its window and entries, into `acts.o`. With a
+    /// DSA training stage (`db`): dense and warm-up stages attend to every visible entry, and
+    /// the indexer's KL loss (and recall) is measured (module [`super::attention_v4_indexer`]).
     fn v4_attend_batch(
         &self,
         vo: &V4AttnOffsets,
         rope: &V4Rope,
         a: &[f32],
         (b, t): (usize, usize),
+        mut db: Option<&mut super::attention::DsaBatch>,
         acts: &mut V4Acts,
     ) {
         let c = &self.cfg;
@@ -774,15 +780,27 @@ impl Model {
         acts.comp = vec![CompActs::default(); b];
         acts.entries = vec![Vec::new(); b];
         acts.sel = vec![None; b];
+        acts.index = Vec::new();
+        let sparse = db.as_ref().is_none_or(|db| db.run.stage.is_sparse());
+        let measure = db.as_ref().is_some_and(|db| db.run.kl || db.run.recall);
         for s in 0..b {
             let rows = s * t..(s + 1) * t;
             let xs = &a[rows.start * dm..rows.end * dm];
             if let Some(co) = &vo.compressor {
                 acts.entries[s] = self.v4_compress(co, xs, rope, &mut acts.comp[s]);
             }
-            acts.sel[s] = vo.indexer.as_ref().map(|io| {
-                self.v4_select(io, xs, &acts.q_res[rows.start * ql..rows.end * ql], rope)
-            });
+            let q_res = &acts.q_res[rows.start * ql..rows.end * ql];
+            match (&vo.indexer, measure) {
+                (Some(io), true) => {
+                    let ia = self.v4_index_forward(io, rope, xs, q_res);
+                    acts.sel[s] = sparse.then(|| ia.topk.clone());
+                    acts.index.push(ia);
+                }
+                (Some(io), false) => {
+                    acts.sel[s] = sparse.then(|| self.v4_select(io, xs, q_res, rope));
+                }
+                _ => {}
+            }
             let kvs = &acts.kv[rows.start * d..rows.end * d];
             let qs = &acts.q[rows.start * h * d..rows.end * h * d];
             let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
@@ -794,6 +812,12 @@ impl Model {
                     let sel = sel.map(|s| &s[tq][..]);
                     self.v4_attend_row(vo, rope, tq, qrow, (kvs, 0), entries, sel, orow);
                 });
+            if let (Some(db), Some(ia)) = (db.as_deref_mut(), acts.index.last_mut()) {
+                let norm = self.v4_index_norm(b * t);
+                let (kl, recall) = self.v4_index_loss(vo, (qs, kvs), entries, ia, db.run, norm);
+                db.kl += kl;
+                db.recall += recall;
+            }
         }
     }
 
@@ -1003,14 +1027,30 @@ fn scatter_cols(dst: &mut [f32], src: &[f32], width: usize, c0: usize) {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// The indexer's score of one entry key `kw: [dᴵ]` for a query `qi: [Hi·dᴵ]` (roped) with head
+/// weights `wts: [Hi]`: `Σ_h ω_h·Hi^-½·ReLU(qᴵ_h·kw)·dᴵ^-½`.
+pub(super) fn index_score(qi: &[f32], wts: &[f32], kw: &[f32]) -> f32 {
+    let (hi, di) = (wts.len(), kw.len());
+    let (ws, ss) = ((hi as f32).powf(-0.5), (di as f32).powf(-0.5));
+    (0..hi)
+        .map(|h| wts[h] * ws * dot(&qi[h * di..(h + 1) * di], kw).max(0.0) * ss)
+        .sum()
+}
+
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Unnormalised attention weights of query `q` over `keys` with the sink as an extra logit:
 /// `p[s] = e^{ℓ_s − M}` (`ℓ_s = q·k_s·scale`, `M` the max over the scores and the sink);
 /// returns the denominator `Σ p + e^{sink − M}`.
-fn probs(q: &[f32], keys: &[(bool, usize, &[f32])], sink: f32, scale: f32, p: &mut [f32]) -> f32 {
+pub(super) fn probs(
+    q: &[f32],
+    keys: &[(bool, usize, &[f32])],
+    sink: f32,
+    scale: f32,
+    p: &mut [f32],
+) -> f32 {
     for (pi, k) in p.iter_mut().zip(keys) {
         *pi = dot(q, k.2) * scale;
     }

@@ -44,6 +44,7 @@ pub mod attention;
 pub mod attention_dsa;
 pub mod attention_v4;
 pub mod attention_v4_cache;
+pub mod attention_v4_indexer;
 pub mod block;
 pub mod cache;
 pub mod decode;

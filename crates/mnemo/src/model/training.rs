@@ -31,7 +31,10 @@ impl Model {
     /// [`Model::forward`] of a DSA model in a given training mode: dense or sparse attention,
     /// with the indexer KL loss and/or recall measured (`ws.dsa_stats`).
     pub fn forward_dsa(&self, tokens: &[u32], b: usize, t: usize, ws: &mut Workspace, run: DsaRun) {
-        assert!(self.cfg.dsa.is_some(), "forward_dsa needs a DSA model");
+        assert!(
+            self.cfg.has_indexer(),
+            "forward_dsa needs a model with an indexer"
+        );
         self.forward_run(tokens, b, t, ws, Some(run))
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
@@ -45,7 +48,7 @@ impl Model {
         t: usize,
         ws: &mut Workspace,
     ) -> anyhow::Result<()> {
-        let run = self.cfg.dsa.as_ref().map(|_| DsaRun::INFERENCE);
+        let run = self.cfg.has_indexer().then_some(DsaRun::INFERENCE);
         self.forward_run(tokens, b, t, ws, run)
     }
 
@@ -117,7 +120,7 @@ impl Model {
         }
         ws.aux_loss = ws.layers.iter().map(|la| la.ffn.moe.aux_loss).sum();
         if let Some(db) = db {
-            let denom = (c.n_layers * n) as f64;
+            let denom = (c.n_indexer_layers().max(1) * n) as f64;
             ws.dsa_stats = DsaStats {
                 kl: db.kl / denom,
                 recall: db.run.recall.then_some(db.recall / denom),
@@ -181,7 +184,7 @@ impl Model {
         grad_scale: f32,
         ws: &mut Workspace,
     ) -> anyhow::Result<f64> {
-        let run = self.cfg.dsa.as_ref().map(|_| DsaRun {
+        let run = self.cfg.has_indexer().then_some(DsaRun {
             stage: DsaStage::Sparse,
             kl: true,
             recall: false,
@@ -211,8 +214,8 @@ impl Model {
         run: DsaRun,
     ) -> f64 {
         assert!(
-            self.cfg.dsa.is_some(),
-            "forward_backward_dsa needs a DSA model"
+            self.cfg.has_indexer(),
+            "forward_backward_dsa needs a model with an indexer"
         );
         self.forward_backward_run(tokens, targets, b, t, grads, grad_scale, ws, Some(run))
             .unwrap_or_else(|e| panic!("{e:#}"))
@@ -322,6 +325,12 @@ impl Model {
         grad_scale: f32,
         ws: &Workspace,
     ) {
+        for (l, lo) in self.layout.layers.iter().enumerate() {
+            if let Some(vo) = &lo.v4 {
+                let (la, g) = (&ws.layers[l], grad_scale);
+                self.v4_indexer_backward(l, vo, &la.norm[0].y, (b, t), &la.attn.v4, grads, g);
+            }
+        }
         let (Some(dc), Some(irope)) = (self.cfg.dsa.as_ref(), self.index_rope.as_ref()) else {
             return;
         };

@@ -67,7 +67,7 @@ pub(super) fn step_metrics(
         m["engram_table_grad_norm"] = serde_json::json!(s.table_sq.sqrt());
         m["engram_rows_touched"] = serde_json::json!(s.table_rows);
     }
-    if run.model.dsa.is_some() {
+    if run.model.has_indexer() {
         m["dsa_stage"] = serde_json::json!(tc.dsa_stage.name());
         m["dsa_kl"] = serde_json::json!(s.dsa_kl);
         if let Some(r) = s.dsa_recall {
@@ -184,7 +184,7 @@ impl Progress {
         let mut moe_msg = worst_load(model, &s.loads)
             .map(|x| format!(" | max expert load {x:.2}x mean"))
             .unwrap_or_default();
-        if run.model.dsa.is_some() {
+        if run.model.has_indexer() {
             moe_msg.push_str(&format!(
                 " | {} idx KL {:.4}",
                 tc.dsa_stage.name(),

@@ -369,9 +369,9 @@ fn start_resume(
         state.run = serde_json::to_value(&run)?;
     }
     if let Some(st) = dsa_stage {
-        if run.model.dsa.is_none() && !st.is_sparse() {
+        if !run.model.has_indexer() && !st.is_sparse() {
             bail!(
-                "--dsa-stage {}: the run's model has no DSA config",
+                "--dsa-stage {}: the run's model has no lightning indexer (no DSA config, no DeepSeek-V4 CSA layer)",
                 st.name()
             );
         }

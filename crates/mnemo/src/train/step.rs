@@ -145,8 +145,8 @@ impl Stepper {
             let (x, y) = (&x[..], &y[..]);
             let w = weights[micro];
             let gs = w as f32;
-            loss += w * match run.model.dsa {
-                Some(_) => {
+            loss += w * match run.model.has_indexer() {
+                true => {
                     // Recall needs the dense attention in the sparse stage: measured on the
                     // first micro-batch of logging steps only.
                     let r = DsaRun {
@@ -162,7 +162,7 @@ impl Stepper {
                     l
                 }
                 // (DSA models have no Engram tables, the only fallible part of a step.)
-                None => model
+                false => model
                     .try_forward_backward(x, y, b, t, grads, gs, ws)
                     .with_context(|| format!("training step {step}"))?,
             };
@@ -206,7 +206,7 @@ impl Stepper {
             eps: tc.adam_eps,
             weight_decay: tc.weight_decay,
         };
-        let dsa_warmup = run.model.dsa.is_some() && tc.dsa_stage == DsaStage::Warmup;
+        let dsa_warmup = run.model.has_indexer() && tc.dsa_stage == DsaStage::Warmup;
         if dsa_warmup {
             // Warm-up: everything but the indexer is frozen (no update, no weight decay).
             optimizer_step_where(model, grads, adam_m, adam_v, hp, step, |t| {
@@ -227,10 +227,10 @@ impl Stepper {
             if *sample_moe {
                 let (n, len) = (run.model.bias_fit_sample, run.model.bias_fit_sample_len);
                 let x = moe_sample_windows(train, tc.seed, step, n, len)?;
-                match run.model.dsa {
+                match run.model.has_indexer() {
                     // The attention of the stage, as in training (dense before the sparse
                     // stage; the warm-up does not balance).
-                    Some(_) => model.forward_dsa(
+                    true => model.forward_dsa(
                         &x,
                         n,
                         len,
@@ -241,7 +241,7 @@ impl Stepper {
                             recall: false,
                         },
                     ),
-                    None => model
+                    false => model
                         .try_forward(&x, n, len, sample_ws)
                         .with_context(|| format!("MoE balancing sample of step {step}"))?,
                 }

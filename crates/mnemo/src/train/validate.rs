@@ -174,7 +174,7 @@ pub(super) fn validate(
     let loss = train_loss;
     // DSA: evaluate with the attention of the stage (dense before the sparse stage),
     // with the indexer KL and recall on the validation windows.
-    let eval_run = run.model.dsa.as_ref().map(|_| DsaRun {
+    let eval_run = run.model.has_indexer().then_some(DsaRun {
         stage: if tc.dsa_stage.is_sparse() {
             DsaStage::Sparse
         } else {
