@@ -876,3 +876,72 @@ fn dsa_model_initialised_from_a_dense_run_keeps_its_weights_and_a_fresh_indexer(
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A DeepSeek-V4 model (one CSA layer with its indexer, one HCA layer): the warm-up stage
+/// trains only the indexer, and the sparse stage (the model on the LM loss, the indexer on
+/// its KL) stopped after one step and resumed is bit-identical to an uninterrupted run.
+#[test]
+fn deepseek_v4_indexer_warmup_and_sparse_resume_is_bit_identical() {
+    use mnemo::config::{DsaStage, V4LayerType};
+    let (root, data, cache) = corpus_dir("v4");
+    let never = AtomicBool::new(false);
+    let cfg = |steps| {
+        let mut r = run_config(&data, steps);
+        let mut m = ModelConfig::preset("v4-tiny").unwrap();
+        (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.head_dim) = (320, 32, 2, 2, 16);
+        (m.n_routed_experts, m.top_k, m.moe_inter, m.hc_mult) = (4, 2, 16, 2);
+        m.max_seq_len = 64;
+        let v = m.v4.as_mut().unwrap();
+        (v.q_lora_rank, v.o_lora_rank, v.o_groups, v.sliding_window) = (16, 8, 2, 8);
+        v.layer_types = vec![
+            V4LayerType::CompressedSparseAttention,
+            V4LayerType::HeavilyCompressedAttention,
+        ];
+        (v.compress_rate_hca, v.index_n_heads, v.index_head_dim) = (8, 2, 8);
+        (v.index_topk, v.qk_rope_head_dim) = (3, 8);
+        r.model = m;
+        r.train.dsa_stage = DsaStage::Warmup;
+        r.train.eval_interval = 10;
+        r
+    };
+    let opts = |out: &Path, max_steps, dsa_stage| TrainOptions {
+        out: out.to_path_buf(),
+        start: Start::Resume {
+            max_steps,
+            dsa_stage,
+        },
+        cache_root: cache.clone(),
+        progress: false,
+    };
+    let a = root.join("a");
+    train(fresh(&a, cfg(6), &cache), &never).unwrap();
+    let l = mnemo::checkpoint::load(&a, true).unwrap();
+    let mut init = mnemo::model::Model::new(l.model.cfg.clone()).unwrap();
+    init.init(
+        l.state.as_ref().unwrap().run["train"]["seed"]
+            .as_u64()
+            .unwrap(),
+    );
+    let mut moved = 0;
+    for t in &l.model.layout.tensors {
+        let r = t.range();
+        let same = l.model.params[r.clone()] == init.params[r];
+        if mnemo::model::is_indexer_tensor(&t.name) {
+            moved += usize::from(!same);
+        } else {
+            assert!(same, "{} moved during the warm-up", t.name);
+        }
+    }
+    assert!(moved >= 5, "{moved} indexer tensors moved");
+    let b = root.join("b");
+    train(fresh(&b, cfg(6), &cache), &never).unwrap();
+    train(opts(&a, Some(14), Some(DsaStage::Sparse)), &never).unwrap();
+    let stop = AtomicBool::new(true);
+    let sb = train(opts(&b, Some(14), Some(DsaStage::Sparse)), &stop).unwrap();
+    assert_eq!(sb.steps, 7);
+    train(opts(&b, None, None), &never).unwrap();
+    assert_same_run(&a, &b);
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains(r#""dsa_stage":"sparse""#) && metrics.contains("dsa_kl"));
+    let _ = std::fs::remove_dir_all(&root);
+}
