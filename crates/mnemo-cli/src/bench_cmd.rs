@@ -398,10 +398,13 @@ fn bench_long_context(
     let mut cfg = run.model.clone();
     let need = contexts.iter().copied().max().unwrap_or(0) + 2 * decode + 1;
     cfg.max_seq_len = cfg.max_seq_len.max(need);
-    let dsa = cfg
-        .dsa
-        .clone()
-        .context("bench long-context needs a DSA model (e.g. --preset small-dsa)")?;
+    let (ih, id, topk) = match (&cfg.dsa, &cfg.v4) {
+        (Some(d), _) => (d.index_n_heads, d.index_head_dim, d.index_topk),
+        (None, Some(v)) => (v.index_n_heads, v.index_head_dim, v.index_topk),
+        _ => bail!(
+            "bench long-context needs a DSA or DeepSeek-V4 model (e.g. --preset small-dsa or v4-small)"
+        ),
+    };
     let mut model = mnemo::model::Model::new(cfg.clone())?;
     model.init(run.train.seed);
     eprintln!(
@@ -411,9 +414,9 @@ fn bench_long_context(
         cfg.n_heads,
         cfg.head_dim,
         cfg.n_kv_heads,
-        dsa.index_n_heads,
-        dsa.index_head_dim,
-        dsa.index_topk,
+        ih,
+        id,
+        topk,
         if int8 { "8-bit" } else { "f32" },
         rayon::current_num_threads()
     );

@@ -1,4 +1,5 @@
-//! Long-context timing of a DSA model, dense vs sparse attention (`mnemo bench long-context`).
+//! Long-context timing of a DSA model, dense vs sparse attention, or of a DeepSeek-V4 model
+//! (its own attention only) (`mnemo bench long-context`).
 //!
 //! For each context length `L` (ascending) the model prefills `L` random tokens into a sparse
 //! cache (indexer keys in f32 or 8 bits), then decodes `decode` tokens greedily; the same cache
@@ -20,7 +21,8 @@ pub struct LongContextRow {
     pub context: usize,
     pub sparse_prefill_s: f64,
     pub sparse_decode_ms: f64,
-    pub dense_decode_ms: f64,
+    /// `None` for DeepSeek-V4 models (no dense mode).
+    pub dense_decode_ms: Option<f64>,
     /// `None` when the dense prefill was not run (beyond `dense_prefill_max`).
     pub dense_prefill_s: Option<f64>,
     pub kv_bytes: usize,
@@ -90,9 +92,10 @@ pub fn long_context(
     on_row: &mut dyn FnMut(&LongContextRow),
 ) -> Result<Vec<LongContextRow>> {
     let c = &model.cfg;
-    if c.dsa.is_none() {
-        bail!("long-context benchmark: the model has no DSA config (use a *-dsa preset)");
+    if c.dsa.is_none() && c.v4.is_none() {
+        bail!("long-context benchmark: the model has no DSA config (use a *-dsa or v4-* preset)");
     }
+    let v4 = c.v4.is_some();
     let need = b.contexts.iter().copied().max().unwrap_or(0) + 2 * b.decode + 1;
     if need > c.max_seq_len {
         bail!(
@@ -122,10 +125,15 @@ pub fn long_context(
         let sparse_prefill_s = t0.elapsed().as_secs_f64();
         let sparse_decode_ms = decode(model, &last, b.decode, &mut cache)?;
         let (kv_bytes, index_key_bytes) = (cache.kv_bytes(), cache.index_key_bytes());
-        cache.use_dense_attention();
-        let dense_decode_ms = decode(model, &last, b.decode, &mut cache)?;
+        let dense_decode_ms = match v4 {
+            true => None,
+            false => {
+                cache.use_dense_attention();
+                Some(decode(model, &last, b.decode, &mut cache)?)
+            }
+        };
         drop(cache);
-        let dense_prefill_s = if l <= b.dense_prefill_max {
+        let dense_prefill_s = if l <= b.dense_prefill_max && !v4 {
             let opts = CacheOptions {
                 dense_attention: true,
                 window_prefill: false,

@@ -31,6 +31,9 @@ impl KvCache {
         if self.engram.is_some() {
             bail!("prefix caches of Engram models are not supported (the Engram decode state is not saved)");
         }
+        if !self.v4.is_empty() {
+            bail!("prefix-cache files of DeepSeek-V4 models are not supported yet (their window, compressor tails and entries are not saved)");
+        }
         if tokens.len() != self.len {
             bail!(
                 "prefix cache: {} tokens given for {} cached positions",

@@ -238,12 +238,27 @@ impl Model {
         let (dm, h, d, ql) = (c.d_model, c.n_heads, c.head_dim, v.q_lora_rank);
         let (hi, di) = (v.index_n_heads, v.index_head_dim);
         let (r0, ni, p0) = (sp.r0, sp.n, sp.p0);
+        // Benchmarks only (`CacheOptions::window_prefill`): prefill chunks read their last
+        // `index_topk` entries instead of the indexer's top-k (CSA) or all of them (HCA).
+        let shortcut = sp.cache.window_prefill && ni > 1;
         let lc = &mut sp.cache.v4[l];
         let xs = &a[r0 * dm..(r0 + ni) * dm];
         if let (Some(co), Some(cc)) = (&vo.compressor, lc.comp.as_mut()) {
             self.v4_comp_advance(co, cc, xs, p0, rope);
         }
+        let last_k = |m: usize| -> Vec<Vec<usize>> {
+            let k = v.index_topk;
+            (p0..p0 + ni)
+                .map(|tq| ((tq + 1) / m).saturating_sub(k)..(tq + 1) / m)
+                .map(|r| r.collect())
+                .collect()
+        };
         let sel: Option<Vec<Vec<usize>>> = match (&vo.indexer, lc.index.as_mut()) {
+            (Some(io), Some(ic)) if shortcut => {
+                self.v4_comp_advance(&io.comp, ic, xs, p0, rope);
+                Some(last_k(io.comp.ratio))
+            }
+            (None, _) if shortcut => vo.compressor.as_ref().map(|co| last_k(co.ratio)),
             (Some(io), Some(ic)) => {
                 self.v4_comp_advance(&io.comp, ic, xs, p0, rope);
                 let q_res = &acts.q_res[r0 * ql..(r0 + ni) * ql];

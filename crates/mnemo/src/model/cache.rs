@@ -61,7 +61,10 @@ pub struct CacheOptions {
     pub dense_attention: bool,
     /// Benchmarks only (DSA models): prefill chunks (more than one new token) attend to their
     /// last `index_topk` positions instead of the indexer's top-k, skipping the indexer's
-    /// `O(L²)` scan; the indexer keys are still cached and decoding is exact DSA. This is NOT
+    /// `O(L²)` scan; the indexer keys are still cached and decoding is exact DSA. DeepSeek-V4
+    /// models: prefill chunks read their last `index_topk` compressed entries on CSA and HCA
+    /// layers (instead of the indexer's top-k, and of all entries); the window, entries and
+    /// indexer keys are cached as always and decoding is exact. This is NOT
     /// the model's computation: it fills a long cache quickly to time decoding at a context
     /// length whose exact prefill would take hours.
     pub window_prefill: bool,

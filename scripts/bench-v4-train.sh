@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# DeepSeek-V4 training-step speed: mnemo vs transformers 5.23.0's DeepseekV4ForCausalLM (eager,
+# float32), same config (exported by mnemo), batch, sequence length and threads, alternating
+# rounds; medians. Two configs: the `v4-tiny` preset as mnemo trains it, and a variant that
+# suits transformers best (4 experts of width 256 so its default `grouped_mm` experts run,
+# 3 Sinkhorn iterations as its own tests use). Writes results/v4-train-speed/{speed.json,speed.png}.
+#
+# Usage: scripts/bench-v4-train.sh [ROUNDS=3] [THREADS=2] [BATCH=4] [SEQ=256]
+# Needs PYTHON=/path/to/python with torch and transformers==5.23.0 (reference/requirements-v4.txt)
+# and matplotlib.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}; threads=${2:-2}; batch=${3:-4}; seq=${4:-256}
+py=${PYTHON:-reference/.venv-v4/bin/python}
+cargo build --release -q -p mnemo-cli
+mnemo=target/release/mnemo
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+declare -A sets experts
+sets[v4-tiny]=""
+experts[v4-tiny]=eager
+sets[hf-friendly]="--set n_routed_experts=4 --set moe_inter=256 --set hc_sinkhorn_iters=3"
+experts[hf-friendly]=grouped_mm
+: > "$tmp/runs.jsonl"
+for name in v4-tiny hf-friendly; do
+  # shellcheck disable=SC2086
+  $mnemo train --preset v4-tiny ${sets[$name]} --steps 1 --out "$tmp/$name" --data crates >/dev/null 2>&1
+  $mnemo export "$tmp/$name" --format hf --out "$tmp/$name-hf" >/dev/null
+  for r in $(seq 1 "$rounds"); do
+    echo "$name round $r/$rounds: mnemo" >&2
+    # shellcheck disable=SC2086
+    $mnemo --threads "$threads" bench train-step --preset v4-tiny ${sets[$name]} --batch-size "$batch" \
+        --seq-len "$seq" --iters 5 --warmup 1 --data crates | sed "s/^{/{\"config\":\"$name\",/" >> "$tmp/runs.jsonl"
+    echo "$name round $r/$rounds: transformers" >&2
+    OMP_NUM_THREADS=$threads "$py" reference/bench_step_v4.py --config "$tmp/$name-hf/config.json" \
+        --batch "$batch" --seq-len "$seq" --threads "$threads" --steps 3 --warmup 1 \
+        --experts "${experts[$name]}" 2>/dev/null | sed "s/^{/{\"config\":\"$name\",/" >> "$tmp/runs.jsonl"
+  done
+done
+mkdir -p results/v4-train-speed
+"$py" - "$tmp/runs.jsonl" <<'PY'
+import json, statistics, sys, subprocess
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")
+out = {"cpu": model, "configs": {}}
+for name in sorted({r["config"] for r in runs}):
+    m = [r["step_ms_median"] for r in runs if r["config"] == name and r.get("implementation") == "mnemo"]
+    t = [r["step_ms_median"] for r in runs if r["config"] == name and r.get("impl") == "transformers"]
+    first = next(r for r in runs if r["config"] == name and r.get("implementation") == "mnemo")
+    out["configs"][name] = {
+        "params": first["params"], "batch": first["batch"], "seq_len": first["seq_len"],
+        "threads": first["threads"], "mnemo_step_ms": m, "transformers_step_ms": t,
+        "mnemo_median_ms": statistics.median(m), "transformers_median_ms": statistics.median(t),
+        "speedup": statistics.median(t) / statistics.median(m),
+    }
+json.dump(out, open("results/v4-train-speed/speed.json", "w"), indent=1)
+import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+names = list(out["configs"])
+fig, ax = plt.subplots(figsize=(6, 3.5))
+x = range(len(names))
+ax.bar([i - 0.2 for i in x], [out["configs"][n]["mnemo_median_ms"] for n in names], 0.4, label="mnemo")
+ax.bar([i + 0.2 for i in x], [out["configs"][n]["transformers_median_ms"] for n in names], 0.4, label="transformers 5.23.0 (eager)")
+ax.set_xticks(list(x)); ax.set_xticklabels([f"{n}\n{out['configs'][n]['speedup']:.1f}x" for n in names])
+ax.set_ylabel("ms per training step"); ax.set_yscale("log"); ax.legend()
+ax.set_title(f"DeepSeek-V4 training step, batch 4x256, 2 threads\n{model}", fontsize=9)
+fig.tight_layout(); fig.savefig("results/v4-train-speed/speed.png", dpi=120)
+for n in names:
+    c = out["configs"][n]
+    print(f"{n}: {c['params']/1e6:.1f}M params, mnemo {c['mnemo_median_ms']:.0f} ms, transformers {c['transformers_median_ms']:.0f} ms: {c['speedup']:.1f}x")
+PY
