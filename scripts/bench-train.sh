@@ -5,6 +5,8 @@
 #
 # Usage: scripts/bench-train.sh [PRESET=small] [BATCH=8] [SEQ_LEN=256] [ROUNDS=5] [THREADS=2]
 # Needs the reference venv (reference/README.md) or PYTHON=/path/to/python with torch.
+# OUT=/tmp/x writes /tmp/x.json and .png instead (a quick check: ITERS=1 OUT=/tmp/x
+# scripts/bench-train.sh tiny 2 64 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 preset=${1:-small}; batch=${2:-8}; seq=${3:-256}; rounds=${4:-5}; threads=${5:-2}
@@ -28,7 +30,7 @@ for r in $(seq 1 "$rounds"); do
       --seq-len "$seq" --threads "$threads" --steps "$iters" --warmup 2 >> "$tmp/runs.jsonl"
 done
 mkdir -p results
-out="results/bench-train-$preset-T$seq"
+out=${OUT:-results/bench-train-$preset-T$seq}
 "$py" - "$tmp/runs.jsonl" "$tmp/gemm.json" "$tmp/model.json" "$out" "$preset" <<'PY'
 import json, statistics, sys
 runs_path, gemm_path, model_path, out, preset = sys.argv[1:]
