@@ -5,7 +5,7 @@
 //! The context is `[chat header] STABLE QUESTION_FILES "Question: …" [assistant header]`.
 //! STABLE is the whole repository when it fits; otherwise the files ranked without the question
 //! (READMEs, docs, top-level and small files first) within three quarters of the room
-//! (`--question-tokens` sets the rest). Only `[chat header] STABLE` is cached, so a second,
+//! (`--question-tokens` sets the rest, for the question and its files). Only `[chat header] STABLE` is cached, so a second,
 //! different question reuses it and prefills just the files picked for it (BM25 over the
 //! question, among those not already whole in STABLE) and the question itself.
 
@@ -38,9 +38,10 @@ pub struct AskArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// When the repository does not fit: tokens of context for the files most relevant to the
-    /// question, placed after the cached part (the rest of the room holds the cached,
-    /// question-independent files) [default: a quarter of the room left after --max-tokens].
+    /// When the repository does not fit: tokens of context for the question and the files most
+    /// relevant to it, placed after the cached part (the rest of the room holds the cached,
+    /// question-independent files). Smaller: a cheaper second question, fewer files chosen for
+    /// it [default: a quarter of the room left after --max-tokens; at least 64].
     #[arg(long, value_name = "N")]
     question_tokens: Option<usize>,
     /// Do not read or write the saved prefix cache.
@@ -87,7 +88,17 @@ pub fn run(a: AskArgs) -> Result<()> {
             a.max_tokens
         );
     }
-    let stable_budget = room - a.question_tokens.unwrap_or(room / 4).min(room);
+    // The question and its files get `share` tokens after the cached part (at least 64, so a
+    // short question never cuts into it); the cached part gets the rest of the room.
+    let share = a.question_tokens.unwrap_or(room / 4).max(64).min(room);
+    if question.len() > share {
+        eprintln!(
+            "note: the question ({} tokens) is longer than the {share} tokens kept for it \
+             (--question-tokens): the cached part is cut for it, so it will not be reused",
+            question.len()
+        );
+    }
+    let stable_budget = room - share;
     let t0 = std::time::Instant::now();
     let opts = mnemo_pack::PackOptions::new(&a.dir);
     let qp = mnemo_pack::pack_for_question(&opts, tok, ctx, stable_budget, &a.question)?;
