@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training-step benchmark: mnemo vs the PyTorch reference (eager, SDPA attention), same model
 # config, batch, sequence length and thread count, alternating runs so that machine drift hits
-# both equally. Writes results/bench-train-<preset>-T<seq>.json and .png, prints a summary.
+# both equally. Writes results/bench-train/<preset>-T<seq>.json and .png, prints a summary.
 #
 # Usage: scripts/bench-train.sh [PRESET=small] [BATCH=8] [SEQ_LEN=256] [ROUNDS=5] [THREADS=2]
 # Needs the reference venv (reference/README.md) or PYTHON=/path/to/python with torch.
@@ -29,8 +29,8 @@ for r in $(seq 1 "$rounds"); do
   OMP_NUM_THREADS=$threads "$py" reference/bench_step.py --config "$tmp/model.json" --batch "$batch" \
       --seq-len "$seq" --threads "$threads" --steps "$iters" --warmup 2 >> "$tmp/runs.jsonl"
 done
-mkdir -p results
-out=${OUT:-results/bench-train-$preset-T$seq}
+out=${OUT:-results/bench-train/$preset-T$seq}
+mkdir -p "$(dirname "$out")"
 "$py" - "$tmp/runs.jsonl" "$tmp/gemm.json" "$tmp/model.json" "$out" "$preset" <<'PY'
 import json, statistics, sys
 runs_path, gemm_path, model_path, out, preset = sys.argv[1:]
