@@ -195,44 +195,50 @@ pub fn run(c: CacheCmd) -> Result<()> {
     };
     match c {
         CacheCmd::List(a) => {
+            use std::fmt::Write as _;
+            let mut out = String::new();
             let root = root(&a);
             let limit = prefix_limit(None)?;
             let pdir = root.join("prefix");
             let es = entries(&pdir);
             let total: u64 = es.iter().map(|e| e.bytes).sum();
-            println!(
+            writeln!(
+                out,
                 "prefix caches (mnemo ask) in {}: {} entries, {} of the {} limit (--cache-limit, ${LIMIT_ENV})",
                 pdir.display(),
                 es.len(),
                 human_size(total),
                 human_size(limit)
-            );
+            )?;
             for e in &es {
-                println!(
+                writeln!(
+                    out,
                     "  {:>10}  {:>7} tokens  used {:<12}  {}",
                     human_size(e.bytes),
                     cached_tokens(&e.path).map_or("?".into(), |n| n.to_string()),
                     ago(e.used),
                     e.path.file_name().unwrap_or_default().to_string_lossy()
-                );
+                )?;
             }
             let tdir = root.join("tokens");
             let ts = token_caches(&tdir);
             let sizes: Vec<u64> = ts.iter().map(|p| du(p)).collect();
-            println!(
+            writeln!(
+                out,
                 "tokenized corpora (train, eval) in {}: {} entries, {}",
                 tdir.display(),
                 ts.len(),
                 human_size(sizes.iter().sum())
-            );
+            )?;
             for (p, b) in ts.iter().zip(&sizes) {
-                println!(
+                writeln!(
+                    out,
                     "  {:>10}  {}",
                     human_size(*b),
                     p.file_name().unwrap_or_default().to_string_lossy()
-                );
+                )?;
             }
-            Ok(())
+            crate::write_stdout(out.as_bytes())
         }
         CacheCmd::Clear(a) => {
             let root = root(&a.dir);
@@ -271,12 +277,14 @@ pub fn run(c: CacheCmd) -> Result<()> {
                     bytes += b;
                 }
             }
-            println!(
-                "deleted {n} cache entries ({}) under {}",
-                human_size(bytes),
-                root.display()
-            );
-            Ok(())
+            crate::write_stdout(
+                format!(
+                    "deleted {n} cache entries ({}) under {}\n",
+                    human_size(bytes),
+                    root.display()
+                )
+                .as_bytes(),
+            )
         }
     }
 }

@@ -133,8 +133,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(c) => bench_cmd::run(c),
         Cmd::Cache(c) => cache_cmd::run(c),
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "mnemo", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mnemo", &mut script);
+            write_stdout(&script)
         }
+    }
+}
+
+/// Write `bytes` to stdout; a reader that stopped early (`mnemo … | head`) is not an error.
+pub(crate) fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match o.write_all(bytes).and_then(|_| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
     }
 }

@@ -307,6 +307,23 @@ fn shell_completions() {
         );
     }
     assert_fails(&["completions", "tcsh"], "invalid value 'tcsh'");
+    // A reader that stops early (`mnemo completions bash | head`) is no error and no panic.
+    for args in [&["completions", "bash"][..], &["cache", "list"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mnemo"))
+            .args(args)
+            .env("MNEMO_CACHE", common::cache())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 /// A GGUF holding only a tokenizer: GPT-2's 256 byte symbols and a few merges.
