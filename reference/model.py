@@ -139,8 +139,14 @@ class Config:
                 "num_hash_layers > number of MoE layers"
             assert self.seq_aux_loss_coef >= 0.0
 
+    # Keys of mnemo's model config that only steer training, never the forward or backward
+    # pass this reference computes (the MoE router-bias refit: `moe::fit_bias`). `mnemo config`
+    # prints them for every preset; they are accepted and dropped.
+    TRAINING_ONLY_PREFIXES = ("bias_fit_",)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        d = {k: v for k, v in d.items() if not k.startswith(cls.TRAINING_ONLY_PREFIXES)}
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING}
         unknown = set(d) - names

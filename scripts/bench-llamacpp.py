@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Prefill and decode speed: mnemo vs llama.cpp (llama-cpp-python) on the same GGUF, same
-thread count, alternating runs. Writes results/bench-llamacpp.json and .png.
+thread count, alternating runs. Writes results/bench-llamacpp/<model file stem>.json and .png.
 
 Usage: reference/.venv/bin/python scripts/bench-llamacpp.py models/SmolLM2-135M-Instruct.Q4_1.gguf [ROUNDS=5]
 Needs llama-cpp-python built for this CPU (see reference/llamacpp_fixture.py) and
 `cargo build --release`.
 """
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,9 @@ for threads in (1, 2):
                                    "prefill_mnemo_over_llamacpp": m["prefill_tok_s"] / l["prefill_tok_s"]}
 res = {"model": model.split("/")[-1], "prompt_tokens": PROMPT, "gen": GEN, "rounds": rounds,
        "llama_cpp_python": llama_cpp.__version__, "summary": summary, "runs": runs}
-json.dump(res, open("results/bench-llamacpp.json", "w"), indent=1)
+out = "results/bench-llamacpp/" + os.path.splitext(os.path.basename(model))[0]
+os.makedirs(os.path.dirname(out), exist_ok=True)
+json.dump(res, open(out + ".json", "w"), indent=1)
 print(json.dumps(summary, indent=1))
 try:
     import matplotlib
@@ -78,6 +81,6 @@ try:
         ax.set_title(f"SmolLM2-135M Q4_1: {title}")
         ax.legend()
     fig.tight_layout()
-    fig.savefig("results/bench-llamacpp.png", dpi=100)
+    fig.savefig(out + ".png", dpi=100)
 except ImportError:
     pass

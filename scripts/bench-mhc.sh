@@ -3,7 +3,7 @@
 # the same preset, batch and sequence length, alternating the three in every round so that
 # machine drift hits all equally. Reports wall-clock and CPU-time medians (CPU time, from
 # /proc/self/stat, is the robust one on a shared machine) and the ratios to plain.
-# Writes results/bench-mhc-<preset>-T<seq>.json and .png.
+# Writes results/bench-mhc/<preset>-T<seq>.json and .png.
 #
 # Usage: scripts/bench-mhc.sh [PRESET=small] [BATCH=8] [SEQ_LEN=256] [ROUNDS=4] [THREADS=1]
 # Env: ITERS (timed steps per run, default 3), HC_MULT (default 4), PYTHON (for the plot).
@@ -25,8 +25,8 @@ for r in $(seq 1 "$rounds"); do
       >> "$tmp/runs.jsonl"
   done
 done
-mkdir -p results
-out="results/bench-mhc-$preset-T$seq"
+out="results/bench-mhc/$preset-T$seq"
+mkdir -p "$(dirname "$out")"
 "$py" - "$tmp/runs.jsonl" "$out" "$preset" <<'PY'
 import json, statistics, sys
 runs_path, out, preset = sys.argv[1:]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MoE step-time overhead: the `small-moe` preset (1 shared + 16 routed experts, top-2, expert
 # width 464) against a dense model with the same *activated* FFN width ((1 + 2)·464 = 1392),
-# everything else equal, alternating runs. Writes results/bench-moe-<preset>.json and .png.
+# everything else equal, alternating runs. Writes results/bench-moe/<preset>.json and .png.
 #
 # Usage: scripts/bench-moe.sh [PRESET=small-moe] [BATCH=8] [SEQ_LEN=256] [ROUNDS=5] [THREADS=2]
 set -euo pipefail
@@ -22,8 +22,8 @@ for r in $(seq 1 "$rounds"); do
   $mnemo --threads "$threads" bench train-step --preset "$base" --set ffn_hidden="$width" --batch-size "$batch" \
       --seq-len "$seq" --iters "$iters" --warmup 1 | sed 's/^{/{"variant":"dense",/' >> "$tmp"
 done
-mkdir -p results
-out="results/bench-moe-$preset"
+out="results/bench-moe/$preset"
+mkdir -p "$(dirname "$out")"
 "$py" - "$tmp" "$out" "$preset" "$width" <<'PY'
 import json, statistics, sys
 path, out, preset, width = sys.argv[1:]

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Training-step benchmark: mnemo vs the PyTorch reference (eager, SDPA attention), same model
 # config, batch, sequence length and thread count, alternating runs so that machine drift hits
-# both equally. Writes results/bench-train-<preset>-T<seq>.json and .png, prints a summary.
+# both equally. Writes results/bench-train/<preset>-T<seq>.json and .png, prints a summary.
 #
 # Usage: scripts/bench-train.sh [PRESET=small] [BATCH=8] [SEQ_LEN=256] [ROUNDS=5] [THREADS=2]
 # Needs the reference venv (reference/README.md) or PYTHON=/path/to/python with torch.
+# OUT=/tmp/x writes /tmp/x.json and .png instead (a quick check: ITERS=1 OUT=/tmp/x
+# scripts/bench-train.sh tiny 2 64 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 preset=${1:-small}; batch=${2:-8}; seq=${3:-256}; rounds=${4:-5}; threads=${5:-2}
@@ -27,8 +29,8 @@ for r in $(seq 1 "$rounds"); do
   OMP_NUM_THREADS=$threads "$py" reference/bench_step.py --config "$tmp/model.json" --batch "$batch" \
       --seq-len "$seq" --threads "$threads" --steps "$iters" --warmup 2 >> "$tmp/runs.jsonl"
 done
-mkdir -p results
-out="results/bench-train-$preset-T$seq"
+out=${OUT:-results/bench-train/$preset-T$seq}
+mkdir -p "$(dirname "$out")"
 "$py" - "$tmp/runs.jsonl" "$tmp/gemm.json" "$tmp/model.json" "$out" "$preset" <<'PY'
 import json, statistics, sys
 runs_path, gemm_path, model_path, out, preset = sys.argv[1:]

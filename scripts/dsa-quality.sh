@@ -16,9 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
-INIT=${INIT:-/work/runs/tiny-real}
-DATA=${DATA:-/work/corpus}
-W=${WORK:-/work/exp/dsa-quality}
+INIT=${INIT:-runs/tiny-real}
+DATA=${DATA:-data/corpus}
+W=${WORK:-runs/exp/dsa-quality}
 STEPS=${STEPS:-100}
 WARM=${WARM:-20}
 SEQ=${SEQ:-4096}
@@ -27,7 +27,6 @@ EVAL=${EVAL:-20}
 LOG=${LOG:-5}
 THREADS=${THREADS:-2}
 R=results/dsa-quality
-export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
 mkdir -p "$W" "$R"
 COMMON="--init $INIT --data $DATA --seq-len $SEQ --set max_seq_len=$SEQ --batch-size 1 \
   --set train.eval_interval=$EVAL --set train.eval_batches=4 --set train.log_interval=$LOG \
@@ -52,4 +51,4 @@ fi
 cp "$W/dense/metrics.jsonl" "$R/dense_metrics.jsonl"
 cp "$W/sparse/metrics.jsonl" "$R/sparse_metrics.jsonl"
 cp "$W/sparse/run.json" "$R/sparse_run.json"
-/work/venv/bin/python scripts/plot-dsa-quality.py "$R" "$STEPS" "$WARM" "$SEQ" "$TOPK"
+${PYTHON:-python3} scripts/plot-dsa-quality.py "$R" "$STEPS" "$WARM" "$SEQ" "$TOPK"

@@ -6,10 +6,9 @@
 # Usage: scripts/dsa_stages.sh [mnemo binary] [run dir]
 set -e
 B=${1:-target/release/mnemo}
-R=${2:-/work/exp/dsa/tiny-dsa}
+R=${2:-runs/exp/dsa/tiny-dsa}
 rm -rf "$R"
-export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
-$B train --preset tiny-dsa --data /work/corpus --tokenizer /work/runs/tiny-real/tokenizer.json \
+$B train --preset tiny-dsa --data data/corpus --tokenizer runs/tiny-real/tokenizer.json \
   --out "$R" --steps 60 --seq-len 128 --batch-size 16 --dsa-stage dense \
   --set train.eval_interval=20 --set train.save_interval=20 --quiet
 $B train --resume "$R" --steps 80 --dsa-stage warmup --quiet

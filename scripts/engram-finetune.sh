@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
 # Memory-only fine-tuning vs full fine-tuning of an Engram model on a held-out codebase.
-#   BASE: an Engram run trained on the corpus (default: trains tiny-engram, 300 steps, on /work/corpus)
+#   BASE: an Engram run trained on the corpus (default: trains tiny-engram, 300 steps, on data/corpus)
 #   NEW:  a codebase not in the corpus (default: the `syn` crate from ~/.cargo/registry), val split 20 %
 # Same steps, seed, lr and data order for both; writes results/engram-finetune/{finetune.json,finetune.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
-WORK=${WORK:-/work/exp/engramft}
+WORK=${WORK:-runs/exp/engramft}
 BASE=${BASE:-$WORK/base}
 NEW=${NEW:-$WORK/newcode}
 STEPS=${STEPS:-100}
 LR=${LR:-1e-3}
 VALF=${VALF:-0.2}
 OUT=results/engram-finetune
-export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
 mkdir -p "$OUT" "$WORK"
 if [ ! -d "$BASE/checkpoint" ]; then
-  $MNEMO train --preset tiny-engram --data /work/corpus --tokenizer /work/runs/tiny-real/tokenizer.json \
+  $MNEMO train --preset tiny-engram --data data/corpus --tokenizer runs/tiny-real/tokenizer.json \
     --steps 300 --out "$BASE" --quiet
 fi
 if [ ! -d "$NEW" ]; then
@@ -48,10 +47,10 @@ mem=$(ev "$WORK/ft-mem" "$NEW"); memg=$(ev "$WORK/ft-memgates" "$NEW"); full=$(e
 rm -rf "$WORK/ft-mem-nostate"; cp -r "$WORK/ft-mem/checkpoint" "$WORK/ft-mem-nostate"; rm "$WORK/ft-mem-nostate/state.json"
 donly=$(ev "$WORK/ft-delta-only" "$NEW"); dmem=$(ev "$WORK/ft-mem-nostate" "$NEW")
 # The base on its own corpus, with Engram off (ablation at inference).
-base_corpus=$(VALF=0.05 ev "$BASE" /work/corpus); base_off=$(VALF=0.05 ev "$BASE" /work/corpus --no-engram)
+base_corpus=$(VALF=0.05 ev "$BASE" data/corpus); base_off=$(VALF=0.05 ev "$BASE" data/corpus --no-engram)
 t0=0; t1=$(cat "$WORK/ft-mem.wall"); t2=$(echo "$t1 + $(cat "$WORK/ft-memgates.wall")" | bc)
 t3=$(echo "$t2 + $(cat "$WORK/ft-full.wall")" | bc)
-/work/venv/bin/python - "$OUT" "$WORK" "$before" "$mem" "$memg" "$full" "$donly" "$base_corpus" "$base_off" \
+${PYTHON:-python3} - "$OUT" "$WORK" "$before" "$mem" "$memg" "$full" "$donly" "$base_corpus" "$base_off" \
   "$t0" "$t1" "$t2" "$t3" "$STEPS" "$dmem" <<'PY'
 import json, sys, os, glob
 out, work = sys.argv[1], sys.argv[2]

@@ -6,7 +6,7 @@ token, the gate value a = sigmoid(...) of each residual stream, averaged over st
 (1) the snippet as text, each token's background coloured by its gate value (one panel per
 Engram layer) and (2) a layers x tokens heat-map strip.
 
-  /work/venv/bin/python scripts/engram-gate-heatmap.py RUN_DIR [SNIPPET] [--out results/engram-gates]
+  python3 scripts/engram-gate-heatmap.py RUN_DIR [SNIPPET] [--out results/engram-gates]
 """
 import argparse, json, os, subprocess, sys
 

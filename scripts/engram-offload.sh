@@ -12,13 +12,13 @@ cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
 GB=${GB:-2}
 REPS=${REPS:-12}
-DIR=${DIR:-/work/exp/engram-offload}
+DIR=${DIR:-runs/exp/engram-offload}
 OUT=${OUT:-results/engram-offload}
 mkdir -p "$OUT" "$DIR"
 $MNEMO bench engram-offload --preset tiny-engram --table-gb "$GB" --reps "$REPS" --dir "$DIR" \
   > "$OUT/offload-${GB}GB.json"
 rmdir "$DIR" 2>/dev/null || true
-/work/venv/bin/python - "$OUT" <<'PY'
+${PYTHON:-python3} - "$OUT" <<'PY'
 import json, sys, glob, statistics as st
 import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
 out = sys.argv[1]

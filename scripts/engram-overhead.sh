@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 $MNEMO bench train-step --preset "$PRESET" --iters "$ITERS" --warmup 2 --vs-no-engram --vs-frozen \
   > "$OUT/steps.json" 2> "$OUT/summary.txt"
 cat "$OUT/summary.txt"
-/work/venv/bin/python - "$OUT" <<'PY'
+${PYTHON:-python3} - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 rows = json.load(open(f"{out}/steps.json"))

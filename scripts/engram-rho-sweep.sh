@@ -4,33 +4,32 @@
 # as routed experts; the rest pays for Engram table rows (block 1, orders 2–3, 4 heads × 16 dims).
 # top_k stays 2, so activated expert parameters are equal; the Engram gate (~68k params) is
 # the only extra activated weight and is printed in the accounting.
-#   STEPS=1000 TRAIN_ARGS="--batch-size 8 --set train.eval_batches=32" OUT=results/engram-rho-1000 \
-#     WORK=/work/exp/engram-rho-1000 MNEMO="target/release/mnemo --threads 1" scripts/engram-rho-sweep.sh
+#   STEPS=1000 TRAIN_ARGS="--batch-size 8 --set train.eval_batches=32" OUT=results/engram-rho/steps-1000 \
+#     WORK=runs/exp/engram-rho-1000 MNEMO="target/release/mnemo --threads 1" scripts/engram-rho-sweep.sh
 #     RHOS="1.0 0.8" SEEDS=7 ... (same, again: a second seed of ρ = 1.0 and 0.8)
-#                                                 (the run committed in results/engram-rho-1000:
+#                                                 (the run committed in results/engram-rho/steps-1000:
 #                                                 ~15 min per ρ on one core; two invocations
 #                                                 with disjoint RHOS run side by side)
 #   STEPS=2000 scripts/engram-rho-sweep.sh        (longer: hours on 2 cores)
 #   STEPS=5 scripts/engram-rho-sweep.sh           (end-to-end check)
-#   STEPS=100 TRAIN_ARGS="--batch-size 8 --set train.warmup_steps=20" OUT=results/engram-rho-100 \
-#     WORK=/work/exp/engramexp/rho nice -n 10 scripts/engram-rho-sweep.sh
-#                                                 (the reduced run committed in results/engram-rho-100)
-# Results: results/engram-rho/{configs/*.json, rho.json, rho.png}.
+#   STEPS=100 TRAIN_ARGS="--batch-size 8 --set train.warmup_steps=20" OUT=results/engram-rho/steps-100 \
+#     WORK=runs/exp/engramexp/rho nice -n 10 scripts/engram-rho-sweep.sh
+#                                                 (the reduced run committed in results/engram-rho/steps-100)
+# Results: OUT/{configs/*.json, rho.json, rho.png} (default OUT: results/engram-rho/steps-STEPS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
 STEPS=${STEPS:-2000}
 RHOS=${RHOS:-"1.0 0.8 0.6 0.4 0.2"}
-WORK=${WORK:-/work/exp/engram-rho-$STEPS}
-DATA=${DATA:-/work/corpus}
-TOK=${TOK:-/work/runs/tiny-real/tokenizer.json}
-OUT=${OUT:-results/engram-rho}
+WORK=${WORK:-runs/exp/engram-rho-$STEPS}
+DATA=${DATA:-data/corpus}
+TOK=${TOK:-runs/tiny-real/tokenizer.json}
+OUT=${OUT:-results/engram-rho/steps-$STEPS}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 SEEDS=${SEEDS:-1337}    # runs of seeds other than 1337 are named rho-X-seedS; the JSON and plot use every seed found
-export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
 mkdir -p "$OUT/configs" "$WORK"
 # Write one config per ρ and its parameter accounting (python: exact formulas of the preset).
-/work/venv/bin/python - "$OUT" "$RHOS" <<'PY'
+${PYTHON:-python3} - "$OUT" "$RHOS" <<'PY'
 import json, sys
 out, rhos = sys.argv[1], [float(r) for r in sys.argv[2].split()]
 d, E0, inter, n_layers, n_dense, top_k = 256, 16, 704 // 3, 4, 1, 2
@@ -83,7 +82,7 @@ for rho in $RHOS; do
   fi
 done
 done
-/work/venv/bin/python - "$OUT" "$WORK" "$STEPS" <<'PY'
+${PYTHON:-python3} - "$OUT" "$WORK" "$STEPS" <<'PY'
 import json, sys, re
 out, work, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 acct = json.load(open(f"{out}/accounting.json"))

@@ -5,7 +5,7 @@ fixed draft length and the lossy `--threshold` mode, all interleaved in one proc
 cost of a k-row verification forward relative to one row (`mnemo bench rows`, one worker
 thread, CPU time, per component). Writes JSON and plots.
 
-    /work/venv/bin/python scripts/lookup-bench.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+    python3 scripts/lookup-bench.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 import argparse
 import json

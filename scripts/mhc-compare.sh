@@ -6,14 +6,14 @@
 # mHC), grad_norm.png, and summary.json (final numbers, or the error of a run that diverged).
 #
 # Usage: scripts/mhc-compare.sh [TAG=tiny]
-# Env: DATA (/work/corpus), PRESET (tiny), STEPS (600), LR (2e-3), SEED (1337),
+# Env: DATA (data/corpus), PRESET (tiny), STEPS (600), LR (2e-3), SEED (1337),
 #      SETS (extra "--set k=v" flags for all three, e.g. "--set n_layers=8"), KINDS
 #      ("plain hc mhc"), TOKENIZER (reuse a tokenizer.json; default: the first run trains one),
 #      MNEMO_CACHE (token cache), PYTHON (matplotlib for the plots).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-tiny}
-data=${DATA:-/work/corpus}; preset=${PRESET:-tiny}; steps=${STEPS:-600}; lr=${LR:-2e-3}
+data=${DATA:-data/corpus}; preset=${PRESET:-tiny}; steps=${STEPS:-600}; lr=${LR:-2e-3}
 seed=${SEED:-1337}; sets=${SETS:-}; kinds=${KINDS:-plain hc mhc}
 py=${PYTHON:-reference/.venv/bin/python}
 cargo build --release -q -p mnemo-cli || exit 1

@@ -10,15 +10,15 @@
 #   yarn4    YaRN x4 continuation at 1024 tokens (same answer-only NIAH rows), CONT_STEPS steps.
 # Evaluations: stage 3 at 256; at 256/512/1024 with plain extrapolation and with zero-shot YaRN
 # x4 (eval --extend 4); yarn4 at 256/512/1024. Heat-maps and partial.csv via scripts/niah_plot.py.
-# Usage: scripts/niah-answers.sh [WORK_DIR]   (default /work/exp/niah2; ~50 min on 2 busy cores)
-# Env: INIT (default /work/runs/tiny-real), STAGE1 (reuse an existing stage-1 run dir instead of
+# Usage: scripts/niah-answers.sh [WORK_DIR]   (default runs/exp/niah2; ~50 min on 2 busy cores)
+# Env: INIT (default runs/tiny-real), STAGE1 (reuse an existing stage-1 run dir instead of
 #      training one), STEPS1 (500), STEPS2 (800), STEPS3 (1200), CONT_STEPS (40), SAMPLES (10),
 #      MNEMO, MNEMO_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-W=${1:-/work/exp/niah2}
+W=${1:-runs/exp/niah2}
 MNEMO=${MNEMO:-target/release/mnemo}
-INIT=${INIT:-/work/runs/tiny-real}
+INIT=${INIT:-runs/tiny-real}
 STEPS1=${STEPS1:-500}
 STEPS2=${STEPS2:-800}
 STEPS3=${STEPS3:-1200}
@@ -26,7 +26,6 @@ CONT_STEPS=${CONT_STEPS:-40}
 SAMPLES=${SAMPLES:-10}
 R=results/niah/answers
 mkdir -p "$W" "$R"
-export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
 EV="--task niah --depths 0,0.25,0.5,0.75,1 --samples $SAMPLES --quiet"
 
 # 1. Stage 1: loss on every token (learns the format and copying of the later digits).
@@ -60,4 +59,4 @@ fi
 "$MNEMO" eval $EV --model "$W/yarn4" --context 256,512,1024 --json "$R/yarn4_continued.json"
 "$MNEMO" eval $EV --model "$W/stage3" --context 2048 --extend 8 --json "$R/base_zero_shot_yarn8_2048.json"
 # 5. Heat-maps.
-/work/venv/bin/python scripts/niah_plot.py "$R" "answer-only loss"
+${PYTHON:-python3} scripts/niah_plot.py "$R" "answer-only loss"

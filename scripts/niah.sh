@@ -5,20 +5,19 @@
 #   (b) with zero-shot YaRN (eval --extend 4),
 #   (c) after a YaRN continuation stage of a few dozen steps at 1024 tokens
 #       (train --init ... --seq-len 1024 --rope-scaling-factor 4).
-# Usage: scripts/niah.sh [WORK_DIR]   (default /work/exp/longctx/niah; ~15 min on 2 cores)
-# Env: INIT (a pretrained run to start from, default /work/runs/tiny-real), STEPS (400),
+# Usage: scripts/niah.sh [WORK_DIR]   (default runs/exp/longctx/niah; ~15 min on 2 cores)
+# Env: INIT (a pretrained run to start from, default runs/tiny-real), STEPS (400),
 #      CONT_STEPS (40), SAMPLES (10), MNEMO (binary), MNEMO_CACHE (token cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-W=${1:-/work/exp/longctx/niah}
+W=${1:-runs/exp/longctx/niah}
 MNEMO=${MNEMO:-target/release/mnemo}
-INIT=${INIT:-/work/runs/tiny-real}
+INIT=${INIT:-runs/tiny-real}
 STEPS=${STEPS:-400}
 CONT_STEPS=${CONT_STEPS:-40}
 SAMPLES=${SAMPLES:-10}
 R=results/niah
 mkdir -p "$W" "$R"
-export MNEMO_CACHE=${MNEMO_CACHE:-/work/cache}
 EV="--task niah --depths 0,0.25,0.5,0.75,1 --samples $SAMPLES --quiet"
 
 # 1. NIAH at 256 tokens: every training row is a synthetic document (code-like filler + needle).
@@ -39,4 +38,4 @@ fi
 "$MNEMO" eval $EV --model "$W/base" --context 256,512,1024 --extend 4 --json "$R/base_zero_shot_yarn.json"
 "$MNEMO" eval $EV --model "$W/yarn4" --context 256,512,1024 --json "$R/yarn4_continued.json"
 # 4. Heat-maps.
-/work/venv/bin/python scripts/niah_plot.py "$R"
+${PYTHON:-python3} scripts/niah_plot.py "$R"

@@ -105,6 +105,14 @@ def main():
         except openai.BadRequestError as e:
             check("prompt over the context -> 400", e.code == "context_length_exceeded", e.body)
 
+        try:
+            client.chat.completions.create(model="gpt-4o", max_tokens=4,
+                                           messages=[{"role": "user", "content": "x"}])
+            check("unknown model -> 404", False, "no error")
+        except openai.NotFoundError as e:
+            check("unknown model -> 404", e.status_code == 404 and e.code == "model_not_found",
+                  e.body)
+
         bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
         try:
             bad.models.list()

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 #[derive(Args, Clone)]
 pub struct ConfigArgs {
-    /// Model preset: tiny (~3.5M parameters, minutes on 2 cores) or small (~22M).
+    /// Model preset: tiny (4.26M parameters, minutes on 2 cores), small (21.9M, GQA), or one of
+    /// tiny-moe, small-moe, tiny-hc, tiny-mhc, small-mhc, tiny-engram, tiny-mhc-engram,
+    /// small-engram, tiny-dsa, small-dsa, v4-tiny, v4-small [default: tiny].
     #[arg(long)]
     pub(crate) preset: Option<String>,
     /// JSON config file: {"preset": ..., "model": {...}, "train": {...}, "data": {...}}; every
@@ -104,4 +106,41 @@ pub fn run(a: &ConfigArgs) -> Result<()> {
     let (run, _) = resolve(a)?;
     println!("{}", serde_json::to_string_pretty(&run)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The parameter counts `--preset`'s help states are the presets' true sizes, and every
+    /// preset is named.
+    #[test]
+    fn preset_help_states_true_sizes_and_every_preset() {
+        let mut cmd = crate::Cli::command();
+        let train = cmd.find_subcommand_mut("train").unwrap();
+        let help = train
+            .get_arguments()
+            .find(|a| a.get_id() == "preset")
+            .and_then(|a| a.get_help())
+            .unwrap()
+            .to_string();
+        for (name, want) in [("tiny", "4.26M"), ("small", "21.9M")] {
+            let cfg = mnemo::config::ModelConfig::preset(name).unwrap();
+            let n = mnemo::model::Model::new(cfg).unwrap().counts().total;
+            let shown = if n < 10_000_000 {
+                format!("{:.2}M", n as f64 / 1e6)
+            } else {
+                format!("{:.1}M", n as f64 / 1e6)
+            };
+            assert_eq!(shown, want, "{name}: {n} parameters");
+            assert!(
+                help.contains(&format!("{name} ({want} parameters"))
+                    || help.contains(&format!("{name} ({want},")),
+                "{help}"
+            );
+        }
+        for p in mnemo::config::ModelConfig::PRESETS {
+            assert!(help.contains(p), "`{p}` missing from: {help}");
+        }
+    }
 }

@@ -24,7 +24,9 @@ pub struct EvalArgs {
     /// Data to evaluate on [default: the run's training data directory]; its validation split is used.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
-    /// Number of batches of validation windows.
+    /// Number of batches of validation windows (of the run's batch size and sequence length).
+    /// Training's own validation (its progress line, metrics.jsonl and last line) uses
+    /// train.eval_batches, 8 by default, so its numbers differ slightly from this one's.
     #[arg(long, default_value_t = 32)]
     batches: usize,
     #[arg(long, value_name = "DIR")]
@@ -120,8 +122,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     } else {
         println!(
-            "val loss {loss:.4} nats/token, {bpb:.4} bits/byte ({} val tokens, {windows} windows of {t}){}",
+            "val loss {loss:.4} nats/token, {bpb:.4} bits/byte ({} val tokens, {windows} windows of {t} = {} batches of {b}; training's last line uses train.eval_batches){}",
             cache.val.n_tokens,
+            a.batches,
             if a.no_engram { " [Engram off]" } else { "" }
         );
         for m in &moe {
@@ -163,7 +166,7 @@ pub struct HumanEvalArgs {
     #[arg(long, default_value_t = 1)]
     samples: usize,
     /// Softmax temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = crate::args::temperature)]
     temperature: f32,
     /// Sample among the k most likely tokens (0 = all).
     #[arg(long, default_value_t = 0)]

@@ -21,7 +21,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
     /// Softmax temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = crate::args::temperature)]
     temperature: f32,
     /// Sample among the k most likely tokens (0 = all).
     #[arg(long, default_value_t = 50)]
@@ -44,9 +44,6 @@ pub struct GenerateArgs {
 /// `mnemo generate`: continue a prompt (or answer it with the chat template), streaming the
 /// text to stdout; plain or lookup-first decoding.
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
-        bail!("--temperature must be >= 0");
-    }
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
@@ -70,6 +67,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             l.model.cfg.max_seq_len
         );
     }
+    let max_new = if a.max_tokens > room {
+        eprintln!(
+            "note: --max-tokens {} is more than the context leaves: the prompt takes {} of the \
+             model's {} tokens (max_seq_len), so at most {room} tokens are generated",
+            a.max_tokens,
+            prompt.len(),
+            l.model.cfg.max_seq_len
+        );
+        room
+    } else {
+        a.max_tokens
+    };
     let s = mnemo::generate::Sampling {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -96,7 +105,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             tok,
             &mut cache,
             &prompt,
-            a.max_tokens.min(room),
+            max_new,
             s,
             a.seed,
             cfg,
@@ -109,22 +118,39 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
         return Ok(());
     }
-    stream_answer(
+    let st = stream_answer(
         &l.model,
         tok,
         &mut cache,
         &prompt,
-        a.max_tokens.min(room),
+        max_new,
         s,
         a.seed,
         &mut stdout,
     )?;
     writeln!(stdout)?;
+    if st.context_full {
+        eprintln!(
+            "stopped after {} tokens: the model's context of {} tokens is full",
+            st.generated, l.model.cfg.max_seq_len
+        );
+    }
     Ok(())
 }
 
+/// What [`stream_answer`] did.
+pub struct AnswerStats {
+    /// Tokens generated (the end-of-text token not counted).
+    pub generated: usize,
+    /// Time from the call to the first generated token (prefill included).
+    pub first_token: Option<std::time::Duration>,
+    /// Generation stopped because the KV cache reached the model's context.
+    pub context_full: bool,
+}
+
 /// Prefill `tokens` after what `cache` holds, then sample up to `max_new` tokens, writing the
-/// text to `out` as it is produced; stops at the tokenizer's end-of-text token.
+/// text to `out` as it is produced; stops at the tokenizer's end-of-text token or when the
+/// context is full.
 #[allow(clippy::too_many_arguments)]
 pub fn stream_answer(
     model: &mnemo::model::Model,
@@ -135,10 +161,12 @@ pub fn stream_answer(
     s: mnemo::generate::Sampling,
     seed: u64,
     out: &mut impl Write,
-) -> Result<()> {
+) -> Result<AnswerStats> {
     let mut stream = mnemo::tokenizer::StreamDecoder::new(tok);
     let n_valid = tok.vocab_size();
-    mnemo::generate::generate_after(
+    let t0 = std::time::Instant::now();
+    let mut first = None;
+    let ids = mnemo::generate::generate_after(
         model,
         cache,
         tokens,
@@ -148,9 +176,14 @@ pub fn stream_answer(
         n_valid,
         Some(tok.eot()),
         |t| {
+            first.get_or_insert_with(|| t0.elapsed());
             write!(out, "{}", stream.push(t)?)?;
             Ok(out.flush()?)
         },
     )?;
-    Ok(())
+    Ok(AnswerStats {
+        generated: ids.len(),
+        first_token: first,
+        context_full: ids.len() < max_new && cache.len() >= cache.capacity(),
+    })
 }

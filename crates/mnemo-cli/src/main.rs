@@ -5,10 +5,12 @@
 //! library.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
+mod args;
 mod ask_cmd;
 mod bench_cmd;
+mod cache_cmd;
 mod config_cmd;
 mod engram_cmd;
 mod eval_cmd;
@@ -74,6 +76,16 @@ enum Cmd {
     /// Benchmarks: a training step, or the GEMM peak.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
+    /// List or clear the caches: `mnemo ask`'s prefix caches and the tokenized corpora.
+    #[command(subcommand)]
+    Cache(cache_cmd::CacheCmd),
+    /// Print a shell completion script, e.g. `mnemo completions bash >
+    /// ~/.local/share/bash-completion/completions/mnemo`, `mnemo completions zsh >
+    /// ~/.zfunc/_mnemo`, `mnemo completions fish > ~/.config/fish/completions/mnemo.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() {
@@ -119,5 +131,23 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Engram(c) => engram_cmd::run(c),
         Cmd::Config(a) => config_cmd::run(&a),
         Cmd::Bench(c) => bench_cmd::run(c),
+        Cmd::Cache(c) => cache_cmd::run(c),
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mnemo", &mut script);
+            write_stdout(&script)
+        }
+    }
+}
+
+/// Write `bytes` to stdout; a reader that stopped early (`mnemo … | head`) is not an error.
+pub(crate) fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match o.write_all(bytes).and_then(|_| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
     }
 }

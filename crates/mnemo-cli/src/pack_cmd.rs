@@ -45,7 +45,8 @@ pub struct PackArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Plain)]
     pub format: Format,
-    /// Count tokens with this tokenizer: a tokenizer.json, or a run or checkpoint directory.
+    /// Count tokens with this tokenizer: a tokenizer.json, a `.gguf` model, or a run,
+    /// checkpoint or Hugging Face directory.
     #[arg(long, value_name = "PATH")]
     pub tokenizer: Option<PathBuf>,
     /// Print only the count table (total, every directory, every file; by tokens, descending;
@@ -79,9 +80,13 @@ pub struct PackArgs {
     pub max_file_bytes: u64,
 }
 
-/// Load a tokenizer from a `tokenizer.json`, or from a run or checkpoint directory (its
-/// checkpoint's `tokenizer.json`, else a `tokenizer.json` directly inside it).
+/// Load a tokenizer from a `tokenizer.json`, a `.gguf` model (its vocabulary and merges, as
+/// `generate` uses them), or a run, checkpoint or Hugging Face directory (its checkpoint's
+/// `tokenizer.json`, else a `tokenizer.json` directly inside it).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        return mnemo::gguf::load_tokenizer(path);
+    }
     if path.is_file() {
         return Tokenizer::load(path);
     }

@@ -121,6 +121,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.resume.is_none() {
         eprintln!("run directory: {}", out.display());
     }
+    // Directories this run creates (the run directory and any missing parents): removed
+    // again if training fails before a checkpoint is saved, so no empty run is left behind.
+    let created: Vec<PathBuf> = if a.resume.is_some() {
+        Vec::new()
+    } else {
+        out.ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .map(Path::to_path_buf)
+            .collect()
+    };
     let opts = TrainOptions {
         out,
         start,
@@ -128,7 +138,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         progress: !a.quiet,
     };
     let out = opts.out.clone();
-    let s = mnemo::train::train(opts, &stop)?;
+    let s = match mnemo::train::train(opts, &stop) {
+        Ok(s) => s,
+        Err(e) => {
+            remove_unsaved_run(&out, &created);
+            return Err(e);
+        }
+    };
     if s.stopped_early {
         eprintln!(
             "stopped at step {}; resume with: mnemo train --resume {}",
@@ -137,18 +153,62 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
         std::process::exit(130);
     }
+    if s.steps == 0 {
+        eprintln!(
+            "done: 0 steps: nothing was trained and no checkpoint written (give --steps N with N >= 1)"
+        );
+        return Ok(());
+    }
     match (s.val_loss, s.val_bpb) {
         (Some(l), Some(b)) => eprintln!(
-            "done: {} steps, train loss {:.4}, val loss {l:.4} nats/token ({b:.4} bits/byte) vs unigram entropy {:.3}; {:.0} tok/s",
-            s.steps, s.final_loss, s.unigram_entropy, s.tokens_per_s
+            "done: {} steps, train loss {:.4}, val loss {l:.4} nats/token ({b:.4} bits/byte; {} \
+             windows of {} tokens = train.eval_batches {}; `mnemo eval` uses 32 batches by \
+             default) vs unigram entropy {:.3}; {:.0} tok/s",
+            s.steps,
+            s.final_loss,
+            s.val_windows,
+            s.seq_len,
+            s.val_batches,
+            s.unigram_entropy,
+            s.tokens_per_s
         ),
-        _ => eprintln!("done: {} steps, train loss {:.4} (no validation split)", s.steps, s.final_loss),
+        _ => eprintln!(
+            "done: {} steps, train loss {:.4} (no validation split)",
+            s.steps, s.final_loss
+        ),
     }
-    eprintln!(
-        "sample with: mnemo generate {} --prompt 'fn main'",
-        out.display()
-    );
+    if mnemo::checkpoint::locate(&out).is_ok() {
+        eprintln!(
+            "sample with: mnemo generate {} --prompt 'fn main'",
+            out.display()
+        );
+    }
     Ok(())
+}
+
+/// After a failed run: delete the directories in `created` (the run directory first, then the
+/// parents this run made) unless a checkpoint was saved; a parent is only removed when empty.
+fn remove_unsaved_run(out: &Path, created: &[PathBuf]) {
+    if created.is_empty() {
+        return;
+    }
+    if mnemo::checkpoint::locate(out).is_ok() || out.join("engram_delta.safetensors").exists() {
+        eprintln!(
+            "the run directory {} keeps its last checkpoint",
+            out.display()
+        );
+        return;
+    }
+    for (i, d) in created.iter().enumerate() {
+        let r = if i == 0 {
+            std::fs::remove_dir_all(d)
+        } else {
+            std::fs::remove_dir(d)
+        };
+        if r.is_err() {
+            break;
+        }
+    }
 }
 
 /// `runs/<preset>`, or the first of `runs/<preset>-2`, `-3`, … that does not exist.

@@ -1,16 +1,15 @@
 //! The command line on bad input: one clear error naming the file/field, a non-zero exit code,
 //! never a panic.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 fn mnemo(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mnemo"))
         .args(args)
-        .env(
-            "MNEMO_CACHE",
-            std::env::temp_dir().join(format!("mnemo-cli-cache-{}", std::process::id())),
-        )
+        .env("MNEMO_CACHE", common::cache())
         .output()
         .expect("run mnemo");
     (
@@ -21,10 +20,7 @@ fn mnemo(args: &[&str]) -> (i32, String, String) {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mnemo-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir(name)
 }
 
 fn assert_fails(args: &[&str], needle: &str) {
@@ -39,16 +35,33 @@ fn assert_fails(args: &[&str], needle: &str) {
 
 #[test]
 fn bad_data_directories() {
+    // A failed run removes the run directory it created, and the parents it made.
+    let d = tmpdir("bad-data");
+    let out = d.join("runs/x");
     assert_fails(
         &[
             "train",
             "--data",
             "/nonexistent/mnemo-data",
             "--out",
-            "/tmp/x",
+            out.to_str().unwrap(),
         ],
         "/nonexistent/mnemo-data",
     );
+    assert!(!d.join("runs").exists(), "a failed run left its directory");
+    // A directory that existed before is left alone.
+    std::fs::create_dir_all(&out).unwrap();
+    assert_fails(
+        &[
+            "train",
+            "--data",
+            "/nonexistent/mnemo-data",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "/nonexistent/mnemo-data",
+    );
+    assert!(out.is_dir());
     let empty = tmpdir("empty");
     assert_fails(
         &[
@@ -66,6 +79,10 @@ fn bad_data_directories() {
 fn inconsistent_configs_name_the_field() {
     assert_fails(&["config", "--set", "n_kv_heads=3"], "n_kv_heads");
     assert_fails(&["config", "--set", "d_modle=3"], "d_modle");
+    assert_fails(
+        &["config", "--set", "d_model=abc"],
+        "--set d_model=abc: bad value for `d_model`: invalid type: string \"abc\", expected usize",
+    );
     assert_fails(&["config", "--set", "rope_dim=7"], "rope_dim");
     assert_fails(&["config", "--preset", "huge"], "unknown preset `huge`");
     assert_fails(&["config", "--seq-len", "100000"], "seq_len");
@@ -236,6 +253,154 @@ fn help_explains_the_default() {
         out.contains("--resume") && out.contains("current directory"),
         "{out}"
     );
+    // The true size of the default preset (the unit test in config_cmd.rs counts it).
+    assert!(out.contains("tiny (4.26M parameters"), "{out}");
+}
+
+/// `--temperature -1` is refused with what is allowed, not clap's `-- -1` tip; before any
+/// model is loaded.
+#[test]
+fn negative_temperatures_are_refused_clearly() {
+    for cmd in [
+        &[
+            "generate",
+            "no-such-run",
+            "--prompt",
+            "x",
+            "--temperature",
+            "-1",
+        ][..],
+        &[
+            "ask",
+            ".",
+            "q",
+            "--model",
+            "no-such-run",
+            "--temperature",
+            "-0.5",
+        ][..],
+        &["eval", "humaneval", "no-such-model", "--temperature", "-1"][..],
+    ] {
+        let (code, _, err) = mnemo(cmd);
+        assert_eq!(code, 2, "{cmd:?}: {err}");
+        assert!(
+            err.contains("--temperature") && err.contains("must be a number >= 0"),
+            "{cmd:?}: {err}"
+        );
+        assert!(!err.contains("-- -1") && !err.contains("tip:"), "{err}");
+    }
+}
+
+#[test]
+fn shell_completions() {
+    for (shell, needle) in [
+        ("bash", "_mnemo()"),
+        ("zsh", "#compdef mnemo"),
+        ("fish", "complete -c mnemo"),
+    ] {
+        let (code, out, err) = mnemo(&["completions", shell]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(needle), "{shell}: {out}");
+        assert!(
+            out.contains("train") && out.contains("--max-tokens"),
+            "{shell}"
+        );
+    }
+    assert_fails(&["completions", "tcsh"], "invalid value 'tcsh'");
+    // A reader that stops early (`mnemo completions bash | head`) is no error and no panic.
+    for args in [&["completions", "bash"][..], &["cache", "list"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mnemo"))
+            .args(args)
+            .env("MNEMO_CACHE", common::cache())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// A GGUF holding only a tokenizer: GPT-2's 256 byte symbols and a few merges.
+fn write_tokenizer_gguf(path: &std::path::Path) {
+    // GPT-2's byte-to-symbol map: printable Latin-1 bytes map to themselves, the rest to 256+.
+    let mut symbols = Vec::new();
+    let mut extra = 0u32;
+    for b in 0u32..256 {
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        symbols.push(char::from_u32(c).unwrap().to_string());
+    }
+    let merges = ["f n", "Ġ m", "a i", "Ġm ai"];
+    let mut tokens = symbols.clone();
+    tokens.extend(
+        ["fn", "Ġm", "ai", "Ġmai", "<|endoftext|>"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend_from_slice(&(x.len() as u64).to_le_bytes());
+        b.extend_from_slice(x.as_bytes());
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&3u64.to_le_bytes()); // key/value pairs
+    s(&mut b, "tokenizer.ggml.model");
+    b.extend_from_slice(&8u32.to_le_bytes());
+    s(&mut b, "gpt2");
+    for (key, list) in [
+        ("tokenizer.ggml.tokens", tokens),
+        (
+            "tokenizer.ggml.merges",
+            merges.iter().map(|m| m.to_string()).collect(),
+        ),
+    ] {
+        s(&mut b, key);
+        b.extend_from_slice(&9u32.to_le_bytes());
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&(list.len() as u64).to_le_bytes());
+        for t in &list {
+            s(&mut b, t);
+        }
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// `pack --tokenizer` takes a GGUF model, as `generate` does.
+#[test]
+fn pack_counts_with_a_gguf_tokenizer() {
+    let d = tmpdir("pack-gguf");
+    let repo = d.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("main.rs"), "fn main() {}\n").unwrap();
+    let gguf = d.join("tok.gguf");
+    write_tokenizer_gguf(&gguf);
+    let (code, out, err) = mnemo(&[
+        "pack",
+        repo.to_str().unwrap(),
+        "--count",
+        "--tokenizer",
+        gguf.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // `fn`, ` mai`, `n`, `(`, `)`, ` `, `{`, `}`, `\n`: 9 tokens.
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start().starts_with("9 ") && l.ends_with("main.rs")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -364,19 +529,9 @@ fn pack_reports_secrets_and_fails_cleanly_on_bad_paths() {
     );
 }
 
-#[test]
-fn ask_packs_prefills_and_reuses_the_prefix_cache() {
-    let d = tmpdir("ask");
-    let data = d.join("repo");
-    std::fs::create_dir_all(&data).unwrap();
-    for i in 0..6 {
-        let body: String = (0..30)
-            .map(|j| format!("fn g_{i}_{j}() -> u8 {{ {j} }}\n"))
-            .collect();
-        std::fs::write(data.join(format!("m{i}.rs")), body).unwrap();
-    }
-    let run = d.join("run");
-    let (code, _, err) = mnemo(&[
+/// `train` of a tiny model (1 layer, d = 32, context 256) on `data`, `steps` steps.
+fn train_tiny(data: &std::path::Path, run: &std::path::Path, steps: &str) -> (i32, String, String) {
+    mnemo(&[
         "--threads",
         "1",
         "train",
@@ -385,7 +540,7 @@ fn ask_packs_prefills_and_reuses_the_prefix_cache() {
         "--out",
         run.to_str().unwrap(),
         "--steps",
-        "2",
+        steps,
         "--set",
         "vocab_size=300",
         "--set",
@@ -398,38 +553,204 @@ fn ask_packs_prefills_and_reuses_the_prefix_cache() {
         "rope_dim=8",
         "--set",
         "ffn_hidden=32",
+        "--set",
+        "data.val_fraction=0.5",
         "--batch-size",
         "2",
         "--seq-len",
         "16",
         "--quiet",
-    ]);
+    ])
+}
+
+/// A repository much bigger than the tiny model's context: a second, different question reuses
+/// the question-independent prefix; a change misses it; the size limit evicts the least recently
+/// used entry; `mnemo cache list|clear` see and delete them. Also: `generate` says when
+/// `--max-tokens` is beyond the context, `--steps 0` gives no `generate` hint, and training and
+/// `eval` say how many validation windows their losses use.
+#[test]
+fn ask_packs_prefills_and_reuses_the_prefix_cache() {
+    let d = tmpdir("ask");
+    let data = d.join("repo");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..24 {
+        let body: String = (0..4)
+            .map(|j| format!("fn g_{i}_{j}() -> u8 {{ {j} }}\n"))
+            .collect();
+        std::fs::write(data.join(format!("m{i}.rs")), body).unwrap();
+    }
+    let run = d.join("run");
+    let (code, _, err) = train_tiny(&data, &run, "2");
     assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("windows of 16 tokens = train.eval_batches 8")
+            && err.contains("`mnemo eval` uses 32 batches"),
+        "{err}"
+    );
+    assert!(err.contains("sample with: mnemo generate"), "{err}");
     let cache = d.join("cache");
-    let ask = || {
-        mnemo(&[
+    let ask = |q: &str, extra: &[&str]| {
+        let mut args = vec![
             "ask",
             data.to_str().unwrap(),
-            "what does g_1_2 return?",
+            q,
             "--model",
             run.to_str().unwrap(),
             "--max-tokens",
             "8",
             "--cache-dir",
             cache.to_str().unwrap(),
-        ])
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, err) = mnemo(&args);
+        assert_eq!(code, 0, "{err}");
+        err
     };
-    let (code, _, err) = ask();
-    assert_eq!(code, 0, "{err}");
+    let list = || {
+        let (code, out, err) = mnemo(&["cache", "list", "--cache-dir", cache.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let err = ask("what does g_1_2 return?", &[]);
+    assert!(
+        err.contains("prefilled") && err.contains("prefix cache saved"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ranked without the question") && err.contains("files for this question"),
+        "{err}"
+    );
+    // A different question: the cached part is reused, only its own files and itself prefilled.
+    let err = ask("where is g_17_3 defined", &[]);
+    assert!(
+        err.contains("tokens: m17.rs"),
+        "the question's file first: {err}"
+    );
+    assert!(
+        err.contains("prefix cache hit") && err.contains("tokens reused"),
+        "{err}"
+    );
+    assert!(!err.contains("prefilled"), "{err}");
+    assert!(err.contains("of files for this question"), "{err}");
+    assert!(
+        list().contains("prefix caches (mnemo ask) in") && list().contains(": 1 entries"),
+        "{}",
+        list()
+    );
+    let entry = std::fs::read_dir(cache.join("prefix"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let size = entry.metadata().unwrap().len();
+    // A changed repository misses the cache; with room for one entry the older one goes.
+    let change = |i: usize| {
+        // Same length, other values: the cached part changes, its size does not.
+        let body: String = (0..4)
+            .map(|j| format!("fn g_{i}_{j}() -> u8 {{ {} }}\n", 9 - j))
+            .collect();
+        std::fs::write(data.join(format!("m{i}.rs")), body).unwrap();
+    };
+    change(0);
+    let limit = (size + size / 2).to_string();
+    let err = ask("what does g_21_2 return?", &["--cache-limit", &limit]);
     assert!(err.contains("prefilled"), "{err}");
-    let (code, _, err) = ask();
+    assert!(
+        err.contains("evicted 1 least recently used entries"),
+        "{err}"
+    );
+    assert!(list().contains(": 1 entries"), "{}", list());
+    // A limit of 0 saves nothing; so does one below the entry's size.
+    change(1);
+    let err = ask("q", &["--cache-limit", "0"]);
+    assert!(
+        err.contains("prefix cache not saved: its size limit is 0"),
+        "{err}"
+    );
+    let (code, _, err) = mnemo_env(
+        &[
+            "ask",
+            data.to_str().unwrap(),
+            "q",
+            "--model",
+            run.to_str().unwrap(),
+            "--max-tokens",
+            "8",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+        &[("MNEMO_PREFIX_CACHE_LIMIT", "1K")],
+    );
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("prefix cache hit"), "{err}");
-    // A changed repository misses the cache.
-    std::fs::write(data.join("m0.rs"), "fn changed() {}\n").unwrap();
-    let (code, _, err) = ask();
+    assert!(
+        err.contains("prefix cache not kept") && err.contains("over the limit of 1.0 KiB"),
+        "{err}"
+    );
+    assert!(
+        list().contains(": 0 entries"),
+        "nothing is under 1K: {}",
+        list()
+    );
+    let (code, _, err) = mnemo_env(
+        &[
+            "ask",
+            data.to_str().unwrap(),
+            "q",
+            "--model",
+            run.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+        &[("MNEMO_PREFIX_CACHE_LIMIT", "lots")],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("$MNEMO_PREFIX_CACHE_LIMIT") && err.contains("`lots`"),
+        "{err}"
+    );
+    // `cache clear --prefix` deletes them all.
+    let err = ask("q", &[]);
+    assert!(err.contains("prefix cache saved"), "{err}");
+    let (code, out, err) = mnemo(&[
+        "cache",
+        "clear",
+        "--prefix",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("prefilled"), "{err}");
+    assert!(out.contains("deleted 1 cache entries"), "{out}");
+    assert!(list().contains(": 0 entries"), "{}", list());
+
+    // `generate` says when --max-tokens is beyond the context (256 tokens).
+    let (code, _, err) = mnemo(&[
+        "generate",
+        run.to_str().unwrap(),
+        "--prompt",
+        "fn g",
+        "--max-tokens",
+        "1000",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("--max-tokens 1000 is more than the context leaves")
+            && err.contains("of the model's 256 tokens"),
+        "{err}"
+    );
+    // `eval` states its batches.
+    let (code, out, err) = mnemo(&["eval", run.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("= 32 batches of 2") && out.contains("train.eval_batches"),
+        "{out}"
+    );
+    // `--steps 0`: no checkpoint, so no `generate` hint.
+    let (code, _, err) = train_tiny(&data, &d.join("zero"), "0");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("0 steps: nothing was trained"), "{err}");
+    assert!(!err.contains("sample with"), "{err}");
 }
 
 #[test]
@@ -539,10 +860,7 @@ fn engram_inspect_sizes_a_v41_config_without_building_it() {
 
 fn mnemo_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mnemo"));
-    cmd.args(args).env(
-        "MNEMO_CACHE",
-        std::env::temp_dir().join(format!("mnemo-cli-cache-{}", std::process::id())),
-    );
+    cmd.args(args).env("MNEMO_CACHE", common::cache());
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -1,6 +1,8 @@
 //! `mnemo logits`: every position's logits as a safetensors tensor, from the full forward and
 //! from the cached decoding path, and its errors on bad input.
 
+mod common;
+
 use mnemo::safetensors_io::TensorFile;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,10 +10,7 @@ use std::process::Command;
 fn mnemo(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mnemo"))
         .args(args)
-        .env(
-            "MNEMO_CACHE",
-            std::env::temp_dir().join(format!("mnemo-logits-cache-{}", std::process::id())),
-        )
+        .env("MNEMO_CACHE", common::cache())
         .output()
         .expect("run mnemo");
     (
@@ -22,10 +21,7 @@ fn mnemo(args: &[&str]) -> (i32, String, String) {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mnemo-logits-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir(name)
 }
 
 fn s(p: &Path) -> &str {

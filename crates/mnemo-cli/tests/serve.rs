@@ -1,6 +1,8 @@
 //! `mnemo serve` end to end: a tiny random model behind the server on an ephemeral port, a
 //! hand-written HTTP/1.1 client over `TcpStream`.
 
+mod common;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -13,8 +15,7 @@ use std::time::{Duration, Instant};
 fn tiny_run() -> PathBuf {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("mnemo-serve-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        let d = common::tmpdir("run");
         let data = d.join("data");
         std::fs::create_dir_all(&data).unwrap();
         for i in 0..10 {
@@ -584,7 +585,7 @@ fn concurrent_requests_are_batched_and_match_sequential_greedy() {
 #[test]
 fn lookup_decoding_and_the_prompt_cache_keep_greedy_output() {
     let plain = Server::start(&["--prefix-entries", "0"]);
-    let dir = std::env::temp_dir().join(format!("mnemo-serve-prefix-{}", std::process::id()));
+    let dir = common::root().join("prefix");
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.to_str().unwrap();
     let fancy = Server::start(&[
@@ -818,7 +819,7 @@ fn fuzzed_request_bodies_never_crash_the_server() {
         };
         let (st, b) = http(s.port, "POST", path, &[], &body);
         assert!(
-            [200, 400, 413, 422, 429].contains(&st),
+            [200, 400, 404, 413, 422, 429].contains(&st),
             "case {i}: {st} for {:?}: {b}",
             String::from_utf8_lossy(&body)
         );
@@ -860,4 +861,34 @@ fn generate_with_lookup_prints_the_same_greedy_text() {
     let (look, err) = gen(&["--lookup"]);
     assert_eq!(look, plain);
     assert!(err.contains("lookup:"), "{err}");
+}
+
+/// A request for a model this server does not serve gets OpenAI's 404 `model_not_found`; the
+/// served name (the run directory's name), no `model` at all, and a `--model-alias` are served.
+#[test]
+fn unknown_models_are_404_model_not_found() {
+    let s = Server::start(&["--model-alias", "my-alias"]);
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let body = json!({"model": "gpt-4o", "prompt": "fn f", "max_tokens": 2,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let (st, v) = s.post(path, &body);
+        assert_eq!(st, 404, "{v}");
+        assert_error_shape(&v);
+        assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("`gpt-4o`") && msg.contains("`run`") && msg.contains("`my-alias`"),
+            "{msg}"
+        );
+    }
+    for model in [json!("run"), json!("my-alias"), Value::Null] {
+        let mut body = json!({"prompt": "fn f", "max_tokens": 2});
+        if !model.is_null() {
+            body["model"] = model.clone();
+        }
+        let (st, v) = s.post("/v1/completions", &body);
+        assert_eq!(st, 200, "{model}: {v}");
+        assert_eq!(v["model"], "run");
+    }
 }

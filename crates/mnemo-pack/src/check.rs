@@ -33,6 +33,7 @@ pub const SECRET_PATTERNS: &[(&str, &str)] = &[
 ];
 
 /// A file read in full that passed the checks.
+#[derive(Clone)]
 pub(crate) struct TextFile {
     pub(crate) rel: String,
     pub(crate) bytes: u64,

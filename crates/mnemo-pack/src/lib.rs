@@ -113,6 +113,114 @@ use walk::{visit, Found, WalkCtx};
 /// budget is given without a tokenizer. Unreadable files do not fail the pack (see
 /// [`Pack::is_partial`]).
 pub fn pack(opts: &PackOptions, tok: Option<&Tokenizer>) -> Result<Pack> {
+    if opts.max_tokens.is_some() && tok.is_none() {
+        bail!(
+            "a token budget (--max-tokens) needs a tokenizer to count tokens: pass --tokenizer \
+             PATH (a tokenizer.json or a run directory)"
+        );
+    }
+    let s = scan(opts, tok)?;
+    let (files, cut) = match (opts.max_tokens, tok) {
+        (Some(budget), Some(tok)) => {
+            let (files, cut) = fit_budget(s.texts, budget, opts.query.as_deref(), tok)?;
+            (files, Some(cut))
+        }
+        _ => (s.texts.into_iter().map(TextFile::whole).collect(), None),
+    };
+    Ok(Pack {
+        root: opts.root.clone(),
+        files,
+        excluded: s.excluded,
+        cut,
+        stats: Stats {
+            elapsed_s: s.t0.elapsed().as_secs_f64(),
+            ..s.stats
+        },
+        tokenized: tok.is_some(),
+    })
+}
+
+/// The context for a question about a repository ([`pack_for_question`]): a part that does not
+/// depend on the question, and the files picked for the question after it.
+#[derive(Clone, Debug)]
+pub struct QuestionPack {
+    /// The whole repository when it fits in the total budget; otherwise the files ranked
+    /// without the question (READMEs, docs and top-level files first, then the smallest), cut
+    /// to the stable budget. The same for every question while the repository is unchanged.
+    pub stable: Pack,
+    /// When the repository does not fit: files not already whole in `stable`, ranked by the
+    /// question (BM25), cut to what the total budget leaves after `stable`.
+    pub question: Option<Pack>,
+}
+
+/// Pack `opts.root` for a question in at most `total` tokens (`opts.max_tokens` and
+/// `opts.query` are ignored), walking and reading it once. If the whole repository fits in
+/// `total`, it is all in [`QuestionPack::stable`]. Otherwise `stable` gets the files ranked
+/// without the question within `stable_budget` (capped at `total`), and
+/// [`QuestionPack::question`] the files ranked by `question` among the rest, within `total`
+/// minus the exact tokens of `stable`'s document. So `stable` (a prefix worth caching) only
+/// changes with the repository and the budgets, never with the question.
+pub fn pack_for_question(
+    opts: &PackOptions,
+    tok: &Tokenizer,
+    total: usize,
+    stable_budget: usize,
+    question: &str,
+) -> Result<QuestionPack> {
+    let s = scan(opts, Some(tok))?;
+    let pack_of = |files: Vec<PackedFile>, cut: Cut, excluded: Vec<Excluded>| Pack {
+        root: opts.root.clone(),
+        files,
+        excluded,
+        cut: Some(cut),
+        stats: Stats {
+            elapsed_s: s.t0.elapsed().as_secs_f64(),
+            ..s.stats.clone()
+        },
+        tokenized: true,
+    };
+    // Everything, if it fits (file tokens are a lower bound of the document's).
+    if s.stats.scanned_tokens.unwrap_or(0) <= total {
+        let (files, cut) = fit_budget(s.texts.clone(), total, None, tok)?;
+        if cut.signatures.is_empty() && cut.dropped.is_empty() {
+            return Ok(QuestionPack {
+                stable: pack_of(files, cut, s.excluded.clone()),
+                question: None,
+            });
+        }
+    }
+    let (files, cut) = fit_budget(s.texts.clone(), stable_budget.min(total), None, tok)?;
+    let left = total.saturating_sub(cut.document_tokens);
+    let whole: std::collections::HashSet<&str> = cut.whole.iter().map(String::as_str).collect();
+    let rest: Vec<TextFile> = s
+        .texts
+        .iter()
+        .filter(|t| !whole.contains(t.rel.as_str()))
+        .cloned()
+        .collect();
+    let question = if left > 0 && !rest.is_empty() {
+        let (qf, qcut) = fit_budget(rest, left, Some(question), tok)?;
+        Some(pack_of(qf, qcut, Vec::new()))
+    } else {
+        None
+    };
+    Ok(QuestionPack {
+        stable: pack_of(files, cut, s.excluded.clone()),
+        question,
+    })
+}
+
+/// What [`scan`] found: the text files (sorted by path), the exclusions, the statistics
+/// (without the elapsed time) and when it started.
+struct Scan {
+    texts: Vec<TextFile>,
+    excluded: Vec<Excluded>,
+    stats: Stats,
+    t0: Instant,
+}
+
+/// Walk, read, check and tokenize `opts.root` (stages 1 and 2 of [`pack`]).
+fn scan(opts: &PackOptions, tok: Option<&Tokenizer>) -> Result<Scan> {
     let t0 = Instant::now();
     let root = &opts.root;
     let meta = match std::fs::metadata(root) {
@@ -124,12 +232,6 @@ pub fn pack(opts: &PackOptions, tok: Option<&Tokenizer>) -> Result<Pack> {
     };
     if !meta.is_dir() {
         bail!("{} is not a directory", root.display());
-    }
-    if opts.max_tokens.is_some() && tok.is_none() {
-        bail!(
-            "a token budget (--max-tokens) needs a tokenizer to count tokens: pass --tokenizer \
-             PATH (a tokenizer.json or a run directory)"
-        );
     }
     let canon = std::fs::canonicalize(root)
         .with_context(|| format!("cannot resolve {}", root.display()))?;
@@ -185,33 +287,17 @@ pub fn pack(opts: &PackOptions, tok: Option<&Tokenizer>) -> Result<Pack> {
         }
     }
     excluded.sort_by(|a, b| a.path.cmp(&b.path).then(a.kind.cmp(&b.kind)));
-    let stats_scanned = (
-        texts.len(),
-        texts.iter().map(|t| t.bytes).sum::<u64>(),
-        tok.map(|_| texts.iter().map(|t| t.tokens.unwrap_or(0)).sum::<usize>()),
-    );
-
-    // 3. Budget.
-    let (files, cut) = match (opts.max_tokens, tok) {
-        (Some(budget), Some(tok)) => {
-            let (files, cut) = fit_budget(texts, budget, opts.query.as_deref(), tok)?;
-            (files, Some(cut))
-        }
-        _ => (texts.into_iter().map(TextFile::whole).collect(), None),
+    let stats = Stats {
+        elapsed_s: 0.0,
+        scanned_files: texts.len(),
+        scanned_bytes: texts.iter().map(|t| t.bytes).sum::<u64>(),
+        scanned_tokens: tok.map(|_| texts.iter().map(|t| t.tokens.unwrap_or(0)).sum::<usize>()),
+        not_included,
     };
-
-    Ok(Pack {
-        root: root.clone(),
-        files,
+    Ok(Scan {
+        texts,
         excluded,
-        cut,
-        stats: Stats {
-            elapsed_s: t0.elapsed().as_secs_f64(),
-            scanned_files: stats_scanned.0,
-            scanned_bytes: stats_scanned.1,
-            scanned_tokens: stats_scanned.2,
-            not_included,
-        },
-        tokenized: tok.is_some(),
+        stats,
+        t0,
     })
 }

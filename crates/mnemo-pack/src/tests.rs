@@ -216,6 +216,7 @@ fn build_output_names_are_generated_only_at_the_top() {
         .map(|e| e.path.as_str())
         .collect();
     assert_eq!(gen, ["build/", "web/node_modules/"]);
+    std::fs::remove_dir_all(&root).unwrap();
 }
 
 #[test]
@@ -398,6 +399,54 @@ fn budget_keeps_relevant_files_and_fits() {
         e.contains("--max-tokens") && e.contains("--tokenizer"),
         "{e}"
     );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The stable part of a question's pack is the same for every question; the files picked for
+/// the question come after it, within what the total leaves; a repository that fits is all
+/// stable.
+#[test]
+fn question_packs_share_a_stable_prefix() {
+    let root = temp_dir("question");
+    let mut docs = Vec::new();
+    let mut add = |rel: &str, text: String| {
+        write(&root, rel, text.as_bytes());
+        docs.push(text);
+    };
+    add("README.md", "# Engine\n\nA small engine.\n".into());
+    for name in ["model", "kernels", "data", "train", "optimizer", "sampler"] {
+        add(&format!("src/{name}.rs"), code_file(name, 12));
+    }
+    let tok = Tokenizer::train(docs.into_iter(), 300).unwrap();
+    let opts = PackOptions::new(&root);
+    let all = pack(&opts, Some(&tok)).unwrap().total_tokens().unwrap();
+    let (total, stable) = (all / 3, all / 5);
+    let a = pack_for_question(&opts, &tok, total, stable, "how does the optimizer step?").unwrap();
+    let b = pack_for_question(&opts, &tok, total, stable, "what does the sampler do").unwrap();
+    assert_eq!(context_text(&a.stable), context_text(&b.stable));
+    let sc = a.stable.cut.as_ref().unwrap();
+    assert_eq!(sc.whole[0], "README.md", "{sc:?}");
+    assert!(sc.document_tokens <= stable);
+    let (qa, qb) = (a.question.unwrap(), b.question.unwrap());
+    let (ca, cb) = (qa.cut.as_ref().unwrap(), qb.cut.as_ref().unwrap());
+    let top = |p: &Pack| {
+        p.files
+            .iter()
+            .find(|f| f.rank == Some(1))
+            .map(|f| f.path.clone())
+    };
+    assert_eq!(top(&qa).as_deref(), Some("src/optimizer.rs"), "{ca:?}");
+    assert_eq!(top(&qb).as_deref(), Some("src/sampler.rs"), "{cb:?}");
+    assert!(sc.document_tokens + ca.document_tokens <= total);
+    // Nothing whole in the stable part is repeated after it.
+    for f in &qa.files {
+        assert!(!sc.whole.contains(&f.path), "{} twice", f.path);
+    }
+    // The whole repository fits: all of it is stable, whatever the question.
+    let c = pack_for_question(&opts, &tok, 2 * all, stable, "anything").unwrap();
+    assert!(c.question.is_none());
+    assert_eq!(c.stable.files.len(), 7);
+    assert!(c.stable.files.iter().all(|f| f.mode == Mode::Whole));
     std::fs::remove_dir_all(&root).unwrap();
 }
 

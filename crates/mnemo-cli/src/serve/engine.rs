@@ -62,6 +62,8 @@ pub struct EngineConfig {
     pub prefix_min_tokens: usize,
     pub prefix_max_entries: usize,
     pub prefix_dir: Option<PathBuf>,
+    /// Size limit of the files in `prefix_dir` (least recently used deleted first).
+    pub prefix_dir_limit: u64,
     /// After shutdown starts, active sequences get this long to finish.
     pub shutdown_grace: Duration,
     /// Testing aid: sleep this long after every step.
@@ -390,10 +392,18 @@ impl Engine {
             let mut copy = KvCache::with_capacity(&self.model, p.len());
             if copy.copy_prefix_from(&cache, p.len()).is_ok() {
                 let (model, tokens) = (self.model.clone(), p.clone());
+                let (dir, limit) = (dir.clone(), self.cfg.prefix_dir_limit);
                 self.saving.retain(|h| !h.is_finished());
                 self.saving.push(std::thread::spawn(move || {
                     if let Err(e) = copy.save(&path, &model, &tokens) {
                         eprintln!("prompt cache: cannot save {}: {e:#}", path.display());
+                        return;
+                    }
+                    for (p, _) in crate::cache_cmd::evict(&dir, limit, Some(&path)) {
+                        eprintln!(
+                            "prompt cache: deleted {} (over the size limit)",
+                            p.display()
+                        );
                     }
                 }));
             }

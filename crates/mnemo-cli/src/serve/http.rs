@@ -30,6 +30,8 @@ pub struct App {
     pub tx: mpsc::Sender<Request>,
     pub tok: Arc<Tokenizer>,
     pub model_name: String,
+    /// Names a request's `model` may give: the served name, its file stem, `--model-alias`.
+    pub model_aliases: Vec<String>,
     pub api_key: Option<String>,
     pub limits: Limits,
     pub shared: Arc<Shared>,
@@ -260,6 +262,11 @@ async fn handle(
     let bytes = read_body(&app, &headers, body).await?;
     let o = api::parse_object(&bytes)?;
     let p: Params = api::parse_params(&o, app.limits.max_tokens)?;
+    if let Some(m) = o.get("model").and_then(Value::as_str) {
+        if !app.model_aliases.iter().any(|a| a == m) {
+            return Err(model_not_found(&app, m));
+        }
+    }
     let prompt = prompt_tokens(&app, &o, &kind)?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
@@ -337,6 +344,28 @@ async fn handle(
     } else {
         collect_response(meta, erx).await
     }
+}
+
+/// OpenAI's answer to an unknown model: 404, `model_not_found`.
+fn model_not_found(app: &App, m: &str) -> ApiError {
+    let others: Vec<String> = app.model_aliases[1..]
+        .iter()
+        .map(|a| format!("`{a}`"))
+        .collect();
+    let also = if others.is_empty() {
+        String::new()
+    } else {
+        format!(" (also accepted: {})", others.join(", "))
+    };
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "The model `{m}` does not exist: this server serves `{}`{also}",
+            app.model_name
+        ),
+    )
+    .code("model_not_found")
 }
 
 fn shutting_down() -> ApiError {

@@ -29,9 +29,16 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` [default: $MNEMO_API_KEY if set].
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
-    /// Name reported by /v1/models [default: the model file or directory name].
+    /// Name reported by /v1/models [default: the model file or directory name]. A request
+    /// whose `model` is neither this name, its file stem (the name without an extension such
+    /// as `.gguf`) nor a --model-alias is answered 404 `model_not_found`; a request without
+    /// `model` gets the served model.
     #[arg(long)]
     pub model_name: Option<String>,
+    /// Another name requests may use for the served model (repeatable), e.g. `gpt-4o` for a
+    /// client that cannot be configured.
+    #[arg(long, value_name = "NAME")]
+    pub model_alias: Vec<String>,
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
@@ -71,6 +78,10 @@ pub struct ServeArgs {
     /// Also save prompt-cache entries here, and load them at start.
     #[arg(long, value_name = "DIR")]
     pub prefix_cache_dir: Option<PathBuf>,
+    /// Most bytes the files in --prefix-cache-dir may take together (e.g. 512M, 2G); the least
+    /// recently used are deleted first [default: $MNEMO_PREFIX_CACHE_LIMIT, else 1G].
+    #[arg(long, value_name = "SIZE", value_parser = crate::args::size, requires = "prefix_cache_dir")]
+    pub prefix_cache_limit: Option<u64>,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace: f64,
@@ -113,6 +124,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "mnemo".into())
     });
+    let mut aliases = vec![name.clone()];
+    if let Some((stem, _)) = name.rsplit_once('.') {
+        if !stem.is_empty() {
+            aliases.push(stem.to_string());
+        }
+    }
+    aliases.extend(a.model_alias.iter().cloned());
+    let prefix_limit = crate::cache_cmd::prefix_limit(a.prefix_cache_limit)?;
     if let Some(d) = &a.prefix_cache_dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
@@ -132,6 +151,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         prefix_min_tokens: a.prefix_min_tokens.max(1),
         prefix_max_entries: a.prefix_entries,
         prefix_dir: a.prefix_cache_dir.clone(),
+        prefix_dir_limit: prefix_limit,
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
         step_delay: Duration::from_millis(a.debug_step_delay_ms),
     };
@@ -151,6 +171,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         vocab: tok.vocab_size().min(model.cfg.vocab_size),
         tok,
         model_name: name.clone(),
+        model_aliases: aliases,
         api_key,
         limits: http::Limits {
             max_body_bytes: a.max_body_bytes,

@@ -316,7 +316,7 @@ impl ModelConfig {
         "v4-small",
     ];
 
-    /// `tiny`: ~3.5M parameters, trains in minutes on 2 cores. `small`: ~22M parameters, GQA.
+    /// `tiny`: 4.26M parameters, trains in minutes on 2 cores. `small`: 21.9M parameters, GQA.
     pub fn preset(name: &str) -> Option<ModelConfig> {
         match name {
             "tiny" => Some(ModelConfig {

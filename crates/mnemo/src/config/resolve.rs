@@ -203,62 +203,80 @@ pub fn resolve_with(a: &ConfigSources, init_model: InitModel) -> Result<(RunConf
     if !a.exclude.is_empty() {
         v["data"]["exclude"] = serde_json::to_value(&a.exclude)?;
     }
+    // A `--set` whose value has the wrong type is named with its field: the config is checked
+    // after each one that changes a config that was valid before it.
+    let mut valid = serde_json::from_value::<RunConfig>(v.clone()).is_ok();
     for s in &a.sets {
-        let (key, val) = s
-            .split_once('=')
-            .with_context(|| format!("--set {s}: expected KEY=VALUE"))?;
-        let parsed: serde_json::Value = serde_json::from_str(val)
-            .unwrap_or_else(|_| serde_json::Value::String(val.to_string()));
-        // `engram.FIELD` / `model.engram.FIELD`: one field of the Engram config (the preset's,
-        // or the defaults when the preset has none); `engram=null` turns it off.
-        if let Some(f) = key
-            .strip_prefix("model.engram.")
-            .or_else(|| key.strip_prefix("engram."))
-        {
-            let e = &mut v["model"]["engram"];
-            if e.is_null() {
-                *e = serde_json::to_value(EngramConfig::default())?;
+        if valid {
+            apply_set(&mut v, s)?;
+            if let Err(e) = serde_json::from_value::<RunConfig>(v.clone()) {
+                let key = s.split_once('=').map_or(s.as_str(), |x| x.0);
+                bail!("--set {s}: bad value for `{key}`: {e}");
             }
-            e[f] = parsed;
-            continue;
+        } else {
+            apply_set(&mut v, s)?;
+            valid = serde_json::from_value::<RunConfig>(v.clone()).is_ok();
         }
-        // `dsa.FIELD` / `model.dsa.FIELD`: one field of the DSA config (the preset's, or
-        // the tiny-dsa values when the preset has none); `dsa=null` turns it off.
-        if let Some(f) = key
-            .strip_prefix("model.dsa.")
-            .or_else(|| key.strip_prefix("dsa."))
-        {
-            let e = &mut v["model"]["dsa"];
-            if e.is_null() {
-                *e = serde_json::to_value(ModelConfig::preset("tiny-dsa").and_then(|c| c.dsa))?;
-            }
-            if e.get(f).is_none() {
-                bail!("--set {s}: no DSA config field `{f}` (index_n_heads, index_head_dim, index_rope_dim, index_topk)");
-            }
-            e[f] = parsed;
-            continue;
-        }
-        let (section, field) = match key.split_once('.') {
-            Some((sec, f)) => (sec.to_string(), f.to_string()),
-            None => {
-                let sec = ["model", "train", "data"]
-                    .into_iter()
-                    .find(|sec| v[*sec].get(key).is_some())
-                    .with_context(|| {
-                        format!("--set {s}: no config field named `{key}` (see `mnemo config`)")
-                    })?;
-                (sec.to_string(), key.to_string())
-            }
-        };
-        if v.get(&section).is_none() || v[&section].get(&field).is_none() {
-            bail!("--set {s}: no config field `{section}.{field}` (see `mnemo config`)");
-        }
-        v[&section][&field] = parsed;
     }
     let run: RunConfig = serde_json::from_value(v).context("invalid config")?;
     run.model.validate()?;
     run.train.validate(&run.model)?;
     Ok((run, preset))
+}
+
+/// Apply one `--set KEY=VALUE` to the config JSON.
+fn apply_set(v: &mut serde_json::Value, s: &str) -> Result<()> {
+    let (key, val) = s
+        .split_once('=')
+        .with_context(|| format!("--set {s}: expected KEY=VALUE"))?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(val).unwrap_or_else(|_| serde_json::Value::String(val.to_string()));
+    // `engram.FIELD` / `model.engram.FIELD`: one field of the Engram config (the preset's,
+    // or the defaults when the preset has none); `engram=null` turns it off.
+    if let Some(f) = key
+        .strip_prefix("model.engram.")
+        .or_else(|| key.strip_prefix("engram."))
+    {
+        let e = &mut v["model"]["engram"];
+        if e.is_null() {
+            *e = serde_json::to_value(EngramConfig::default())?;
+        }
+        e[f] = parsed;
+        return Ok(());
+    }
+    // `dsa.FIELD` / `model.dsa.FIELD`: one field of the DSA config (the preset's, or
+    // the tiny-dsa values when the preset has none); `dsa=null` turns it off.
+    if let Some(f) = key
+        .strip_prefix("model.dsa.")
+        .or_else(|| key.strip_prefix("dsa."))
+    {
+        let e = &mut v["model"]["dsa"];
+        if e.is_null() {
+            *e = serde_json::to_value(ModelConfig::preset("tiny-dsa").and_then(|c| c.dsa))?;
+        }
+        if e.get(f).is_none() {
+            bail!("--set {s}: no DSA config field `{f}` (index_n_heads, index_head_dim, index_rope_dim, index_topk)");
+        }
+        e[f] = parsed;
+        return Ok(());
+    }
+    let (section, field) = match key.split_once('.') {
+        Some((sec, f)) => (sec.to_string(), f.to_string()),
+        None => {
+            let sec = ["model", "train", "data"]
+                .into_iter()
+                .find(|sec| v[*sec].get(key).is_some())
+                .with_context(|| {
+                    format!("--set {s}: no config field named `{key}` (see `mnemo config`)")
+                })?;
+            (sec.to_string(), key.to_string())
+        }
+    };
+    if v.get(&section).is_none() || v[&section].get(&field).is_none() {
+        bail!("--set {s}: no config field `{section}.{field}` (see `mnemo config`)");
+    }
+    v[&section][&field] = parsed;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -301,6 +319,11 @@ mod tests {
             ("dsa.nope=1", "no DSA config field `nope`"),
             ("n_kv_heads=3", "n_kv_heads"),
             ("novalue", "expected KEY=VALUE"),
+            (
+                "d_model=abc",
+                "--set d_model=abc: bad value for `d_model`: invalid type",
+            ),
+            ("train.lr=fast", "bad value for `train.lr`"),
         ] {
             let e = format!("{:#}", resolve(&sets(&[s])).unwrap_err());
             assert!(e.contains(needle), "{s}: {e}");

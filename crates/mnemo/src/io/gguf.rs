@@ -504,6 +504,20 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
 
 /// Build the GPT-2-style byte-level BPE described by `tokenizer.ggml.*` as a Hugging Face
 /// tokenizer (digits split individually, as SmolLM's pre-tokenizer does).
+/// Only the tokenizer of a GGUF model (vocabulary, merges, chat template), without reading
+/// its weights: what `mnemo pack --tokenizer MODEL.gguf` counts with.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let g = Gguf::open(path)?;
+    let tokens = match g.meta.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| x.as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>(),
+        _ => bail!("{}: no tokenizer.ggml.tokens", path.display()),
+    };
+    tokenizer_from_gguf(&g, &tokens)
+}
+
 fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     let p = g.path.display();
     let model = g

@@ -86,6 +86,12 @@ pub struct TrainSummary {
     pub unigram_entropy: f64,
     pub stopped_early: bool,
     pub tokens_per_s: f64,
+    /// Validation windows of `seq_len` tokens behind `val_loss` (`train.eval_batches` batches
+    /// of `batch_size`, fewer when the split is short).
+    pub val_windows: usize,
+    /// `train.eval_batches`.
+    pub val_batches: usize,
+    pub seq_len: usize,
 }
 
 /// Train (or resume) a run. `stop` is polled after every step: when set, the run saves a
@@ -170,5 +176,13 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
         unigram_entropy: unigram,
         stopped_early,
         tokens_per_s: progress.tokens_per_s(sess.state.step),
+        val_windows: crate::data::eval_windows(
+            &cache.val,
+            tc.seq_len,
+            tc.eval_batches * tc.batch_size,
+        )
+        .len(),
+        val_batches: tc.eval_batches,
+        seq_len: tc.seq_len,
     })
 }
