@@ -10,7 +10,8 @@
 //! - [`delta`]: the Engram delta of a memory-only fine-tuning run, and the base fingerprint.
 //! - [`prefix_cache`]: saved K/V prefixes of a model.
 //! - [`gguf`], [`hf`]: imported Llama-family models (llama.cpp's GGUF, Hugging Face
-//!   directories), and export to Hugging Face; [`hf_v4`]: DeepSeek-V4 Hugging Face directories.
+//!   directories), and export to Hugging Face; [`hf_v4`]: DeepSeek-V4 Hugging Face directories;
+//!   [`v4_official`]: DeepSeek-V4 in the official release layout (FP8/FP4, sharded).
 
 pub mod checkpoint;
 pub mod delta;
@@ -21,3 +22,4 @@ pub mod hf_v4;
 pub mod prefix_cache;
 pub mod safetensors;
 pub mod shards;
+pub mod v4_official;
