@@ -21,9 +21,10 @@ pub const LONG_ABOUT: &str =
     safetensors file: one f32 tensor `logits` of shape [T, V], row t holding the logits that \
     predict the id after ids[t].\n\n\
     MODEL is anything mnemo loads: a run directory, a checkpoint directory, a Hugging Face \
-    Llama directory, a transformers DeepSeek-V4 directory (`model_type: deepseek_v4`, no \
-    tokenizer needed) or a Llama-architecture `.gguf` file. No text is tokenized: the ids are \
-    given.\n\n\
+    Llama directory, a DeepSeek-V4 directory (`model_type: deepseek_v4`; transformers' layout \
+    or the official one, FP8/FP4 weights dequantised, sharded or not) or a Llama-architecture \
+    `.gguf` file. No text is tokenized: the ids are given, and no tokenizer file is needed \
+    (an Engram model's aside).\n\n\
     Without --decode-from, the logits come from one full forward over all T ids. With \
     --decode-from N, they come from the cached decoding path: ids[..N] are prefilled on an \
     empty KV cache (every row's logits kept), then ids[N..] are decoded one token at a time, \
@@ -38,8 +39,8 @@ pub const LONG_ABOUT: &str =
 
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// Run directory, checkpoint directory, Hugging Face Llama or transformers DeepSeek-V4
-    /// directory, or a `.gguf` model file.
+    /// Run directory, checkpoint directory, Hugging Face Llama or DeepSeek-V4 directory
+    /// (transformers or official layout), or a `.gguf` model file.
     model: PathBuf,
     /// JSON file of the token ids: an array `[1, 2, 3]` or an object `{"input_ids": [1, 2, 3]}`.
     #[arg(long, value_name = "IDS.json")]
@@ -124,22 +125,23 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model at `path` and a name for its kind. A DeepSeek-V4 directory is loaded by
-/// `hf_v4` (no tokenizer); everything else by `checkpoint::load`.
+/// The model at `path` and a name for its kind, by `checkpoint::load_model`: no tokenizer is
+/// needed (run directories, Hugging Face and DeepSeek-V4 directories without tokenizer files).
 fn load(path: &Path) -> Result<(Model, &'static str)> {
-    if path.is_dir() && mnemo::hf_v4::is_v4_dir(path) {
-        let m = mnemo::hf_v4::load_dir(path)
-            .with_context(|| format!("cannot load the DeepSeek-V4 directory {}", path.display()))?;
-        return Ok((m, "DeepSeek-V4 (transformers directory)"));
-    }
     let kind = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         "GGUF"
+    } else if path.is_dir() && mnemo::io::v4_official::is_official_dir(path) {
+        "DeepSeek-V4 (official directory)"
+    } else if path.is_dir() && mnemo::hf_v4::is_v4_dir(path) {
+        "DeepSeek-V4 (transformers directory)"
     } else if path.is_dir() && mnemo::hf::is_hf_dir(path) {
         "Hugging Face Llama directory"
     } else {
         "mnemo checkpoint"
     };
-    Ok((mnemo::checkpoint::load(path, false)?.model, kind))
+    let l = mnemo::checkpoint::load_model(path)
+        .with_context(|| format!("cannot load the model {}", path.display()))?;
+    Ok((l.model, kind))
 }
 
 /// The logits of every position through the cached driver: `ids[..n]` prefilled on an empty

@@ -124,6 +124,44 @@ fn deepseek_v4_directory_matches_transformers() {
     assert!(diff <= 1e-4 * top, "decode: {diff} (largest {top})");
 }
 
+/// The official-layout fixture (FP8/FP4, two shards, MTP tensors, no tokenizer files).
+#[test]
+fn deepseek_v4_official_directory_matches_transformers() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../mnemo/tests/fixtures/deepseek_v4_official");
+    assert!(!dir.join("tokenizer.json").exists());
+    let exp = TensorFile::open(&dir.join("expected.safetensors")).unwrap();
+    let ids = exp.u32("input_ids").unwrap();
+    let want = exp.f32("logits", None).unwrap();
+    let d = tmpdir("v4off");
+    let ids_file = d.join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+    let out = d.join("out.safetensors");
+    let args = [
+        "logits",
+        s(&dir),
+        "--ids-file",
+        s(&ids_file),
+        "--out",
+        s(&out),
+    ];
+    let (code, _, err) = mnemo(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("DeepSeek-V4 (official directory)"), "{err}");
+    let got = TensorFile::open(&out).unwrap().f32("logits", None).unwrap();
+    let (diff, top) = max_diff(&got, &want);
+    eprintln!("V4 official fixture: max |Δlogit| {diff:.2e} (largest logit {top:.2})");
+    assert!(
+        diff <= 1e-4 * top,
+        "max |Δlogit| {diff} (largest logit {top})"
+    );
+    // A command that needs text says the tokenizer is missing.
+    assert_fails(
+        &["generate", s(&dir), "--prompt", "hi"],
+        &["tokenizer.json", "mnemo logits"],
+    );
+}
+
 #[test]
 fn decoding_path_matches_the_full_forward_and_bad_input_is_named() {
     let d = tmpdir("run");
@@ -181,6 +219,22 @@ fn decoding_path_matches_the_full_forward_and_bad_input_is_named() {
             "--decode-from {n}: max |Δlogit| {diff} (largest logit {top})"
         );
     }
+
+    // The checkpoint without its tokenizer: `logits` needs none (same logits), `generate` does.
+    let notok = d.join("notok");
+    std::fs::create_dir_all(&notok).unwrap();
+    for e in std::fs::read_dir(run.join("checkpoint")).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "tokenizer.json" {
+            std::fs::copy(&p, notok.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let (bare, _) = logits(&notok, &ids_file, &d.join("notok.safetensors"), &[]);
+    assert_eq!(bare, full);
+    assert_fails(
+        &["generate", s(&notok), "--prompt", "fn"],
+        &["notok", "no tokenizer.json", "mnemo logits"],
+    );
 
     // Bad input: each error names the file, flag or value.
     let out = d.join("bad.safetensors");

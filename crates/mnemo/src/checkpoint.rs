@@ -61,10 +61,11 @@ pub struct TrainState {
     pub run: serde_json::Value,
 }
 
-/// What a checkpoint holds once loaded.
-pub struct Loaded {
+/// What a checkpoint holds once loaded: with its tokenizer ([`load`]), or with its tokenizer
+/// when it has one (`Loaded<Option<Tokenizer>>`, [`load_model`]).
+pub struct Loaded<T = Tokenizer> {
     pub model: Model,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: T,
     pub state: Option<TrainState>,
     pub adam: Option<(Vec<f32>, Vec<f32>)>,
     /// The Engram tables' lazy-Adam state (with the optimizer, Engram models only).
@@ -222,24 +223,87 @@ pub fn locate(path: &Path) -> Result<PathBuf> {
 pub const IMPORTED_MAX_SEQ_LEN: usize = 4096;
 
 /// Load a checkpoint (model, tokenizer, and training state when present) from a run directory,
-/// a Llama-architecture `.gguf` file, or a Hugging Face Llama directory (`config.json` +
-/// `model.safetensors` + `tokenizer.json`).
+/// a Llama-architecture `.gguf` file, a Hugging Face Llama directory (`config.json` +
+/// `model.safetensors` + `tokenizer.json`), or a DeepSeek-V4 directory in transformers' or the
+/// official layout (`model.safetensors` or shards). The tokenizer is required: a directory
+/// without `tokenizer.json` is an error that says so (see [`load_model`] for token ids).
 pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
-    let imported = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        Some(gguf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?)
-    } else if path.is_dir() && crate::io::hf_v4::is_v4_dir(path) {
-        // A transformers DeepSeek-V4 directory (before the Llama check, which it also passes).
-        let model = crate::io::hf_v4::load_dir(path)?;
-        let tp = path.join("tokenizer.json");
-        if !tp.is_file() {
+    let l = load_inner(path, with_optimizer, true)?;
+    let tokenizer = l
+        .tokenizer
+        .with_context(|| format!("{}: no tokenizer", path.display()))?;
+    Ok(Loaded {
+        model: l.model,
+        tokenizer,
+        state: l.state,
+        adam: l.adam,
+        engram_opt: l.engram_opt,
+        moe_pools: l.moe_pools,
+        dir: l.dir,
+    })
+}
+
+/// Load the model of anything [`load`] takes, without the optimizer state, and its tokenizer
+/// only when the directory has one: for commands that run token ids (`mnemo logits`) on
+/// directories without tokenizer files. (An Engram model still needs its tokenizer: the
+/// end-of-text id separates documents for the n-gram hashes.)
+pub fn load_model(path: &Path) -> Result<Loaded<Option<Tokenizer>>> {
+    load_inner(path, false, false)
+}
+
+/// The tokenizer of checkpoint directory `dir`: `tokenizer.json` when present (checked against
+/// the model's vocabulary); when absent, an error if `need`, else `None`.
+fn tokenizer_of(dir: &Path, model: &Model, need: bool) -> Result<Option<Tokenizer>> {
+    let p = dir.join("tokenizer.json");
+    if !p.is_file() {
+        if need {
             bail!(
-                "{}: a DeepSeek-V4 directory without tokenizer.json; `mnemo logits` runs it from token ids",
-                path.display()
+                "{}: no tokenizer.json: this command reads or writes text, so it needs the \
+                 model's tokenizer (`mnemo logits` runs a model from token ids without one)",
+                dir.display()
             );
         }
-        Some((model, Tokenizer::load(&tp)?))
+        return Ok(None);
+    }
+    let tokenizer = Tokenizer::load(&p)?;
+    if tokenizer.vocab_size() > model.cfg.vocab_size {
+        bail!(
+            "{}: tokenizer has {} tokens but the model's vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            model.cfg.vocab_size
+        );
+    }
+    Ok(Some(tokenizer))
+}
+
+/// A DeepSeek-V4 directory in either layout: the official one (`embed.weight`, FP8/FP4) or
+/// transformers' (`model.embed_tokens.weight`).
+fn load_v4_dir(dir: &Path) -> Result<Model> {
+    if crate::io::v4_official::is_official_dir(dir) {
+        crate::io::v4_official::load_dir(dir)
+    } else {
+        crate::io::hf_v4::load_dir(dir)
+    }
+}
+
+fn load_inner(
+    path: &Path,
+    with_optimizer: bool,
+    need_tokenizer: bool,
+) -> Result<Loaded<Option<Tokenizer>>> {
+    let imported = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let (model, tokenizer) = gguf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?;
+        Some((model, Some(tokenizer)))
+    } else if path.is_dir() && crate::io::hf_v4::is_v4_dir(path) {
+        // A DeepSeek-V4 directory (before the Llama check, which it also passes).
+        let model = load_v4_dir(path)?;
+        let tokenizer = tokenizer_of(path, &model, need_tokenizer)?;
+        Some((model, tokenizer))
     } else if path.is_dir() && hf::is_hf_dir(path) {
-        Some(hf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?)
+        let model = hf::load_llama_model(path, IMPORTED_MAX_SEQ_LEN)?;
+        let tokenizer = tokenizer_of(path, &model, need_tokenizer)?;
+        Some((model, tokenizer))
     } else {
         None
     };
@@ -256,7 +320,16 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
     }
     // A memory-only fine-tuning run kept as a delta only: its base plus the delta.
     if path.is_dir() && path.join(delta::DELTA_FILE).is_file() && locate(path).is_err() {
-        return delta::load_delta_run(path);
+        let l = delta::load_delta_run(path)?;
+        return Ok(Loaded {
+            model: l.model,
+            tokenizer: Some(l.tokenizer),
+            state: l.state,
+            adam: l.adam,
+            engram_opt: l.engram_opt,
+            moe_pools: l.moe_pools,
+            dir: l.dir,
+        });
     }
     let dir = locate(path)?;
     let cfg = read_config(&dir.join("config.json"))?;
@@ -267,17 +340,16 @@ pub fn load(path: &Path, with_optimizer: bool) -> Result<Loaded> {
         None => None,
     };
     load_weights(&mut model, &dir.join("model.safetensors"))?;
-    let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
-    if tokenizer.vocab_size() > model.cfg.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens but the model's vocab_size is {}",
-            dir.display(),
-            tokenizer.vocab_size(),
-            model.cfg.vocab_size
-        );
-    }
+    let tokenizer = tokenizer_of(&dir, &model, need_tokenizer)?;
     let mut engram_opt = None;
     if let Some(e) = engram {
+        let Some(tokenizer) = &tokenizer else {
+            bail!(
+                "{}: no tokenizer.json: an Engram model needs it even to run token ids (its \
+                 end-of-text id separates documents for the n-gram hashes)",
+                dir.display()
+            );
+        };
         let v = e.compress.tokenizer_vocab_size();
         if v != tokenizer.vocab_size() {
             bail!(

@@ -47,8 +47,22 @@ pub fn hf_name(ours: &str) -> String {
     }
 }
 
-/// Load a Hugging Face Llama checkpoint directory; `max_seq_len` caps the context.
+/// Load a Hugging Face Llama checkpoint directory with its tokenizer; `max_seq_len` caps the
+/// context.
 pub fn load_llama(dir: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> {
+    let model = load_llama_model(dir, max_seq_len)?;
+    let tok = Tokenizer::load(&dir.join("tokenizer.json"))?;
+    if tok.vocab_size() > model.cfg.vocab_size {
+        bail!(
+            "{}: the tokenizer has more tokens than vocab_size",
+            dir.display()
+        );
+    }
+    Ok((model, tok))
+}
+
+/// The model of a Hugging Face Llama checkpoint directory (no tokenizer read).
+pub fn load_llama_model(dir: &Path, max_seq_len: usize) -> Result<Model> {
     let cpath = dir.join("config.json");
     let text = std::fs::read_to_string(&cpath)
         .with_context(|| format!("cannot read {}", cpath.display()))?;
@@ -108,14 +122,7 @@ pub fn load_llama(dir: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> 
         let w = f.f32(&hf_name(&spec.name), Some(&spec.shape))?;
         model.params[spec.range()].copy_from_slice(&w);
     }
-    let tok = Tokenizer::load(&dir.join("tokenizer.json"))?;
-    if tok.vocab_size() > model.cfg.vocab_size {
-        bail!(
-            "{}: the tokenizer has more tokens than vocab_size",
-            dir.display()
-        );
-    }
-    Ok((model, tok))
+    Ok(model)
 }
 
 /// Hugging Face's `rope_scaling: {rope_type: yarn, factor, original_max_position_embeddings,

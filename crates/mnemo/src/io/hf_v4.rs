@@ -9,7 +9,8 @@
 //! - [`load_dir`]: both together; missing or unexpected tensors are listed.
 //! - [`export`]: a mnemo DeepSeek-V4 model as such a directory (what `from_pretrained` loads).
 
-use super::safetensors::{serialize_mixed, Data, TensorFile};
+use super::safetensors::{serialize_mixed, Data};
+use super::shards::Shards;
 use crate::config::{FfnKind, ModelConfig, Residual, ScoreFunc, V4Config, V4LayerType, V4Yarn};
 use crate::model::{Ffn, Model};
 use anyhow::{bail, Context, Result};
@@ -292,7 +293,8 @@ pub fn hf_name(ours: &str) -> String {
     format!("model.layers.{i}.{tail}")
 }
 
-/// Load a transformers DeepSeek-V4 directory (`config.json` + `model.safetensors`).
+/// Load a transformers DeepSeek-V4 directory (`config.json` + `model.safetensors`, or shards
+/// with `model.safetensors.index.json`).
 pub fn load_dir(dir: &Path) -> Result<Model> {
     let cpath = dir.join("config.json");
     let text =
@@ -300,8 +302,7 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", cpath.display()))?;
     let cfg = config_from_hf(&v).with_context(|| format!("{}", cpath.display()))?;
-    let wpath = dir.join("model.safetensors");
-    let f = TensorFile::open(&wpath)?;
+    let f = Shards::open(dir)?;
     let mut model = Model::new(cfg).context("the DeepSeek-V4 config")?;
     let names: std::collections::HashSet<String> = f.names().into_iter().collect();
     let mut used = std::collections::HashSet::new();
@@ -336,7 +337,7 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
             if let Some(bad) = tab.iter().find(|&&e| e as usize >= c.n_routed_experts) {
                 bail!(
                     "{}: `{key}` routes to expert {bad} of {}",
-                    wpath.display(),
+                    f.file(&key)?.path().display(),
                     c.n_routed_experts
                 );
             }
@@ -354,7 +355,7 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     if !missing.is_empty() || !extra.is_empty() {
         bail!(
             "{}: the tensors do not match the config\n  missing: {}\n  unexpected: {}",
-            wpath.display(),
+            f.describe(),
             if missing.is_empty() {
                 "none".into()
             } else {

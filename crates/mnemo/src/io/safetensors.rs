@@ -1,15 +1,26 @@
 //! Reading and writing f32 tensors as safetensors, with errors that name the file and tensor.
 
 use crate::kernels::f16::{bf16_to_f32, f16_to_f32};
-use ::safetensors::tensor::{Dtype, SafeTensors, TensorView};
+pub use ::safetensors::tensor::Dtype;
+use ::safetensors::tensor::{Metadata, SafeTensors, TensorView};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// A memory-mapped safetensors file.
+/// A memory-mapped safetensors file (its header parsed once, at [`TensorFile::open`]).
 pub struct TensorFile {
     path: std::path::PathBuf,
     mmap: memmap2::Mmap,
+    /// Where the data section starts (after the 8-byte length and the JSON header).
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// One tensor as stored: dtype, shape and raw little-endian bytes.
+pub struct RawTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
 }
 
 impl TensorFile {
@@ -20,7 +31,9 @@ impl TensorFile {
         // (they are replaced by rename), so the mapping does not change under us.
         let mmap = unsafe { memmap2::Mmap::map(&f) }
             .with_context(|| format!("cannot map {}", path.display()))?;
-        SafeTensors::deserialize(&mmap).with_context(|| {
+        // `read_metadata` checks every tensor's offsets and byte size against its dtype and
+        // shape, and that the data section fills the file.
+        let (n, meta) = SafeTensors::read_metadata(&mmap).with_context(|| {
             format!(
                 "{} is not a valid safetensors file (corrupt or truncated?)",
                 path.display()
@@ -29,34 +42,53 @@ impl TensorFile {
         Ok(TensorFile {
             path: path.to_path_buf(),
             mmap,
+            data_start: 8 + n,
+            meta,
         })
     }
 
-    fn st(&self) -> SafeTensors<'_> {
-        SafeTensors::deserialize(&self.mmap).expect("validated in open")
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the file holds tensor `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.meta.info(name).is_some()
+    }
+
+    /// Tensor `name` as stored, or `None`.
+    pub fn raw(&self, name: &str) -> Option<RawTensor<'_>> {
+        let info = self.meta.info(name)?;
+        let (a, b) = info.data_offsets;
+        Some(RawTensor {
+            dtype: info.dtype,
+            shape: &info.shape,
+            data: &self.mmap[self.data_start + a..self.data_start + b],
+        })
+    }
+
+    fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        let t = self
+            .raw(name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
+        TensorView::new(t.dtype, t.shape.to_vec(), t.data)
+            .with_context(|| format!("{}: tensor `{name}`", self.path.display()))
     }
 
     /// The `__metadata__` string map.
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        let (_, m) = SafeTensors::read_metadata(&self.mmap)
-            .with_context(|| format!("cannot read the header of {}", self.path.display()))?;
-        Ok(m.metadata().clone().unwrap_or_default())
+        Ok(self.meta.metadata().clone().unwrap_or_default())
     }
 
+    /// The tensor names, in the order of their data in the file.
     pub fn names(&self) -> Vec<String> {
-        self.st()
-            .names()
-            .into_iter()
-            .map(|s| s.to_string())
-            .collect()
+        self.meta.offset_keys()
     }
 
     /// A tensor as f32 values (F32 stored; F16/BF16 converted), checking the shape if given.
     pub fn f32(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<f32>> {
-        let st = self.st();
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let t = self.tensor(name)?;
         if let Some(s) = shape {
             if t.shape() != s {
                 bail!(
@@ -89,10 +121,7 @@ impl TensorFile {
 
     /// Like [`TensorFile::u32`], checking the shape if given.
     pub fn u32_shaped(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<u32>> {
-        let st = self.st();
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let t = self.tensor(name)?;
         if let Some(s) = shape {
             if t.shape() != s {
                 bail!(

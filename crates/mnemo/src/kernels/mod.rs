@@ -6,6 +6,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod f16;
+pub mod fp8;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod indexer;

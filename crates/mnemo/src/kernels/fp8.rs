@@ -1,0 +1,228 @@
+//! Block-scaled 8-bit and 4-bit floats decoded to f32: the numbers of DeepSeek's FP8/FP4
+//! weights (what file holds them, and under which names, is the io layer's business).
+//!
+//! - FP8 `e4m3` (`float8_e4m3fn`): sign, 4 exponent bits (bias 7), 3 mantissa bits;
+//!   subnormals at exponent 0 (`m/8 · 2⁻⁶`), no infinities, `S.1111.111` is NaN; largest
+//!   finite value 448.
+//! - FP4 `e2m1`: sign, 2 exponent bits, 1 mantissa bit, the 16 values
+//!   `0, .5, 1, 1.5, 2, 3, 4, 6, −0, −.5, −1, −1.5, −2, −3, −4, −6` ([`E2M1`]). Two per byte,
+//!   the element of even index in the LOW nibble.
+//! - Scales `e8m0` (`float8_e8m0fnu`, "ue8m0"): a byte `e` is `2^(e − 127)`; 255 is NaN.
+//!
+//! A weight `[rows, cols]` is dequantised as `value × scale` of its block: FP8 with one scale
+//! per `br × bc` block (`[ceil(rows/br), ceil(cols/bc)]` scales, the last block of a row or
+//! column partial), FP4 with one scale per `block` consecutive values of a row
+//! (`[rows, ceil(cols/block)]` scales). Invalid codes give NaN; the caller decides what to do
+//! with them. Callers check the lengths; the functions assert them.
+
+use rayon::prelude::*;
+
+/// The 16 e2m1 values by 4-bit code (bit 3 is the sign; code 8 is −0).
+pub const E2M1: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// The 256 e4m3 values by byte.
+static E4M3: [f32; 256] = e4m3_table();
+
+const fn e4m3_table() -> [f32; 256] {
+    let mut t = [0.0f32; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (e, m) = ((b >> 3) & 0xf, b & 7);
+        let mag = if e == 0xf && m == 7 {
+            f32::NAN
+        } else if e == 0 {
+            m as f32 / 512.0 // m/8 · 2^-6
+        } else {
+            // (1 + m/8) · 2^(e-7): exact in f32.
+            f32::from_bits(((e as u32 + 120) << 23) | ((m as u32) << 20))
+        };
+        t[b] = if b & 0x80 != 0 { -mag } else { mag };
+        b += 1;
+    }
+    t
+}
+
+/// An e4m3 byte as f32 (NaN for `0x7f`, `0xff`).
+#[inline]
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    E4M3[b as usize]
+}
+
+/// An e2m1 code (the low 4 bits of `n`) as f32.
+#[inline]
+pub fn e2m1_to_f32(n: u8) -> f32 {
+    E2M1[(n & 0xf) as usize]
+}
+
+/// An e8m0 scale byte as f32: `2^(e − 127)` (2⁻¹²⁷ is an f32 subnormal, exact), NaN for 255.
+#[inline]
+pub fn e8m0_to_f32(e: u8) -> f32 {
+    match e {
+        255 => f32::NAN,
+        0 => f32::from_bits(0x0040_0000),
+        _ => f32::from_bits((e as u32) << 23),
+    }
+}
+
+/// A `[rows, cols]` e4m3 matrix times its block scales: `scales` is
+/// `[ceil(rows/br), ceil(cols/bc)]` row-major, `block = [br, bc]`.
+pub fn dequant_fp8(
+    q: &[u8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    block: [usize; 2],
+) -> Vec<f32> {
+    let [br, bc] = block;
+    assert!(br > 0 && bc > 0, "FP8 block sizes must be positive");
+    let sc = cols.div_ceil(bc);
+    assert_eq!(q.len(), rows * cols, "FP8 values");
+    assert_eq!(scales.len(), rows.div_ceil(br) * sc, "FP8 scales");
+    let mut out = vec![0.0f32; rows * cols];
+    if cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(cols)
+        .zip(q.par_chunks(cols))
+        .enumerate()
+        .for_each(|(r, (o, qr))| {
+            let srow = &scales[(r / br) * sc..(r / br + 1) * sc];
+            for ((oc, qc), &s) in o.chunks_mut(bc).zip(qr.chunks(bc)).zip(srow) {
+                for (y, &b) in oc.iter_mut().zip(qc) {
+                    *y = e4m3_to_f32(b) * s;
+                }
+            }
+        });
+    out
+}
+
+/// A `[rows, cols]` e2m1 matrix packed two per byte (`[rows, cols/2]`, even element in the low
+/// nibble; `cols` even) times its scales `[rows, ceil(cols/block)]`, one per `block` values.
+pub fn dequant_fp4(
+    packed: &[u8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    block: usize,
+) -> Vec<f32> {
+    assert!(cols.is_multiple_of(2), "FP4 rows pack two values per byte");
+    assert!(
+        block > 0 && block.is_multiple_of(2),
+        "FP4 blocks cover whole bytes"
+    );
+    let sc = cols.div_ceil(block);
+    assert_eq!(packed.len(), rows * cols / 2, "FP4 bytes");
+    assert_eq!(scales.len(), rows * sc, "FP4 scales");
+    let mut out = vec![0.0f32; rows * cols];
+    if cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(cols)
+        .zip(packed.par_chunks(cols / 2))
+        .zip(scales.par_chunks(sc))
+        .for_each(|((o, pr), srow)| {
+            for ((oc, pc), &s) in o.chunks_mut(block).zip(pr.chunks(block / 2)).zip(srow) {
+                for (y, &b) in oc.chunks_exact_mut(2).zip(pc) {
+                    y[0] = e2m1_to_f32(b) * s;
+                    y[1] = e2m1_to_f32(b >> 4) * s;
+                }
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_values_by_hand() {
+        // 0x38 = 0 0111 000 = 1.0; 0x3c = 0 0111 100 = 1.5; 0xc2 = 1 1000 010 = -(1.25 · 2) = -2.5
+        assert_eq!(e4m3_to_f32(0x38), 1.0);
+        assert_eq!(e4m3_to_f32(0x3c), 1.5);
+        assert_eq!(e4m3_to_f32(0xc2), -2.5);
+        // largest finite: 0 1111 110 = 1.75 · 2^8
+        assert_eq!(e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(e4m3_to_f32(0xfe), -448.0);
+        // smallest normal 2^-6, subnormals m/8 · 2^-6
+        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x07), 7.0 * 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x86), -6.0 * 2f32.powi(-9));
+        // ±0
+        assert_eq!(e4m3_to_f32(0x00).to_bits(), 0.0f32.to_bits());
+        assert_eq!(e4m3_to_f32(0x80).to_bits(), (-0.0f32).to_bits());
+        // NaN only at S.1111.111
+        assert!(e4m3_to_f32(0x7f).is_nan() && e4m3_to_f32(0xff).is_nan());
+        let nans = (0..=255u8).filter(|&b| e4m3_to_f32(b).is_nan()).count();
+        assert_eq!(nans, 2);
+        // Monotone over the positive codes (a check of every exponent/mantissa step).
+        for b in 1..0x7fu8 {
+            assert!(e4m3_to_f32(b) > e4m3_to_f32(b - 1), "{b:#x}");
+        }
+    }
+
+    #[test]
+    fn e2m1_and_e8m0_values_by_hand() {
+        let want = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        for (c, &w) in want.iter().enumerate() {
+            assert_eq!(e2m1_to_f32(c as u8), w);
+            assert_eq!(e2m1_to_f32(c as u8 | 8), -w);
+        }
+        // −0 keeps its sign; only the low nibble counts.
+        assert!(e2m1_to_f32(8).is_sign_negative() && e2m1_to_f32(8) == 0.0);
+        assert_eq!(e2m1_to_f32(0xf7), 6.0);
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(130), 8.0);
+        assert_eq!(e8m0_to_f32(120), 2f32.powi(-7));
+        assert_eq!(e8m0_to_f32(254), 2f32.powi(127));
+        assert_eq!(e8m0_to_f32(1), 2f32.powi(-126));
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-126) / 2.0);
+        assert!(e8m0_to_f32(255).is_nan());
+    }
+
+    #[test]
+    fn fp8_blocks_partial_at_the_edges() {
+        // [3, 5] with 2×2 blocks: scales [2, 3], the last row and column blocks partial.
+        let (rows, cols) = (3, 5);
+        let one = 0x38u8; // 1.0
+        let q = vec![one; rows * cols];
+        let scales = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
+        let got = dequant_fp8(&q, &scales, rows, cols, [2, 2]);
+        #[rustfmt::skip]
+        let want = [
+            1.0, 1.0, 2.0, 2.0, 4.0,
+            1.0, 1.0, 2.0, 2.0, 4.0,
+            8.0, 8.0, 16.0, 16.0, 32.0,
+        ];
+        assert_eq!(got, want);
+        // Values and scales combine per element: −2.5 · 0.5, 448 · 2^-8.
+        let got = dequant_fp8(&[0xc2, 0x7e], &[0.5, 2f32.powi(-8)], 1, 2, [1, 1]);
+        assert_eq!(got, [-1.25, 1.75]);
+        // A NaN code comes out as NaN (the caller names it); no other value is non-finite.
+        let got = dequant_fp8(&[0x7f, 0x00, 0x80], &[1.0], 1, 3, [128, 128]);
+        assert!(got[0].is_nan() && got[1] == 0.0 && got[2] == 0.0);
+        assert!(got[2].is_sign_negative());
+    }
+
+    #[test]
+    fn fp4_low_nibble_first_with_per_block_scales() {
+        // Row 0: bytes 0x21 → [lut[1], lut[2]] = [0.5, 1.0]; 0xf8 → [−0, −6].
+        // Row 1: 0x7a → [lut[0xa], lut[7]] = [−1, 6]; 0x93 → [1.5, −0.5]. Block 2: a scale per byte.
+        let packed = [0x21, 0xf8, 0x7a, 0x93];
+        let scales = [2.0, 0.25, 1.0, 4.0];
+        let got = dequant_fp4(&packed, &scales, 2, 4, 2);
+        assert_eq!(got, [1.0, 2.0, -0.0, -1.5, -1.0, 6.0, 6.0, -2.0]);
+        assert!(got[2].is_sign_negative());
+        // A partial last block: 6 columns, blocks of 4 → scales [1, 2] per row.
+        let packed = [0x22, 0x22, 0x22];
+        let got = dequant_fp4(&packed, &[1.0, 8.0], 1, 6, 4);
+        assert_eq!(got, [1.0, 1.0, 1.0, 1.0, 8.0, 8.0]);
+        // Every code is finite: FP4 has no NaN.
+        let all: Vec<u8> = (0..=255).collect();
+        let got = dequant_fp4(&all, &[1.0; 16], 1, 512, 32);
+        assert!(got.iter().all(|x| x.is_finite()));
+    }
+}
