@@ -27,6 +27,10 @@ pub enum BenchCmd {
         /// interleaved with the full step.
         #[arg(long)]
         vs_frozen: bool,
+        /// Also time the same model without its MTP blocks (DeepSeek-V4), interleaved step by
+        /// step; prints a JSON array (with MTP, without) and the ratio of median times.
+        #[arg(long)]
+        vs_no_mtp: bool,
     },
     /// Forward throughput with a large Engram table in RAM vs memory-mapped (interleaved);
     /// prints JSON.
@@ -134,7 +138,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             warmup,
             vs_no_engram,
             vs_frozen,
-        } => train_step(&cfg, iters, warmup, vs_no_engram, vs_frozen),
+            vs_no_mtp,
+        } => {
+            if vs_no_mtp {
+                train_step_vs_no_mtp(&cfg, iters, warmup)
+            } else {
+                train_step(&cfg, iters, warmup, vs_no_engram, vs_frozen)
+            }
+        }
         BenchCmd::EngramOffload {
             cfg,
             table_gb,
@@ -240,6 +251,41 @@ fn train_step(
             r[0].step_ms_median / x.step_ms_median
         );
     }
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+/// `mnemo bench train-step --vs-no-mtp`: the model with its MTP blocks (trained with the
+/// default `mtp_weight`) and without, interleaved step by step.
+fn train_step_vs_no_mtp(cfg: &ConfigArgs, iters: usize, warmup: usize) -> Result<()> {
+    let (run, _) = resolve(cfg)?;
+    let (b, t, seed) = (run.train.batch_size, run.train.seq_len, run.train.seed);
+    if run.model.mtp_layers() == 0 {
+        bail!("--vs-no-mtp needs a model with MTP blocks (e.g. --preset v4-tiny)");
+    }
+    use mnemo::train::BenchVariant;
+    let vars = [
+        BenchVariant {
+            label: "mtp".into(),
+            cfg: run.model.clone(),
+            frozen_backbone: false,
+        },
+        BenchVariant {
+            label: "no-mtp".into(),
+            cfg: run.model.without_mtp(),
+            frozen_backbone: false,
+        },
+    ];
+    let r = mnemo::train::bench_steps_interleaved(&vars, b, t, iters.max(1), warmup, seed)?;
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let tps = |x: &mnemo::train::StepBench| (b * t) as f64 / (x.step_ms_median / 1e3);
+    eprintln!(
+        "mtp / no-mtp: median CPU time per step {:.3}, wall {:.3}; {:.0} vs {:.0} tok/s",
+        ratio(r[0].step_cpu_ms_median, r[1].step_cpu_ms_median).unwrap_or(f64::NAN),
+        r[0].step_ms_median / r[1].step_ms_median,
+        tps(&r[0]),
+        tps(&r[1])
+    );
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

@@ -232,7 +232,9 @@ fn deepseek_v4_gradients_match_transformers() {
 }
 
 /// A model exported in transformers' layout loads back to the same parameters, hash tables and
-/// config: the fixtures (written by transformers) and a freshly initialised `v4-tiny`.
+/// config: the fixtures (written by transformers) and a freshly initialised `v4-tiny`. The MTP
+/// blocks are not exported (transformers has none): `v4-tiny`'s comes back as the main model
+/// (`num_nextn_predict_layers` is written; without `mtp.*` tensors the load drops it).
 #[test]
 fn deepseek_v4_export_roundtrips() {
     let tmp = std::env::temp_dir().join(format!("mnemo-v4-export-{}", std::process::id()));
@@ -247,15 +249,23 @@ fn deepseek_v4_export_roundtrips() {
     for m in models {
         mnemo::io::hf_v4::export(&m, None, &tmp).unwrap();
         let back = mnemo::io::hf_v4::load_dir(&tmp).unwrap();
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            written["num_nextn_predict_layers"].as_u64(),
+            Some(m.cfg.mtp_layers() as u64)
+        );
+        let main = m.cfg.without_mtp();
         // The architecture (what config.json carries; training settings stay in mnemo's runs).
         let hf = |c| mnemo::io::hf_v4::config_to_hf(c).unwrap();
-        assert_eq!(hf(&back.cfg), hf(&m.cfg));
-        assert_eq!(back.cfg.v4, m.cfg.v4);
+        assert_eq!(hf(&back.cfg), hf(&main));
+        assert_eq!(back.cfg.v4, main.v4);
         assert!(
-            back.params == m.params,
+            back.params[..] == m.params[..m.layout.main_total],
             "parameters differ after the round trip"
         );
-        assert_eq!(back.hash_tables, m.hash_tables);
+        assert_eq!(back.hash_tables[..], m.hash_tables[..m.cfg.n_layers]);
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
@@ -293,5 +303,79 @@ fn deepseek_v4_bad_checkpoints_name_the_problem() {
     bad["compress_ratios"] = serde_json::json!([0, 4, 64, 4]);
     let e = format!("{:#}", mnemo::io::hf_v4::config_from_hf(&bad).unwrap_err());
     assert!(e.contains("compress_ratios[2]") && e.contains("64"), "{e}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// A directory that does carry `mtp.*` tensors (the official checkpoint's names, e.g. from the
+/// released checkpoint: transformers ignores them) loads them into the MTP blocks.
+#[test]
+fn deepseek_v4_mtp_tensors_load_by_their_official_names() {
+    use mnemo::io::safetensors::{serialize_mixed, Data, TensorFile};
+    let tmp = std::env::temp_dir().join(format!("mnemo-v4-mtp-{}", std::process::id()));
+    let mut m =
+        mnemo::model::Model::new(mnemo::config::ModelConfig::preset("v4-tiny").unwrap()).unwrap();
+    m.init(4);
+    mnemo::io::hf_v4::export(&m, None, &tmp).unwrap();
+    let path = tmp.join("model.safetensors");
+    let f = TensorFile::open(&path).unwrap();
+    let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut tables = Vec::new();
+    for name in f.names() {
+        if name.ends_with("tid2eid") {
+            let tab = f.u32(&name).unwrap();
+            tables.push((name, tab));
+        } else {
+            data.push((name.clone(), Vec::new(), f.f32(&name, None).unwrap()));
+        }
+    }
+    drop(f);
+    for (name, shape, _) in data.iter_mut() {
+        *shape = m
+            .layout
+            .tensors
+            .iter()
+            .find(|t| mnemo::io::hf_v4::hf_name(&t.name) == *name)
+            .map(|t| t.shape.clone())
+            .unwrap_or_else(|| panic!("{name}"));
+    }
+    let mtp: Vec<_> = m
+        .layout
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("mtp.0."))
+        .collect();
+    assert!(mtp.iter().any(|t| t.name == "mtp.0.hc_attn_fn"));
+    let mut tensors: Vec<(String, Vec<usize>, Data)> = data
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), Data::F32(d)))
+        .collect();
+    for t in &mtp {
+        tensors.push((
+            t.name.clone(),
+            t.shape.clone(),
+            Data::F32(&m.params[t.range()]),
+        ));
+    }
+    let (v, k) = (m.cfg.vocab_size, m.cfg.top_k);
+    for (name, tab) in &tables {
+        let ints = tab.iter().map(|&e| e as i64).collect();
+        tensors.push((name.clone(), vec![v, k], Data::I64(ints)));
+    }
+    let meta = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
+    std::fs::write(&path, serialize_mixed(&tensors, meta).unwrap()).unwrap();
+    let back = mnemo::io::hf_v4::load_dir(&tmp).unwrap();
+    assert_eq!(back.cfg.v4, m.cfg.v4);
+    assert!(back.params == m.params, "parameters differ");
+    // One MTP tensor missing: named.
+    tensors.retain(|(n, _, _)| n != "mtp.0.e_proj.weight");
+    std::fs::write(
+        &path,
+        serialize_mixed(&tensors, Default::default()).unwrap(),
+    )
+    .unwrap();
+    let e = format!("{:#}", mnemo::io::hf_v4::load_dir(&tmp).err().unwrap());
+    assert!(e.contains("missing: mtp.0.e_proj.weight"), "{e}");
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -897,6 +897,7 @@ fn deepseek_v4_indexer_warmup_and_sparse_resume_is_bit_identical() {
             V4LayerType::CompressedSparseAttention,
             V4LayerType::HeavilyCompressedAttention,
         ];
+        v.num_nextn_predict_layers = 0;
         (v.compress_rate_hca, v.index_n_heads, v.index_head_dim) = (8, 2, 8);
         (v.index_topk, v.qk_rope_head_dim) = (3, 8);
         r.model = m;
@@ -943,5 +944,95 @@ fn deepseek_v4_indexer_warmup_and_sparse_resume_is_bit_identical() {
     assert_same_run(&a, &b);
     let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains(r#""dsa_stage":"sparse""#) && metrics.contains("dsa_kl"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A tiny DeepSeek-V4 model (CSA and HCA layers, a hash layer, mHC with 2 streams) with one
+/// MTP block, trained with the MTP loss (the default weight) and the MoE balancing sample.
+fn v4_mtp_run(data: &Path, steps: u64) -> RunConfig {
+    use mnemo::config::{V4Config, V4LayerType};
+    let mut r = run_config(data, steps);
+    let m = &mut r.model;
+    m.n_heads = 2;
+    m.n_kv_heads = 1;
+    m.head_dim = 16;
+    m.rope_dim = 0;
+    m.tied_embeddings = false;
+    m.ffn = mnemo::config::FfnKind::Moe;
+    m.n_shared_experts = 1;
+    m.n_routed_experts = 4;
+    m.moe_inter = 16;
+    m.top_k = 2;
+    m.num_hash_layers = 1;
+    m.bias_update_speed = 0.01;
+    m.bias_fit_iters = 4;
+    m.bias_fit_window = 2;
+    m.bias_fit_sample = 4;
+    m.bias_fit_sample_len = 8;
+    m.residual = mnemo::config::Residual::Mhc;
+    m.hc_mult = 2;
+    m.swiglu_limit = 10.0;
+    m.v4 = Some(V4Config {
+        q_lora_rank: 16,
+        o_lora_rank: 8,
+        o_groups: 2,
+        sliding_window: 8,
+        layer_types: vec![
+            V4LayerType::CompressedSparseAttention,
+            V4LayerType::HeavilyCompressedAttention,
+            V4LayerType::SlidingAttention,
+        ],
+        compress_rate_csa: 4,
+        compress_rate_hca: 8,
+        index_n_heads: 2,
+        index_head_dim: 16,
+        index_topk: 4,
+        qk_rope_head_dim: 8,
+        compress_rope_theta: 160000.0,
+        compress_rope_scaling: None,
+        num_nextn_predict_layers: 1,
+    });
+    r.train.eval_interval = 12;
+    r
+}
+
+/// DeepSeek-V4 with an MTP block: the MTP loss is logged beside the main loss and falls, the
+/// checkpoint keeps the MTP block (its official names), and a run stopped after step 1
+/// resumes bit-identically (parameters, optimizer state and the MoE refit pools, the MTP
+/// block's included).
+#[test]
+fn v4_mtp_training_logs_the_mtp_loss_and_resumes_bit_identically() {
+    let (root, data, cache) = corpus_dir("v4-mtp");
+    let never = AtomicBool::new(false);
+    let a = root.join("a");
+    train(fresh(&a, v4_mtp_run(&data, 12), &cache), &never).unwrap();
+    let b = root.join("b");
+    train(
+        fresh(&b, v4_mtp_run(&data, 12), &cache),
+        &AtomicBool::new(true),
+    )
+    .unwrap();
+    train(resume(&b, &cache), &never).unwrap();
+    assert_same_run(&a, &b);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect();
+    assert_eq!(lines.len(), 4, "steps 1, 5, 10, 12");
+    let mtp: Vec<f64> = lines
+        .iter()
+        .map(|v| v["mtp_loss"].as_f64().unwrap())
+        .collect();
+    assert!(mtp.iter().all(|x| x.is_finite()), "{mtp:?}");
+    assert!(mtp[3] < mtp[0], "the MTP loss does not fall: {mtp:?}");
+    // One gradient norm per block: the two layers, then the MTP block.
+    assert_eq!(lines[3]["layer_grad_norm"].as_array().unwrap().len(), 3);
+    // The MoE statistics cover the MTP block's MoE layer (block 2).
+    assert_eq!(lines[3]["moe"].as_array().unwrap().len(), 3);
+    let f =
+        mnemo::io::safetensors::TensorFile::open(&a.join("checkpoint/model.safetensors")).unwrap();
+    assert!(f.names().iter().any(|n| n == "mtp.0.hc_head_fn"));
     let _ = std::fs::remove_dir_all(&root);
 }

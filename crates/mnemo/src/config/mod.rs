@@ -461,7 +461,9 @@ impl ModelConfig {
             // The released DeepSeek-V4 architecture at small scale: mHC (4 streams), V4
             // attention (sliding window; CSA with its indexer and HCA layers alternating),
             // DeepSeekMoE with one hash layer, sqrtsoftplus routing and the SwiGLU clamp; the
-            // balancing rules of the MoE presets.
+            // balancing rules of the MoE presets; one MTP block (sliding, as released; trained
+            // with `train.mtp_weight`: ~1.3–1.4x the CPU time of a step without it at these
+            // depths, `--set train.mtp_weight=0` skips it, docs/deepseek-v4.md).
             "v4-tiny" => Some(ModelConfig {
                 tied_embeddings: false,
                 n_kv_heads: 1,
@@ -481,6 +483,8 @@ impl ModelConfig {
                         V4LayerType::CompressedSparseAttention,
                         V4LayerType::HeavilyCompressedAttention,
                         V4LayerType::CompressedSparseAttention,
+                        // The MTP block: sliding, as in the released models.
+                        V4LayerType::SlidingAttention,
                     ],
                     compress_rate_csa: 4,
                     compress_rate_hca: 16,
@@ -490,6 +494,7 @@ impl ModelConfig {
                     qk_rope_head_dim: 16,
                     compress_rope_theta: 160000.0,
                     compress_rope_scaling: None,
+                    num_nextn_predict_layers: 1,
                 }),
                 ..Self::preset("tiny-moe")?
             }),
@@ -514,6 +519,8 @@ impl ModelConfig {
                         V4LayerType::CompressedSparseAttention,
                         V4LayerType::HeavilyCompressedAttention,
                         V4LayerType::CompressedSparseAttention,
+                        // The MTP block: sliding, as in the released models.
+                        V4LayerType::SlidingAttention,
                     ],
                     compress_rate_csa: 4,
                     compress_rate_hca: 32,
@@ -523,6 +530,7 @@ impl ModelConfig {
                     qk_rope_head_dim: 16,
                     compress_rope_theta: 160000.0,
                     compress_rope_scaling: None,
+                    num_nextn_predict_layers: 1,
                 }),
                 ..Self::preset("small-moe")?
             }),
@@ -611,6 +619,27 @@ impl ModelConfig {
         self.n_indexer_layers() > 0
     }
 
+    /// MTP blocks (`v4.num_nextn_predict_layers`; 0 without the DeepSeek-V4 attention).
+    pub fn mtp_layers(&self) -> usize {
+        self.v4.as_ref().map_or(0, |v| v.num_nextn_predict_layers)
+    }
+
+    /// Blocks in the parameter layout: the `n_layers` main layers, then the MTP blocks (block
+    /// `n_layers + j` is MTP block `j`: an MoE block, never hash-routed).
+    pub fn n_blocks(&self) -> usize {
+        self.n_layers + self.mtp_layers()
+    }
+
+    /// The config without its MTP blocks (what transformers' checkpoints hold).
+    pub fn without_mtp(&self) -> ModelConfig {
+        let mut c = self.clone();
+        if let Some(v) = c.v4.as_mut() {
+            v.layer_types.truncate(self.n_layers);
+            v.num_nextn_predict_layers = 0;
+        }
+        c
+    }
+
     /// Whether layer `l` has an MoE feed-forward.
     pub fn is_moe(&self, l: usize) -> bool {
         self.ffn == FfnKind::Moe && l >= self.n_dense_layers
@@ -618,7 +647,7 @@ impl ModelConfig {
 
     /// Whether layer `l` routes by the token-id hash table.
     pub fn is_hash(&self, l: usize) -> bool {
-        self.is_moe(l) && l - self.n_dense_layers < self.num_hash_layers
+        l < self.n_layers && self.is_moe(l) && l - self.n_dense_layers < self.num_hash_layers
     }
 
     /// Check every shape constraint; the error names the field at fault.
@@ -925,7 +954,8 @@ impl ModelConfig {
 
     /// Model FLOPs of one training step (forward + backward) on `b` sequences of `t` tokens:
     /// 2 FLOPs per multiply-add of every matmul, ×3 for forward + backward; causal attention
-    /// counts the visible half of the score matrix.
+    /// counts the visible half of the score matrix. MTP blocks count as trained (a
+    /// `train.mtp_weight` > 0).
     pub fn train_flops(&self, b: usize, t: usize) -> f64 {
         let n = (b * t) as f64;
         let (d, hd) = (self.d_model as f64, self.head_dim as f64);
@@ -957,10 +987,18 @@ impl ModelConfig {
         let active = (self.n_shared_experts + self.top_k) as f64;
         let moe_ffn = 2.0 * n * d * self.n_routed_experts as f64
             + active * (2.0 * n * d * 2.0 * mi + 2.0 * n * mi * d);
-        let layers: f64 = (0..self.n_layers)
+        // MTP blocks: one more block each, its two input projections (the hidden one per
+        // stream) and one more output head.
+        let streams = if self.residual.is_plain() {
+            1.0
+        } else {
+            self.hc_mult as f64
+        };
+        let layers: f64 = (0..self.n_blocks())
             .map(|l| attn + if self.is_moe(l) { moe_ffn } else { dense_ffn })
             .sum();
-        3.0 * (layers + 2.0 * n * d * v)
+        let mtp = self.mtp_layers() as f64 * (2.0 * n * d * d * (1.0 + streams) + 2.0 * n * d * v);
+        3.0 * (layers + mtp + 2.0 * n * d * v)
     }
 }
 

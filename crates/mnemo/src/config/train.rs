@@ -100,6 +100,12 @@ pub struct TrainConfig {
     /// tokenizer. Not written to JSON when off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub synthetic: Option<SyntheticMix>,
+    /// Weight λ of the MTP loss of a model with MTP blocks (DeepSeek-V4's
+    /// `num_nextn_predict_layers`, `model::mtp`): the step minimises
+    /// `L_main + λ·L_mtp`, `L_mtp` the mean over the blocks of their cross-entropy. 0 turns
+    /// the blocks off (not run, not trained: the loss and the gradients are exactly the main
+    /// model's). Default 0.3, DeepSeek-V3's λ for its first 10T tokens (0.1 after).
+    pub mtp_weight: f32,
 }
 
 impl Default for TrainConfig {
@@ -128,6 +134,7 @@ impl Default for TrainConfig {
             init: None,
             dsa_stage: DsaStage::Sparse,
             synthetic: None,
+            mtp_weight: 0.3,
         }
     }
 }
@@ -199,6 +206,12 @@ impl TrainConfig {
                     ),
                 ));
             }
+        }
+        if !(self.mtp_weight.is_finite() && self.mtp_weight >= 0.0) {
+            return Err(bad(
+                "mtp_weight",
+                format!("({}) must be a finite number >= 0", self.mtp_weight),
+            ));
         }
         if self.log_interval == 0 || self.eval_interval == 0 || self.save_interval == 0 {
             return Err(bad(

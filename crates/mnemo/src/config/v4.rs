@@ -40,7 +40,8 @@ pub struct V4Config {
     pub o_groups: usize,
     /// Window keys a query sees, itself included.
     pub sliding_window: usize,
-    /// One per layer.
+    /// One per layer, then one per MTP block (the official `compress_ratios` convention: the
+    /// released models' MTP block is `sliding_attention`).
     pub layer_types: Vec<V4LayerType>,
     pub compress_rate_csa: usize,
     pub compress_rate_hca: usize,
@@ -53,6 +54,16 @@ pub struct V4Config {
     pub compress_rope_theta: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress_rope_scaling: Option<V4Yarn>,
+    /// MTP blocks (multi-token prediction, `mtp.{j}.*`, module `model::mtp`): block `j`
+    /// predicts the token `j + 2` ahead from the main model's last streams (or block `j − 1`'s)
+    /// and the embedding of the token `j + 1` ahead; trained as an auxiliary loss
+    /// (`train.mtp_weight`). The released models have 1. Not written to JSON when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub num_nextn_predict_layers: usize,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 impl V4Config {
@@ -68,14 +79,23 @@ impl V4Config {
 
 impl ModelConfig {
     pub(super) fn validate_v4(&self, v: &V4Config) -> Result<(), ConfigError> {
-        if v.layer_types.len() != self.n_layers {
+        let mtp = v.num_nextn_predict_layers;
+        if v.layer_types.len() != self.n_layers + mtp {
             return Err(err(
                 "v4.layer_types",
-                format!(
-                    "has {} entries for {} layers",
-                    v.layer_types.len(),
-                    self.n_layers
-                ),
+                if mtp == 0 {
+                    format!(
+                        "has {} entries for {} layers",
+                        v.layer_types.len(),
+                        self.n_layers
+                    )
+                } else {
+                    format!(
+                        "has {} entries for {} layers + {mtp} MTP blocks (one per layer, then one per MTP block; the released models' MTP block is sliding_attention)",
+                        v.layer_types.len(),
+                        self.n_layers
+                    )
+                },
             ));
         }
         for (f, x) in [

@@ -7,7 +7,8 @@
 //!   transformers does.
 //! - [`hf_name`]: a mnemo tensor name → its key in transformers' files.
 //! - [`load_dir`]: both together; missing or unexpected tensors are listed.
-//! - [`export`]: a mnemo DeepSeek-V4 model as such a directory (what `from_pretrained` loads).
+//! - [`export`]: a mnemo DeepSeek-V4 model as such a directory (what `from_pretrained` loads),
+//!   without its MTP blocks (transformers has none; `num_nextn_predict_layers` is written).
 
 use super::safetensors::{serialize_mixed, Data};
 use super::shards::Shards;
@@ -60,8 +61,12 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
     let l = req(v, "num_hidden_layers", 43)?;
     let d = req(v, "head_dim", 512)?;
     let d_model = req(v, "hidden_size", 4096)?;
-    // Layer types: explicit > legacy compress_ratios > the default pattern.
-    let layer_types: Vec<V4LayerType> = match (&v["layer_types"], &v["compress_ratios"]) {
+    // MTP blocks (transformers' default 1; it instantiates none, `load_dir` drops them when
+    // the weights have none).
+    let mtp = req(v, "num_nextn_predict_layers", 1)?;
+    // Layer types: explicit > legacy compress_ratios > the default pattern; then one per MTP
+    // block (the legacy list's tail, else sliding as in the released models).
+    let mut layer_types: Vec<V4LayerType> = match (&v["layer_types"], &v["compress_ratios"]) {
         (Value::Array(a), _) => a
             .iter()
             .enumerate()
@@ -76,7 +81,7 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
             .collect::<Result<_>>()?,
         (_, Value::Array(a)) => a
             .iter()
-            .take(l)
+            .take(l + mtp)
             .enumerate()
             .map(|(i, x)| match x.as_u64() {
                 Some(0) => Ok(V4LayerType::SlidingAttention),
@@ -95,12 +100,13 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
             })
             .collect(),
     };
-    if layer_types.len() != l {
+    if layer_types.len() < l || layer_types.len() > l + mtp {
         bail!(
             "config.json: {} layer types for num_hidden_layers = {l}",
             layer_types.len()
         );
     }
+    layer_types.resize(l + mtp, V4LayerType::SlidingAttention);
     let rates = &v["compress_rates"];
     let csa = usize_of(rates, "compressed_sparse_attention")?
         .or(usize_of(v, "compress_rate_csa")?)
@@ -192,6 +198,7 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
             qk_rope_head_dim: r,
             compress_rope_theta: theta_c,
             compress_rope_scaling: yarn,
+            num_nextn_predict_layers: mtp,
         }),
         ..ModelConfig::dense_defaults()
     };
@@ -301,10 +308,16 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
         std::fs::read_to_string(&cpath).with_context(|| format!("reading {}", cpath.display()))?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", cpath.display()))?;
-    let cfg = config_from_hf(&v).with_context(|| format!("{}", cpath.display()))?;
+    let mut cfg = config_from_hf(&v).with_context(|| format!("{}", cpath.display()))?;
     let f = Shards::open(dir)?;
-    let mut model = Model::new(cfg).context("the DeepSeek-V4 config")?;
     let names: std::collections::HashSet<String> = f.names().into_iter().collect();
+    // transformers keeps no MTP block (it drops `mtp.*` on load and never saves one): a
+    // directory without `mtp.*` tensors is the model without its MTP blocks, whatever
+    // `num_nextn_predict_layers` says. With them, they load by their official names.
+    if !names.iter().any(|k| k.starts_with("mtp.")) {
+        cfg = cfg.without_mtp();
+    }
+    let mut model = Model::new(cfg).context("the DeepSeek-V4 config")?;
     let mut used = std::collections::HashSet::new();
     let mut missing = Vec::new();
     for spec in model.layout.tensors.clone() {
@@ -425,7 +438,7 @@ pub fn config_to_hf(c: &ModelConfig) -> Result<Value> {
         "hc_sinkhorn_iters": c.hc_sinkhorn_iters,
         "hc_eps": c.hc_eps,
         "sliding_window": v.sliding_window,
-        "layer_types": v.layer_types.iter().map(name).collect::<Vec<_>>(),
+        "layer_types": v.layer_types[..c.n_layers].iter().map(name).collect::<Vec<_>>(),
         "compress_rates": {
             "compressed_sparse_attention": v.compress_rate_csa,
             "heavily_compressed_attention": v.compress_rate_hca,
@@ -445,7 +458,7 @@ pub fn config_to_hf(c: &ModelConfig) -> Result<Value> {
         },
         "max_position_embeddings": c.max_seq_len,
         "tie_word_embeddings": c.tied_embeddings,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": v.num_nextn_predict_layers,
         "attention_dropout": 0.0,
         "hidden_act": "silu",
     }))
@@ -462,7 +475,14 @@ pub fn export(
     let cfg = config_to_hf(&model.cfg)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Data)> = Vec::new();
-    for spec in &model.layout.tensors {
+    // The MTP blocks (`mtp.*`, laid out after the main model) are left out: transformers has
+    // none and ignores them.
+    for spec in model
+        .layout
+        .tensors
+        .iter()
+        .filter(|t| !crate::model::is_mtp_tensor(&t.name))
+    {
         let hash_bias = model
             .layout
             .layers

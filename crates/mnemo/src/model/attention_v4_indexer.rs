@@ -287,6 +287,7 @@ mod tests {
             V4LayerType::CompressedSparseAttention,
             V4LayerType::HeavilyCompressedAttention,
         ];
+        v.num_nextn_predict_layers = 0;
         (v.compress_rate_hca, v.index_n_heads, v.index_head_dim) = (8, 2, 4);
         (v.index_topk, v.qk_rope_head_dim) = (3, 4);
         let mut m = Model::new(c).unwrap();

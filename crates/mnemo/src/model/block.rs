@@ -129,7 +129,7 @@ impl Model {
     }
 
     /// Block `l` backward over a training batch `[b, t]` (the activations of the last
-    /// forward pass in `ws`): `ws.dx` holds `dL/d(stream after the block)` and leaves with
+    /// forward pass in `ws`; `l ≥ n_layers`: an MTP block): `ws.dx` holds `dL/d(stream after the block)` and leaves with
     /// `dL/d(stream entering it)`; parameter gradients accumulate into `grads`.
     pub(crate) fn block_backward(
         &self,
@@ -145,7 +145,9 @@ impl Model {
         let fz = ws.frozen_backbone;
         let sparse = ws.dsa_run.is_some_and(|r| r.stage.is_sparse());
         let la = &ws.layers[l];
-        // Feed-forward sublayer: stream 2l + 1 → 2l + 2.
+        // The stream entering the block (2l for a main layer; the MTP blocks' follow them).
+        let s0 = super::workspace::block_stream(c.n_layers, l);
+        // Feed-forward sublayer: stream s0 + 1 → s0 + 2.
         let pre = Pre {
             norm: lo.ffn_norm,
             hc: lo.ffn_hc,
@@ -155,7 +157,7 @@ impl Model {
             &self.params,
             grads,
             pre,
-            &ws.streams[2 * l + 1],
+            &ws.streams[s0 + 1],
             &la.hc[1],
             &la.norm[1],
             &mut ws.dx,
@@ -177,7 +179,7 @@ impl Model {
                 );
             },
         );
-        // Attention sublayer: stream 2l → 2l + 1.
+        // Attention sublayer: stream s0 → s0 + 1.
         let pre = Pre {
             norm: lo.attn_norm,
             hc: lo.attn_hc,
@@ -187,7 +189,7 @@ impl Model {
             &self.params,
             grads,
             pre,
-            &ws.streams[2 * l],
+            &ws.streams[s0],
             &la.hc[0],
             &la.norm[0],
             &mut ws.dx,

@@ -1,6 +1,8 @@
 //! Where every tensor sits in the model's flat parameter buffer: names (the checkpoint's),
 //! shapes, offsets, and which tensors AdamW decays or trains. One [`LayerOffsets`] per block
-//! names the offsets of its sublayers; [`Ffn`] chooses the feed-forward module.
+//! names the offsets of its sublayers; [`Ffn`] chooses the feed-forward module. The MTP blocks
+//! (DeepSeek-V4, module `mtp`) come last, after the output head: one more block each (built by
+//! the same code, block index `n_layers + j`) and their own tensors ([`MtpOffsets`]).
 
 use crate::config::{ModelConfig, Residual};
 use crate::dsa::IndexerOffsets;
@@ -66,6 +68,8 @@ pub enum Ffn {
 pub struct ParamLayout {
     pub tensors: Vec<TensorSpec>,
     pub embed: usize,
+    /// The `n_layers` main layers, then the MTP blocks' transformer blocks (`n_blocks()` in
+    /// all): block `l` of `block_forward`.
     pub layers: Vec<LayerOffsets>,
     pub norm: usize,
     /// Output projection; equals `embed` when tied.
@@ -75,6 +79,10 @@ pub struct ParamLayout {
     /// Offset of each Engram layer's gate parameters (`layers.{l}.engram.*`, laid out by
     /// `GateSpec::offsets`), in `engram.layer_ids` order.
     pub engram_gate: Vec<usize>,
+    /// The MTP blocks' own tensors (their transformer blocks are `layers[n_layers..]`).
+    pub mtp: Vec<MtpOffsets>,
+    /// Where the MTP blocks begin: the main model is `params[..main_total]`.
+    pub main_total: usize,
     pub total: usize,
 }
 
@@ -100,13 +108,13 @@ impl LayoutBuilder {
     pub(crate) fn add(&mut self, name: String, shape: Vec<usize>, decay: bool) -> usize {
         self.add_t(name, shape, decay, true)
     }
-    /// The tensors of one hyper-connection layer, `{prefix}.{fn,scale,base}` (mHC) or
-    /// `{prefix}.{fn,scale,static_alpha,static_beta}` (HC).
-    fn add_hc(&mut self, prefix: &str, dm: &HcDims) -> HcOffsets {
+    /// The tensors of one hyper-connection layer, `name(s)` for `s` in `fn, scale, base` (mHC)
+    /// or `fn, scale, static_alpha, static_beta` (HC).
+    fn add_hc(&mut self, name: &dyn Fn(&str) -> String, dm: &HcDims) -> HcOffsets {
         let offs: Vec<usize> = dm
             .layer_tensors()
             .into_iter()
-            .map(|(suffix, shape, decay)| self.add(format!("{prefix}.{suffix}"), shape, decay))
+            .map(|(suffix, shape, decay)| self.add(name(suffix), shape, decay))
             .collect();
         HcOffsets {
             fn_: offs[0],
@@ -119,7 +127,7 @@ impl LayoutBuilder {
 impl ParamLayout {
     pub fn new(c: &ModelConfig) -> Self {
         let mut bld = LayoutBuilder::default();
-        let (d, hd, f) = (c.d_model, c.head_dim, c.ffn_hidden);
+        let d = c.d_model;
         let embed = bld.add("tok_embeddings.weight".into(), vec![c.vocab_size, d], false);
         let hcd = HcDims::from_config(c);
         let mut layers = Vec::new();
@@ -137,82 +145,7 @@ impl ParamLayout {
                 }
                 engram_gate[k] = base;
             }
-            let attn_hc = hcd.map(|dm| bld.add_hc(&p("attn_hc"), &dm));
-            let attn_norm = bld.add(p("attention_norm.weight"), vec![d], false);
-            let (mut wqkv, mut wo, mut indexer, mut v4) = (0, 0, None, None);
-            if c.v4.is_some() {
-                v4 = Some(super::attention_v4::V4AttnOffsets::add(
-                    &mut bld,
-                    &p("attn"),
-                    c,
-                    i,
-                ));
-            } else {
-                wqkv = bld.add(p("attention.wq.weight"), vec![c.n_heads * hd, d], true);
-                bld.add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
-                bld.add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
-                wo = bld.add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
-                indexer = c.dsa.as_ref().map(|x| {
-                    let (hi, di) = (x.index_n_heads, x.index_head_dim);
-                    IndexerOffsets {
-                        wq: bld.add(p("indexer.wq"), vec![hi * di, d], true),
-                        wk: bld.add(p("indexer.wk"), vec![di, d], true),
-                        k_norm_w: bld.add(p("indexer.k_norm.weight"), vec![di], false),
-                        k_norm_b: bld.add(p("indexer.k_norm.bias"), vec![di], false),
-                        wproj: bld.add(p("indexer.weights_proj"), vec![hi, d], true),
-                    }
-                });
-            }
-            let ffn_hc = hcd.map(|dm| bld.add_hc(&p("ffn_hc"), &dm));
-            let ffn_norm = bld.add(p("ffn_norm.weight"), vec![d], false);
-            let ffn = if c.is_moe(i) {
-                let (e, mi, si) = (
-                    c.n_routed_experts,
-                    c.moe_inter,
-                    c.n_shared_experts * c.moe_inter,
-                );
-                let gate = bld.add(p("ffn.gate.weight"), vec![e, d], true);
-                let bias = bld.add_t(p("ffn.gate.bias"), vec![e], false, false);
-                let (mut shared_w13, mut shared_w2) = (0, 0);
-                if si > 0 {
-                    shared_w13 = bld.add(p("ffn.shared_experts.w1.weight"), vec![si, d], true);
-                    bld.add(p("ffn.shared_experts.w3.weight"), vec![si, d], true);
-                    shared_w2 = bld.add(p("ffn.shared_experts.w2.weight"), vec![d, si], true);
-                }
-                let mut experts = 0;
-                for x in 0..e {
-                    let o = bld.add(p(&format!("ffn.experts.{x}.w1.weight")), vec![mi, d], true);
-                    bld.add(p(&format!("ffn.experts.{x}.w3.weight")), vec![mi, d], true);
-                    bld.add(p(&format!("ffn.experts.{x}.w2.weight")), vec![d, mi], true);
-                    if x == 0 {
-                        experts = o;
-                    }
-                }
-                Ffn::Moe(MoeOffsets {
-                    gate,
-                    bias,
-                    shared_w13,
-                    shared_w2,
-                    experts,
-                    hash: c.is_hash(i),
-                })
-            } else {
-                let w13 = bld.add(p("feed_forward.w1.weight"), vec![f, d], true);
-                bld.add(p("feed_forward.w3.weight"), vec![f, d], true);
-                let w2 = bld.add(p("feed_forward.w2.weight"), vec![d, f], true);
-                Ffn::Dense { w13, w2 }
-            };
-            layers.push(LayerOffsets {
-                attn_norm,
-                wqkv,
-                wo,
-                ffn_norm,
-                ffn,
-                attn_hc,
-                ffn_hc,
-                indexer,
-                v4,
-            });
+            layers.push(add_block(&mut bld, c, i, &p));
         }
         let hc_head = hcd.filter(|_| c.residual == Residual::Mhc).map(|dm| {
             let n = dm.n;
@@ -231,6 +164,35 @@ impl ParamLayout {
         } else {
             bld.add("output.weight".into(), vec![c.vocab_size, d], true)
         };
+        // The MTP blocks, after the main model (its offsets do not depend on them), in the
+        // official checkpoint's names (`mtp.{j}.…`).
+        let main_total = bld.off;
+        let mut mtp = Vec::new();
+        for j in 0..c.mtp_layers() {
+            let p = |s: &str| format!("mtp.{j}.{}", official_block_name(s));
+            let e_proj = bld.add(p("e_proj.weight"), vec![d, d], true);
+            let h_proj = bld.add(p("h_proj.weight"), vec![d, d], true);
+            let enorm = bld.add(p("enorm.weight"), vec![d], false);
+            let hnorm = bld.add(p("hnorm.weight"), vec![d], false);
+            layers.push(add_block(&mut bld, c, c.n_layers + j, &p));
+            let hc_head = hcd.filter(|_| c.residual == Residual::Mhc).map(|dm| {
+                let n = dm.n;
+                HcOffsets {
+                    fn_: bld.add(p("hc_head_fn"), vec![n, n * d], true),
+                    scale: bld.add(p("hc_head_scale"), vec![1], false),
+                    stat: bld.add(p("hc_head_base"), vec![n], false),
+                }
+            });
+            let norm = bld.add(p("norm.weight"), vec![d], false);
+            mtp.push(MtpOffsets {
+                e_proj,
+                h_proj,
+                enorm,
+                hnorm,
+                hc_head,
+                norm,
+            });
+        }
         ParamLayout {
             tensors: bld.tensors,
             embed,
@@ -239,6 +201,8 @@ impl ParamLayout {
             output,
             hc_head,
             engram_gate,
+            mtp,
+            main_total,
             total: bld.off,
         }
     }
@@ -246,6 +210,125 @@ impl ParamLayout {
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.name == name)
     }
+}
+
+/// Lay out block `i`'s tensors (layer `i` of the main model, or MTP block `i − n_layers`),
+/// named by `p` from mnemo's block suffixes (`attention_norm.weight`, `attn_hc.fn`, …).
+fn add_block(
+    bld: &mut LayoutBuilder,
+    c: &ModelConfig,
+    i: usize,
+    p: &dyn Fn(&str) -> String,
+) -> LayerOffsets {
+    let (d, hd, f) = (c.d_model, c.head_dim, c.ffn_hidden);
+    let hcd = HcDims::from_config(c);
+    let attn_hc = hcd.map(|dm| bld.add_hc(&|s| p(&format!("attn_hc.{s}")), &dm));
+    let attn_norm = bld.add(p("attention_norm.weight"), vec![d], false);
+    let (mut wqkv, mut wo, mut indexer, mut v4) = (0, 0, None, None);
+    if c.v4.is_some() {
+        v4 = Some(super::attention_v4::V4AttnOffsets::add(
+            bld,
+            &p("attn"),
+            c,
+            i,
+        ));
+    } else {
+        wqkv = bld.add(p("attention.wq.weight"), vec![c.n_heads * hd, d], true);
+        bld.add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
+        bld.add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
+        wo = bld.add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
+        indexer = c.dsa.as_ref().map(|x| {
+            let (hi, di) = (x.index_n_heads, x.index_head_dim);
+            IndexerOffsets {
+                wq: bld.add(p("indexer.wq"), vec![hi * di, d], true),
+                wk: bld.add(p("indexer.wk"), vec![di, d], true),
+                k_norm_w: bld.add(p("indexer.k_norm.weight"), vec![di], false),
+                k_norm_b: bld.add(p("indexer.k_norm.bias"), vec![di], false),
+                wproj: bld.add(p("indexer.weights_proj"), vec![hi, d], true),
+            }
+        });
+    }
+    let ffn_hc = hcd.map(|dm| bld.add_hc(&|s| p(&format!("ffn_hc.{s}")), &dm));
+    let ffn_norm = bld.add(p("ffn_norm.weight"), vec![d], false);
+    let ffn = if c.is_moe(i) {
+        let (e, mi, si) = (
+            c.n_routed_experts,
+            c.moe_inter,
+            c.n_shared_experts * c.moe_inter,
+        );
+        let gate = bld.add(p("ffn.gate.weight"), vec![e, d], true);
+        let bias = bld.add_t(p("ffn.gate.bias"), vec![e], false, false);
+        let (mut shared_w13, mut shared_w2) = (0, 0);
+        if si > 0 {
+            shared_w13 = bld.add(p("ffn.shared_experts.w1.weight"), vec![si, d], true);
+            bld.add(p("ffn.shared_experts.w3.weight"), vec![si, d], true);
+            shared_w2 = bld.add(p("ffn.shared_experts.w2.weight"), vec![d, si], true);
+        }
+        let mut experts = 0;
+        for x in 0..e {
+            let o = bld.add(p(&format!("ffn.experts.{x}.w1.weight")), vec![mi, d], true);
+            bld.add(p(&format!("ffn.experts.{x}.w3.weight")), vec![mi, d], true);
+            bld.add(p(&format!("ffn.experts.{x}.w2.weight")), vec![d, mi], true);
+            if x == 0 {
+                experts = o;
+            }
+        }
+        Ffn::Moe(MoeOffsets {
+            gate,
+            bias,
+            shared_w13,
+            shared_w2,
+            experts,
+            hash: c.is_hash(i),
+        })
+    } else {
+        let w13 = bld.add(p("feed_forward.w1.weight"), vec![f, d], true);
+        bld.add(p("feed_forward.w3.weight"), vec![f, d], true);
+        let w2 = bld.add(p("feed_forward.w2.weight"), vec![d, f], true);
+        Ffn::Dense { w13, w2 }
+    };
+    LayerOffsets {
+        attn_norm,
+        wqkv,
+        wo,
+        ffn_norm,
+        ffn,
+        attn_hc,
+        ffn_hc,
+        indexer,
+        v4,
+    }
+}
+
+/// The official checkpoint's name of a block tensor given mnemo's suffix (the MTP block keeps
+/// the official names): `attn_norm.weight`, `hc_attn_{fn,scale,base}`, `hc_ffn_*`; the
+/// attention and feed-forward tensors are named alike.
+fn official_block_name(s: &str) -> String {
+    if s == "attention_norm.weight" {
+        return "attn_norm.weight".into();
+    }
+    for (ours, theirs) in [("attn_hc.", "hc_attn_"), ("ffn_hc.", "hc_ffn_")] {
+        if let Some(rest) = s.strip_prefix(ours) {
+            return format!("{theirs}{rest}");
+        }
+    }
+    s.to_string()
+}
+
+/// Offsets of one MTP block's own tensors (its transformer block is `layers[n_layers + j]`).
+#[derive(Clone, Copy, Debug)]
+pub struct MtpOffsets {
+    /// `[D, D]` each: the projections of the normed next-token embedding and of the normed
+    /// incoming streams.
+    pub e_proj: usize,
+    pub h_proj: usize,
+    /// `[D]` each: the norms of the embedding and of each incoming stream.
+    pub enorm: usize,
+    pub hnorm: usize,
+    /// The block's own mHC head (`hc_head_{fn,scale,base}`), mHC only.
+    pub hc_head: Option<HcOffsets>,
+    /// `[D]`: the final norm before the shared output head.
+    pub norm: usize,
 }
 
 /// The Engram gate shapes of a model (`n` streams with hc/mhc, else 1).
@@ -271,7 +354,8 @@ pub fn is_engram_tensor(name: &str) -> bool {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ParamCounts {
     pub total: usize,
-    /// Parameters that one token uses: everything but the routed experts it is not sent to.
+    /// Parameters that one token uses: everything but the routed experts it is not sent to
+    /// (and the MTP blocks, a training objective and a draft model).
     pub activated: usize,
     pub embedding: usize,
     pub attention: usize,
@@ -286,9 +370,17 @@ pub struct ParamCounts {
     /// Engram gate parameters (in the flat buffer) and table entries (outside it).
     pub engram_gates: usize,
     pub engram_tables: usize,
+    /// The MTP blocks, all their tensors (counted in no other kind).
+    pub mtp: usize,
 }
 
-/// Whether a parameter belongs to a hyper-connection layer or the mHC head.
+/// Whether a parameter belongs to a hyper-connection layer or an mHC head (the MTP blocks'
+/// official names: `mtp.{j}.hc_attn_fn`, `mtp.{j}.hc_head_base`, …).
 pub fn is_hc_tensor(name: &str) -> bool {
-    name.contains("_hc.") || name.starts_with("hc_head.")
+    name.contains("_hc.") || name.starts_with("hc_head.") || name.contains(".hc_")
+}
+
+/// Whether a parameter belongs to an MTP block (`mtp.{j}.*`).
+pub fn is_mtp_tensor(name: &str) -> bool {
+    name.starts_with("mtp.")
 }

@@ -26,6 +26,9 @@
 //!   one-token decoding, batched serving, lookup verification ([`Model::forward_batch`],
 //!   [`Model::forward_cached`]).
 //!
+//! DeepSeek-V4's MTP blocks ([`mtp`]) are more blocks of the same code after the main model
+//! (block `n_layers + j`), run by the training driver on its last streams.
+//!
 //! A frozen-backbone backward (`Workspace::frozen_backbone`, memory-only fine-tuning)
 //! propagates only `dL/dh` (no `dW = dYᵀ·X` GEMMs of the frozen linear weights, no embedding
 //! gradient; MoE experts, hyper-connections and the O(d) norm weights still compute theirs) and
@@ -52,18 +55,21 @@ pub mod engram_layer;
 pub mod ffn;
 pub mod layout;
 mod moe_balance;
+pub mod mtp;
 pub mod residual;
 #[cfg(test)]
 pub(crate) mod tests;
 #[cfg(test)]
 mod tests_compose;
+#[cfg(test)]
+mod tests_mtp;
 pub mod training;
 pub mod workspace;
 
 pub use cache::{CacheOptions, KvCache, PREFILL_CHUNK};
 pub use layout::{
-    engram_gate_spec, is_engram_tensor, is_hc_tensor, is_indexer_tensor, Ffn, LayerOffsets,
-    ParamCounts, ParamLayout, TensorSpec,
+    engram_gate_spec, is_engram_tensor, is_hc_tensor, is_indexer_tensor, is_mtp_tensor, Ffn,
+    LayerOffsets, MtpOffsets, ParamCounts, ParamLayout, TensorSpec,
 };
 pub use workspace::Workspace;
 
@@ -80,7 +86,8 @@ pub struct Model {
     pub layout: ParamLayout,
     pub params: Vec<f32>,
     pub rope: RopeTable,
-    /// Token id → experts table `[V, top_k]` of each hash-routed MoE layer (`None` elsewhere).
+    /// Token id → experts table `[V, top_k]` of each hash-routed MoE layer (`None` elsewhere),
+    /// one per block (`n_blocks()`: the MTP blocks are never hash-routed).
     pub hash_tables: Vec<Option<Vec<u32>>>,
     /// Quantised copies of linear weights (keyed by their offset in `params`, possibly spanning
     /// a fused range such as q|k|v), used by one-token decoding when present (GGUF models).
@@ -106,7 +113,7 @@ impl Model {
         cfg.validate()?;
         let layout = ParamLayout::new(&cfg);
         let rope = cfg.rope_table();
-        let hash_tables = (0..cfg.n_layers)
+        let hash_tables = (0..cfg.n_blocks())
             .map(|l| {
                 cfg.is_hash(l)
                     .then(|| hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.top_k, &mut None))
@@ -237,16 +244,25 @@ impl Model {
             }
         }
         if let Some(dm) = HcDims::from_config(&self.cfg) {
+            // The main model's, then the MTP blocks' from a stream of their own: a model with
+            // MTP blocks starts from the same main model as one without.
+            let nl = self.cfg.n_layers;
             let mut rng = Rng::derived(seed, "hyper-connections");
-            let mut normal = |p: &mut [f32]| rng.fill_normal(p, std);
+            let mut mtp_rng = Rng::derived(seed, "mtp-hyper-connections");
             for (l, lo) in self.layout.layers.iter().enumerate() {
+                let r = if l < nl { &mut rng } else { &mut mtp_rng };
+                let mut normal = |p: &mut [f32]| r.fill_normal(p, std);
                 for (s, o) in [(2 * l, lo.attn_hc), (2 * l + 1, lo.ffn_hc)] {
                     if let Some(o) = o {
                         mhc::init_layer(&dm, &mut self.params, o, s, false, &mut normal);
                     }
                 }
             }
-            if let Some(o) = self.layout.hc_head {
+            let heads = self.layout.hc_head.iter().map(|&o| (o, false));
+            let mtp_heads = self.layout.mtp.iter().filter_map(|m| m.hc_head);
+            for (o, is_mtp) in heads.chain(mtp_heads.map(|o| (o, true))) {
+                let r = if is_mtp { &mut mtp_rng } else { &mut rng };
+                let mut normal = |p: &mut [f32]| r.fill_normal(p, std);
                 mhc::init_layer(&dm, &mut self.params, o, 0, true, &mut normal);
             }
         }
@@ -283,11 +299,14 @@ impl Model {
             hyper_connections: 0,
             engram_gates: 0,
             engram_tables: 0,
+            mtp: 0,
         };
         for t in &self.layout.tensors {
             let n = t.len();
             c.total += n;
-            let slot = if is_engram_tensor(&t.name) {
+            let slot = if is_mtp_tensor(&t.name) {
+                &mut c.mtp
+            } else if is_engram_tensor(&t.name) {
                 &mut c.engram_gates
             } else if is_hc_tensor(&t.name) {
                 &mut c.hyper_connections
@@ -318,8 +337,8 @@ impl Model {
         } else {
             0.0
         };
-        c.activated =
-            c.total - c.routed_experts + (c.routed_experts as f64 * k_over_e).round() as usize;
+        c.activated = c.total - c.mtp - c.routed_experts
+            + (c.routed_experts as f64 * k_over_e).round() as usize;
         if let Some(e) = &self.engram {
             c.engram_tables = e
                 .layers

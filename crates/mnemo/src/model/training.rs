@@ -6,7 +6,8 @@
 //! x⁰ = expand(h)                   [N, w]     (w = d plain, n·d with hyper-connections)
 //! x^{l+1} = Block_l(x^l)                      (module `block`)
 //! logits = RMSNorm(collapse(x^L))·Woutᵀ      [N, V]
-//! loss = mean CE(logits, targets) (+ the MoE balance loss)
+//! loss = mean CE(logits, targets) (+ the MoE balance loss) (+ λ·L_mtp: the MTP blocks on
+//!        x^L, module `mtp`, when the workspace runs them)
 //! ```
 
 use super::attention::{DsaBatch, Kv};
@@ -70,6 +71,7 @@ impl Model {
         ws.ensure(c, b, t);
         ws.dsa_run = run;
         ws.dsa_stats = DsaStats::default();
+        ws.mtp_loss = 0.0;
         let n = b * t;
         let (d, v) = (c.d_model, c.vocab_size);
         let st = Stream::of(c);
@@ -118,7 +120,6 @@ impl Model {
             };
             self.block_forward(l, xs, ssq, &mut ws.layers[l], &mut rows)?;
         }
-        ws.aux_loss = ws.layers.iter().map(|la| la.ffn.moe.aux_loss).sum();
         if let Some(db) = db {
             let denom = (c.n_indexer_layers().max(1) * n) as f64;
             ws.dsa_stats = DsaStats {
@@ -126,6 +127,9 @@ impl Model {
                 recall: db.run.recall.then_some(db.recall / denom),
             };
         }
+        // The MTP blocks (when this workspace runs them), from the last streams x^L.
+        self.mtp_forward(tokens, b, t, ws, !ws.skip_head)?;
+        ws.aux_loss = ws.layers.iter().map(|la| la.ffn.moe.aux_loss).sum();
         if ws.skip_head {
             return Ok(());
         }
@@ -154,8 +158,10 @@ impl Model {
     }
 
     /// Forward + backward on one batch: adds `grad_scale · dL/dθ` into `grads` and returns the
-    /// (unscaled) loss L = mean CE over the batch + the MoE balance loss when enabled.
-    /// A DSA model trains in the sparse stage (see [`Model::forward_backward_dsa`]).
+    /// (unscaled) loss L = mean CE over the batch + the MoE balance loss when enabled, plus
+    /// `ws.mtp_weight`·L_mtp when the workspace runs the model's MTP blocks (module
+    /// [`super::mtp`]; L_mtp is left in `ws.mtp_loss`). A DSA model trains in the sparse
+    /// stage (see [`Model::forward_backward_dsa`]).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &self,
@@ -299,6 +305,15 @@ impl Model {
             &mut ws.dx,
             &mut ws.hcs.draw,
         );
+        // The MTP blocks (module `mtp`): their loss, their gradients, and theirs of x^L added
+        // to the head's.
+        let mut loss = loss;
+        if !ws.mtp.depths.is_empty() {
+            std::mem::swap(&mut ws.dx, &mut ws.mtp.dx_main);
+            ws.mtp_loss = self.mtp_backward(targets, b, t, grads, grad_scale, ws);
+            std::mem::swap(&mut ws.dx, &mut ws.mtp.dx_main);
+            loss += ws.mtp_weight as f64 * ws.mtp_loss;
+        }
         for l in (0..c.n_layers).rev() {
             self.block_backward(l, (b, t), grads, grad_scale, ws);
             if fz && lowest == Some(l) {
@@ -326,8 +341,8 @@ impl Model {
         ws: &Workspace,
     ) {
         for (l, lo) in self.layout.layers.iter().enumerate() {
-            if let Some(vo) = &lo.v4 {
-                let (la, g) = (&ws.layers[l], grad_scale);
+            if let (Some(vo), Some(la)) = (&lo.v4, ws.layers.get(l)) {
+                let g = grad_scale;
                 self.v4_indexer_backward(l, vo, &la.norm[0].y, (b, t), &la.attn.v4, grads, g);
             }
         }

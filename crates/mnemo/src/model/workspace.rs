@@ -4,12 +4,17 @@
 //! ```text
 //! streams[s]   residual stream entering sublayer s (attention of block l: s = 2l, its
 //!              feed-forward: 2l + 1; s = 2L after the last)   [N, w]   w = d, or n·d (hc/mhc)
+//!              then per MTP block j (when it runs): entering it, between its sublayers,
+//!              after it: s = 2L + 1 + 3j + {0, 1, 2}                     (`block_stream`)
 //! layers[l]    per block: each sublayer's norm (y, 1/rms), hyper-connection coefficients,
 //!              attention (q|k|v, o, lse, indexer) and feed-forward (h13, g, MoE) activations
+//!              (the L main layers, then the MTP blocks that run)
+//! mtp          the MTP blocks' own activations (module `mtp`)
 //! ```
 
 use super::attention::AttnActs;
 use super::ffn::FfnActs;
+use super::mtp::MtpWs;
 use super::residual::{HcScratch, NormActs};
 use crate::config::{ModelConfig, Residual};
 use crate::dsa::{DsaRun, DsaStats};
@@ -21,6 +26,8 @@ use crate::mhc::{self, HcActs, HcDims};
 pub struct Workspace {
     pub(crate) b: usize,
     pub(crate) t: usize,
+    /// Main layers `L` of the model the buffers are sized for.
+    pub(crate) n_layers: usize,
     /// The embedding `[N, d]` (plain: also `streams[0]`'s source; hc: expanded into it).
     pub(crate) x0: Vec<f32>,
     /// Residual stream entering each sublayer and after the last: `2L + 1` × `[N, w]`.
@@ -46,6 +53,16 @@ pub struct Workspace {
     pub(crate) hcs: HcScratch,
     /// Sum over MoE layers of the sequence-wise balance loss of the last forward pass.
     pub aux_loss: f64,
+    /// Weight λ of the MTP loss in the passes run with this workspace (`train.mtp_weight`): a
+    /// model with MTP blocks runs them (and [`Model::forward_backward`] trains them) only when
+    /// it is > 0 and the backbone is not frozen. 0 by default: evaluation and inference
+    /// workspaces do not run them.
+    pub mtp_weight: f32,
+    /// The MTP loss of the last [`Model::forward_backward`]: the mean over the MTP blocks of
+    /// each one's mean cross-entropy (0 when they did not run).
+    pub mtp_loss: f64,
+    /// The MTP blocks' own activations and backward scratch.
+    pub(crate) mtp: MtpWs,
     /// Engram activations of the last forward pass (positions, gates, lookups).
     pub(crate) eng: EngramWs,
     /// After a backward pass: each Engram table's sparse gradient, already scaled by
@@ -180,8 +197,7 @@ impl Workspace {
             return None;
         }
         let n = self.layers[0].hc[0].pre.len() / (self.b * self.t);
-        let layers: Vec<&[f32]> = self
-            .layers
+        let layers: Vec<&[f32]> = self.layers[..self.n_layers]
             .iter()
             .flat_map(|la| la.hc.iter().map(|a| &a.comb[..]))
             .collect();
@@ -205,9 +221,23 @@ impl Workspace {
                 format!("layer {} ({part})", s / 2)
             }
         };
+        let nl = self.n_layers;
+        let what = |l: usize, s: usize| {
+            if l < nl {
+                what(s)
+            } else {
+                let part = if s.is_multiple_of(2) {
+                    "attention"
+                } else {
+                    "FFN"
+                };
+                format!("MTP block {} ({part})", l - nl)
+            }
+        };
         for (l, la) in self.layers.iter().enumerate() {
             for (k, a) in la.hc.iter().enumerate() {
                 let s = 2 * l + k;
+                let what = |s| what(l, s);
                 if !plain {
                     if bad(&a.pre) || bad(&a.post) || bad(&a.comb) {
                         return Some(format!(
@@ -219,7 +249,7 @@ impl Workspace {
                         return Some(format!("sublayer output of {}", what(s)));
                     }
                 }
-                if bad(&self.streams[s + 1]) {
+                if bad(&self.streams[block_stream(nl, l) + k + 1]) {
                     return Some(if plain {
                         format!("residual stream after {}", what(s))
                     } else {
@@ -234,20 +264,59 @@ impl Workspace {
         None
     }
 
+    /// MTP blocks the passes of this workspace run on model `c` (see `mtp_weight`).
+    pub(crate) fn mtp_depths(&self, c: &ModelConfig) -> usize {
+        if self.mtp_weight > 0.0 && !self.frozen_backbone {
+            c.mtp_layers()
+        } else {
+            0
+        }
+    }
+
     /// Size every buffer for a batch `[b, t]` of model `c` (a no-op when already sized).
     pub(crate) fn ensure(&mut self, c: &ModelConfig, b: usize, t: usize) {
+        let depths = self.mtp_depths(c);
         if self.b == b
             && self.t == t
-            && self.layers.len() == c.n_layers
+            && self.n_layers == c.n_layers
+            && self.layers.len() == c.n_layers + depths
             && self.residual == c.residual
         {
             return;
         }
+        self.ensure_main(c, b, t);
+        self.ensure_mtp(c, depths);
+    }
+
+    /// Size the buffers of `depths` MTP blocks (dropping or adding blocks after the main ones;
+    /// the main buffers are sized for `c` already).
+    pub(crate) fn ensure_mtp(&mut self, c: &ModelConfig, depths: usize) {
+        let nl = self.n_layers;
+        if self.layers.len() == nl + depths && self.mtp.depths.len() == depths {
+            return;
+        }
+        let n = self.b * self.t;
+        let hcd = HcDims::from_config(c);
+        let nh = hcd.map_or(1, |dm| dm.n);
+        let ns = block_stream(nl, nl + depths); // 2L + 1 + 3·depths
+        self.streams
+            .resize_with(ns, || vec![0.0; n * nh * c.d_model]);
+        if hcd.is_some() {
+            self.ssq.resize_with(ns, || vec![0.0; n * nh]);
+        }
+        self.layers.truncate(nl);
+        self.layers
+            .extend((nl..nl + depths).map(|l| LayerActs::new(c, l, n)));
+        self.mtp = MtpWs::new(c, n, depths);
+    }
+
+    fn ensure_main(&mut self, c: &ModelConfig, b: usize, t: usize) {
         let n = b * t;
         let d = c.d_model;
         let z = |len: usize| vec![0.0f32; len];
         self.b = b;
         self.t = t;
+        self.n_layers = c.n_layers;
         self.residual = c.residual;
         let hcd = HcDims::from_config(c);
         let nh = hcd.map_or(1, |dm| dm.n);
@@ -270,5 +339,18 @@ impl Workspace {
         self.dh13 = z(n * 2 * c.ffn_hidden);
         self.dg = z(n * c.ffn_hidden);
         self.hcs = hcd.map_or_else(HcScratch::default, |dm| HcScratch::new(&dm, n, d));
+    }
+}
+
+/// Index in `Workspace::streams` of the stream entering block `l` of a model with `nl` main
+/// layers (its sublayers' outputs follow): `2l` for a main layer (the output of one is the
+/// input of the next), `2L + 1 + 3j` for MTP block `j = l − L` (it starts from the main
+/// model's last stream `2L`, or MTP block `j − 1`'s output, through its own input
+/// projections).
+pub(crate) fn block_stream(nl: usize, l: usize) -> usize {
+    if l < nl {
+        2 * l
+    } else {
+        2 * nl + 1 + 3 * (l - nl)
     }
 }

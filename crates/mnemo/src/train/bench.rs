@@ -291,14 +291,20 @@ pub fn bench_steps_interleaved(
         let x: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
         let y: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
         let grads = vec![0.0f32; model.layout.total];
+        // MTP blocks train (and run in the balancing sample) with the default weight.
+        let mtp_weight = crate::config::TrainConfig::default().mtp_weight;
         let ws = Workspace {
             frozen_backbone: var.frozen_backbone,
+            mtp_weight,
             ..Workspace::default()
         };
         runs.push(Run {
             table_opt: new_table_opt(&model),
             pools: model.new_moe_pools(),
-            sample_ws: Workspace::headless(),
+            sample_ws: Workspace {
+                mtp_weight,
+                ..Workspace::headless()
+            },
             rng,
             vocab,
             model,

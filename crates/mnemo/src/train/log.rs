@@ -48,8 +48,8 @@ pub(super) fn logs_at(tc: &TrainConfig, step: u64) -> bool {
     step.is_multiple_of(tc.log_interval) || step == 1 || step == tc.max_steps
 }
 
-/// The `metrics.jsonl` line of a logged step: loss, learning rate, gradient norms, expert
-/// load, Engram table gradients, DSA indexer KL/recall, hyper-connection gains.
+/// The `metrics.jsonl` line of a logged step: loss (and the MTP loss), learning rate, gradient
+/// norms, expert load, Engram table gradients, DSA indexer KL/recall, hyper-connection gains.
 pub(super) fn step_metrics(
     run: &RunConfig,
     model: &Model,
@@ -59,6 +59,9 @@ pub(super) fn step_metrics(
     let tc = &run.train;
     let (step, lr, loss, gnorm) = (s.step, s.lr, s.loss, s.gnorm);
     let mut m = serde_json::json!({"step": step, "tokens": s.tokens_seen, "lr": lr, "loss": loss, "grad_norm": gnorm});
+    if let Some(x) = s.mtp_loss {
+        m["mtp_loss"] = serde_json::json!(x);
+    }
     if let Some(stats) = moe_stats(model, &s.loads) {
         m["moe"] = stats;
     }
@@ -126,6 +129,13 @@ pub(super) fn print_model(run: &RunConfig, model: &Model, unigram: f64) {
         human_count(h.norms as f64),
         human_count(h.output as f64),
     );
+    if h.mtp > 0 {
+        eprintln!(
+            "  MTP blocks {} (of the total, not of the kinds above nor activated; MTP loss weight {})",
+            human_count(h.mtp as f64),
+            tc.mtp_weight
+        );
+    }
     if h.engram_gates > 0 {
         eprintln!(
             "  engram gates {}, engram tables {} (outside the flat buffer; lazy Adam at {}x lr)",
@@ -194,13 +204,17 @@ impl Progress {
                 moe_msg.push_str(&format!(" recall {r:.3}"));
             }
         }
+        let (mtp_bar, mtp_line) = match s.mtp_loss {
+            Some(x) => (format!(" | mtp {x:.4}"), format!(", mtp loss {x:.4}")),
+            None => (String::new(), String::new()),
+        };
         pb.set_message(format!(
-            "loss {loss:.4} | lr {lr:.2e} | {} tok/s{moe_msg}",
+            "loss {loss:.4}{mtp_bar} | lr {lr:.2e} | {} tok/s{moe_msg}",
             human_count(tps)
         ));
         if pb.is_hidden() && step % tc.log_interval == 0 {
             eprintln!(
-                "step {step}/{}: loss {loss:.4}, lr {lr:.2e}, {} tok/s{moe_msg}",
+                "step {step}/{}: loss {loss:.4}{mtp_line}, lr {lr:.2e}, {} tok/s{moe_msg}",
                 tc.max_steps,
                 human_count(tps)
             );

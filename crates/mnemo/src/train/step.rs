@@ -27,8 +27,12 @@ pub(super) struct StepOut {
     /// Tokens seen by the run after it.
     pub tokens_seen: u64,
     pub lr: f32,
-    /// Mean loss over the step's counted targets, nats/token.
+    /// Mean loss over the step's counted targets, nats/token (the main model's: without the
+    /// MTP loss).
     pub loss: f64,
+    /// The MTP loss `L_mtp` of the step (models with MTP blocks trained with
+    /// `train.mtp_weight > 0`; the step minimised `loss + mtp_weight·mtp_loss`).
+    pub mtp_loss: Option<f64>,
     /// Global gradient norm before clipping (trained flat parameters and Engram tables).
     pub gnorm: f64,
     /// Gradient norm of each layer before clipping.
@@ -69,8 +73,16 @@ impl Stepper {
         let (run, tc) = (&sess.run, &sess.run.train);
         let (b, t) = (tc.batch_size, tc.seq_len);
         let grads = vec![0.0f32; sess.model.layout.total];
-        let mut ws = Workspace::default();
-        let sample_ws = Workspace::headless();
+        // The MTP blocks train with the run's weight (and run in the balancing sample, so that
+        // their MoE layer's bias is refitted like the others').
+        let mut ws = Workspace {
+            mtp_weight: tc.mtp_weight,
+            ..Workspace::default()
+        };
+        let sample_ws = Workspace {
+            mtp_weight: tc.mtp_weight,
+            ..Workspace::headless()
+        };
         let sample_moe =
             run.model.bias_fit_sample > 0 && !sess.model.routed_moe_layers().is_empty();
         if sample_moe {
@@ -120,6 +132,7 @@ impl Stepper {
         grads.fill(0.0);
         let mut tgrads: Vec<SparseGrad> = vec![SparseGrad::default(); table_opt.len()];
         let mut loss = 0.0;
+        let mut mtp_loss = 0.0;
         let mut loads: Vec<Option<Vec<u64>>> = vec![None; run.model.n_layers];
         let log_step = logs_at(tc, step);
         let mut dsa_kl = 0.0f64;
@@ -145,7 +158,7 @@ impl Stepper {
             let (x, y) = (&x[..], &y[..]);
             let w = weights[micro];
             let gs = w as f32;
-            loss += w * match run.model.has_indexer() {
+            let l = match run.model.has_indexer() {
                 true => {
                     // Recall needs the dense attention in the sparse stage: measured on the
                     // first micro-batch of logging steps only.
@@ -166,6 +179,9 @@ impl Stepper {
                     .try_forward_backward(x, y, b, t, grads, gs, ws)
                     .with_context(|| format!("training step {step}"))?,
             };
+            // The loss reported is the main model's; the MTP loss is reported beside it.
+            loss += w * (l - ws.mtp_weight as f64 * ws.mtp_loss);
+            mtp_loss += w * ws.mtp_loss;
             for (acc, g) in tgrads.iter_mut().zip(&ws.engram_table_grads) {
                 acc.accumulate(g);
             }
@@ -176,7 +192,8 @@ impl Stepper {
         }
         // A non-finite loss or gradient stops the run before the optimizer step, so neither the
         // parameters nor the last checkpoint on disk are touched.
-        if !loss.is_finite() {
+        if !(loss.is_finite() && mtp_loss.is_finite()) {
+            let loss = loss + tc.mtp_weight as f64 * mtp_loss;
             bail!(
                 "loss became {loss} at step {step}{}: stopping; the last good checkpoint ({}) is intact. Lower --lr or check the data",
                 where_nonfinite(ws),
@@ -257,6 +274,7 @@ impl Stepper {
             tokens_seen: state.tokens_seen,
             lr,
             loss,
+            mtp_loss: (ws.mtp_depths(&run.model) > 0).then_some(mtp_loss),
             gnorm,
             layer_gnorms,
             table_sq,
@@ -288,21 +306,23 @@ fn last_saved(out: &Path) -> String {
     }
 }
 
-/// The layer index of a parameter name (`layers.{l}.…`), or `None` for the embedding, the head
-/// and the final norm.
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
+/// The block index of a parameter name (`layers.{l}.…`; `mtp.{j}.…`: block `n_layers + j`),
+/// or `None` for the embedding, the head and the final norm.
+fn layer_of(name: &str, n_layers: usize) -> Option<usize> {
+    let (rest, base) = match name.strip_prefix("layers.") {
+        Some(r) => (r, 0),
+        None => (name.strip_prefix("mtp.")?, n_layers),
+    };
+    let i: usize = rest.split('.').next()?.parse().ok()?;
+    Some(base + i)
 }
 
-/// L2 norm of the gradient of each layer's parameters (before clipping).
+/// L2 norm of the gradient of each block's parameters (before clipping): the layers, then the
+/// MTP blocks.
 pub fn layer_grad_norms(model: &Model, grads: &[f32]) -> Vec<f64> {
-    let mut sq = vec![0.0f64; model.cfg.n_layers];
+    let mut sq = vec![0.0f64; model.cfg.n_blocks()];
     for t in &model.layout.tensors {
-        if let Some(l) = layer_of(&t.name) {
+        if let Some(l) = layer_of(&t.name, model.cfg.n_layers) {
             sq[l] += det_sum_sq(&grads[t.range()]);
         }
     }
