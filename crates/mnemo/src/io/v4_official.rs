@@ -290,7 +290,11 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
         std::fs::read_to_string(&cpath).with_context(|| format!("reading {}", cpath.display()))?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", cpath.display()))?;
-    let cfg = config_from_hf(&v).with_context(|| format!("{}", cpath.display()))?;
+    // MTP blocks are not loaded from this layout yet (their tensors are skipped, see
+    // [`is_mtp`]): the model is the main layers only.
+    let cfg = config_from_hf(&v)
+        .with_context(|| format!("{}", cpath.display()))?
+        .without_mtp();
     let block = fp8_block(&v).with_context(|| format!("{}", cpath.display()))?;
     let src = Shards::open(dir)?;
     let mut model = Model::new(cfg).context("the DeepSeek-V4 config")?;
