@@ -31,9 +31,6 @@ impl KvCache {
         if self.engram.is_some() {
             bail!("prefix caches of Engram models are not supported (the Engram decode state is not saved)");
         }
-        if !self.v4.is_empty() {
-            bail!("prefix-cache files of DeepSeek-V4 models are not supported yet (their window, compressor tails and entries are not saved)");
-        }
         if tokens.len() != self.len {
             bail!(
                 "prefix cache: {} tokens given for {} cached positions",
@@ -44,7 +41,21 @@ impl KvCache {
         let c = &model.cfg;
         let w = c.n_kv_heads * c.head_dim;
         let mut t: Vec<(String, Vec<usize>, Data)> = Vec::new();
-        for l in 0..c.n_layers {
+        let mut meta = std::collections::HashMap::new();
+        // DeepSeek-V4: each layer's window rows, compressor tails and entries (`k`, `v` unused;
+        // MTP blocks keep no state here: decoding does not run them).
+        for (l, lc) in self.v4.iter().enumerate().take(c.n_layers) {
+            for p in lc.parts() {
+                let name = format!("v4.{l}.{}", p.name);
+                meta.insert(format!("{name}.base"), p.base.to_string());
+                t.push((
+                    name,
+                    vec![p.data.len() / p.width, p.width],
+                    Data::F32(p.data),
+                ));
+            }
+        }
+        for l in (0..c.n_layers).filter(|_| self.v4.is_empty()) {
             t.push((
                 format!("k.{l}"),
                 vec![self.len, w],
@@ -73,7 +84,6 @@ impl KvCache {
             vec![self.len],
             Data::I32(tokens.iter().map(|&x| x as i32).collect()),
         ));
-        let mut meta = std::collections::HashMap::new();
         meta.insert(
             "mnemo_prefix_cache".into(),
             format!("{:016x}", model_fingerprint(model)),
@@ -91,7 +101,8 @@ impl KvCache {
     pub fn load(path: &Path, model: &Model) -> Result<(KvCache, Vec<u32>)> {
         let f = TensorFile::open(path)?;
         let want = format!("{:016x}", model_fingerprint(model));
-        match f.metadata()?.get("mnemo_prefix_cache") {
+        let meta = f.metadata()?;
+        match meta.get("mnemo_prefix_cache") {
             Some(got) if *got == want => {}
             _ => bail!(
                 "{} is a prefix cache of another model (or not one at all)",
@@ -110,8 +121,25 @@ impl KvCache {
         }
         let c = &model.cfg;
         let w = c.n_kv_heads * c.head_dim;
+        let n = tokens.len();
+        for (l, lc) in cache.v4.iter_mut().enumerate().take(c.n_layers) {
+            lc.restore(n, |part, width| {
+                let name = format!("v4.{l}.{part}");
+                let Some(base) = meta.get(&format!("{name}.base")) else {
+                    return Ok(None);
+                };
+                let base: usize = base
+                    .parse()
+                    .with_context(|| format!("`{name}.base` is not a position: {base:?}"))?;
+                let rows = f
+                    .raw(&name)
+                    .map_or(0, |r| r.shape.first().copied().unwrap_or(0));
+                Ok(Some((base, f.f32(&name, Some(&[rows, width]))?)))
+            })
+            .with_context(|| format!("{}: DeepSeek-V4 layer {l}'s cached state", path.display()))?;
+        }
         cache.reserve(tokens.len());
-        for l in 0..c.n_layers {
+        for l in (0..c.n_layers).filter(|_| cache.v4.is_empty()) {
             let k = f.f32(&format!("k.{l}"), Some(&[tokens.len(), w]))?;
             let v = f.f32(&format!("v.{l}"), Some(&[tokens.len(), w]))?;
             cache.k[l][..k.len()].copy_from_slice(&k);

@@ -150,6 +150,113 @@ impl V4LayerCache {
     }
 }
 
+/// One piece of a layer's decode state as prefix-cache files keep it: `data` holds rows of
+/// `width` floats, the first of them for position (window, tails) or entry (entries) `base`.
+pub(crate) struct V4Part<'a> {
+    pub name: &'static str,
+    pub base: usize,
+    pub width: usize,
+    pub data: &'a [f32],
+}
+
+/// The names of a layer's state pieces, in [`V4LayerCache::parts`] order.
+const PART_NAMES: [&str; 7] = [
+    "window",
+    "comp.kv",
+    "comp.gate",
+    "comp.entries",
+    "index.kv",
+    "index.gate",
+    "index.entries",
+];
+
+impl V4LayerCache {
+    /// The pieces of this state (a layer without a compressor or indexer has fewer).
+    pub(crate) fn parts(&self) -> Vec<V4Part<'_>> {
+        fn rows<'a>(name: &'static str, r: &'a PosRows) -> V4Part<'a> {
+            V4Part {
+                name,
+                base: r.base,
+                width: r.width,
+                data: &r.data,
+            }
+        }
+        let mut out = vec![rows(PART_NAMES[0], &self.window)];
+        for (c, names) in [
+            (&self.comp, &PART_NAMES[1..4]),
+            (&self.index, &PART_NAMES[4..7]),
+        ] {
+            if let Some(c) = c {
+                out.push(rows(names[0], &c.ckv));
+                out.push(rows(names[1], &c.cg));
+                out.push(V4Part {
+                    name: names[2],
+                    base: 0,
+                    width: c.dim,
+                    data: &c.entries,
+                });
+            }
+        }
+        out
+    }
+
+    /// Restore the state of `len` positions from its pieces (`get(name)` gives a piece's base
+    /// and rows, or `None` where the file lacks it), checking that they fit this layer and
+    /// `len`; the error says which piece is wrong.
+    pub(crate) fn restore(
+        &mut self,
+        len: usize,
+        mut get: impl FnMut(&str, usize) -> Result<Option<(usize, Vec<f32>)>>,
+    ) -> Result<()> {
+        type Get<'g> = dyn FnMut(&str, usize) -> Result<Option<(usize, Vec<f32>)>> + 'g;
+        fn rows(get: &mut Get<'_>, name: &str, r: &mut PosRows, len: usize) -> Result<()> {
+            let (base, data) = get(name, r.width)?
+                .ok_or_else(|| anyhow::anyhow!("its `{name}` rows are missing"))?;
+            if data.len() % r.width != 0 || base + data.len() / r.width != len {
+                bail!(
+                    "its `{name}` rows ({} floats from position {base}) do not end at position {len}",
+                    data.len()
+                );
+            }
+            r.base = base;
+            r.data = data;
+            Ok(())
+        }
+        let get: &mut Get<'_> = &mut get;
+        rows(get, "window", &mut self.window, len)?;
+        if self.window.base > (len + 1).saturating_sub(self.sliding_window) {
+            bail!(
+                "its window starts after position {}",
+                (len + 1).saturating_sub(self.sliding_window)
+            );
+        }
+        for (c, names) in [
+            (self.comp.as_mut(), &PART_NAMES[1..4]),
+            (self.index.as_mut(), &PART_NAMES[4..7]),
+        ] {
+            let Some(c) = c else { continue };
+            rows(get, names[0], &mut c.ckv, len)?;
+            rows(get, names[1], &mut c.cg, len)?;
+            let (base, e) = get(names[2], c.dim)?
+                .ok_or_else(|| anyhow::anyhow!("its `{}` are missing", names[2]))?;
+            if base != 0 || e.len() != (len / c.ratio) * c.dim {
+                bail!(
+                    "its `{}` hold {} floats, expected {} entries of {}",
+                    names[2],
+                    e.len(),
+                    len / c.ratio,
+                    c.dim
+                );
+            }
+            c.entries = e;
+            if c.ckv.base != c.cg.base || c.ckv.base > c.first_pos(len / c.ratio) {
+                bail!("its `{}` rows start too late for the next entry", names[0]);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Roll back the DeepSeek-V4 states of a cache to `len` positions (all layers or none).
 pub(crate) fn truncate_all(layers: &mut [V4LayerCache], len: usize) -> Result<()> {
     if let Some(l) = layers.iter().position(|c| !c.can_truncate(len)) {
@@ -374,6 +481,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A prefix-cache file (`KvCache::save` / `KvCache::load`) holds the whole decode state:
+    /// decoding on from the loaded cache gives the same logits, bit for bit, as from the cache
+    /// that was saved, and the loaded cache rolls back as the original does. A piece that does
+    /// not fit is refused by name.
+    #[test]
+    fn a_saved_prefix_cache_decodes_on_bit_identically() {
+        let m = model();
+        let ids: Vec<u32> = (0..240u32).map(|i| (i * 131 + 7) % 500).collect();
+        let (prefix, rest) = ids.split_at(203);
+        let mut cache = KvCache::new(&m);
+        for c in prefix.chunks(37) {
+            feed(&m, &mut cache, c);
+        }
+        let dir = std::env::temp_dir().join(format!("mnemo-v4-prefix-{}", std::process::id()));
+        let path = dir.join("prefix.safetensors");
+        cache.save(&path, &m, prefix).unwrap();
+        let (mut loaded, toks) = KvCache::load(&path, &m).unwrap();
+        let (mut back, _) = KvCache::load(&path, &m).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(toks, prefix);
+        assert_eq!(loaded.len(), prefix.len());
+        assert_eq!(loaded.kv_bytes(), cache.kv_bytes());
+        for &t in rest {
+            assert_eq!(feed(&m, &mut cache, &[t]), feed(&m, &mut loaded, &[t]));
+        }
+        // Roll the loaded copy back 20 positions (within its slack) and decode again.
+        back.truncate(183).unwrap();
+        let mut fresh = KvCache::new(&m);
+        feed(&m, &mut fresh, &prefix[..183]);
+        for &t in &prefix[183..] {
+            let (a, b) = (feed(&m, &mut fresh, &[t]), feed(&m, &mut back, &[t]));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .fold(0.0f32, |w, (x, y)| w.max((x - y).abs()));
+            assert!(worst < 1e-4, "{worst}");
+        }
+        // A tail that ends before the cached length is refused, naming the piece.
+        let mut lc = m.v4_layer_caches().remove(1);
+        let err = lc
+            .restore(203, |name, width| {
+                let n = if name == "comp.kv" { 100 } else { 203 };
+                Ok(Some((0, vec![0.0; n * width])))
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("comp.kv"), "{err:#}");
     }
 
     #[test]

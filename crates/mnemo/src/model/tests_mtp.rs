@@ -410,8 +410,16 @@ fn mtp_whole_model_gradient_matches_finite_differences() {
         };
         let loss = m.forward_backward_dsa(&tokens, &targets, b, t, &mut g, 1.0, &mut ws, run);
         let mut g0 = vec![0.0; m.layout.total];
-        let l0 =
-            m.forward_backward_dsa(&tokens, &targets, b, t, &mut g0, 1.0, &mut ws_with(0.0), run);
+        let l0 = m.forward_backward_dsa(
+            &tokens,
+            &targets,
+            b,
+            t,
+            &mut g0,
+            1.0,
+            &mut ws_with(0.0),
+            run,
+        );
         let g_mtp: Vec<f32> = g.iter().zip(&g0).map(|(a, b)| a - b).collect();
         let mm = RefCell::new((
             Model {
