@@ -26,6 +26,8 @@ use super::Model;
 use crate::config::{ModelConfig, V4Config, V4LayerType};
 use crate::kernels::matmul::{linear_backward, linear_forward};
 use crate::kernels::rmsnorm;
+use crate::kernels::vecops::axpy;
+pub(super) use crate::kernels::vecops::dot;
 use rayon::prelude::*;
 
 /// Offsets of one compressor (of the attention or of the indexer).
@@ -162,6 +164,45 @@ impl V4AttnOffsets {
 pub struct V4Rope {
     inv_freq: Vec<f32>,
     scale: f32,
+    /// `(cos, sin)` pairs of positions `0..TABLE_POSITIONS` (shared by every rope with these
+    /// frequencies and scale; [`V4Rope::table`] computes the positions beyond).
+    cached: std::sync::Arc<Vec<f32>>,
+}
+
+/// Positions whose rope tables are computed once per process and kept.
+const TABLE_POSITIONS: usize = 4096;
+
+/// The kept tables, one per distinct (frequencies, scale).
+fn cached_table(inv_freq: &[f32], scale: f32) -> std::sync::Arc<Vec<f32>> {
+    use std::sync::{Arc, Mutex};
+    type Tables = Vec<(Vec<u32>, Arc<Vec<f32>>)>;
+    static TABLES: Mutex<Tables> = Mutex::new(Vec::new());
+    let key: Vec<u32> = inv_freq
+        .iter()
+        .chain([&scale])
+        .map(|x| x.to_bits())
+        .collect();
+    let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, t)) = tables.iter().find(|(k, _)| *k == key) {
+        return t.clone();
+    }
+    let r = 2 * inv_freq.len();
+    let mut tab = vec![0.0f32; TABLE_POSITIONS * r];
+    for (p, cs) in tab.chunks_mut(r.max(1)).enumerate() {
+        table_at(inv_freq, scale, p, cs);
+    }
+    let t = Arc::new(tab);
+    tables.push((key, t.clone()));
+    t
+}
+
+/// `(cos, sin)` of every pair at position `p` into `cs: [r]`.
+fn table_at(inv_freq: &[f32], scale: f32, p: usize, cs: &mut [f32]) {
+    for (i, &f) in inv_freq.iter().enumerate() {
+        let a = p as f32 * f;
+        cs[2 * i] = a.cos() * scale;
+        cs[2 * i + 1] = a.sin() * scale;
+    }
 }
 
 impl V4Rope {
@@ -201,18 +242,21 @@ impl V4Rope {
             }
             scale = y.attention_factor;
         }
+        let inv_freq: Vec<f32> = inv.iter().map(|&f| f as f32).collect();
+        let scale = scale as f32;
         V4Rope {
-            inv_freq: inv.iter().map(|&f| f as f32).collect(),
-            scale: scale as f32,
+            cached: cached_table(&inv_freq, scale),
+            inv_freq,
+            scale,
         }
     }
 
     /// `(cos, sin)` of every pair at position `p`, into `cs: [r]` (cos at `2i`, sin at `2i+1`).
     fn table(&self, p: usize, cs: &mut [f32]) {
-        for (i, &f) in self.inv_freq.iter().enumerate() {
-            let a = p as f32 * f;
-            cs[2 * i] = a.cos() * self.scale;
-            cs[2 * i + 1] = a.sin() * self.scale;
+        let r = cs.len();
+        match self.cached.get(p * r..(p + 1) * r) {
+            Some(t) => cs.copy_from_slice(t),
+            None => table_at(&self.inv_freq, self.scale, p, cs),
         }
     }
 
@@ -641,8 +685,7 @@ impl Model {
             let oh = &mut orow[hh * d..(hh + 1) * d];
             oh.fill(0.0);
             for (pi, k) in p.iter().zip(&keys) {
-                let w = pi / den;
-                oh.iter_mut().zip(k.2).for_each(|(acc, x)| *acc += w * x);
+                axpy(oh, pi / den, k.2);
             }
         }
         let mut cs = vec![0.0f32; rope.inv_freq.len() * 2];
@@ -885,49 +928,67 @@ impl Model {
                 rope.table(row % t, &mut cs);
                 V4Rope::rotate(&cs, orow, d, false);
             });
-        // Attention core, sequence by sequence (keys shared by the rows).
+        // Attention core: one task per (sequence, head), each with its own dq rows, K = V row
+        // and entry gradients and sink gradient, added in task order (deterministic).
         let sinks = self.w(vo.sink, h);
         let scale = (d as f32).powf(-0.5);
-        let mut dq = z(n * h * d);
-        let mut dkv = z(n * d);
-        let mut dsink = vec![0.0f32; h];
-        let mut dent: Vec<Vec<f32>> = acts.entries.iter().map(|e| vec![0.0f32; e.len()]).collect();
-        for (s, de) in dent.iter_mut().enumerate() {
-            let rows = s * t..(s + 1) * t;
-            let kvs = &acts.kv[rows.start * d..rows.end * d];
-            let qs = &acts.q[rows.start * h * d..rows.end * h * d];
-            let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
-            let dkvs = &mut dkv[rows.start * d..rows.end * d];
-            for tq in 0..t {
-                let keys = self.v4_keys(vo, tq, (kvs, 0), entries, sel.map(|s| &s[tq][..]));
-                let mut p = vec![0.0f32; keys.len()];
-                for hh in 0..h {
-                    let row = (rows.start + tq) * h + hh;
+        let tasks: Vec<(usize, usize)> =
+            (0..b).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
+        // (dq rows [t, d], K = V row gradients [t, d], entry gradients, sink gradient)
+        type Part = (Vec<f32>, Vec<f32>, Vec<f32>, f32);
+        let parts: Vec<Part> = tasks
+            .par_iter()
+            .map(|&(s, hh)| {
+                let rows = s * t..(s + 1) * t;
+                let kvs = &acts.kv[rows.start * d..rows.end * d];
+                let qs = &acts.q[rows.start * h * d..rows.end * h * d];
+                let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
+                let (mut dqs, mut dkvs) = (z(t * d), z(t * d));
+                let mut de = z(entries.len());
+                let mut dsink = 0.0f32;
+                let (mut p, mut gam) = (Vec::new(), Vec::new());
+                for tq in 0..t {
+                    let keys = self.v4_keys(vo, tq, (kvs, 0), entries, sel.map(|s| &s[tq][..]));
+                    p.resize(keys.len(), 0.0);
                     let qh = &qs[(tq * h + hh) * d..(tq * h + hh + 1) * d];
                     let den = probs(qh, &keys, sinks[hh], scale, &mut p);
                     p.iter_mut().for_each(|x| *x /= den);
                     let p_sink = 1.0 - p.iter().sum::<f32>();
+                    let row = (rows.start + tq) * h + hh;
                     let go = &dob[row * d..(row + 1) * d];
-                    let gam: Vec<f32> = keys.iter().map(|k| dot(go, k.2)).collect();
+                    gam.clear();
+                    gam.extend(keys.iter().map(|k| dot(go, k.2)));
                     let mu: f32 = p.iter().zip(&gam).map(|(x, y)| x * y).sum();
-                    dsink[hh] -= p_sink * mu;
-                    let dqh = &mut dq[row * d..(row + 1) * d];
+                    dsink -= p_sink * mu;
+                    let dqh = &mut dqs[tq * d..(tq + 1) * d];
                     for ((pi, gi), k) in p.iter().zip(&gam).zip(&keys) {
                         let dl = pi * (gi - mu);
-                        dqh.iter_mut()
-                            .zip(k.2)
-                            .for_each(|(x, y)| *x += scale * dl * y);
+                        axpy(dqh, scale * dl, k.2);
                         let dst = if k.0 {
                             &mut de[k.1 * d..(k.1 + 1) * d]
                         } else {
                             &mut dkvs[k.1 * d..(k.1 + 1) * d]
                         };
-                        for ((x, og), qv) in dst.iter_mut().zip(go).zip(qh) {
-                            *x += pi * og + scale * dl * qv;
-                        }
+                        axpy(dst, *pi, go);
+                        axpy(dst, scale * dl, qh);
                     }
                 }
+                (dqs, dkvs, de, dsink)
+            })
+            .collect();
+        let mut dq = z(n * h * d);
+        let mut dkv = z(n * d);
+        let mut dsink = vec![0.0f32; h];
+        let mut dent: Vec<Vec<f32>> = acts.entries.iter().map(|e| vec![0.0f32; e.len()]).collect();
+        for (&(s, hh), (dqs, dkvs, de, ds)) in tasks.iter().zip(&parts) {
+            for (tq, g) in dqs.chunks(d).enumerate() {
+                let row = (s * t + tq) * h + hh;
+                dq[row * d..(row + 1) * d].copy_from_slice(g);
             }
+            let dst = &mut dkv[s * t * d..(s + 1) * t * d];
+            dst.iter_mut().zip(dkvs).for_each(|(x, y)| *x += y);
+            dent[s].iter_mut().zip(de).for_each(|(x, y)| *x += y);
+            dsink[hh] += ds;
         }
         grads[rg(vo.sink, h)]
             .iter_mut()
@@ -1035,10 +1096,6 @@ pub(super) fn index_score(qi: &[f32], wts: &[f32], kw: &[f32]) -> f32 {
     (0..hi)
         .map(|h| wts[h] * ws * dot(&qi[h * di..(h + 1) * di], kw).max(0.0) * ss)
         .sum()
-}
-
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Unnormalised attention weights of query `q` over `keys` with the sink as an extra logit:
