@@ -10,12 +10,16 @@
 //! Quantised blocks of 32 values: `Q8_0` is an f16 scale and 32 `i8` (`x = d·q`); `Q4_0` an
 //! f16 scale and 16 bytes (`x = d·(q − 8)`); `Q4_1` an f16 scale, an f16 minimum and 16 bytes
 //! (`x = d·q + m`). In the 4-bit types the low nibbles hold elements 0..16, the high 16..32.
+//! Those three are kept quantised for decoding ([`QMatrix`]). The other types of llama.cpp's
+//! quantisation mixes (`Q5_0`, `Q5_1`, `Q2_K`…`Q6_K`, `Q8_K`, `IQ4_NL`, `BF16`; layouts in
+//! [`crate::kernels::kquant`]) are dequantised to f32 on load.
 //!
 //! Llama GGUFs store q/k with rows permuted so that RoPE pairs adjacent dims (llama.cpp's
 //! "normal" RoPE), i.e. mnemo's `interleaved` layout.
 
 use crate::config::ModelConfig;
 use crate::kernels::f16::f16_to_f32;
+use crate::kernels::kquant;
 use crate::kernels::quant::{QMatrix, QType};
 use crate::kernels::rope::RopeLayout;
 use crate::model::{Ffn, Model};
@@ -158,6 +162,27 @@ const Q4_0: u32 = 2;
 const Q4_1: u32 = 3;
 const Q8_0: u32 = 8;
 
+/// Names of ggml types that no reader here handles (for error messages).
+const OTHER_TYPES: &[(u32, &str)] = &[
+    (9, "Q8_1"),
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4"),
+];
+
 fn type_name(t: u32) -> String {
     match t {
         F32 => "F32".into(),
@@ -165,11 +190,25 @@ fn type_name(t: u32) -> String {
         Q4_0 => "Q4_0".into(),
         Q4_1 => "Q4_1".into(),
         Q8_0 => "Q8_0".into(),
-        other => format!("ggml type {other}"),
+        other => match kquant::format(other) {
+            Some(f) => f.name.into(),
+            None => match OTHER_TYPES.iter().find(|(t, _)| *t == other) {
+                Some((_, name)) => format!("{name} (ggml type {other})"),
+                None => format!("ggml type {other}"),
+            },
+        },
     }
 }
 
-/// Bytes of `n` elements of a supported type.
+/// The tensor types this reader handles, for error messages.
+fn supported_types() -> String {
+    let mut names = vec!["F32", "F16", "Q4_0", "Q4_1", "Q8_0"];
+    names.extend(kquant::FORMATS.iter().map(|f| f.name));
+    names.join(", ")
+}
+
+/// Bytes of `n` elements of a supported type (`None` for other types, and for a number of
+/// elements that is not a whole number of a k-quant type's blocks).
 fn byte_len(t: u32, n: usize) -> Option<usize> {
     Some(match t {
         F32 => 4 * n,
@@ -177,7 +216,7 @@ fn byte_len(t: u32, n: usize) -> Option<usize> {
         Q4_0 => n / 32 * 18,
         Q4_1 => n / 32 * 20,
         Q8_0 => n / 32 * 34,
-        _ => return None,
+        other => return kquant::format(other)?.byte_len(n),
     })
 }
 
@@ -217,7 +256,24 @@ pub fn dequantize(t: u32, b: &[u8], out: &mut [f32]) -> Result<()> {
                 }
             }
         }
-        other => bail!("unsupported tensor type {}", type_name(other)),
+        other => match kquant::format(other) {
+            Some(f) => {
+                if f.byte_len(out.len()) != Some(b.len()) {
+                    bail!(
+                        "{} data of {} bytes does not hold {} values",
+                        f.name,
+                        b.len(),
+                        out.len()
+                    );
+                }
+                f.dequantize(b, out);
+            }
+            None => bail!(
+                "unsupported tensor type {} (supported: {})",
+                type_name(other),
+                supported_types()
+            ),
+        },
     }
     Ok(())
 }
@@ -290,12 +346,26 @@ impl Gguf {
 
     fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
         let n: u64 = t.dims.iter().product();
+        if let Some(f) = kquant::format(t.ggml_type) {
+            let row = t.dims.first().copied().unwrap_or(1) as usize;
+            if !row.is_multiple_of(f.block_elems) {
+                bail!(
+                    "{}: tensor `{}` of type {} has rows of {row} values, not a whole number of \
+                     its {}-value blocks",
+                    self.path.display(),
+                    t.name,
+                    f.name,
+                    f.block_elems
+                );
+            }
+        }
         let len = byte_len(t.ggml_type, n as usize).with_context(|| {
             format!(
-                "{}: tensor `{}` has unsupported type {}",
+                "{}: tensor `{}` has unsupported type {} (supported: {})",
                 self.path.display(),
                 t.name,
-                type_name(t.ggml_type)
+                type_name(t.ggml_type),
+                supported_types()
             )
         })?;
         let start = self.data_start + t.offset as usize;
@@ -583,40 +653,4 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn block_dequantisation() {
-        // Q4_1 block: d = 0.5, m = -1, nibbles j (low) and 15 - j (high).
-        let mut blk = vec![];
-        blk.extend_from_slice(&0x3800u16.to_le_bytes());
-        blk.extend_from_slice(&0xbc00u16.to_le_bytes());
-        blk.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-        let mut out = vec![0.0; 32];
-        dequantize(Q4_1, &blk, &mut out).unwrap();
-        assert_eq!(out[3], 0.5 * 3.0 - 1.0);
-        assert_eq!(out[16 + 3], 0.5 * 12.0 - 1.0);
-        // Q8_0: d = 2, q = -3.
-        let mut blk = 0x4000u16.to_le_bytes().to_vec();
-        blk.extend(std::iter::repeat_n((-3i8) as u8, 32));
-        dequantize(Q8_0, &blk, &mut out).unwrap();
-        assert!(out.iter().all(|&x| x == -6.0));
-        assert!(dequantize(14, &blk, &mut out).is_err());
-    }
-
-    #[test]
-    fn bad_files_give_clear_errors() {
-        let dir = std::env::temp_dir().join(format!("mnemo-gguf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("bad.gguf");
-        std::fs::write(&p, b"NOPE").unwrap();
-        assert!(format!("{:#}", Gguf::open(&p).err().unwrap()).contains("bad magic"));
-        let mut b = b"GGUF".to_vec();
-        b.extend_from_slice(&3u32.to_le_bytes());
-        b.extend_from_slice(&1u64.to_le_bytes());
-        std::fs::write(&p, &b).unwrap();
-        assert!(format!("{:#}", Gguf::open(&p).err().unwrap()).contains("truncated"));
-        std::fs::remove_dir_all(&dir).ok();
-    }
-}
+mod tests;

@@ -1,0 +1,265 @@
+//! GGUF reading: block dequantisation, k-quant tensors, a tiny k-quant Llama, and clear
+//! errors for bad files, over files written by a minimal GGUF writer.
+
+use super::*;
+use crate::rng::Rng;
+
+/// A minimal GGUF v3 writer: metadata (u32, f32, string, string arrays) and tensors of
+/// any type, each at a 32-byte-aligned offset.
+#[derive(Default)]
+struct GgufWriter {
+    kv: Vec<u8>,
+    n_kv: u64,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    b.extend_from_slice(s.as_bytes());
+}
+
+impl GgufWriter {
+    fn key(&mut self, k: &str, ty: u32) -> &mut Vec<u8> {
+        self.n_kv += 1;
+        put_str(&mut self.kv, k);
+        self.kv.extend_from_slice(&ty.to_le_bytes());
+        &mut self.kv
+    }
+    fn u32(&mut self, k: &str, v: u32) {
+        self.key(k, 4).extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32(&mut self, k: &str, v: f32) {
+        self.key(k, 6).extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, k: &str, v: &str) {
+        put_str(self.key(k, 8), v);
+    }
+    fn strs(&mut self, k: &str, v: &[String]) {
+        let b = self.key(k, 9);
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        for s in v {
+            put_str(b, s);
+        }
+    }
+    fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) {
+        self.tensors.push((name.into(), dims.to_vec(), ty, data));
+    }
+    /// The file, its last `cut` bytes left off.
+    fn write(&self, path: &Path, cut: usize) {
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        b.extend_from_slice(&self.n_kv.to_le_bytes());
+        b.extend_from_slice(&self.kv);
+        let mut data = Vec::new();
+        for (name, dims, ty, bytes) in &self.tensors {
+            put_str(&mut b, name);
+            b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                b.extend_from_slice(&d.to_le_bytes());
+            }
+            b.extend_from_slice(&ty.to_le_bytes());
+            b.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            data.extend_from_slice(bytes);
+            data.resize(data.len().div_ceil(32) * 32, 0);
+        }
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        b.extend_from_slice(&data);
+        b.truncate(b.len() - cut);
+        std::fs::write(path, b).unwrap();
+    }
+}
+
+/// `n` values of ggml type `ty` as random blocks whose f16 scales (at the byte offsets
+/// `scales` of each block) are set to small finite values (`BF16`: moderate values).
+fn random_blocks(r: &mut Rng, ty: u32, n: usize) -> Vec<u8> {
+    let f = kquant::format(ty).unwrap();
+    let scales: &[usize] = match f.name {
+        "Q5_0" | "IQ4_NL" => &[0],
+        "Q5_1" | "Q4_K" | "Q5_K" => &[0, 2],
+        "Q2_K" => &[80, 82],
+        "Q3_K" => &[108],
+        "Q6_K" => &[208],
+        _ => &[],
+    };
+    let mut b: Vec<u8> = (0..f.byte_len(n).unwrap())
+        .map(|_| (r.next_u64() & 0xff) as u8)
+        .collect();
+    for blk in b.chunks_exact_mut(f.block_bytes) {
+        if f.name == "BF16" {
+            blk[1] = (blk[1] & 0x80) | 0x3f; // magnitude 0.5 .. 2
+        }
+        for &o in scales {
+            // f16 exponent 5..12 (2^-10 .. 2^-3), random sign and mantissa.
+            let h = (blk[o + 1] as u16 & 0x83) | ((5 + (blk[o] as u16 & 7)) << 2);
+            blk[o + 1] = h as u8;
+        }
+    }
+    b
+}
+
+fn tmp(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mnemo-gguf-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn k_quant_tensors_load_and_errors_name_the_tensor() {
+    let dir = tmp("kquant");
+    let p = dir.join("k.gguf");
+    let mut r = Rng::new(7);
+    let mut w = GgufWriter::default();
+    w.str("general.architecture", "llama");
+    let cases: [(&str, u32, &[u64]); 6] = [
+        ("a", 12, &[256, 2]),
+        ("b", 14, &[512]),
+        ("c", 6, &[64, 3]),
+        ("d", 30, &[5]),
+        ("e", 11, &[256]),
+        ("f", 20, &[32, 2]),
+    ];
+    for (name, ty, dims) in cases {
+        let n = dims.iter().product::<u64>() as usize;
+        w.tensor(name, dims, ty, random_blocks(&mut r, ty, n));
+    }
+    w.write(&p, 0);
+    let g = Gguf::open(&p).unwrap();
+    for (name, ty, dims) in cases {
+        let (shape, got) = g.tensor_f32(name).unwrap();
+        let want_shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
+        assert_eq!(shape, want_shape);
+        let bytes = &w.tensors.iter().find(|t| t.0 == name).unwrap().3;
+        let mut want = vec![0.0f32; got.len()];
+        kquant::format(ty).unwrap().dequantize(bytes, &mut want);
+        assert_eq!(got, want, "{name}");
+        assert!(got.iter().all(|x| x.is_finite()) && got.iter().any(|&x| x != 0.0));
+    }
+    // Truncated: the last tensor named.
+    w.write(&p, 40);
+    let e = format!("{:#}", Gguf::open(&p).err().unwrap());
+    assert!(e.contains("tensor `f` is truncated"), "{e}");
+    // A type nobody reads: named, with the supported ones listed.
+    w.tensor("g", &[256], 16, vec![0; 66]);
+    w.write(&p, 0);
+    let e = format!("{:#}", Gguf::open(&p).err().unwrap());
+    assert!(
+        e.contains("tensor `g` has unsupported type IQ2_XXS (ggml type 16)")
+            && e.contains("supported: F32, F16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2_K, Q3_K")
+            && e.contains("IQ4_NL, BF16"),
+        "{e}"
+    );
+    w.tensors.pop();
+    w.tensor("h", &[256], 99, vec![]);
+    w.write(&p, 0);
+    let e = format!("{:#}", Gguf::open(&p).err().unwrap());
+    assert!(
+        e.contains("tensor `h` has unsupported type ggml type 99"),
+        "{e}"
+    );
+    // Rows that are not whole blocks.
+    w.tensors.pop();
+    w.tensor("i", &[128, 2], 12, vec![0; 144]);
+    w.write(&p, 0);
+    let e = format!("{:#}", Gguf::open(&p).err().unwrap());
+    assert!(
+        e.contains("tensor `i` of type Q4_K has rows of 128 values"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A one-layer Llama whose linear weights use a llama.cpp-style mix of k-quant and other
+/// block types loads (weights dequantised to f32, no quantised decode copies) and runs.
+#[test]
+fn llama_with_k_quant_mix_loads() {
+    let dir = tmp("kmix");
+    let p = dir.join("mix.gguf");
+    let mut r = Rng::new(11);
+    let (d, kv, ffn, vocab) = (256u64, 128u64, 256u64, 300u64);
+    let mut w = GgufWriter::default();
+    w.str("general.architecture", "llama");
+    w.u32("llama.embedding_length", d as u32);
+    w.u32("llama.attention.head_count", 4);
+    w.u32("llama.attention.head_count_kv", 2);
+    w.u32("llama.block_count", 1);
+    w.u32("llama.feed_forward_length", ffn as u32);
+    w.u32("llama.context_length", 64);
+    w.f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
+    w.str("tokenizer.ggml.model", "gpt2");
+    let mut tokens: Vec<String> = (1..vocab).map(|i| format!("t{i}")).collect();
+    tokens.push("<|endoftext|>".into());
+    w.strs("tokenizer.ggml.tokens", &tokens);
+    w.strs("tokenizer.ggml.merges", &[]);
+    let ones: Vec<u8> = (0..d).flat_map(|_| 1.0f32.to_le_bytes()).collect();
+    let mut q = |w: &mut GgufWriter, name: &str, ty: u32, dims: &[u64]| {
+        let n = dims.iter().product::<u64>() as usize;
+        w.tensor(name, dims, ty, random_blocks(&mut r, ty, n));
+    };
+    q(&mut w, "token_embd.weight", 14, &[d, vocab]);
+    q(&mut w, "output.weight", 14, &[d, vocab]);
+    q(&mut w, "blk.0.attn_q.weight", 12, &[d, d]);
+    q(&mut w, "blk.0.attn_k.weight", 12, &[d, kv]);
+    q(&mut w, "blk.0.attn_v.weight", 13, &[d, kv]);
+    q(&mut w, "blk.0.attn_output.weight", 11, &[d, d]);
+    q(&mut w, "blk.0.ffn_gate.weight", 10, &[d, ffn]);
+    q(&mut w, "blk.0.ffn_up.weight", 6, &[d, ffn]);
+    q(&mut w, "blk.0.ffn_down.weight", 20, &[ffn, d]);
+    for n in ["output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"] {
+        w.tensor(&format!("{n}.weight"), &[d], F32, ones.clone());
+    }
+    w.write(&p, 0);
+    let (model, _tok) = load_llama(&p, 64).unwrap();
+    assert!(model.quant.is_empty());
+    let g = Gguf::open(&p).unwrap();
+    let (_, emb) = g.tensor_f32("token_embd.weight").unwrap();
+    let spec = model
+        .layout
+        .tensors
+        .iter()
+        .find(|t| t.name == "tok_embeddings.weight")
+        .unwrap();
+    assert_eq!(&model.params[spec.range()], &emb[..]);
+    let mut cache = crate::generate::KvCache::new(&model);
+    let logits = model.forward_cached(&[1, 2, 3], &mut cache).unwrap();
+    assert_eq!(logits.len(), vocab as usize);
+    assert!(logits.iter().all(|x| x.is_finite()));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn block_dequantisation() {
+    // Q4_1 block: d = 0.5, m = -1, nibbles j (low) and 15 - j (high).
+    let mut blk = vec![];
+    blk.extend_from_slice(&0x3800u16.to_le_bytes());
+    blk.extend_from_slice(&0xbc00u16.to_le_bytes());
+    blk.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    let mut out = vec![0.0; 32];
+    dequantize(Q4_1, &blk, &mut out).unwrap();
+    assert_eq!(out[3], 0.5 * 3.0 - 1.0);
+    assert_eq!(out[16 + 3], 0.5 * 12.0 - 1.0);
+    // Q8_0: d = 2, q = -3.
+    let mut blk = 0x4000u16.to_le_bytes().to_vec();
+    blk.extend(std::iter::repeat_n((-3i8) as u8, 32));
+    dequantize(Q8_0, &blk, &mut out).unwrap();
+    assert!(out.iter().all(|&x| x == -6.0));
+    assert!(dequantize(16, &blk, &mut out).is_err());
+    // A k-quant type checks its byte count.
+    assert!(dequantize(14, &blk, &mut out).is_err());
+}
+
+#[test]
+fn bad_files_give_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("mnemo-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("bad.gguf");
+    std::fs::write(&p, b"NOPE").unwrap();
+    assert!(format!("{:#}", Gguf::open(&p).err().unwrap()).contains("bad magic"));
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    assert!(format!("{:#}", Gguf::open(&p).err().unwrap()).contains("truncated"));
+    std::fs::remove_dir_all(&dir).ok();
+}
