@@ -1,9 +1,10 @@
 //! Shared by the CLI's integration tests: one scratch directory per test binary
 //! (`$TMPDIR/mnemo-test-<binary>-<pid>/`), deleted when the binary exits, whether its tests
 //! passed or failed. `MNEMO_TEST_KEEP=1` keeps it for inspection. Also: [`server`], the
-//! `mnemo serve` harness.
+//! `mnemo serve` harness, and [`gguf`], a tiny quantised GGUF model.
 #![allow(dead_code)]
 
+pub mod gguf;
 pub mod server;
 
 use std::path::{Path, PathBuf};
