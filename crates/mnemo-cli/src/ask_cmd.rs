@@ -171,7 +171,7 @@ pub fn run(a: AskArgs) -> Result<()> {
                 eprintln!("ignoring unusable prefix cache: {e:#}");
             }
             let mut c = mnemo::generate::KvCache::new(model);
-            model.forward_cached(&prefix, &mut c)?;
+            prefill(model, &prefix, &mut c)?;
             eprintln!(
                 "prefilled {} tokens in {:.2}s",
                 prefix.len(),
@@ -192,12 +192,25 @@ pub fn run(a: AskArgs) -> Result<()> {
     let n_extra = suffix.len();
     suffix.extend_from_slice(&question);
     let t2 = std::time::Instant::now();
+    // The last chunk of the whole prompt is a single token in a fresh prefill exactly when it
+    // is one here (see `prefill`); the rest of the suffix runs first.
+    let c = mnemo::generate::PREFILL_CHUNK;
+    let len = prefix.len() + suffix.len();
+    let split = if (len - 1).is_multiple_of(c) {
+        suffix.len() - 1
+    } else if suffix.len() > 1 && (suffix.len() - 1).is_multiple_of(c) {
+        suffix.len() - 2
+    } else {
+        0
+    };
+    prefill(model, &suffix[..split], &mut cache)?;
+    let before = t2.elapsed();
     let mut stdout = std::io::stdout().lock();
     let st = stream_answer(
         model,
         tok,
         &mut cache,
-        &suffix,
+        &suffix[split..],
         a.max_tokens,
         s,
         a.seed,
@@ -209,7 +222,7 @@ pub fn run(a: AskArgs) -> Result<()> {
          of the question), first token after {:.2}s, {} tokens generated in {:.2}s{}",
         suffix.len(),
         question.len(),
-        st.first_token.map_or(0.0, |d| d.as_secs_f64()),
+        st.first_token.map_or(0.0, |d| (before + d).as_secs_f64()),
         st.generated,
         t2.elapsed().as_secs_f64(),
         if st.context_full {
@@ -218,6 +231,28 @@ pub fn run(a: AskArgs) -> Result<()> {
             ""
         }
     );
+    Ok(())
+}
+
+/// Prefill `tokens` after what `cache` holds without a chunk of a single token (unless
+/// `tokens` is one token): on a quantised model such a chunk runs on the quantised blocks, as
+/// one-token decoding does, and a longer one on the f32 weights (`decode::Plan`). `generate`
+/// and the server prefill a whole prompt in chunks of `PREFILL_CHUNK` from its start, so a
+/// prompt row ends a one-token chunk there only when it is the prompt's last; `ask`, which
+/// runs its cached part and the rest separately, keeps every other row in a longer chunk and
+/// so gives the same tokens (docs/model-block.md).
+fn prefill(
+    model: &mnemo::model::Model,
+    tokens: &[u32],
+    cache: &mut mnemo::generate::KvCache,
+) -> Result<()> {
+    let n = tokens.len();
+    if n > 1 && n % mnemo::generate::PREFILL_CHUNK == 1 {
+        model.forward_cached(&tokens[..n - 2], cache)?;
+        model.forward_cached(&tokens[n - 2..], cache)?;
+    } else if n > 0 {
+        model.forward_cached(tokens, cache)?;
+    }
     Ok(())
 }
 

@@ -125,6 +125,32 @@ struct Seq {
     gone: bool,
 }
 
+/// How many of a prompt's `len` tokens to reuse from a prompt-cache entry of `entry_len`
+/// tokens that matches its first `lcp` (at most `len - 1`), so that every prompt row keeps
+/// the arithmetic of a fresh prefill (`decode::Plan`, the one rule of docs/model-block.md):
+/// a prefill chunk of a single token runs on a quantised model's quantised blocks (as
+/// one-token decoding does), a longer one on the f32 weights. A fresh prefill (chunks of
+/// `PREFILL_CHUNK` from position 0, as `generate` and `ask` run it) has one only when its last
+/// chunk is one token long; the rows after the reused ones are prefilled in chunks from the
+/// first of them, and the entry's rows came from its own prefill.
+fn reusable(len: usize, lcp: usize, entry_len: usize) -> usize {
+    let c = PREFILL_CHUNK;
+    let mut n = lcp.min(len.saturating_sub(1));
+    // The entry's last row ran alone when it ended a chunk of one token; here it is not last.
+    if n > 0 && n == entry_len && (entry_len - 1).is_multiple_of(c) {
+        n -= 1;
+    }
+    let alone_fresh = len > 0 && (len - 1).is_multiple_of(c);
+    let alone_here = len > n && (len - 1 - n).is_multiple_of(c);
+    if alone_here && !alone_fresh {
+        // (n > 0: with n = 0 both are the same.) Two rows then run as the last chunk.
+        n -= 1;
+    } else if alone_fresh && !alone_here {
+        n -= n % c;
+    }
+    n
+}
+
 /// The longest suffix of `text` that is a proper prefix of one of `stops` (held back).
 fn held_back(text: &str, stops: &[String]) -> usize {
     let mut best = 0;
@@ -328,8 +354,9 @@ impl Engine {
                 .zip(p.iter())
                 .take_while(|(a, b)| a == b)
                 .count();
-            // At least one prompt token must be run to get the next token's logits.
-            let lcp = lcp.min(p.len() - 1);
+            // At least one prompt token must be run to get the next token's logits, and the
+            // rows run after the reused ones must be computed as a fresh prefill computes them.
+            let lcp = reusable(p.len(), lcp, e.tokens.len());
             if lcp > best.map_or(0, |b| b.1) {
                 best = Some((i, lcp));
             }
@@ -628,7 +655,50 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::held_back;
+    use super::{held_back, reusable};
+    use mnemo::generate::PREFILL_CHUNK;
+
+    /// The chunk lengths of prefilling `len` tokens after `n` reused ones.
+    fn chunks(len: usize, n: usize) -> Vec<usize> {
+        (n..len)
+            .step_by(PREFILL_CHUNK)
+            .map(|s| (len - s).min(PREFILL_CHUNK))
+            .collect()
+    }
+
+    /// Whether the prompt rows after the reused ones contain a chunk of one token, and whether
+    /// the entry's reused rows do: neither differs from a fresh prefill of the prompt.
+    #[test]
+    fn reused_prefixes_keep_the_rows_of_a_fresh_prefill() {
+        let c = PREFILL_CHUNK;
+        for len in [2, 17, 40, c, c + 1, c + 2, 2 * c, 2 * c + 1, 3 * c - 1] {
+            let fresh_alone = chunks(len, 0).last() == Some(&1);
+            for entry_len in [1, 16, 39, c, c + 1, c + 2, 2 * c + 1, 3 * c] {
+                for lcp in 0..=entry_len.min(len) {
+                    let n = reusable(len, lcp, entry_len);
+                    assert!(n <= lcp && n < len, "{len} {lcp} {entry_len}: {n}");
+                    let ch = chunks(len, n);
+                    assert!(ch[..ch.len() - 1].iter().all(|&k| k > 1));
+                    assert_eq!(
+                        ch.last() == Some(&1),
+                        fresh_alone,
+                        "{len} {lcp} {entry_len}"
+                    );
+                    let entry_alone = chunks(entry_len, 0).last() == Some(&1);
+                    assert!(!(entry_alone && n == entry_len), "{len} {lcp} {entry_len}");
+                    // Little is given up: one row, or (1 in 256 prompts) down to a chunk start.
+                    assert!(
+                        n + 1 >= lcp.min(len - 1) || fresh_alone,
+                        "{len} {lcp} {entry_len}"
+                    );
+                }
+            }
+        }
+        // A repeated prompt of 40 tokens: 38 reused, the last two prefilled together.
+        assert_eq!(reusable(40, 39, 40), 38);
+        // A longer prompt after a cached one: all of the cached one.
+        assert_eq!(reusable(45, 40, 40), 40);
+    }
 
     #[test]
     fn holds_back_a_partial_stop_sequence() {
