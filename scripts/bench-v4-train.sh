@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # DeepSeek-V4 training-step speed: mnemo vs transformers 5.23.0's DeepseekV4ForCausalLM (eager,
 # float32), same config (exported by mnemo), batch, sequence length and threads, alternating
-# rounds; medians. Two configs: the `v4-tiny` preset as mnemo trains it, and a variant that
+# rounds; medians. mnemo is timed twice per round, interleaved step by step (`--vs-no-mtp`):
+# as it trains (with the MTP block, which transformers drops) and without the MTP block (closer
+# to the work transformers does; mnemo still trains the indexer by its KL loss and runs the MoE
+# balancing, which transformers does not). Two configs: the `v4-tiny` preset as mnemo trains it, and a variant that
 # suits transformers best (4 experts of width 256 so its default `grouped_mm` experts run,
 # 3 Sinkhorn iterations as its own tests use). Writes results/v4-train-speed/{speed.json,speed.png}.
 #
@@ -30,7 +33,9 @@ for name in v4-tiny hf-friendly; do
     echo "$name round $r/$rounds: mnemo" >&2
     # shellcheck disable=SC2086
     $mnemo --threads "$threads" bench train-step --preset v4-tiny ${sets[$name]} --batch-size "$batch" \
-        --seq-len "$seq" --iters 5 --warmup 1 --data crates | sed "s/^{/{\"config\":\"$name\",/" >> "$tmp/runs.jsonl"
+        --seq-len "$seq" --iters 5 --warmup 1 --data crates --vs-no-mtp \
+        | "$py" -c "import json,sys; [print(json.dumps({'config': '$name', **r})) for r in json.load(sys.stdin)]" \
+        >> "$tmp/runs.jsonl"
     echo "$name round $r/$rounds: transformers" >&2
     OMP_NUM_THREADS=$threads "$py" reference/bench_step_v4.py --config "$tmp/$name-hf/config.json" \
         --batch "$batch" --seq-len "$seq" --threads "$threads" --steps 3 --warmup 1 \
@@ -45,27 +50,33 @@ cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
 model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")
 out = {"cpu": model, "configs": {}}
 for name in sorted({r["config"] for r in runs}):
-    m = [r["step_ms_median"] for r in runs if r["config"] == name and r.get("implementation") == "mnemo"]
+    m = [r["step_ms_median"] for r in runs if r["config"] == name and r.get("label") == "mtp"]
+    m0 = [r["step_ms_median"] for r in runs if r["config"] == name and r.get("label") == "no-mtp"]
     t = [r["step_ms_median"] for r in runs if r["config"] == name and r.get("impl") == "transformers"]
-    first = next(r for r in runs if r["config"] == name and r.get("implementation") == "mnemo")
+    first = next(r for r in runs if r["config"] == name and r.get("label") == "mtp")
+    phases = [r["phase_ms"] for r in runs if r["config"] == name and r.get("label") == "mtp"]
     out["configs"][name] = {
         "params": first["params"], "batch": first["batch"], "seq_len": first["seq_len"],
         "threads": first["threads"], "mnemo_step_ms": m, "transformers_step_ms": t,
         "mnemo_median_ms": statistics.median(m), "transformers_median_ms": statistics.median(t),
         "speedup": statistics.median(t) / statistics.median(m),
+        "mnemo_no_mtp_step_ms": m0, "mnemo_no_mtp_median_ms": statistics.median(m0),
+        "speedup_no_mtp": statistics.median(t) / statistics.median(m0),
+        "mnemo_phase_ms": phases,
     }
 json.dump(out, open("results/v4-train-speed/speed.json", "w"), indent=1)
 import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
 names = list(out["configs"])
 fig, ax = plt.subplots(figsize=(6, 3.5))
 x = range(len(names))
-ax.bar([i - 0.2 for i in x], [out["configs"][n]["mnemo_median_ms"] for n in names], 0.4, label="mnemo")
-ax.bar([i + 0.2 for i in x], [out["configs"][n]["transformers_median_ms"] for n in names], 0.4, label="transformers 5.23.0 (eager)")
-ax.set_xticks(list(x)); ax.set_xticklabels([f"{n}\n{out['configs'][n]['speedup']:.1f}x" for n in names])
-ax.set_ylabel("ms per training step"); ax.set_yscale("log"); ax.legend()
+ax.bar([i - 0.27 for i in x], [out["configs"][n]["mnemo_median_ms"] for n in names], 0.27, label="mnemo (with MTP)")
+ax.bar([i for i in x], [out["configs"][n]["mnemo_no_mtp_median_ms"] for n in names], 0.27, label="mnemo (no MTP)")
+ax.bar([i + 0.27 for i in x], [out["configs"][n]["transformers_median_ms"] for n in names], 0.27, label="transformers 5.23.0 (eager)")
+ax.set_xticks(list(x)); ax.set_xticklabels([f"{n}\n{out['configs'][n]['speedup']:.2f}x / {out['configs'][n]['speedup_no_mtp']:.2f}x" for n in names])
+ax.set_ylabel("ms per training step"); ax.legend(fontsize=8)
 ax.set_title(f"DeepSeek-V4 training step, batch 4x256, 2 threads\n{model}", fontsize=9)
 fig.tight_layout(); fig.savefig("results/v4-train-speed/speed.png", dpi=120)
 for n in names:
     c = out["configs"][n]
-    print(f"{n}: {c['params']/1e6:.1f}M params, mnemo {c['mnemo_median_ms']:.0f} ms, transformers {c['transformers_median_ms']:.0f} ms: {c['speedup']:.1f}x")
+    print(f"{n}: {c['params']/1e6:.1f}M params, mnemo {c['mnemo_median_ms']:.0f} ms (no MTP {c['mnemo_no_mtp_median_ms']:.0f}), transformers {c['transformers_median_ms']:.0f} ms: {c['speedup']:.2f}x ({c['speedup_no_mtp']:.2f}x)")
 PY
