@@ -7,13 +7,20 @@
 #
 # Usage: scripts/bench-mhc.sh [PRESET=small] [BATCH=8] [SEQ_LEN=256] [ROUNDS=4] [THREADS=1]
 # Env: ITERS (timed steps per run, default 3), HC_MULT (default 4), PYTHON (for the plot).
+# MNEMO_SMOKE=1: tiny, B=1, T=32, one round of one step, into a temp dir (docs/scripts.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 preset=${1:-small}; batch=${2:-8}; seq=${3:-256}; rounds=${4:-4}; threads=${5:-1}
 iters=${ITERS:-3}; n=${HC_MULT:-4}
 py=${PYTHON:-reference/.venv/bin/python}
-cargo build --release -q -p mnemo-cli
+smoke=${MNEMO_SMOKE:-0}   # MNEMO_SMOKE=1: seconds-long check, outputs in a temp dir (scripts/smoke-env.sh)
+if [ "$smoke" = 1 ]; then
+  . scripts/smoke-env.sh
+  preset=tiny; batch=1; seq=32; rounds=1; threads=1; iters=1; py=$PYTHON
+fi
+[ "$smoke" = 1 ] || cargo build --release -q -p mnemo-cli
 mnemo=target/release/mnemo
+[ "$smoke" != 1 ] || mnemo=$smoke_bin
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 : > "$tmp/runs.jsonl"
@@ -26,6 +33,7 @@ for r in $(seq 1 "$rounds"); do
   done
 done
 out="results/bench-mhc/$preset-T$seq"
+[ "$smoke" != 1 ] || out="$smoke_dir/bench-mhc/$preset-T$seq"
 mkdir -p "$(dirname "$out")"
 "$py" - "$tmp/runs.jsonl" "$out" "$preset" <<'PY'
 import json, statistics, sys

@@ -4,13 +4,20 @@
 # everything else equal, alternating runs. Writes results/bench-moe/<preset>.json and .png.
 #
 # Usage: scripts/bench-moe.sh [PRESET=small-moe] [BATCH=8] [SEQ_LEN=256] [ROUNDS=5] [THREADS=2]
+# MNEMO_SMOKE=1: tiny-moe vs its dense twin, B=1, T=32, one step, into a temp dir (docs/scripts.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 preset=${1:-small-moe}; batch=${2:-8}; seq=${3:-256}; rounds=${4:-5}; threads=${5:-2}
 py=${PYTHON:-python3}
 iters=${ITERS:-4}
-cargo build --release -q -p mnemo-cli
+smoke=${MNEMO_SMOKE:-0}   # MNEMO_SMOKE=1: seconds-long check, outputs in a temp dir (scripts/smoke-env.sh)
+if [ "$smoke" = 1 ]; then
+  . scripts/smoke-env.sh
+  preset=tiny-moe; batch=1; seq=32; rounds=1; threads=1; iters=1; py=$PYTHON
+fi
+[ "$smoke" = 1 ] || cargo build --release -q -p mnemo-cli
 mnemo=target/release/mnemo
+[ "$smoke" != 1 ] || mnemo=$smoke_bin
 base=${preset%-moe}
 width=$($mnemo config --preset "$preset" | "$py" -c 'import json,sys; m=json.load(sys.stdin)["model"]; print((m["n_shared_experts"]+m["top_k"])*m["moe_inter"])')
 tmp=$(mktemp)
@@ -23,6 +30,7 @@ for r in $(seq 1 "$rounds"); do
       --seq-len "$seq" --iters "$iters" --warmup 1 | sed 's/^{/{"variant":"dense",/' >> "$tmp"
 done
 out="results/bench-moe/$preset"
+[ "$smoke" != 1 ] || out="$smoke_dir/bench-moe/$preset"
 mkdir -p "$(dirname "$out")"
 "$py" - "$tmp" "$out" "$preset" "$width" <<'PY'
 import json, statistics, sys

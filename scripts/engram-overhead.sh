@@ -5,14 +5,21 @@
 # processes hits all three alike); medians of CPU time (all threads) and wall time per step.
 #   scripts/engram-overhead.sh            ITERS=12 by default
 # Results: results/engram-overhead/steps.json (+ summary.txt).
+# MNEMO_SMOKE=1: one step of batch 1 x 32, into a temp dir (docs/scripts.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
 ITERS=${ITERS:-12}
 PRESET=${PRESET:-tiny-engram}
 OUT=${OUT:-results/engram-overhead}
+smoke=${MNEMO_SMOKE:-0}   # MNEMO_SMOKE=1: seconds-long check, outputs in a temp dir (scripts/smoke-env.sh)
+SHAPE=()
+if [ "$smoke" = 1 ]; then
+  . scripts/smoke-env.sh
+  MNEMO=$smoke_bin; ITERS=1; OUT=$smoke_dir/engram-overhead; SHAPE=(--batch-size 1 --seq-len 32)
+fi
 mkdir -p "$OUT"
-$MNEMO bench train-step --preset "$PRESET" --iters "$ITERS" --warmup 2 --vs-no-engram --vs-frozen \
+$MNEMO bench train-step --preset "$PRESET" --iters "$ITERS" --warmup 2 --vs-no-engram --vs-frozen "${SHAPE[@]}" \
   > "$OUT/steps.json" 2> "$OUT/summary.txt"
 cat "$OUT/summary.txt"
 ${PYTHON:-python3} - "$OUT" <<'PY'

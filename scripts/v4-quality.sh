@@ -10,20 +10,29 @@
 # Env: DATA (data/corpus, from scripts/fetch-corpus.sh), STEPS (300), BATCH (8), SEQ (256),
 #      SEED (1337), EVAL (25: steps between evaluations), PRESETS ("small-dsa small-moe v4-small"),
 #      TOKENIZER (reuse a tokenizer.json; default: the first run trains one),
-#      PYTHON (with matplotlib, for the plot).
+#      PYTHON (with matplotlib, for the plot; without it the plot is skipped).
+# MNEMO_SMOKE=1: tiny-dsa, tiny-moe, v4-tiny, 2 steps of 2 x 32 tokens on crates/mnemo-pack/src,
+# into a temp dir (docs/scripts.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=${DATA:-data/corpus}; steps=${STEPS:-300}; batch=${BATCH:-8}; seq=${SEQ:-256}
 seed=${SEED:-1337}; every=${EVAL:-25}; presets=${PRESETS:-small-dsa small-moe v4-small}
 py=${PYTHON:-reference/.venv/bin/python}
+smoke=${MNEMO_SMOKE:-0}   # MNEMO_SMOKE=1: seconds-long check, outputs in a temp dir (scripts/smoke-env.sh)
+runs_dir=runs
+if [ "$smoke" = 1 ]; then
+  . scripts/smoke-env.sh
+  data=$smoke_data; steps=2; batch=2; seq=32; every=1; presets="tiny-dsa tiny-moe v4-tiny"; py=$PYTHON
+fi
 [ -d "$data" ] || { echo "no corpus at $data: run scripts/fetch-corpus.sh $data first" >&2; exit 1; }
-cargo build --release -q -p mnemo-cli || exit 1
+[ "$smoke" = 1 ] || cargo build --release -q -p mnemo-cli || exit 1
 mnemo=target/release/mnemo
 res=results/v4-quality
-mkdir -p "$res" runs
+[ "$smoke" != 1 ] || { mnemo=$smoke_bin; res=$smoke_dir/v4-quality; runs_dir=$smoke_dir/runs; }
+mkdir -p "$res" "$runs_dir"
 tok=${TOKENIZER:-}
 for preset in $presets; do
-  run=runs/v4q-$preset
+  run=$runs_dir/v4q-$preset
   rm -rf "$run"
   echo "== $preset: $steps steps of $batch x $seq tokens, seed $seed" >&2
   start=$(date +%s)
@@ -60,7 +69,12 @@ for p in presets:
         "params": run.get("params"), "active_params": run.get("active_params"),
     }
 json.dump(summary, open(os.path.join(res, "summary.json"), "w"), indent=1)
-import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+for p, s in summary["runs"].items():
+    print(f"{p}: val loss {s['final_val_loss']}, {s['seconds']} s, rc {s['rc']}")
+try:
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+except ImportError:
+    sys.exit(print("matplotlib missing: no val_loss.png", file=sys.stderr))
 fig, ax = plt.subplots(figsize=(6.5, 4))
 for p, val in curves.items():
     ax.plot([s for s, _ in val], [v for _, v in val], marker="o", ms=3, label=p)
@@ -68,6 +82,4 @@ ax.set_xlabel("step (same tokens for every run)"); ax.set_ylabel("validation los
 ax.set_title(f"v4-small vs small-dsa / small-moe, real corpus\n{model}", fontsize=9)
 ax.grid(alpha=0.3); ax.legend(); fig.tight_layout()
 fig.savefig(os.path.join(res, "val_loss.png"), dpi=120)
-for p, s in summary["runs"].items():
-    print(f"{p}: val loss {s['final_val_loss']}, {s['seconds']} s, rc {s['rc']}")
 PY
