@@ -13,6 +13,8 @@
 # Usage: scripts/dsa-quality.sh   (env: STEPS=100 WARM=20 SEQ=4096 TOPK=512 EVAL=20 LOG=5 THREADS=2;
 #   ARMS="dense" and ARMS="sparse" run one arm each, e.g. two single-thread processes side by side;
 #   the summary and plot are written once both arms are complete)
+# MNEMO_SMOKE=1: a 2-step INIT, 2 steps per arm at 128 tokens, top-16, into a temp dir
+# (docs/scripts.md; summary.json and the plot need matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
@@ -27,6 +29,14 @@ EVAL=${EVAL:-20}
 LOG=${LOG:-5}
 THREADS=${THREADS:-2}
 R=results/dsa-quality
+smoke=${MNEMO_SMOKE:-0}   # MNEMO_SMOKE=1: seconds-long check, outputs in a temp dir (scripts/smoke-env.sh)
+if [ "$smoke" = 1 ]; then
+  . scripts/smoke-env.sh
+  # INIT: a 2-step stand-in for runs/tiny-real; 1 warm-up + 1 sparse step at 128 tokens, top-16.
+  MNEMO=$smoke_bin; W=$smoke_dir/work; R=$smoke_dir/dsa-quality; INIT=$smoke_dir/init; DATA=$smoke_data
+  STEPS=2; WARM=1; SEQ=128; TOPK=16; EVAL=1; LOG=1; THREADS=1
+  smoke_run "$INIT"
+fi
 mkdir -p "$W" "$R"
 COMMON="--init $INIT --data $DATA --seq-len $SEQ --set max_seq_len=$SEQ --batch-size 1 \
   --set train.eval_interval=$EVAL --set train.eval_batches=4 --set train.log_interval=$LOG \
@@ -51,4 +61,7 @@ fi
 cp "$W/dense/metrics.jsonl" "$R/dense_metrics.jsonl"
 cp "$W/sparse/metrics.jsonl" "$R/sparse_metrics.jsonl"
 cp "$W/sparse/run.json" "$R/sparse_run.json"
+if [ "$smoke" = 1 ] && ! "$PYTHON" -c 'import matplotlib' 2>/dev/null; then
+  echo "matplotlib missing: no summary.json / quality.png" >&2; exit 0
+fi
 ${PYTHON:-python3} scripts/plot-dsa-quality.py "$R" "$STEPS" "$WARM" "$SEQ" "$TOPK"

@@ -14,6 +14,8 @@
 # Env: INIT (default runs/tiny-real), STAGE1 (reuse an existing stage-1 run dir instead of
 #      training one), STEPS1 (500), STEPS2 (800), STEPS3 (1200), CONT_STEPS (40), SAMPLES (10),
 #      MNEMO, MNEMO_CACHE.
+# MNEMO_SMOKE=1: a 2-step INIT, 2 + 1 + 1 + 1 steps of batch 1, 1 sample per cell, into a temp
+# dir (docs/scripts.md; the heat-maps need matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/exp/niah2}
@@ -25,6 +27,15 @@ STEPS3=${STEPS3:-1200}
 CONT_STEPS=${CONT_STEPS:-40}
 SAMPLES=${SAMPLES:-10}
 R=results/niah/answers
+BATCH=8; CONT_BATCH=4
+smoke=${MNEMO_SMOKE:-0}   # MNEMO_SMOKE=1: seconds-long check, outputs in a temp dir (scripts/smoke-env.sh)
+if [ "$smoke" = 1 ]; then
+  . scripts/smoke-env.sh
+  # INIT: a 2-step stand-in for runs/tiny-real; 2 + 1 + 1 + 1 steps of batch 1; 1 sample per cell.
+  MNEMO=$smoke_bin; W=$smoke_dir/work; R=$smoke_dir/niah-answers; INIT=$smoke_dir/init
+  STEPS1=2; STEPS2=1; STEPS3=1; CONT_STEPS=1; SAMPLES=1; BATCH=1; CONT_BATCH=1
+  smoke_run "$INIT"
+fi
 mkdir -p "$W" "$R"
 EV="--task niah --depths 0,0.25,0.5,0.75,1 --samples $SAMPLES --quiet"
 
@@ -32,23 +43,23 @@ EV="--task niah --depths 0,0.25,0.5,0.75,1 --samples $SAMPLES --quiet"
 S1=${STAGE1:-$W/stage1}
 if [ ! -f "$S1/checkpoint/model.safetensors" ]; then
   "$MNEMO" train --init "$INIT" --synthetic niah --synthetic-mix 1.0 --seq-len 256 \
-    --batch-size 8 --steps "$STEPS1" --set train.warmup_steps=30 --set train.eval_interval=100 \
+    --batch-size "$BATCH" --steps "$STEPS1" --set train.warmup_steps=30 --set train.eval_interval=100 \
     --out "$S1" --quiet 2>&1 | tail -3
 fi
 # 2. Stage 2: loss on the answer tokens only.
 if [ ! -f "$W/stage2/checkpoint/model.safetensors" ]; then
   "$MNEMO" train --init "$S1" --synthetic niah --synthetic-mix 1.0 --synthetic-loss answers \
-    --seq-len 256 --batch-size 8 --steps "$STEPS2" --lr 1e-3 --set train.warmup_steps=20 \
+    --seq-len 256 --batch-size "$BATCH" --steps "$STEPS2" --lr 1e-3 --set train.warmup_steps=20 \
     --set train.eval_interval=400 --set train.eval_batches=2 --out "$W/stage2" --quiet 2>&1 | tail -3
 fi
 if [ ! -f "$W/stage3/checkpoint/model.safetensors" ]; then
   "$MNEMO" train --init "$W/stage2" --synthetic niah --synthetic-mix 1.0 --synthetic-loss answers \
-    --seq-len 256 --batch-size 8 --steps "$STEPS3" --lr 1e-3 --set train.warmup_steps=20 \
+    --seq-len 256 --batch-size "$BATCH" --steps "$STEPS3" --lr 1e-3 --set train.warmup_steps=20 \
     --set train.eval_interval=600 --set train.eval_batches=2 --out "$W/stage3" --quiet 2>&1 | tail -3
 fi
 # 3. YaRN x4 continuation at 1024 tokens (inherits the answer-only NIAH rows).
 if [ ! -f "$W/yarn4/checkpoint/model.safetensors" ]; then
-  "$MNEMO" train --init "$W/stage3" --seq-len 1024 --rope-scaling-factor 4 --batch-size 4 \
+  "$MNEMO" train --init "$W/stage3" --seq-len 1024 --rope-scaling-factor 4 --batch-size "$CONT_BATCH" \
     --steps "$CONT_STEPS" --lr 5e-4 --set train.warmup_steps=5 --set train.eval_interval=1000 \
     --out "$W/yarn4" --quiet 2>&1 | tail -3
 fi
@@ -59,4 +70,7 @@ fi
 "$MNEMO" eval $EV --model "$W/yarn4" --context 256,512,1024 --json "$R/yarn4_continued.json"
 "$MNEMO" eval $EV --model "$W/stage3" --context 2048 --extend 8 --json "$R/base_zero_shot_yarn8_2048.json"
 # 5. Heat-maps.
+if [ "$smoke" = 1 ] && ! "$PYTHON" -c 'import matplotlib' 2>/dev/null; then
+  echo "matplotlib missing: no heat-maps" >&2; exit 0
+fi
 ${PYTHON:-python3} scripts/niah_plot.py "$R" "answer-only loss"

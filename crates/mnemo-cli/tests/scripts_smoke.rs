@@ -226,3 +226,79 @@ fn v4_quality() {
         pos(r, "tokens");
     }
 }
+
+/// A NIAH result of `mnemo eval --task niah --json`: one cell per (context, depth), each with
+/// its accuracy in [0, 1].
+fn niah(p: &Path, contexts: &[u64]) {
+    let r = json(p);
+    let cells = r["cells"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: no cells", p.display()));
+    assert_eq!(cells.len(), contexts.len() * 5, "{}", p.display());
+    let mut seen: Vec<u64> = cells
+        .iter()
+        .map(|c| c["context"].as_u64().unwrap())
+        .collect();
+    seen.dedup();
+    assert_eq!(seen, contexts, "{}", p.display());
+    for c in cells {
+        let a = c["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{c}");
+    }
+}
+
+#[test]
+fn niah_yarn() {
+    let d = smoke("niah.sh");
+    niah(&d.join("niah/base.json"), &[256]);
+    for f in [
+        "base_plain_extrapolation",
+        "base_zero_shot_yarn",
+        "yarn4_continued",
+    ] {
+        niah(&d.join(format!("niah/{f}.json")), &[256, 512, 1024]);
+    }
+}
+
+#[test]
+fn niah_answers() {
+    let d = smoke("niah-answers.sh");
+    niah(&d.join("niah-answers/base.json"), &[256]);
+    for f in [
+        "base_plain_extrapolation",
+        "base_zero_shot_yarn",
+        "yarn4_continued",
+    ] {
+        niah(&d.join(format!("niah-answers/{f}.json")), &[256, 512, 1024]);
+    }
+    niah(
+        &d.join("niah-answers/base_zero_shot_yarn8_2048.json"),
+        &[2048],
+    );
+}
+
+#[test]
+fn dsa_quality() {
+    let d = smoke("dsa-quality.sh");
+    let dense = jsonl(&d.join("dsa-quality/dense_metrics.jsonl"));
+    let sparse = jsonl(&d.join("dsa-quality/sparse_metrics.jsonl"));
+    let last_val = |rows: &[Value]| {
+        rows.iter()
+            .rev()
+            .find(|r| r["val_loss"].is_number())
+            .cloned()
+    };
+    let (dv, sv) = (last_val(&dense).unwrap(), last_val(&sparse).unwrap());
+    assert_eq!(
+        (&dv["step"], &sv["step"]),
+        (&Value::from(2), &Value::from(2))
+    );
+    loss(&dv["val_loss"]);
+    loss(&sv["val_loss"]);
+    let recall = sv["val_dsa_recall"].as_f64().expect("val_dsa_recall");
+    assert!((0.0..=1.0).contains(&recall), "{sv}");
+    assert!(
+        sparse.iter().any(|r| r["dsa_stage"] == "sparse"),
+        "no sparse step logged"
+    );
+}
