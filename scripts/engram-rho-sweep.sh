@@ -16,6 +16,7 @@
 #     WORK=runs/exp/engramexp/rho nice -n 10 scripts/engram-rho-sweep.sh
 #                                                 (the reduced run committed in results/engram-rho/steps-100)
 # Results: OUT/{configs/*.json, rho.json, rho.png} (default OUT: results/engram-rho/steps-STEPS).
+# MNEMO_SMOKE=1: ρ = 1.0 and 0.6, 2 steps on crates/mnemo-pack/src, into a temp dir (docs/scripts.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
@@ -27,6 +28,14 @@ TOK=${TOK:-runs/tiny-real/tokenizer.json}
 OUT=${OUT:-results/engram-rho/steps-$STEPS}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 SEEDS=${SEEDS:-1337}    # runs of seeds other than 1337 are named rho-X-seedS; the JSON and plot use every seed found
+smoke=${MNEMO_SMOKE:-0}   # MNEMO_SMOKE=1: seconds-long check, outputs in a temp dir (scripts/smoke-env.sh)
+if [ "$smoke" = 1 ]; then
+  . scripts/smoke-env.sh
+  # ρ = 1.0 and 0.6, 2 steps of 2 x 64 tokens, the tokenizer of a 2-step stand-in for tiny-real.
+  MNEMO=$smoke_bin; STEPS=2; RHOS="1.0 0.6"; WORK=$smoke_dir/work; DATA=$smoke_data
+  OUT=$smoke_dir/engram-rho; TRAIN_ARGS="--batch-size 2 --seq-len 64"; SEEDS=1337
+  smoke_run "$smoke_dir/init"; TOK=$smoke_dir/init/tokenizer.json
+fi
 mkdir -p "$OUT/configs" "$WORK"
 # Write one config per ρ and its parameter accounting (python: exact formulas of the preset).
 ${PYTHON:-python3} - "$OUT" "$RHOS" <<'PY'
@@ -112,7 +121,10 @@ for a in acct:
     print(f"ρ={r['rho']:.1f}: total {r['total_params']/1e6:.2f}M, activated {r['activated']/1e6:.2f}M, "
           f"val loss {r['val_loss']:.4f}, bpb {r['val_bpb']:.4f}")
 json.dump(rows, open(f"{out}/rho.json", "w"), indent=1)
-import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+try:
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+except ImportError:
+    sys.exit(print("matplotlib missing: no rho.png (rho.json written)", file=sys.stderr))
 fig, ax = plt.subplots(figsize=(6, 4))
 ax.plot([r["rho"] for r in rows], [r["val_loss"] for r in rows], marker="o", label="seed 1337")
 for r in rows:

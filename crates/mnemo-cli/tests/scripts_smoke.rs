@@ -302,3 +302,39 @@ fn dsa_quality() {
         "no sparse step logged"
     );
 }
+
+#[test]
+fn dsa_stages() {
+    let d = smoke("dsa_stages.sh");
+    let rows = jsonl(&d.join("dsa/tiny_dsa_stages_metrics.jsonl"));
+    let stages: Vec<_> = rows
+        .iter()
+        .filter_map(|r| r["dsa_stage"].as_str())
+        .collect();
+    assert_eq!(stages, ["dense", "dense", "warmup", "sparse"]);
+    let last = rows
+        .iter()
+        .rev()
+        .find(|r| r["val_loss"].is_number())
+        .unwrap();
+    assert_eq!(last["step"], 4, "{last}");
+    loss(&last["val_loss"]);
+}
+
+#[test]
+fn engram_rho_sweep() {
+    let d = smoke("engram-rho-sweep.sh");
+    let rows = json(&d.join("engram-rho/rho.json"));
+    let rows = rows.as_array().expect("rho.json: an array");
+    let rhos: Vec<_> = rows.iter().map(|r| r["rho"].as_f64().unwrap()).collect();
+    assert_eq!(rhos, [1.0, 0.6]);
+    for r in rows {
+        loss(&r["val_loss"]);
+        pos(r, "total_params");
+        assert_eq!(r["steps"], 2, "{r}");
+    }
+    // ρ = 1 is all experts; ρ = 0.6 pays for Engram table rows with the freed experts.
+    assert_eq!(rows[0]["engram_tables"], 0.0);
+    pos(&rows[1], "engram_tables");
+    assert!(d.join("engram-rho/configs/rho-0.6.json").is_file());
+}
