@@ -3,6 +3,8 @@
 #   BASE: an Engram run trained on the corpus (default: trains tiny-engram, 300 steps, on data/corpus)
 #   NEW:  a codebase not in the corpus (default: the `syn` crate from ~/.cargo/registry), val split 20 %
 # Same steps, seed, lr and data order for both; writes results/engram-finetune/{finetune.json,finetune.png}.
+# MNEMO_SMOKE=1: 2-step BASE on crates/mnemo-pack/src, NEW = crates/mnemo/src, 2 steps per
+# run, into a temp dir (docs/scripts.md; needs bc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
@@ -13,17 +15,29 @@ STEPS=${STEPS:-100}
 LR=${LR:-1e-3}
 VALF=${VALF:-0.2}
 OUT=results/engram-finetune
+CORPUS=data/corpus; TOK=runs/tiny-real/tokenizer.json; BASE_STEPS=300; NEW_SRC=; BASE_ARGS=
+smoke=${MNEMO_SMOKE:-0}   # MNEMO_SMOKE=1: seconds-long check, outputs in a temp dir (scripts/smoke-env.sh)
+if [ "$smoke" = 1 ]; then
+  . scripts/smoke-env.sh
+  # BASE: 2 steps on crates/mnemo-pack/src (the tokenizer of a 2-step stand-in for tiny-real);
+  # NEW: crates/mnemo/src instead of `syn`; 2 fine-tuning steps.
+  MNEMO=$smoke_bin; WORK=$smoke_dir/work; BASE=$WORK/base; NEW=$WORK/newcode; STEPS=2
+  OUT=$smoke_dir/engram-finetune; CORPUS=$smoke_data; BASE_STEPS=2; NEW_SRC=$PWD/crates/mnemo/src
+  BASE_ARGS="--batch-size 2 --seq-len 128"
+  smoke_run "$smoke_dir/init"; TOK=$smoke_dir/init/tokenizer.json
+fi
 mkdir -p "$OUT" "$WORK"
 if [ ! -d "$BASE/checkpoint" ]; then
-  $MNEMO train --preset tiny-engram --data data/corpus --tokenizer runs/tiny-real/tokenizer.json \
-    --steps 300 --out "$BASE" --quiet
+  $MNEMO train --preset tiny-engram --data "$CORPUS" --tokenizer "$TOK" \
+    --steps "$BASE_STEPS" --out "$BASE" --quiet ${BASE_ARGS:+$BASE_ARGS}
 fi
 if [ ! -d "$NEW" ]; then
-  SRC=$(ls -d ~/.cargo/registry/src/*/syn-2.* | head -1)
+  SRC=${NEW_SRC:-$(ls -d ~/.cargo/registry/src/*/syn-2.* | head -1)}
   mkdir -p "$NEW" && (cd "$SRC" && find . -name '*.rs' -exec cp --parents {} "$NEW" \;)
 fi
 COMMON=(--data "$NEW" --steps "$STEPS" --lr "$LR" --set train.warmup_steps=10 --set data.val_fraction=$VALF
         --set train.eval_interval=25 --set train.save_interval=1000 --quiet)
+[ "$smoke" != 1 ] || COMMON+=(--batch-size 2 --seq-len 128)
 ev() { local run=$1 data=$2; shift 2; $MNEMO eval "$run" --data "$data" --val-fraction "$VALF" --batches 8 --json - "$@"; }
 # tr NAME ARGS...: one fine-tuning run (kept and reused with REUSE=1); wall seconds in NAME.wall.
 tr() {
@@ -47,7 +61,7 @@ mem=$(ev "$WORK/ft-mem" "$NEW"); memg=$(ev "$WORK/ft-memgates" "$NEW"); full=$(e
 rm -rf "$WORK/ft-mem-nostate"; cp -r "$WORK/ft-mem/checkpoint" "$WORK/ft-mem-nostate"; rm "$WORK/ft-mem-nostate/state.json"
 donly=$(ev "$WORK/ft-delta-only" "$NEW"); dmem=$(ev "$WORK/ft-mem-nostate" "$NEW")
 # The base on its own corpus, with Engram off (ablation at inference).
-base_corpus=$(VALF=0.05 ev "$BASE" data/corpus); base_off=$(VALF=0.05 ev "$BASE" data/corpus --no-engram)
+base_corpus=$(VALF=0.05 ev "$BASE" "$CORPUS"); base_off=$(VALF=0.05 ev "$BASE" "$CORPUS" --no-engram)
 t0=0; t1=$(cat "$WORK/ft-mem.wall"); t2=$(echo "$t1 + $(cat "$WORK/ft-memgates.wall")" | bc)
 t3=$(echo "$t2 + $(cat "$WORK/ft-full.wall")" | bc)
 ${PYTHON:-python3} - "$OUT" "$WORK" "$before" "$mem" "$memg" "$full" "$donly" "$base_corpus" "$base_off" \
@@ -81,18 +95,25 @@ res = {
                          "delta": boff["val_loss"] - bc["val_loss"]},
 }
 json.dump(res, open(f"{out}/finetune.json", "w"), indent=1)
-import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-for k, lab in [("memory_only", "Engram tables only"), ("memory_and_gates", "tables + gates"), ("full", "full fine-tuning")]:
-    c = [(0, before["val_loss"])] + res[k]["curve"]
-    ax[0].plot([x for x, _ in c], [y for _, y in c], marker="o", label=f"{lab} ({res[k]['step_ms_median']:.0f} ms/step)")
-ax[0].set_xlabel("fine-tuning step"); ax[0].set_ylabel("val loss on held-out codebase (nats/token)"); ax[0].legend(); ax[0].grid(alpha=.3)
-names = ["tables only\n(delta)", "tables+gates\n(delta)", "full\n(weights+tables)"]
-vals = [res["memory_only"]["delta_bytes"], res["memory_and_gates"]["delta_bytes"], res["full"]["changed_bytes"]]
-ax[1].bar(names, [v / 1e6 for v in vals]); ax[1].set_ylabel("bytes to ship (MB)")
-for i, v in enumerate(vals): ax[1].text(i, v / 1e6, f"{v/1e6:.2f} MB", ha="center", va="bottom")
-fig.suptitle("Memory-only fine-tuning (tiny-engram, held-out crate `syn`)"); fig.tight_layout()
-fig.savefig(f"{out}/finetune.png", dpi=110)
+try:
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
+    print("matplotlib missing: no finetune.png (finetune.json written)", file=sys.stderr)
+def plot():
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for k, lab in [("memory_only", "Engram tables only"), ("memory_and_gates", "tables + gates"), ("full", "full fine-tuning")]:
+        c = [(0, before["val_loss"])] + res[k]["curve"]
+        ax[0].plot([x for x, _ in c], [y for _, y in c], marker="o", label=f"{lab} ({res[k]['step_ms_median']:.0f} ms/step)")
+    ax[0].set_xlabel("fine-tuning step"); ax[0].set_ylabel("val loss on held-out codebase (nats/token)"); ax[0].legend(); ax[0].grid(alpha=.3)
+    names = ["tables only\n(delta)", "tables+gates\n(delta)", "full\n(weights+tables)"]
+    vals = [res["memory_only"]["delta_bytes"], res["memory_and_gates"]["delta_bytes"], res["full"]["changed_bytes"]]
+    ax[1].bar(names, [v / 1e6 for v in vals]); ax[1].set_ylabel("bytes to ship (MB)")
+    for i, v in enumerate(vals): ax[1].text(i, v / 1e6, f"{v/1e6:.2f} MB", ha="center", va="bottom")
+    fig.suptitle("Memory-only fine-tuning (tiny-engram, held-out crate `syn`)"); fig.tight_layout()
+    fig.savefig(f"{out}/finetune.png", dpi=110)
+if plt:
+    plot()
 print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
 for k in ["memory_only", "memory_and_gates", "full", "ablation_on_corpus"]:
     print(k, {a: b for a, b in res[k].items() if a != "curve"})

@@ -338,3 +338,20 @@ fn engram_rho_sweep() {
     pos(&rows[1], "engram_tables");
     assert!(d.join("engram-rho/configs/rho-0.6.json").is_file());
 }
+
+/// Also the regression test of full fine-tuning from an Engram run (`train --init` without
+/// `--train-only`), whose tables are loaded memory-mapped read-only.
+#[test]
+fn engram_finetune() {
+    let d = smoke("engram-finetune.sh");
+    let r = json(&d.join("engram-finetune/finetune.json"));
+    loss(&r["val_loss_new_before"]);
+    for k in ["memory_only", "memory_and_gates", "full"] {
+        loss(&r[k]["val_loss"]);
+        pos(&r[k], "step_ms_median");
+    }
+    pos(&r["memory_only"], "delta_bytes");
+    pos(&r["full"], "changed_bytes");
+    assert_eq!(r["delta_only_equals_finetuned"], true, "{r}");
+    assert!(r["ablation_on_corpus"]["delta"].is_number(), "{r}");
+}

@@ -227,6 +227,8 @@ fn start_fresh(
     }
     if let Some((p, l)) = init {
         init_weights(&mut model, l.model, p)?;
+        // The run's tables are memory-mapped read-only: this run trains its own copy.
+        crate::finetune::tables_to_ram(&mut model)?;
         eprintln!(
             "initialised from {} (weights only; fresh optimizer state, step 0)",
             p.display()
