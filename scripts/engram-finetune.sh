@@ -4,7 +4,7 @@
 #   NEW:  a codebase not in the corpus (default: the `syn` crate from ~/.cargo/registry), val split 20 %
 # Same steps, seed, lr and data order for both; writes results/engram-finetune/{finetune.json,finetune.png}.
 # MNEMO_SMOKE=1: 2-step BASE on crates/mnemo-pack/src, NEW = crates/mnemo/src, 2 steps per
-# run, into a temp dir (docs/scripts.md; needs bc).
+# run, into a temp dir (docs/scripts.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNEMO=${MNEMO:-target/release/mnemo}
@@ -46,7 +46,7 @@ tr() {
   rm -rf "$WORK/$name"
   local t0; t0=$(date +%s.%N)
   $MNEMO train --init "$BASE" --out "$WORK/$name" "${COMMON[@]}" "$@" 2> "$WORK/$name.log"
-  echo "$(date +%s.%N) - $t0" | bc > "$WORK/$name.wall"
+  awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { printf "%.3f\n", a - b }' > "$WORK/$name.wall"
 }
 tr ft-mem --train-only engram
 tr ft-memgates --train-only engram+gates
@@ -62,8 +62,9 @@ rm -rf "$WORK/ft-mem-nostate"; cp -r "$WORK/ft-mem/checkpoint" "$WORK/ft-mem-nos
 donly=$(ev "$WORK/ft-delta-only" "$NEW"); dmem=$(ev "$WORK/ft-mem-nostate" "$NEW")
 # The base on its own corpus, with Engram off (ablation at inference).
 base_corpus=$(VALF=0.05 ev "$BASE" "$CORPUS"); base_off=$(VALF=0.05 ev "$BASE" "$CORPUS" --no-engram)
-t0=0; t1=$(cat "$WORK/ft-mem.wall"); t2=$(echo "$t1 + $(cat "$WORK/ft-memgates.wall")" | bc)
-t3=$(echo "$t2 + $(cat "$WORK/ft-full.wall")" | bc)
+add() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f\n", a + b }'; }
+t0=0; t1=$(cat "$WORK/ft-mem.wall"); t2=$(add "$t1" "$(cat "$WORK/ft-memgates.wall")")
+t3=$(add "$t2" "$(cat "$WORK/ft-full.wall")")
 ${PYTHON:-python3} - "$OUT" "$WORK" "$before" "$mem" "$memg" "$full" "$donly" "$base_corpus" "$base_off" \
   "$t0" "$t1" "$t2" "$t3" "$STEPS" "$dmem" <<'PY'
 import json, sys, os, glob
