@@ -100,6 +100,17 @@ impl BlockFormat {
             .then(|| n / self.block_elems * self.block_bytes)
     }
 
+    /// [`Self::dequantize`] on the calling thread (for one row at a time).
+    pub(crate) fn dequantize_seq(&self, b: &[u8], out: &mut [f32]) {
+        assert_eq!(Some(b.len()), self.byte_len(out.len()));
+        for (o, b) in out
+            .chunks_exact_mut(self.block_elems)
+            .zip(b.chunks_exact(self.block_bytes))
+        {
+            (self.block)(b, o);
+        }
+    }
+
     /// Dequantise whole blocks: `b` holds `out.len() / block_elems` blocks (in parallel over
     /// runs of blocks). Panics if the lengths disagree.
     pub fn dequantize(&self, b: &[u8], out: &mut [f32]) {
@@ -216,7 +227,7 @@ fn q3_k(b: &[u8], o: &mut [f32]) {
 }
 
 /// `Q4_K`/`Q5_K`'s scale and minimum of 32-value sub-block `j` (ggml's `get_scale_min_k4`).
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

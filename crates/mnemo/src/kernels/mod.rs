@@ -10,6 +10,7 @@ pub mod fp8;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod indexer;
+pub mod kdot;
 pub mod kquant;
 pub mod matmul;
 pub mod quant;

@@ -19,12 +19,16 @@
 use super::f16::f16_to_f32;
 use rayon::prelude::*;
 
-/// Block formats with 32 values per block.
+/// Block formats: 32 values per block (`Q4_0`, `Q4_1`, `Q8_0`), or 256-value k-quant
+/// super-blocks (`Q4_K`, `Q6_K`; multiplied by [`super::kdot`]).
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QType {
     Q4_0,
     Q4_1,
     Q8_0,
+    Q4_K,
+    Q6_K,
 }
 
 impl QType {
@@ -33,28 +37,60 @@ impl QType {
             QType::Q4_0 => 18,
             QType::Q4_1 => 20,
             QType::Q8_0 => 34,
+            QType::Q4_K => 144,
+            QType::Q6_K => 210,
+        }
+    }
+
+    /// Values per block.
+    pub fn block_elems(self) -> usize {
+        if self.is_k() {
+            256
+        } else {
+            32
+        }
+    }
+
+    /// A 256-value k-quant type.
+    pub fn is_k(self) -> bool {
+        matches!(self, QType::Q4_K | QType::Q6_K)
+    }
+
+    /// ggml's type id.
+    pub fn ggml_type(self) -> u32 {
+        match self {
+            QType::Q4_0 => 2,
+            QType::Q4_1 => 3,
+            QType::Q8_0 => 8,
+            QType::Q4_K => 12,
+            QType::Q6_K => 14,
         }
     }
 }
 
-/// A row-major `[rows, cols]` matrix of quantised blocks (`cols` a multiple of 32), with the
-/// blocks' f16 scales (and minimums) converted to f32 once, at construction.
+/// A row-major `[rows, cols]` matrix of quantised blocks (`cols` a multiple of the block
+/// size), with the blocks' f16 scales (and minimums) converted to f32 once, at construction
+/// (k-quants: the super-block's `d`, and `dmin` for `Q4_K`).
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<u8>,
-    d: Vec<f32>,
-    m: Vec<f32>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) m: Vec<f32>,
 }
 
 impl QMatrix {
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Self {
         let bs = ty.block_bytes();
-        let d = data.chunks_exact(bs).map(|b| f16_to_f32(&b[..2])).collect();
+        let d_at = if ty == QType::Q6_K { 208 } else { 0 };
+        let d = data
+            .chunks_exact(bs)
+            .map(|b| f16_to_f32(&b[d_at..d_at + 2]))
+            .collect();
         let m = match ty {
-            QType::Q4_1 => data
+            QType::Q4_1 | QType::Q4_K => data
                 .chunks_exact(bs)
                 .map(|b| f16_to_f32(&b[2..4]))
                 .collect(),
@@ -62,7 +98,7 @@ impl QMatrix {
                 .chunks_exact(bs)
                 .map(|b| -8.0 * f16_to_f32(&b[..2]))
                 .collect(),
-            QType::Q8_0 => Vec::new(),
+            QType::Q8_0 | QType::Q6_K => Vec::new(),
         };
         QMatrix {
             ty,
@@ -75,7 +111,7 @@ impl QMatrix {
     }
 
     pub fn row_bytes(&self) -> usize {
-        self.cols / 32 * self.ty.block_bytes()
+        self.cols / self.ty.block_elems() * self.ty.block_bytes()
     }
 }
 
@@ -177,6 +213,7 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
                         .zip(qx)
                         .map(|(&w, &q)| (w as i8) as i32 * q as i32)
                         .sum(),
+                    QType::Q4_K | QType::Q6_K => unreachable!("k-quants run in kdot"),
                     QType::Q4_0 | QType::Q4_1 => {
                         let qs = &blk[bs - 16..];
                         (0..16)
@@ -345,13 +382,13 @@ mod x86 {
 
 /// Which row kernel this CPU runs (detected once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Generic,
     Avx2,
     Vnni,
 }
 
-fn isa() -> Isa {
+pub(crate) fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
@@ -403,6 +440,9 @@ pub fn matmat(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool)
 }
 
 fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+    if m.ty.is_k() {
+        return super::kdot::matmat(isa, m, x, n, y, accumulate);
+    }
     assert_eq!(x.len(), n * m.cols);
     assert_eq!(y.len(), n * m.rows);
     assert_eq!(m.data.len(), m.rows * m.row_bytes());
@@ -440,10 +480,15 @@ fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumu
     });
 }
 
-/// Dequantise row `r` of `m` into `w` (`w = d·q + m` per block).
+/// Dequantise row `r` of `m` into `w` (`w = d·q + m` per block; k-quants as
+/// [`super::kquant`] does).
 #[inline(always)]
 fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
     let rb = m.row_bytes();
+    if m.ty.is_k() {
+        let f = super::kquant::format(m.ty.ggml_type()).expect("a k-quant format");
+        return f.dequantize_seq(&m.data[r * rb..(r + 1) * rb], w);
+    }
     let nb = m.cols / 32;
     let bs = m.ty.block_bytes();
     let row = &m.data[r * rb..(r + 1) * rb];
@@ -455,6 +500,7 @@ fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
                     wb[j] = d * (blk[2 + j] as i8) as f32;
                 }
             }
+            QType::Q4_K | QType::Q6_K => unreachable!(),
             QType::Q4_0 | QType::Q4_1 => {
                 let mm = m.m[r * nb + b];
                 let qs = if m.ty == QType::Q4_0 {
@@ -624,6 +670,7 @@ pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) ->
     let mut data = Vec::with_capacity(rows * cols / 32 * ty.block_bytes());
     for blk in w.chunks_exact(32) {
         match ty {
+            QType::Q4_K | QType::Q6_K => unimplemented!("quantize_matrix: 32-value types only"),
             QType::Q8_0 => {
                 let amax = blk.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
                 let hd = h(amax / 127.0);
