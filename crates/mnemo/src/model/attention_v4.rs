@@ -601,12 +601,26 @@ impl Model {
         if visible <= k {
             return (0..visible).collect();
         }
+        if k == 0 {
+            return Vec::new();
+        }
         rope.rotate_at(tq, qi, di, false);
-        let mut scored: Vec<(f32, usize)> = (0..visible)
-            .map(|w| (index_score(qi, wts, &keys[w * di..(w + 1) * di]), w))
-            .collect();
-        // Best first; ties to the lower entry (torch leaves them unspecified).
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let qi = &*qi;
+        let score = |w: usize| (index_score(qi, wts, &keys[w * di..(w + 1) * di]), w);
+        // Long contexts (one decoding query over many entries): score in parallel chunks.
+        let mut scored: Vec<(f32, usize)> = if visible >= 4096 {
+            (0..visible)
+                .into_par_iter()
+                .with_min_len(1024)
+                .map(score)
+                .collect()
+        } else {
+            (0..visible).map(score).collect()
+        };
+        // Best first; ties to the lower entry (torch leaves them unspecified). The order is
+        // total, so the k best are one set: partition them off (O(n)) instead of sorting all.
+        let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        scored.select_nth_unstable_by(k - 1, order);
         let mut sel: Vec<usize> = scored[..k].iter().map(|s| s.1).collect();
         sel.sort_unstable();
         sel
