@@ -199,7 +199,7 @@ pub fn decode_rows(
     let rep = n_heads / n_kv_heads;
     let o_ptr = SendPtr(o.as_mut_ptr());
     // (A head size that is not a multiple of 8 takes the portable path.)
-    let avx2 = avx2_fma() && hd.is_multiple_of(8);
+    let avx2 = super::has_avx2_fma() && hd.is_multiple_of(8);
     (0..n_heads).into_par_iter().for_each(|h| {
         let g = h / rep;
         let mut sc = vec![0.0f32; nq * tk];
@@ -235,18 +235,6 @@ pub fn decode_rows(
             dst.copy_from_slice(&acc[r * hd..(r + 1) * hd]);
         }
     });
-}
-
-fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// One head of [`decode_rows`]: slices start at the head's columns.

@@ -31,6 +31,19 @@ impl SendPtr {
     }
 }
 
+/// Whether this CPU runs AVX2 and FMA (detected once), for kernels with an AVX2 path.
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU runs AVX-512F (detected once), for kernels with an AVX-512 path.
 pub(crate) fn has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -3,25 +3,12 @@
 //! independent accumulators, which the compiler vectorises) elsewhere. Each path sums in a
 //! fixed order, so results are reproducible on one machine.
 
-/// Whether this CPU runs AVX2 and FMA (detected once).
-fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `Σ aᵢ·bᵢ` over the common length.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     #[cfg(target_arch = "x86_64")]
-    if n >= 16 && avx2_fma() {
+    if n >= 16 && super::has_avx2_fma() {
         // SAFETY: AVX2 and FMA were detected; the kernel reads `n` floats of each.
         return unsafe { dot_avx2(&a[..n], &b[..n]) };
     }
@@ -33,7 +20,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     let n = y.len().min(x.len());
     #[cfg(target_arch = "x86_64")]
-    if n >= 16 && avx2_fma() {
+    if n >= 16 && super::has_avx2_fma() {
         // SAFETY: AVX2 and FMA were detected; the kernel touches `n` floats of each.
         return unsafe { axpy_avx2(&mut y[..n], alpha, &x[..n]) };
     }

@@ -170,6 +170,27 @@ fn k_quant_tensors_load_and_errors_name_the_tensor() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A GGUF writer holding the metadata of a small Llama (width `d`, 4 heads of which 2 KV
+/// heads, `blocks` layers, FFN width `ffn`, context 64) and a `gpt2` tokenizer of `vocab`
+/// made-up tokens without merges.
+fn llama_meta(d: u64, blocks: u32, ffn: u64, vocab: u64) -> GgufWriter {
+    let mut w = GgufWriter::default();
+    w.str("general.architecture", "llama");
+    w.u32("llama.embedding_length", d as u32);
+    w.u32("llama.attention.head_count", 4);
+    w.u32("llama.attention.head_count_kv", 2);
+    w.u32("llama.block_count", blocks);
+    w.u32("llama.feed_forward_length", ffn as u32);
+    w.u32("llama.context_length", 64);
+    w.f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
+    w.str("tokenizer.ggml.model", "gpt2");
+    let mut tokens: Vec<String> = (1..vocab).map(|i| format!("t{i}")).collect();
+    tokens.push("<|endoftext|>".into());
+    w.strs("tokenizer.ggml.tokens", &tokens);
+    w.strs("tokenizer.ggml.merges", &[]);
+    w
+}
+
 /// A one-layer Llama whose linear weights use a llama.cpp-style mix of k-quant and other
 /// block types loads (weights dequantised to f32; of the linear weights only the `Q6_K`
 /// output keeps a quantised decode copy: the others mix types or are not decoded quantised)
@@ -180,20 +201,7 @@ fn llama_with_k_quant_mix_loads() {
     let p = dir.join("mix.gguf");
     let mut r = Rng::new(11);
     let (d, kv, ffn, vocab) = (256u64, 128u64, 256u64, 300u64);
-    let mut w = GgufWriter::default();
-    w.str("general.architecture", "llama");
-    w.u32("llama.embedding_length", d as u32);
-    w.u32("llama.attention.head_count", 4);
-    w.u32("llama.attention.head_count_kv", 2);
-    w.u32("llama.block_count", 1);
-    w.u32("llama.feed_forward_length", ffn as u32);
-    w.u32("llama.context_length", 64);
-    w.f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
-    w.str("tokenizer.ggml.model", "gpt2");
-    let mut tokens: Vec<String> = (1..vocab).map(|i| format!("t{i}")).collect();
-    tokens.push("<|endoftext|>".into());
-    w.strs("tokenizer.ggml.tokens", &tokens);
-    w.strs("tokenizer.ggml.merges", &[]);
+    let mut w = llama_meta(d, 1, ffn, vocab);
     let ones: Vec<u8> = (0..d).flat_map(|_| 1.0f32.to_le_bytes()).collect();
     let mut q = |w: &mut GgufWriter, name: &str, ty: u32, dims: &[u64]| {
         let n = dims.iter().product::<u64>() as usize;
@@ -306,20 +314,7 @@ fn llama_q4_k_q6_k_decodes_quantised() {
     let p = dir.join("q4k.gguf");
     let mut r = Rng::new(12);
     let (d, kv, ffn, vocab) = (256u64, 128u64, 512u64, 300u64);
-    let mut w = GgufWriter::default();
-    w.str("general.architecture", "llama");
-    w.u32("llama.embedding_length", d as u32);
-    w.u32("llama.attention.head_count", 4);
-    w.u32("llama.attention.head_count_kv", 2);
-    w.u32("llama.block_count", 2);
-    w.u32("llama.feed_forward_length", ffn as u32);
-    w.u32("llama.context_length", 64);
-    w.f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
-    w.str("tokenizer.ggml.model", "gpt2");
-    let mut tokens: Vec<String> = (1..vocab).map(|i| format!("t{i}")).collect();
-    tokens.push("<|endoftext|>".into());
-    w.strs("tokenizer.ggml.tokens", &tokens);
-    w.strs("tokenizer.ggml.merges", &[]);
+    let mut w = llama_meta(d, 2, ffn, vocab);
     let ones: Vec<u8> = (0..d).flat_map(|_| 1.0f32.to_le_bytes()).collect();
     let mut q = |w: &mut GgufWriter, name: &str, ty: u32, dims: &[u64]| {
         let n = dims.iter().product::<u64>() as usize;
