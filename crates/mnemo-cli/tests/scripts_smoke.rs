@@ -121,7 +121,12 @@ fn bench_moe() {
     pos(&r, "moe_over_dense");
     assert!(r["moe_params"].as_f64() > r["dense_params"].as_f64(), "{r}");
     for v in ["moe", "dense"] {
-        pos(&r["phase_ms"][v], "backward");
+        pos(&r["phase_ms"][v], "forward");
+        // `backward` is (forward + backward) − forward, two separately timed runs: at one
+        // smoke step on a busy machine the difference can be negative; only its presence is
+        // checked (timing belongs in benchmarks, not tests).
+        let b = r["phase_ms"][v]["backward"].as_f64();
+        assert!(b.is_some_and(f64::is_finite), "{r}");
     }
 }
 
