@@ -31,6 +31,11 @@ pub enum BenchCmd {
         /// step; prints a JSON array (with MTP, without) and the ratio of median times.
         #[arg(long)]
         vs_no_mtp: bool,
+        /// Also time named spans inside the step (each sublayer's forward and backward, the
+        /// residual mixing around them, head, MTP, clip, AdamW, MoE balancing) and print their
+        /// medians as `profile_ms`; costs a few microseconds per span.
+        #[arg(long)]
+        profile: bool,
     },
     /// Forward throughput with a large Engram table in RAM vs memory-mapped (interleaved);
     /// prints JSON.
@@ -139,7 +144,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             vs_no_engram,
             vs_frozen,
             vs_no_mtp,
+            profile,
         } => {
+            mnemo::prof::enable(profile);
             if vs_no_mtp {
                 train_step_vs_no_mtp(&cfg, iters, warmup)
             } else {

@@ -44,6 +44,7 @@ pub mod mhc;
 pub mod model;
 pub mod moe;
 pub mod plot;
+pub mod prof;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

@@ -19,6 +19,7 @@
 //! Output `o: [batch·tq, H·d_h]`, `lse: [batch, H, tq]`.
 
 use super::matmul::{gemm_ptr, MatRef};
+use super::vexp::exp_sub_sum;
 use super::SendPtr;
 use rayon::prelude::*;
 
@@ -122,11 +123,7 @@ pub fn forward_scaled(
                     continue;
                 }
                 let corr = (m[i] - mx).exp();
-                let mut sum = 0.0f32;
-                for x in row[..valid].iter_mut() {
-                    *x = (*x - mx).exp();
-                    sum += *x;
-                }
+                let sum = exp_sub_sum(&mut row[..valid], mx);
                 row[valid..].fill(0.0);
                 l[i] = l[i] * corr + sum;
                 m[i] = mx;
@@ -254,12 +251,7 @@ struct DecodeHead<'a> {
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) -> f32 {
     let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0.0f32;
-    for x in row.iter_mut() {
-        *x = (*x - mx).exp();
-        sum += *x;
-    }
-    1.0 / sum
+    1.0 / exp_sub_sum(row, mx)
 }
 
 /// Portable [`DecodeHead`]: the same operations in the same order as the AVX2 version
@@ -462,10 +454,7 @@ pub fn backward_scaled(
                         let pos = t0 + i;
                         let valid = (pos + 1).saturating_sub(s0).min(bk);
                         let row = &mut p[i * bk..(i + 1) * bk];
-                        let li = lse_h[t0 + i];
-                        for x in row[..valid].iter_mut() {
-                            *x = (*x - li).exp();
-                        }
+                        exp_sub_sum(&mut row[..valid], lse_h[t0 + i]);
                         row[valid..].fill(0.0);
                     }
                     let pm = MatRef::new(&p[..bq * bk], bq, bk);

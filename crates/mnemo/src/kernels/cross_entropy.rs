@@ -25,13 +25,16 @@ pub fn forward(losses: &mut [f32], logits: &[f32], targets: &[u32], v: usize) {
         .par_iter_mut()
         .zip(logits.par_chunks(v))
         .zip(targets.par_iter())
-        .for_each(|((l, z), &y)| {
+        .for_each_init(Vec::new, |e, ((l, z), &y)| {
             if y == IGNORE {
                 *l = 0.0;
                 return;
             }
             let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f32 = z.iter().map(|&x| (x - m).exp()).sum();
+            // The same exponentials and sum as `forward_backward` (bit-identical losses).
+            e.clear();
+            e.extend_from_slice(z);
+            let s = super::vexp::exp_sub_sum(e, m);
             *l = m + s.ln() - z[y as usize];
         });
 }
@@ -58,11 +61,7 @@ pub fn forward_backward(
             let y = y as usize;
             let zy = z[y];
             let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut s = 0.0f32;
-            for x in z.iter_mut() {
-                *x = (*x - m).exp();
-                s += *x;
-            }
+            let s = super::vexp::exp_sub_sum(z, m);
             *l = m + s.ln() - zy;
             let inv = scale / s;
             for x in z.iter_mut() {

@@ -19,6 +19,7 @@ pub mod rope;
 pub mod sparse_attention;
 pub mod swiglu;
 pub mod vecops;
+pub mod vexp;
 
 /// A raw pointer that parallel tasks may share, for kernels whose tasks write provably
 /// disjoint parts of one buffer (each use states why its writes are disjoint).

@@ -1126,10 +1126,5 @@ pub(super) fn probs(
         *pi = dot(q, k.2) * scale;
     }
     let mx = p.iter().fold(sink, |acc, &x| acc.max(x));
-    let mut den = (sink - mx).exp();
-    for pi in p.iter_mut() {
-        *pi = (*pi - mx).exp();
-        den += *pi;
-    }
-    den
+    (sink - mx).exp() + crate::kernels::vexp::exp_sub_sum(p, mx)
 }

@@ -18,6 +18,7 @@ use super::residual::{Pre, Stream};
 use super::workspace::{EngramWs, LayerActs, Workspace};
 use super::Model;
 use crate::engram;
+use crate::prof;
 use anyhow::Result;
 
 /// The Engram side of a block's rows.
@@ -97,6 +98,7 @@ impl Model {
                     hc: lo.attn_hc,
                 };
                 let (attn, kv) = (&mut la.attn, &mut rows.kv);
+                let _s = prof::span("attn.sublayer.fwd");
                 st.forward(
                     &self.params,
                     pre,
@@ -105,7 +107,10 @@ impl Model {
                     out,
                     ha,
                     norm,
-                    |a, o, acc| self.attention_forward(l, lo, a, attn, kv, plan, o, acc),
+                    |a, o, acc| {
+                        let _s = prof::span("attn.fwd");
+                        self.attention_forward(l, lo, a, attn, kv, plan, o, acc)
+                    },
                 );
             } else {
                 let pre = Pre {
@@ -113,6 +118,7 @@ impl Model {
                     hc: lo.ffn_hc,
                 };
                 let (ffn, fr) = (&mut la.ffn, rows.ffn);
+                let _s = prof::span("ffn.sublayer.fwd");
                 st.forward(
                     &self.params,
                     pre,
@@ -121,7 +127,10 @@ impl Model {
                     out,
                     ha,
                     norm,
-                    |f, o, acc| self.ffn_forward(l, lo, f, ffn, fr, o, acc),
+                    |f, o, acc| {
+                        let _s = prof::span("ffn.fwd");
+                        self.ffn_forward(l, lo, f, ffn, fr, o, acc)
+                    },
                 );
             }
         }
@@ -153,6 +162,7 @@ impl Model {
             hc: lo.ffn_hc,
         };
         let (dh13, dg) = (&mut ws.dh13, &mut ws.dg);
+        let s = prof::span("ffn.sublayer.bwd");
         st.backward(
             &self.params,
             grads,
@@ -164,6 +174,7 @@ impl Model {
             &mut ws.dtmp,
             &mut ws.hcs,
             |dout, df, grads| {
+                let _s = prof::span("ffn.bwd");
                 let f = &la.norm[1].y;
                 let scratch = (&mut dh13[..], &mut dg[..]);
                 self.ffn_backward(
@@ -184,7 +195,9 @@ impl Model {
             norm: lo.attn_norm,
             hc: lo.attn_hc,
         };
+        drop(s);
         let (dattn, dqkv) = (&mut ws.dattn, &mut ws.dqkv);
+        let s = prof::span("attn.sublayer.bwd");
         st.backward(
             &self.params,
             grads,
@@ -196,6 +209,7 @@ impl Model {
             &mut ws.dtmp,
             &mut ws.hcs,
             |dout, da, grads| {
+                let _s = prof::span("attn.bwd");
                 let a = &la.norm[0].y;
                 let scratch = (&mut dattn[..], &mut dqkv[..]);
                 self.attention_backward(
@@ -212,6 +226,7 @@ impl Model {
                 );
             },
         );
+        drop(s);
         if let Some(i) = self.engram_layer_of(l) {
             let tg = &mut ws.engram_table_grads;
             self.engram_gate_backward(i, &mut ws.dx, grads, &mut ws.eng, tg);

@@ -37,6 +37,7 @@ impl Model {
         if iters == 0 {
             return;
         }
+        let score = crate::prof::span("moe.fit.score");
         let owned = if self.cfg.bias_fit_window > 0 {
             Some(self.moe_pool_scores(pools))
         } else if self.cfg.bias_fit_rescore {
@@ -44,6 +45,7 @@ impl Model {
         } else {
             None
         };
+        drop(score);
         match owned {
             Some(sc) => {
                 let sc: Vec<&[f32]> = sc.iter().map(|v| &v[..]).collect();

@@ -19,6 +19,7 @@ use super::{Model, Workspace};
 use crate::dsa::{DsaRun, DsaStage, DsaStats};
 use crate::kernels::matmul::{linear_backward_frozen, linear_forward};
 use crate::kernels::{cross_entropy, embedding, rmsnorm};
+use crate::prof;
 
 impl Model {
     /// Forward pass over `tokens: [b, t]`, keeping every activation in `ws`; leaves the logits
@@ -128,11 +129,15 @@ impl Model {
             };
         }
         // The MTP blocks (when this workspace runs them), from the last streams x^L.
-        self.mtp_forward(tokens, b, t, ws, !ws.skip_head)?;
+        {
+            let _s = prof::span("mtp.fwd");
+            self.mtp_forward(tokens, b, t, ws, !ws.skip_head)?;
+        }
         ws.aux_loss = ws.layers.iter().map(|la| la.ffn.moe.aux_loss).sum();
         if ws.skip_head {
             return Ok(());
         }
+        let _s = prof::span("head.fwd");
         let last = 2 * c.n_layers;
         let ssq_last = ws.ssq.get(last).map_or(&[][..], |v| &v[..]);
         let y = st.collapse(
@@ -257,6 +262,7 @@ impl Model {
         let st = Stream::of(c);
 
         // Mean over the counted targets (all but `IGNORE`); none counted: zero LM gradient.
+        let head = prof::span("head.bwd");
         let kept = cross_entropy::counted(targets).max(1);
         cross_entropy::forward_backward(
             &mut ws.losses,
@@ -305,10 +311,12 @@ impl Model {
             &mut ws.dx,
             &mut ws.hcs.draw,
         );
+        drop(head);
         // The MTP blocks (module `mtp`): their loss, their gradients, and theirs of x^L added
         // to the head's.
         let mut loss = loss;
         if !ws.mtp.depths.is_empty() {
+            let _s = prof::span("mtp.bwd");
             std::mem::swap(&mut ws.dx, &mut ws.mtp.dx_main);
             ws.mtp_loss = self.mtp_backward(targets, b, t, grads, grad_scale, ws);
             std::mem::swap(&mut ws.dx, &mut ws.mtp.dx_main);

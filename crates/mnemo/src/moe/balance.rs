@@ -64,6 +64,7 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_r
     }
     let target = (n * k) as f64 / e as f64;
     let mut b: Vec<f64> = bias.iter().map(|&x| x as f64).collect();
+    let soft = crate::prof::span("moe.fit.soft");
     for _ in 0..iters {
         let col = scores
             .par_chunks(e * 256)
@@ -105,10 +106,15 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_r
     // without re-centring the mean drifts up without bound (≈ +80 after 1,000 steps of
     // `tiny-moe`) and eats f32 resolution; it is removed after the fit.
     bias.iter_mut().zip(&b).for_each(|(x, &v)| *x = v as f32);
+    drop(soft);
+    let _s = crate::prof::span("moe.fit.hard");
     hard_correct(bias, scores, k, hard_rounds, 1e-3 * tau as f32);
     let mean = bias.iter().map(|&x| x as f64).sum::<f64>() / e as f64;
     bias.iter_mut().for_each(|x| *x = (*x as f64 - mean) as f32);
 }
+
+/// A pass over a chunk of tokens: their top lists, their score rows, their gaps.
+type RowsFn<'a> = dyn Fn(&mut [(f32, u32)], &[f32], &mut [f32]) + Sync + 'a;
 
 /// After the soft fit: `sweeps` sweeps of exact coordinate updates on the *hard* top-k load.
 /// For expert `j` with the other biases fixed, token `t` selects `j` iff
@@ -129,34 +135,63 @@ fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: 
     }
     // Shares that add up to the N·k slots: the first `(N·k) mod E` experts take one more.
     let (base, extra) = ((n * k) / e, (n * k) % e);
+    // Per token, its k + 1 largest biased scores `s + b` (value, expert), descending: `m_t`
+    // for expert j is the k-th of them once j is left out, read without scanning the row, and
+    // a new `b_j` only rescans the rows where j was among them (O(N·k) per expert, not O(N·E)).
+    let kk = k + 1;
+    let mut top = vec![(f32::NEG_INFINITY, u32::MAX); n * kk];
+    let rows = |f: &RowsFn, top: &mut [(f32, u32)], gap: &mut [f32]| {
+        const ROWS: usize = 1024;
+        if n <= ROWS {
+            f(top, scores, gap);
+        } else {
+            top.par_chunks_mut(ROWS * kk)
+                .zip(scores.par_chunks(ROWS * e))
+                .zip(gap.par_chunks_mut(ROWS))
+                .for_each(|((t, s), g)| f(t, s, g));
+        }
+    };
     let mut gap = vec![0.0f32; n];
+    {
+        let b: &[f32] = bias;
+        rows(
+            &|top, sc, _| {
+                for (t, row) in top.chunks_exact_mut(kk).zip(sc.chunks_exact(e)) {
+                    rescan(t, row, b);
+                }
+            },
+            &mut top,
+            &mut gap,
+        );
+    }
     for _ in 0..sweeps {
         let mut moved = 0.0f32;
         for j in 0..e {
-            let b: &[f32] = bias;
-            gap.par_chunks_mut(512)
-                .zip(scores.par_chunks(512 * e))
-                .for_each(|(gs, rows)| {
-                    // The k largest biased scores of the other experts, descending.
-                    let mut others = vec![f32::NEG_INFINITY; k];
-                    for (g, row) in gs.iter_mut().zip(rows.chunks_exact(e)) {
-                        others.fill(f32::NEG_INFINITY);
-                        let kk = k;
-                        for (i, (&sv, &bv)) in row.iter().zip(b).enumerate() {
-                            let v = sv + bv;
-                            if i == j || v <= others[kk - 1] {
-                                continue;
+            rows(
+                &|top, sc, gs| {
+                    for ((g, t), row) in gs
+                        .iter_mut()
+                        .zip(top.chunks_exact(kk))
+                        .zip(sc.chunks_exact(e))
+                    {
+                        // The k-th largest of the others: skip j if it is in the list.
+                        let mut seen = 0;
+                        let mut m = f32::NEG_INFINITY;
+                        for &(v, i) in t {
+                            if i as usize != j {
+                                seen += 1;
+                                if seen == k {
+                                    m = v;
+                                    break;
+                                }
                             }
-                            let mut p = kk - 1;
-                            while p > 0 && others[p - 1] < v {
-                                others[p] = others[p - 1];
-                                p -= 1;
-                            }
-                            others[p] = v;
                         }
-                        *g = row[j] - others[kk - 1];
+                        *g = row[j] - m;
                     }
-                });
+                },
+                &mut top,
+                &mut gap,
+            );
             let want = (base + usize::from(j < extra)).min(n);
             let cut = if want == 0 {
                 // No token: the cut sits just above the largest gap.
@@ -175,12 +210,49 @@ fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: 
             };
             moved = moved.max((bias[j] + cut).abs());
             bias[j] = -cut;
+            // Every token's list under the new b_j.
+            let b: &[f32] = bias;
+            rows(
+                &|top, sc, _| {
+                    for (t, row) in top.chunks_exact_mut(kk).zip(sc.chunks_exact(e)) {
+                        if t.iter().any(|&(_, i)| i as usize == j) {
+                            rescan(t, row, b); // j left or moved inside: rebuild
+                        } else {
+                            insert(t, row[j] + b[j], j as u32);
+                        }
+                    }
+                },
+                &mut top,
+                &mut gap,
+            );
         }
         // A sweep that moved no bias by more than `tol` has converged.
         if moved <= tol {
             break;
         }
     }
+}
+
+/// `t` ← the `t.len()` largest `row[i] + b[i]` with their experts, descending.
+fn rescan(t: &mut [(f32, u32)], row: &[f32], b: &[f32]) {
+    t.fill((f32::NEG_INFINITY, u32::MAX));
+    for (i, (&sv, &bv)) in row.iter().zip(b).enumerate() {
+        insert(t, sv + bv, i as u32);
+    }
+}
+
+/// Insert `(v, i)` into the descending list `t` if it beats the last entry (which falls off).
+fn insert(t: &mut [(f32, u32)], v: f32, i: u32) {
+    let last = t.len() - 1;
+    if v <= t[last].0 {
+        return;
+    }
+    let mut p = last;
+    while p > 0 && t[p - 1].0 < v {
+        t[p] = t[p - 1];
+        p -= 1;
+    }
+    t[p] = (v, i);
 }
 
 /// The refit with memory: `b ← (1 − rate)·b + rate·fit(b, scores)` ([`fit_bias`] warm-started
@@ -329,4 +401,90 @@ pub fn load_stats(load: &[u64]) -> (f64, f64) {
     let max = *load.iter().max().unwrap_or(&0) as f64;
     let min = *load.iter().min().unwrap_or(&0) as f64;
     (max / mean, min / mean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sweeps as first written: every expert's `m_t` by a scan of the whole row.
+    fn hard_correct_by_scan(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: f32) {
+        let e = bias.len();
+        let n = scores.len() / e;
+        let (base, extra) = ((n * k) / e, (n * k) % e);
+        let mut gap = vec![0.0f32; n];
+        for _ in 0..sweeps {
+            let mut moved = 0.0f32;
+            for j in 0..e {
+                for (g, row) in gap.iter_mut().zip(scores.chunks_exact(e)) {
+                    let mut others = vec![f32::NEG_INFINITY; k];
+                    for (i, (&sv, &bv)) in row.iter().zip(&*bias).enumerate() {
+                        let v = sv + bv;
+                        if i == j || v <= others[k - 1] {
+                            continue;
+                        }
+                        let mut p = k - 1;
+                        while p > 0 && others[p - 1] < v {
+                            others[p] = others[p - 1];
+                            p -= 1;
+                        }
+                        others[p] = v;
+                    }
+                    *g = row[j] - others[k - 1];
+                }
+                let want = (base + usize::from(j < extra)).min(n);
+                let cut = if want == 0 {
+                    let top = gap.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    top + top.abs().max(1.0) * 1e-3
+                } else {
+                    let desc = |a: &f32, b: &f32| b.total_cmp(a);
+                    let (_, &mut hi, rest) = gap.select_nth_unstable_by(want - 1, desc);
+                    let lo = rest.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    if lo.is_finite() {
+                        0.5 * (hi + lo)
+                    } else {
+                        hi - 1.0
+                    }
+                };
+                moved = moved.max((bias[j] + cut).abs());
+                bias[j] = -cut;
+            }
+            if moved <= tol {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn the_kept_top_lists_give_the_scan_bit_for_bit() {
+        let mut rng = crate::rng::Rng::new(7);
+        // (experts, k, tokens, coarse): coarse scores on a grid of 1/8 make many exact ties;
+        // 3000 tokens take the parallel path.
+        for &(e, k, n, coarse) in &[
+            (8, 2, 200, false),
+            (16, 2, 3000, false),
+            (16, 6, 300, true),
+            (5, 4, 64, true),
+            (16, 1, 500, true),
+        ] {
+            let mut scores = vec![0.0f32; n * e];
+            rng.fill_normal(&mut scores, 1.0);
+            if coarse {
+                scores
+                    .iter_mut()
+                    .for_each(|s| *s = (*s * 8.0).round() / 8.0);
+            }
+            let mut bias = vec![0.0f32; e];
+            rng.fill_normal(&mut bias, 0.3);
+            let (mut fast, mut scan) = (bias.clone(), bias);
+            hard_correct(&mut fast, &scores, k, 8, 0.0);
+            hard_correct_by_scan(&mut scan, &scores, k, 8, 0.0);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&fast),
+                bits(&scan),
+                "e {e} k {k} n {n} coarse {coarse}"
+            );
+        }
+    }
 }

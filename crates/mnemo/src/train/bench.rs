@@ -8,6 +8,7 @@ use crate::config::ModelConfig;
 use crate::engram::{SparseAdam, SparseGrad};
 use crate::kernels::adamw::AdamWParams;
 use crate::model::{Model, Workspace};
+use crate::prof;
 use crate::rng::Rng;
 use crate::util::det_sum_sq;
 use anyhow::{Context, Result};
@@ -42,6 +43,11 @@ pub struct StepBench {
     pub achieved_gflops: f64,
     /// Milliseconds per phase of one step: forward, backward, optimizer (median over steps).
     pub phase_ms: serde_json::Value,
+    /// With [`crate::prof`] spans on (`--profile`): milliseconds per span per step (median over
+    /// steps), over forward + backward + optimizer (the standalone forward is not counted).
+    /// Spans nest: `attn.sublayer.fwd` holds `attn.fwd` (the rest is norm + residual mixing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_ms: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Run `warmup + steps` full training steps (forward, backward, clip, AdamW) on random tokens.
@@ -274,7 +280,10 @@ pub fn bench_steps_interleaved(
         fwd_t: Vec<f64>,
         bwd_t: Vec<f64>,
         opt_t: Vec<f64>,
+        prof: Vec<Vec<(&'static str, f64, u64)>>,
     }
+    let profile = prof::enabled();
+    prof::take();
     let mut runs = Vec::new();
     for var in variants {
         let cfg = &var.cfg;
@@ -319,27 +328,32 @@ pub fn bench_steps_interleaved(
             fwd_t: vec![],
             bwd_t: vec![],
             opt_t: vec![],
+            prof: vec![],
         });
     }
     for i in 0..warmup + steps {
         for (r, var) in runs.iter_mut().zip(variants) {
             let t0 = Instant::now();
             r.grads.fill(0.0);
+            prof::enable(false);
             r.model.try_forward(&r.x, b, t, &mut r.ws)?;
+            prof::enable(profile);
             let t1 = Instant::now();
             let c1 = crate::util::process_cpu_seconds();
             // forward_backward repeats the forward; time it separately and subtract.
             r.model
                 .try_forward_backward(&r.x, &r.y, b, t, &mut r.grads, 1.0, &mut r.ws)?;
             let t2 = Instant::now();
+            let clip = prof::span("clip");
             let mut tgrads = r.ws.engram_table_grads.clone();
             let table_sq: f64 = tgrads.iter().map(SparseGrad::sum_sq).sum();
             let gn = (det_sum_sq(&r.grads) + table_sq).sqrt();
             if gn > 1.0 {
                 let s = (1.0 / gn) as f32;
-                r.grads.iter_mut().for_each(|g| *g *= s);
+                crate::util::scale_in_place(&mut r.grads, s);
                 tgrads.iter_mut().for_each(|g| g.scale(s));
             }
+            drop(clip);
             let hp = AdamWParams {
                 lr: 1e-3,
                 beta1: 0.9,
@@ -348,7 +362,9 @@ pub fn bench_steps_interleaved(
                 weight_decay: 0.1,
             };
             if !var.frozen_backbone {
+                let s = prof::span("adamw");
                 optimizer_step(&mut r.model, &r.grads, &mut r.m, &mut r.v, hp, i as u64 + 1);
+                drop(s);
                 let loads: Vec<Option<Vec<u64>>> =
                     r.ws.moe_loads()
                         .into_iter()
@@ -368,6 +384,9 @@ pub fn bench_steps_interleaved(
                 } else {
                     r.model.cfg.bias_fit_sample
                 };
+                // The balancing's own forward passes are its time, not the model's spans'.
+                let s = prof::span("moe.balance.sample");
+                prof::enable(false);
                 for _ in 0..fill {
                     if n > 0 {
                         // The fresh sample of random tokens, as long as training's.
@@ -380,6 +399,9 @@ pub fn bench_steps_interleaved(
                         r.model.push_moe_pools(&mut r.pools, &r.ws);
                     }
                 }
+                prof::enable(profile);
+                drop(s);
+                let _s = prof::span("moe.balance.fit");
                 r.model.balance_moe(&loads, &r.ws, &r.pools, i as u64 + 1);
             }
             if let Some(e) = r.model.engram.as_mut() {
@@ -389,6 +411,9 @@ pub fn bench_steps_interleaved(
                 }
             }
             let t3 = Instant::now();
+            if i < warmup {
+                prof::take();
+            }
             if i >= warmup {
                 let f = (t1 - t0).as_secs_f64() * 1e3;
                 let fb = (t2 - t1).as_secs_f64() * 1e3;
@@ -397,6 +422,7 @@ pub fn bench_steps_interleaved(
                 r.bwd_t.push(fb - f);
                 r.opt_t.push(o);
                 r.times.push(fb + o);
+                r.prof.push(prof::take());
                 if let (Some(a), Some(b)) = (c1, crate::util::process_cpu_seconds()) {
                     r.cpu.push((b - a) * 1e3);
                 }
@@ -435,7 +461,34 @@ pub fn bench_steps_interleaved(
             gflop_per_step: gflop,
             achieved_gflops: gflop / (step_ms / 1e3),
             phase_ms: serde_json::json!({"forward": med(&mut r.fwd_t), "backward": med(&mut r.bwd_t), "optimizer": med(&mut r.opt_t)}),
+            profile_ms: profile.then(|| profile_medians(&r.prof)),
         });
     }
     Ok(out)
+}
+
+/// Per span name, the median over steps of its milliseconds in a step (0 in a step without
+/// it), in first-seen order.
+fn profile_medians(
+    steps: &[Vec<(&'static str, f64, u64)>],
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut names: Vec<&'static str> = vec![];
+    for st in steps {
+        for (n, _, _) in st {
+            if !names.contains(n) {
+                names.push(n);
+            }
+        }
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            let mut v: Vec<f64> = steps
+                .iter()
+                .map(|st| st.iter().find(|e| e.0 == n).map_or(0.0, |e| e.1))
+                .collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            (n.to_string(), serde_json::json!(v[v.len() / 2]))
+        })
+        .collect()
 }

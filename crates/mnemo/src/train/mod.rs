@@ -31,7 +31,7 @@ pub use bench::{
 };
 pub use step::{
     layer_grad_norms, micro_batch_weights, moe_sample_windows, optimizer_step, optimizer_step_only,
-    optimizer_step_where,
+    optimizer_step_where, tensor_sum_sq,
 };
 pub use validate::{evaluate, evaluate_with, moe_stats, unigram_entropy, EvalOut};
 

@@ -202,7 +202,8 @@ impl Stepper {
         }
         // The global norm covers the flat parameters and the Engram tables' sparse gradients.
         let table_sq: f64 = tgrads.iter().map(SparseGrad::sum_sq).sum();
-        let gnorm = (trained_sum_sq(model, grads, mode) + table_sq).sqrt();
+        let tensor_sq = tensor_sum_sq(model, grads);
+        let gnorm = (trained_sum_sq(model, &tensor_sq, mode) + table_sq).sqrt();
         if !gnorm.is_finite() {
             let layer = first_nonfinite_grad(model, grads).unwrap_or_default();
             bail!(
@@ -210,10 +211,10 @@ impl Stepper {
                 last_saved(out)
             );
         }
-        let layer_gnorms = layer_grad_norms(model, grads);
+        let layer_gnorms = layer_grad_norms(model, &tensor_sq);
         if tc.grad_clip > 0.0 && gnorm > tc.grad_clip as f64 {
             let s = (tc.grad_clip as f64 / gnorm) as f32;
-            grads.iter_mut().for_each(|g| *g *= s);
+            crate::util::scale_in_place(grads, s);
             tgrads.iter_mut().for_each(|g| g.scale(s));
         }
         let hp = AdamWParams {
@@ -317,13 +318,24 @@ fn layer_of(name: &str, n_layers: usize) -> Option<usize> {
     Some(base + i)
 }
 
+/// `Σ g²` of each tensor's gradient, in layout order (one pass over the gradients for the
+/// global norm and the per-block norms).
+pub fn tensor_sum_sq(model: &Model, grads: &[f32]) -> Vec<f64> {
+    model
+        .layout
+        .tensors
+        .iter()
+        .map(|t| det_sum_sq(&grads[t.range()]))
+        .collect()
+}
+
 /// L2 norm of the gradient of each block's parameters (before clipping): the layers, then the
-/// MTP blocks.
-pub fn layer_grad_norms(model: &Model, grads: &[f32]) -> Vec<f64> {
+/// MTP blocks; `tensor_sq` from [`tensor_sum_sq`].
+pub fn layer_grad_norms(model: &Model, tensor_sq: &[f64]) -> Vec<f64> {
     let mut sq = vec![0.0f64; model.cfg.n_blocks()];
-    for t in &model.layout.tensors {
+    for (t, &s) in model.layout.tensors.iter().zip(tensor_sq) {
         if let Some(l) = layer_of(&t.name, model.cfg.n_layers) {
-            sq[l] += det_sum_sq(&grads[t.range()]);
+            sq[l] += s;
         }
     }
     sq.into_iter().map(f64::sqrt).collect()
@@ -339,17 +351,16 @@ fn first_nonfinite_grad(model: &Model, grads: &[f32]) -> Option<String> {
         .map(|t| t.name.clone())
 }
 
-/// Sum of squares of the gradients of the tensors `mode` trains.
-fn trained_sum_sq(model: &Model, grads: &[f32], mode: TrainOnly) -> f64 {
-    if mode.is_all() {
-        return det_sum_sq(grads);
-    }
+/// Sum of squares of the gradients of the tensors `mode` trains (`tensor_sq` from
+/// [`tensor_sum_sq`]).
+fn trained_sum_sq(model: &Model, tensor_sq: &[f64], mode: TrainOnly) -> f64 {
     model
         .layout
         .tensors
         .iter()
-        .filter(|t| t.trainable && mode.trains(&t.name))
-        .map(|t| det_sum_sq(&grads[t.range()]))
+        .zip(tensor_sq)
+        .filter(|(t, _)| t.trainable && mode.trains(&t.name))
+        .map(|(_, s)| s)
         .sum()
 }
 
