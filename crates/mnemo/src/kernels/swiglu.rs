@@ -10,32 +10,42 @@
 
 use rayon::prelude::*;
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
+use super::vexp;
 
 pub fn forward(g: &mut [f32], h: &[f32], f: usize) {
     forward_clamped(g, h, f, 0.0)
 }
 
+/// `a` clamped at `limit` (0: as is) into `ac`, and `σ(ac)` into `s` (vectorised `exp`).
+fn gate(ac: &mut Vec<f32>, s: &mut Vec<f32>, a: &[f32], limit: f32) {
+    ac.clear();
+    if limit > 0.0 {
+        ac.extend(a.iter().map(|&x| x.min(limit)));
+    } else {
+        ac.extend_from_slice(a);
+    }
+    s.resize(a.len(), 0.0);
+    vexp::sigmoid(s, ac);
+}
+
 /// [`forward`] with the pre-activations clamped at `limit` (module docs; 0 = no clamp).
 pub fn forward_clamped(g: &mut [f32], h: &[f32], f: usize, limit: f32) {
-    g.par_chunks_mut(f)
-        .zip(h.par_chunks(2 * f))
-        .for_each(|(g, h)| {
+    g.par_chunks_mut(f).zip(h.par_chunks(2 * f)).for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(ac, s), (g, h)| {
             let (a, b) = h.split_at(f);
+            gate(ac, s, a, limit);
             if limit > 0.0 {
                 for i in 0..f {
-                    let (a, b) = (a[i].min(limit), b[i].clamp(-limit, limit));
-                    g[i] = a * sigmoid(a) * b;
+                    g[i] = ac[i] * s[i] * b[i].clamp(-limit, limit);
                 }
             } else {
                 for i in 0..f {
-                    g[i] = a[i] * sigmoid(a[i]) * b[i];
+                    g[i] = ac[i] * s[i] * b[i];
                 }
             }
-        });
+        },
+    );
 }
 
 /// Writes `dh: [n, 2f]` from `dg: [n, f]`.
@@ -48,27 +58,31 @@ pub fn backward_clamped(dh: &mut [f32], dg: &[f32], h: &[f32], f: usize, limit: 
     dh.par_chunks_mut(2 * f)
         .zip(dg.par_chunks(f))
         .zip(h.par_chunks(2 * f))
-        .for_each(|((dh, dg), h)| {
-            let (a, b) = h.split_at(f);
-            let (da, db) = dh.split_at_mut(f);
-            for i in 0..f {
-                let (ai, bi, pa, pb) = if limit > 0.0 {
-                    let pa = if a[i] < limit { 1.0 } else { 0.0 };
-                    let pb = if b[i] > -limit && b[i] < limit {
-                        1.0
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(ac, sg), ((dh, dg), h)| {
+                let (a, b) = h.split_at(f);
+                let (da, db) = dh.split_at_mut(f);
+                gate(ac, sg, a, limit);
+                for i in 0..f {
+                    let (bi, pa, pb) = if limit > 0.0 {
+                        let pa = if a[i] < limit { 1.0 } else { 0.0 };
+                        let pb = if b[i] > -limit && b[i] < limit {
+                            1.0
+                        } else {
+                            0.0
+                        };
+                        (b[i].clamp(-limit, limit), pa, pb)
                     } else {
-                        0.0
+                        (b[i], 1.0, 1.0)
                     };
-                    (a[i].min(limit), b[i].clamp(-limit, limit), pa, pb)
-                } else {
-                    (a[i], b[i], 1.0, 1.0)
-                };
-                let s = sigmoid(ai);
-                let silu = ai * s;
-                da[i] = pa * dg[i] * bi * s * (1.0 + ai * (1.0 - s));
-                db[i] = pb * dg[i] * silu;
-            }
-        });
+                    let (ai, s) = (ac[i], sg[i]);
+                    let silu = ai * s;
+                    da[i] = pa * dg[i] * bi * s * (1.0 + ai * (1.0 - s));
+                    db[i] = pb * dg[i] * silu;
+                }
+            },
+        );
 }
 
 #[cfg(test)]
