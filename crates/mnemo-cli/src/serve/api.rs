@@ -395,13 +395,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.max_tokens, Some(5));
+        assert_eq!(p.stop, vec!["\n".to_string()]);
+        assert!(p.stream);
         assert_eq!(p.lookup, None);
         let p = parse_params(&obj(r#"{"mnemo":{"lookup":false}}"#), 100).unwrap();
         assert_eq!(p.lookup, Some(false));
         let e = parse_params(&obj(r#"{"mnemo":{"lokup":true}}"#), 100).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("mnemo.lokup"));
-        assert_eq!(p.stop, vec!["\n".to_string()]);
-        assert!(p.stream);
         assert!(parse_object(b"[1]").is_err());
         assert!(parse_object(b"{\"a\":\"\xff\"}").is_err());
     }
