@@ -538,7 +538,7 @@ impl Engine {
                 if shutting {
                     break;
                 }
-                // Idle: wait for a request (or a shutdown, polled every 50 ms).
+                // Idle: wait for a request (woken by the HTTP side; shutdown is polled every 50 ms).
                 match rx.try_recv() {
                     Ok(r) => {
                         if let Some(s) = self.admit(r) {
@@ -547,7 +547,8 @@ impl Engine {
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        std::thread::sleep(Duration::from_millis(2));
+                        // The HTTP side unparks this thread after queueing a request.
+                        std::thread::park_timeout(Duration::from_millis(50));
                         continue;
                     }
                 }

@@ -34,6 +34,8 @@ pub struct Limits {
 
 pub struct App {
     pub tx: mpsc::Sender<Request>,
+    /// The engine thread (unparked when a request is queued).
+    pub engine: std::thread::Thread,
     pub tok: Arc<Tokenizer>,
     pub model_name: String,
     /// Names a request's `model` may give: the served name, its file stem, `--model-alias`.
@@ -497,7 +499,7 @@ async fn handle(
     };
     let n_prompt = req.prompt.len();
     match app.tx.try_send(req) {
-        Ok(()) => {}
+        Ok(()) => app.engine.unpark(),
         Err(mpsc::error::TrySendError::Full(_)) => {
             app.shared.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::new(

@@ -183,6 +183,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     });
     let app = Arc::new(http::App {
         tx,
+        engine: engine_thread.thread().clone(),
         vocab: tok.vocab_size().min(model.cfg.vocab_size),
         tok,
         model_name: name.clone(),
