@@ -63,7 +63,8 @@ enum Cmd {
     /// Ask a model about a repository: pack it, prefill it (reusing a saved prefix cache when
     /// the repository and model are unchanged), and stream the answer.
     Ask(ask_cmd::AskArgs),
-    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming).
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming), with
+    /// `/health`, Prometheus `/metrics` and optional JSON request logs (`--log-requests`).
     Serve(serve::ServeArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
