@@ -112,7 +112,8 @@ async fn count(
 }
 
 /// `/health`: 200 `{"status": "ok", …}` while serving, 503 `"shutting_down"` while draining
-/// (so a load balancer stops sending). Needs no API key.
+/// (reachable on a keep-alive connection opened before the signal; the listener closes at
+/// once). Needs no API key.
 async fn health(State(app): State<AppState>) -> Response {
     let shutting = app.shared.shutdown.load(Ordering::SeqCst);
     let body = json!({
