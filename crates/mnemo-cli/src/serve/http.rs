@@ -1,6 +1,7 @@
 //! HTTP handlers: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or
 //! server-sent events), and, not part of the OpenAI API, `/v1/stats` (engine counters, JSON),
-//! `/health` (liveness and load, JSON) and `/metrics` (Prometheus text, see [`super::metrics`]).
+//! `/health` (liveness and load, JSON) and `/metrics` (Prometheus text); those two, the request
+//! counter and the request log are in [`super::ops`].
 //!
 //! Streams are framed incrementally: the JSON of a text chunk is rendered once per request
 //! around a placeholder, so each event costs one string escape, and the events that are
@@ -8,7 +9,7 @@
 
 use super::api::{self, ApiError, Params, Prompt};
 use super::engine::{Event, Finish, Request, Shared};
-use super::metrics::{self, Snapshot};
+use super::ops::{count, health, metrics_page, ReqLog};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -56,7 +57,7 @@ pub struct App {
 }
 
 impl App {
-    fn queued(&self) -> usize {
+    pub fn queued(&self) -> usize {
         self.queue_cap.saturating_sub(self.tx.capacity())
     }
 }
@@ -97,61 +98,6 @@ pub fn router(app: AppState) -> axum::Router {
         })
         .layer(axum::middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
-}
-
-/// Count every answered request by endpoint and status (`mnemo_requests_total`).
-async fn count(
-    State(app): State<AppState>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let ep = metrics::endpoint_label(req.uri().path());
-    let r = next.run(req).await;
-    app.shared.metrics.count_request(ep, r.status().as_u16());
-    r
-}
-
-/// `/health`: 200 `{"status": "ok", …}` while serving, 503 `"shutting_down"` while draining
-/// (reachable on a keep-alive connection opened before the signal; the listener closes at
-/// once). Needs no API key.
-async fn health(State(app): State<AppState>) -> Response {
-    let shutting = app.shared.shutdown.load(Ordering::SeqCst);
-    let body = json!({
-        "status": if shutting { "shutting_down" } else { "ok" },
-        "model": app.model_name,
-        "uptime_s": app.started.elapsed().as_secs_f64(),
-        "active": app.shared.active.load(Ordering::Relaxed),
-        "queued": app.queued(),
-    });
-    let code = if shutting {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    (code, axum::Json(body)).into_response()
-}
-
-/// `/metrics`: the Prometheus text exposition format. Needs no API key.
-async fn metrics_page(State(app): State<AppState>) -> Response {
-    let s = &app.shared;
-    let r = |x: &AtomicU64| x.load(Ordering::Relaxed);
-    let page = s.metrics.render(&Snapshot {
-        queue_depth: app.queued(),
-        active: s.active.load(Ordering::Relaxed),
-        completion_tokens: r(&s.generated_tokens),
-        cached_tokens: r(&s.cached_tokens),
-        prefix_hits: r(&s.prefix_hits),
-        drafted: r(&s.drafted),
-        accepted: r(&s.accepted),
-    });
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        page,
-    )
-        .into_response()
 }
 
 fn check_key(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -292,91 +238,6 @@ async fn generate(app: AppState, headers: HeaderMap, body: Body, kind: Kind) -> 
             }
             e.into_response()
         }
-    }
-}
-
-/// One completion/chat request's record: ended once (`end`), or on drop (the client left),
-/// it observes `mnemo_request_duration_seconds` (requests that reached the queue) and, with
-/// `--log-requests`, writes the request's JSON log line.
-struct ReqLog {
-    app: AppState,
-    endpoint: &'static str,
-    arrived: Instant,
-    id: Option<String>,
-    stream: bool,
-    prompt_tokens: Option<usize>,
-    /// A response head went out (the middleware counted it).
-    responded: bool,
-    ended: bool,
-}
-
-/// The `tracing` target of the request log lines (`main` writes their message verbatim).
-pub const REQUEST_LOG_TARGET: &str = "mnemo::request";
-
-impl ReqLog {
-    fn new(app: AppState, endpoint: &'static str) -> Self {
-        ReqLog {
-            app,
-            endpoint,
-            arrived: Instant::now(),
-            id: None,
-            stream: false,
-            prompt_tokens: None,
-            responded: false,
-            ended: false,
-        }
-    }
-
-    /// `reason` overrides the finish reason of `fin` (`error`, `cancelled`).
-    fn end(
-        &mut self,
-        status: u16,
-        fin: Option<&Finish>,
-        reason: Option<&str>,
-        error: Option<&str>,
-    ) {
-        if self.ended {
-            return;
-        }
-        self.ended = true;
-        let dur = self.arrived.elapsed().as_secs_f64();
-        let m = &self.app.shared.metrics;
-        if self.id.is_some() {
-            m.duration.observe(dur);
-        }
-        if !self.responded && status == 499 {
-            m.count_request(self.endpoint, 499);
-        }
-        if !self.app.log_requests {
-            return;
-        }
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        let line = json!({
-            "ts": ts,
-            "id": self.id,
-            "endpoint": self.endpoint,
-            "stream": self.stream,
-            "status": status,
-            "finish_reason": reason.or(fin.map(|f| f.reason)),
-            "prompt_tokens": fin.map(|f| f.prompt_tokens).or(self.prompt_tokens),
-            "completion_tokens": fin.map(|f| f.completion_tokens),
-            "cached_tokens": fin.map(|f| f.cached_tokens),
-            "ttft_s": fin.and_then(|f| f.ttft).map(|t| t.as_secs_f64()),
-            "duration_s": dur,
-            "error": error,
-        });
-        tracing::info!(target: "mnemo::request", "{line}");
-    }
-}
-
-impl Drop for ReqLog {
-    fn drop(&mut self) {
-        // The client went away first: mid-stream (the 200 was sent) or before the answer.
-        let status = if self.responded { 200 } else { 499 };
-        self.end(status, None, Some("cancelled"), None);
     }
 }
 
@@ -782,4 +643,33 @@ fn stream_response(m: Meta, rx: mpsc::UnboundedReceiver<Event>, log: Option<ReqL
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sse, Meta};
+
+    /// The pre-rendered text frame gives the bytes of the full rendering, for both endpoints
+    /// and texts that need escaping.
+    #[test]
+    fn text_frames_equal_the_full_rendering() {
+        for chat in [false, true] {
+            let m = Meta::new("id-1".into(), 7, "m \"x\"".into(), chat, false);
+            assert!(m.text_frame.is_some());
+            for t in [
+                "",
+                "a",
+                "say \"hi\"\n\t\\",
+                "é 😀 \u{1} \u{7f}",
+                "mnemo-text",
+            ] {
+                let mut got = Vec::new();
+                m.text_event(t, false, &mut got);
+                assert_eq!(got, sse(&m.chunk(Some(t), false, None)).to_vec(), "{t:?}");
+                let mut first = Vec::new();
+                m.text_event(t, true, &mut first);
+                assert_eq!(first, sse(&m.chunk(Some(t), true, None)).to_vec());
+            }
+        }
+    }
 }

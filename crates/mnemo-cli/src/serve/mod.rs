@@ -5,15 +5,16 @@
 //! SIGTERM): new requests get 503, in-flight ones finish within `--shutdown-grace` seconds
 //! (then their streams end with an error event and `data: [DONE]`), and the process exits.
 //!
-//! For operators: `/health`, Prometheus `/metrics` ([`metrics`]), and with `--log-requests`
+//! For operators ([`ops`]): `/health`, Prometheus `/metrics` ([`metrics`]), and with `--log-requests`
 //! one JSON log line per finished request (on stderr, through `tracing`).
 
 mod api;
 mod engine;
 mod http;
 mod metrics;
+mod ops;
 
-pub use http::REQUEST_LOG_TARGET;
+pub use ops::REQUEST_LOG_TARGET;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
