@@ -63,7 +63,8 @@ enum Cmd {
     /// Ask a model about a repository: pack it, prefill it (reusing a saved prefix cache when
     /// the repository and model are unchanged), and stream the answer.
     Ask(ask_cmd::AskArgs),
-    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming).
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming), with
+    /// `/health`, Prometheus `/metrics` and optional JSON request logs (`--log-requests`).
     Serve(serve::ServeArgs),
     /// Tokenizer tools.
     #[command(subcommand)]
@@ -89,13 +90,19 @@ enum Cmd {
 }
 
 fn main() {
-    let filter =
+    let cli = Cli::parse();
+    let mut filter =
         tracing_subscriber::EnvFilter::try_from_env("MNEMO_LOG").unwrap_or_else(|_| "warn".into());
+    if matches!(&cli.cmd, Cmd::Serve(a) if a.log_requests) {
+        if let Ok(d) = format!("{}=info", serve::REQUEST_LOG_TARGET).parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .event_format(LogFormat(tracing_subscriber::fmt::format()))
         .init();
-    let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -137,6 +144,40 @@ fn run(cli: Cli) -> Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "mnemo", &mut script);
             write_stdout(&script)
         }
+    }
+}
+
+/// The log format: `tracing_subscriber`'s default, except that the request log lines of
+/// `mnemo serve --log-requests` (target [`serve::REQUEST_LOG_TARGET`]) are written as their
+/// message alone, one JSON object per line.
+struct LogFormat<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for LogFormat<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        ev: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if ev.metadata().target() != serve::REQUEST_LOG_TARGET {
+            return self.0.format_event(ctx, w, ev);
+        }
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        ev.record(&mut m);
+        writeln!(w, "{}", m.0)
     }
 }
 

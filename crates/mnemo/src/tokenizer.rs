@@ -246,31 +246,71 @@ impl Tokenizer {
 
 /// Turns a stream of token ids into text as it is generated: each [`push`](StreamDecoder::push)
 /// returns the new text, holding back an incomplete UTF-8 sequence (a byte-level token can end
-/// mid-character) until its last byte arrives.
+/// mid-character) until its last byte arrives. Incremental: see [`DecodeState`].
 pub struct StreamDecoder<'a> {
     tok: &'a Tokenizer,
-    ids: Vec<u32>,
-    printed: usize,
+    state: DecodeState,
 }
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
         StreamDecoder {
             tok,
-            ids: Vec::new(),
-            printed: 0,
+            state: DecodeState::default(),
         }
     }
 
     /// Add one token; returns the text that became complete (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
+        self.state.push(self.tok, id)
+    }
+}
+
+/// The state of an incremental detokeniser that owns no tokenizer (so a server can keep one
+/// per sequence): the concatenation of what [`DecodeState::push`] returns is the text of all
+/// pushed ids (`Tokenizer::decode`), up to the last complete character.
+///
+/// Each push decodes only a window `ids[prefix..]`: the tokens of the last emitted piece
+/// (`ids[prefix..read]`, decoded again so that a decoder that treats the first token specially,
+/// e.g. SentencePiece's leading-space strip, sees the same context) plus the tokens since.
+/// The new text is the window's text minus the text of `ids[prefix..read]`; when it ends in
+/// an incomplete character (U+FFFD) nothing is emitted and the window grows until it
+/// completes. Cost per token: O(window) instead of O(all ids) (the old quadratic re-decode).
+#[derive(Default, Debug, Clone)]
+pub struct DecodeState {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl DecodeState {
+    /// Add one token; returns the text that became complete (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.printed {
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = text[self.printed..].to_string();
-        self.printed = text.len();
+        // The window's text extends the earlier one; should a decoder rewrite it, emit from
+        // the end of the longest common prefix (at a character boundary).
+        let mut k = now
+            .bytes()
+            .zip(before.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        while !now.is_char_boundary(k) {
+            k -= 1;
+        }
+        let new = now[k..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        // Keep only the window (the ids before it are never decoded again).
+        if self.prefix > 0 {
+            self.ids.drain(..self.prefix);
+            self.read -= self.prefix;
+            self.prefix = 0;
+        }
         Ok(new)
     }
 }
@@ -403,5 +443,45 @@ mod tests {
             out.push_str(&piece);
         }
         assert_eq!(out, text);
+    }
+
+    /// The incremental pieces add up to the full decode, for random id streams (invalid
+    /// UTF-8 pieces, special tokens and multi-byte characters included).
+    #[test]
+    fn incremental_decoding_matches_the_full_decode() {
+        let tok = Tokenizer::train(
+            ["héllo wörld 😀 fn main() {}\n".repeat(20)].into_iter(),
+            300,
+        )
+        .unwrap();
+        let mut x: u64 = 7;
+        for len in [1, 2, 5, 40, 300] {
+            let ids: Vec<u32> = (0..len)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((x >> 33) % tok.vocab_size() as u64) as u32
+                })
+                .collect();
+            let mut st = DecodeState::default();
+            let mut out = String::new();
+            for &id in &ids {
+                out.push_str(&st.push(&tok, id).unwrap());
+            }
+            let full = tok.decode(&ids).unwrap();
+            if full.ends_with('\u{FFFD}') {
+                assert!(full.starts_with(&out), "{len}");
+            } else {
+                assert_eq!(out, full, "{len}");
+            }
+        }
+        // Valid text: the window holds the last piece and the new token, never the history.
+        let ids = tok.encode(&"wörld 😀 fn main() {}\n".repeat(10)).unwrap();
+        let mut st = DecodeState::default();
+        for &id in &ids {
+            st.push(&tok, id).unwrap();
+            assert!(st.ids.len() <= 4, "window of {} ids", st.ids.len());
+        }
     }
 }

@@ -65,6 +65,9 @@ pub struct Params {
     pub include_usage: bool,
     /// Not OpenAI (vLLM's extension): keep generating past the end-of-text token.
     pub ignore_eos: bool,
+    /// mnemo's extension `"mnemo": {"lookup": bool}`: lookup-first decoding for this request
+    /// (`None`: the server's `--lookup` setting).
+    pub lookup: Option<bool>,
 }
 
 fn type_err(param: &str, want: &str) -> ApiError {
@@ -219,6 +222,25 @@ pub fn parse_params(o: &Map<String, Value>, max_tokens_limit: u64) -> Result<Par
     for k in ["frequency_penalty", "presence_penalty"] {
         opt_f32(o, k, -2.0, 2.0)?;
     }
+    let lookup = match opt(o, "mnemo") {
+        None => None,
+        Some(Value::Object(m)) => {
+            if let Some(k) = m.keys().find(|k| k.as_str() != "lookup") {
+                return Err(ApiError::invalid(
+                    &format!("mnemo.{k}"),
+                    format!("unknown field `mnemo.{k}` (known: `lookup`)"),
+                ));
+            }
+            match opt(m, "lookup") {
+                None => None,
+                Some(v) => Some(
+                    v.as_bool()
+                        .ok_or_else(|| type_err("mnemo.lookup", "a boolean"))?,
+                ),
+            }
+        }
+        Some(_) => return Err(type_err("mnemo", "an object such as {\"lookup\": true}")),
+    };
     Ok(Params {
         max_tokens,
         temperature,
@@ -229,6 +251,7 @@ pub fn parse_params(o: &Map<String, Value>, max_tokens_limit: u64) -> Result<Par
         stream,
         include_usage,
         ignore_eos,
+        lookup,
     })
 }
 
@@ -360,6 +383,9 @@ mod tests {
             r#"{"n":2}"#,
             r#"{"stream":"yes"}"#,
             r#"{"model":3}"#,
+            r#"{"mnemo":true}"#,
+            r#"{"mnemo":{"lookup":1}}"#,
+            r#"{"mnemo":{"lokup":true}}"#,
         ] {
             assert!(parse_params(&obj(bad), 100).is_err(), "{bad}");
         }
@@ -371,6 +397,11 @@ mod tests {
         assert_eq!(p.max_tokens, Some(5));
         assert_eq!(p.stop, vec!["\n".to_string()]);
         assert!(p.stream);
+        assert_eq!(p.lookup, None);
+        let p = parse_params(&obj(r#"{"mnemo":{"lookup":false}}"#), 100).unwrap();
+        assert_eq!(p.lookup, Some(false));
+        let e = parse_params(&obj(r#"{"mnemo":{"lokup":true}}"#), 100).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("mnemo.lokup"));
         assert!(parse_object(b"[1]").is_err());
         assert!(parse_object(b"{\"a\":\"\xff\"}").is_err());
     }

@@ -15,7 +15,7 @@ use mnemo::batch::{forward_batch, BatchSeq};
 use mnemo::generate::{KvCache, Sampling, PREFILL_CHUNK};
 use mnemo::lookup::{LookupConfig, SeqDecoder};
 use mnemo::model::Model;
-use mnemo::tokenizer::Tokenizer;
+use mnemo::tokenizer::{DecodeState, Tokenizer};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,8 @@ pub struct Finish {
     pub completion_tokens: usize,
     /// Prompt tokens taken from the prompt cache instead of prefilled.
     pub cached_tokens: usize,
+    /// From the request's arrival to its first generated token (none when there was none).
+    pub ttft: Option<Duration>,
 }
 
 /// One generation request, already tokenised and validated.
@@ -49,6 +51,10 @@ pub struct Request {
     pub seed: u64,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Lookup-first decoding for this request: `None` follows the server's `--lookup`.
+    pub lookup: Option<bool>,
+    /// When the HTTP side received the request (time to first token counts from here).
+    pub arrived: Instant,
     pub tx: mpsc::UnboundedSender<Event>,
 }
 
@@ -57,7 +63,10 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// K/V positions per sequence.
     pub ctx: usize,
-    pub lookup: Option<LookupConfig>,
+    /// Lookup-first decoding settings, used by requests that ask for it (`"mnemo":
+    /// {"lookup": true}`) and, with `lookup_default`, by those that do not say.
+    pub lookup: LookupConfig,
+    pub lookup_default: bool,
     /// Prompts at least this long are kept in the prompt cache.
     pub prefix_min_tokens: usize,
     pub prefix_max_entries: usize,
@@ -87,6 +96,8 @@ pub struct Shared {
     pub drafted: AtomicU64,
     pub accepted: AtomicU64,
     pub exited: AtomicBool,
+    /// Prometheus metrics and histograms (see [`super::metrics`]).
+    pub metrics: super::metrics::Metrics,
 }
 
 impl Shared {
@@ -117,9 +128,15 @@ struct Seq {
     dec: SeqDecoder,
     phase: Phase,
     ids: Vec<u32>,
+    /// Incremental detokeniser of `ids` (decodes a short window per token).
+    detok: DecodeState,
+    /// Text of `ids` so far (complete characters), `text[..sent]` sent.
     text: String,
     sent: usize,
     cached_tokens: usize,
+    /// When the first token, and the latest, were generated.
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
     finished: bool,
     /// The client has gone (its receiver was dropped).
     gone: bool,
@@ -188,6 +205,9 @@ impl Seq {
             prompt_tokens: self.req.prompt.len(),
             completion_tokens: self.ids.len(),
             cached_tokens: self.cached_tokens,
+            ttft: self
+                .first_at
+                .map(|t| t.saturating_duration_since(self.req.arrived)),
         };
         self.send(Event::Done(f));
         self.finished = true;
@@ -198,6 +218,27 @@ impl Seq {
 
     /// Take newly generated tokens; returns false when the sequence is done.
     fn accept(&mut self, toks: &[u32], tok: &Tokenizer, shared: &Shared) -> bool {
+        let now = Instant::now();
+        let m = &shared.metrics;
+        match self.last_at {
+            None => {
+                self.first_at = Some(now);
+                m.ttft.observe(
+                    now.saturating_duration_since(self.req.arrived)
+                        .as_secs_f64(),
+                );
+                // Tokens after the first in the same step arrived with it.
+                m.inter_token
+                    .observe_n(0.0, (toks.len() as u64).saturating_sub(1));
+            }
+            Some(t) if !toks.is_empty() => {
+                let k = toks.len() as u64;
+                let gap = now.saturating_duration_since(t).as_secs_f64();
+                m.inter_token.observe_n(gap / k as f64, k);
+            }
+            Some(_) => {}
+        }
+        self.last_at = Some(now);
         for &t in toks {
             if self.finished {
                 return false;
@@ -209,7 +250,7 @@ impl Seq {
             }
             self.ids.push(t);
             shared.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let text = match tok.decode(&self.ids) {
+            let piece = match self.detok.push(tok, t) {
                 Ok(t) => t,
                 Err(e) => {
                     self.send(Event::Error(format!("cannot decode the output: {e:#}")));
@@ -217,8 +258,9 @@ impl Seq {
                     return false;
                 }
             };
-            if !text.ends_with('\u{FFFD}') {
-                self.text = text;
+            // Empty while the text ends in an incomplete character.
+            if !piece.is_empty() {
+                self.text.push_str(&piece);
                 // A stop sequence can only end in the new text.
                 let maxlen = self.req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
                 let mut from = self.sent.saturating_sub(maxlen);
@@ -362,6 +404,10 @@ impl Engine {
             }
         }
         let mut done = 0;
+        self.shared
+            .metrics
+            .prompt_tokens
+            .fetch_add(p.len() as u64, Ordering::Relaxed);
         if let Some((i, n)) = best {
             if n >= 16 && cache.copy_prefix_from(&self.prefixes[i].cache, n).is_ok() {
                 self.clock += 1;
@@ -373,12 +419,22 @@ impl Engine {
                     .fetch_add(n as u64, Ordering::Relaxed);
             }
         }
+        if done == 0 && self.cfg.prefix_max_entries > 0 {
+            self.shared
+                .metrics
+                .prefix_misses
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let lookup = req
+            .lookup
+            .unwrap_or(self.cfg.lookup_default)
+            .then_some(self.cfg.lookup);
         let dec = SeqDecoder::new(
             p,
             req.sampling,
             req.seed,
             self.tok.vocab_size().min(self.model.cfg.vocab_size),
-            self.cfg.lookup,
+            lookup,
         );
         Some(Seq {
             req,
@@ -386,9 +442,12 @@ impl Engine {
             dec,
             phase: Phase::Prefill { done },
             ids: Vec::new(),
+            detok: DecodeState::default(),
             text: String::new(),
             sent: 0,
             cached_tokens: done,
+            first_at: None,
+            last_at: None,
             finished: false,
             gone: false,
         })
@@ -479,7 +538,7 @@ impl Engine {
                 if shutting {
                     break;
                 }
-                // Idle: wait for a request (or a shutdown, polled every 50 ms).
+                // Idle: wait for a request (woken by the HTTP side; shutdown is polled every 50 ms).
                 match rx.try_recv() {
                     Ok(r) => {
                         if let Some(s) = self.admit(r) {
@@ -488,7 +547,8 @@ impl Engine {
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        std::thread::sleep(Duration::from_millis(2));
+                        // The HTTP side unparks this thread after queueing a request.
+                        std::thread::park_timeout(Duration::from_millis(50));
                         continue;
                     }
                 }
@@ -529,7 +589,9 @@ impl Engine {
             if active.is_empty() {
                 continue;
             }
+            let t0 = Instant::now();
             self.step(&mut active);
+            self.shared.metrics.step.observe(t0.elapsed().as_secs_f64());
             let cancelled = active.iter().filter(|s| s.gone).count();
             self.shared
                 .cancelled

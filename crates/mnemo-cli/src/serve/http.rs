@@ -1,8 +1,15 @@
 //! HTTP handlers: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or
-//! server-sent events), and `/v1/stats` (engine counters, not part of the OpenAI API).
+//! server-sent events), and, not part of the OpenAI API, `/v1/stats` (engine counters, JSON),
+//! `/health` (liveness and load, JSON) and `/metrics` (Prometheus text); those two, the request
+//! counter and the request log are in [`super::ops`].
+//!
+//! Streams are framed incrementally: the JSON of a text chunk is rendered once per request
+//! around a placeholder, so each event costs one string escape, and the events that are
+//! waiting when the stream is polled go out in one write.
 
 use super::api::{self, ApiError, Params, Prompt};
 use super::engine::{Event, Finish, Request, Shared};
+use super::ops::{count, health, metrics_page, ReqLog};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -12,7 +19,7 @@ use mnemo::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 /// Server limits.
@@ -28,6 +35,8 @@ pub struct Limits {
 
 pub struct App {
     pub tx: mpsc::Sender<Request>,
+    /// The engine thread (unparked when a request is queued).
+    pub engine: std::thread::Thread,
     pub tok: Arc<Tokenizer>,
     pub model_name: String,
     /// Names a request's `model` may give: the served name, its file stem, `--model-alias`.
@@ -39,6 +48,18 @@ pub struct App {
     pub queue_cap: usize,
     pub ids: AtomicU64,
     pub created: u64,
+    /// When the server started (`/health`'s uptime).
+    pub started: Instant,
+    /// `--log-requests`: one JSON line per finished completion/chat request.
+    pub log_requests: bool,
+    /// Whether the model can run lookup-first decoding (`"mnemo": {"lookup": true}`).
+    pub lookup_ok: bool,
+}
+
+impl App {
+    pub fn queued(&self) -> usize {
+        self.queue_cap.saturating_sub(self.tx.capacity())
+    }
 }
 
 pub type AppState = Arc<App>;
@@ -57,7 +78,8 @@ pub fn router(app: AppState) -> axum::Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/stats", get(stats))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_page))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -74,6 +96,7 @@ pub fn router(app: AppState) -> axum::Router {
             )
             .code("method_not_allowed")
         })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
 }
 
@@ -124,7 +147,7 @@ async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Response {
     let r = |x: &AtomicU64| x.load(Ordering::Relaxed);
     axum::Json(json!({
         "active": s.active.load(Ordering::Relaxed),
-        "queued": app.queue_cap - app.tx.capacity(),
+        "queued": app.queued(),
         "completed": r(&s.completed),
         "cancelled": r(&s.cancelled),
         "rejected": r(&s.rejected),
@@ -194,15 +217,28 @@ enum Kind {
 }
 
 async fn completions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle(app, headers, body, Kind::Completion)
-        .await
-        .unwrap_or_else(|e| e.into_response())
+    generate(app, headers, body, Kind::Completion).await
 }
 
 async fn chat(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle(app, headers, body, Kind::Chat)
-        .await
-        .unwrap_or_else(|e| e.into_response())
+    generate(app, headers, body, Kind::Chat).await
+}
+
+async fn generate(app: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Response {
+    let endpoint = match kind {
+        Kind::Completion => "/v1/completions",
+        Kind::Chat => "/v1/chat/completions",
+    };
+    let mut log = Some(ReqLog::new(app.clone(), endpoint));
+    match handle(app, headers, body, kind, &mut log).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(l) = log.as_mut() {
+                l.end(e.status.as_u16(), None, None, Some(&e.message));
+            }
+            e.into_response()
+        }
+    }
 }
 
 fn encode_err(e: anyhow::Error) -> ApiError {
@@ -254,6 +290,7 @@ async fn handle(
     headers: HeaderMap,
     body: Body,
     kind: Kind,
+    log: &mut Option<ReqLog>,
 ) -> Result<Response, ApiError> {
     check_key(&app, &headers)?;
     if app.shared.shutdown.load(Ordering::SeqCst) {
@@ -262,6 +299,12 @@ async fn handle(
     let bytes = read_body(&app, &headers, body).await?;
     let o = api::parse_object(&bytes)?;
     let p: Params = api::parse_params(&o, app.limits.max_tokens)?;
+    if p.lookup == Some(true) && !app.lookup_ok {
+        return Err(ApiError::invalid(
+            "mnemo.lookup",
+            "lookup-first decoding is not supported for this model (Engram models cannot rewind rejected drafts)",
+        ));
+    }
     if let Some(m) = o.get("model").and_then(Value::as_str) {
         if !app.model_aliases.iter().any(|a| a == m) {
             return Err(model_not_found(&app, m));
@@ -312,10 +355,13 @@ async fn handle(
         seed,
         stop: p.stop.clone(),
         ignore_eos: p.ignore_eos,
+        lookup: p.lookup,
+        arrived: log.as_ref().map_or_else(Instant::now, |l| l.arrived),
         tx: etx,
     };
+    let n_prompt = req.prompt.len();
     match app.tx.try_send(req) {
-        Ok(()) => {}
+        Ok(()) => app.engine.unpark(),
         Err(mpsc::error::TrySendError::Full(_)) => {
             app.shared.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::new(
@@ -332,17 +378,26 @@ async fn handle(
         Kind::Completion => format!("cmpl-{n:x}{:08x}", app.created as u32),
         Kind::Chat => format!("chatcmpl-{n:x}{:08x}", app.created as u32),
     };
-    let meta = Meta {
+    if let Some(l) = log.as_mut() {
+        l.id = Some(id.clone());
+        l.stream = p.stream;
+        l.prompt_tokens = Some(n_prompt);
+    }
+    let meta = Meta::new(
         id,
-        created: now(),
-        model: app.model_name.clone(),
-        chat: matches!(kind, Kind::Chat),
-        include_usage: p.include_usage,
-    };
+        now(),
+        app.model_name.clone(),
+        matches!(kind, Kind::Chat),
+        p.include_usage,
+    );
     if p.stream {
-        Ok(stream_response(meta, erx))
+        let mut l = log.take();
+        if let Some(l) = l.as_mut() {
+            l.responded = true;
+        }
+        Ok(stream_response(meta, erx, l))
     } else {
-        collect_response(meta, erx).await
+        collect_response(meta, erx, log).await
     }
 }
 
@@ -383,6 +438,9 @@ struct Meta {
     model: String,
     chat: bool,
     include_usage: bool,
+    /// The SSE event of a text chunk (not the first of a chat) around its JSON-escaped text:
+    /// `pre + "\"text\"" + post`, the same bytes as `sse(&chunk(Some(text), false, None))`.
+    text_frame: Option<(String, String)>,
 }
 
 fn usage(f: &Finish) -> Value {
@@ -397,12 +455,18 @@ fn usage(f: &Finish) -> Value {
 async fn collect_response(
     m: Meta,
     mut rx: mpsc::UnboundedReceiver<Event>,
+    log: &mut Option<ReqLog>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
     let fin = loop {
         match rx.recv().await {
             Some(Event::Text(t)) => text.push_str(&t),
-            Some(Event::Done(f)) => break f,
+            Some(Event::Done(f)) => {
+                if let Some(l) = log.as_mut() {
+                    l.end(200, Some(&f), None, None);
+                }
+                break f;
+            }
             Some(Event::Error(e)) => {
                 return Err(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -440,7 +504,42 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// Stands for the text in [`Meta::text_frame`]'s template.
+const HOLE: &str = "\u{1}mnemo-text\u{1}";
+
 impl Meta {
+    fn new(id: String, created: u64, model: String, chat: bool, include_usage: bool) -> Meta {
+        let mut m = Meta {
+            id,
+            created,
+            model,
+            chat,
+            include_usage,
+            text_frame: None,
+        };
+        let full = String::from_utf8_lossy(&sse(&m.chunk(Some(HOLE), false, None))).into_owned();
+        let hole = serde_json::to_string(HOLE).unwrap_or_default();
+        if full.matches(&hole).count() == 1 {
+            if let Some((pre, post)) = full.split_once(&hole) {
+                m.text_frame = Some((pre.to_string(), post.to_string()));
+            }
+        }
+        m
+    }
+
+    /// The SSE event of a text chunk.
+    fn text_event(&self, text: &str, first: bool, out: &mut Vec<u8>) {
+        match &self.text_frame {
+            Some((pre, post)) if !first => {
+                out.extend_from_slice(pre.as_bytes());
+                // A `String` always serialises.
+                let _ = serde_json::to_writer(&mut *out, text);
+                out.extend_from_slice(post.as_bytes());
+            }
+            _ => out.extend_from_slice(&sse(&self.chunk(Some(text), first, None))),
+        }
+    }
+
     fn chunk(&self, text: Option<&str>, first: bool, finish: Option<&str>) -> Value {
         if self.chat {
             let mut delta = serde_json::Map::new();
@@ -462,65 +561,81 @@ impl Meta {
     }
 }
 
-fn stream_response(m: Meta, rx: mpsc::UnboundedReceiver<Event>) -> Response {
+fn stream_response(m: Meta, rx: mpsc::UnboundedReceiver<Event>, log: Option<ReqLog>) -> Response {
     struct St {
         m: Meta,
         rx: mpsc::UnboundedReceiver<Event>,
         first: bool,
         done: bool,
+        /// Ended at the last event; dropped with the stream if the client leaves first.
+        log: Option<ReqLog>,
     }
     let st = St {
         m,
         rx,
         first: true,
         done: false,
+        log,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
         }
-        let out: Vec<u8> = match st.rx.recv().await {
-            Some(Event::Text(t)) => {
-                let b = sse(&st.m.chunk(Some(&t), st.first, None));
-                st.first = false;
-                b.to_vec()
-            }
-            Some(Event::Done(f)) => {
-                let mut b = Vec::new();
-                if st.first && st.m.chat {
-                    b.extend_from_slice(&sse(&st.m.chunk(Some(""), true, None)));
+        let mut ev = st.rx.recv().await;
+        let mut b: Vec<u8> = Vec::new();
+        // This event and every one already waiting go out in one write.
+        loop {
+            match ev {
+                Some(Event::Text(t)) => {
+                    st.m.text_event(&t, st.first, &mut b);
+                    st.first = false;
                 }
-                b.extend_from_slice(&sse(&st.m.chunk(None, false, Some(f.reason))));
-                if st.m.include_usage {
-                    let mut u = st.m.chunk(None, false, None);
-                    u["choices"] = json!([]);
-                    u["usage"] = usage(&f);
-                    b.extend_from_slice(&sse(&u));
+                Some(Event::Done(f)) => {
+                    if st.first && st.m.chat {
+                        b.extend_from_slice(&sse(&st.m.chunk(Some(""), true, None)));
+                    }
+                    b.extend_from_slice(&sse(&st.m.chunk(None, false, Some(f.reason))));
+                    if st.m.include_usage {
+                        let mut u = st.m.chunk(None, false, None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(&f);
+                        b.extend_from_slice(&sse(&u));
+                    }
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                    st.done = true;
+                    if let Some(l) = st.log.as_mut() {
+                        l.end(200, Some(&f), None, None);
+                    }
                 }
-                b.extend_from_slice(b"data: [DONE]\n\n");
-                st.done = true;
-                b
+                Some(Event::Error(e)) => {
+                    if let Some(l) = st.log.as_mut() {
+                        l.end(200, None, Some("error"), Some(&e));
+                    }
+                    let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
+                    b.extend_from_slice(&sse(&err.body()));
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                    st.done = true;
+                }
+                None => {
+                    st.done = true;
+                    let msg = "the engine dropped the request";
+                    if let Some(l) = st.log.as_mut() {
+                        l.end(200, None, Some("error"), Some(msg));
+                    }
+                    let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg);
+                    b.extend_from_slice(&sse(&err.body()));
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                }
             }
-            Some(Event::Error(e)) => {
-                let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
-                let mut b = sse(&err.body()).to_vec();
-                b.extend_from_slice(b"data: [DONE]\n\n");
-                st.done = true;
-                b
+            if st.done {
+                break;
             }
-            None => {
-                st.done = true;
-                let err = ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "the engine dropped the request",
-                );
-                let mut b = sse(&err.body()).to_vec();
-                b.extend_from_slice(b"data: [DONE]\n\n");
-                b
+            match st.rx.try_recv() {
+                Ok(e) => ev = Some(e),
+                Err(_) => break,
             }
-        };
-        Some((Ok::<Bytes, std::convert::Infallible>(Bytes::from(out)), st))
+        }
+        Some((Ok::<Bytes, std::convert::Infallible>(Bytes::from(b)), st))
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -528,4 +643,33 @@ fn stream_response(m: Meta, rx: mpsc::UnboundedReceiver<Event>) -> Response {
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sse, Meta};
+
+    /// The pre-rendered text frame gives the bytes of the full rendering, for both endpoints
+    /// and texts that need escaping.
+    #[test]
+    fn text_frames_equal_the_full_rendering() {
+        for chat in [false, true] {
+            let m = Meta::new("id-1".into(), 7, "m \"x\"".into(), chat, false);
+            assert!(m.text_frame.is_some());
+            for t in [
+                "",
+                "a",
+                "say \"hi\"\n\t\\",
+                "é 😀 \u{1} \u{7f}",
+                "mnemo-text",
+            ] {
+                let mut got = Vec::new();
+                m.text_event(t, false, &mut got);
+                assert_eq!(got, sse(&m.chunk(Some(t), false, None)).to_vec(), "{t:?}");
+                let mut first = Vec::new();
+                m.text_event(t, true, &mut first);
+                assert_eq!(first, sse(&m.chunk(Some(t), true, None)).to_vec());
+            }
+        }
+    }
 }

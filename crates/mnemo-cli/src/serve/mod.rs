@@ -4,10 +4,17 @@
 //! axum routing); one engine thread owns the model (see [`engine`]). Shutdown (SIGINT or
 //! SIGTERM): new requests get 503, in-flight ones finish within `--shutdown-grace` seconds
 //! (then their streams end with an error event and `data: [DONE]`), and the process exits.
+//!
+//! For operators ([`ops`]): `/health`, Prometheus `/metrics` ([`metrics`]), and with `--log-requests`
+//! one JSON log line per finished request (on stderr, through `tracing`).
 
 mod api;
 mod engine;
 mod http;
+mod metrics;
+mod ops;
+
+pub use ops::REQUEST_LOG_TARGET;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -60,10 +67,12 @@ pub struct ServeArgs {
     /// `max_tokens` when a request gives none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: u64,
-    /// Lookup-first decoding: N-gram drafts from the prompt and output, verified in one pass.
+    /// Lookup-first decoding for every request: N-gram drafts from the prompt and output,
+    /// verified in one pass (greedy output is unchanged). Without it a request can still ask
+    /// for it with `"mnemo": {"lookup": true}` (and opt out with `false`).
     #[arg(long)]
     pub lookup: bool,
-    /// Draft tokens per step at most (with --lookup).
+    /// Draft tokens per step at most (lookup-first decoding).
     #[arg(long, default_value_t = 8)]
     pub lookup_draft: usize,
     /// Lossy lookup: emit continuations with empirical N-gram probability >= P unverified.
@@ -91,6 +100,11 @@ pub struct ServeArgs {
     /// Open connections at most.
     #[arg(long, default_value_t = 512)]
     pub max_connections: usize,
+    /// Write one JSON line per finished completion/chat request to stderr (id, endpoint,
+    /// status, finish_reason, prompt/completion/cached tokens, ttft_s, duration_s, error).
+    /// Other log lines are not JSON: select these with `grep '^{'`.
+    #[arg(long)]
+    pub log_requests: bool,
     /// Testing aid: sleep this many milliseconds after every engine step.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_step_delay_ms: u64,
@@ -135,19 +149,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Some(d) = &a.prefix_cache_dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    if (a.lookup || a.lookup_threshold.is_some()) && model.cfg.engram.is_some() {
+    let lookup_ok = model.cfg.engram.is_none();
+    if (a.lookup || a.lookup_threshold.is_some()) && !lookup_ok {
         bail!("--lookup is not supported for Engram models yet (rejected drafts cannot rewind the Engram decode state)");
     }
-    let lookup = (a.lookup || a.lookup_threshold.is_some()).then(|| mnemo::lookup::LookupConfig {
+    let lookup = mnemo::lookup::LookupConfig {
         max_draft: a.lookup_draft,
         threshold: a.lookup_threshold,
         ..Default::default()
-    });
+    };
     let shared = Arc::new(engine::Shared::default());
     let ecfg = engine::EngineConfig {
         max_batch: a.max_batch,
         ctx,
         lookup,
+        lookup_default: a.lookup || a.lookup_threshold.is_some(),
         prefix_min_tokens: a.prefix_min_tokens.max(1),
         prefix_max_entries: a.prefix_entries,
         prefix_dir: a.prefix_cache_dir.clone(),
@@ -168,6 +184,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     });
     let app = Arc::new(http::App {
         tx,
+        engine: engine_thread.thread().clone(),
         vocab: tok.vocab_size().min(model.cfg.vocab_size),
         tok,
         model_name: name.clone(),
@@ -188,6 +205,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        started: std::time::Instant::now(),
+        log_requests: a.log_requests,
+        lookup_ok,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -107,6 +107,11 @@ impl Server {
         )
     }
 
+    /// `GET path`: status and body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(self.port, "GET", path, &[], b"")
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
