@@ -121,12 +121,20 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
-    /// f32 GEMM throughput of the gemm crate at n×n×n (the peak for MFU); prints JSON.
+    /// GEMM throughput at n×n×n (the peak for MFU), or at `--shape MxKxN`: f32 (the gemm
+    /// crate) or bf16 mixed precision (bf16 operands, f32 accumulation); prints JSON.
     Gemm {
         #[arg(long, default_value_t = 1024)]
         size: usize,
+        /// `MxKxN` (e.g. 2048x512x1536) instead of size³.
+        #[arg(long)]
+        shape: Option<String>,
         #[arg(long, default_value_t = 10)]
         iters: usize,
+        /// Operand precision: `f32`, or `bf16` (rounded operands, f32 accumulation; the
+        /// AVX-512 BF16 kernel when the CPU has it, else round-then-f32).
+        #[arg(long, default_value = "f32", value_parser = parse_precision)]
+        precision: mnemo::kernels::precision::Precision,
     },
 }
 
@@ -194,7 +202,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             int8,
             reps,
         } => bench_indexer(keys, queries, heads, dim, topk, int8, reps),
-        BenchCmd::Gemm { size, iters } => gemm(size, iters),
+        BenchCmd::Gemm {
+            size,
+            shape,
+            iters,
+            precision,
+        } => gemm(size, shape.as_deref(), iters, precision),
     }
 }
 
@@ -350,13 +363,42 @@ fn decode(model: &Path, prompt_tokens: usize, gen: usize) -> Result<()> {
     Ok(())
 }
 
-/// `mnemo bench gemm`: f32 GEMM throughput at `size`³ (median GFLOP/s).
-fn gemm(size: usize, iters: usize) -> Result<()> {
-    let r = mnemo::kernels::matmul::bench_gemm(size, iters.max(1));
-    println!(
-        "{}",
-        serde_json::json!({"size": size, "threads": rayon::current_num_threads(), "gflops_median": r})
-    );
+/// `--precision f32|bf16`.
+pub(crate) fn parse_precision(s: &str) -> Result<mnemo::kernels::precision::Precision, String> {
+    s.parse()
+}
+
+/// `mnemo bench gemm`: GEMM throughput at `size`³ or `shape` (median GFLOP/s).
+fn gemm(
+    size: usize,
+    shape: Option<&str>,
+    iters: usize,
+    precision: mnemo::kernels::precision::Precision,
+) -> Result<()> {
+    let (m, k, n) = match shape {
+        None => (size, size, size),
+        Some(s) => {
+            let d: Vec<usize> = s
+                .split('x')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .ok()
+                .filter(|d: &Vec<usize>| d.len() == 3 && d.iter().all(|&x| x > 0))
+                .with_context(|| format!("--shape {s}: expected MxKxN with M, K, N > 0"))?;
+            (d[0], d[1], d[2])
+        }
+    };
+    if m == 0 {
+        bail!("--size must be > 0");
+    }
+    let r = mnemo::kernels::matmul::bench_gemm_shape(m, k, n, iters.max(1), precision);
+    let mut j = serde_json::json!({"size": size, "threads": rayon::current_num_threads(),
+        "gflops_median": r, "precision": precision.name()});
+    if shape.is_some() {
+        j["size"] = serde_json::Value::Null;
+        j["shape"] = serde_json::json!([m, k, n]);
+    }
+    println!("{j}");
     Ok(())
 }
 
