@@ -222,9 +222,10 @@ fn train_step(
 ) -> Result<()> {
     let (run, _) = resolve(cfg)?;
     let (b, t, seed) = (run.train.batch_size, run.train.seq_len, run.train.seed);
+    mnemo::kernels::precision::set_gemm_precision(run.train.precision);
     if !vs_no_engram && !vs_frozen {
         let r = mnemo::train::bench_steps(&run.model, b, t, iters.max(1), warmup, seed)?;
-        println!("{}", serde_json::to_string(&r)?);
+        println!("{}", with_precision(&r, run.train.precision)?);
         return Ok(());
     }
     if run.model.engram.is_none() {
@@ -264,8 +265,27 @@ fn train_step(
             r[0].step_ms_median / x.step_ms_median
         );
     }
-    println!("{}", serde_json::to_string(&r)?);
+    println!("{}", with_precision(&r, run.train.precision)?);
     Ok(())
+}
+
+/// A benchmark result (an object, or an array of them) as JSON with a `precision` field in
+/// each object.
+fn with_precision<T: serde::Serialize>(
+    r: &T,
+    p: mnemo::config::Precision,
+) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(r)?;
+    let add = |o: &mut serde_json::Value| {
+        if let Some(m) = o.as_object_mut() {
+            m.insert("precision".into(), p.name().into());
+        }
+    };
+    match v.as_array_mut() {
+        Some(a) => a.iter_mut().for_each(add),
+        None => add(&mut v),
+    }
+    Ok(v)
 }
 
 /// `mnemo bench train-step --vs-no-mtp`: the model with its MTP blocks (trained with the
@@ -273,6 +293,7 @@ fn train_step(
 fn train_step_vs_no_mtp(cfg: &ConfigArgs, iters: usize, warmup: usize) -> Result<()> {
     let (run, _) = resolve(cfg)?;
     let (b, t, seed) = (run.train.batch_size, run.train.seq_len, run.train.seed);
+    mnemo::kernels::precision::set_gemm_precision(run.train.precision);
     if run.model.mtp_layers() == 0 {
         bail!("--vs-no-mtp needs a model with MTP blocks (e.g. --preset v4-tiny)");
     }
@@ -299,7 +320,7 @@ fn train_step_vs_no_mtp(cfg: &ConfigArgs, iters: usize, warmup: usize) -> Result
         tps(&r[0]),
         tps(&r[1])
     );
-    println!("{}", serde_json::to_string(&r)?);
+    println!("{}", with_precision(&r, run.train.precision)?);
     Ok(())
 }
 
@@ -394,9 +415,9 @@ fn gemm(
     let r = mnemo::kernels::matmul::bench_gemm_shape(m, k, n, iters.max(1), precision);
     let mut j = serde_json::json!({"size": size, "threads": rayon::current_num_threads(),
         "gflops_median": r, "precision": precision.name()});
-    if shape.is_some() {
-        j["size"] = serde_json::Value::Null;
-        j["shape"] = serde_json::json!([m, k, n]);
+    if let Some(o) = j.as_object_mut().filter(|_| shape.is_some()) {
+        o.remove("size");
+        o.insert("shape".into(), serde_json::json!([m, k, n]));
     }
     println!("{j}");
     Ok(())

@@ -8,7 +8,7 @@
 //! file, a Hugging Face directory) is the checkpoint loader's job, so [`resolve_with`] takes it
 //! as an argument; `crate::config_resolve::resolve` passes the checkpoint loader.
 
-use super::{CorpusSpec, DsaStage, EngramConfig, ModelConfig, RunConfig, SyntheticLoss};
+use super::{CorpusSpec, DsaStage, EngramConfig, ModelConfig, Precision, RunConfig, SyntheticLoss};
 use super::{Task, TrainConfig};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -35,6 +35,8 @@ pub struct ConfigSources {
     pub lr: Option<f32>,
     pub seed: Option<u64>,
     pub dsa_stage: Option<DsaStage>,
+    /// `train.precision` (`--precision f32|bf16`).
+    pub precision: Option<Precision>,
     /// A run whose settings replace the preset's (`--init RUN_DIR`).
     pub init: Option<PathBuf>,
     /// YaRN RoPE scaling factor over the original context.
@@ -116,6 +118,9 @@ pub fn resolve_with(a: &ConfigSources, init_model: InitModel) -> Result<(RunConf
     if v["train"].get("synthetic").is_none() {
         v["train"]["synthetic"] = serde_json::Value::Null;
     }
+    if v["train"].get("precision").is_none() {
+        v["train"]["precision"] = Precision::F32.name().into();
+    }
     if v["train"].get("keep_steps").is_none() {
         v["train"]["keep_steps"] = serde_json::json!([]);
     }
@@ -161,6 +166,9 @@ pub fn resolve_with(a: &ConfigSources, init_model: InitModel) -> Result<(RunConf
     }
     if let Some(x) = a.dsa_stage {
         t["dsa_stage"] = x.name().into();
+    }
+    if let Some(x) = a.precision {
+        t["precision"] = x.name().into();
     }
     if let Some(task) = &a.synthetic {
         let task: Task = task.parse().context("--synthetic")?;
