@@ -342,4 +342,31 @@ mod tests {
         };
         assert!(format!("{:#}", resolve(&e).unwrap_err()).contains("unknown preset `huge`"));
     }
+
+    /// `train.precision`: f32 by default (and then not written to JSON), bf16 from the flag or
+    /// `--set`, a bad value named with the accepted ones; a run config saved in bf16 reads back
+    /// in bf16 (what a resumed run uses).
+    #[test]
+    fn precision_from_flag_set_and_json_with_clear_errors() {
+        let (run, _) = resolve(&ConfigSources::default()).unwrap();
+        assert_eq!(run.train.precision, Precision::F32);
+        assert!(serde_json::to_value(&run.train).unwrap().get("precision").is_none());
+        let flag = ConfigSources {
+            precision: Some(Precision::Bf16),
+            ..ConfigSources::default()
+        };
+        assert_eq!(resolve(&flag).unwrap().0.train.precision, Precision::Bf16);
+        let (run, _) = resolve(&sets(&["train.precision=bf16"])).unwrap();
+        assert_eq!(run.train.precision, Precision::Bf16);
+        let back: RunConfig =
+            serde_json::from_str(&serde_json::to_string(&run).unwrap()).unwrap();
+        assert_eq!(back.train.precision, Precision::Bf16);
+        let e = format!("{:#}", resolve(&sets(&["precision=fp16"])).unwrap_err());
+        assert!(
+            e.contains("--set precision=fp16: bad value for `precision`: unknown variant `fp16`, expected `f32` or `bf16`"),
+            "{e}"
+        );
+        let e = "fp16".parse::<Precision>().unwrap_err();
+        assert_eq!(e, "unknown precision `fp16` (expected f32 or bf16)");
+    }
 }
