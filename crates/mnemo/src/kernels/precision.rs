@@ -4,6 +4,14 @@
 //! [`bf16`](super::bf16)). Set once by a run (`train.precision`, `--precision`) before its
 //! first step; everything else (norms, softmax, loss, master weights, optimizer state) stays
 //! f32 whatever it says.
+//!
+//! What bf16 covers: every product through [`matmul::gemm`](super::matmul::gemm) and the
+//! `linear_*` layers (projections, FFN, output head, MoE experts, and their backward), when
+//! `m, n ≥ 16` (decode GEMVs stay f32). The blockwise products inside fused attention
+//! (`matmul::gemm_ptr`: `QKᵀ`, `PV` and their backward) stay f32.
+//!
+//! It is a process-wide setting, not a per-call argument, so that the model code needs no
+//! change; a test that sets it must own its process (`tests/bf16_train.rs`).
 
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU8, Ordering};

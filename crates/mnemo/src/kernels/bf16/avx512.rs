@@ -128,8 +128,8 @@ pub(crate) unsafe fn pack_lines_contiguous<const W: usize>(
 }
 
 /// One `W`-wide panel when the depth is contiguous (`x.ds == 1`: A row-major, or B = a
-/// transposed matrix): each line's 32 consecutive f32 become 16 pairs in one
-/// `vcvtne2ps2bf16`, scattered to their `W`-strided places.
+/// transposed matrix): 16 lines at a time, each line's 32 consecutive f32 become 16 pairs in
+/// one `vcvtne2ps2bf16`, and a 16×16 transpose of those `u32` turns them into 16 pair rows.
 ///
 /// # Safety
 /// As [`pack_lines_contiguous`], with `x.ds == 1`.
@@ -142,29 +142,62 @@ pub(crate) unsafe fn pack_depth_contiguous<const W: usize>(
 ) {
     let nl = W.min(x.lines - l0);
     let base = x.data.as_ptr();
-    let mut tmp = [0u32; 16];
-    for r in 0..nl {
-        let line = base.wrapping_add((l0 + r) * x.ls);
+    let mut v = [_mm512_setzero_si512(); 16];
+    for rb in (0..W).step_by(16) {
+        let store = lanes(W - rb);
         for q0 in (0..kp).step_by(16) {
             let p0 = 2 * q0;
             let left = x.depth - p0;
-            let lo = _mm512_maskz_loadu_ps(lanes(left), line.wrapping_add(p0));
-            let hi = if left > 16 {
-                _mm512_maskz_loadu_ps(lanes(left - 16), line.wrapping_add(p0 + 16))
-            } else {
-                _mm512_setzero_ps()
-            };
-            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(tmp.as_mut_ptr() as *mut _, v);
-            for (t, &w) in tmp.iter().enumerate().take((kp - q0).min(16)) {
-                *dst.get_unchecked_mut((q0 + t) * W + r) = w;
+            for (r, vr) in v.iter_mut().enumerate() {
+                if rb + r >= nl {
+                    *vr = _mm512_setzero_si512();
+                    continue;
+                }
+                // Masked lanes are not read, so the pointer may run past the view.
+                let line = base.wrapping_add((l0 + rb + r) * x.ls + p0);
+                let lo = _mm512_maskz_loadu_ps(lanes(left), line);
+                let hi = if left > 16 {
+                    _mm512_maskz_loadu_ps(lanes(left - 16), line.wrapping_add(16))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                *vr = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            transpose16(&mut v);
+            for (t, vt) in v.iter().enumerate().take((kp - q0).min(16)) {
+                let p = dst.as_mut_ptr().add((q0 + t) * W + rb) as *mut i32;
+                _mm512_mask_storeu_epi32(p, store, *vt);
             }
         }
     }
-    if nl < W {
-        for q in 0..kp {
-            dst[q * W + nl..(q + 1) * W].fill(0);
-        }
+}
+
+/// In-place transpose of a 16×16 matrix of 32-bit lanes (`r[i]` lane `j` ↔ `r[j]` lane `i`).
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4g + c]: rows 4g..4g+4 of columns c, c+4, c+8, c+12 (one per 128-bit lane).
+    let mut u = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        let i = 4 * g;
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_i32x4::<0xee>(u[c], u[4 + c]);
+        let w0 = _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c]);
+        let w1 = _mm512_shuffle_i32x4::<0xee>(u[8 + c], u[12 + c]);
+        r[c] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        r[c + 4] = _mm512_shuffle_i32x4::<0xdd>(v0, w0);
+        r[c + 8] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        r[c + 12] = _mm512_shuffle_i32x4::<0xdd>(v1, w1);
     }
 }
 

@@ -189,11 +189,8 @@ unsafe fn fast(
     // The calling thread's packing buffers, taken out for the call (a nested call on this
     // thread, e.g. from a task it runs while waiting, allocates its own) and put back after.
     let (mut ap, mut bp) = BUFS.with(|c| c.take()).unwrap_or_default();
-    let t0 = std::time::Instant::now();
     pack::pack_a(&a, kp, par, &mut ap);
-    let t1 = std::time::Instant::now();
     pack::pack_b(&b, kp, par, &mut bp);
-    let t2 = std::time::Instant::now();
     let (tm, tn) = (m.div_ceil(MC), n.div_ceil(NC));
     let cp = super::SendPtr(c.as_mut_ptr());
     let tile = |t: usize| {
@@ -231,9 +228,6 @@ unsafe fn fast(
         (0..tm * tn).into_par_iter().for_each(tile);
     } else {
         (0..tm * tn).for_each(tile);
-    }
-    if std::env::var_os("BF16_PROF").is_some() {
-        eprintln!("packA {:?} packB {:?} compute {:?}", t1 - t0, t2 - t1, t2.elapsed());
     }
     BUFS.with(|c| c.set(Some((ap, bp))));
 }
