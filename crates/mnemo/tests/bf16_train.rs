@@ -34,7 +34,10 @@ fn tiny_bf16_step_has_finite_loss_and_gradients_close_to_f32() {
     assert_eq!(gemm_precision(), Precision::F32);
     assert!(lb.is_finite() && gb.iter().all(|x| x.is_finite()));
     // The switch reaches the model's products (bf16 rounding changes the result) ...
-    assert_ne!(lf, lb, "bf16 gave the f32 loss bit for bit: GEMM precision not applied");
+    assert_ne!(
+        lf, lb,
+        "bf16 gave the f32 loss bit for bit: GEMM precision not applied"
+    );
     // ... and stays within bf16 rounding of f32: the loss to 1e-2 nats, the gradient's
     // direction to a cosine of 0.99.
     assert!((lf - lb).abs() < 1e-2, "loss f32 {lf} vs bf16 {lb}");
@@ -43,6 +46,9 @@ fn tiny_bf16_step_has_finite_loss_and_gradients_close_to_f32() {
     let nb: f64 = gb.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
     let cos = dot / (nf * nb);
     assert!(cos > 0.99, "gradient cosine f32 vs bf16 {cos}");
-    assert!((nb / nf - 1.0).abs() < 0.02, "gradient norm f32 {nf} vs bf16 {nb}");
+    assert!(
+        (nb / nf - 1.0).abs() < 0.02,
+        "gradient norm f32 {nf} vs bf16 {nb}"
+    );
     eprintln!("loss f32 {lf} bf16 {lb}; gradient cosine {cos}, norms {nf} / {nb}");
 }

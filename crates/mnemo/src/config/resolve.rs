@@ -350,7 +350,10 @@ mod tests {
     fn precision_from_flag_set_and_json_with_clear_errors() {
         let (run, _) = resolve(&ConfigSources::default()).unwrap();
         assert_eq!(run.train.precision, Precision::F32);
-        assert!(serde_json::to_value(&run.train).unwrap().get("precision").is_none());
+        assert!(serde_json::to_value(&run.train)
+            .unwrap()
+            .get("precision")
+            .is_none());
         let flag = ConfigSources {
             precision: Some(Precision::Bf16),
             ..ConfigSources::default()
@@ -358,8 +361,7 @@ mod tests {
         assert_eq!(resolve(&flag).unwrap().0.train.precision, Precision::Bf16);
         let (run, _) = resolve(&sets(&["train.precision=bf16"])).unwrap();
         assert_eq!(run.train.precision, Precision::Bf16);
-        let back: RunConfig =
-            serde_json::from_str(&serde_json::to_string(&run).unwrap()).unwrap();
+        let back: RunConfig = serde_json::from_str(&serde_json::to_string(&run).unwrap()).unwrap();
         assert_eq!(back.train.precision, Precision::Bf16);
         let e = format!("{:#}", resolve(&sets(&["precision=fp16"])).unwrap_err());
         assert!(

@@ -4,8 +4,8 @@
 //! loop is `crate::train`.
 
 use super::longctx::MIN_CONTEXT;
-pub use crate::kernels::precision::Precision;
 use super::{CorpusSpec, DsaStage, ModelConfig, SyntheticMix};
+pub use crate::kernels::precision::Precision;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

@@ -29,8 +29,7 @@ pub(crate) unsafe fn tile(
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for q in 0..npairs {
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(q * NR) as *const _));
-        let b1: __m512bh =
-            std::mem::transmute(_mm512_loadu_si512(bp.add(q * NR + 16) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(q * NR + 16) as *const _));
         let a = ap.add(q * MR);
         for (i, row) in acc.iter_mut().enumerate() {
             let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i) as i32));

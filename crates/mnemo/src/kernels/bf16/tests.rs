@@ -38,7 +38,15 @@ fn vdpbf16ps_executes_when_detected() {
 fn special_values(r: &mut Rng, n: usize) -> Vec<f32> {
     let mut v = vec![0.0; n];
     r.fill_normal(&mut v, 3.0);
-    let specials = [1e-40, -1e-39, 1.0 + 2f32.powi(-8), f32::MAX, -0.0, 65504.0, 3e38];
+    let specials = [
+        1e-40,
+        -1e-39,
+        1.0 + 2f32.powi(-8),
+        f32::MAX,
+        -0.0,
+        65504.0,
+        3e38,
+    ];
     for (i, s) in specials.iter().enumerate() {
         if i * 7 < n {
             v[i * 7] = *s;
@@ -109,7 +117,13 @@ fn assert_close(
     tol: f64,
     what: &str,
 ) {
-    let f = |x: f32| if round { round_bf16(x) as f64 } else { x as f64 };
+    let f = |x: f32| {
+        if round {
+            round_bf16(x) as f64
+        } else {
+            x as f64
+        }
+    };
     for i in 0..a.rows {
         for j in 0..b.cols {
             let (mut s, mut mag) = (0.0f64, 0.0f64);
@@ -190,7 +204,10 @@ fn fast_and_portable_paths_match_f64_on_odd_shapes_views_and_accumulation() {
                     assert!((0..m).all(|i| fast[i * c_rs + n] == 0.0), "{what}");
                 }
                 for (x, y) in fast.iter().zip(&port) {
-                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{what}: {x} vs {y}"
+                    );
                 }
             }
         }
