@@ -126,12 +126,20 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
-    /// f32 GEMM throughput of the gemm crate at n×n×n (the peak for MFU); prints JSON.
+    /// GEMM throughput at n×n×n (the peak for MFU), or at `--shape MxKxN`: f32 (the gemm
+    /// crate) or bf16 mixed precision (bf16 operands, f32 accumulation); prints JSON.
     Gemm {
         #[arg(long, default_value_t = 1024)]
         size: usize,
+        /// `MxKxN` (e.g. 2048x512x1536) instead of size³.
+        #[arg(long)]
+        shape: Option<String>,
         #[arg(long, default_value_t = 10)]
         iters: usize,
+        /// Operand precision: `f32`, or `bf16` (rounded operands, f32 accumulation; the
+        /// AVX-512 BF16 kernel when the CPU has it, else round-then-f32).
+        #[arg(long, default_value = "f32", value_parser = parse_precision)]
+        precision: mnemo::kernels::precision::Precision,
     },
 }
 
@@ -201,7 +209,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             int8,
             reps,
         } => bench_indexer(keys, queries, heads, dim, topk, int8, reps),
-        BenchCmd::Gemm { size, iters } => gemm(size, iters),
+        BenchCmd::Gemm {
+            size,
+            shape,
+            iters,
+            precision,
+        } => gemm(size, shape.as_deref(), iters, precision),
     }
 }
 
@@ -216,9 +229,10 @@ fn train_step(
 ) -> Result<()> {
     let (run, _) = resolve(cfg)?;
     let (b, t, seed) = (run.train.batch_size, run.train.seq_len, run.train.seed);
+    mnemo::kernels::precision::set_gemm_precision(run.train.precision);
     if !vs_no_engram && !vs_frozen {
         let r = mnemo::train::bench_steps(&run.model, b, t, iters.max(1), warmup, seed)?;
-        println!("{}", serde_json::to_string(&r)?);
+        println!("{}", with_precision(&r, run.train.precision)?);
         return Ok(());
     }
     if run.model.engram.is_none() {
@@ -258,8 +272,27 @@ fn train_step(
             r[0].step_ms_median / x.step_ms_median
         );
     }
-    println!("{}", serde_json::to_string(&r)?);
+    println!("{}", with_precision(&r, run.train.precision)?);
     Ok(())
+}
+
+/// A benchmark result (an object, or an array of them) as JSON with a `precision` field in
+/// each object.
+fn with_precision<T: serde::Serialize>(
+    r: &T,
+    p: mnemo::config::Precision,
+) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(r)?;
+    let add = |o: &mut serde_json::Value| {
+        if let Some(m) = o.as_object_mut() {
+            m.insert("precision".into(), p.name().into());
+        }
+    };
+    match v.as_array_mut() {
+        Some(a) => a.iter_mut().for_each(add),
+        None => add(&mut v),
+    }
+    Ok(v)
 }
 
 /// `mnemo bench train-step --vs-no-mtp`: the model with its MTP blocks (trained with the
@@ -267,6 +300,7 @@ fn train_step(
 fn train_step_vs_no_mtp(cfg: &ConfigArgs, iters: usize, warmup: usize) -> Result<()> {
     let (run, _) = resolve(cfg)?;
     let (b, t, seed) = (run.train.batch_size, run.train.seq_len, run.train.seed);
+    mnemo::kernels::precision::set_gemm_precision(run.train.precision);
     if run.model.mtp_layers() == 0 {
         bail!("--vs-no-mtp needs a model with MTP blocks (e.g. --preset v4-tiny)");
     }
@@ -293,7 +327,7 @@ fn train_step_vs_no_mtp(cfg: &ConfigArgs, iters: usize, warmup: usize) -> Result
         tps(&r[0]),
         tps(&r[1])
     );
-    println!("{}", serde_json::to_string(&r)?);
+    println!("{}", with_precision(&r, run.train.precision)?);
     Ok(())
 }
 
@@ -357,13 +391,42 @@ fn decode(model: &Path, prompt_tokens: usize, gen: usize) -> Result<()> {
     Ok(())
 }
 
-/// `mnemo bench gemm`: f32 GEMM throughput at `size`³ (median GFLOP/s).
-fn gemm(size: usize, iters: usize) -> Result<()> {
-    let r = mnemo::kernels::matmul::bench_gemm(size, iters.max(1));
-    println!(
-        "{}",
-        serde_json::json!({"size": size, "threads": rayon::current_num_threads(), "gflops_median": r})
-    );
+/// `--precision f32|bf16`.
+pub(crate) fn parse_precision(s: &str) -> Result<mnemo::kernels::precision::Precision, String> {
+    s.parse()
+}
+
+/// `mnemo bench gemm`: GEMM throughput at `size`³ or `shape` (median GFLOP/s).
+fn gemm(
+    size: usize,
+    shape: Option<&str>,
+    iters: usize,
+    precision: mnemo::kernels::precision::Precision,
+) -> Result<()> {
+    let (m, k, n) = match shape {
+        None => (size, size, size),
+        Some(s) => {
+            let d: Vec<usize> = s
+                .split('x')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .ok()
+                .filter(|d: &Vec<usize>| d.len() == 3 && d.iter().all(|&x| x > 0))
+                .with_context(|| format!("--shape {s}: expected MxKxN with M, K, N > 0"))?;
+            (d[0], d[1], d[2])
+        }
+    };
+    if m == 0 {
+        bail!("--size must be > 0");
+    }
+    let r = mnemo::kernels::matmul::bench_gemm_shape(m, k, n, iters.max(1), precision);
+    let mut j = serde_json::json!({"size": size, "threads": rayon::current_num_threads(),
+        "gflops_median": r, "precision": precision.name()});
+    if let Some(o) = j.as_object_mut().filter(|_| shape.is_some()) {
+        o.remove("size");
+        o.insert("shape".into(), serde_json::json!([m, k, n]));
+    }
+    println!("{j}");
     Ok(())
 }
 

@@ -50,6 +50,12 @@ pub struct ConfigArgs {
     /// attention; default). Allowed with --resume to switch stage.
     #[arg(long, value_name = "STAGE")]
     pub(crate) dsa_stage: Option<mnemo::config::DsaStage>,
+    /// Matrix-product precision: `f32` (default) or `bf16` (mixed precision: bf16 operands and
+    /// f32 accumulation in the GEMMs, with the AVX-512 BF16 `vdpbf16ps` kernel when the CPU
+    /// has it; weights, optimizer state, norms, softmax and loss stay f32). Sets
+    /// `train.precision`; a resumed run keeps its own.
+    #[arg(long, value_name = "P")]
+    pub(crate) precision: Option<mnemo::config::Precision>,
     /// Start from this run's weights (not its optimizer state) in a new run whose model, training
     /// and data settings default to that run's: e.g. a long-context stage with `--seq-len 1024
     /// --rope-scaling-factor 4`. Only the context length and RoPE scaling of the model may change.
@@ -87,6 +93,7 @@ impl ConfigArgs {
             lr: self.lr,
             seed: self.seed,
             dsa_stage: self.dsa_stage,
+            precision: self.precision,
             init: self.init.clone(),
             rope_scaling_factor: self.rope_scaling_factor,
             synthetic: self.synthetic.clone(),

@@ -85,13 +85,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             || c.seq_len.is_some()
             || c.lr.is_some()
             || c.seed.is_some()
+            || c.precision.is_some()
             || c.init.is_some()
             || c.rope_scaling_factor.is_some()
             || c.synthetic.is_some()
             || a.tokenizer.is_some();
         if other {
             bail!(
-                "--resume continues a run with its own config: only --steps and --dsa-stage may be given with it"
+                "--resume continues a run with its own config (its precision included): only --steps and --dsa-stage may be given with it"
             );
         }
         Start::Resume {

@@ -58,6 +58,25 @@ fn inconsistent_configs_name_the_field() {
     );
     assert_fails(&["config", "--set", "rope_dim=7"], "rope_dim");
     assert_fails(&["config", "--preset", "huge"], "unknown preset `huge`");
+    // `train.precision`: f32 or bf16, from the flag or --set; a resumed run keeps its own.
+    assert_fails(
+        &["config", "--precision", "fp16"],
+        "unknown precision `fp16` (expected f32 or bf16)",
+    );
+    assert_fails(
+        &["config", "--set", "train.precision=fp16"],
+        "unknown variant `fp16`, expected `f32` or `bf16`",
+    );
+    assert_fails(
+        &[
+            "train",
+            "--resume",
+            "/nonexistent/run",
+            "--precision",
+            "bf16",
+        ],
+        "its precision included",
+    );
     assert_fails(&["config", "--seq-len", "100000"], "seq_len");
     assert_fails(
         &[

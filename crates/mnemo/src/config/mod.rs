@@ -21,7 +21,7 @@ pub use dsa::{DsaConfig, DsaStage};
 pub use engram::EngramConfig;
 pub use longctx::{SyntheticLoss, SyntheticMix, Task};
 pub use resolve::ConfigSources;
-pub use train::{RunConfig, TrainConfig, TrainOnly};
+pub use train::{Precision, RunConfig, TrainConfig, TrainOnly};
 
 use crate::kernels::rope::{RopeLayout, RopeScaling, RopeTable};
 use serde::{Deserialize, Serialize};

@@ -8,7 +8,7 @@
 //! file, a Hugging Face directory) is the checkpoint loader's job, so [`resolve_with`] takes it
 //! as an argument; `crate::config_resolve::resolve` passes the checkpoint loader.
 
-use super::{CorpusSpec, DsaStage, EngramConfig, ModelConfig, RunConfig, SyntheticLoss};
+use super::{CorpusSpec, DsaStage, EngramConfig, ModelConfig, Precision, RunConfig, SyntheticLoss};
 use super::{Task, TrainConfig};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -35,6 +35,8 @@ pub struct ConfigSources {
     pub lr: Option<f32>,
     pub seed: Option<u64>,
     pub dsa_stage: Option<DsaStage>,
+    /// `train.precision` (`--precision f32|bf16`).
+    pub precision: Option<Precision>,
     /// A run whose settings replace the preset's (`--init RUN_DIR`).
     pub init: Option<PathBuf>,
     /// YaRN RoPE scaling factor over the original context.
@@ -116,6 +118,9 @@ pub fn resolve_with(a: &ConfigSources, init_model: InitModel) -> Result<(RunConf
     if v["train"].get("synthetic").is_none() {
         v["train"]["synthetic"] = serde_json::Value::Null;
     }
+    if v["train"].get("precision").is_none() {
+        v["train"]["precision"] = Precision::F32.name().into();
+    }
     if v["train"].get("keep_steps").is_none() {
         v["train"]["keep_steps"] = serde_json::json!([]);
     }
@@ -161,6 +166,9 @@ pub fn resolve_with(a: &ConfigSources, init_model: InitModel) -> Result<(RunConf
     }
     if let Some(x) = a.dsa_stage {
         t["dsa_stage"] = x.name().into();
+    }
+    if let Some(x) = a.precision {
+        t["precision"] = x.name().into();
     }
     if let Some(task) = &a.synthetic {
         let task: Task = task.parse().context("--synthetic")?;
@@ -333,5 +341,34 @@ mod tests {
             ..ConfigSources::default()
         };
         assert!(format!("{:#}", resolve(&e).unwrap_err()).contains("unknown preset `huge`"));
+    }
+
+    /// `train.precision`: f32 by default (and then not written to JSON), bf16 from the flag or
+    /// `--set`, a bad value named with the accepted ones; a run config saved in bf16 reads back
+    /// in bf16 (what a resumed run uses).
+    #[test]
+    fn precision_from_flag_set_and_json_with_clear_errors() {
+        let (run, _) = resolve(&ConfigSources::default()).unwrap();
+        assert_eq!(run.train.precision, Precision::F32);
+        assert!(serde_json::to_value(&run.train)
+            .unwrap()
+            .get("precision")
+            .is_none());
+        let flag = ConfigSources {
+            precision: Some(Precision::Bf16),
+            ..ConfigSources::default()
+        };
+        assert_eq!(resolve(&flag).unwrap().0.train.precision, Precision::Bf16);
+        let (run, _) = resolve(&sets(&["train.precision=bf16"])).unwrap();
+        assert_eq!(run.train.precision, Precision::Bf16);
+        let back: RunConfig = serde_json::from_str(&serde_json::to_string(&run).unwrap()).unwrap();
+        assert_eq!(back.train.precision, Precision::Bf16);
+        let e = format!("{:#}", resolve(&sets(&["precision=fp16"])).unwrap_err());
+        assert!(
+            e.contains("--set precision=fp16: bad value for `precision`: unknown variant `fp16`, expected `f32` or `bf16`"),
+            "{e}"
+        );
+        let e = "fp16".parse::<Precision>().unwrap_err();
+        assert_eq!(e, "unknown precision `fp16` (expected f32 or bf16)");
     }
 }

@@ -5,6 +5,7 @@
 
 use super::longctx::MIN_CONTEXT;
 use super::{CorpusSpec, DsaStage, ModelConfig, SyntheticMix};
+pub use crate::kernels::precision::Precision;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -106,6 +107,11 @@ pub struct TrainConfig {
     /// the blocks off (not run, not trained: the loss and the gradients are exactly the main
     /// model's). Default 0.3, DeepSeek-V3's λ for its first 10T tokens (0.1 after).
     pub mtp_weight: f32,
+    /// Operand precision of the matrix products: `f32` (default) or `bf16` (mixed precision:
+    /// bf16 operands, f32 accumulation; master weights, optimizer state, norms, softmax and
+    /// loss stay f32). A resumed run keeps it. Not written to JSON when `f32`.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -135,6 +141,7 @@ impl Default for TrainConfig {
             dsa_stage: DsaStage::Sparse,
             synthetic: None,
             mtp_weight: 0.3,
+            precision: Precision::F32,
         }
     }
 }

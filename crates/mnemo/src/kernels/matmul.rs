@@ -1,5 +1,7 @@
 //! Matrix multiplication through the `gemm` crate (AVX-512 micro-kernels chosen at run time when
-//! the CPU has them, AVX2/FMA or scalar otherwise).
+//! the CPU has them, AVX2/FMA or scalar otherwise), or, when the process-wide
+//! [`gemm_precision`](super::precision::gemm_precision) is bf16, through the bf16 mixed-precision
+//! GEMM of [`super::bf16`] for products big enough to pay for packing (see [`gemm`]).
 //!
 //! Every matrix is a row-major f32 buffer described by a [`MatRef`]: pointer offset, row stride
 //! and column stride, so transposes and sub-blocks (one attention head inside a fused QKV row)
@@ -68,12 +70,41 @@ fn parallelism(m: usize, n: usize, k: usize, allow: bool) -> Parallelism {
     }
 }
 
-/// `C = beta·C + alpha·A·B`, with `beta ∈ {0, 1}` given by `accumulate`.
+/// Whether a product in bf16 precision goes to the bf16 kernel: packing both operands costs
+/// `O(mk + kn)` against `O(mnk)` of work, so thin products (decode GEMVs, `m` or `n` < 16) and
+/// tiny ones stay f32.
+fn bf16_worth_it(m: usize, n: usize, k: usize) -> bool {
+    m >= 16 && n >= 16 && m * n * k >= 32 * 32 * 32
+}
+
+/// `C = beta·C + alpha·A·B`, with `beta ∈ {0, 1}` given by `accumulate`, in the process-wide
+/// GEMM precision ([`super::precision`]): f32 ([`gemm_f32`]) by default, bf16 operands with f32
+/// accumulation ([`super::bf16::gemm`]) when set to bf16 and the product is big enough.
 ///
 /// `c` is row-major `[a.rows, b.cols]` with row stride `c_rs`. `parallel` allows the call to use
 /// the rayon pool (pass `false` from inside an already-parallel loop).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
+    c: &mut [f32],
+    c_rs: usize,
+    a: MatRef,
+    b: MatRef,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    if super::precision::gemm_precision() == super::precision::Precision::Bf16
+        && bf16_worth_it(a.rows, b.cols, a.cols)
+    {
+        super::bf16::gemm(c, c_rs, a, b, alpha, accumulate, parallel);
+    } else {
+        gemm_f32(c, c_rs, a, b, alpha, accumulate, parallel);
+    }
+}
+
+/// [`gemm`] in f32 whatever the process-wide precision: `C = beta·C + alpha·A·B`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
     c: &mut [f32],
     c_rs: usize,
     a: MatRef,
@@ -265,34 +296,39 @@ pub fn linear_backward_frozen(
 
 /// Median GFLOP/s of `n×n×n` f32 GEMMs over `iters` runs (the peak used for MFU).
 pub fn bench_gemm(n: usize, iters: usize) -> f64 {
-    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
-    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
-    let mut c = vec![0.0f32; n * n];
-    gemm(
-        &mut c,
-        n,
-        MatRef::new(&a, n, n),
-        MatRef::new(&b, n, n),
-        1.0,
-        false,
-        true,
-    );
-    let mut rates: Vec<f64> = (0..iters)
+    bench_gemm_shape(n, n, n, iters, super::precision::Precision::F32)
+}
+
+/// Median GFLOP/s of `[m,k]·[k,n]` GEMMs (row-major operands, parallel) in the given
+/// precision over `iters` runs, after one untimed run.
+pub fn bench_gemm_shape(
+    m: usize,
+    k: usize,
+    n: usize,
+    iters: usize,
+    precision: super::precision::Precision,
+) -> f64 {
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0.0f32; m * n];
+    let mut run = || {
+        let (av, bv) = (MatRef::new(&a, m, k), MatRef::new(&b, k, n));
+        match precision {
+            super::precision::Precision::F32 => gemm_f32(&mut c, n, av, bv, 1.0, false, true),
+            super::precision::Precision::Bf16 => {
+                super::bf16::gemm(&mut c, n, av, bv, 1.0, false, true)
+            }
+        }
+    };
+    run();
+    let mut rates: Vec<f64> = (0..iters.max(1))
         .map(|_| {
             let t = std::time::Instant::now();
-            gemm(
-                &mut c,
-                n,
-                MatRef::new(&a, n, n),
-                MatRef::new(&b, n, n),
-                1.0,
-                false,
-                true,
-            );
-            2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9
+            run();
+            2.0 * (m * n * k) as f64 / t.elapsed().as_secs_f64() / 1e9
         })
         .collect();
-    rates.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    rates.sort_by(|x, y| x.total_cmp(y));
     rates[rates.len() / 2]
 }
 

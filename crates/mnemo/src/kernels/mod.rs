@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod f16;
@@ -13,6 +14,7 @@ pub mod indexer;
 pub mod kdot;
 pub mod kquant;
 pub mod matmul;
+pub mod precision;
 pub mod quant;
 pub mod rmsnorm;
 pub mod rope;

@@ -129,6 +129,17 @@ pub(super) fn print_model(run: &RunConfig, model: &Model, unigram: f64) {
         human_count(h.norms as f64),
         human_count(h.output as f64),
     );
+    if !tc.precision.is_f32() {
+        eprintln!(
+            "  precision {}: bf16 GEMM operands, f32 accumulation ({})",
+            tc.precision.name(),
+            if crate::kernels::bf16::has_avx512_bf16() {
+                "AVX-512 BF16 kernel"
+            } else {
+                "no AVX-512 BF16 on this CPU: operands rounded, f32 GEMM, slower than f32"
+            }
+        );
+    }
     if h.mtp > 0 {
         eprintln!(
             "  MTP blocks {} (of the total, not of the kinds above nor activated; MTP loss weight {})",

@@ -104,6 +104,9 @@ pub fn train(opts: TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
     let timing_path = out.join("timing.jsonl");
     let (mut sess, corpus) = start::start(out, opts.start)?;
     let tc = sess.run.train.clone();
+    // Every GEMM of this run (and of its validation) in the run's precision; a resumed run
+    // has its own config, so it keeps the precision it started with.
+    crate::kernels::precision::set_gemm_precision(tc.precision);
     let cache = start::prepare_data(&sess, &corpus, &opts.cache_root, opts.progress)?;
     let unigram = unigram_entropy(cache.train.tokens(), sess.run.model.vocab_size);
     log::print_model(&sess.run, &sess.model, unigram);
