@@ -3,6 +3,8 @@ DeepSeek-V4 training speed). Pinned: transformers==5.23.0 (reference/requirement
 
 Times full training steps in float32, eager attention:
     zero_grad -> forward(labels) -> loss -> backward -> clip_grad_norm_(1.0) -> AdamW step
+With `--autocast bf16` the forward and the loss run under `torch.autocast("cpu",
+dtype=torch.bfloat16)` (PyTorch's mixed precision: bf16 matmuls, float32 weights and optimizer).
 on random token ids, for the model of a `config.json` (e.g. written by `mnemo export RUN
 --format hf`, so both sides run the same config).
 
@@ -36,6 +38,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     ap.add_argument("--experts", default="eager", help="experts_implementation (eager | grouped_mm)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                    help="bf16: forward and loss under torch.autocast(cpu, bfloat16)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -58,7 +62,8 @@ def main():
     def step():
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=g)
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+            out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -74,6 +79,7 @@ def main():
         "impl": "transformers", "transformers": transformers.__version__, "torch": torch.__version__,
         "threads": args.threads, "batch": args.batch, "seq_len": args.seq_len,
         "experts_implementation": args.experts,
+        "precision": "bf16" if args.autocast == "bf16" else "f32",
         "step_ms_median": statistics.median(times), "step_ms_all": times, "params": params,
     }))
 
