@@ -45,6 +45,7 @@ pub mod model;
 pub mod moe;
 pub mod plot;
 pub mod rng;
+pub mod speculate;
 pub mod tokenizer;
 pub mod train;
 pub mod util;
