@@ -72,6 +72,9 @@ pub struct BenchSpeculateArgs {
     pub rounds: usize,
 }
 
+/// One decode's output and counters.
+type Decoded = (Vec<u32>, LookupStats);
+
 /// One arm of the benchmark.
 #[derive(Clone, Copy)]
 enum Arm {
@@ -184,7 +187,7 @@ pub fn bench(a: BenchSpeculateArgs) -> Result<()> {
     arms.push(Arm::Lookup);
     let np = prompts.len();
     // [arm][prompt]: output, counters; [arm][round]: decode seconds summed over the prompts.
-    let mut outs: Vec<Vec<Option<(Vec<u32>, LookupStats)>>> = vec![vec![None; np]; arms.len()];
+    let mut outs: Vec<Vec<Option<Decoded>>> = vec![vec![None; np]; arms.len()];
     let mut secs = vec![Vec::new(); arms.len()];
     for _ in 0..a.rounds.max(1) {
         for (i, &arm) in arms.iter().enumerate() {
@@ -202,7 +205,7 @@ pub fn bench(a: BenchSpeculateArgs) -> Result<()> {
             secs[i].push(total);
         }
     }
-    let outs: Vec<Vec<(Vec<u32>, LookupStats)>> = outs
+    let outs: Vec<Vec<Decoded>> = outs
         .into_iter()
         .map(|o| o.into_iter().map(|x| x.expect("one round")).collect())
         .collect();

@@ -360,7 +360,7 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
     let mtp = names.iter().filter(|k| is_mtp(k)).count();
     let extra: Vec<&String> = names
         .iter()
-        .filter(|k| !used.contains(*k) && !(skip_mtp && is_mtp(k)))
+        .filter(|k| !(used.contains(*k) || (skip_mtp && is_mtp(k))))
         .collect();
     if !missing.is_empty() || !extra.is_empty() {
         let list = |v: Vec<&str>| {
