@@ -4,21 +4,21 @@
 //! drafts).
 //!
 //! ```text
-//! state: main cache holds positions 0..n; t_n (sampled, pending) is not yet in it;
-//!        the MTP block's own cache holds positions 0..m (m ≤ n), and the main model's last
-//!        streams X^L of positions m..n wait for it (`pend`)
-//! draft: MTP block 0 over positions m..n with (X^L[p], E[t_{p+1}])  → d_1 = argmax, G_{n−1}
-//!        then K − 1 times: one row at position n − 2 + i with (G_{previous}, E[d_{i−1}])
-//!        → d_i = argmax (the one block repeated on its own output streams, as DeepSeek's
-//!        MTP drafting does); the block's cache is rolled back to n (drafted rows dropped)
-//! verify: main model over [t_n, d_1..d_K] at positions n..n+K (one forward, every row's
+//! state: the main cache holds positions 0..N; t_N (sampled, pending) is not yet in it.
+//!        MTP block j at position p reads H^j[p] (X^L[p] of the main model for j = 0, block
+//!        j − 1's output at p otherwise) and E[t_{p+1+j}]; its verified rows are p < N − j,
+//!        and its own cache holds exactly those between passes (`Drafter`)
+//! draft: every block runs its verified rows not yet run (block 0's last, at N − 1, drafts
+//!        d_1 = argmax); block j = 1..min(K, D) − 1 runs its j draft-dependent rows
+//!        at positions N − j..N − 1 (the last reads E[d_j]) → d_{j+1}: the blocks chained at position N − 1,
+//!        as trained; past D the last block is repeated on its own output streams, one row a
+//!        step (as DeepSeek's MTP drafting repeats its one block); then every block's cache
+//!        is rolled back to its verified rows
+//! verify: the main model over [t_N, d_1..d_K] at positions N..N+K (one forward, every row's
 //!         logits and X^L); keep d_1..d_a while the acceptance rule keeps them, then the
 //!         main model's token at the first rejection (or after d_K); roll the main cache
-//!         back to n + 1 + a; X^L of positions n..n+a join `pend`
+//!         back to N + 1 + a; X^L of positions N..N+a wait for block 0
 //! ```
-//!
-//! Only MTP block 0 drafts: a model with `D > 1` blocks (none released) would chain them,
-//! which needs each deeper block's input streams kept per verified position; not done.
 //!
 //! Acceptance is [`crate::lookup::accept_draft`], the rule for a deterministic drafter: the
 //! draft is the MTP block's argmax, a function of the verified tokens, so at temperature 0 a
@@ -43,8 +43,8 @@ pub fn check_mtp(model: &Model, draft_len: usize) -> Result<()> {
     if model.cfg.mtp_layers() == 0 {
         bail!(
             "the model has no MTP block (v4.num_nextn_predict_layers = 0; a transformers-layout \
-             or official-layout directory loads without one): MTP speculation needs one \
-             (use lookup speculation instead)"
+             directory, or an official one whose mtp.* tensors are incomplete, loads without \
+             one): MTP speculation needs one (use lookup speculation instead)"
         );
     }
     if model.cfg.engram.is_some() {
@@ -56,36 +56,114 @@ pub fn check_mtp(model: &Model, draft_len: usize) -> Result<()> {
     Ok(())
 }
 
-/// The drafting side: MTP block 0's cache and the main model's last streams it still has to
-/// read.
-struct Drafter {
-    cache: KvCache,
-    /// `X^L` of positions `cache.len()..main.len()` `[rows, w]`.
-    pend: Vec<f32>,
-    w: usize,
+/// The drafting side: each MTP block's cache and the input streams waiting for it.
+///
+/// Block `j` at position `p` reads `H^j[p]` (the main model's `X^L[p]` for `j = 0`, block
+/// `j − 1`'s output at `p` otherwise) and the token `t_{p+1+j}`: with the main model's cache
+/// at `N` positions and `t_N` known, its verified rows are `p < V_j = N − j`. Between passes
+/// block `j`'s cache holds exactly its verified rows, and `pend[j]` holds its inputs from its
+/// cache's end to block `j − 1`'s (the main model's for `j = 0`).
+pub(crate) struct Drafter {
+    caches: Vec<KvCache>,
+    pub(crate) pend: Vec<Vec<f32>>,
+    pub(crate) w: usize,
 }
 
 impl Drafter {
-    /// Run the block over the waiting positions `cache.len()..upto` (their next tokens in
-    /// `hist`), dropping them from `pend`; `None` when there are none. Returns the last row's
-    /// logits and streams.
-    fn catch_up(
+    pub(crate) fn new(model: &Model, cap: usize) -> Self {
+        let d = model.cfg.mtp_layers();
+        Drafter {
+            caches: (0..d).map(|_| KvCache::with_capacity(model, cap)).collect(),
+            pend: vec![Vec::new(); d],
+            w: crate::model::residual::Stream::of(&model.cfg).width(),
+        }
+    }
+
+    /// Run every block over its verified rows not yet run (`p < min(n_main, hist.len() − 1 −
+    /// j)`, inputs from `pend`), handing its outputs on to the next block. Returns block 0's
+    /// last row (logits, output streams) when it ran.
+    pub(crate) fn catch_up(
         &mut self,
         model: &Model,
         hist: &[u32],
-        upto: usize,
+        n_main: usize,
     ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-        let p0 = self.cache.len();
-        if upto <= p0 {
-            return Ok(None);
+        let w = self.w;
+        let mut first = None;
+        for j in 0..self.caches.len() {
+            let c = self.caches[j].len();
+            let v = n_main.min((hist.len() - 1).saturating_sub(j));
+            if v <= c {
+                continue;
+            }
+            let n = v - c;
+            let next = &hist[c + 1 + j..v + 1 + j];
+            let r = model.mtp_forward_cached(
+                j,
+                &self.pend[j][..n * w],
+                next,
+                &mut self.caches[j],
+                n - 1,
+            )?;
+            self.pend[j].drain(..n * w);
+            if let Some(p) = self.pend.get_mut(j + 1) {
+                p.extend_from_slice(&r.streams);
+            }
+            if j == 0 {
+                first = Some((r.logits, r.streams[(n - 1) * w..].to_vec()));
+            }
         }
-        let n = upto - p0;
-        let next = &hist[p0 + 1..upto + 1];
-        let rows =
-            model.mtp_forward_cached(0, &self.pend[..n * self.w], next, &mut self.cache, n - 1)?;
-        self.pend.drain(..n * self.w);
-        let last = rows.streams[(n - 1) * self.w..].to_vec();
-        Ok(Some((rows.logits, last)))
+        Ok(first)
+    }
+
+    /// `k ≥ 1` drafts after `hist` (`t_0..t_N`, the main cache at `N`): blocks `0..min(k, D)`
+    /// chained at position `N − 1` (block `j` over its `j` draft-dependent rows `V_j..N`),
+    /// then the last block repeated on its own output streams; every block's cache is rolled
+    /// back to its verified rows. Greedy drafts (argmax over `n_valid`).
+    pub(crate) fn draft(
+        &mut self,
+        model: &Model,
+        hist: &[u32],
+        k: usize,
+        n_valid: usize,
+    ) -> Result<Vec<u32>> {
+        let w = self.w;
+        let n = hist.len() - 1;
+        let argmax = |l: &[f32]| {
+            let l = &l[..n_valid.min(l.len())];
+            (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32
+        };
+        let Some((lg, mut g)) = self.catch_up(model, hist, n)? else {
+            bail!("MTP drafting: no verified position to draft from");
+        };
+        let mut toks = hist.to_vec();
+        let mut d = argmax(&lg);
+        toks.push(d);
+        let depth = k.min(self.caches.len());
+        // Block j − 1's draft-dependent output rows (positions V_{j−1}..N).
+        let mut prev: Vec<f32> = Vec::new();
+        for j in 1..depth {
+            let v = n - j;
+            let mut h = self.pend[j].clone();
+            h.extend_from_slice(&prev);
+            let next = &toks[v + 1 + j..n + 1 + j];
+            let r = model.mtp_forward_cached(j, &h, next, &mut self.caches[j], j - 1)?;
+            d = argmax(&r.logits);
+            toks.push(d);
+            g = r.streams[(j - 1) * w..].to_vec();
+            prev = r.streams;
+        }
+        let last = depth - 1;
+        for _ in depth..k {
+            let r = model.mtp_forward_cached(last, &g, &[d], &mut self.caches[last], 0)?;
+            d = argmax(&r.logits);
+            toks.push(d);
+            g = r.streams;
+        }
+        for (j, c) in self.caches.iter_mut().enumerate().take(depth) {
+            c.truncate(n - j)?;
+        }
+        Ok(toks.split_off(n + 1))
     }
 }
 
@@ -116,12 +194,8 @@ pub fn generate_mtp(
         );
     }
     let v = model.cfg.vocab_size;
-    let w = crate::model::residual::Stream::of(&model.cfg).width();
-    let mut dr = Drafter {
-        cache: KvCache::with_capacity(model, cache.capacity()),
-        pend: Vec::new(),
-        w,
-    };
+    let mut dr = Drafter::new(model, cache.capacity());
+    let w = dr.w;
     let mut hist = prompt.to_vec();
     // Prefill as `forward_cached` does (same chunks, same rows), keeping X^L; the MTP block
     // follows chunk by chunk over the positions whose next token is known.
@@ -134,14 +208,9 @@ pub fn generate_mtp(
         }];
         let (mut lg, xl) = model.forward_batch_streams(&mut seq)?;
         logits = lg.pop().unwrap_or_default();
-        dr.pend.extend_from_slice(&xl);
-        dr.catch_up(model, &hist, cache.len().min(hist.len() - 1))?;
+        dr.pend[0].extend_from_slice(&xl);
+        dr.catch_up(model, &hist, cache.len())?;
     }
-    let greedy = Sampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-    };
     let mut rng = Rng::new(seed);
     let mut stats = LookupStats::default();
     let mut out = Vec::new();
@@ -165,19 +234,7 @@ pub fn generate_mtp(
         let k = draft_len.min(room - 1).min(max_new - out.len() - 1);
         let mut feed = vec![hist[n]];
         if k > 0 {
-            let Some((lg, mut g)) = dr.catch_up(model, &hist, n)? else {
-                bail!("MTP drafting: no position to draft from");
-            };
-            let mut d = sample(&lg, n_valid, greedy, &mut rng);
-            feed.push(d);
-            let verified = dr.cache.len();
-            for _ in 1..k {
-                let r = model.mtp_forward_cached(0, &g, &[d], &mut dr.cache, 0)?;
-                d = sample(&r.logits, n_valid, greedy, &mut rng);
-                g = r.streams;
-                feed.push(d);
-            }
-            dr.cache.truncate(verified)?;
+            feed.extend(dr.draft(model, &hist, k, n_valid)?);
         }
         let mut seq = [BatchSeq {
             tokens: &feed,
@@ -210,7 +267,7 @@ pub fn generate_mtp(
         }
         stats.accepted += kept;
         cache.truncate(n + 1 + kept)?;
-        dr.pend.extend_from_slice(&xl[..(kept + 1) * w]);
+        dr.pend[0].extend_from_slice(&xl[..(kept + 1) * w]);
     }
 }
 

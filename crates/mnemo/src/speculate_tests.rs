@@ -12,6 +12,17 @@ use crate::model::Workspace;
 /// tokens with top-3 (the indexer selects), HCA every 8, mHC with 2 streams, MoE with a hash
 /// layer; every vector parameter moved away from its init.
 fn model(mtp: V4LayerType, vocab: usize, seed: u64) -> Model {
+    model_with(&[mtp], vocab, seed)
+}
+
+/// [`model`] with one MTP block per entry of `mtp` (its attention type).
+fn model_with(mtp: &[V4LayerType], vocab: usize, seed: u64) -> Model {
+    let mut layer_types = vec![
+        V4LayerType::SlidingAttention,
+        V4LayerType::CompressedSparseAttention,
+        V4LayerType::HeavilyCompressedAttention,
+    ];
+    layer_types.extend_from_slice(mtp);
     let cfg = ModelConfig {
         vocab_size: vocab,
         d_model: 16,
@@ -39,12 +50,7 @@ fn model(mtp: V4LayerType, vocab: usize, seed: u64) -> Model {
             o_lora_rank: 4,
             o_groups: 2,
             sliding_window: 8,
-            layer_types: vec![
-                V4LayerType::SlidingAttention,
-                V4LayerType::CompressedSparseAttention,
-                V4LayerType::HeavilyCompressedAttention,
-                mtp,
-            ],
+            layer_types,
             compress_rate_csa: 4,
             compress_rate_hca: 8,
             index_n_heads: 2,
@@ -53,7 +59,7 @@ fn model(mtp: V4LayerType, vocab: usize, seed: u64) -> Model {
             qk_rope_head_dim: 4,
             compress_rope_theta: 160000.0,
             compress_rope_scaling: None,
-            num_nextn_predict_layers: 1,
+            num_nextn_predict_layers: mtp.len(),
         }),
         ..ModelConfig::dense_defaults()
     };
@@ -162,8 +168,8 @@ fn cached_mtp_block_matches_the_training_driver() {
 
 /// Greedy MTP speculation emits plain greedy decoding's tokens, one for one: prompts and
 /// outputs crossing the window (8) and many CSA (4) and HCA (8) entries, several draft lengths,
-/// an MTP block with sliding or CSA attention; on random models (drafts mostly rejected) and on
-/// two-way models (drafts often kept, runs of them too).
+/// an MTP block with sliding or CSA attention; on random models (drafts mostly rejected), on
+/// two-way models (drafts often kept, runs of them too) and with two chained MTP blocks.
 #[test]
 fn greedy_mtp_equals_plain_greedy_token_for_token() {
     let mut kept_runs = 0;
@@ -274,4 +280,73 @@ fn mtp_speculation_refuses_what_it_cannot_do() {
     m.forward_cached(&[1, 2, 3], &mut c).unwrap();
     let e = generate_mtp(&m, &mut c, &[4], 4, GREEDY, 0, 29, None, 3, |_| Ok(()));
     assert!(format!("{:#}", e.unwrap_err()).contains("empty cache"));
+}
+
+/// Two chained MTP blocks: over rounds of drafting (draft lengths below, at and above the
+/// depth) and stand-in verifications (some drafts kept, then a token of the test's own), each
+/// block `j`'s draft is the training driver's block-`j` argmax at position `N − 1` on the
+/// verified tokens followed by the drafts before it (within f32 rounding of a near tie).
+#[test]
+fn chained_drafts_follow_the_training_driver() {
+    let m = model_with(
+        &[
+            V4LayerType::SlidingAttention,
+            V4LayerType::CompressedSparseAttention,
+        ],
+        31,
+        5,
+    );
+    let v = m.cfg.vocab_size;
+    let mut hist = prompt(40, 3, v);
+    let n0 = hist.len() - 1;
+    let mut main = KvCache::new(&m);
+    let mut seq = [BatchSeq {
+        tokens: &hist[..n0],
+        cache: &mut main,
+        logits_from: n0 - 1,
+    }];
+    let (_, xl) = m.forward_batch_streams(&mut seq).unwrap();
+    let mut dr = Drafter::new(&m, main.capacity());
+    let w = dr.w;
+    dr.pend[0] = xl;
+    // As after a prefill: the last prompt token is not yet known to the blocks.
+    dr.catch_up(&m, &hist[..n0], main.len()).unwrap();
+    let mut ws = Workspace {
+        mtp_weight: 0.3,
+        ..Workspace::default()
+    };
+    for (round, k) in [1usize, 2, 3, 2, 4, 1, 2, 3, 2, 2].into_iter().enumerate() {
+        let n = hist.len() - 1;
+        assert_eq!(main.len(), n);
+        let drafts = dr.draft(&m, &hist, k, v).unwrap();
+        assert_eq!(drafts.len(), k);
+        let depth = k.min(2);
+        let mut ids = hist.clone();
+        ids.extend_from_slice(&drafts[..depth - 1]);
+        m.forward(&ids, 1, ids.len(), &mut ws);
+        for (j, &d) in drafts.iter().enumerate().take(depth) {
+            let l = m.mtp_row_logits(&ws, j, n - 1);
+            let top = l.iter().fold(f32::MIN, |a, &b| a.max(b));
+            let scale = l.iter().fold(0.0f32, |a, &b| a.max(b.abs()));
+            assert!(
+                l[d as usize] >= top - 1e-4 * scale,
+                "round {round} block {j}: draft {d} has {} of the top {top}",
+                l[d as usize]
+            );
+        }
+        // Stand-in verification: keep `a` drafts, then a token of our own.
+        let a = round % (k + 1);
+        let mut feed = vec![hist[n]];
+        feed.extend_from_slice(&drafts);
+        let mut seq = [BatchSeq {
+            tokens: &feed,
+            cache: &mut main,
+            logits_from: 0,
+        }];
+        let (_, xl) = m.forward_batch_streams(&mut seq).unwrap();
+        main.truncate(n + 1 + a).unwrap();
+        dr.pend[0].extend_from_slice(&xl[..(a + 1) * w]);
+        hist.extend_from_slice(&drafts[..a]);
+        hist.push((round as u32 * 7 + 3) % v as u32);
+    }
 }

@@ -460,6 +460,27 @@ impl Model {
     }
 }
 
+impl Model {
+    /// MTP block `j`'s logits `[V]` at batch row `row` of the last training forward on `ws`
+    /// (its input token `tokens[row + 1 + j]`): the chained drafts' oracle.
+    #[cfg(test)]
+    pub(crate) fn mtp_row_logits(&self, ws: &Workspace, j: usize, row: usize) -> Vec<f32> {
+        let (d, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let x = &ws.mtp.depths[j].nf.y[row * d..(row + 1) * d];
+        let mut out = vec![0.0f32; v];
+        linear_forward(
+            &mut out,
+            x,
+            self.w(self.layout.output, v * d),
+            1,
+            d,
+            v,
+            false,
+        );
+        out
+    }
+}
+
 /// `x[i, k] += y[i]` for every stream `k` of `x: [N, n, d]`, and the per-stream sums of
 /// squares `ssq[i, k]` of the result (`ssq` empty: none kept).
 fn add_to_streams(x: &mut [f32], ssq: &mut [f32], y: &[f32], n: usize, d: usize) {
