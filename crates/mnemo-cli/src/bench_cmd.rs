@@ -66,6 +66,10 @@ pub enum BenchCmd {
     /// Lookup-first decoding vs plain greedy decoding on one prompt: tokens/s, identical
     /// output, lossy thresholds; prints JSON.
     Lookup(lookup_cmd::BenchLookupArgs),
+    /// MTP speculative decoding (DeepSeek-V4) vs plain greedy vs lookup-first decoding on a
+    /// few prompts, rounds alternating: decode tokens/s, acceptance rate, identical output;
+    /// prints JSON.
+    Speculate(crate::speculate_cmd::BenchSpeculateArgs),
     /// Time of one forward over n rows (a verify pass / a decode batch) for each n; JSON.
     Rows {
         model: PathBuf,
@@ -173,6 +177,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             gen,
         } => decode(&model, prompt_tokens, gen),
         BenchCmd::Lookup(a) => lookup_cmd::bench(a),
+        BenchCmd::Speculate(a) => crate::speculate_cmd::bench(a),
         BenchCmd::Rows {
             model,
             rows,

@@ -2,6 +2,7 @@
 //! [`stream_answer`], the streaming decode that `mnemo ask` shares.
 
 use crate::lookup_cmd;
+use crate::speculate_cmd::{self, Speculate};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::io::Write;
@@ -39,10 +40,20 @@ pub struct GenerateArgs {
     /// verification (implies --lookup).
     #[arg(long, value_name = "P")]
     lookup_threshold: Option<f32>,
+    /// Speculative decoding: `mtp` drafts with the model's own MTP block (DeepSeek-V4 models
+    /// with `num_nextn_predict_layers` >= 1), `lookup` with N-gram matches (= --lookup); the
+    /// model verifies the drafts in one forward pass (same output when greedy; same
+    /// distribution otherwise).
+    #[arg(long, value_enum, value_name = "MODE")]
+    speculate: Option<Speculate>,
+    /// Tokens drafted per verification pass at most (mtp: default 2, at most 63; lookup:
+    /// default 8).
+    #[arg(long, value_name = "K")]
+    draft_len: Option<usize>,
 }
 
 /// `mnemo generate`: continue a prompt (or answer it with the chat template), streaming the
-/// text to stdout; plain or lookup-first decoding.
+/// text to stdout; plain, lookup-first or MTP-speculative decoding.
 pub fn run(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
@@ -84,21 +95,60 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
     };
+    let lookup = a.lookup || a.lookup_threshold.is_some();
+    if lookup && a.speculate == Some(Speculate::Mtp) {
+        bail!("--lookup / --lookup-threshold and --speculate mtp exclude each other");
+    }
+    if a.draft_len.is_some() && a.speculate.is_none() && !lookup {
+        bail!("--draft-len needs --speculate mtp or --speculate lookup");
+    }
+    if a.speculate == Some(Speculate::Mtp) {
+        mnemo::speculate::check_mtp(&l.model, a.draft_len.unwrap_or(2))
+            .map_err(|e| anyhow::anyhow!("--speculate mtp with {}: {e}", a.run_dir.display()))?;
+    }
+    if a.draft_len == Some(0) {
+        bail!("--draft-len must be at least 1");
+    }
     let mut stdout = std::io::stdout().lock();
     if !a.chat {
         write!(stdout, "{}", a.prompt)?;
     }
     stdout.flush()?;
     let mut cache = mnemo::generate::KvCache::new(&l.model);
-    if a.lookup || a.lookup_threshold.is_some() {
+    if a.speculate == Some(Speculate::Mtp) {
+        let k = a.draft_len.unwrap_or(2);
+        let st = speculate_cmd::stream_mtp(
+            &l.model,
+            tok,
+            &mut cache,
+            &prompt,
+            max_new,
+            s,
+            a.seed,
+            k,
+            &mut stdout,
+        )?;
+        writeln!(stdout)?;
+        eprintln!(
+            "mtp: {} passes, {} drafted, {} accepted ({:.1}%)",
+            st.passes,
+            st.drafted,
+            st.accepted,
+            100.0 * st.accepted as f64 / st.drafted.max(1) as f64
+        );
+        return Ok(());
+    }
+    if lookup || a.speculate == Some(Speculate::Lookup) {
         if let Some(p) = a.lookup_threshold {
             if !(p > 0.0 && p <= 1.0) {
                 bail!("--lookup-threshold must be in (0, 1]");
             }
         }
+        let d = mnemo::lookup::LookupConfig::default();
         let cfg = mnemo::lookup::LookupConfig {
             threshold: a.lookup_threshold,
-            ..Default::default()
+            max_draft: a.draft_len.unwrap_or(d.max_draft),
+            ..d
         };
         let st = lookup_cmd::stream_lookup(
             &l.model,

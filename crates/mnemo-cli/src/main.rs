@@ -21,6 +21,7 @@ mod longctx_cmd;
 mod lookup_cmd;
 mod pack_cmd;
 mod serve;
+mod speculate_cmd;
 mod tokenizer_cmd;
 mod train_cmd;
 

@@ -46,6 +46,7 @@ pub mod moe;
 pub mod plot;
 pub mod prof;
 pub mod rng;
+pub mod speculate;
 pub mod tokenizer;
 pub mod train;
 pub mod util;

@@ -132,6 +132,67 @@ fn one_file_loads_like_the_shards_and_mtp_is_optional() {
     std::fs::remove_dir_all(&d2).ok();
 }
 
+/// A complete MTP block loads (the fixture's FP8 `e_proj`/`h_proj` dequantised like the main
+/// weights, the rest of the block added in F32 here), the main layers unchanged; MTP
+/// speculation then runs on it and gives plain greedy decoding's tokens.
+#[test]
+fn a_complete_mtp_block_loads_and_drafts() {
+    let mut all = read_all(&fixture());
+    let main = mnemo::checkpoint::load_model(&fixture()).unwrap().model;
+    assert_eq!(
+        main.cfg.mtp_layers(),
+        0,
+        "the fixture's MTP block is incomplete"
+    );
+    let text = std::fs::read_to_string(fixture().join("config.json")).unwrap();
+    let cfg = mnemo::io::hf_v4::config_from_hf(&serde_json::from_str(&text).unwrap()).unwrap();
+    assert_eq!(cfg.mtp_layers(), 1);
+    let mut donor = Model::new(cfg).unwrap();
+    donor.init(9);
+    let mut added = Vec::new();
+    for t in donor
+        .layout
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("mtp."))
+    {
+        if !all.contains_key(&t.name) {
+            let bytes = donor.params[t.range()]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            all.insert(t.name.clone(), (Dtype::F32, t.shape.clone(), bytes));
+            added.push(t.clone());
+        }
+    }
+    assert!(added.iter().any(|t| t.name == "mtp.0.attn.wq_a.weight"));
+    let d = write_single("mtp-full", &all);
+    let m = mnemo::checkpoint::load_model(&d).unwrap().model;
+    std::fs::remove_dir_all(&d).ok();
+    assert_eq!(m.cfg.mtp_layers(), 1);
+    let k = main.layout.total;
+    assert_eq!(m.params[..k], main.params[..k]);
+    for t in &added {
+        assert_eq!(m.params[t.range()], donor.params[t.range()], "{}", t.name);
+    }
+    let e_proj = m.layout.mtp[0].e_proj;
+    assert!(m.params[e_proj..e_proj + 8].iter().any(|&x| x != 0.0));
+    let v = m.cfg.vocab_size;
+    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % v as u32).collect();
+    let greedy = mnemo::generate::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let want = mnemo::generate::generate(&m, &prompt, 24, greedy, 0, v, None, |_| Ok(())).unwrap();
+    let mut c = mnemo::generate::KvCache::new(&m);
+    let (got, st) =
+        mnemo::speculate::generate_mtp(&m, &mut c, &prompt, 24, greedy, 0, v, None, 3, |_| Ok(()))
+            .unwrap();
+    assert_eq!(got, want, "{st:?}");
+    assert!(st.drafted > 0);
+}
+
 #[test]
 fn missing_and_unexpected_tensors_are_listed() {
     let mut t = read_all(&fixture());
@@ -154,7 +215,7 @@ fn missing_and_unexpected_tensors_are_listed() {
     }
     assert!(
         !err.contains("mtp."),
-        "MTP tensors are skipped, not unexpected:\n{err}"
+        "an incomplete MTP block is skipped, not unexpected:\n{err}"
     );
     std::fs::remove_dir_all(&d).ok();
 }

@@ -28,7 +28,8 @@
 //!   - scales `F8_E8M0` or `U8` (exponent bytes, `2^(e−127)`), or F32/BF16/F16 values.
 //!
 //! Every tensor of the model must be there and every stored tensor used (the MTP layers
-//! aside, skipped for now): missing and unexpected names are listed together.
+//! load when complete and are skipped otherwise, [`is_mtp`]): missing and unexpected names
+//! are listed together.
 
 use super::hf_v4::{config_from_hf, is_v4_dir};
 use super::safetensors::Dtype;
@@ -84,9 +85,10 @@ pub fn official_name(ours: &str) -> String {
 
 /// Whether a stored tensor belongs to a multi-token-prediction layer (`mtp.{k}.*`).
 ///
-/// MTP is not loaded yet: the loader skips these tensors (and says how many). This is the one
-/// place to change when MTP layers exist in mnemo: map `mtp.{k}.*` to their tensors here
-/// instead of skipping them.
+/// mnemo's MTP tensors carry these names as they are (`model::mtp`). The loader loads the
+/// MTP blocks when every tensor of them is stored; an incomplete set (e.g. a checkpoint that
+/// keeps a few `mtp.*` tensors only) is skipped with a warning naming what is missing, and
+/// the model is the main layers alone.
 pub fn is_mtp(name: &str) -> bool {
     name.starts_with("mtp.")
 }
@@ -290,13 +292,15 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
         std::fs::read_to_string(&cpath).with_context(|| format!("reading {}", cpath.display()))?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", cpath.display()))?;
-    // MTP blocks are not loaded from this layout yet (their tensors are skipped, see
-    // [`is_mtp`]): the model is the main layers only.
-    let cfg = config_from_hf(&v)
-        .with_context(|| format!("{}", cpath.display()))?
-        .without_mtp();
+    let full = config_from_hf(&v).with_context(|| format!("{}", cpath.display()))?;
     let block = fp8_block(&v).with_context(|| format!("{}", cpath.display()))?;
     let src = Shards::open(dir)?;
+    // The MTP blocks load when all their tensors are stored (see [`is_mtp`]).
+    let missing_mtp = missing_mtp_tensors(&full, &src)?;
+    let cfg = match &missing_mtp {
+        None => full,
+        Some(_) => full.without_mtp(),
+    };
     let mut model = Model::new(cfg).context("the DeepSeek-V4 config")?;
     let mut used = HashSet::new();
     let mut missing = Vec::new();
@@ -352,10 +356,11 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
         used.insert(key);
     }
     let names = src.names();
+    let skip_mtp = missing_mtp.is_some();
     let mtp = names.iter().filter(|k| is_mtp(k)).count();
     let extra: Vec<&String> = names
         .iter()
-        .filter(|k| !used.contains(*k) && !is_mtp(k))
+        .filter(|k| !(used.contains(*k) || (skip_mtp && is_mtp(k))))
         .collect();
     if !missing.is_empty() || !extra.is_empty() {
         let list = |v: Vec<&str>| {
@@ -372,13 +377,31 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
             list(extra.iter().map(|s| s.as_str()).collect())
         );
     }
-    if mtp > 0 {
-        tracing::info!(
-            "{}: skipped {mtp} multi-token-prediction tensors (mtp.*): mnemo does not load MTP layers yet",
+    if let (Some(first), true) = (missing_mtp, mtp > 0) {
+        tracing::warn!(
+            "{}: skipped {mtp} multi-token-prediction tensors (mtp.*): the MTP blocks are \
+             incomplete (`{first}` is missing, maybe more); the model is the main layers only",
             dir.display()
         );
     }
     Ok(model)
+}
+
+/// `None` when `src` stores every tensor of the MTP blocks of `cfg` (none: trivially);
+/// otherwise the first one missing (`"mtp.*"` when there are no MTP tensors at all).
+fn missing_mtp_tensors(cfg: &crate::config::ModelConfig, src: &Shards) -> Result<Option<String>> {
+    if cfg.mtp_layers() == 0 {
+        return Ok(None);
+    }
+    if !src.names().iter().any(|k| is_mtp(k)) {
+        return Ok(Some("mtp.*".into()));
+    }
+    cfg.validate().context("the DeepSeek-V4 config")?;
+    Ok(crate::model::ParamLayout::new(cfg)
+        .tensors
+        .iter()
+        .map(|t| official_name(&t.name))
+        .find(|k| is_mtp(k) && !src.contains(k)))
 }
 
 #[cfg(test)]

@@ -228,6 +228,55 @@ impl Model {
         })
     }
 
+    /// The output head over the rows `sel` of the last streams `x: [N, w]` (`ssq`: their
+    /// per-stream sums of squares, hc/mhc; empty when plain): `logits = rms(collapse(x[sel]);
+    /// norm)·Woutᵀ` `[sel.len(), V]`, with the mHC head `hc_head` (the main model's, or an MTP
+    /// block's) and the final norm at `norm`. The head's rows are all wanted rows, so it runs
+    /// on the quantised weights where there are any (as one-token decoding's).
+    pub(crate) fn head_logits(
+        &self,
+        hc_head: Option<crate::mhc::HcOffsets>,
+        norm: usize,
+        x: &[f32],
+        ssq: Option<&[f32]>,
+        sel: &[usize],
+    ) -> Vec<f32> {
+        let c = &self.cfg;
+        let (d, v) = (c.d_model, c.vocab_size);
+        let st = Stream::of(c);
+        let w = st.width();
+        let nh = w / d;
+        let m = sel.len();
+        let gather = |x: &[f32], k: usize| -> Vec<f32> {
+            sel.iter()
+                .flat_map(|&r| x[r * k..(r + 1) * k].iter().copied())
+                .collect()
+        };
+        let xm = gather(x, w);
+        let sm = ssq.map(|s| gather(s, nh)).unwrap_or_default();
+        let mut head = match st {
+            Stream::Hc(dm) => HcActs::new(&dm, m, true),
+            Stream::Plain { .. } => HcActs::default(),
+        };
+        let y = st.collapse(&self.params, hc_head, (&xm, &sm), &mut head);
+        let mut nf = NormActs::new(m, d);
+        rmsnorm::forward(&mut nf.y, &mut nf.rstd, y, self.w(norm, d), d, c.norm_eps);
+        let mut logits = vec![0.0f32; m * v];
+        let head_plan = Plan::Runs(vec![(0, m, true)]);
+        self.lin(
+            &head_plan,
+            profile::HEAD,
+            &mut logits,
+            &nf.y,
+            self.layout.output,
+            m,
+            d,
+            v,
+            false,
+        );
+        logits
+    }
+
     /// Run `tokens` (positions `cache.len()..`) through the model, appending to the cache;
     /// returns the logits `[V]` of the last token. Long inputs run in chunks of
     /// [`PREFILL_CHUNK`] tokens.
@@ -258,6 +307,34 @@ impl Model {
     /// Run every sequence's tokens through the model, appending to its cache. Returns, per
     /// sequence, the logits `[rows, V]` of its rows `logits_from..` (row-major).
     pub fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.check_seqs(seqs)?;
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The whole forward runs on a rayon worker, so the many small parallel loops inside it
+        // (per layer: norms, products, attention) start without waking a blocked caller thread
+        // each time; the arithmetic is the same.
+        rayon::scope(|_| self.forward_rows(seqs, None))
+    }
+
+    /// [`Self::forward_batch`], also returning the last streams `X^L` (before the head) of
+    /// every stacked row `[N, w]` (`w` = streams × `d_model`): what MTP drafting reads
+    /// (module [`super::mtp_decode`]).
+    pub fn forward_batch_streams(
+        &self,
+        seqs: &mut [BatchSeq<'_>],
+    ) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+        self.check_seqs(seqs)?;
+        if seqs.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut xl = Vec::new();
+        let logits = rayon::scope(|_| self.forward_rows(seqs, Some(&mut xl)))?;
+        Ok((logits, xl))
+    }
+
+    /// Every sequence's rows fit its cache (checked before any cache is touched).
+    fn check_seqs(&self, seqs: &[BatchSeq<'_>]) -> Result<()> {
         for s in seqs.iter() {
             if s.tokens.is_empty() {
                 bail!("forward_batch: a sequence has no tokens");
@@ -265,7 +342,6 @@ impl Model {
             if s.logits_from >= s.tokens.len() {
                 bail!("forward_batch: logits_from is past the last token");
             }
-            // Before any sequence's cache is touched.
             self.check_engram_tokens(s.tokens)?;
             if s.cache.len() + s.tokens.len() > s.cache.capacity() {
                 bail!(
@@ -275,16 +351,14 @@ impl Model {
                 );
             }
         }
-        if seqs.is_empty() {
-            return Ok(Vec::new());
-        }
-        // The whole forward runs on a rayon worker, so the many small parallel loops inside it
-        // (per layer: norms, products, attention) start without waking a blocked caller thread
-        // each time; the arithmetic is the same.
-        rayon::scope(|_| self.forward_rows(seqs))
+        Ok(())
     }
 
-    fn forward_rows(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn forward_rows(
+        &self,
+        seqs: &mut [BatchSeq<'_>],
+        keep_streams: Option<&mut Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>> {
         let t_total = profile::start();
         let c = &self.cfg;
         let (d, v) = (c.d_model, c.vocab_size);
@@ -357,42 +431,16 @@ impl Model {
         }
         self.engram_advance(&tokens, &cids, &mut spans);
         // The head over the requested rows only, as one product.
-        let m = sel.len();
-        let gather = |x: &[f32], k: usize| -> Vec<f32> {
-            sel.iter()
-                .flat_map(|&r| x[r * k..(r + 1) * k].iter().copied())
-                .collect()
-        };
-        let xm = gather(&xs[0], w);
-        let sm = if hc { gather(&ssq[0], nh) } else { Vec::new() };
-        let mut head = match st {
-            Stream::Hc(dm) => HcActs::new(&dm, m, true),
-            Stream::Plain { .. } => HcActs::default(),
-        };
-        let y = st.collapse(&self.params, ly.hc_head, (&xm, &sm), &mut head);
-        let mut nf = NormActs::new(m, d);
-        rmsnorm::forward(
-            &mut nf.y,
-            &mut nf.rstd,
-            y,
-            self.w(ly.norm, d),
-            d,
-            c.norm_eps,
+        let mut logits = self.head_logits(
+            ly.hc_head,
+            ly.norm,
+            &xs[0],
+            ssq.first().map(|s| &s[..]),
+            &sel,
         );
-        let mut logits = vec![0.0f32; m * v];
-        // The head's rows are all wanted rows: quantised (as one-token decoding's).
-        let head_plan = Plan::Runs(vec![(0, m, true)]);
-        self.lin(
-            &head_plan,
-            profile::HEAD,
-            &mut logits,
-            &nf.y,
-            ly.output,
-            m,
-            d,
-            v,
-            false,
-        );
+        if let Some(keep) = keep_streams {
+            *keep = std::mem::take(&mut xs[0]);
+        }
         let lens: Vec<usize> = spans.iter().map(|sp| sp.p0 + sp.n).collect();
         drop(spans);
         let mut out = Vec::with_capacity(seqs.len());

@@ -56,6 +56,7 @@ pub mod ffn;
 pub mod layout;
 mod moe_balance;
 pub mod mtp;
+pub mod mtp_decode;
 pub mod residual;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -165,10 +165,8 @@ impl Model {
         head: bool,
     ) -> Result<()> {
         let c = &self.cfg;
-        let (d, v, eps) = (c.d_model, c.vocab_size, c.norm_eps);
-        let n = b * t;
+        let (d, eps) = (c.d_model, c.norm_eps);
         let st = Stream::of(c);
-        let nh = st.width() / d;
         let nl = c.n_layers;
         let (l, mo) = (nl + j, self.layout.mtp[j]);
         let s_in = if j == 0 {
@@ -185,26 +183,11 @@ impl Model {
             ..
         } = ws;
         let a = &mut mtp.depths[j];
-        embedding::forward(&mut a.emb, self.w(self.layout.embed, v * d), &a.u, d);
-        rmsnorm::forward(
-            &mut a.en.y,
-            &mut a.en.rstd,
-            &a.emb,
-            self.w(mo.enorm, d),
-            d,
-            eps,
-        );
-        linear_forward(&mut a.ep, &a.en.y, self.w(mo.e_proj, d * d), n, d, d, false);
         {
             let (before, after) = streams.split_at_mut(s0);
-            let (h, y) = (&before[s_in], &mut after[0]);
-            let hn = &mut a.hn;
-            rmsnorm::forward(&mut hn.y, &mut hn.rstd, h, self.w(mo.hnorm, d), d, eps);
-            linear_forward(y, &hn.y, self.w(mo.h_proj, d * d), n * nh, d, d, false);
-            // Y[i, k] += e_proj(e)[i], and the per-stream sums of squares of Y (hc/mhc).
             let mut none = [];
             let sq = ssq.get_mut(s0).map_or(&mut none[..], |s| &mut s[..]);
-            add_to_streams(y, sq, &a.ep, nh, d);
+            self.mtp_input(j, a, &before[s_in], &mut after[0], sq);
         }
         let xs = &mut streams[s0..s0 + 3];
         let sq = if ssq.is_empty() {
@@ -437,6 +420,64 @@ impl Model {
         let out = self.w(self.layout.output, v * d);
         linear_forward(&mut logits, &x, out, rows.len(), d, v, false);
         Ok(logits)
+    }
+}
+
+impl Model {
+    /// MTP block `j`'s input over `N` rows (module docs): `y[i, k] = e[i]·e_projᵀ +
+    /// rms(h[i, k]; hnorm)·h_projᵀ` `[N, n, D]` with `e = rms(E[a.u]; enorm)`, and the
+    /// per-stream sums of squares `sq` of `y` (hc/mhc; empty when plain). `h: [N, n, D]` is
+    /// `H^j` (the main model's last streams for `j = 0`); `a` keeps the activations (`a.u`
+    /// the input tokens). The training and the cached driver both call it.
+    pub(crate) fn mtp_input(
+        &self,
+        j: usize,
+        a: &mut MtpActs,
+        h: &[f32],
+        y: &mut [f32],
+        sq: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let (d, v, eps) = (c.d_model, c.vocab_size, c.norm_eps);
+        let n = a.u.len();
+        let nh = Stream::of(c).width() / d;
+        let mo = self.layout.mtp[j];
+        embedding::forward(&mut a.emb, self.w(self.layout.embed, v * d), &a.u, d);
+        rmsnorm::forward(
+            &mut a.en.y,
+            &mut a.en.rstd,
+            &a.emb,
+            self.w(mo.enorm, d),
+            d,
+            eps,
+        );
+        linear_forward(&mut a.ep, &a.en.y, self.w(mo.e_proj, d * d), n, d, d, false);
+        let hn = &mut a.hn;
+        rmsnorm::forward(&mut hn.y, &mut hn.rstd, h, self.w(mo.hnorm, d), d, eps);
+        linear_forward(y, &hn.y, self.w(mo.h_proj, d * d), n * nh, d, d, false);
+        // Y[i, k] += e_proj(e)[i], and the per-stream sums of squares of Y (hc/mhc).
+        add_to_streams(y, sq, &a.ep, nh, d);
+    }
+}
+
+impl Model {
+    /// MTP block `j`'s logits `[V]` at batch row `row` of the last training forward on `ws`
+    /// (its input token `tokens[row + 1 + j]`): the chained drafts' oracle.
+    #[cfg(test)]
+    pub(crate) fn mtp_row_logits(&self, ws: &Workspace, j: usize, row: usize) -> Vec<f32> {
+        let (d, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let x = &ws.mtp.depths[j].nf.y[row * d..(row + 1) * d];
+        let mut out = vec![0.0f32; v];
+        linear_forward(
+            &mut out,
+            x,
+            self.w(self.layout.output, v * d),
+            1,
+            d,
+            v,
+            false,
+        );
+        out
     }
 }
 
