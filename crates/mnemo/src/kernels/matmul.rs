@@ -136,6 +136,9 @@ pub fn gemm_f32(
     }
     a.check("gemm lhs");
     b.check("gemm rhs");
+    if super::matmul_rows::applies(&a, &b) {
+        return super::matmul_rows::gemm_rows(c, c_rs, a, b, alpha, accumulate, parallel);
+    }
     // SAFETY: all three views were bounds-checked above; `c` is exclusively borrowed and does
     // not alias `a` or `b` (Rust borrow rules on the slices).
     unsafe {

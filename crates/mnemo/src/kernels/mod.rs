@@ -14,6 +14,7 @@ pub mod indexer;
 pub mod kdot;
 pub mod kquant;
 pub mod matmul;
+pub mod matmul_rows;
 pub mod precision;
 pub mod quant;
 pub mod rmsnorm;
