@@ -11,7 +11,7 @@
 use mnemo::generate::KvCache;
 use mnemo::io::safetensors::{Dtype, TensorFile};
 use mnemo::io::v4_quantize::{write_official, QuantMix};
-use mnemo::model::{Model, Workspace};
+use mnemo::model::Workspace;
 use safetensors::tensor::TensorView;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

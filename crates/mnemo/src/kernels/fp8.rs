@@ -169,8 +169,8 @@ pub fn f32_to_e4m3(y: f32) -> u8 {
 pub fn f32_to_e2m1(y: f32) -> u8 {
     let a = y.abs();
     let mut best = 0usize;
-    for c in 1..8 {
-        let (d, db) = ((E2M1[c] - a).abs(), (E2M1[best] - a).abs());
+    for (c, &v) in E2M1.iter().enumerate().take(8).skip(1) {
+        let (d, db) = ((v - a).abs(), (E2M1[best] - a).abs());
         if d < db || (d == db && c % 2 == 0) {
             best = c;
         }
