@@ -88,7 +88,11 @@ fn decode_chunk(m: &QMatrix, r: usize, ch: usize, w: &mut [f32; 16]) {
             let row = &m.data[r * m.cols / 2..(r + 1) * m.cols / 2];
             for (k, o) in w[..n].iter_mut().enumerate() {
                 let b = row[(c0 + k) / 2];
-                let code = if (c0 + k).is_multiple_of(2) { b } else { b >> 4 };
+                let code = if (c0 + k).is_multiple_of(2) {
+                    b
+                } else {
+                    b >> 4
+                };
                 *o = super::fp8::e2m1_to_f32(code) * s;
             }
         }
