@@ -382,15 +382,9 @@ pub fn expand_block_scales(
 }
 
 /// `y[n, rows] (+)= X[n, cols] · Mᵀ` for a packed `Fp8`/`Fp4` matrix on the best kernel of
-/// this CPU (what [`super::quant::matmat`] runs for these types). FP4 runs the AVX2 kernel
-/// even where AVX-512 is there: on the AMD EPYC (Zen 4) it was measured on, 512-bit FP4
-/// decoding was slower (0.87 vs 0.68 ms for 2048×4096); the results are the same bits.
+/// this CPU (what [`super::quant::matmat`] runs for these types).
 pub fn matmat(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
-    let isa = match isa() {
-        Isa::Avx512 if m.ty == QType::Fp4 => Isa::Avx2,
-        i => i,
-    };
-    matmat_with(isa, m, x, n, y, accumulate)
+    matmat_with(isa(), m, x, n, y, accumulate)
 }
 
 /// [`matmat`] on kernel `isa` (tests force each one the CPU runs).
