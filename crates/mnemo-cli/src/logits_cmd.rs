@@ -31,7 +31,8 @@ pub const LONG_ABOUT: &str =
     each decoding step giving its position's logits. The two agree to float rounding on f32 \
     models. A quantised GGUF runs the cached path (every row's logits wanted) on its quantised \
     weights and the full forward on the dequantised f32 ones, so there they differ by the \
-    quantisation error.\n\n\
+    quantisation error. With --keep-packed, an official DeepSeek-V4 directory's cached path \
+    multiplies from its FP8/FP4 codes (the same weight values as the dequantised ones).\n\n\
     The output is written to a temporary file beside OUT and renamed into place, so OUT is \
     either the old file or the complete new one. A one-line summary goes to stderr.\n\n\
     Example:\n  echo '[1, 15, 27, 3]' > ids.json\n  \
@@ -52,6 +53,11 @@ pub struct LogitsArgs {
     /// one token at a time. Default: one full forward.
     #[arg(long, value_name = "N")]
     decode_from: Option<usize>,
+    /// Official DeepSeek-V4 directory (FP8/FP4 weights) only: keep those weights packed and
+    /// run the cached path on them (the FP8/FP4 kernels, no dequantised copy in the products);
+    /// needs --decode-from (the full forward always runs the dequantised f32 weights).
+    #[arg(long, requires = "decode_from")]
+    keep_packed: bool,
 }
 
 /// `mnemo logits`: see [`LogitsArgs`].
@@ -69,7 +75,18 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     }
     let out = TempOut::create(&a.out)?;
     let t0 = Instant::now();
-    let (model, kind) = load(&a.model)?;
+    let (mut model, kind) = load(&a.model)?;
+    if a.keep_packed {
+        if !mnemo::io::v4_official::is_official_dir(&a.model) {
+            bail!(
+                "--keep-packed: {} is not an official DeepSeek-V4 directory (FP8/FP4 weights \
+                 under the release's names); other models have nothing to keep packed",
+                a.model.display()
+            );
+        }
+        let n = mnemo::io::v4_packed::attach_packed(&mut model, &a.model)?;
+        eprintln!("logits: {n} FP8/FP4 matrices kept packed");
+    }
     let load_s = t0.elapsed().as_secs_f64();
     let (v, max_len) = (model.cfg.vocab_size, model.cfg.max_seq_len);
     if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
@@ -107,7 +124,15 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     }
     let mode = match a.decode_from {
         None => "full forward".to_string(),
-        Some(n) => format!("prefill {n} + decode {}", t - n),
+        Some(n) => format!(
+            "prefill {n} + decode {}{}",
+            t - n,
+            if a.keep_packed {
+                ", packed FP8/FP4"
+            } else {
+                ""
+            }
+        ),
     };
     let mut meta = HashMap::new();
     meta.insert("generator".to_string(), "mnemo logits".to_string());

@@ -20,6 +20,7 @@ mod logits_cmd;
 mod longctx_cmd;
 mod lookup_cmd;
 mod pack_cmd;
+mod quantize_cmd;
 mod serve;
 mod speculate_cmd;
 mod tokenizer_cmd;
@@ -58,6 +59,10 @@ enum Cmd {
     /// (full forward, or prefill + one-token decoding with --decode-from).
     #[command(long_about = logits_cmd::LONG_ABOUT)]
     Logits(logits_cmd::LogitsArgs),
+    /// Write a float DeepSeek-V4 model as an official-layout checkpoint with FP8/FP4 weights
+    /// (--type fp8+fp4: the release's mix; --type fp8).
+    #[command(long_about = quantize_cmd::LONG_ABOUT)]
+    Quantize(quantize_cmd::QuantizeArgs),
     /// Pack a repository into one context document (secrets excluded), count its tokens, fit
     /// it to a budget. Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some files unreadable).
     Pack(pack_cmd::PackArgs),
@@ -133,6 +138,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ask(a) => ask_cmd::run(a),
         Cmd::Generate(a) => generate_cmd::run(a),
         Cmd::Logits(a) => logits_cmd::run(a),
+        Cmd::Quantize(a) => quantize_cmd::run(a),
         Cmd::Export(a) => export_cmd::run(a),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Tokenizer(c) => tokenizer_cmd::run(c),

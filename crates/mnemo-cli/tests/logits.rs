@@ -324,3 +324,68 @@ fn decoding_path_matches_the_full_forward_and_bad_input_is_named() {
         "{help}"
     );
 }
+
+/// `mnemo quantize` then `mnemo logits --keep-packed`: the quantised directory decodes from
+/// its packed weights like the dequantised full forward; the errors of both commands.
+#[test]
+fn quantize_then_keep_packed_logits() {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../mnemo/tests/fixtures/deepseek_v4_quantized");
+    let d = tmpdir("quantize-cli");
+    let q = d.join("fp8");
+    let (code, _, err) = mnemo(&["quantize", s(&fixture), s(&q), "--type", "fp8"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("official DeepSeek-V4 layout"), "{err}");
+    let ids = d.join("ids.json");
+    std::fs::write(&ids, "[1, 5, 9, 2, 33]").unwrap();
+    let (full, v) = logits(&q, &ids, &d.join("a.safetensors"), &[]);
+    let (packed, v2) = logits(
+        &q,
+        &ids,
+        &d.join("b.safetensors"),
+        &["--decode-from", "1", "--keep-packed"],
+    );
+    assert_eq!(v, v2);
+    let top = full.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let diff = full
+        .iter()
+        .zip(&packed)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-5 * top.max(1.0), "{diff}");
+    // --keep-packed needs --decode-from, and an official directory.
+    let out = d.join("c.safetensors");
+    assert_fails(
+        &[
+            "logits",
+            s(&q),
+            "--ids-file",
+            s(&ids),
+            "--out",
+            s(&out),
+            "--keep-packed",
+        ],
+        &["--decode-from"],
+    );
+    // A transformers-layout V4 directory has nothing packed to keep.
+    let hf = fixture.join("../deepseek_v4/hc4_topk_all_window_gt_T");
+    assert_fails(
+        &[
+            "logits",
+            s(&hf),
+            "--ids-file",
+            s(&ids),
+            "--out",
+            s(&out),
+            "--decode-from",
+            "1",
+            "--keep-packed",
+        ],
+        &["not an official DeepSeek-V4 directory"],
+    );
+    // quantize: OUT_DIR = IN_DIR.
+    assert_fails(
+        &["quantize", s(&q), s(&q), "--type", "fp8+fp4"],
+        &["OUT_DIR is IN_DIR"],
+    );
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -11,7 +11,9 @@
 //! - [`prefix_cache`]: saved K/V prefixes of a model.
 //! - [`gguf`], [`hf`]: imported Llama-family models (llama.cpp's GGUF, Hugging Face
 //!   directories), and export to Hugging Face; [`hf_v4`]: DeepSeek-V4 Hugging Face directories;
-//!   [`v4_official`]: DeepSeek-V4 in the official release layout (FP8/FP4, sharded).
+//!   [`v4_official`]: DeepSeek-V4 in the official release layout (FP8/FP4, sharded), and
+//!   [`v4_packed`]: its FP8/FP4 weights kept packed for decoding; [`v4_quantize`]: a float
+//!   V4 model written in that layout (`mnemo quantize`).
 
 pub mod checkpoint;
 pub mod delta;
@@ -23,3 +25,5 @@ pub mod prefix_cache;
 pub mod safetensors;
 pub mod shards;
 pub mod v4_official;
+pub mod v4_packed;
+pub mod v4_quantize;

@@ -83,8 +83,17 @@ impl Shards {
         let mut files = Vec::new();
         let mut at = HashMap::new();
         for (file, names) in wanted {
-            let f = TensorFile::open(&dir.join(file))
-                .with_context(|| format!("a shard named by {}", ipath.display()))?;
+            let f = TensorFile::open(&dir.join(file)).with_context(|| {
+                format!(
+                    "{}: shard {file} (tensor `{}`{}) cannot be read",
+                    ipath.display(),
+                    names[0],
+                    match names.len() {
+                        1 => String::new(),
+                        n => format!(" and {} more", n - 1),
+                    }
+                )
+            })?;
             for name in names {
                 if !f.contains(name) {
                     bail!(

@@ -103,7 +103,7 @@ pub fn scale_name(name: &str) -> String {
 
 /// How a weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Storage {
+pub(crate) enum Storage {
     /// F32, BF16 or F16: read as it is.
     Plain,
     /// FP8 e4m3 with 128 × 128 block scales.
@@ -112,7 +112,7 @@ enum Storage {
     Fp4,
 }
 
-fn storage(dtype: Dtype) -> Option<Storage> {
+pub(crate) fn storage(dtype: Dtype) -> Option<Storage> {
     match dtype {
         Dtype::F32 | Dtype::BF16 | Dtype::F16 => Some(Storage::Plain),
         Dtype::F8_E4M3 => Some(Storage::Fp8),
@@ -234,7 +234,7 @@ pub fn read_weight(
 }
 
 /// Scale tensor `sname` of weight `weight` as f32 values, checking its shape `want`.
-fn read_scale(
+pub(crate) fn read_scale(
     src: &Shards,
     sname: &str,
     weight: &str,

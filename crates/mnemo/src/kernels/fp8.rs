@@ -133,9 +133,184 @@ pub fn dequant_fp4(
     out
 }
 
+/// The smallest `k` with `amax ≤ qmax·2^k` (the power-of-two ue8m0 scale exponent of a
+/// block whose largest magnitude is `amax`, `qmax` the format's largest value).
+pub fn pow2_ceil_exp(amax: f32, qmax: f32) -> i32 {
+    let (a, q) = (amax as f64, qmax as f64);
+    let mut k = (a / q).log2().ceil() as i32;
+    while a > q * 2f64.powi(k) {
+        k += 1;
+    }
+    while a <= q * 2f64.powi(k - 1) {
+        k -= 1;
+    }
+    k
+}
+
+/// `y` (|y| ≤ 448) as the nearest e4m3 byte, ties to the even code (as
+/// `torch.Tensor.to(float8_e4m3fn)`); larger magnitudes saturate at ±448.
+pub fn f32_to_e4m3(y: f32) -> u8 {
+    let sign = if y.is_sign_negative() { 0x80 } else { 0 };
+    let a = y.abs();
+    let code = if a >= 448.0 {
+        0x7e
+    } else if a < 2f32.powi(-6) {
+        // Subnormals m/8·2⁻⁶: m = round(a·2⁹); m = 8 is the smallest normal, code 0x08.
+        (a * 512.0).round_ties_even() as u32
+    } else {
+        let e = ((a.to_bits() >> 23) as i32) - 127; // floor(log2 a), a normal f32
+        let m = ((a / 2f32.powi(e) - 1.0) * 8.0).round_ties_even() as u32; // 0..=8
+        (((e + 7) as u32) << 3) + m // m = 8 carries into the exponent
+    };
+    sign | code.min(0x7e) as u8
+}
+
+/// `y` (|y| ≤ 6) as the nearest e2m1 code, ties to the even code, sign kept.
+pub fn f32_to_e2m1(y: f32) -> u8 {
+    let a = y.abs();
+    let mut best = 0usize;
+    for (c, &v) in E2M1.iter().enumerate().take(8).skip(1) {
+        let (d, db) = ((v - a).abs(), (E2M1[best] - a).abs());
+        if d < db || (d == db && c % 2 == 0) {
+            best = c;
+        }
+    }
+    best as u8 | if y.is_sign_negative() { 8 } else { 0 }
+}
+
+/// Quantise a `[rows, cols]` f32 matrix to e4m3 with one ue8m0 scale per `br × bc` block
+/// (`2^k`, `k` the smallest with `amax ≤ 448·2^k`, `amax` clamped below at 1e-4, as
+/// DeepSeek's `act_quant` and the reference fixtures): `(codes [rows·cols], scale exponent
+/// bytes [ceil(rows/br), ceil(cols/bc)])`.
+pub fn quantize_fp8(w: &[f32], rows: usize, cols: usize, block: [usize; 2]) -> (Vec<u8>, Vec<u8>) {
+    let [br, bc] = block;
+    assert_eq!(w.len(), rows * cols);
+    let (nr, nc) = (rows.div_ceil(br), cols.div_ceil(bc));
+    let mut q = vec![0u8; rows * cols];
+    let mut e = vec![0u8; nr * nc];
+    for bi in 0..nr {
+        for bj in 0..nc {
+            let (r0, r1, c0, c1) = (
+                bi * br,
+                (bi * br + br).min(rows),
+                bj * bc,
+                (bj * bc + bc).min(cols),
+            );
+            let amax = (r0..r1)
+                .flat_map(|r| w[r * cols + c0..r * cols + c1].iter())
+                .fold(0.0f32, |m, x| m.max(x.abs()))
+                .max(1e-4);
+            let k = pow2_ceil_exp(amax, 448.0);
+            e[bi * nc + bj] = (k + 127) as u8;
+            let inv = 2f32.powi(-k);
+            for r in r0..r1 {
+                for c in c0..c1 {
+                    q[r * cols + c] = f32_to_e4m3(w[r * cols + c] * inv);
+                }
+            }
+        }
+    }
+    (q, e)
+}
+
+/// Quantise a `[rows, cols]` f32 matrix (`cols` a multiple of `block`) to e2m1, two per byte
+/// (even element in the low nibble), with one ue8m0 scale per `block` values of a row (`amax`
+/// clamped below at 6·2⁻¹²⁶): `(packed [rows·cols/2], scale exponent bytes [rows, cols/block])`.
+pub fn quantize_fp4(w: &[f32], rows: usize, cols: usize, block: usize) -> (Vec<u8>, Vec<u8>) {
+    assert!(cols.is_multiple_of(block) && block.is_multiple_of(2) && w.len() == rows * cols);
+    let mut p = vec![0u8; rows * cols / 2];
+    let mut e = vec![0u8; rows * cols / block];
+    for (b, (wb, pb)) in w
+        .chunks_exact(block)
+        .zip(p.chunks_exact_mut(block / 2))
+        .enumerate()
+    {
+        let amax = wb
+            .iter()
+            .fold(0.0f32, |m, x| m.max(x.abs()))
+            .max(6.0 * 2f32.powi(-126));
+        let k = pow2_ceil_exp(amax, 6.0);
+        e[b] = (k + 127) as u8;
+        // 2^-k may overflow f32 for the smallest scales: divide in f64.
+        let q = |x: f32| f32_to_e2m1((x as f64 / 2f64.powi(k)) as f32);
+        for (o, pair) in pb.iter_mut().zip(wb.chunks_exact(2)) {
+            *o = q(pair[0]) | (q(pair[1]) << 4);
+        }
+    }
+    (p, e)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantisers_round_to_nearest_even_and_round_trip() {
+        // Every e4m3 value is its own code; midpoints go to the even code.
+        for b in 0..=255u8 {
+            if b & 0x7f == 0x7f {
+                continue;
+            }
+            assert_eq!(f32_to_e4m3(e4m3_to_f32(b)), b, "{b:#x}");
+            if b & 0x7f < 0x7e && b & 0x80 == 0 {
+                let mid = (e4m3_to_f32(b) + e4m3_to_f32(b + 1)) / 2.0;
+                let want = if b % 2 == 0 { b } else { b + 1 };
+                assert_eq!(f32_to_e4m3(mid), want, "midpoint above {b:#x}");
+            }
+        }
+        assert_eq!(f32_to_e4m3(1000.0), 0x7e);
+        for c in 0..16u8 {
+            assert_eq!(f32_to_e2m1(e2m1_to_f32(c)), c, "{c}");
+        }
+        // Midpoints 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5 → codes 0, 2, 2, 4, 4, 6, 6.
+        for (x, c) in [
+            (0.25, 0),
+            (0.75, 2),
+            (1.25, 2),
+            (1.75, 4),
+            (2.5, 4),
+            (3.5, 6),
+            (5.0, 6),
+        ] {
+            assert_eq!(f32_to_e2m1(x), c, "{x}");
+            assert_eq!(f32_to_e2m1(-x), c | 8, "-{x}");
+        }
+        assert_eq!(pow2_ceil_exp(448.0, 448.0), 0);
+        assert_eq!(pow2_ceil_exp(448.1, 448.0), 1);
+        assert_eq!(pow2_ceil_exp(224.0, 448.0), -1);
+        // Quantise-dequantise: within half a step of the block's grid; re-quantising the
+        // dequantised values gives them back exactly.
+        let mut r = crate::rng::Rng::new(9);
+        let (rows, cols) = (130, 96);
+        let mut w = vec![0.0f32; rows * cols];
+        r.fill_normal(&mut w, 0.05);
+        let (q, e) = quantize_fp8(&w, rows, cols, [128, 128]);
+        let s: Vec<f32> = e.iter().map(|&b| e8m0_to_f32(b)).collect();
+        let d = dequant_fp8(&q, &s, rows, cols, [128, 128]);
+        for (a, b) in w.iter().zip(&d) {
+            // Half a step: 1/16 relative, or half the subnormal step 2⁻¹⁰·scale (scale ≤ 2⁻¹⁰).
+            assert!(
+                (a - b).abs() <= a.abs() / 16.0 + 2f32.powi(-20),
+                "{a} vs {b}"
+            );
+        }
+        let (q2, e2) = quantize_fp8(&d, rows, cols, [128, 128]);
+        let s2: Vec<f32> = e2.iter().map(|&b| e8m0_to_f32(b)).collect();
+        assert_eq!(dequant_fp8(&q2, &s2, rows, cols, [128, 128]), d);
+        let (p, e) = quantize_fp4(&w, rows, cols, 32);
+        let s: Vec<f32> = e.iter().map(|&b| e8m0_to_f32(b)).collect();
+        let d = dequant_fp4(&p, &s, rows, cols, 32);
+        for (blk, db) in w.chunks(32).zip(d.chunks(32)) {
+            let amax = blk.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for (a, b) in blk.iter().zip(db) {
+                // Half the widest step (4 → 6) of a scale below amax/3.
+                assert!((a - b).abs() <= amax / 3.0, "{a} vs {b}");
+            }
+        }
+        let (p2, e2) = quantize_fp4(&d, rows, cols, 32);
+        let s2: Vec<f32> = e2.iter().map(|&b| e8m0_to_f32(b)).collect();
+        assert_eq!(dequant_fp4(&p2, &s2, rows, cols, 32), d);
+    }
 
     #[test]
     fn e4m3_values_by_hand() {

@@ -8,6 +8,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod f16;
 pub mod fp8;
+pub mod fp8dot;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod indexer;

@@ -19,8 +19,10 @@
 use super::f16::f16_to_f32;
 use rayon::prelude::*;
 
-/// Block formats: 32 values per block (`Q4_0`, `Q4_1`, `Q8_0`), or 256-value k-quant
-/// super-blocks (`Q4_K`, `Q6_K`; multiplied by [`super::kdot`]).
+/// Block formats: 32 values per block (`Q4_0`, `Q4_1`, `Q8_0`), 256-value k-quant
+/// super-blocks (`Q4_K`, `Q6_K`; multiplied by [`super::kdot`]), or DeepSeek's packed floats
+/// (`Fp8` e4m3, one byte a value; `Fp4` e2m1, two a byte; a power-of-two scale per `block`
+/// values of a row; multiplied by [`super::fp8dot`], built by [`QMatrix::packed`]).
 #[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QType {
@@ -29,6 +31,8 @@ pub enum QType {
     Q8_0,
     Q4_K,
     Q6_K,
+    Fp8,
+    Fp4,
 }
 
 impl QType {
@@ -39,16 +43,23 @@ impl QType {
             QType::Q8_0 => 34,
             QType::Q4_K => 144,
             QType::Q6_K => 210,
+            QType::Fp8 | QType::Fp4 => 1,
         }
     }
 
-    /// Values per block.
+    /// Values per block (packed floats: per byte; their scale blocks are [`QMatrix::block`]).
     pub fn block_elems(self) -> usize {
-        if self.is_k() {
-            256
-        } else {
-            32
+        match self {
+            QType::Fp8 => 1,
+            QType::Fp4 => 2,
+            _ if self.is_k() => 256,
+            _ => 32,
         }
+    }
+
+    /// DeepSeek's packed FP8 / FP4 ([`super::fp8dot`]).
+    pub fn is_packed_float(self) -> bool {
+        matches!(self, QType::Fp8 | QType::Fp4)
     }
 
     /// A 256-value k-quant type.
@@ -56,7 +67,7 @@ impl QType {
         matches!(self, QType::Q4_K | QType::Q6_K)
     }
 
-    /// ggml's type id.
+    /// ggml's type id (`u32::MAX` for the packed floats, which ggml does not have).
     pub fn ggml_type(self) -> u32 {
         match self {
             QType::Q4_0 => 2,
@@ -64,13 +75,15 @@ impl QType {
             QType::Q8_0 => 8,
             QType::Q4_K => 12,
             QType::Q6_K => 14,
+            QType::Fp8 | QType::Fp4 => u32::MAX,
         }
     }
 }
 
 /// A row-major `[rows, cols]` matrix of quantised blocks (`cols` a multiple of the block
 /// size), with the blocks' f16 scales (and minimums) converted to f32 once, at construction
-/// (k-quants: the super-block's `d`, and `dmin` for `Q4_K`).
+/// (k-quants: the super-block's `d`, and `dmin` for `Q4_K`; packed floats: their scales,
+/// `[rows, ceil(cols/block)]`).
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     pub ty: QType,
@@ -79,6 +92,8 @@ pub struct QMatrix {
     pub data: Vec<u8>,
     pub(crate) d: Vec<f32>,
     pub(crate) m: Vec<f32>,
+    /// Values per scale along a row.
+    pub block: usize,
 }
 
 impl QMatrix {
@@ -99,6 +114,7 @@ impl QMatrix {
                 .map(|b| -8.0 * f16_to_f32(&b[..2]))
                 .collect(),
             QType::Q8_0 | QType::Q6_K => Vec::new(),
+            QType::Fp8 | QType::Fp4 => panic!("packed floats are built by QMatrix::packed"),
         };
         QMatrix {
             ty,
@@ -107,7 +123,70 @@ impl QMatrix {
             data,
             d,
             m,
+            block: ty.block_elems(),
         }
+    }
+
+    /// A packed `Fp8`/`Fp4` matrix `[rows, cols]`: `data` its codes (FP8 `rows·cols` bytes,
+    /// FP4 `rows·cols/2`, even element in the low nibble), `scales` one per `block` values of
+    /// a row (`[rows, ceil(cols/block)]`, powers of two; an FP8 `128 × 128` block scale
+    /// repeated for each of its rows: [`super::fp8dot::expand_block_scales`]). Errors (the caller adds the
+    /// tensor's name): sizes that do not match, `block` not a multiple of 16, a scale that is
+    /// not a finite power of two, an FP8 NaN code (`0x7f`, `0xff`).
+    pub fn packed(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+        scales: Vec<f32>,
+        block: usize,
+    ) -> Result<Self, String> {
+        let want = match ty {
+            QType::Fp8 => rows * cols,
+            QType::Fp4 if cols.is_multiple_of(2) => rows * cols / 2,
+            QType::Fp4 => return Err(format!("FP4 needs an even column count, not {cols}")),
+            _ => return Err(format!("{ty:?} is not a packed float type")),
+        };
+        if block == 0 || !block.is_multiple_of(16) {
+            return Err(format!(
+                "the packed kernels need scale blocks of a multiple of 16 values, not {block}"
+            ));
+        }
+        if data.len() != want {
+            return Err(format!("{} bytes of codes, expected {want}", data.len()));
+        }
+        let ns = rows * cols.div_ceil(block);
+        if scales.len() != ns {
+            return Err(format!("{} scales, expected {ns}", scales.len()));
+        }
+        let pow2 = |s: f32| {
+            let b = s.to_bits();
+            s.is_finite()
+                && s > 0.0
+                && (b & 0x007f_ffff == 0 || (b >> 23 == 0 && b.is_power_of_two()))
+        };
+        if let Some(i) = scales.iter().position(|&s| !pow2(s)) {
+            return Err(format!("scale {i} is {}, not a power of two", scales[i]));
+        }
+        if ty == QType::Fp8 {
+            if let Some(i) = data.iter().position(|&b| b & 0x7f == 0x7f) {
+                return Err(format!(
+                    "a NaN code {:#04x} at [{}, {}]",
+                    data[i],
+                    i / cols,
+                    i % cols
+                ));
+            }
+        }
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+            d: scales,
+            m: Vec::new(),
+            block,
+        })
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -213,7 +292,9 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
                         .zip(qx)
                         .map(|(&w, &q)| (w as i8) as i32 * q as i32)
                         .sum(),
-                    QType::Q4_K | QType::Q6_K => unreachable!("k-quants run in kdot"),
+                    QType::Q4_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => {
+                        unreachable!("k-quants run in kdot, packed floats in fp8dot")
+                    }
                     QType::Q4_0 | QType::Q4_1 => {
                         let qs = &blk[bs - 16..];
                         (0..16)
@@ -440,6 +521,9 @@ pub fn matmat(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool)
 }
 
 fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+    if m.ty.is_packed_float() {
+        return super::fp8dot::matmat(m, x, n, y, accumulate);
+    }
     if m.ty.is_k() {
         return super::kdot::matmat(isa, m, x, n, y, accumulate);
     }
@@ -500,7 +584,7 @@ fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
                     wb[j] = d * (blk[2 + j] as i8) as f32;
                 }
             }
-            QType::Q4_K | QType::Q6_K => unreachable!(),
+            QType::Q4_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => unreachable!(),
             QType::Q4_0 | QType::Q4_1 => {
                 let mm = m.m[r * nb + b];
                 let qs = if m.ty == QType::Q4_0 {
@@ -632,6 +716,10 @@ unsafe fn rows_deq_avx2(m: &QMatrix, r0: usize, n: usize, x: &[f32], y: &mut [f3
 /// and used for all `n` vectors, so the cost grows slowly with `n` (decode batches, draft
 /// verification). Agrees with [`matvec`] up to f32 rounding (not bit for bit; see [`matmat`]).
 pub fn matmat_fast(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+    if m.ty.is_packed_float() {
+        // Already f32 activations, each weight decoded once per row for all the vectors.
+        return super::fp8dot::matmat(m, x, n, y, accumulate);
+    }
     assert_eq!(x.len(), n * m.cols);
     assert_eq!(y.len(), n * m.rows);
     assert_eq!(m.data.len(), m.rows * m.row_bytes());
@@ -670,7 +758,9 @@ pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) ->
     let mut data = Vec::with_capacity(rows * cols / 32 * ty.block_bytes());
     for blk in w.chunks_exact(32) {
         match ty {
-            QType::Q4_K | QType::Q6_K => unimplemented!("quantize_matrix: 32-value types only"),
+            QType::Q4_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => {
+                unimplemented!("quantize_matrix: 32-value types only")
+            }
             QType::Q8_0 => {
                 let amax = blk.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
                 let hd = h(amax / 127.0);

@@ -127,7 +127,7 @@ impl Model {
         acc: bool,
     ) {
         if let Some(vo) = &lo.v4 {
-            return self.v4_attention_forward(l, vo, a, kv, &mut acts.v4, out, acc);
+            return self.v4_attention_forward(l, vo, a, kv, plan, &mut acts.v4, out, acc);
         }
         let c = &self.cfg;
         let n = a.len() / c.d_model;

@@ -21,6 +21,7 @@
 //! `compress_rope_theta` with YaRN (`compress_rope_scaling`).
 
 use super::attention::Kv;
+use super::decode::Plan;
 use super::layout::LayoutBuilder;
 use super::Model;
 use crate::config::{ModelConfig, V4Config, V4LayerType};
@@ -718,10 +719,12 @@ impl Model {
         vo: &V4AttnOffsets,
         a: &[f32],
         kv: &mut Kv,
+        plan: &Plan,
         acts: &mut V4Acts,
         out: &mut [f32],
         acc: bool,
     ) {
+        use super::decode::profile::{QKV, WO};
         let c = &self.cfg;
         let v = c.v4.as_ref().expect("a DeepSeek-V4 config");
         let (dm, h, d, eps) = (c.d_model, c.n_heads, c.head_dim, c.norm_eps);
@@ -737,7 +740,7 @@ impl Model {
         let z = |len: usize| vec![0.0f32; len];
         // Queries.
         acts.qa = z(n * ql);
-        linear_forward(&mut acts.qa, a, self.w(vo.wq_a, ql * dm), n, dm, ql, false);
+        self.lin(plan, QKV, &mut acts.qa, a, vo.wq_a, n, dm, ql, false);
         acts.q_res = z(n * ql);
         acts.qa_rstd = z(n);
         rmsnorm::forward(
@@ -749,10 +752,12 @@ impl Model {
             eps,
         );
         acts.qf = z(n * h * d);
-        linear_forward(
+        self.lin(
+            plan,
+            QKV,
             &mut acts.qf,
             &acts.q_res,
-            self.w(vo.wq_b, h * d * ql),
+            vo.wq_b,
             n,
             ql,
             h * d,
@@ -762,7 +767,7 @@ impl Model {
         acts.qf_rstd = urms(&mut acts.q, d, eps);
         // The single K = V head.
         acts.kv0 = z(n * d);
-        linear_forward(&mut acts.kv0, a, self.w(vo.wkv, d * dm), n, dm, d, false);
+        self.lin(plan, QKV, &mut acts.kv0, a, vo.wkv, n, dm, d, false);
         acts.kv = z(n * d);
         acts.kv_rstd = z(n);
         rmsnorm::forward(
@@ -803,19 +808,20 @@ impl Model {
         let mut zg = z(n * rl);
         for gi in 0..g {
             gather_cols(&mut og, &acts.o, h * d, gi * gw);
-            let wa = self.w(vo.wo_a + gi * rl * gw, rl * gw);
-            linear_forward(&mut zg, &og, wa, n, gw, rl, false);
+            self.lin(
+                plan,
+                WO,
+                &mut zg,
+                &og,
+                vo.wo_a + gi * rl * gw,
+                n,
+                gw,
+                rl,
+                false,
+            );
             scatter_cols(&mut acts.z, &zg, g * rl, gi * rl);
         }
-        linear_forward(
-            out,
-            &acts.z,
-            self.w(vo.wo_b, dm * g * rl),
-            n,
-            g * rl,
-            dm,
-            acc,
-        );
+        self.lin(plan, WO, out, &acts.z, vo.wo_b, n, g * rl, dm, acc);
     }
 
     /// The attention core of a training batch `[b, t]`: per sequence its compressed entries

@@ -174,6 +174,21 @@ impl Plan {
         }
         Plan::Runs(runs)
     }
+
+    /// Per row of `n`, whether it uses the quantised weights (`None`: none does).
+    pub(crate) fn quantised_rows(&self, n: usize) -> Option<Vec<bool>> {
+        let Plan::Runs(runs) = self else {
+            return None;
+        };
+        if !runs.iter().any(|r| r.2) {
+            return None;
+        }
+        let mut v = vec![false; n];
+        for &(r0, nr, q) in runs {
+            v[r0..r0 + nr].fill(q);
+        }
+        Some(v)
+    }
 }
 
 impl Model {

@@ -91,7 +91,15 @@ impl Model {
                     spec.aux_coef = 0.0;
                 }
                 let table = self.hash_tables[l].as_deref();
-                moe::forward(
+                let qrows = match self.quant.is_empty() {
+                    true => None,
+                    false => rows.plan.quantised_rows(n),
+                };
+                let packed = qrows.as_deref().map(|r| moe::PackedRows {
+                    quant: &self.quant,
+                    rows: r,
+                });
+                moe::forward_with(
                     &spec,
                     &self.params,
                     &mo,
@@ -101,6 +109,7 @@ impl Model {
                     rows.seq_len,
                     &mut acts.moe,
                     out,
+                    packed.as_ref(),
                 );
             }
         }

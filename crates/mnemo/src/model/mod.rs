@@ -91,7 +91,9 @@ pub struct Model {
     /// one per block (`n_blocks()`: the MTP blocks are never hash-routed).
     pub hash_tables: Vec<Option<Vec<u32>>>,
     /// Quantised copies of linear weights (keyed by their offset in `params`, possibly spanning
-    /// a fused range such as q|k|v), used by one-token decoding when present (GGUF models).
+    /// a fused range such as q|k|v), used by one-token decoding when present (GGUF models;
+    /// an official DeepSeek-V4 checkpoint's FP8/FP4 weights kept packed, `io::v4_packed`,
+    /// which its attention projections and MoE experts read).
     pub quant: std::collections::HashMap<usize, crate::kernels::quant::QMatrix>,
     /// Engram memory (`cfg.engram`): compression, hashes and tables. Its gate parameters live
     /// in `params` (`layout.engram_gate`); `EngramLayer::params` is only a copy for saving

@@ -25,6 +25,9 @@
 //! experts. Backward mirrors it: per-expert GEMMs for the weight gradients, the gate gradient
 //! through `w` (the selection itself is a constant), and the router's chain rule.
 
+mod packed;
+pub use packed::PackedRows;
+
 use crate::config::{ModelConfig, ScoreFunc};
 use crate::kernels::matmul::{gemm, MatRef};
 use crate::kernels::{swiglu, SendPtr};
@@ -167,6 +170,24 @@ pub fn forward(
     acts: &mut MoeActs,
     y: &mut [f32],
 ) {
+    forward_with(spec, params, o, f, tokens, table, t, acts, y, None)
+}
+
+/// [`forward`], with the expert products of the rows `packed` marks on the quantised copies
+/// of the expert weights it holds (cached decoding of a packed model; [`PackedRows`]).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    spec: &MoeSpec,
+    params: &[f32],
+    o: &MoeOffsets,
+    f: &[f32],
+    tokens: &[u32],
+    table: Option<&[u32]>,
+    t: usize,
+    acts: &mut MoeActs,
+    y: &mut [f32],
+    packed: Option<&PackedRows>,
+) {
     let MoeSpec {
         d,
         inter: i,
@@ -239,11 +260,11 @@ pub fn forward(
     }
     acts.load = acts.experts.iter().map(|x| x.slots.len() as u64).collect();
     // Routed experts, in parallel.
-    let experts = &params[o.experts..o.experts + e * spec.expert_len()];
+    let el = spec.expert_len();
     acts.experts
         .par_iter_mut()
-        .zip(experts.par_chunks(spec.expert_len()))
-        .for_each(|(ex, wts)| {
+        .enumerate()
+        .for_each(|(ej, ex)| {
             let m = ex.slots.len();
             ex.x.resize(m * d, 0.0);
             for (row, &slot) in ex.slots.iter().enumerate() {
@@ -256,23 +277,27 @@ pub fn forward(
             if m == 0 {
                 return;
             }
-            let (w13, w2) = wts.split_at(2 * i * d);
-            gemm(
-                &mut ex.h13,
-                2 * i,
-                MatRef::new(&ex.x, m, d),
-                MatRef::new(w13, 2 * i, d).t(),
-                1.0,
+            let off = o.experts + ej * el;
+            let slots = &ex.slots;
+            let row_packed = |row: usize| packed.is_some_and(|p| p.rows[slots[row] as usize / k]);
+            packed::product(
+                packed,
+                row_packed,
+                params,
+                off,
+                (&mut ex.h13, &ex.x),
+                (m, d, 2 * i),
                 false,
                 false,
             );
             swiglu::forward_clamped(&mut ex.g, &ex.h13, i, spec.limit);
-            gemm(
-                &mut ex.out,
-                d,
-                MatRef::new(&ex.g, m, i),
-                MatRef::new(w2, d, i).t(),
-                1.0,
+            packed::product(
+                packed,
+                row_packed,
+                params,
+                off + 2 * i * d,
+                (&mut ex.out, &ex.g),
+                (m, i, d),
                 false,
                 false,
             );
@@ -282,22 +307,25 @@ pub fn forward(
         let si = n_shared * i;
         acts.sh13.resize(n * 2 * si, 0.0);
         acts.sg.resize(n * si, 0.0);
-        gemm(
-            &mut acts.sh13,
-            2 * si,
-            MatRef::new(f, n, d),
-            MatRef::new(&params[o.shared_w13..o.shared_w13 + 2 * si * d], 2 * si, d).t(),
-            1.0,
+        let row_packed = |r: usize| packed.is_some_and(|p| p.rows[r]);
+        packed::product(
+            packed,
+            row_packed,
+            params,
+            o.shared_w13,
+            (&mut acts.sh13, f),
+            (n, d, 2 * si),
             false,
             true,
         );
         swiglu::forward_clamped(&mut acts.sg, &acts.sh13, si, spec.limit);
-        gemm(
-            y,
-            d,
-            MatRef::new(&acts.sg, n, si),
-            MatRef::new(&params[o.shared_w2..o.shared_w2 + d * si], d, si).t(),
-            1.0,
+        packed::product(
+            packed,
+            row_packed,
+            params,
+            o.shared_w2,
+            (y, &acts.sg),
+            (n, si, d),
             true,
             true,
         );
