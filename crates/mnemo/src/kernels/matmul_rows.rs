@@ -47,7 +47,11 @@ pub(super) fn gemm_rows(
                 // ranges of parallel tasks are disjoint.
                 unsafe {
                     let p = at(&out, i * c_rs + j);
-                    *p = if accumulate { *p + alpha * d } else { alpha * d };
+                    *p = if accumulate {
+                        *p + alpha * d
+                    } else {
+                        alpha * d
+                    };
                 }
             }
         }
@@ -141,7 +145,13 @@ mod tests {
     #[test]
     fn rows_match_f64_and_do_not_depend_on_their_neighbours() {
         let mut rng = Rng::new(11);
-        for &(m, k, n) in &[(1, 16, 5), (2, 37, 70), (3, 64, 129), (5, 100, 33), (8, 300, 600)] {
+        for &(m, k, n) in &[
+            (1, 16, 5),
+            (2, 37, 70),
+            (3, 64, 129),
+            (5, 100, 33),
+            (8, 300, 600),
+        ] {
             let mut a = vec![0.0f32; m * k];
             let mut w = vec![0.0f32; n * k]; // W [n, k]: b = Wᵀ has contiguous columns
             rng.fill_normal(&mut a, 1.0);
@@ -152,10 +162,15 @@ mod tests {
                 gemm(&mut c, n, MatRef::new(&a, m, k), bt, 0.75, accumulate, true);
                 for i in 0..m {
                     for j in 0..n {
-                        let dot: f64 = (0..k).map(|p| a[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                        let dot: f64 = (0..k)
+                            .map(|p| a[i * k + p] as f64 * w[j * k + p] as f64)
+                            .sum();
                         let want = 0.75 * dot + if accumulate { 0.5 } else { 0.0 };
                         let got = c[i * n + j] as f64;
-                        assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{m}x{k}x{n}");
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{m}x{k}x{n}"
+                        );
                     }
                 }
                 // Each row alone gives the same bits as in the batch.
