@@ -399,13 +399,28 @@ fn quantised_gguf_ask_agrees_when_a_prompt_part_ends_with_a_one_token_chunk() {
     check_ask(&model, &s, &dir, question, "gguf-257-context");
     // The question takes 257 tokens.
     let dir = repo("repo-long-question");
-    let found = (0..400).find_map(|k| {
-        let q: Vec<&str> = (0..=k).map(|i| ["a", "b", "c"][i % 3]).collect();
-        let q = q.join(" ");
-        let (ids, _, n_context) = ask_prompt(&l, &dir, &q);
-        (ids.len() - n_context == 257).then_some((q, ids, n_context))
+    // The first word set whose 257-token question the naive split answers differently (whether
+    // a given text flips the greedy answer depends on the model's last bits).
+    let sets: [&[&str]; 4] = [
+        &["a", "b", "c"],
+        &["x", "y"],
+        &["fn", "let", "mut", "x"],
+        &["one", "two", "three"],
+    ];
+    let found = sets.iter().find_map(|words| {
+        let (q, ids, n_context) = (0..400).find_map(|k| {
+            let q: Vec<&str> = (0..=k).map(|i| words[i % words.len()]).collect();
+            let q = q.join(" ");
+            let (ids, _, n_context) = ask_prompt(&l, &dir, &q);
+            (ids.len() - n_context == 257).then_some((q, ids, n_context))
+        })?;
+        (greedy_split(&l, &ids, 0) != greedy_split(&l, &ids, n_context))
+            .then_some((q, ids, n_context))
     });
-    let (question, ids, n_context) = found.expect("a question of 257 tokens");
+    let (question, ids, n_context) = found.expect(
+        "a question of 257 tokens that the naive split answers differently (else the case \
+         does not test anything)",
+    );
     naive_differs(&ids, n_context, "a question of 257 tokens");
     check_ask(&model, &s, &dir, &question, "gguf-257-question");
     drop(s);
