@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa",
                     help="attention implementation (sdpa = fast path, default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                    help="bf16: forward and loss under torch.autocast(cpu, bfloat16)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -71,8 +73,9 @@ def main():
         targets = torch.randint(0, V, (B, T), generator=g)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits, _ = fwd(tokens)
-        loss = F.cross_entropy(logits.view(B * T, V), targets.view(B * T))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+            logits, _ = fwd(tokens)
+            loss = F.cross_entropy(logits.view(B * T, V), targets.view(B * T))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -98,6 +101,7 @@ def main():
         "params": n_params,
         "mode": args.mode,
         "attn": args.attn,
+        "precision": "bf16" if args.autocast == "bf16" else "f32",
         "tokens_per_s": round(B * T / (statistics.median(times) / 1e3), 1),
         "final_loss": round(losses[-1], 4),
     }
