@@ -139,16 +139,30 @@ pub fn fp8_block(v: &Value) -> Result<[usize; 2]> {
     }
 }
 
-/// Weight `name` of shape `shape` as f32, dequantised when it is FP8 or FP4 (with its scale,
-/// which must exist: see [`needs_scale`]). Errors name the file, the tensor and the value.
-pub fn read_weight(
-    src: &Shards,
+/// A quantised weight as stored, checked against the model's shape: its codes (FP8 e4m3
+/// bytes, or FP4 e2m1 two per byte) and its scale grid (FP8 `[ceil(rows/br), ceil(cols/bc)]`,
+/// FP4 `[rows, ceil(cols/32)]`).
+pub(crate) struct Coded<'a> {
+    pub kind: Storage,
+    pub codes: &'a [u8],
+    pub scales: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+    /// The file that holds it (for messages).
+    pub file: String,
+}
+
+/// Weight `name` of model shape `shape` as stored codes and scales, `None` when it is stored
+/// as F32/BF16/F16. The scale must exist (see [`needs_scale`]). Errors name the file, the
+/// tensor and the value.
+pub(crate) fn read_coded<'a>(
+    src: &'a Shards,
     name: &str,
     shape: &[usize],
     fp8_block: [usize; 2],
-) -> Result<Vec<f32>> {
+) -> Result<Option<Coded<'a>>> {
     let (t, f) = src.raw(name)?;
-    let file = f.path().display();
+    let file = f.path().display().to_string();
     let kind = storage(t.dtype).with_context(|| {
         format!(
             "{file}: tensor `{name}` has dtype {:?}; supported: F32, BF16, F16, F8_E4M3 (FP8) \
@@ -157,7 +171,7 @@ pub fn read_weight(
         )
     })?;
     if kind == Storage::Plain {
-        return f.f32(name, Some(shape));
+        return Ok(None);
     }
     let &[rows, cols] = shape else {
         bail!(
@@ -167,7 +181,7 @@ pub fn read_weight(
         );
     };
     let sname = scale_name(name);
-    let values = match kind {
+    let scales = match kind {
         Storage::Fp8 => {
             if t.shape != shape {
                 bail!(
@@ -177,14 +191,13 @@ pub fn read_weight(
             }
             let [br, bc] = fp8_block;
             let want = [rows.div_ceil(br), cols.div_ceil(bc)];
-            let s = read_scale(
+            read_scale(
                 src,
                 &sname,
                 name,
                 &want,
                 &format!("FP8 blocks of {br}×{bc}"),
-            )?;
-            dequant_fp8(t.data, &s, rows, cols, fp8_block)
+            )?
         }
         Storage::Fp4 => {
             if !cols.is_multiple_of(2) {
@@ -209,25 +222,50 @@ pub fn read_weight(
                 );
             }
             let want = [rows, cols.div_ceil(FP4_BLOCK)];
-            let s = read_scale(
+            read_scale(
                 src,
                 &sname,
                 name,
                 &want,
                 &format!("FP4 blocks of 1×{FP4_BLOCK}"),
-            )?;
-            dequant_fp4(t.data, &s, rows, cols, FP4_BLOCK)
+            )?
         }
         Storage::Plain => unreachable!("returned above"),
     };
+    Ok(Some(Coded {
+        kind,
+        codes: t.data,
+        scales,
+        rows,
+        cols,
+        file,
+    }))
+}
+
+/// Weight `name` of shape `shape` as f32, dequantised when it is FP8 or FP4 (with its scale,
+/// which must exist: see [`needs_scale`]). Errors name the file, the tensor and the value.
+pub fn read_weight(
+    src: &Shards,
+    name: &str,
+    shape: &[usize],
+    fp8_block: [usize; 2],
+) -> Result<Vec<f32>> {
+    let Some(c) = read_coded(src, name, shape, fp8_block)? else {
+        return src.f32(name, Some(shape));
+    };
+    let values = match c.kind {
+        Storage::Fp8 => dequant_fp8(c.codes, &c.scales, c.rows, c.cols, fp8_block),
+        _ => dequant_fp4(c.codes, &c.scales, c.rows, c.cols, FP4_BLOCK),
+    };
     if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-        let (r, c) = (i / cols, i % cols);
-        let raw = match kind {
-            Storage::Fp8 => format!("byte {:#04x}", t.data[i]),
-            _ => format!("byte {:#04x}", t.data[i / 2]),
+        let (r, col) = (i / c.cols, i % c.cols);
+        let raw = match c.kind {
+            Storage::Fp8 => format!("byte {:#04x}", c.codes[i]),
+            _ => format!("byte {:#04x}", c.codes[i / 2]),
         };
         bail!(
-            "{file}: tensor `{name}` holds a NaN at [{r}, {c}] ({raw}; FP8 e4m3 0x7f/0xff are NaN)"
+            "{}: tensor `{name}` holds a NaN at [{r}, {col}] ({raw}; FP8 e4m3 0x7f/0xff are NaN)",
+            c.file
         );
     }
     Ok(values)

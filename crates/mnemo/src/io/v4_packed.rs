@@ -10,15 +10,12 @@
 //! training use them; only the rows of one-token decoding (the [`crate::model`] decode plan,
 //! the same rule as GGUF models) read the packed copies.
 
-use super::safetensors::Dtype;
 use super::shards::Shards;
-use super::v4_official::{
-    fp8_block, official_name, read_scale, scale_name, storage, Storage, FP4_BLOCK,
-};
+use super::v4_official::{fp8_block, official_name, read_coded, Storage, FP4_BLOCK};
 use crate::kernels::fp8dot::expand_block_scales;
 use crate::kernels::quant::{QMatrix, QType};
 use crate::model::Model;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::Path;
 
 /// Weight `name` (model shape `shape`) as a packed matrix, `None` when it is stored as
@@ -29,72 +26,20 @@ pub fn read_packed(
     shape: &[usize],
     fp8_block: [usize; 2],
 ) -> Result<Option<QMatrix>> {
-    let (t, f) = src.raw(name)?;
-    let file = f.path().display().to_string();
-    let kind = storage(t.dtype).with_context(|| {
-        format!(
-            "{file}: tensor `{name}` has dtype {:?}, which the packed kernels do not know",
-            t.dtype
-        )
-    })?;
-    if kind == Storage::Plain {
+    let Some(c) = read_coded(src, name, shape, fp8_block)? else {
         return Ok(None);
-    }
-    let &[rows, cols] = shape else {
-        bail!("{file}: tensor `{name}` is quantised but the model wants shape {shape:?}: only matrices are");
     };
-    let sname = scale_name(name);
-    let (ty, data, scales, block) = match kind {
-        Storage::Fp8 => {
-            if t.shape != shape {
-                bail!(
-                    "{file}: tensor `{name}` has shape {:?}, expected {shape:?}",
-                    t.shape
-                );
-            }
-            let [br, bc] = fp8_block;
-            let want = [rows.div_ceil(br), cols.div_ceil(bc)];
-            let s = read_scale(
-                src,
-                &sname,
-                name,
-                &want,
-                &format!("FP8 blocks of {br}×{bc}"),
-            )?;
-            (
-                QType::Fp8,
-                t.data.to_vec(),
-                expand_block_scales(&s, rows, cols, fp8_block),
-                bc,
-            )
-        }
-        _ => {
-            let stored = if t.dtype == Dtype::F4 {
-                [rows, cols]
-            } else {
-                [rows, cols / 2]
-            };
-            if !cols.is_multiple_of(2) || t.shape != stored {
-                bail!(
-                    "{file}: tensor `{name}` ({:?}, FP4) has shape {:?}, expected {stored:?} for the {shape:?} weight",
-                    t.dtype,
-                    t.shape
-                );
-            }
-            let want = [rows, cols.div_ceil(FP4_BLOCK)];
-            let s = read_scale(
-                src,
-                &sname,
-                name,
-                &want,
-                &format!("FP4 blocks of 1×{FP4_BLOCK}"),
-            )?;
-            (QType::Fp4, t.data.to_vec(), s, FP4_BLOCK)
-        }
+    let (ty, scales, block) = match c.kind {
+        Storage::Fp8 => (
+            QType::Fp8,
+            expand_block_scales(&c.scales, c.rows, c.cols, fp8_block),
+            fp8_block[1],
+        ),
+        _ => (QType::Fp4, c.scales, FP4_BLOCK),
     };
-    QMatrix::packed(ty, rows, cols, data, scales, block)
+    QMatrix::packed(ty, c.rows, c.cols, c.codes.to_vec(), scales, block)
         .map(Some)
-        .map_err(|e| anyhow::anyhow!("{file}: tensor `{name}` cannot be kept packed: {e}"))
+        .map_err(|e| anyhow::anyhow!("{}: tensor `{name}` cannot be kept packed: {e}", c.file))
 }
 
 /// Put the FP8 / FP4 weights of the official directory `dir` into `model.quant` (the model

@@ -53,10 +53,14 @@ impl<'a> MatRef<'a> {
             cs: self.rs,
         }
     }
-    fn check(&self, what: &str) {
+    /// Panics naming `what` and `side` (lhs/rhs) when the view reaches past its buffer.
+    fn check(&self, what: &str, side: &str) {
         if self.rows > 0 && self.cols > 0 {
             let last = (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
-            assert!(last < self.data.len(), "{what}: view exceeds its buffer");
+            assert!(
+                last < self.data.len(),
+                "{what} {side}: view exceeds its buffer"
+            );
         }
     }
 }
@@ -114,28 +118,9 @@ pub fn gemm_f32(
     parallel: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(
-        b.rows, k,
-        "gemm: inner dimensions differ ({}x{} · {}x{})",
-        a.rows, a.cols, b.rows, b.cols
-    );
-    if m == 0 || n == 0 {
+    if !prepare(c, c_rs, &a, &b, accumulate, "gemm") {
         return;
     }
-    assert!(
-        (m - 1) * c_rs + n <= c.len(),
-        "gemm: output view exceeds its buffer"
-    );
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * c_rs..i * c_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    a.check("gemm lhs");
-    b.check("gemm rhs");
     if super::matmul_rows::applies(&a, &b) {
         return super::matmul_rows::gemm_rows(c, c_rs, a, b, alpha, accumulate, parallel);
     }
@@ -166,6 +151,43 @@ pub fn gemm_f32(
     }
 }
 
+/// Shape and bounds checks of a product `C = β·C + α·A·B` (`what` names the caller in the
+/// panic messages); `false` when there is nothing to multiply: an empty output, or `k = 0`,
+/// where `C` is zeroed unless accumulating.
+pub(super) fn prepare(
+    c: &mut [f32],
+    c_rs: usize,
+    a: &MatRef,
+    b: &MatRef,
+    accumulate: bool,
+    what: &str,
+) -> bool {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(
+        b.rows, k,
+        "{what}: inner dimensions differ ({}x{} · {}x{})",
+        a.rows, a.cols, b.rows, b.cols
+    );
+    if m == 0 || n == 0 {
+        return false;
+    }
+    assert!(
+        (m - 1) * c_rs + n <= c.len(),
+        "{what}: output view exceeds its buffer"
+    );
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * c_rs..i * c_rs + n].fill(0.0);
+            }
+        }
+        return false;
+    }
+    a.check(what, "lhs");
+    b.check(what, "rhs");
+    true
+}
+
 /// Like [`gemm`] but the output is a raw pointer, for kernels whose parallel tasks write
 /// disjoint, interleaved column blocks of one buffer (attention heads inside a fused row).
 ///
@@ -186,8 +208,8 @@ pub unsafe fn gemm_ptr(
         assert!(k != 0 || accumulate, "gemm_ptr with k = 0 must accumulate");
         return;
     }
-    a.check("gemm lhs");
-    b.check("gemm rhs");
+    a.check("gemm", "lhs");
+    b.check("gemm", "rhs");
     gemm::gemm(
         m,
         n,

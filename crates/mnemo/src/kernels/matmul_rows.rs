@@ -35,13 +35,20 @@ pub(super) fn gemm_rows(
     parallel: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let rows: Vec<&[f32]> = (0..m).map(|i| &a.data[i * a.rs..i * a.rs + k]).collect();
+    let all: [&[f32]; MAX_ROWS] = std::array::from_fn(|i| {
+        if i < m {
+            &a.data[i * a.rs..i * a.rs + k]
+        } else {
+            &[]
+        }
+    });
+    let rows = &all[..m];
     let out = SendPtr(c.as_mut_ptr());
     let cols = |j0: usize, j1: usize| {
         let mut dots = [0.0f32; MAX_ROWS];
         for j in j0..j1 {
             let w = &b.data[j * b.cs..j * b.cs + k];
-            column(w, &rows, &mut dots[..m]);
+            column(w, rows, &mut dots[..m]);
             for (i, &d) in dots[..m].iter().enumerate() {
                 // SAFETY: i < m and j < n lie inside `c` (checked by the caller); the column
                 // ranges of parallel tasks are disjoint.

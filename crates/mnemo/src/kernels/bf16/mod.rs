@@ -135,35 +135,10 @@ pub fn gemm_reference(
     );
 }
 
-/// Shape and bounds checks shared by both paths; `false` when there is nothing to multiply
-/// (an empty output, or `k = 0`, where `C` was zeroed unless accumulating).
+/// Shape and bounds checks shared by both paths (`matmul`'s); `false` when there is nothing
+/// to multiply (an empty output, or `k = 0`, where `C` was zeroed unless accumulating).
 fn check(c: &mut [f32], c_rs: usize, a: &MatRef, b: &MatRef, accumulate: bool) -> bool {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(
-        b.rows, k,
-        "bf16 gemm: inner dimensions differ ({}x{} · {}x{})",
-        a.rows, a.cols, b.rows, b.cols
-    );
-    if m == 0 || n == 0 {
-        return false;
-    }
-    assert!(
-        (m - 1) * c_rs + n <= c.len(),
-        "bf16 gemm: output view exceeds its buffer"
-    );
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * c_rs..i * c_rs + n].fill(0.0);
-            }
-        }
-        return false;
-    }
-    for (v, what) in [(a, "bf16 gemm lhs"), (b, "bf16 gemm rhs")] {
-        let last = (v.rows - 1) * v.rs + (v.cols - 1) * v.cs;
-        assert!(last < v.data.len(), "{what}: view exceeds its buffer");
-    }
-    true
+    super::matmul::prepare(c, c_rs, a, b, accumulate, "bf16 gemm")
 }
 
 /// The `vdpbf16ps` path: pack both operands (rounding), then the micro-kernel over `MC×NC`
