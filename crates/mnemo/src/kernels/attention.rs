@@ -18,13 +18,19 @@
 //! (training: `q_pos0 = 0, tq = tk`; decoding with a KV cache: `q_pos0 = cached length`).
 //! Output `o: [batch·tq, H·d_h]`, `lse: [batch, H, tq]`.
 
-use super::matmul::{gemm_ptr, MatRef};
+use super::attn_tile::gemm_tile;
+use super::matmul::MatRef;
 use super::vexp::exp_sub_sum;
 use super::SendPtr;
 use rayon::prelude::*;
 
 /// Block size (queries and keys) of the tiled loops.
 pub const BLOCK: usize = 64;
+
+/// Keys per step of the forward's online softmax (a multiple of [`BLOCK`]): one score product
+/// `[BLOCK, KEY_SPAN]` and one `P·V` product per step keep the GEMMs big enough to run near
+/// the micro-kernel's speed, while the scratch stays `O(BLOCK · KEY_SPAN)`.
+pub const KEY_SPAN: usize = 512;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {
@@ -49,6 +55,17 @@ impl<'a> Heads<'a> {
     fn block(&self, row0: usize, rows: usize, head: usize, hd: usize) -> MatRef<'a> {
         let start = row0 * self.rs + self.off + head * hd;
         MatRef::strided(&self.data[start..], rows, hd, self.rs)
+    }
+
+    /// Head `head` of rows `row0..row0 + rows`, transposed into `out: [hd, rows]` (the
+    /// row-major `Kᵀ`/`Vᵀ` operand of the block products, see [`gemm_tile`]).
+    fn transpose_into(&self, row0: usize, rows: usize, head: usize, hd: usize, out: &mut [f32]) {
+        for r in 0..rows {
+            let src = &self.data[(row0 + r) * self.rs + self.off + head * hd..][..hd];
+            for (c, &x) in src.iter().enumerate() {
+                out[c * rows + r] = x;
+            }
+        }
     }
 }
 
@@ -90,6 +107,13 @@ pub fn forward_scaled(
     let o_ptr = SendPtr(o.as_mut_ptr());
     let lse_ptr = SendPtr(lse.as_mut_ptr());
     let o_rs = n_heads * hd;
+    // Kᵀ of every (sequence, kv head): [batch, n_kv_heads, hd, tk].
+    let mut kt = vec![0.0f32; batch * n_kv_heads * hd * tk];
+    kt.par_chunks_mut(hd * tk)
+        .enumerate()
+        .for_each(|(bg, out)| {
+            k.transpose_into((bg / n_kv_heads) * tk, tk, bg % n_kv_heads, hd, out)
+        });
     (0..batch * n_heads * nqb).into_par_iter().for_each(|task| {
         let qb = task % nqb;
         let h = (task / nqb) % n_heads;
@@ -102,22 +126,19 @@ pub fn forward_scaled(
         let mut acc = vec![0.0f32; bq * hd];
         let mut m = vec![f32::NEG_INFINITY; bq];
         let mut l = vec![0.0f32; bq];
-        let mut s = vec![0.0f32; bq * BLOCK];
+        let mut s = vec![0.0f32; bq * KEY_SPAN];
         let mut s0 = 0;
         while s0 <= last_pos {
-            let bk = BLOCK.min(tk - s0);
-            let km = k.block(b * tk + s0, bk, g, hd);
+            let bk = KEY_SPAN.min(tk - s0).min(last_pos + 1 - s0);
+            let ktm = MatRef::strided(&kt[(b * n_kv_heads + g) * hd * tk + s0..], hd, bk, tk);
             let vm = v.block(b * tk + s0, bk, g, hd);
             // S = scale · Q Kᵀ  [bq, bk]
-            unsafe { gemm_ptr(s.as_mut_ptr(), bk, qm, km.t(), scale, false) };
+            unsafe { gemm_tile(s.as_mut_ptr(), bk, qm, ktm, scale, false) };
             for i in 0..bq {
                 let pos = q_pos0 + t0 + i;
                 let row = &mut s[i * bk..(i + 1) * bk];
                 let valid = (pos + 1).saturating_sub(s0).min(bk);
-                let mut mx = m[i];
-                for &x in &row[..valid] {
-                    mx = mx.max(x);
-                }
+                let mx = super::vecops::max(&row[..valid], m[i]);
                 if mx == f32::NEG_INFINITY {
                     row.fill(0.0);
                     continue;
@@ -135,7 +156,7 @@ pub fn forward_scaled(
             }
             // acc += P V
             unsafe {
-                gemm_ptr(
+                gemm_tile(
                     acc.as_mut_ptr(),
                     hd,
                     MatRef::new(&s[..bq * bk], bq, bk),
@@ -144,7 +165,7 @@ pub fn forward_scaled(
                     true,
                 )
             };
-            s0 += BLOCK;
+            s0 += KEY_SPAN;
         }
         for i in 0..bq {
             let inv = 1.0 / l[i];
@@ -429,6 +450,11 @@ pub fn backward_scaled(
         let mut p = vec![0.0f32; BLOCK * BLOCK];
         let mut dp = vec![0.0f32; BLOCK * BLOCK];
         let mut dsum = vec![0.0f32; t];
+        // Kᵀ and Vᵀ of this kv head: [hd, t] each.
+        let mut kt = vec![0.0f32; hd * t];
+        let mut vt = vec![0.0f32; hd * t];
+        kv.transpose_into(base, t, g, hd, &mut kt);
+        vv.transpose_into(base, t, g, hd, &mut vt);
         for h in g * rep..(g + 1) * rep {
             for (i, ds) in dsum.iter_mut().enumerate() {
                 let orow = &o[(base + i) * o_rs + h * hd..][..hd];
@@ -440,7 +466,8 @@ pub fn backward_scaled(
                 let s0 = kb * BLOCK;
                 let bk = BLOCK.min(t - s0);
                 let km = kv.block(base + s0, bk, g, hd);
-                let vm = vv.block(base + s0, bk, g, hd);
+                let ktm = MatRef::strided(&kt[s0..], hd, bk, t);
+                let vtm = MatRef::strided(&vt[s0..], hd, bk, t);
                 let dk_ptr = unsafe { d.add((base + s0) * lay.rs + lay.k_off + g * hd) };
                 let dv_ptr = unsafe { d.add((base + s0) * lay.rs + lay.v_off + g * hd) };
                 for qb in kb..nb {
@@ -449,7 +476,7 @@ pub fn backward_scaled(
                     let qm = qv.block(base + t0, bq, h, hd);
                     let dom = dov.block(base + t0, bq, h, hd);
                     // P = exp(scale·Q Kᵀ − lse), masked.
-                    unsafe { gemm_ptr(p.as_mut_ptr(), bk, qm, km.t(), scale, false) };
+                    unsafe { gemm_tile(p.as_mut_ptr(), bk, qm, ktm, scale, false) };
                     for i in 0..bq {
                         let pos = t0 + i;
                         let valid = (pos + 1).saturating_sub(s0).min(bk);
@@ -459,9 +486,9 @@ pub fn backward_scaled(
                     }
                     let pm = MatRef::new(&p[..bq * bk], bq, bk);
                     // dV += Pᵀ dO
-                    unsafe { gemm_ptr(dv_ptr, lay.rs, pm.t(), dom, 1.0, true) };
+                    unsafe { gemm_tile(dv_ptr, lay.rs, pm.t(), dom, 1.0, true) };
                     // dP = dO Vᵀ
-                    unsafe { gemm_ptr(dp.as_mut_ptr(), bk, dom, vm.t(), 1.0, false) };
+                    unsafe { gemm_tile(dp.as_mut_ptr(), bk, dom, vtm, 1.0, false) };
                     // dS = P ⊙ (dP − D), stored in dp
                     for i in 0..bq {
                         let di = dsum[t0 + i];
@@ -473,8 +500,8 @@ pub fn backward_scaled(
                     // dQ += scale · dS K ; dK += scale · dSᵀ Q
                     unsafe {
                         let dq_ptr = d.add((base + t0) * lay.rs + lay.q_off + h * hd);
-                        gemm_ptr(dq_ptr, lay.rs, dsm, km, scale, true);
-                        gemm_ptr(dk_ptr, lay.rs, dsm.t(), qm, scale, true);
+                        gemm_tile(dq_ptr, lay.rs, dsm, km, scale, true);
+                        gemm_tile(dk_ptr, lay.rs, dsm.t(), qm, scale, true);
                     }
                 }
             }

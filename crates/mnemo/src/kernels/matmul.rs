@@ -54,7 +54,7 @@ impl<'a> MatRef<'a> {
         }
     }
     /// Panics naming `what` and `side` (lhs/rhs) when the view reaches past its buffer.
-    fn check(&self, what: &str, side: &str) {
+    pub(super) fn check(&self, what: &str, side: &str) {
         if self.rows > 0 && self.cols > 0 {
             let last = (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
             assert!(

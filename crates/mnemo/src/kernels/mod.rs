@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attn_tile;
 pub mod bf16;
 pub mod cross_entropy;
 pub mod embedding;

@@ -1,5 +1,5 @@
-//! Short-vector primitives for the row-by-row attention loops: `dot(a, b) = Σ aᵢ·bᵢ` and
-//! `axpy: y ← y + α·x`, with an AVX2/FMA path chosen at run time and a portable path (eight
+//! Short-vector primitives for the row-by-row attention loops: `dot(a, b) = Σ aᵢ·bᵢ`,
+//! `axpy: y ← y + α·x` and a row's `max`, with an AVX2/FMA path chosen at run time and a portable path (eight
 //! independent accumulators, which the compiler vectorises) elsewhere. Each path sums in a
 //! fixed order, so results are reproducible on one machine.
 
@@ -13,6 +13,24 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         return unsafe { dot_avx2(&a[..n], &b[..n]) };
     }
     crate::kernels::sparse_attention::dot(&a[..n], &b[..n])
+}
+
+/// `max(init, max_i xᵢ)` (NaN elements are skipped, as by `f32::max`): sixteen independent
+/// lanes, which the compiler vectorises, so a long row is not one dependent chain.
+#[inline]
+pub fn max(x: &[f32], init: f32) -> f32 {
+    let mut lanes = [init; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let mut m = chunks.remainder().iter().fold(init, |m, &v| m.max(v));
+    for l in lanes {
+        m = m.max(l);
+    }
+    m
 }
 
 /// `y ← y + α·x` over the common length.
@@ -102,6 +120,20 @@ mod tests {
             for i in 0..n {
                 assert!((y[i] - (b[i] + 0.5 * a[i])).abs() <= 1e-6, "n={n}, i={i}");
             }
+        }
+    }
+
+    #[test]
+    fn max_is_the_plain_maximum_and_skips_nan() {
+        let mut r = crate::rng::Rng::new(5);
+        for n in [0, 1, 15, 16, 17, 40, 100] {
+            let mut x: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
+            if n > 3 {
+                x[2] = f32::NAN;
+            }
+            let want = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max(&x, f32::NEG_INFINITY), want, "n={n}");
+            assert_eq!(max(&x, 1e9), 1e9, "n={n}");
         }
     }
 }

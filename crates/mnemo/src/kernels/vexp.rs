@@ -57,8 +57,8 @@ pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     let mut lanes = [0.0f32; LANES];
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if x.len() >= LANES && super::has_avx2_fma() {
-        // SAFETY: AVX2 and FMA were detected; the kernel touches whole blocks of 16 inside `x`.
+    if !x.is_empty() && super::has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected; the kernel reads and writes only inside `x`.
         done = unsafe { exp_sub_sum_avx2(x, m, &mut lanes) };
     }
     for (i, v) in x.iter_mut().enumerate().skip(done) {
@@ -78,7 +78,8 @@ pub fn exp_sub_sum_portable(x: &mut [f32], m: f32) -> f32 {
     lanes.iter().sum()
 }
 
-/// Whole blocks of 16 elements; the lane sums into `lanes`. Returns the elements done.
+/// Whole blocks of 16 elements and (for a finite `m`) the tail; the lane sums into `lanes`.
+/// Returns the elements done.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_sub_sum_avx2(x: &mut [f32], m: f32, lanes: &mut [f32; LANES]) -> usize {
@@ -97,9 +98,26 @@ unsafe fn exp_sub_sum_avx2(x: &mut [f32], m: f32, lanes: &mut [f32; LANES]) -> u
         s1 = _mm256_add_ps(s1, b);
         i += LANES;
     }
+    let mut done = n;
+    // The tail as one more block padded with −∞: exp(−∞ − m) = +0 for a finite `m`, and
+    // adding +0 leaves a lane sum's bits unchanged, so the result is the portable one.
+    if n < x.len() && m.is_finite() {
+        let tail = &mut x[n..];
+        let mut buf = [f32::NEG_INFINITY; LANES];
+        buf[..tail.len()].copy_from_slice(tail);
+        let q = buf.as_mut_ptr();
+        let a = exp8(_mm256_sub_ps(_mm256_loadu_ps(q), mv));
+        let b = exp8(_mm256_sub_ps(_mm256_loadu_ps(q.add(8)), mv));
+        _mm256_storeu_ps(q, a);
+        _mm256_storeu_ps(q.add(8), b);
+        s0 = _mm256_add_ps(s0, a);
+        s1 = _mm256_add_ps(s1, b);
+        tail.copy_from_slice(&buf[..tail.len()]);
+        done = x.len();
+    }
     _mm256_storeu_ps(lanes.as_mut_ptr(), s0);
     _mm256_storeu_ps(lanes.as_mut_ptr().add(8), s1);
-    n
+    done
 }
 
 /// Eight lanes of [`exp`], the same operations.
