@@ -140,21 +140,33 @@ pub fn fp8_block(v: &Value) -> Result<[usize; 2]> {
 }
 
 /// A quantised weight as stored, checked against the model's shape: its codes (FP8 e4m3
-/// bytes, or FP4 e2m1 two per byte) and its scale grid (FP8 `[ceil(rows/br), ceil(cols/bc)]`,
-/// FP4 `[rows, ceil(cols/32)]`).
+/// bytes, or FP4 e2m1 two per byte) and where its scale grid is (FP8
+/// `[ceil(rows/br), ceil(cols/bc)]`, FP4 `[rows, ceil(cols/32)]`; its shape checked, its values
+/// read by [`Coded::scales`]).
 pub(crate) struct Coded<'a> {
     pub kind: Storage,
     pub codes: &'a [u8],
-    pub scales: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
     /// The file that holds it (for messages).
     pub file: String,
+    /// The scale tensor's name, its shape, and what its blocks are (for messages).
+    pub scale: String,
+    pub scale_shape: [usize; 2],
+    scale_what: String,
 }
 
-/// Weight `name` of model shape `shape` as stored codes and scales, `None` when it is stored
-/// as F32/BF16/F16. The scale must exist (see [`needs_scale`]). Errors name the file, the
-/// tensor and the value.
+impl Coded<'_> {
+    /// The scale grid as f32 values ([`read_scale`]).
+    pub fn scales(&self, src: &Shards, name: &str) -> Result<Vec<f32>> {
+        read_scale(src, &self.scale, name, &self.scale_shape, &self.scale_what)
+    }
+}
+
+/// Weight `name` of model shape `shape` as stored codes with its scale tensor's name, `None`
+/// when it is stored as F32/BF16/F16. The scale must exist with the right shape (see
+/// [`needs_scale`]); nothing but the headers is read. Errors name the file, the tensor and
+/// the value.
 pub(crate) fn read_coded<'a>(
     src: &'a Shards,
     name: &str,
@@ -180,8 +192,7 @@ pub(crate) fn read_coded<'a>(
             t.dtype
         );
     };
-    let sname = scale_name(name);
-    let scales = match kind {
+    let (want, what) = match kind {
         Storage::Fp8 => {
             if t.shape != shape {
                 bail!(
@@ -190,14 +201,10 @@ pub(crate) fn read_coded<'a>(
                 );
             }
             let [br, bc] = fp8_block;
-            let want = [rows.div_ceil(br), cols.div_ceil(bc)];
-            read_scale(
-                src,
-                &sname,
-                name,
-                &want,
-                &format!("FP8 blocks of {br}×{bc}"),
-            )?
+            (
+                [rows.div_ceil(br), cols.div_ceil(bc)],
+                format!("FP8 blocks of {br}×{bc}"),
+            )
         }
         Storage::Fp4 => {
             if !cols.is_multiple_of(2) {
@@ -221,24 +228,33 @@ pub(crate) fn read_coded<'a>(
                     }
                 );
             }
-            let want = [rows, cols.div_ceil(FP4_BLOCK)];
-            read_scale(
-                src,
-                &sname,
-                name,
-                &want,
-                &format!("FP4 blocks of 1×{FP4_BLOCK}"),
-            )?
+            (
+                [rows, cols.div_ceil(FP4_BLOCK)],
+                format!("FP4 blocks of 1×{FP4_BLOCK}"),
+            )
         }
         Storage::Plain => unreachable!("returned above"),
     };
+    let sname = scale_name(name);
+    let (st, sf) = src.raw(&sname).with_context(|| {
+        format!("tensor `{name}` is quantised but its scale `{sname}` is missing")
+    })?;
+    if st.shape != want {
+        bail!(
+            "{}: scale `{sname}` of `{name}` has shape {:?}, expected {want:?} ({what})",
+            sf.path().display(),
+            st.shape
+        );
+    }
     Ok(Some(Coded {
         kind,
         codes: t.data,
-        scales,
         rows,
         cols,
         file,
+        scale: sname,
+        scale_shape: want,
+        scale_what: what,
     }))
 }
 
@@ -253,9 +269,10 @@ pub fn read_weight(
     let Some(c) = read_coded(src, name, shape, fp8_block)? else {
         return src.f32(name, Some(shape));
     };
+    let scales = c.scales(src, name)?;
     let values = match c.kind {
-        Storage::Fp8 => dequant_fp8(c.codes, &c.scales, c.rows, c.cols, fp8_block),
-        _ => dequant_fp4(c.codes, &c.scales, c.rows, c.cols, FP4_BLOCK),
+        Storage::Fp8 => dequant_fp8(c.codes, &scales, c.rows, c.cols, fp8_block),
+        _ => dequant_fp4(c.codes, &scales, c.rows, c.cols, FP4_BLOCK),
     };
     if let Some(i) = values.iter().position(|x| !x.is_finite()) {
         let (r, col) = (i / c.cols, i % c.cols);
@@ -325,6 +342,18 @@ fn needs_scale(src: &Shards, name: &str) -> bool {
 
 /// Load an official DeepSeek-V4 directory (see the module doc).
 pub fn load_dir(dir: &Path) -> Result<Model> {
+    load_dir_with(dir, None)
+}
+
+/// A loader's hook ([`load_dir_with`]): given the checkpoint, a model tensor and its stored
+/// name (present, its scale too when quantised), `true` when it took the tensor (so its f32
+/// copy is not made).
+pub(crate) type Take<'a> =
+    &'a mut dyn FnMut(&Shards, &crate::model::TensorSpec, &str) -> Result<bool>;
+
+/// [`load_dir`]; with `take`, the model's parameters are a reserved mapping
+/// ([`crate::model::Params::reserved`]) and the tensors `take` takes are left unwritten.
+pub(crate) fn load_dir_with(dir: &Path, mut take: Option<Take>) -> Result<Model> {
     let cpath = dir.join("config.json");
     let text =
         std::fs::read_to_string(&cpath).with_context(|| format!("reading {}", cpath.display()))?;
@@ -339,7 +368,10 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
         None => full,
         Some(_) => full.without_mtp(),
     };
-    let mut model = Model::new(cfg).context("the DeepSeek-V4 config")?;
+    let mut model = match take {
+        None => Model::new(cfg).context("the DeepSeek-V4 config")?,
+        Some(_) => Model::new_reserved(cfg).context("the DeepSeek-V4 config")?,
+    };
     let mut used = HashSet::new();
     let mut missing = Vec::new();
     for spec in model.layout.tensors.clone() {
@@ -363,6 +395,12 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
                 continue;
             }
             used.insert(s);
+        }
+        if let Some(take) = take.as_mut() {
+            if take(&src, &spec, &key)? {
+                used.insert(key);
+                continue;
+            }
         }
         let w = read_weight(&src, &key, &spec.shape, block)?;
         if let Some(i) = w.iter().position(|x| !x.is_finite()) {
