@@ -39,7 +39,8 @@ impl MemStatus {
 
     /// One line for logs: `RSS 1.23 GB (peak 1.50 GB; anon 0.80 GB, file 0.43 GB)`.
     pub fn describe(&self) -> String {
-        let gb = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.2} GB", b as f64 / 1e9));
+        let gb =
+            |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.2} GB", b as f64 / 1e9));
         format!(
             "RSS {} (peak {}; anon {}, file {})",
             gb(self.rss),

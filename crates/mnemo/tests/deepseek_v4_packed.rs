@@ -97,7 +97,10 @@ fn packed_decoding_matches_the_dequantised_model() {
 
     // The full forward needs f32 weights: refused, not run on the missing copies.
     let mut ws = mnemo::model::Workspace::default();
-    let err = format!("{:#}", packed.try_forward(&ids[..4], 1, 4, &mut ws).unwrap_err());
+    let err = format!(
+        "{:#}",
+        packed.try_forward(&ids[..4], 1, 4, &mut ws).unwrap_err()
+    );
     assert!(err.contains("packed only"), "{err}");
 
     // Decoding and prefill read the packed copies: zeroed codes (copied on write, the mapped

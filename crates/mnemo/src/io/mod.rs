@@ -27,3 +27,4 @@ pub mod shards;
 pub mod v4_official;
 pub mod v4_packed;
 pub mod v4_quantize;
+pub mod v4_random;

@@ -60,11 +60,10 @@ pub fn isa() -> Isa {
 /// when `scale > 2⁷`, which takes the two-multiply path), FP4 `scale/2`.
 fn multipliers(m: &QMatrix, d: &[f32]) -> Vec<f32> {
     match m.ty {
-        QType::Fp8 => {
-            d.iter()
-                .map(|&s| if s <= 128.0 { s * TWO_120 } else { f32::NAN })
-                .collect()
-        }
+        QType::Fp8 => d
+            .iter()
+            .map(|&s| if s <= 128.0 { s * TWO_120 } else { f32::NAN })
+            .collect(),
         _ => d.iter().map(|&s| s * 0.5).collect(),
     }
 }

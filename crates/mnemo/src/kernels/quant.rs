@@ -102,7 +102,12 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
-    pub fn new(ty: QType, rows: usize, cols: usize, data: impl Into<super::qbytes::QBytes>) -> Self {
+    pub fn new(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        data: impl Into<super::qbytes::QBytes>,
+    ) -> Self {
         let data = data.into();
         let bs = ty.block_bytes();
         let d_at = if ty == QType::Q6_K { 208 } else { 0 };
@@ -148,7 +153,14 @@ impl QMatrix {
         scales: Vec<f32>,
         block: usize,
     ) -> Result<Self, String> {
-        let q = Self::packed_lazy(ty, rows, cols, data.into(), PackedScales::F32(scales), block)?;
+        let q = Self::packed_lazy(
+            ty,
+            rows,
+            cols,
+            data.into(),
+            PackedScales::F32(scales),
+            block,
+        )?;
         let (data, scales) = (&q.data, &q.d);
         let pow2 = |s: f32| {
             let b = s.to_bits();
