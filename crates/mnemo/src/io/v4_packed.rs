@@ -22,7 +22,8 @@
 //! (`mnemo generate --keep-packed`, `mnemo logits --keep-packed`; serving can call it too).
 
 use super::shards::Shards;
-use super::v4_official::{fp8_block, read_coded, Storage, FP4_BLOCK};
+use super::v4_coded::read_coded;
+use super::v4_official::{fp8_block, Storage, FP4_BLOCK};
 use crate::kernels::fp8dot::expand_block_scales;
 use crate::kernels::quant::{PackedScales, QMatrix, QType};
 use crate::model::Model;

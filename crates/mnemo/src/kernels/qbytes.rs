@@ -91,7 +91,7 @@ mod tests {
         let mut s = QBytes::shared(buf.clone(), 10..20);
         assert_eq!(&s[..3], &[10, 11, 12]);
         let t = s.slice(2..4);
-        assert!(t.is_shared() && &t[..] == &[12, 13]);
+        assert!(t.is_shared() && t[..] == [12, 13]);
         s[0] = 99;
         assert!(!s.is_shared() && s[0] == 99 && s.len() == 10);
         assert_eq!((*buf).as_ref()[10], 10, "the shared buffer is not modified");

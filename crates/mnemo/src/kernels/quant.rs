@@ -240,27 +240,6 @@ impl QMatrix {
         }
     }
 
-    /// Rows `r0..r0 + n` as a matrix of their own (a packed float matrix, sharing the codes
-    /// when they are shared): e.g. one group of a grouped projection.
-    pub fn rows_range(&self, r0: usize, n: usize) -> Self {
-        assert!(self.ty.is_packed_float() && r0 + n <= self.rows);
-        let (rb, nb) = (self.row_bytes(), self.cols.div_ceil(self.block));
-        QMatrix {
-            ty: self.ty,
-            rows: n,
-            cols: self.cols,
-            data: self.data.slice(r0 * rb..(r0 + n) * rb),
-            d: if self.d.is_empty() {
-                Vec::new()
-            } else {
-                self.d[r0 * nb..(r0 + n) * nb].to_vec()
-            },
-            m: Vec::new(),
-            d8: self.d8.as_ref().map(|e| e.slice(r0 * nb..(r0 + n) * nb)),
-            block: self.block,
-        }
-    }
-
     pub fn row_bytes(&self) -> usize {
         self.cols / self.ty.block_elems() * self.ty.block_bytes()
     }
