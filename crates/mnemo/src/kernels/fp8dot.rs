@@ -7,7 +7,9 @@
 //! per value; FP4 two per byte, even element in the low nibble), `d` the scales per row and
 //! per `block` values along it (`[rows, ceil(cols/block)]`, f32 powers of two; an FP8
 //! `128 × 128` block scale is repeated for each of its rows, so fused `[W1; W3]` stacks keep
-//! their scales). `block` is a multiple of 16.
+//! their scales; or, `QMatrix::packed_lazy`, E8M0 exponent bytes converted by each product, so
+//! a memory-mapped expert's scales are read only when it runs). `block` is a multiple of 16.
+//! The codes may be a range of a shared buffer (`super::qbytes`).
 //!
 //! Activations stay f32: every weight is decoded to the exact f32 `w = value·scale` that
 //! dequantise-then-f32 gives (`round(value·scale)`, one rounding, the same real product), and
