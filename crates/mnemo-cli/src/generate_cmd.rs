@@ -50,6 +50,11 @@ pub struct GenerateArgs {
     /// default 8).
     #[arg(long, value_name = "K")]
     draft_len: Option<usize>,
+    /// Official DeepSeek-V4 directory (FP8/FP4 weights) only: keep the big weights packed and
+    /// memory-mapped (no f32 copy; only the experts a token routes to are read), and print the
+    /// load time, decode speed and resident memory (now and peak) to stderr at the end.
+    #[arg(long)]
+    keep_packed: bool,
 }
 
 /// `mnemo generate`: continue a prompt (or answer it with the chat template), streaming the
@@ -58,7 +63,30 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let l = mnemo::checkpoint::load(&a.run_dir, false)?;
+    let t_load = std::time::Instant::now();
+    let l = match a.keep_packed {
+        false => mnemo::checkpoint::load(&a.run_dir, false)?,
+        true => {
+            let l = mnemo::checkpoint::load_packed(&a.run_dir, true)?;
+            mnemo::checkpoint::Loaded {
+                tokenizer: l.tokenizer.expect("required above"),
+                model: l.model,
+                state: l.state,
+                adam: l.adam,
+                engram_opt: l.engram_opt,
+                moe_pools: l.moe_pools,
+                dir: l.dir,
+            }
+        }
+    };
+    if a.keep_packed {
+        eprintln!(
+            "generate: {} packed matrices, loaded in {:.2} s; {}",
+            l.model.quant.len(),
+            t_load.elapsed().as_secs_f64(),
+            mnemo::memstat::MemStatus::now().describe()
+        );
+    }
     let tok = &l.tokenizer;
     let prompt = if a.chat {
         if tok.chat_template().is_none() {
@@ -168,6 +196,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
         return Ok(());
     }
+    let t_gen = std::time::Instant::now();
     let st = stream_answer(
         &l.model,
         tok,
@@ -179,6 +208,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         &mut stdout,
     )?;
     writeln!(stdout)?;
+    if a.keep_packed {
+        let total = t_gen.elapsed().as_secs_f64();
+        let first = st.first_token.map_or(0.0, |d| d.as_secs_f64());
+        eprintln!(
+            "generate: prompt {} tokens, first token after {first:.2} s; {} tokens, {:.1} ms/token \
+             after the first; {}",
+            prompt.len(),
+            st.generated,
+            1e3 * (total - first) / (st.generated.saturating_sub(1).max(1)) as f64,
+            mnemo::memstat::MemStatus::now().describe()
+        );
+    }
     if st.context_full {
         eprintln!(
             "stopped after {} tokens: the model's context of {} tokens is full",

@@ -32,7 +32,8 @@ pub const LONG_ABOUT: &str =
     models. A quantised GGUF runs the cached path (every row's logits wanted) on its quantised \
     weights and the full forward on the dequantised f32 ones, so there they differ by the \
     quantisation error. With --keep-packed, an official DeepSeek-V4 directory's cached path \
-    multiplies from its FP8/FP4 codes (the same weight values as the dequantised ones).\n\n\
+    (prefill and decoding) multiplies from its FP8/FP4 codes, memory-mapped, with no \
+    dequantised copy (the same weight values as the dequantised ones).\n\n\
     The output is written to a temporary file beside OUT and renamed into place, so OUT is \
     either the old file or the complete new one. A one-line summary goes to stderr.\n\n\
     Example:\n  echo '[1, 15, 27, 3]' > ids.json\n  \
@@ -54,8 +55,9 @@ pub struct LogitsArgs {
     #[arg(long, value_name = "N")]
     decode_from: Option<usize>,
     /// Official DeepSeek-V4 directory (FP8/FP4 weights) only: keep those weights packed and
-    /// run the cached path on them (the FP8/FP4 kernels, no dequantised copy in the products);
-    /// needs --decode-from (the full forward always runs the dequantised f32 weights).
+    /// run the cached path on them (prefill and decoding on the FP8/FP4 kernels, codes
+    /// memory-mapped, no dequantised copy); needs --decode-from (the full forward needs f32
+    /// weights).
     #[arg(long, requires = "decode_from")]
     keep_packed: bool,
 }
@@ -75,8 +77,13 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     }
     let out = TempOut::create(&a.out)?;
     let t0 = Instant::now();
-    let (mut model, kind) = load(&a.model)?;
-    if a.keep_packed {
+    let (model, kind) = if a.keep_packed {
+        if a.decode_from.is_none() {
+            bail!(
+                "--keep-packed runs the model through its cache (prefill and decoding) on the \
+                 packed weights, which have no f32 copy: give --decode-from N too"
+            );
+        }
         if !mnemo::io::v4_official::is_official_dir(&a.model) {
             bail!(
                 "--keep-packed: {} is not an official DeepSeek-V4 directory (FP8/FP4 weights \
@@ -84,9 +91,12 @@ pub fn run(a: LogitsArgs) -> Result<()> {
                 a.model.display()
             );
         }
-        let n = mnemo::io::v4_packed::attach_packed(&mut model, &a.model)?;
-        eprintln!("logits: {n} FP8/FP4 matrices kept packed");
-    }
+        let m = mnemo::io::v4_packed::load_dir_packed(&a.model)?;
+        eprintln!("logits: {} FP8/FP4 matrices kept packed", m.quant.len());
+        (m, "DeepSeek-V4 (official directory, packed)")
+    } else {
+        load(&a.model)?
+    };
     let load_s = t0.elapsed().as_secs_f64();
     let (v, max_len) = (model.cfg.vocab_size, model.cfg.max_seq_len);
     if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {

@@ -25,6 +25,7 @@ mod serve;
 mod speculate_cmd;
 mod tokenizer_cmd;
 mod train_cmd;
+mod v4scale_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +53,10 @@ enum Cmd {
     Eval(eval_cmd::EvalArgs),
     /// Generate text from a trained run, streaming tokens to stdout.
     Generate(generate_cmd::GenerateArgs),
+    /// DeepSeek-V4 at V4-Flash's layer shapes: write a random packed checkpoint, measure
+    /// prefill, decode, KV cache and memory at long contexts.
+    #[command(name = "v4-scale", subcommand)]
+    V4Scale(v4scale_cmd::V4ScaleCmd),
     /// Export a run as a Hugging Face directory (DeepSeek-V4: transformers' `deepseek_v4`
     /// layout; dense models: the Llama layout).
     Export(export_cmd::ExportArgs),
@@ -137,6 +142,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Ask(a) => ask_cmd::run(a),
         Cmd::Generate(a) => generate_cmd::run(a),
+        Cmd::V4Scale(c) => v4scale_cmd::run(c),
         Cmd::Logits(a) => logits_cmd::run(a),
         Cmd::Quantize(a) => quantize_cmd::run(a),
         Cmd::Export(a) => export_cmd::run(a),

@@ -251,6 +251,31 @@ pub fn load_model(path: &Path) -> Result<Loaded<Option<Tokenizer>>> {
     load_inner(path, false, false)
 }
 
+/// [`load`] for an official DeepSeek-V4 directory, its FP8/FP4 product weights kept packed
+/// and memory-mapped with no f32 copy ([`crate::io::v4_packed::load_dir_packed`]: the model
+/// runs through its cache only — prefill, decoding, serving). The tokenizer is required when
+/// `need_tokenizer`. An error for any other model (nothing to keep packed).
+pub fn load_packed(path: &Path, need_tokenizer: bool) -> Result<Loaded<Option<Tokenizer>>> {
+    if !(path.is_dir() && crate::io::v4_official::is_official_dir(path)) {
+        bail!(
+            "{}: keeping weights packed needs an official DeepSeek-V4 directory (FP8/FP4 \
+             weights under the release's names); other models have nothing to keep packed",
+            path.display()
+        );
+    }
+    let model = crate::io::v4_packed::load_dir_packed(path)?;
+    let tokenizer = tokenizer_of(path, &model, need_tokenizer)?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        state: None,
+        adam: None,
+        engram_opt: None,
+        moe_pools: None,
+        dir: path.to_path_buf(),
+    })
+}
+
 /// The tokenizer of checkpoint directory `dir`: `tokenizer.json` when present (checked against
 /// the model's vocabulary); when absent, an error if `need`, else `None`.
 fn tokenizer_of(dir: &Path, model: &Model, need: bool) -> Result<Option<Tokenizer>> {

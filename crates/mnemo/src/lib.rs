@@ -40,6 +40,7 @@ pub mod io;
 pub mod kernels;
 pub mod longctx;
 pub mod lookup;
+pub mod memstat;
 pub mod mhc;
 pub mod model;
 pub mod moe;

@@ -1,12 +1,14 @@
-//! An official DeepSeek-V4 checkpoint decoded from its packed FP8 / FP4 weights
-//! (`io::v4_packed`, `kernels::fp8dot`) against the same checkpoint dequantised to f32:
+//! An official DeepSeek-V4 checkpoint run from its packed FP8 / FP4 weights, memory-mapped
+//! with no f32 copy (`io::v4_packed`, `kernels::fp8dot`), against the same checkpoint
+//! dequantised to f32:
 //! the fixture of `deepseek_v4_official.rs` (FP8 with partial 128×128 blocks, FP4 routed
 //! experts stored as I8, U8 and F4 with E8M0, U8 and F32 scales).
 //!
 //! The packed kernels decode every weight to exactly the f32 value dequantisation gives, so
 //! the two models differ only in the order of the f32 sums: logits agree to 2e-5 of the
-//! largest logit at every decoded position, greedy decoding gives the same tokens, and both
-//! stay within the 1e-4 of transformers' logits that the f32 model meets.
+//! largest logit at every decoded position (prefill rows too: a packed-only model has no f32
+//! copy to fall back to), greedy decoding gives the same tokens, and both stay within the
+//! 1e-4 of transformers' logits that the f32 model meets. (Bad directories: `deepseek_v4_quantize.rs`.)
 
 use mnemo::generate::KvCache;
 use mnemo::io::safetensors::TensorFile;
@@ -35,23 +37,23 @@ fn packed_decoding_matches_the_dequantised_model() {
     let dir = fixture();
     let f32m = mnemo::io::v4_official::load_dir(&dir).unwrap();
     let packed = mnemo::io::v4_packed::load_dir_packed(&dir).unwrap_or_else(|e| panic!("{e:#}"));
-    assert!(f32m.quant.is_empty());
-    assert_eq!(
-        packed.params, f32m.params,
-        "the f32 parameters stay the same"
-    );
-    // Every FP8 weight and every routed expert (w1|w3 fused, w2) is packed.
+    assert!(f32m.quant.is_empty() && !f32m.packed_only);
+    assert!(packed.packed_only && packed.params.is_reserved());
+    // Every FP8 product weight and every routed expert (w1, w2, w3) is packed, the experts'
+    // codes as ranges of the mapped shards, and none of them has an f32 copy.
     let c = &packed.cfg;
     let n8 = packed.quant.values().filter(|q| q.ty == QType::Fp8).count();
     let n4 = packed.quant.values().filter(|q| q.ty == QType::Fp4).count();
-    assert_eq!(n4, c.n_layers * c.n_routed_experts * 2, "routed experts");
+    assert_eq!(n4, c.n_layers * c.n_routed_experts * 3, "routed experts");
     assert!(n8 >= c.n_layers * 4, "FP8 matrices: {n8}");
-    let fused = packed
-        .quant
-        .values()
-        .filter(|q| q.ty == QType::Fp4 && q.rows == 2 * c.moe_inter)
-        .count();
-    assert_eq!(fused, c.n_layers * c.n_routed_experts);
+    assert!(packed.quant.values().all(|q| q.data.is_shared()));
+    let mut covered = vec![false; packed.params.len()];
+    for (&off, q) in &packed.quant {
+        covered[off..off + q.rows * q.cols].fill(true);
+    }
+    for (i, (a, b)) in packed.params.iter().zip(f32m.params.iter()).enumerate() {
+        assert_eq!(*a, if covered[i] { 0.0 } else { *b }, "parameter {i}");
+    }
 
     let exp = TensorFile::open(&dir.join("expected.safetensors")).unwrap();
     let ids = exp.u32("input_ids").unwrap();
@@ -70,6 +72,13 @@ fn packed_decoding_matches_the_dequantised_model() {
     );
     assert!(d_ab <= 2e-5 * top.max(1.0), "packed vs f32: {d_ab}");
     assert!(d_b <= 1e-4 * top.max(1.0), "packed vs transformers: {d_b}");
+    // A prefill chunk runs the packed weights too, and agrees with the f32 prefill.
+    let prefill = |m: &Model| {
+        let mut cache = KvCache::new(m);
+        m.forward_cached(&ids[..5], &mut cache).unwrap()
+    };
+    let (pa, pb) = (prefill(&f32m), prefill(&packed));
+    assert!(max_diff(&pa, &pb) <= 2e-5 * top.max(1.0));
 
     // Greedy decoding from the first 3 ids: the same 12 tokens.
     let greedy = |m: &Model| {
@@ -86,14 +95,21 @@ fn packed_decoding_matches_the_dequantised_model() {
     let (ga, gb) = (greedy(&f32m), greedy(&packed));
     assert_eq!(ga, gb);
 
-    // Decoding reads the packed copies (not the f32 ones): zeroed codes change the logits,
-    // while a prefill chunk (f32 weights by the decode plan) does not see them.
+    // The full forward needs f32 weights: refused, not run on the missing copies.
+    let mut ws = mnemo::model::Workspace::default();
+    let err = format!(
+        "{:#}",
+        packed.try_forward(&ids[..4], 1, 4, &mut ws).unwrap_err()
+    );
+    assert!(err.contains("packed only"), "{err}");
+
+    // Decoding and prefill read the packed copies: zeroed codes (copied on write, the mapped
+    // files untouched) change both.
     let mut zeroed = packed;
     zeroed.quant.values_mut().for_each(|q| q.data.fill(0));
     let z = decode_all(&zeroed, &ids[..2]);
     assert!(max_diff(&z, &a[..z.len()]) > 1e-3 * top);
-    let mut cache = KvCache::new(&zeroed);
-    let l = zeroed.forward_cached(&ids[..4], &mut cache).unwrap();
-    let mut cache = KvCache::new(&f32m);
-    assert_eq!(l, f32m.forward_cached(&ids[..4], &mut cache).unwrap());
+    assert!(max_diff(&prefill(&zeroed), &pa) > 1e-3 * top);
+    let again = mnemo::io::v4_packed::load_dir_packed(&dir).unwrap();
+    assert!(max_diff(&prefill(&again), &pa) <= 2e-5 * top.max(1.0));
 }

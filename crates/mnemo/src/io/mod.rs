@@ -24,6 +24,8 @@ pub mod hf_v4;
 pub mod prefix_cache;
 pub mod safetensors;
 pub mod shards;
+pub mod v4_coded;
 pub mod v4_official;
 pub mod v4_packed;
 pub mod v4_quantize;
+pub mod v4_random;

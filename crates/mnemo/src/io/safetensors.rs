@@ -10,7 +10,7 @@ use std::path::Path;
 /// A memory-mapped safetensors file (its header parsed once, at [`TensorFile::open`]).
 pub struct TensorFile {
     path: std::path::PathBuf,
-    mmap: memmap2::Mmap,
+    mmap: std::sync::Arc<memmap2::Mmap>,
     /// Where the data section starts (after the 8-byte length and the JSON header).
     data_start: usize,
     meta: Metadata,
@@ -41,7 +41,7 @@ impl TensorFile {
         })?;
         Ok(TensorFile {
             path: path.to_path_buf(),
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
             data_start: 8 + n,
             meta,
         })
@@ -66,6 +66,17 @@ impl TensorFile {
             shape: &info.shape,
             data: &self.mmap[self.data_start + a..self.data_start + b],
         })
+    }
+
+    /// Tensor `name`'s bytes as a range of the shared mapping (nothing is read), or `None`.
+    pub fn shared(&self, name: &str) -> Option<crate::kernels::qbytes::QBytes> {
+        let info = self.meta.info(name)?;
+        let (a, b) = info.data_offsets;
+        let buf: crate::kernels::qbytes::SharedBuf = self.mmap.clone();
+        Some(crate::kernels::qbytes::QBytes::shared(
+            buf,
+            self.data_start + a..self.data_start + b,
+        ))
     }
 
     fn tensor(&self, name: &str) -> Result<TensorView<'_>> {

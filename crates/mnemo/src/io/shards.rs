@@ -164,6 +164,13 @@ impl Shards {
         Ok((t, f))
     }
 
+    /// Tensor `name`'s bytes as a range of its file's mapping (nothing is read).
+    pub fn shared(&self, name: &str) -> Result<crate::kernels::qbytes::QBytes> {
+        let f = self.file(name)?;
+        f.shared(name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", f.path().display()))
+    }
+
     /// [`TensorFile::f32`] on the file that holds `name`.
     pub fn f32(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<f32>> {
         self.file(name)?.f32(name, shape)

@@ -34,8 +34,8 @@
 use super::hf_v4::{config_from_hf, is_v4_dir};
 use super::safetensors::Dtype;
 use super::shards::Shards;
-use crate::kernels::f16::{bf16_to_f32, f16_to_f32};
-use crate::kernels::fp8::{dequant_fp4, dequant_fp8, e8m0_to_f32};
+use super::v4_coded::read_coded;
+use crate::kernels::fp8::{dequant_fp4, dequant_fp8};
 use crate::model::{Ffn, Model};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -139,109 +139,6 @@ pub fn fp8_block(v: &Value) -> Result<[usize; 2]> {
     }
 }
 
-/// A quantised weight as stored, checked against the model's shape: its codes (FP8 e4m3
-/// bytes, or FP4 e2m1 two per byte) and its scale grid (FP8 `[ceil(rows/br), ceil(cols/bc)]`,
-/// FP4 `[rows, ceil(cols/32)]`).
-pub(crate) struct Coded<'a> {
-    pub kind: Storage,
-    pub codes: &'a [u8],
-    pub scales: Vec<f32>,
-    pub rows: usize,
-    pub cols: usize,
-    /// The file that holds it (for messages).
-    pub file: String,
-}
-
-/// Weight `name` of model shape `shape` as stored codes and scales, `None` when it is stored
-/// as F32/BF16/F16. The scale must exist (see [`needs_scale`]). Errors name the file, the
-/// tensor and the value.
-pub(crate) fn read_coded<'a>(
-    src: &'a Shards,
-    name: &str,
-    shape: &[usize],
-    fp8_block: [usize; 2],
-) -> Result<Option<Coded<'a>>> {
-    let (t, f) = src.raw(name)?;
-    let file = f.path().display().to_string();
-    let kind = storage(t.dtype).with_context(|| {
-        format!(
-            "{file}: tensor `{name}` has dtype {:?}; supported: F32, BF16, F16, F8_E4M3 (FP8) \
-             and I8, U8 or F4 (FP4, two values per byte), the quantised ones with a `.scale`",
-            t.dtype
-        )
-    })?;
-    if kind == Storage::Plain {
-        return Ok(None);
-    }
-    let &[rows, cols] = shape else {
-        bail!(
-            "{file}: tensor `{name}` is quantised ({:?}) but the model wants shape {shape:?}: \
-             only matrices are",
-            t.dtype
-        );
-    };
-    let sname = scale_name(name);
-    let scales = match kind {
-        Storage::Fp8 => {
-            if t.shape != shape {
-                bail!(
-                    "{file}: tensor `{name}` has shape {:?}, expected {shape:?}",
-                    t.shape
-                );
-            }
-            let [br, bc] = fp8_block;
-            let want = [rows.div_ceil(br), cols.div_ceil(bc)];
-            read_scale(
-                src,
-                &sname,
-                name,
-                &want,
-                &format!("FP8 blocks of {br}×{bc}"),
-            )?
-        }
-        Storage::Fp4 => {
-            if !cols.is_multiple_of(2) {
-                bail!("{file}: tensor `{name}` is FP4 ({:?}) but the model wants {cols} columns: FP4 packs two per byte", t.dtype);
-            }
-            let stored = if t.dtype == Dtype::F4 {
-                [rows, cols]
-            } else {
-                [rows, cols / 2]
-            };
-            if t.shape != stored {
-                bail!(
-                    "{file}: tensor `{name}` ({:?}, FP4) has shape {:?}, expected {stored:?} for \
-                     the {shape:?} weight{}",
-                    t.dtype,
-                    t.shape,
-                    if t.dtype == Dtype::F4 {
-                        ""
-                    } else {
-                        " (two values per byte)"
-                    }
-                );
-            }
-            let want = [rows, cols.div_ceil(FP4_BLOCK)];
-            read_scale(
-                src,
-                &sname,
-                name,
-                &want,
-                &format!("FP4 blocks of 1×{FP4_BLOCK}"),
-            )?
-        }
-        Storage::Plain => unreachable!("returned above"),
-    };
-    Ok(Some(Coded {
-        kind,
-        codes: t.data,
-        scales,
-        rows,
-        cols,
-        file,
-    }))
-}
-
 /// Weight `name` of shape `shape` as f32, dequantised when it is FP8 or FP4 (with its scale,
 /// which must exist: see [`needs_scale`]). Errors name the file, the tensor and the value.
 pub fn read_weight(
@@ -253,9 +150,10 @@ pub fn read_weight(
     let Some(c) = read_coded(src, name, shape, fp8_block)? else {
         return src.f32(name, Some(shape));
     };
+    let scales = c.scales(src, name)?;
     let values = match c.kind {
-        Storage::Fp8 => dequant_fp8(c.codes, &c.scales, c.rows, c.cols, fp8_block),
-        _ => dequant_fp4(c.codes, &c.scales, c.rows, c.cols, FP4_BLOCK),
+        Storage::Fp8 => dequant_fp8(c.codes, &scales, c.rows, c.cols, fp8_block),
+        _ => dequant_fp4(c.codes, &scales, c.rows, c.cols, FP4_BLOCK),
     };
     if let Some(i) = values.iter().position(|x| !x.is_finite()) {
         let (r, col) = (i / c.cols, i % c.cols);
@@ -271,52 +169,6 @@ pub fn read_weight(
     Ok(values)
 }
 
-/// Scale tensor `sname` of weight `weight` as f32 values, checking its shape `want`.
-pub(crate) fn read_scale(
-    src: &Shards,
-    sname: &str,
-    weight: &str,
-    want: &[usize; 2],
-    what: &str,
-) -> Result<Vec<f32>> {
-    let (t, f) = src.raw(sname).with_context(|| {
-        format!("tensor `{weight}` is quantised but its scale `{sname}` is missing")
-    })?;
-    let file = f.path().display();
-    if t.shape != want {
-        bail!(
-            "{file}: scale `{sname}` of `{weight}` has shape {:?}, expected {want:?} ({what})",
-            t.shape
-        );
-    }
-    let s: Vec<f32> = match t.dtype {
-        Dtype::F8_E8M0 | Dtype::U8 => t.data.iter().map(|&e| e8m0_to_f32(e)).collect(),
-        Dtype::F32 => t
-            .data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::BF16 => t.data.chunks_exact(2).map(bf16_to_f32).collect(),
-        Dtype::F16 => t.data.chunks_exact(2).map(f16_to_f32).collect(),
-        d => bail!(
-            "{file}: scale `{sname}` has dtype {d:?}; supported: F8_E8M0 or U8 (exponents), \
-             F32, BF16, F16"
-        ),
-    };
-    if let Some(i) = s.iter().position(|x| !x.is_finite()) {
-        bail!(
-            "{file}: scale `{sname}` of `{weight}` is not finite at [{}, {}] ({}; E8M0 255 is NaN)",
-            i / want[1],
-            i % want[1],
-            match t.dtype {
-                Dtype::F8_E8M0 | Dtype::U8 => format!("byte {}", t.data[i]),
-                _ => format!("{}", s[i]),
-            }
-        );
-    }
-    Ok(s)
-}
-
 /// Whether stored tensor `name` is FP8 or FP4, and so needs a `.scale` beside it.
 fn needs_scale(src: &Shards, name: &str) -> bool {
     src.raw(name)
@@ -325,6 +177,18 @@ fn needs_scale(src: &Shards, name: &str) -> bool {
 
 /// Load an official DeepSeek-V4 directory (see the module doc).
 pub fn load_dir(dir: &Path) -> Result<Model> {
+    load_dir_with(dir, None)
+}
+
+/// A loader's hook ([`load_dir_with`]): given the checkpoint, a model tensor and its stored
+/// name (present, its scale too when quantised), `true` when it took the tensor (so its f32
+/// copy is not made).
+pub(crate) type Take<'a> =
+    &'a mut dyn FnMut(&Shards, &crate::model::TensorSpec, &str) -> Result<bool>;
+
+/// [`load_dir`]; with `take`, the model's parameters are a reserved mapping
+/// ([`crate::model::Params::reserved`]) and the tensors `take` takes are left unwritten.
+pub(crate) fn load_dir_with(dir: &Path, mut take: Option<Take>) -> Result<Model> {
     let cpath = dir.join("config.json");
     let text =
         std::fs::read_to_string(&cpath).with_context(|| format!("reading {}", cpath.display()))?;
@@ -339,7 +203,10 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
         None => full,
         Some(_) => full.without_mtp(),
     };
-    let mut model = Model::new(cfg).context("the DeepSeek-V4 config")?;
+    let mut model = match take {
+        None => Model::new(cfg).context("the DeepSeek-V4 config")?,
+        Some(_) => Model::new_reserved(cfg).context("the DeepSeek-V4 config")?,
+    };
     let mut used = HashSet::new();
     let mut missing = Vec::new();
     for spec in model.layout.tensors.clone() {
@@ -363,6 +230,12 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
                 continue;
             }
             used.insert(s);
+        }
+        if let Some(take) = take.as_mut() {
+            if take(&src, &spec, &key)? {
+                used.insert(key);
+                continue;
+            }
         }
         let w = read_weight(&src, &key, &spec.shape, block)?;
         if let Some(i) = w.iter().position(|x| !x.is_finite()) {

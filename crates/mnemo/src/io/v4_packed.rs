@@ -1,25 +1,62 @@
-//! Keeping an official DeepSeek-V4 checkpoint's FP8 / FP4 weights packed
-//! ([`attach_packed`]): each quantised weight becomes a [`QMatrix`] of type `Fp8`/`Fp4` in
-//! [`Model::quant`] (keyed by its offset in the flat parameters), which cached decoding
-//! multiplies from the codes ([`crate::kernels::fp8dot`]) instead of the dequantised f32 copy.
+//! Running an official DeepSeek-V4 checkpoint from its packed FP8 / FP4 weights
+//! ([`load_dir_packed`]): the weights that cached decoding multiplies through its products
+//! ([`is_product_weight`]: the attention projections `wq_a`, `wq_b`, `wkv`, `wo_b`, the shared
+//! and routed experts' `w1`, `w2`, `w3`, and the output head) become [`QMatrix`]es of type
+//! `Fp8`/`Fp4` in [`Model::quant`] (keyed by their offset in the flat parameters) and get
+//! **no f32 copy**: the model's [`crate::model::Params`] is a reserved mapping whose ranges
+//! for them are never written ([`Model::packed_only`]: every row of every product, prefill
+//! included, reads the packed weights).
 //!
-//! FP8 block scales `[ceil(out/128), ceil(in/128)]` are stored per row
-//! (`[out, ceil(in/128)]`, [`expand_block_scales`]), FP4 scales as they are (`[out, in/32]`),
-//! so a routed or shared expert's `w1` and `w3` (adjacent in mnemo's layout, one `[W1; W3]`
-//! product) are fused into one matrix. The f32 parameters stay loaded: prefill chunks and
-//! training use them; only the rows of one-token decoding (the [`crate::model`] decode plan,
-//! the same rule as GGUF models) read the packed copies.
+//! Memory: the codes of every packed weight, and the E8M0 scales of the FP4 experts, stay
+//! byte ranges of the memory-mapped checkpoint files ([`crate::kernels::qbytes::QBytes`]):
+//! loading reads the headers and the other (small) tensors only, so its time does not grow
+//! with the experts' size, and a decoded token reads (faults into the page cache) the codes
+//! of the experts it routes to. FP8 block scales are expanded per row
+//! ([`expand_block_scales`]) and are resident (1/32 of their weight's bytes in f32). Checks
+//! that would read every byte are not made for the mapped weights (an FP8 NaN code or an
+//! E8M0 NaN scale gives NaN outputs; `mnemo logits` without `--keep-packed` reads and checks
+//! them all). Everything else (embeddings, norms, router, compressor and indexer weights,
+//! BF16 `wo_a`) is dequantised into the parameters as [`super::v4_official::load_dir`] does.
+//!
+//! [`load_dir_packed`] is the loader for commands that run an official directory packed
+//! (`mnemo generate --keep-packed`, `mnemo logits --keep-packed`; serving can call it too).
 
 use super::shards::Shards;
-use super::v4_official::{fp8_block, official_name, read_coded, Storage, FP4_BLOCK};
+use super::v4_coded::read_coded;
+use super::v4_official::{fp8_block, Storage, FP4_BLOCK};
 use crate::kernels::fp8dot::expand_block_scales;
-use crate::kernels::quant::{QMatrix, QType};
+use crate::kernels::quant::{PackedScales, QMatrix, QType};
 use crate::model::Model;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Weight `name` (model shape `shape`) as a packed matrix, `None` when it is stored as
-/// F32/BF16/F16. Errors name the file and the tensor.
+/// Official tensor names (suffixes) that cached decoding multiplies through its products
+/// (`Model::lin`, the MoE expert products), so they can run packed without an f32 copy.
+const PRODUCT_SUFFIXES: [&str; 7] = [
+    "attn.wq_a.weight",
+    "attn.wq_b.weight",
+    "attn.wkv.weight",
+    "attn.wo_b.weight",
+    ".w1.weight",
+    ".w2.weight",
+    ".w3.weight",
+];
+
+/// Whether the official tensor `name` is one cached decoding multiplies through its products
+/// (module doc); the MTP blocks' are not (they keep their f32 copies).
+pub fn is_product_weight(name: &str) -> bool {
+    if name == "head.weight" {
+        return true;
+    }
+    name.starts_with("layers.")
+        && (PRODUCT_SUFFIXES[..4].iter().any(|s| name.ends_with(s))
+            || ((name.contains(".ffn.experts.") || name.contains(".ffn.shared_experts."))
+                && PRODUCT_SUFFIXES[4..].iter().any(|s| name.ends_with(s))))
+}
+
+/// Weight `name` (model shape `shape`) as a packed matrix whose codes are a range of the
+/// mapped file, `None` when it is stored as F32/BF16/F16. FP4 with E8M0/U8 scales keeps its
+/// scales mapped too; other scales are read (and checked). Errors name the file and tensor.
 pub fn read_packed(
     src: &Shards,
     name: &str,
@@ -29,76 +66,70 @@ pub fn read_packed(
     let Some(c) = read_coded(src, name, shape, fp8_block)? else {
         return Ok(None);
     };
-    let (ty, scales, block) = match c.kind {
-        Storage::Fp8 => (
-            QType::Fp8,
-            expand_block_scales(&c.scales, c.rows, c.cols, fp8_block),
-            fp8_block[1],
-        ),
-        _ => (QType::Fp4, c.scales, FP4_BLOCK),
+    let codes = src.shared(name)?;
+    let (sraw, _) = src.raw(&c.scale)?;
+    let mapped_scales = matches!(
+        sraw.dtype,
+        super::safetensors::Dtype::F8_E8M0 | super::safetensors::Dtype::U8
+    );
+    let q = match c.kind {
+        Storage::Fp8 => {
+            let s = c.scales(src, name)?;
+            let per_row = expand_block_scales(&s, c.rows, c.cols, fp8_block);
+            let ty = QType::Fp8;
+            let block = fp8_block[1];
+            QMatrix::packed_lazy(ty, c.rows, c.cols, codes, PackedScales::F32(per_row), block)
+        }
+        _ => {
+            let scales = if mapped_scales {
+                PackedScales::E8m0(src.shared(&c.scale)?)
+            } else {
+                PackedScales::F32(c.scales(src, name)?)
+            };
+            QMatrix::packed_lazy(QType::Fp4, c.rows, c.cols, codes, scales, FP4_BLOCK)
+        }
     };
-    QMatrix::packed(ty, c.rows, c.cols, c.codes.to_vec(), scales, block)
-        .map(Some)
+    q.map(Some)
         .map_err(|e| anyhow::anyhow!("{}: tensor `{name}` cannot be kept packed: {e}", c.file))
 }
 
-/// Put the FP8 / FP4 weights of the official directory `dir` into `model.quant` (the model
-/// loaded from the same directory): returns how many matrices (after fusing `w1`/`w3`).
-pub fn attach_packed(model: &mut Model, dir: &Path) -> Result<usize> {
+/// Load the official DeepSeek-V4 directory `dir` with its product weights packed and mapped
+/// (module doc). Every other check of [`super::v4_official::load_dir`] applies (missing and
+/// unexpected tensors, shapes, dtypes, shards). Errors: a product weight stored as
+/// F32/BF16/F16 is dequantised like the rest (not an error); an expert whose dtype the
+/// kernels do not know, a scale of the wrong shape or a shard the index names but that is
+/// missing are errors naming the tensor and the file.
+pub fn load_dir_packed(dir: &Path) -> Result<Model> {
     let cpath = dir.join("config.json");
     let text =
         std::fs::read_to_string(&cpath).with_context(|| format!("reading {}", cpath.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", cpath.display()))?;
     let block = fp8_block(&v).with_context(|| format!("{}", cpath.display()))?;
-    let src = Shards::open(dir)?;
-    let mut got: Vec<(String, usize, QMatrix)> = Vec::new();
-    for spec in &model.layout.tensors {
-        let key = official_name(&spec.name);
-        if !src.contains(&key) {
-            continue;
+    let mut got: Vec<(usize, QMatrix)> = Vec::new();
+    let mut take = |src: &Shards, spec: &crate::model::TensorSpec, key: &str| -> Result<bool> {
+        if !is_product_weight(key) {
+            return Ok(false);
         }
-        if let Some(q) = read_packed(&src, &key, &spec.shape, block)? {
-            got.push((spec.name.clone(), spec.offset, q));
+        match read_packed(src, key, &spec.shape, block)? {
+            Some(q) => {
+                got.push((spec.offset, q));
+                Ok(true)
+            }
+            None => Ok(false),
         }
+    };
+    let mut model = super::v4_official::load_dir_with(dir, Some(&mut take))?;
+    if got.is_empty() {
+        bail!(
+            "{}: no FP8/FP4 weight to keep packed (the product weights are all stored as \
+             F32/BF16/F16); load it without --keep-packed",
+            dir.display()
+        );
     }
-    // Fuse `….w1.weight` with the `….w3.weight` right after it (same type, width, block).
-    let mut out: Vec<(usize, QMatrix)> = Vec::new();
-    let mut it = got.into_iter().peekable();
-    while let Some((name, off, q)) = it.next() {
-        let fuse = name.strip_suffix("w1.weight").is_some_and(|base| {
-            it.peek().is_some_and(|(n3, o3, q3)| {
-                *n3 == format!("{base}w3.weight")
-                    && *o3 == off + q.rows * q.cols
-                    && (q3.ty, q3.cols, q3.block) == (q.ty, q.cols, q.block)
-            })
-        });
-        if fuse {
-            let (_, _, q3) = it.next().expect("peeked");
-            let mut data = q.data;
-            data.extend_from_slice(&q3.data);
-            let mut d = q.d;
-            d.extend_from_slice(&q3.d);
-            let m = QMatrix::packed(q.ty, q.rows + q3.rows, q.cols, data, d, q.block)
-                .map_err(|e| anyhow::anyhow!("fusing {name} with its w3: {e}"))?;
-            out.push((off, m));
-        } else {
-            out.push((off, q));
-        }
-    }
-    let n = out.len();
-    model.quant.extend(out);
-    Ok(n)
-}
-
-/// [`super::v4_official::load_dir`], keeping the FP8 / FP4 weights packed too
-/// ([`attach_packed`]).
-pub fn load_dir_packed(dir: &Path) -> Result<Model> {
-    let mut model = super::v4_official::load_dir(dir)?;
-    let n = attach_packed(&mut model, dir)?;
-    tracing::info!(
-        "{}: {n} FP8/FP4 matrices kept packed for decoding",
-        dir.display()
-    );
+    let n = got.len();
+    model.quant.extend(got);
+    model.packed_only = true;
+    tracing::info!("{}: {n} FP8/FP4 matrices kept packed", dir.display());
     Ok(model)
 }

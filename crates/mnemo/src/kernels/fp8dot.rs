@@ -7,7 +7,9 @@
 //! per value; FP4 two per byte, even element in the low nibble), `d` the scales per row and
 //! per `block` values along it (`[rows, ceil(cols/block)]`, f32 powers of two; an FP8
 //! `128 × 128` block scale is repeated for each of its rows, so fused `[W1; W3]` stacks keep
-//! their scales). `block` is a multiple of 16.
+//! their scales; or, `QMatrix::packed_lazy`, E8M0 exponent bytes converted by each product, so
+//! a memory-mapped expert's scales are read only when it runs). `block` is a multiple of 16.
+//! The codes may be a range of a shared buffer (`super::qbytes`).
 //!
 //! Activations stay f32: every weight is decoded to the exact f32 `w = value·scale` that
 //! dequantise-then-f32 gives (`round(value·scale)`, one rounding, the same real product), and
@@ -58,22 +60,21 @@ pub fn isa() -> Isa {
 
 /// A packed matrix's per-block multipliers for the decode: FP8 `c = scale·2¹²⁰` (or `NaN`
 /// when `scale > 2⁷`, which takes the two-multiply path), FP4 `scale/2`.
-fn multipliers(m: &QMatrix) -> Vec<f32> {
+fn multipliers(m: &QMatrix, d: &[f32]) -> Vec<f32> {
     match m.ty {
-        QType::Fp8 => {
-            m.d.iter()
-                .map(|&s| if s <= 128.0 { s * TWO_120 } else { f32::NAN })
-                .collect()
-        }
-        _ => m.d.iter().map(|&s| s * 0.5).collect(),
+        QType::Fp8 => d
+            .iter()
+            .map(|&s| if s <= 128.0 { s * TWO_120 } else { f32::NAN })
+            .collect(),
+        _ => d.iter().map(|&s| s * 0.5).collect(),
     }
 }
 
 /// Chunk `ch` (16 values) of row `r` decoded, portable: `round(value·scale)`.
 #[inline(always)]
-fn decode_chunk(m: &QMatrix, r: usize, ch: usize, w: &mut [f32; 16]) {
+fn decode_chunk(m: &QMatrix, d: &[f32], r: usize, ch: usize, w: &mut [f32; 16]) {
     let nb = m.cols.div_ceil(m.block);
-    let s = m.d[r * nb + ch * 16 / m.block];
+    let s = d[r * nb + ch * 16 / m.block];
     let c0 = ch * 16;
     let n = 16.min(m.cols - c0);
     w.fill(0.0);
@@ -113,7 +114,7 @@ fn hsum16(a: &[f32; 16]) -> f32 {
 
 /// Rows `r0..r0 + nr` against the vectors `xs` (each `cols16` long, zero-padded), portable,
 /// into `out[k·n + i]`.
-fn rows_generic(m: &QMatrix, r0: usize, nr: usize, xs: &[&[f32]], out: &mut [f32]) {
+fn rows_generic(m: &QMatrix, d: &[f32], r0: usize, nr: usize, xs: &[&[f32]], out: &mut [f32]) {
     let n = xs.len();
     let nch = m.cols.div_ceil(16);
     let mut w = [0.0f32; 16];
@@ -121,7 +122,7 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, xs: &[&[f32]], out: &mut [f32
     for k in 0..nr {
         acc.iter_mut().for_each(|a| *a = [0.0; 16]);
         for ch in 0..nch {
-            decode_chunk(m, r0 + k, ch, &mut w);
+            decode_chunk(m, d, r0 + k, ch, &mut w);
             for (a, x) in acc.iter_mut().zip(xs) {
                 let xc = &x[ch * 16..ch * 16 + 16];
                 for l in 0..16 {
@@ -221,6 +222,7 @@ mod x86 {
     unsafe fn rows_avx2_n<const N: usize>(
         m: &QMatrix,
         mult: &[f32],
+        d: &[f32],
         r0: usize,
         nr: usize,
         xs: &[&[f32]],
@@ -238,7 +240,7 @@ mod x86 {
             let mut a1 = [_mm256_setzero_ps(); N];
             for b in 0..nb {
                 let bi = r * nb + b;
-                let (c, s) = (mult[bi], m.d[bi]);
+                let (c, s) = (mult[bi], d[bi]);
                 for ch in b * bpc..((b + 1) * bpc).min(nch) {
                     let p = chunk_ptr(m, r, ch, &mut pad);
                     let (w0, w1) = decode_avx2(m, p, c, s);
@@ -259,6 +261,7 @@ mod x86 {
     pub(super) unsafe fn rows_avx2(
         m: &QMatrix,
         mult: &[f32],
+        d: &[f32],
         r0: usize,
         nr: usize,
         xs: &[&[f32]],
@@ -270,10 +273,10 @@ mod x86 {
             let g = &xs[g0..n.min(g0 + 4)];
             let o = &mut out[g0..];
             match g.len() {
-                1 => rows_avx2_n::<1>(m, mult, r0, nr, g, o, n),
-                2 => rows_avx2_n::<2>(m, mult, r0, nr, g, o, n),
-                3 => rows_avx2_n::<3>(m, mult, r0, nr, g, o, n),
-                _ => rows_avx2_n::<4>(m, mult, r0, nr, g, o, n),
+                1 => rows_avx2_n::<1>(m, mult, d, r0, nr, g, o, n),
+                2 => rows_avx2_n::<2>(m, mult, d, r0, nr, g, o, n),
+                3 => rows_avx2_n::<3>(m, mult, d, r0, nr, g, o, n),
+                _ => rows_avx2_n::<4>(m, mult, d, r0, nr, g, o, n),
             }
         }
     }
@@ -283,6 +286,7 @@ mod x86 {
     unsafe fn rows_avx512_n<const N: usize>(
         m: &QMatrix,
         mult: &[f32],
+        d: &[f32],
         r0: usize,
         nr: usize,
         xs: &[&[f32]],
@@ -311,7 +315,7 @@ mod x86 {
                             _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(E4M3_MASK)));
                         if c.is_nan() {
                             let t = _mm512_mul_ps(f, _mm512_set1_ps(TWO_120));
-                            _mm512_mul_ps(t, _mm512_set1_ps(m.d[bi]))
+                            _mm512_mul_ps(t, _mm512_set1_ps(d[bi]))
                         } else {
                             _mm512_mul_ps(f, _mm512_set1_ps(c))
                         }
@@ -342,6 +346,7 @@ mod x86 {
     pub(super) unsafe fn rows_avx512(
         m: &QMatrix,
         mult: &[f32],
+        d: &[f32],
         r0: usize,
         nr: usize,
         xs: &[&[f32]],
@@ -352,14 +357,14 @@ mod x86 {
             let g = &xs[g0..n.min(g0 + 8)];
             let o = &mut out[g0..];
             match g.len() {
-                1 => rows_avx512_n::<1>(m, mult, r0, nr, g, o, n),
-                2 => rows_avx512_n::<2>(m, mult, r0, nr, g, o, n),
-                3 => rows_avx512_n::<3>(m, mult, r0, nr, g, o, n),
-                4 => rows_avx512_n::<4>(m, mult, r0, nr, g, o, n),
-                5 => rows_avx512_n::<5>(m, mult, r0, nr, g, o, n),
-                6 => rows_avx512_n::<6>(m, mult, r0, nr, g, o, n),
-                7 => rows_avx512_n::<7>(m, mult, r0, nr, g, o, n),
-                _ => rows_avx512_n::<8>(m, mult, r0, nr, g, o, n),
+                1 => rows_avx512_n::<1>(m, mult, d, r0, nr, g, o, n),
+                2 => rows_avx512_n::<2>(m, mult, d, r0, nr, g, o, n),
+                3 => rows_avx512_n::<3>(m, mult, d, r0, nr, g, o, n),
+                4 => rows_avx512_n::<4>(m, mult, d, r0, nr, g, o, n),
+                5 => rows_avx512_n::<5>(m, mult, d, r0, nr, g, o, n),
+                6 => rows_avx512_n::<6>(m, mult, d, r0, nr, g, o, n),
+                7 => rows_avx512_n::<7>(m, mult, d, r0, nr, g, o, n),
+                _ => rows_avx512_n::<8>(m, mult, d, r0, nr, g, o, n),
             }
         }
     }
@@ -397,7 +402,8 @@ pub fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], ac
     assert_eq!(y.len(), n * m.rows);
     assert!(m.block > 0 && m.block.is_multiple_of(16));
     assert_eq!(m.data.len(), m.rows * m.row_bytes());
-    assert_eq!(m.d.len(), m.rows * m.cols.div_ceil(m.block));
+    let d = m.scales_f32();
+    assert_eq!(d.len(), m.rows * m.cols.div_ceil(m.block));
     if n == 0 || m.rows == 0 {
         return;
     }
@@ -415,7 +421,7 @@ pub fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], ac
         padded = p;
         padded.chunks_exact(c16).collect()
     };
-    let mult = multipliers(m);
+    let mult = multipliers(m, &d);
     let nrows = m.rows;
     // Rows per task: enough work per task (~64K weights) for big matrices, one task for small.
     let rows_per = (65536 / cols.max(1)).clamp(4, 256);
@@ -428,11 +434,11 @@ pub fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], ac
             // SAFETY: the features were detected at run time (tests force lower ones only);
             // every chunk read is inside the row (the last one copied to a padded buffer),
             // every vector has whole chunks.
-            Isa::Avx512 => unsafe { x86::rows_avx512(m, &mult, r0, nr, &xs, &mut buf) },
+            Isa::Avx512 => unsafe { x86::rows_avx512(m, &mult, &d, r0, nr, &xs, &mut buf) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Isa::Avx2 => unsafe { x86::rows_avx2(m, &mult, r0, nr, &xs, &mut buf) },
-            _ => rows_generic(m, r0, nr, &xs, &mut buf),
+            Isa::Avx2 => unsafe { x86::rows_avx2(m, &mult, &d, r0, nr, &xs, &mut buf) },
+            _ => rows_generic(m, &d, r0, nr, &xs, &mut buf),
         }
         for i in 0..n {
             // SAFETY: task c alone writes rows r0..r0 + nr of every output vector, all inside

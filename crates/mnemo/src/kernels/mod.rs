@@ -18,6 +18,7 @@ pub mod kquant;
 pub mod matmul;
 pub mod matmul_rows;
 pub mod precision;
+pub mod qbytes;
 pub mod quant;
 pub mod rmsnorm;
 pub mod rope;

@@ -89,15 +89,26 @@ pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<u8>,
+    /// The blocks (owned, or a range of a shared buffer such as a mapped file).
+    pub data: super::qbytes::QBytes,
     pub(crate) d: Vec<f32>,
+    /// Packed floats only: the scales as E8M0 exponent bytes (`2^(e−127)`, `[rows,
+    /// ceil(cols/block)]`), in place of `d` (then empty), converted by each product
+    /// ([`QMatrix::packed_lazy`]).
+    pub(crate) d8: Option<super::qbytes::QBytes>,
     pub(crate) m: Vec<f32>,
     /// Values per scale along a row.
     pub block: usize,
 }
 
 impl QMatrix {
-    pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Self {
+    pub fn new(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        data: impl Into<super::qbytes::QBytes>,
+    ) -> Self {
+        let data = data.into();
         let bs = ty.block_bytes();
         let d_at = if ty == QType::Q6_K { 208 } else { 0 };
         let d = data
@@ -123,6 +134,7 @@ impl QMatrix {
             data,
             d,
             m,
+            d8: None,
             block: ty.block_elems(),
         }
     }
@@ -137,28 +149,19 @@ impl QMatrix {
         ty: QType,
         rows: usize,
         cols: usize,
-        data: Vec<u8>,
+        data: impl Into<super::qbytes::QBytes>,
         scales: Vec<f32>,
         block: usize,
     ) -> Result<Self, String> {
-        let want = match ty {
-            QType::Fp8 => rows * cols,
-            QType::Fp4 if cols.is_multiple_of(2) => rows * cols / 2,
-            QType::Fp4 => return Err(format!("FP4 needs an even column count, not {cols}")),
-            _ => return Err(format!("{ty:?} is not a packed float type")),
-        };
-        if block == 0 || !block.is_multiple_of(16) {
-            return Err(format!(
-                "the packed kernels need scale blocks of a multiple of 16 values, not {block}"
-            ));
-        }
-        if data.len() != want {
-            return Err(format!("{} bytes of codes, expected {want}", data.len()));
-        }
-        let ns = rows * cols.div_ceil(block);
-        if scales.len() != ns {
-            return Err(format!("{} scales, expected {ns}", scales.len()));
-        }
+        let q = Self::packed_lazy(
+            ty,
+            rows,
+            cols,
+            data.into(),
+            PackedScales::F32(scales),
+            block,
+        )?;
+        let (data, scales) = (&q.data, &q.d);
         let pow2 = |s: f32| {
             let b = s.to_bits();
             s.is_finite()
@@ -178,20 +181,76 @@ impl QMatrix {
                 ));
             }
         }
+        Ok(q)
+    }
+
+    /// A packed `Fp8`/`Fp4` matrix like [`QMatrix::packed`], its codes kept as they are
+    /// (typically a range of a mapped file: nothing is read here) and its scales as f32 values
+    /// or as E8M0 exponent bytes `[rows, ceil(cols/block)]` (also kept as they are, converted
+    /// by each product). Only the sizes are checked: an FP8 NaN code or an E8M0 NaN scale
+    /// (`0xff`) gives NaN outputs instead of an error, since checking would read every byte.
+    pub fn packed_lazy(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        data: super::qbytes::QBytes,
+        scales: PackedScales,
+        block: usize,
+    ) -> Result<Self, String> {
+        let want = match ty {
+            QType::Fp8 => rows * cols,
+            QType::Fp4 if cols.is_multiple_of(2) => rows * cols / 2,
+            QType::Fp4 => return Err(format!("FP4 needs an even column count, not {cols}")),
+            _ => return Err(format!("{ty:?} is not a packed float type")),
+        };
+        if block == 0 || !block.is_multiple_of(16) {
+            return Err(format!(
+                "the packed kernels need scale blocks of a multiple of 16 values, not {block}"
+            ));
+        }
+        if data.len() != want {
+            return Err(format!("{} bytes of codes, expected {want}", data.len()));
+        }
+        let ns = rows * cols.div_ceil(block);
+        let (d, d8) = match scales {
+            PackedScales::F32(v) => (v, None),
+            PackedScales::E8m0(b) => (Vec::new(), Some(b)),
+        };
+        let got = d8.as_ref().map_or(d.len(), |b| b.len());
+        if got != ns {
+            return Err(format!("{got} scales, expected {ns}"));
+        }
         Ok(QMatrix {
             ty,
             rows,
             cols,
             data,
-            d: scales,
+            d,
             m: Vec::new(),
+            d8,
             block,
         })
+    }
+
+    /// The scales of a packed-float matrix as f32 (`d`, or `d8` converted).
+    pub fn scales_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.d8 {
+            Some(e) => e.iter().map(|&b| super::fp8::e8m0_to_f32(b)).collect(),
+            None => std::borrow::Cow::Borrowed(&self.d),
+        }
     }
 
     pub fn row_bytes(&self) -> usize {
         self.cols / self.ty.block_elems() * self.ty.block_bytes()
     }
+}
+
+/// The scales of a packed-float matrix ([`QMatrix::packed_lazy`]).
+pub enum PackedScales {
+    /// f32 powers of two.
+    F32(Vec<f32>),
+    /// E8M0 exponent bytes, `2^(e−127)`.
+    E8m0(super::qbytes::QBytes),
 }
 
 /// An input vector quantised like llama.cpp's `Q8_1`: per 32-value block a scale `dx`,

@@ -257,6 +257,31 @@ impl V4LayerCache {
     }
 }
 
+impl V4LayerCache {
+    /// Benchmark only ([`super::KvCache::fill_synthetic`]): the state of `len` positions with
+    /// random rows (normal, std 1) of exactly the sizes `len` prefilled tokens leave: the
+    /// window, the compressor tails and the compressed entries (attention and indexer).
+    pub(crate) fn fill_random(&mut self, len: usize, rng: &mut crate::rng::Rng) -> Result<()> {
+        let w0 = (len + 1).saturating_sub(self.sliding_window);
+        let ratio = |c: &Option<CompCache>| c.as_ref().map_or(1, |c| c.ratio);
+        let (rc, ri) = (ratio(&self.comp), ratio(&self.index));
+        self.restore(len, |name, width| {
+            let r = if name.starts_with("index") { ri } else { rc };
+            let (base, n) = match name {
+                "window" => (w0, len - w0),
+                "comp.entries" | "index.entries" => (0, len / r),
+                _ => {
+                    let b = (len / r).saturating_sub(1) * r;
+                    (b, len - b)
+                }
+            };
+            let mut v = vec![0.0f32; n * width];
+            rng.fill_normal(&mut v, 1.0);
+            Ok(Some((base, v)))
+        })
+    }
+}
+
 /// Roll back the DeepSeek-V4 states of a cache to `len` positions (all layers or none).
 pub(crate) fn truncate_all(layers: &mut [V4LayerCache], len: usize) -> Result<()> {
     if let Some(l) = layers.iter().position(|c| !c.can_truncate(len)) {

@@ -217,6 +217,30 @@ impl KvCache {
         (&self.k[l][..len * w], &self.v[l][..len * w], ik)
     }
 
+    /// **Benchmark only**: make this (empty) DeepSeek-V4 cache hold `len` positions of random
+    /// state of exactly the sizes a prefill of `len` tokens leaves (window rows, compressor
+    /// tails, compressed attention entries and indexer keys; normal values), so decoding and
+    /// prefill at a long context can be timed without prefilling it (`mnemo v4-scale`). The
+    /// logits that follow are meaningless; their cost is the real one.
+    pub fn fill_synthetic(&mut self, len: usize, seed: u64) -> Result<()> {
+        if self.v4.is_empty() || self.len != 0 {
+            bail!("fill_synthetic: only an empty DeepSeek-V4 cache");
+        }
+        if len > self.cap {
+            bail!(
+                "fill_synthetic: {len} positions exceed the cache's capacity {}",
+                self.cap
+            );
+        }
+        let mut rng = crate::rng::Rng::derived(seed, "synthetic-cache");
+        for (l, c) in self.v4.iter_mut().enumerate() {
+            c.fill_random(len, &mut rng)
+                .map_err(|e| anyhow::anyhow!("layer {l}: {e:#}"))?;
+        }
+        self.len = len;
+        Ok(())
+    }
+
     pub(crate) fn set_len(&mut self, len: usize) {
         debug_assert!(len <= self.cap);
         self.len = len;

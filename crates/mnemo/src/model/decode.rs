@@ -212,8 +212,11 @@ impl Model {
         let f32_rows = |y: &mut [f32], x: &[f32], n: usize| {
             linear_forward(y, x, self.w(off, din * dout), n, din, dout, acc)
         };
+        // A packed-only model's quantised weights have no f32 copy: every row uses them.
+        let all = [(0, n, true)];
         let q = match (plan, self.quant.get(&off)) {
-            (Plan::Runs(runs), Some(q)) if q.rows == dout && q.cols == din => (runs, q),
+            (_, Some(q)) if self.packed_only && q.rows == dout && q.cols == din => (&all[..], q),
+            (Plan::Runs(runs), Some(q)) if q.rows == dout && q.cols == din => (&runs[..], q),
             _ => return profile::time(part, || f32_rows(y, x, n)),
         };
         let (runs, qm) = q;

@@ -91,9 +91,10 @@ impl Model {
                     spec.aux_coef = 0.0;
                 }
                 let table = self.hash_tables[l].as_deref();
-                let qrows = match self.quant.is_empty() {
-                    true => None,
-                    false => rows.plan.quantised_rows(n),
+                let qrows = match (self.quant.is_empty(), self.packed_only) {
+                    (true, _) => None,
+                    (false, true) => Some(vec![true; n]),
+                    (false, false) => rows.plan.quantised_rows(n),
                 };
                 let packed = qrows.as_deref().map(|r| moe::PackedRows {
                     quant: &self.quant,

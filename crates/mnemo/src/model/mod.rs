@@ -57,6 +57,7 @@ pub mod layout;
 mod moe_balance;
 pub mod mtp;
 pub mod mtp_decode;
+pub mod params;
 pub mod residual;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -72,6 +73,7 @@ pub use layout::{
     engram_gate_spec, is_engram_tensor, is_hc_tensor, is_indexer_tensor, is_mtp_tensor, Ffn,
     LayerOffsets, MtpOffsets, ParamCounts, ParamLayout, TensorSpec,
 };
+pub use params::Params;
 pub use workspace::Workspace;
 
 use crate::config::ModelConfig;
@@ -85,7 +87,7 @@ use crate::rng::Rng;
 pub struct Model {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
-    pub params: Vec<f32>,
+    pub params: Params,
     pub rope: RopeTable,
     /// Token id → experts table `[V, top_k]` of each hash-routed MoE layer (`None` elsewhere),
     /// one per block (`n_blocks()`: the MTP blocks are never hash-routed).
@@ -95,6 +97,10 @@ pub struct Model {
     /// an official DeepSeek-V4 checkpoint's FP8/FP4 weights kept packed, `io::v4_packed`,
     /// which its attention projections and MoE experts read).
     pub quant: std::collections::HashMap<usize, crate::kernels::quant::QMatrix>,
+    /// The weights in `quant` have no f32 copy in `params` (their ranges are never written:
+    /// `io::v4_packed`): every row of every product reads the quantised copy, prefill
+    /// included, and the f32-only drivers (training, the full forward) refuse the model.
+    pub packed_only: bool,
     /// Engram memory (`cfg.engram`): compression, hashes and tables. Its gate parameters live
     /// in `params` (`layout.engram_gate`); `EngramLayer::params` is only a copy for saving
     /// ([`Model::sync_engram_gates`]).
@@ -113,6 +119,27 @@ impl Model {
 
     /// A model with all-zero parameters (call [`Model::init`] or load weights).
     pub fn new(cfg: ModelConfig) -> Result<Self, crate::config::ConfigError> {
+        Self::new_in(cfg, |n| Ok(Params::zeros(n)))
+    }
+
+    /// [`Model::new`] with the parameters in a reserved mapping ([`Params::reserved`]): for a
+    /// model whose big weights will live packed in [`Model::quant`] (`io::v4_packed`).
+    pub fn new_reserved(cfg: ModelConfig) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let n = ParamLayout::new(&cfg).total;
+        Self::new_in(cfg, |n| {
+            Params::reserved(n).map_err(|e| crate::config::ConfigError {
+                field: "params",
+                problem: format!("cannot reserve {n} f32 of address space: {e}"),
+            })
+        })
+        .with_context(|| format!("a model of {n} parameters"))
+    }
+
+    fn new_in(
+        cfg: ModelConfig,
+        params: impl FnOnce(usize) -> Result<Params, crate::config::ConfigError>,
+    ) -> Result<Self, crate::config::ConfigError> {
         cfg.validate()?;
         let layout = ParamLayout::new(&cfg);
         let rope = cfg.rope_table();
@@ -149,12 +176,13 @@ impl Model {
         };
         let index_rope = dsa::rope_table(&cfg);
         Ok(Model {
-            params: vec![0.0; layout.total],
+            params: params(layout.total)?,
             layout,
             rope,
             cfg,
             hash_tables,
             quant: Default::default(),
+            packed_only: false,
             engram,
             engram_eot: None,
             index_rope,

@@ -49,7 +49,7 @@ fn loss_at<'a>(
 ) -> impl Fn(&[f32]) -> f64 + 'a {
     move |p: &[f32]| {
         let mm = Model {
-            params: p.to_vec(),
+            params: p.to_vec().into(),
             ..Model::new(m.cfg.clone()).unwrap()
         };
         let mut ws = Workspace::default();

@@ -181,7 +181,7 @@ fn mtp_weight_zero_is_exactly_the_main_model() {
     let cfg = v4_cfg(&[V4LayerType::SlidingAttention]);
     let m = model_of(cfg.clone(), 3);
     let main = Model {
-        params: m.params[..m.layout.main_total].to_vec(),
+        params: m.params[..m.layout.main_total].to_vec().into(),
         hash_tables: m.hash_tables[..2].to_vec(),
         ..Model::new(cfg.without_mtp()).unwrap()
     };

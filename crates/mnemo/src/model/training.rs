@@ -63,6 +63,13 @@ impl Model {
         run: Option<DsaRun>,
     ) -> anyhow::Result<()> {
         let c = &self.cfg;
+        if self.packed_only {
+            anyhow::bail!(
+                "this model keeps its big weights packed only (no f32 copy): the full forward \
+                 and training need f32 weights; run it through the cache (decoding) or load it \
+                 without keeping the weights packed"
+            );
+        }
         assert_eq!(tokens.len(), b * t, "tokens must be [b, t]");
         assert!(
             t <= c.max_seq_len,

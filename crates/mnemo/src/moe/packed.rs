@@ -15,6 +15,48 @@ pub struct PackedRows<'a> {
     pub rows: &'a [bool],
 }
 
+/// The quantised copy of a `[dout, din]` weight: one matrix, or two stacked ones (an
+/// expert's `[W1; W3]`, kept as the two tensors a checkpoint stores: `io::v4_packed`).
+enum Quant<'a> {
+    One(&'a QMatrix),
+    Two(&'a QMatrix, &'a QMatrix),
+}
+
+impl<'a> Quant<'a> {
+    fn of(quant: &'a HashMap<usize, QMatrix>, off: usize, din: usize, dout: usize) -> Option<Self> {
+        let q = quant.get(&off).filter(|q| q.cols == din)?;
+        if q.rows == dout {
+            return Some(Quant::One(q));
+        }
+        let r = quant
+            .get(&(off + q.rows * din))
+            .filter(|r| r.cols == din && q.rows + r.rows == dout)?;
+        Some(Quant::Two(q, r))
+    }
+
+    /// `y[m, dout] (+)= x[m, din]·Wᵀ` (two stacked matrices: each into its columns of `y`).
+    fn matmat(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
+        match *self {
+            Quant::One(q) => quant::matmat(q, x, m, y, accumulate),
+            Quant::Two(a, b) => {
+                let dout = a.rows + b.rows;
+                for (q, c0) in [(a, 0), (b, a.rows)] {
+                    let mut part = vec![0.0f32; m * q.rows];
+                    quant::matmat(q, x, m, &mut part, false);
+                    for (yr, pr) in y.chunks_exact_mut(dout).zip(part.chunks_exact(q.rows)) {
+                        let dst = &mut yr[c0..c0 + q.rows];
+                        if accumulate {
+                            dst.iter_mut().zip(pr).for_each(|(d, s)| *d += s);
+                        } else {
+                            dst.copy_from_slice(pr);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `y[m, dout] (+)= x[m, din] · Wᵀ` with `W = params[off..off + dout·din]` (`[dout, din]`):
 /// rows `r` with `packed(r)` on the quantised copy of `W` (when `p` has one of that shape),
 /// the others with the f32 GEMM (`parallel` as [`gemm`]'s).
@@ -41,15 +83,12 @@ pub(crate) fn product(
             parallel,
         )
     };
-    let q = p
-        .and_then(|p| p.quant.get(&off))
-        .filter(|q| q.rows == dout && q.cols == din);
-    let Some(q) = q else {
+    let Some(q) = p.and_then(|p| Quant::of(p.quant, off, din, dout)) else {
         return f32_rows(y, x, m);
     };
     let (pk, fl): (Vec<usize>, Vec<usize>) = (0..m).partition(|&r| packed(r));
     if fl.is_empty() {
-        return quant::matmat(q, x, m, y, accumulate);
+        return q.matmat(x, m, y, accumulate);
     }
     if pk.is_empty() {
         return f32_rows(y, x, m);
@@ -67,7 +106,7 @@ pub(crate) fn product(
             }
         }
         if is_packed {
-            quant::matmat(q, &xs, k, &mut ys, accumulate);
+            q.matmat(&xs, k, &mut ys, accumulate);
         } else {
             f32_rows(&mut ys, &xs, k);
         }
