@@ -2,12 +2,13 @@
 //! every active sequence, so each weight block is read once per step for all of them.
 //!
 //! ```text
-//! rows = [one prefill chunk (≤ prefill_chunk rows while others decode, else ≤ PREFILL_CHUNK)]
+//! rows = [prefill chunks of prefilling sequences, in turn, ≤ prefill_chunk rows in all while
+//!         others decode (else ≤ PREFILL_CHUNK)]
 //!        ++ [pending token (+ lookup drafts) of every decoding sequence]
 //! ```
 //!
 //! Fairness: sequences join in arrival order (the request channel is FIFO); prefilling ones
-//! take turns, a chunk each, least recently served first; every decoding sequence advances
+//! take turns for the step's prefill rows, least recently served first; every decoding sequence advances
 //! every step. So a long prompt delays the others by one bounded chunk per step instead of its
 //! whole prefill, a short prompt behind it waits at most one turn per sequence prefilling,
 //! and no request starves. Each row keeps its own arithmetic (per-sequence
@@ -15,10 +16,12 @@
 //! fresh prefill (module [`super::prefix`]).
 
 use super::prefix::next_chunk;
-use super::seq::{Event, Phase, Seq};
+use super::seq::{Event, Phase, Request, Seq};
 use super::Engine;
 use mnemo::batch::{forward_batch, BatchSeq};
 use mnemo::generate::PREFILL_CHUNK;
+use mnemo::lookup::SeqDecoder;
+use rayon::prelude::*;
 use std::sync::atomic::Ordering;
 
 /// What a sequence runs in a step.
@@ -30,31 +33,44 @@ enum Part {
 }
 
 impl Engine {
-    /// The rows a prefilling sequence runs this step, `(index, from, to)`: the least recently
-    /// served one (the oldest among those not served yet), so prefilling sequences take turns
-    /// and a short prompt is not held up by a long one before it.
-    fn chunk_of(&self, active: &[Seq], others_decode: bool) -> Option<(usize, usize, usize)> {
-        let i = (0..active.len())
-            .filter(|&i| !active[i].finished && matches!(active[i].phase, Phase::Prefill { .. }))
-            .min_by_key(|&i| (active[i].turn, i))?;
-        let s = &active[i];
-        let Phase::Prefill {
-            done,
-            alone_last,
-            snap,
-        } = s.phase
-        else {
-            unreachable!()
-        };
-        let max = match others_decode {
+    /// The prefill chunks of this step, `(index, from, to)`: prefilling sequences take turns,
+    /// least recently served first (the oldest among those not served yet), each taking the
+    /// next chunk its schedule allows within what is left of the step's row budget
+    /// (`prefill_chunk` while others decode, else `PREFILL_CHUNK`). Several short prompts thus
+    /// share one forward (one pass over the weights), and a short prompt is not held up by a
+    /// long one before it.
+    fn chunks_of(&self, active: &[Seq], others_decode: bool) -> Vec<(usize, usize, usize)> {
+        let mut budget = match others_decode {
             true => self.cfg.prefill_chunk,
             false => PREFILL_CHUNK,
         };
-        let k = match snap {
-            Some(sp) if done < sp => next_chunk(sp - done, false, max),
-            _ => next_chunk(s.req.prompt.len() - done, alone_last, max),
-        };
-        Some((i, done, done + k))
+        let mut order: Vec<usize> = (0..active.len())
+            .filter(|&i| !active[i].finished && matches!(active[i].phase, Phase::Prefill { .. }))
+            .collect();
+        order.sort_by_key(|&i| (active[i].turn, i));
+        let mut out = Vec::new();
+        for i in order {
+            // (A chunk may need 3 rows: see `next_chunk`.)
+            if budget < 3 && !out.is_empty() {
+                break;
+            }
+            let s = &active[i];
+            let Phase::Prefill {
+                done,
+                alone_last,
+                snap,
+            } = s.phase
+            else {
+                continue;
+            };
+            let k = match snap {
+                Some(sp) if done < sp => next_chunk(sp - done, false, budget),
+                _ => next_chunk(s.req.prompt.len() - done, alone_last, budget),
+            };
+            budget = budget.saturating_sub(k);
+            out.push((i, done, done + k));
+        }
+        out
     }
 
     pub(super) fn step(&mut self, active: &mut [Seq]) {
@@ -76,38 +92,39 @@ impl Engine {
             parts.push((i, Part::Decode(f)));
         }
         self.steps += 1;
-        if let Some((i, from, to)) = self.chunk_of(active, !parts.is_empty()) {
+        for (i, from, to) in self.chunks_of(active, !parts.is_empty()) {
             active[i].turn = self.steps;
             parts.push((i, Part::Chunk { from, to }));
         }
         if parts.is_empty() {
             return;
         }
-        // In the order of `active` (oldest first), one forward for all of them.
-        parts.sort_by_key(|p| p.0);
+        // One forward for all of them: the prompt chunks together, then the decode rows (each
+        // kind one run of rows, so each weight is read once per step for all of them).
+        parts.sort_by_key(|p| (matches!(p.1, Part::Decode(_)), p.0));
+        let mut seqs: Vec<Option<&mut Seq>> = active.iter_mut().map(Some).collect();
         let mut batch: Vec<BatchSeq> = Vec::with_capacity(parts.len());
-        {
-            let mut pi = parts.iter().peekable();
-            for (i, s) in active.iter_mut().enumerate() {
-                let Some((_, part)) = pi.next_if(|p| p.0 == i) else {
-                    continue;
-                };
-                batch.push(match part {
-                    Part::Chunk { from, to } => BatchSeq {
-                        tokens: &s.req.prompt[*from..*to],
-                        cache: &mut s.cache,
-                        logits_from: to - from - 1,
-                    },
-                    Part::Decode(f) => BatchSeq {
-                        tokens: f,
-                        cache: &mut s.cache,
-                        logits_from: s.dec.logits_from(),
-                    },
-                });
-            }
+        for (i, part) in &parts {
+            let Seq {
+                req, cache, dec, ..
+            } = seqs[*i].take().expect("one part per sequence");
+            let req: &Request = req;
+            batch.push(match part {
+                Part::Chunk { from, to } => BatchSeq {
+                    tokens: &req.prompt[*from..*to],
+                    cache,
+                    logits_from: to - from - 1,
+                },
+                Part::Decode(f) => BatchSeq {
+                    tokens: f,
+                    cache,
+                    logits_from: dec.logits_from(),
+                },
+            });
         }
         let res = forward_batch(&model, &mut batch);
         drop(batch);
+        drop(seqs);
         let logits = match res {
             Ok(l) => l,
             Err(e) => {
@@ -119,19 +136,38 @@ impl Engine {
                 return;
             }
         };
+        // Sampling (and draft verification) of the decoding sequences in parallel: each
+        // touches only its own decoder. Then, in order, events and prompt-cache entries.
+        let mut decs: Vec<Option<&mut SeqDecoder>> =
+            active.iter_mut().map(|s| Some(&mut s.dec)).collect();
+        let jobs: Vec<(&mut SeqDecoder, &[f32])> = parts
+            .iter()
+            .zip(&logits)
+            .filter(|((_, p), _)| matches!(p, Part::Decode(_)))
+            .map(|((i, _), l)| (decs[*i].take().expect("one part per sequence"), &l[..]))
+            .collect();
+        let sampled: Vec<(Vec<u32>, usize, usize)> = jobs
+            .into_par_iter()
+            .map(|(d, l)| {
+                let (d0, a0) = (d.stats.drafted, d.stats.accepted);
+                let toks = d.step(l);
+                (toks, d.stats.drafted - d0, d.stats.accepted - a0)
+            })
+            .collect();
+        drop(decs);
+        let mut sampled = sampled.into_iter();
         for ((i, part), l) in parts.into_iter().zip(logits) {
             match part {
                 Part::Chunk { to, .. } => self.chunk_done(&mut active[i], to, &l),
                 Part::Decode(_) => {
-                    let s = &mut active[i];
-                    let (d0, a0) = (s.dec.stats.drafted, s.dec.stats.accepted);
-                    let toks = s.dec.step(&l);
+                    let (toks, drafted, accepted) = sampled.next().expect("one per decode part");
                     self.shared
                         .drafted
-                        .fetch_add((s.dec.stats.drafted - d0) as u64, Ordering::Relaxed);
+                        .fetch_add(drafted as u64, Ordering::Relaxed);
                     self.shared
                         .accepted
-                        .fetch_add((s.dec.stats.accepted - a0) as u64, Ordering::Relaxed);
+                        .fetch_add(accepted as u64, Ordering::Relaxed);
+                    let s = &mut active[i];
                     if let Err(e) = s.cache.truncate(s.dec.cached()) {
                         s.send(Event::Error(format!("{e:#}")));
                         s.finished = true;

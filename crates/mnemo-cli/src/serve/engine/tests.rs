@@ -245,6 +245,35 @@ fn a_long_prompt_is_prefilled_in_turns_without_stalling_decoding() {
     }
 }
 
+/// Short prompts that join together are prefilled in one step (one pass over the weights),
+/// beside the decoding sequence, and their outputs equal plain greedy generation.
+#[test]
+fn short_prompts_share_a_step() {
+    let mut e = engine(dense(), |c| c.prefill_chunk = 64);
+    let (r, _ra) = request(prompt(1, 6), 20);
+    let mut active = vec![e.admit(r).unwrap()];
+    e.step(&mut active);
+    let ps: Vec<Vec<u32>> = (2..5).map(|i| prompt(i, 12 + i as usize)).collect();
+    let mut rxs = Vec::new();
+    for p in &ps {
+        let (r, rx) = request(p.clone(), 6);
+        active.push(e.admit(r).unwrap());
+        rxs.push(rx);
+    }
+    e.step(&mut active);
+    assert_eq!(active[0].ids.len(), 2);
+    assert!(
+        active[1..].iter().all(|s| s.ids.len() == 1),
+        "one step for 3 prompts"
+    );
+    while active.iter().any(|s| !s.finished) {
+        e.step(&mut active);
+    }
+    for (s, p) in active[1..].iter().zip(&ps) {
+        assert_eq!(s.ids, greedy(&e, p, 6));
+    }
+}
+
 /// Six equal requests through a batch of two: each finishes, in arrival order, with its events.
 #[test]
 fn requests_finish_in_arrival_order_and_none_starves() {
