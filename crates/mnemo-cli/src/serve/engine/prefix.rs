@@ -129,7 +129,7 @@ impl Engine {
             .map(|(i, e)| (reusable(p.len(), lcp(&e.tokens, p), e.tokens.len()), i))
             .filter(|&(n, _)| n >= MIN_REUSE)
             .collect();
-        cands.sort_by(|a, b| b.0.cmp(&a.0));
+        cands.sort_by_key(|c| std::cmp::Reverse(c.0));
         for (n, i) in cands {
             if cache.copy_prefix_from(&self.prefixes[i].cache, n).is_ok() {
                 self.clock += 1;

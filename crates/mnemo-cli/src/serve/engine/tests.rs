@@ -286,7 +286,7 @@ fn requests_finish_in_arrival_order_and_none_starves() {
         rxs.push(rr);
     }
     let mut active = Vec::new();
-    let mut finished_at = vec![None; 6];
+    let mut finished_at = [None; 6];
     for tick in 0..100 {
         e.join(&mut rx, &mut active);
         assert!(active.len() <= 2);
