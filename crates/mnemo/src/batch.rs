@@ -152,4 +152,106 @@ mod tests {
         );
         assert!(forward_all(&m, &[1; 60], &mut c).is_err(), "overflow");
     }
+
+    /// Every model kind the server runs takes one forward for a step that mixes a prefill chunk
+    /// (logits of its last row), one-token decoding and a verification pass of several rows,
+    /// each sequence at its own position: every sequence's logits equal those of running it
+    /// alone (up to f32 rounding; a quantised model's decode rows bit for bit).
+    #[test]
+    fn every_model_kind_mixes_prefill_chunks_and_decode_rows_in_one_forward() {
+        use crate::kernels::quant::{quantize_matrix, QType};
+        let preset = |name: &str| {
+            let mut m = Model::new(ModelConfig::preset(name).unwrap()).unwrap();
+            m.init(7);
+            m
+        };
+        let mut quantised = preset("tiny");
+        {
+            let c = quantised.cfg.clone();
+            let (d, f, v, qd) = (c.d_model, c.ffn_hidden, c.vocab_size, c.qkv_dim());
+            let mut mats = vec![(quantised.layout.output, v, d, QType::Q8_0)];
+            for lo in &quantised.layout.layers {
+                mats.push((lo.wqkv, qd, d, QType::Q4_1));
+                mats.push((lo.wo, d, c.n_heads * c.head_dim, QType::Q4_0));
+                if let crate::model::Ffn::Dense { w13, w2 } = lo.ffn {
+                    mats.push((w13, 2 * f, d, QType::Q8_0));
+                    mats.push((w2, d, f, QType::Q4_1));
+                }
+            }
+            for (off, rows, cols, ty) in mats {
+                let w = &quantised.params[off..off + rows * cols];
+                let q = quantize_matrix(ty, rows, cols, w);
+                quantised.quant.insert(off, q);
+            }
+        }
+        let kinds = [
+            ("dense", preset("tiny")),
+            ("moe", preset("tiny-moe")),
+            ("mhc", preset("tiny-mhc")),
+            ("dsa", preset("tiny-dsa")),
+            ("engram", preset("tiny-engram")),
+            ("deepseek-v4", preset("v4-tiny")),
+            ("quantised", quantised),
+        ];
+        let toks = |s: u32, n: usize| -> Vec<u32> {
+            (0..n as u32).map(|i| 1 + (i * 7 + s * 13) % 200).collect()
+        };
+        // Per sequence: tokens already cached, rows this step, logits from row.
+        let plan: [(usize, usize, usize); 4] = [(0, 12, 11), (9, 1, 0), (20, 3, 0), (33, 5, 4)];
+        for (name, m) in &kinds {
+            let fresh = || -> Vec<KvCache> {
+                plan.iter()
+                    .enumerate()
+                    .map(|(i, &(h, _, _))| {
+                        let mut c = KvCache::new(m);
+                        if h > 0 {
+                            m.forward_cached(&toks(i as u32, h), &mut c).unwrap();
+                        }
+                        c
+                    })
+                    .collect()
+            };
+            let rows: Vec<Vec<u32>> = plan
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, n, _))| toks(50 + i as u32, n))
+                .collect();
+            let mut alone = Vec::new();
+            for (i, mut c) in fresh().into_iter().enumerate() {
+                let mut s = [BatchSeq {
+                    tokens: &rows[i],
+                    cache: &mut c,
+                    logits_from: plan[i].2,
+                }];
+                alone.push(forward_batch(m, &mut s).unwrap().remove(0));
+            }
+            let mut caches = fresh();
+            let mut seqs: Vec<BatchSeq> = caches
+                .iter_mut()
+                .enumerate()
+                .map(|(i, c)| BatchSeq {
+                    tokens: &rows[i],
+                    cache: c,
+                    logits_from: plan[i].2,
+                })
+                .collect();
+            let mixed = forward_batch(m, &mut seqs).unwrap();
+            for (i, (a, b)) in mixed.iter().zip(&alone).enumerate() {
+                assert_eq!(a.len(), b.len());
+                if *name == "quantised" && plan[i].2 == 0 {
+                    assert_eq!(a, b, "{name}: decode rows of sequence {i}");
+                    continue;
+                }
+                for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{name}: sequence {i} logit {j}: {x} vs {y}"
+                    );
+                }
+            }
+            for (c, &(h, n, _)) in caches.iter().zip(&plan) {
+                assert_eq!(c.len(), h + n, "{name}");
+            }
+        }
+    }
 }

@@ -52,6 +52,11 @@ pub struct ServeArgs {
     /// Requests waiting beyond the active batch at most; more are answered 429.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// Prompt tokens one engine step prefills at most while other requests are decoding (a
+    /// long prompt is prefilled over several steps, each also advancing every decoding
+    /// request by a token); a step with nothing decoding prefills up to 256. At least 3.
+    #[arg(long, default_value_t = 64)]
+    pub prefill_chunk: usize,
     /// Context per sequence in tokens [default: the model's max_seq_len].
     #[arg(long)]
     pub ctx: Option<usize>,
@@ -162,6 +167,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let ecfg = engine::EngineConfig {
         max_batch: a.max_batch,
         ctx,
+        prefill_chunk: a.prefill_chunk.max(3),
         lookup,
         lookup_default: a.lookup || a.lookup_threshold.is_some(),
         prefix_min_tokens: a.prefix_min_tokens.max(1),
