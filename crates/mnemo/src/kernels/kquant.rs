@@ -347,7 +347,8 @@ mod tests {
 
     #[test]
     fn mxfp4_block() {
-        // e = 128: scale 2^0 halved; nibbles: element j low = j & 15, element j+16 high = 15 − j.
+        // e = 128: the scale 2^(128−127) = 2 times the e2m1 value; element j is the low nibble
+        // of byte j (code j), element j+16 the high one (code 15 − j).
         let mut b = vec![128u8];
         b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
         let mut o = [0f32; 32];
@@ -355,8 +356,8 @@ mod tests {
         let e2m1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
         for j in 0..16 {
             let v = |c: usize| if c < 8 { e2m1[c] } else { -e2m1[c - 8] };
-            assert_eq!(o[j], v(j), "{j}");
-            assert_eq!(o[j + 16], v(15 - j), "{j}");
+            assert_eq!(o[j], 2.0 * v(j), "{j}");
+            assert_eq!(o[j + 16], 2.0 * v(15 - j), "{j}");
         }
         // e = 1 and 0: the halved scales are the subnormals 2^-127 and 2^-128.
         let mut b = vec![1u8, 0x04];

@@ -457,6 +457,62 @@ pub fn load_from(g: &Gguf) -> Result<(Model, std::result::Result<Tokenizer, Stri
     Ok((model, tok))
 }
 
+/// Switch `model` (loaded from the `deepseek4` GGUF at `path`) to llama.cpp's numerics where
+/// they matter most: each routed expert's inputs rounded as ggml converts them for its stored
+/// type (`Q8_0` for MXFP4 and the 32-blocks, `Q8_K` for k-quants; `kernels::act_quant`).
+/// Not simulated (each below 3e-4 of the logits on the fixtures): the f16 K caches, the f16
+/// rounding of activations multiplied by F16 weights, and the conversions of the attention and
+/// shared-expert products. Returns notes on what stays exact, for the user.
+pub fn use_ggml_numerics(path: &Path, model: &mut Model) -> Result<Vec<String>> {
+    use crate::kernels::act_quant::ActQuant;
+    let g = Gguf::open(path)?;
+    if !is_deepseek4(&g) {
+        bail!(
+            "{}: llama.cpp numerics (--numerics ggml) are for deepseek4 GGUF files",
+            path.display()
+        );
+    }
+    let ty = |name: &str| -> Result<u32> {
+        g.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.ggml_type)
+            .with_context(|| format!("{}: tensor `{name}` is missing", path.display()))
+    };
+    let mut notes = Vec::new();
+    let mut per = Vec::new();
+    for l in 0..model.cfg.n_layers {
+        let b = |p: &str| format!("blk.{l}.{p}.weight");
+        let (tg, tu, td) = (
+            ty(&b("ffn_gate_exps"))?,
+            ty(&b("ffn_up_exps"))?,
+            ty(&b("ffn_down_exps"))?,
+        );
+        let (qg, qu) = (ActQuant::for_weight_type(tg), ActQuant::for_weight_type(tu));
+        if qg != qu {
+            bail!(
+                "{}: `{}` ({}) and `{}` ({}) take differently converted inputs: mnemo multiplies                  them as one product",
+                path.display(),
+                b("ffn_gate_exps"),
+                super::type_name(tg),
+                b("ffn_up_exps"),
+                super::type_name(tu)
+            );
+        }
+        for t in [tg, td] {
+            if ActQuant::for_weight_type(t).is_none() && t != super::F32 {
+                notes.push(format!(
+                    "layer {l}: experts stored as {} multiply exact f32 inputs (ggml's conversion                      for that type is not simulated)",
+                    super::type_name(t)
+                ));
+            }
+        }
+        per.push([qg, ActQuant::for_weight_type(td)]);
+    }
+    model.moe_act_quant = per;
+    Ok(notes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
