@@ -8,7 +8,9 @@ and expected f32 values to `crates/mnemo/tests/fixtures/kquant/blocks.safetensor
 (read by `crates/mnemo/tests/kquant_fixtures.rs`, which requires bitwise equality).
 
 `Q8_K` has no dequantiser in `gguf.quants` (llama.cpp never stores it in model files); its
-expected values are computed here as `d * q` in float32, ggml's `dequantize_row_q8_K`.
+expected values are computed here as `d * q` in float32, ggml's `dequantize_row_q8_K`; `I32`
+(not a quantisation) as the int32 values rounded to float32. `MXFP4` needs a gguf-py that
+knows it: the one vendored in llama-cpp-python 0.3.36 (PYTHONPATH=…/llama.cpp/gguf-py).
 
 Pinned: gguf==0.19.0 (numpy 2.4.6). Run from the repository root:
 
@@ -41,6 +43,8 @@ TYPES = {
     T.Q8_K: (4, []),  # f32 scale at 0, set below
     T.IQ4_NL: (8, [0]),
     T.BF16: (64, []),  # values set below
+    T.MXFP4: (8, []),  # E8M0 byte set below
+    T.I32: (16, []),  # hash-routing tables of deepseek4 GGUFs: int32 as f32
 }
 
 
@@ -59,6 +63,9 @@ def blocks_for(rng, qtype, n_blocks, scale_offsets):
     if qtype == T.Q8_K:
         d = (rng.standard_normal(n_blocks) * 0.01).astype(np.float32)
         raw[:, 0:4] = d.view(np.uint8).reshape(n_blocks, 4)
+    if qtype == T.MXFP4:
+        raw[:, 0] = rng.integers(100, 150, size=n_blocks, dtype=np.uint8)  # finite scales
+        raw[:2, 0] = [0, 1]  # the subnormal halved scales 2^-128, 2^-127
     if qtype == T.BF16:
         vals = (rng.standard_normal(n_blocks) * np.exp2(rng.uniform(-20, 20, n_blocks))).astype(np.float32)
         vals[:4] = [0.0, -0.0, 1.0, -3.5]
@@ -67,6 +74,8 @@ def blocks_for(rng, qtype, n_blocks, scale_offsets):
 
 
 def expected(qtype, raw):
+    if qtype == T.I32:
+        return raw.reshape(-1).copy().view("<i4").astype(np.float32)
     if qtype == T.Q8_K:
         d = raw[:, 0:4].copy().view(np.float32)
         q = raw[:, 4:260].copy().view(np.int8).astype(np.float32)
@@ -101,7 +110,7 @@ def main():
         tensors[f"{qtype.name}.bytes"] = ("U8", raw.shape, raw.tobytes())
         tensors[f"{qtype.name}.expected"] = ("F32", want.shape, want.astype("<f4").tobytes())
         types[qtype.name] = int(qtype)
-    meta = {"types": json.dumps(types, sort_keys=True), "gguf_version": "0.19.0"}
+    meta = {"types": json.dumps(types, sort_keys=True), "gguf_version": "0.19.0 (MXFP4: gguf-py vendored in llama-cpp-python 0.3.36)"}
     write_safetensors(OUT, tensors, meta)
     print(f"wrote {OUT} ({os.path.getsize(OUT)} bytes): {', '.join(types)}")
 

@@ -22,8 +22,8 @@ pub const LONG_ABOUT: &str =
     predict the id after ids[t].\n\n\
     MODEL is anything mnemo loads: a run directory, a checkpoint directory, a Hugging Face \
     Llama directory, a DeepSeek-V4 directory (`model_type: deepseek_v4`; transformers' layout \
-    or the official one, FP8/FP4 weights dequantised, sharded or not) or a Llama-architecture \
-    `.gguf` file. No text is tokenized: the ids are given, and no tokenizer file is needed \
+    or the official one, FP8/FP4 weights dequantised, sharded or not), a Llama-architecture \
+    `.gguf` file or a DeepSeek-V4 one (llama.cpp's `deepseek4`). No text is tokenized: the ids are given, and no tokenizer file is needed \
     (an Engram model's aside).\n\n\
     Without --decode-from, the logits come from one full forward over all T ids. With \
     --decode-from N, they come from the cached decoding path: ids[..N] are prefilled on an \
@@ -34,6 +34,10 @@ pub const LONG_ABOUT: &str =
     quantisation error. With --keep-packed, an official DeepSeek-V4 directory's cached path \
     (prefill and decoding) multiplies from its FP8/FP4 codes, memory-mapped, with no \
     dequantised copy (the same weight values as the dequantised ones).\n\n\
+    --numerics ggml (DeepSeek-V4 `.gguf` only) reproduces llama.cpp's arithmetic where it \
+    departs from transformers': the routed experts' inputs are rounded as ggml converts them \
+    for the stored type (Q8_0 for MXFP4); the default, exact, is transformers' f32 arithmetic, \
+    which every other command uses.\n\n\
     The output is written to a temporary file beside OUT and renamed into place, so OUT is \
     either the old file or the complete new one. A one-line summary goes to stderr.\n\n\
     Example:\n  echo '[1, 15, 27, 3]' > ids.json\n  \
@@ -60,6 +64,13 @@ pub struct LogitsArgs {
     /// weights).
     #[arg(long, requires = "decode_from")]
     keep_packed: bool,
+    /// `exact` (default, every command): f32 products on the dequantised weights, as
+    /// transformers computes. `ggml`: a DeepSeek-V4 `.gguf` only: round the routed experts'
+    /// inputs as llama.cpp's CPU products do for their stored type (Q8_0 for MXFP4 and the
+    /// 32-value blocks, Q8_K for k-quants), which is what moves llama.cpp's logits away from
+    /// transformers' (~1% per position); f16 K caches and f16 inputs of F16 weights stay exact.
+    #[arg(long, value_name = "exact|ggml", default_value = "exact", value_parser = ["exact", "ggml"])]
+    numerics: String,
 }
 
 /// `mnemo logits`: see [`LogitsArgs`].
@@ -77,7 +88,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     }
     let out = TempOut::create(&a.out)?;
     let t0 = Instant::now();
-    let (model, kind) = if a.keep_packed {
+    let (mut model, kind) = if a.keep_packed {
         if a.decode_from.is_none() {
             bail!(
                 "--keep-packed runs the model through its cache (prefill and decoding) on the \
@@ -97,6 +108,11 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     } else {
         load(&a.model)?
     };
+    if a.numerics == "ggml" {
+        for note in mnemo::io::gguf::deepseek4::use_ggml_numerics(&a.model, &mut model)? {
+            eprintln!("logits: {note}");
+        }
+    }
     let load_s = t0.elapsed().as_secs_f64();
     let (v, max_len) = (model.cfg.vocab_size, model.cfg.max_seq_len);
     if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
@@ -149,6 +165,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     meta.insert("model".to_string(), a.model.display().to_string());
     meta.insert("model_kind".to_string(), kind.to_string());
     meta.insert("mode".to_string(), mode.clone());
+    meta.insert("numerics".to_string(), a.numerics.clone());
     let bytes =
         mnemo::safetensors_io::serialize(&[("logits".to_string(), vec![t, v], &logits)], meta)
             .context("cannot serialise the logits")?;

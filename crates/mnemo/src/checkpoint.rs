@@ -317,7 +317,17 @@ fn load_inner(
     with_optimizer: bool,
     need_tokenizer: bool,
 ) -> Result<Loaded<Option<Tokenizer>>> {
-    let imported = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+    let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
+    let imported = if is_gguf && gguf::deepseek4::is_deepseek4_file(path) {
+        // A DeepSeek-V4 GGUF (llama.cpp's `deepseek4`): its tokenizer only when asked for.
+        let (model, tokenizer) = gguf::deepseek4::load(path)?;
+        let tokenizer = match tokenizer {
+            Ok(t) => Some(t),
+            Err(e) if need_tokenizer => bail!("{}: no usable tokenizer: {e}", path.display()),
+            Err(_) => None,
+        };
+        Some((model, tokenizer))
+    } else if is_gguf {
         let (model, tokenizer) = gguf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?;
         Some((model, Some(tokenizer)))
     } else if path.is_dir() && crate::io::hf_v4::is_v4_dir(path) {

@@ -41,7 +41,13 @@
 //! - `Q8_K` (292 bytes; llama.cpp's intermediate for dot products, rarely stored): `d: f32`,
 //!   `qs: [i8; 256]`, `bsums: [i16; 16]` (unused here). `x = d · q`.
 //!
-//! And `BF16` (2 bytes a value): the high half of an f32's bits.
+//! - `MXFP4` (17 bytes; the routed experts of a `deepseek4` GGUF): `e: u8` (E8M0),
+//!   `qs: [u8; 16]`, low nibbles elements 0..16, high 16..32.
+//!   `x = 2^(e−128) · L[q]`, `L` the e2m1 values doubled (`0, 1, 2, 3, 4, 6, 8, 12` and
+//!   their negatives; code 8 is −0).
+//!
+//! And `BF16` (2 bytes a value): the high half of an f32's bits; `I32` (4 bytes, the hash
+//! routing tables of `deepseek4` GGUFs) as f32 (exact below 2^24).
 
 use super::f16::{bf16_to_f32, f16_to_f32};
 use rayon::prelude::*;
@@ -70,6 +76,8 @@ pub const FORMATS: &[BlockFormat] = &[
     fmt(15, "Q8_K", 256, 292, q8_k),
     fmt(20, "IQ4_NL", 32, 18, iq4_nl),
     fmt(30, "BF16", 1, 2, bf16),
+    fmt(39, "MXFP4", 32, 17, mxfp4),
+    fmt(26, "I32", 1, 4, i32_value),
 ];
 
 const fn fmt(
@@ -284,6 +292,28 @@ fn bf16(b: &[u8], o: &mut [f32]) {
     o[0] = bf16_to_f32(b);
 }
 
+/// e2m1 values doubled (ggml's `kvalues_mxfp4`); the scale is halved to match.
+const MXFP4_LEVELS: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+fn mxfp4(b: &[u8], o: &mut [f32]) {
+    // E8M0 exponent byte e: 2^(e − 127), halved (the levels are doubled), as
+    // ggml_e8m0_to_fp32_half; e < 2 gives the subnormals 2^-128 and 2^-127.
+    let d = f32::from_bits(if b[0] < 2 {
+        0x0020_0000u32 << b[0]
+    } else {
+        (b[0] as u32 - 1) << 23
+    });
+    for (j, &q) in b[1..17].iter().enumerate() {
+        o[j] = d * MXFP4_LEVELS[(q & 15) as usize] as f32;
+        o[j + 16] = d * MXFP4_LEVELS[(q >> 4) as usize] as f32;
+    }
+}
+
+/// An I32 (hash-routing tables): exact as f32 below 2^24.
+fn i32_value(b: &[u8], o: &mut [f32]) {
+    o[0] = i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +333,8 @@ mod tests {
                 "Q8_K" => 4 + 256 + 32,
                 "IQ4_NL" => 2 + 16,
                 "BF16" => 2,
+                "MXFP4" => 1 + 16,
+                "I32" => 4,
                 other => panic!("{other}"),
             };
             assert_eq!(f.block_bytes, want, "{}", f.name);
@@ -311,6 +343,31 @@ mod tests {
         assert!(format(2).is_none() && format(16).is_none());
         assert_eq!(format(12).unwrap().byte_len(512), Some(288));
         assert_eq!(format(12).unwrap().byte_len(100), None);
+    }
+
+    #[test]
+    fn mxfp4_block() {
+        // e = 128: the scale 2^(128−127) = 2 times the e2m1 value; element j is the low nibble
+        // of byte j (code j), element j+16 the high one (code 15 − j).
+        let mut b = vec![128u8];
+        b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let mut o = [0f32; 32];
+        format(39).unwrap().dequantize(&b, &mut o);
+        let e2m1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        for j in 0..16 {
+            let v = |c: usize| if c < 8 { e2m1[c] } else { -e2m1[c - 8] };
+            assert_eq!(o[j], 2.0 * v(j), "{j}");
+            assert_eq!(o[j + 16], 2.0 * v(15 - j), "{j}");
+        }
+        // e = 1 and 0: the halved scales are the subnormals 2^-127 and 2^-128.
+        let mut b = vec![1u8, 0x04];
+        b.extend([0u8; 15]);
+        format(39).unwrap().dequantize(&b, &mut o);
+        assert_eq!(o[0], 4.0 * 2f32.powi(-127));
+        let mut b = vec![0u8, 0x02];
+        b.extend([0u8; 15]);
+        format(39).unwrap().dequantize(&b, &mut o);
+        assert_eq!(o[0], 2.0 * 2f32.powi(-128));
     }
 
     #[test]

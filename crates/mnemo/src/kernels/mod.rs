@@ -1,6 +1,7 @@
 //! Compute kernels over contiguous f32 buffers. They know nothing about models: each takes
 //! slices and shapes, and every kernel with a backward pass has a finite-difference check.
 
+pub mod act_quant;
 pub mod adamw;
 pub mod attention;
 pub mod attn_tile;

@@ -90,6 +90,9 @@ impl Model {
                 if !rows.aux {
                     spec.aux_coef = 0.0;
                 }
+                if let Some(q) = self.moe_act_quant.get(l) {
+                    spec.act_quant = *q;
+                }
                 let table = self.hash_tables[l].as_deref();
                 let qrows = match (self.quant.is_empty(), self.packed_only) {
                     (true, _) => None,

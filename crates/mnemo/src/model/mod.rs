@@ -109,6 +109,10 @@ pub struct Model {
     pub engram_eot: Option<u32>,
     /// Rotate-half RoPE table of the DSA indexer (`cfg.dsa`; dims `0..index_rope_dim`).
     pub index_rope: Option<RopeTable>,
+    /// Per block: the rounding ggml applies to its routed experts' inputs (to `w1|w3`, to `w2`)
+    /// when llama.cpp's numerics are asked for (`io::gguf::deepseek4::use_ggml_numerics`);
+    /// empty: exact f32 products (the default).
+    pub moe_act_quant: Vec<[Option<crate::kernels::act_quant::ActQuant>; 2]>,
 }
 
 impl Model {
@@ -186,6 +190,7 @@ impl Model {
             engram,
             engram_eot: None,
             index_rope,
+            moe_act_quant: Vec::new(),
         })
     }
 

@@ -29,6 +29,7 @@ mod packed;
 pub use packed::PackedRows;
 
 use crate::config::{ModelConfig, ScoreFunc};
+use crate::kernels::act_quant::ActQuant;
 use crate::kernels::matmul::{gemm, MatRef};
 use crate::kernels::{swiglu, SendPtr};
 use rayon::prelude::*;
@@ -48,6 +49,9 @@ pub struct MoeSpec {
     /// SwiGLU clamp `λ` of every expert (DeepSeek-V4's `swiglu_limit`; 0 = none), see
     /// [`swiglu::forward_clamped`].
     pub limit: f32,
+    /// Round the routed experts' inputs (to `w1|w3`, to `w2`) as ggml's products do
+    /// (`kernels::act_quant`; llama.cpp's numerics of a quantised GGUF); `None`: exact f32.
+    pub act_quant: [Option<ActQuant>; 2],
 }
 
 impl MoeSpec {
@@ -63,6 +67,7 @@ impl MoeSpec {
             norm_topk: c.norm_topk_prob,
             aux_coef: c.seq_aux_loss_coef,
             limit: c.swiglu_limit,
+            act_quant: [None, None],
         }
     }
     /// Floats of one routed expert: `w1, w3: [I, d]`, `w2: [d, I]`.
@@ -271,6 +276,9 @@ pub fn forward_with(
                 let tok = slot as usize / k;
                 ex.x[row * d..(row + 1) * d].copy_from_slice(&f[tok * d..(tok + 1) * d]);
             }
+            if let Some(q) = spec.act_quant[0] {
+                ex.x.chunks_exact_mut(d).for_each(|r| q.round_trip(r));
+            }
             ex.h13.resize(m * 2 * i, 0.0);
             ex.g.resize(m * i, 0.0);
             ex.out.resize(m * d, 0.0);
@@ -291,6 +299,9 @@ pub fn forward_with(
                 false,
             );
             swiglu::forward_clamped(&mut ex.g, &ex.h13, i, spec.limit);
+            if let Some(q) = spec.act_quant[1] {
+                ex.g.chunks_exact_mut(i).for_each(|r| q.round_trip(r));
+            }
             packed::product(
                 packed,
                 row_packed,

@@ -177,13 +177,11 @@ const OTHER_TYPES: &[(u32, &str)] = &[
     (23, "IQ4_XS"),
     (24, "I8"),
     (25, "I16"),
-    (26, "I32"),
     (27, "I64"),
     (28, "F64"),
     (29, "IQ1_M"),
     (34, "TQ1_0"),
     (35, "TQ2_0"),
-    (39, "MXFP4"),
 ];
 
 fn type_name(t: u32) -> String {
@@ -656,6 +654,8 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     tok.set_chat_template(template.map(String::from));
     Ok(tok)
 }
+
+pub mod deepseek4;
 
 #[cfg(test)]
 mod tests;
