@@ -600,3 +600,5 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_arch;
