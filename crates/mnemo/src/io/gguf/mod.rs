@@ -10,10 +10,10 @@
 //! Quantised blocks of 32 values: `Q8_0` is an f16 scale and 32 `i8` (`x = d·q`); `Q4_0` an
 //! f16 scale and 16 bytes (`x = d·(q − 8)`); `Q4_1` an f16 scale, an f16 minimum and 16 bytes
 //! (`x = d·q + m`). In the 4-bit types the low nibbles hold elements 0..16, the high 16..32.
-//! Those three, and the k-quants `Q4_K`, `Q5_K` and `Q6_K` (the bulk of `Q4_K_M`/`Q5_K_M` files; multiplied
-//! by [`crate::kernels::kdot`]), are kept quantised for decoding ([`QMatrix`]; a fused weight
+//! Those three, and the k-quants `Q2_K`, `Q4_K`, `Q5_K` and `Q6_K` (the bulk of the
+//! `Q2_K`/`Q4_K_M`/`Q5_K_M` mixes; multiplied by [`crate::kernels::kdot`]), are kept quantised for decoding ([`QMatrix`]; a fused weight
 //! such as q/k/v only when all its parts share one type), beside the f32 copy that prefill
-//! uses. The other types of llama.cpp's quantisation mixes (`Q5_0`, `Q5_1`, `Q2_K`, `Q3_K`,
+//! uses. The other types of llama.cpp's quantisation mixes (`Q5_0`, `Q5_1`, `Q3_K`,
 //! `Q8_K`, `IQ4_NL`, `BF16`; layouts in [`crate::kernels::kquant`]) are only
 //! dequantised to f32 on load.
 //!
@@ -409,6 +409,7 @@ impl Gguf {
             Q4_1 => QType::Q4_1,
             Q8_0 => QType::Q8_0,
             12 => QType::Q4_K,
+            10 => QType::Q2_K,
             13 => QType::Q5_K,
             14 => QType::Q6_K,
             _ => return Ok(None),

@@ -29,13 +29,15 @@ fn argmax(v: &[f64]) -> (usize, f64) {
 
 /// Every fixture model loads with its architecture's options, and its logits match
 /// llama.cpp's at every position, both for a prefill of the whole sequence (one batch) and
-/// for one-token decode steps: max |Δlogit| ≤ 8% of the largest |logit| of the position, and
-/// the same argmax wherever llama.cpp's top two differ by more than twice that.
+/// for one-token decode steps: max |Δlogit| ≤ 10% of the largest |logit| of the position,
+/// and the same argmax wherever llama.cpp's top two differ by more than twice that.
 ///
 /// The error budget is llama.cpp's 8-bit activations: it multiplies every k-quant weight by
-/// `Q8_K` activations (one scale per 256 values), while mnemo does so only for `Q4_K`/`Q6_K`
-/// weights whose fused parts share a type, the rest in f32. These random two-layer models
-/// amplify that rounding: measured worst 2.8e-2 (llama Q4_K_M) to 7.5e-2 (qwen2 Q3_K_M),
+/// `Q8_K` activations (one scale per 256 values), while mnemo does so only for
+/// `Q2_K`/`Q4_K`/`Q5_K`/`Q6_K` weights whose fused parts share a type, the rest in f32. These
+/// random two-layer models amplify that rounding: within mnemo alone, decoding with and
+/// without the quantised copies differs by 0.9e-2 to 3.6e-2 of the largest logit; against
+/// llama.cpp, measured worst 3.4e-2 (llama Q4_K_M, qwen3 Q5_K_M) to 7.8e-2 (llama Q2_K),
 /// already 1.6e-2 to 3.0e-2 at position 0. The same models written in F32 (no activation
 /// quantisation; `reference/gguf_fixtures.py` before quantising) match llama.cpp to 1.4e-3
 /// at every position for all three architectures (llama.cpp's f16 KV cache): the
@@ -102,7 +104,7 @@ fn llama_qwen2_qwen3_match_llama_cpp_logits() {
                     "{name} {what} position {p}: max |Δ| {d} vs {top}"
                 );
                 let (am, gap) = argmax(w);
-                if gap > 0.16 * top {
+                if gap > 0.2 * top {
                     let g: Vec<f64> = got.iter().map(|&x| x as f64).collect();
                     assert_eq!(argmax(&g).0, am, "{name} {what} position {p}");
                 }
