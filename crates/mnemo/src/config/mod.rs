@@ -59,6 +59,15 @@ pub struct ModelConfig {
     pub init_std: f32,
     /// Longest sequence (RoPE table size, KV-cache capacity).
     pub max_seq_len: usize,
+    /// Biases on the q, k and v projections (Qwen2's attention; see `model::attention_qk`).
+    /// Not written to JSON when off.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qkv_bias: bool,
+    /// RMSNorm of every query and key head over its `head_dim` values, with one weight
+    /// vector for the queries and one for the keys, before RoPE (Qwen3's attention; see
+    /// `model::attention_qk`). Not written to JSON when off.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qk_norm: bool,
     /// YaRN RoPE scaling (see `kernels::rope`): scaled frequencies and the attention temperature
     /// `mscale²` ([`ModelConfig::attn_scale`]). `max_seq_len` may not exceed
     /// `original_max_position_embeddings · factor`. Not written to JSON when off.
@@ -205,6 +214,10 @@ pub struct ModelConfig {
     /// SwiGLU clamp of every expert (DeepSeek-V4's `swiglu_limit`; 0 = none).
     #[serde(default, skip_serializing_if = "is_zero_f32")]
     pub swiglu_limit: f32,
+}
+
+fn is_false(x: &bool) -> bool {
+    !*x
 }
 
 fn is_zero_f32(x: &f32) -> bool {
@@ -555,6 +568,8 @@ impl ModelConfig {
             norm_eps: 1e-5,
             init_std: 0.02,
             max_seq_len: 0,
+            qkv_bias: false,
+            qk_norm: false,
             rope_scaling: None,
             ffn: FfnKind::Dense,
             n_dense_layers: 0,
@@ -669,6 +684,11 @@ impl ModelConfig {
         pos(self.max_seq_len, "max_seq_len")?;
         if let Some(v) = &self.v4 {
             self.validate_v4(v)?;
+            for (on, f) in [(self.qkv_bias, "qkv_bias"), (self.qk_norm, "qk_norm")] {
+                if on {
+                    return Err(err(f, "applies to GQA attention, not DeepSeek-V4's (v4)"));
+                }
+            }
         }
         if self.vocab_size >= u32::MAX as usize {
             // u32::MAX is the ignored-target sentinel (`cross_entropy::IGNORE`).

@@ -1,6 +1,7 @@
-//! Matrix–vector products straight from `Q4_K` and `Q6_K` super-blocks (the two types that
-//! make up most of a llama.cpp `Q4_K_M` file), for decoding, as llama.cpp's
-//! `ggml_vec_dot_q4_K_q8_K` / `ggml_vec_dot_q6_K_q8_K` compute them. Block layouts: see
+//! Matrix–vector products straight from `Q4_K`, `Q5_K` and `Q6_K` super-blocks (the types
+//! that make up most of llama.cpp's `Q4_K_M` and `Q5_K_M` files), for decoding, as llama.cpp's
+//! `ggml_vec_dot_q{2,4,5,6}_K_q8_K` compute them (`Q5_K`'s and `Q2_K`'s integer sums:
+//! [`super::kdot_q5k`], [`super::kdot_q2k`]). Block layouts: see
 //! [`super::kquant`]; weights are `[rows, cols]` row-major runs of 256-value super-blocks
 //! (`cols` a multiple of 256).
 //!
@@ -132,11 +133,14 @@ fn q6k_sum_generic(blk: &[u8], qy: &[i8]) -> i32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(super) use x86::hsum_i32;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     #[inline(always)]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
+    pub(in crate::kernels) unsafe fn hsum_i32(v: __m256i) -> i32 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
@@ -245,6 +249,40 @@ fn row_dot<const AVX2: bool>(m: &QMatrix, r: usize, x: &Q8K) -> f32 {
                 acc += (ds[b] * dy) * si as f32;
                 acc -= (m.m[r * nb + b] * dy) * mi as f32;
             }
+            QType::Q5_K => {
+                let (s, mn) = q4k_scales(&blk[4..16]);
+                let si = if AVX2 {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 was detected by the caller; 176 + 256 bytes are in range.
+                    unsafe {
+                        super::kdot_q5k::x86::q5k_sum(blk.as_ptr(), &s, qy.as_ptr())
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!()
+                } else {
+                    super::kdot_q5k::q5k_sum_generic(blk, &s, qy)
+                };
+                let mi = q4k_min_sum(&mn, &x.bsums[b * 16..(b + 1) * 16]);
+                acc += (ds[b] * dy) * si as f32;
+                acc -= (m.m[r * nb + b] * dy) * mi as f32;
+            }
+            QType::Q2_K => {
+                use super::kdot_q2k as k2;
+                let si = if AVX2 {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 was detected by the caller; 84 + 256 bytes are in range.
+                    unsafe {
+                        k2::x86::q2k_sum(blk.as_ptr(), qy.as_ptr())
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!()
+                } else {
+                    k2::q2k_sum_generic(blk, qy)
+                };
+                let mi = k2::q2k_min_sum(&blk[..16], &x.bsums[b * 16..(b + 1) * 16]);
+                acc += (ds[b] * dy) * si as f32;
+                acc -= (m.m[r * nb + b] * dy) * mi as f32;
+            }
             QType::Q6_K => {
                 let si = if AVX2 {
                     #[cfg(target_arch = "x86_64")]
@@ -296,7 +334,7 @@ fn rows(isa: Isa, m: &QMatrix, r0: usize, nr: usize, xs: &[Q8K], out: &mut [f32]
 /// first), parallel over chunks of weight rows; what [`super::quant::matmat`] runs for these
 /// types. Each output is computed as for one vector, whatever `n`.
 pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
-    assert!(matches!(m.ty, QType::Q4_K | QType::Q6_K));
+    assert!(m.ty.is_k());
     assert_eq!(x.len(), n * m.cols);
     assert_eq!(y.len(), n * m.rows);
     assert!(m.cols.is_multiple_of(QK_K) && m.data.len() == m.rows * m.row_bytes());
@@ -341,7 +379,11 @@ mod tests {
         let mut data: Vec<u8> = (0..rows * cols / QK_K * bb)
             .map(|_| (r.next_u64() & 0xff) as u8)
             .collect();
-        let offs: &[usize] = if ty == QType::Q4_K { &[0, 2] } else { &[208] };
+        let offs: &[usize] = match ty {
+            QType::Q6_K => &[208],
+            QType::Q2_K => &[80, 82],
+            _ => &[0, 2],
+        };
         for blk in data.chunks_exact_mut(bb) {
             for &o in offs {
                 blk[o + 1] = ((blk[o + 1] as u16 & 0x83) | ((5 + (blk[o] as u16 & 7)) << 2)) as u8;
@@ -351,11 +393,7 @@ mod tests {
     }
 
     fn ggml_id(ty: QType) -> u32 {
-        if ty == QType::Q4_K {
-            12
-        } else {
-            14
-        }
+        ty.ggml_type()
     }
 
     /// Every vector: the generic (and, where the CPU has it, AVX2) product.
@@ -401,7 +439,7 @@ mod tests {
     fn kquant_matvec_equals_reference_and_paths_agree() {
         let mut r = Rng::new(21);
         let mut worst = 0.0f64;
-        for ty in [QType::Q4_K, QType::Q6_K] {
+        for ty in [QType::Q2_K, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
             for (rows, cols) in [(1usize, 256usize), (7, 512), (33, 768), (5, 2048)] {
                 let m = random_kmatrix(&mut r, ty, rows, cols);
                 let mut w = vec![0.0f32; rows * cols];
@@ -445,11 +483,13 @@ mod tests {
     #[test]
     fn kquant_extremes_and_several_vectors() {
         let mut r = Rng::new(4);
-        for ty in [QType::Q4_K, QType::Q6_K] {
+        for ty in [QType::Q2_K, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
             let (rows, cols) = (3, 512);
             let mut m = random_kmatrix(&mut r, ty, rows, cols);
             for blk in m.data.chunks_exact_mut(ty.block_bytes()) {
-                if ty == QType::Q4_K {
+                if ty == QType::Q2_K {
+                    blk[..80].fill(0xff);
+                } else if ty != QType::Q6_K {
                     blk[4..].fill(0xff);
                 } else {
                     blk[..192].fill(0); // q = 0 → −32
@@ -499,7 +539,7 @@ mod tests {
     #[test]
     fn kquant_matmat_fast_equals_dequantised_product() {
         let mut r = Rng::new(9);
-        for ty in [QType::Q4_K, QType::Q6_K] {
+        for ty in [QType::Q2_K, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
             let (rows, cols, n) = (19, 512, 3);
             let m = random_kmatrix(&mut r, ty, rows, cols);
             let mut w = vec![0.0f32; rows * cols];

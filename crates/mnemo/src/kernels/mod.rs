@@ -15,6 +15,8 @@ pub mod fp8dot;
 pub mod gradcheck;
 pub mod indexer;
 pub mod kdot;
+pub mod kdot_q2k;
+pub mod kdot_q5k;
 pub mod kquant;
 pub mod matmul;
 pub mod matmul_rows;

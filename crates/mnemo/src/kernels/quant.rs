@@ -20,7 +20,7 @@ use super::f16::f16_to_f32;
 use rayon::prelude::*;
 
 /// Block formats: 32 values per block (`Q4_0`, `Q4_1`, `Q8_0`), 256-value k-quant
-/// super-blocks (`Q4_K`, `Q6_K`; multiplied by [`super::kdot`]), or DeepSeek's packed floats
+/// super-blocks (`Q2_K`, `Q4_K`, `Q5_K`, `Q6_K`; multiplied by [`super::kdot`]), or DeepSeek's packed floats
 /// (`Fp8` e4m3, one byte a value; `Fp4` e2m1, two a byte; a power-of-two scale per `block`
 /// values of a row; multiplied by [`super::fp8dot`], built by [`QMatrix::packed`]).
 #[allow(non_camel_case_types)]
@@ -29,7 +29,9 @@ pub enum QType {
     Q4_0,
     Q4_1,
     Q8_0,
+    Q2_K,
     Q4_K,
+    Q5_K,
     Q6_K,
     Fp8,
     Fp4,
@@ -42,6 +44,8 @@ impl QType {
             QType::Q4_1 => 20,
             QType::Q8_0 => 34,
             QType::Q4_K => 144,
+            QType::Q2_K => 84,
+            QType::Q5_K => 176,
             QType::Q6_K => 210,
             QType::Fp8 | QType::Fp4 => 1,
         }
@@ -64,7 +68,7 @@ impl QType {
 
     /// A 256-value k-quant type.
     pub fn is_k(self) -> bool {
-        matches!(self, QType::Q4_K | QType::Q6_K)
+        matches!(self, QType::Q2_K | QType::Q4_K | QType::Q5_K | QType::Q6_K)
     }
 
     /// ggml's type id (`u32::MAX` for the packed floats, which ggml does not have).
@@ -74,6 +78,8 @@ impl QType {
             QType::Q4_1 => 3,
             QType::Q8_0 => 8,
             QType::Q4_K => 12,
+            QType::Q2_K => 10,
+            QType::Q5_K => 13,
             QType::Q6_K => 14,
             QType::Fp8 | QType::Fp4 => u32::MAX,
         }
@@ -110,13 +116,21 @@ impl QMatrix {
     ) -> Self {
         let data = data.into();
         let bs = ty.block_bytes();
-        let d_at = if ty == QType::Q6_K { 208 } else { 0 };
+        let d_at = match ty {
+            QType::Q6_K => 208,
+            QType::Q2_K => 80,
+            _ => 0,
+        };
         let d = data
             .chunks_exact(bs)
             .map(|b| f16_to_f32(&b[d_at..d_at + 2]))
             .collect();
         let m = match ty {
-            QType::Q4_1 | QType::Q4_K => data
+            QType::Q2_K => data
+                .chunks_exact(bs)
+                .map(|b| f16_to_f32(&b[82..84]))
+                .collect(),
+            QType::Q4_1 | QType::Q4_K | QType::Q5_K => data
                 .chunks_exact(bs)
                 .map(|b| f16_to_f32(&b[2..4]))
                 .collect(),
@@ -351,7 +365,12 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
                         .zip(qx)
                         .map(|(&w, &q)| (w as i8) as i32 * q as i32)
                         .sum(),
-                    QType::Q4_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => {
+                    QType::Q2_K
+                    | QType::Q4_K
+                    | QType::Q5_K
+                    | QType::Q6_K
+                    | QType::Fp8
+                    | QType::Fp4 => {
                         unreachable!("k-quants run in kdot, packed floats in fp8dot")
                     }
                     QType::Q4_0 | QType::Q4_1 => {
@@ -643,7 +662,9 @@ fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
                     wb[j] = d * (blk[2 + j] as i8) as f32;
                 }
             }
-            QType::Q4_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => unreachable!(),
+            QType::Q2_K | QType::Q4_K | QType::Q5_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => {
+                unreachable!()
+            }
             QType::Q4_0 | QType::Q4_1 => {
                 let mm = m.m[r * nb + b];
                 let qs = if m.ty == QType::Q4_0 {
@@ -817,7 +838,7 @@ pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) ->
     let mut data = Vec::with_capacity(rows * cols / 32 * ty.block_bytes());
     for blk in w.chunks_exact(32) {
         match ty {
-            QType::Q4_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => {
+            QType::Q2_K | QType::Q4_K | QType::Q5_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => {
                 unimplemented!("quantize_matrix: 32-value types only")
             }
             QType::Q8_0 => {

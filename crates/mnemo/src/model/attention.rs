@@ -7,6 +7,9 @@
 //! out (+)= o·Woᵀ                                                        [N, d]
 //! ```
 //!
+//! Qwen models add q/k/v biases or per-head q/k RMSNorms between the projection and RoPE
+//! ([`super::attention_qk`]).
+//!
 //! `Attn` is dense causal attention, or (DSA) attention over the lightning indexer's top-k
 //! keys (module [`crate::dsa`]). What a driver decides is [`Kv`]: where the keys and values
 //! come from and the positions of the rows —
@@ -72,6 +75,8 @@ pub(crate) struct AttnActs {
     pub(crate) dsa: DsaActs,
     /// DeepSeek-V4 attention's activations.
     pub(crate) v4: super::attention_v4::V4Acts,
+    /// The q/k norms' pre-norm values (`qk_norm`).
+    pub(crate) qk: super::attention_qk::QkActs,
 }
 
 impl AttnActs {
@@ -82,6 +87,7 @@ impl AttnActs {
             lse: vec![0.0; n * c.n_heads],
             dsa: DsaActs::default(),
             v4: Default::default(),
+            qk: Default::default(),
         }
     }
 }
@@ -146,6 +152,9 @@ impl Model {
             qd,
             false,
         );
+        if lo.qk.bqkv.is_some() || lo.qk.q_norm.is_some() {
+            self.qk_forward(&lo.qk, &mut acts.qkv, &mut acts.qk);
+        }
         let qkv = &mut acts.qkv;
         match kv {
             Kv::Batch { b, t, dsa } => {
@@ -348,6 +357,7 @@ impl Model {
             .apply(dqkv, n, qd, lay.q_off, h, hd, |r| r % t, true);
         self.rope
             .apply(dqkv, n, qd, lay.k_off, kv, hd, |r| r % t, true);
+        self.qk_backward(&lo.qk, &acts.qk, &mut dqkv[..n * qd], grads);
         linear_backward_frozen(
             Some((da, false)),
             (!frozen).then_some(&mut grads[lo.wqkv..lo.wqkv + qd * d]),

@@ -50,6 +50,8 @@ pub struct LayerOffsets {
     pub indexer: Option<IndexerOffsets>,
     /// DeepSeek-V4 attention (`layers.{i}.attn.*`) in place of `wqkv`/`wo` (both 0).
     pub v4: Option<super::attention_v4::V4AttnOffsets>,
+    /// The q/k/v biases and the per-head q/k norms (`qkv_bias`, `qk_norm`).
+    pub qk: super::attention_qk::QkOffsets,
 }
 
 /// The feed-forward of a layer.
@@ -225,6 +227,7 @@ fn add_block(
     let attn_hc = hcd.map(|dm| bld.add_hc(&|s| p(&format!("attn_hc.{s}")), &dm));
     let attn_norm = bld.add(p("attention_norm.weight"), vec![d], false);
     let (mut wqkv, mut wo, mut indexer, mut v4) = (0, 0, None, None);
+    let mut qk = super::attention_qk::QkOffsets::default();
     if c.v4.is_some() {
         v4 = Some(super::attention_v4::V4AttnOffsets::add(
             bld,
@@ -237,6 +240,7 @@ fn add_block(
         bld.add(p("attention.wk.weight"), vec![c.n_kv_heads * hd, d], true);
         bld.add(p("attention.wv.weight"), vec![c.n_kv_heads * hd, d], true);
         wo = bld.add(p("attention.wo.weight"), vec![d, c.n_heads * hd], true);
+        qk = super::attention_qk::QkOffsets::add(bld, c, p);
         indexer = c.dsa.as_ref().map(|x| {
             let (hi, di) = (x.index_n_heads, x.index_head_dim);
             IndexerOffsets {
@@ -297,6 +301,7 @@ fn add_block(
         ffn_hc,
         indexer,
         v4,
+        qk,
     }
 }
 

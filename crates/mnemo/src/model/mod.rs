@@ -45,6 +45,7 @@
 
 pub mod attention;
 pub mod attention_dsa;
+pub mod attention_qk;
 pub mod attention_v4;
 pub mod attention_v4_cache;
 pub mod attention_v4_indexer;
@@ -266,8 +267,9 @@ impl Model {
             } else if !t.trainable
                 || t.name.ends_with("indexer.k_norm.bias")
                 || t.name.ends_with("attn.attn_sink")
+                || attention_qk::is_qkv_bias(&t.name)
             {
-                p.fill(0.0); // MoE selection bias, LayerNorm bias, attention sinks
+                p.fill(0.0); // MoE selection bias, LayerNorm bias, attention sinks, q/k/v biases
             } else if t.shape.len() == 1 {
                 p.fill(1.0);
             } else if t.name.ends_with("attention.wo.weight")

@@ -10,26 +10,27 @@
 //! Quantised blocks of 32 values: `Q8_0` is an f16 scale and 32 `i8` (`x = d·q`); `Q4_0` an
 //! f16 scale and 16 bytes (`x = d·(q − 8)`); `Q4_1` an f16 scale, an f16 minimum and 16 bytes
 //! (`x = d·q + m`). In the 4-bit types the low nibbles hold elements 0..16, the high 16..32.
-//! Those three, and the k-quants `Q4_K` and `Q6_K` (the bulk of a `Q4_K_M` file; multiplied
-//! by [`crate::kernels::kdot`]), are kept quantised for decoding ([`QMatrix`]; a fused weight
+//! Those three, and the k-quants `Q2_K`, `Q4_K`, `Q5_K` and `Q6_K` (the bulk of the
+//! `Q2_K`/`Q4_K_M`/`Q5_K_M` mixes; multiplied by [`crate::kernels::kdot`]), are kept quantised for decoding ([`QMatrix`]; a fused weight
 //! such as q/k/v only when all its parts share one type), beside the f32 copy that prefill
-//! uses. The other types of llama.cpp's quantisation mixes (`Q5_0`, `Q5_1`, `Q2_K`, `Q3_K`,
-//! `Q5_K`, `Q8_K`, `IQ4_NL`, `BF16`; layouts in [`crate::kernels::kquant`]) are only
+//! uses. The other types of llama.cpp's quantisation mixes (`Q5_0`, `Q5_1`, `Q3_K`,
+//! `Q8_K`, `IQ4_NL`, `BF16`; layouts in [`crate::kernels::kquant`]) are only
 //! dequantised to f32 on load.
 //!
 //! Llama GGUFs store q/k with rows permuted so that RoPE pairs adjacent dims (llama.cpp's
 //! "normal" RoPE), i.e. mnemo's `interleaved` layout.
 
-use crate::config::ModelConfig;
 use crate::kernels::f16::f16_to_f32;
 use crate::kernels::kquant;
 use crate::kernels::quant::{QMatrix, QType};
-use crate::kernels::rope::RopeLayout;
 use crate::model::{Ffn, Model};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
+
+pub mod arch;
+mod pretok;
 
 /// A metadata value.
 #[derive(Clone, Debug)]
@@ -406,6 +407,8 @@ impl Gguf {
             Q4_1 => QType::Q4_1,
             Q8_0 => QType::Q8_0,
             12 => QType::Q4_K,
+            10 => QType::Q2_K,
+            13 => QType::Q5_K,
             14 => QType::Q6_K,
             _ => return Ok(None),
         };
@@ -430,8 +433,8 @@ impl Gguf {
     }
 }
 
-/// Load a Llama-architecture GGUF as a mnemo model (weights dequantised to f32) and its
-/// tokenizer. `max_seq_len` caps the context (KV cache and RoPE table sizes).
+/// Load a Llama-family GGUF (`llama`, `qwen2`, `qwen3`: [`arch`]) as a mnemo model (weights
+/// dequantised to f32, plus quantised copies for decoding) and its tokenizer. `max_seq_len` caps the context (KV cache and RoPE table sizes).
 pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> {
     let g = Gguf::open(path)?;
     let arch = g
@@ -439,15 +442,6 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
         .get("general.architecture")
         .and_then(Value::as_str)
         .unwrap_or("?");
-    if arch != "llama" {
-        bail!(
-            "{}: architecture `{arch}` is not supported (only `llama`)",
-            path.display()
-        );
-    }
-    let a = |k: &str| format!("llama.{k}");
-    let d = g.get_u(&a("embedding_length"))?;
-    let heads = g.get_u(&a("attention.head_count"))?;
     let tokens = match g.meta.get("tokenizer.ggml.tokens") {
         Some(Value::Array(v)) => v
             .iter()
@@ -455,61 +449,10 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
             .collect::<Vec<_>>(),
         _ => bail!("{}: no tokenizer.ggml.tokens", path.display()),
     };
-    let has_output = g.tensors.iter().any(|t| t.name == "output.weight");
-    let cfg = ModelConfig {
-        vocab_size: tokens.len(),
-        d_model: d,
-        n_layers: g.get_u(&a("block_count"))?,
-        n_heads: heads,
-        n_kv_heads: g.get_u(&a("attention.head_count_kv")).unwrap_or(heads),
-        head_dim: d / heads,
-        rope_theta: g
-            .meta
-            .get(&a("rope.freq_base"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10000.0),
-        rope_dim: g.get_u(&a("rope.dimension_count")).unwrap_or(d / heads),
-        rope_layout: RopeLayout::Interleaved,
-        ffn_hidden: g.get_u(&a("feed_forward_length"))?,
-        tied_embeddings: !has_output,
-        norm_eps: g
-            .meta
-            .get(&a("attention.layer_norm_rms_epsilon"))
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-5) as f32,
-        init_std: 0.02,
-        max_seq_len: g
-            .get_u(&a("context_length"))
-            .unwrap_or(2048)
-            .min(max_seq_len),
-        ..ModelConfig::dense_defaults()
-    };
+    let cfg = arch::llama_family_config(&g, arch, tokens.len(), max_seq_len)?;
     let mut model = Model::new(cfg)
-        .with_context(|| format!("{}: inconsistent llama metadata", path.display()))?;
-    let name_of = |ours: &str| -> String {
-        if let Some(rest) = ours.strip_prefix("layers.") {
-            let (i, t) = rest.split_once('.').expect("layer tensor names have a dot");
-            let t = match t {
-                "attention_norm.weight" => "attn_norm.weight",
-                "attention.wq.weight" => "attn_q.weight",
-                "attention.wk.weight" => "attn_k.weight",
-                "attention.wv.weight" => "attn_v.weight",
-                "attention.wo.weight" => "attn_output.weight",
-                "ffn_norm.weight" => "ffn_norm.weight",
-                "feed_forward.w1.weight" => "ffn_gate.weight",
-                "feed_forward.w3.weight" => "ffn_up.weight",
-                "feed_forward.w2.weight" => "ffn_down.weight",
-                other => other,
-            };
-            format!("blk.{i}.{t}")
-        } else {
-            match ours {
-                "tok_embeddings.weight" => "token_embd.weight".into(),
-                "norm.weight" => "output_norm.weight".into(),
-                other => other.into(),
-            }
-        }
-    };
+        .with_context(|| format!("{}: inconsistent {arch} metadata", path.display()))?;
+    let name_of = arch::gguf_name;
     for spec in model.layout.tensors.clone() {
         let gname = name_of(&spec.name);
         let (shape, w) = g.tensor_f32(&gname)?;
@@ -575,8 +518,6 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
     Ok((model, tok))
 }
 
-/// Build the GPT-2-style byte-level BPE described by `tokenizer.ggml.*` as a Hugging Face
-/// tokenizer (digits split individually, as SmolLM's pre-tokenizer does).
 /// Only the tokenizer of a GGUF model (vocabulary, merges, chat template), without reading
 /// its weights: what `mnemo pack --tokenizer MODEL.gguf` counts with.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
@@ -591,6 +532,9 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     tokenizer_from_gguf(&g, &tokens)
 }
 
+/// Build the GPT-2-style byte-level BPE described by `tokenizer.ggml.*` as a Hugging Face
+/// tokenizer: the pre-tokenizer of `tokenizer.ggml.pre` ([`pretok`]); control tokens (type 3)
+/// are special added tokens, user-defined ones (type 4) plain added tokens.
 fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     let p = g.path.display();
     let model = g
@@ -612,6 +556,8 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
         Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap_or(1)).collect(),
         _ => vec![1; tokens.len()],
     };
+    let pre = g.meta.get("tokenizer.ggml.pre").and_then(Value::as_str);
+    let pre_tokenizer = pretok::pre_tokenizer(pre, &format!("{p}"))?;
     let vocab: serde_json::Map<String, serde_json::Value> = tokens
         .iter()
         .enumerate()
@@ -620,8 +566,8 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     let added: Vec<serde_json::Value> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| types.get(*i) == Some(&3))
-        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .filter(|(i, _)| matches!(types.get(*i), Some(&3) | Some(&4)))
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": types[i] == 3}))
         .collect();
     let json = serde_json::json!({
         "version": "1.0",
@@ -629,10 +575,7 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
-        ]},
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -659,3 +602,5 @@ pub mod deepseek4;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_arch;
