@@ -213,7 +213,7 @@ mod tests {
             m.forward_backward(&tokens, &targets, b, t, &mut grads, 1.0, &mut ws);
             let loss_of = |p: &[f32]| {
                 let mm = Model {
-                    params: p.to_vec(),
+                    params: p.to_vec().into(),
                     ..Model::new(m.cfg.clone()).unwrap()
                 };
                 let mut ws = Workspace::default();
