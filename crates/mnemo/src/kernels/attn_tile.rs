@@ -158,20 +158,20 @@ mod x86 {
         };
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(
+    /// Cut `C = β·C + α·A·B` into tiles of up to [`MR`] rows × `cols` columns and run `tile`
+    /// on each with its row count and width.
+    unsafe fn for_tiles(
         c: *mut f32,
         c_rs: usize,
         a: &MatRef,
         b: &MatRef,
-        alpha: f32,
-        accumulate: bool,
+        (alpha, accumulate): (f32, bool),
+        cols: usize,
+        mut tile: impl FnMut(Tile, usize, usize),
     ) {
         let (m, k, n) = (a.rows, a.cols, b.cols);
         for i0 in (0..m).step_by(MR) {
-            let r = (m - i0).min(MR);
-            for j0 in (0..n).step_by(64) {
-                let w = (n - j0).min(64);
+            for j0 in (0..n).step_by(cols) {
                 let t = Tile {
                     a: a.data.as_ptr().wrapping_add(i0 * a.rs),
                     a_rs: a.rs,
@@ -184,9 +184,29 @@ mod x86 {
                     alpha,
                     accumulate,
                 };
-                dispatch!(tile512, t, r, w.div_ceil(16), w; 1 2 3 4);
+                tile(t, (m - i0).min(MR), (n - j0).min(cols));
             }
         }
+    }
+
+    /// The AVX-512 path: tiles of 6 × 64 (four 16-lane vectors a row).
+    pub(super) unsafe fn avx512(
+        c: *mut f32,
+        c_rs: usize,
+        a: &MatRef,
+        b: &MatRef,
+        alpha: f32,
+        accumulate: bool,
+    ) {
+        for_tiles(
+            c,
+            c_rs,
+            a,
+            b,
+            (alpha, accumulate),
+            64,
+            |t, r, w| dispatch!(tile512, t, r, w.div_ceil(16), w; 1 2 3 4),
+        );
     }
 
     /// One `R × 16·NV` tile (the last vector masked to `w` columns).
@@ -224,7 +244,7 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    /// The AVX2 path: tiles of 6 × 16 (two 8-lane vectors a row).
     pub(super) unsafe fn avx2(
         c: *mut f32,
         c_rs: usize,
@@ -233,26 +253,15 @@ mod x86 {
         alpha: f32,
         accumulate: bool,
     ) {
-        let (m, k, n) = (a.rows, a.cols, b.cols);
-        for i0 in (0..m).step_by(MR) {
-            let r = (m - i0).min(MR);
-            for j0 in (0..n).step_by(16) {
-                let w = (n - j0).min(16);
-                let t = Tile {
-                    a: a.data.as_ptr().wrapping_add(i0 * a.rs),
-                    a_rs: a.rs,
-                    a_cs: a.cs,
-                    b: b.data.as_ptr().wrapping_add(j0),
-                    b_rs: b.rs,
-                    k,
-                    c: c.add(i0 * c_rs + j0),
-                    c_rs,
-                    alpha,
-                    accumulate,
-                };
-                dispatch!(tile256, t, r, w.div_ceil(8), w; 1 2);
-            }
-        }
+        for_tiles(
+            c,
+            c_rs,
+            a,
+            b,
+            (alpha, accumulate),
+            16,
+            |t, r, w| dispatch!(tile256, t, r, w.div_ceil(8), w; 1 2),
+        );
     }
 
     /// One `R × 8·NV` tile (the last vector masked to `w` columns).
