@@ -35,7 +35,7 @@ for name in v4-tiny hf-friendly; do
   for r in $(seq 1 "$rounds"); do
     for prec in f32 bf16; do
       echo "$name round $r/$rounds: mnemo $prec" >&2
-      prof=""; [ "$prec" = f32 ] && prof=--profile
+      prof=--profile
       # shellcheck disable=SC2086
       $mnemo --threads "$threads" bench train-step --preset v4-tiny ${sets[$name]} --batch-size "$batch" \
           --seq-len "$seq" --iters 5 --warmup 1 --data crates --vs-no-mtp --precision "$prec" $prof \
@@ -75,7 +75,21 @@ for name in sorted({r["config"] for r in runs}):
             "speedup_no_mtp": med(t) / med(m0),
             "mnemo_phase_ms": [r["phase_ms"] for r in mine if r.get("label") == "mtp"],
             "mnemo_profile_ms": [r["profile_ms"] for r in mine if r.get("label") == "mtp" and "profile_ms" in r],
+            "mnemo_no_mtp_profile_ms": [r["profile_ms"] for r in mine if r.get("label") == "no-mtp" and "profile_ms" in r],
         }
+        # The no-MTP step's matrix products against their floor (each shape timed alone with
+        # the same kernel and threads), and the memory-bound work that is not a product.
+        nm = [r for r in mine if r.get("label") == "no-mtp" and "gemm_floor" in r]
+        if nm:
+            mb = lambda p: p.get("adamw", 0) + p.get("clip", 0) + p.get("moe.balance.fit", 0)
+            c[prec].update({
+                "target_3x_ms": med(t) / 3,
+                "no_mtp_gemm_gflop": med([r["gemm_floor"]["gflop"] for r in nm]),
+                "no_mtp_gemm_in_step_ms": med([r["gemm_floor"]["in_step_ms"] for r in nm]),
+                "no_mtp_gemm_floor_ms": med([r["gemm_floor"]["floor_ms"] for r in nm]),
+                "no_mtp_adamw_clip_refit_ms": med([mb(r["profile_ms"]) for r in nm]),
+                "no_mtp_gemm_floor_shapes": nm[0]["gemm_floor"]["shapes"],
+            })
     out["configs"][name] = c
 json.dump(out, open("results/v4-train-speed/speed.json", "w"), indent=1)
 import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
@@ -97,4 +111,8 @@ for n in names:
     for prec in ["f32", "bf16"]:
         c = out["configs"][n][prec]
         print(f"{n} {prec}: {out['configs'][n]['params']/1e6:.1f}M params, mnemo {c['mnemo_median_ms']:.0f} ms (no MTP {c['mnemo_no_mtp_median_ms']:.0f}), transformers {c['transformers_median_ms']:.0f} ms: {c['speedup']:.2f}x ({c['speedup_no_mtp']:.2f}x)")
+        if "no_mtp_gemm_floor_ms" in c:
+            print(f"  3x target {c['target_3x_ms']:.0f} ms; no-MTP products {c['no_mtp_gemm_gflop']:.1f} GFLOP: "
+                  f"{c['no_mtp_gemm_in_step_ms']:.0f} ms as run, floor {c['no_mtp_gemm_floor_ms']:.0f} ms; "
+                  f"AdamW + clip + bias refit {c['no_mtp_adamw_clip_refit_ms']:.0f} ms")
 PY

@@ -268,6 +268,37 @@ fn apply_set(v: &mut serde_json::Value, s: &str) -> Result<()> {
         e[f] = parsed;
         return Ok(());
     }
+    // `v4.FIELD` / `model.v4.FIELD`: one field of the DeepSeek-V4 attention config (the
+    // preset's, or the v4-tiny values when the preset has none); `v4=null` turns it off.
+    if let Some(f) = key
+        .strip_prefix("model.v4.")
+        .or_else(|| key.strip_prefix("v4."))
+    {
+        let e = &mut v["model"]["v4"];
+        if e.is_null() {
+            *e = serde_json::to_value(ModelConfig::preset("v4-tiny").and_then(|c| c.v4))?;
+        }
+        if e.get(f).is_none() {
+            let names: Vec<&str> = e
+                .as_object()
+                .map(|o| o.keys().map(|k| k.as_str()).collect())
+                .unwrap_or_default();
+            bail!(
+                "--set {s}: no DeepSeek-V4 config field `{f}` ({})",
+                names.join(", ")
+            );
+        }
+        // Fewer MTP blocks drop their trailing `layer_types` entries (one per block).
+        if let (Some(n), Some(layers)) = (parsed.as_u64(), v["model"]["n_layers"].as_u64()) {
+            if f == "num_nextn_predict_layers" {
+                if let Some(t) = v["model"]["v4"]["layer_types"].as_array_mut() {
+                    t.truncate((layers + n) as usize);
+                }
+            }
+        }
+        v["model"]["v4"][f] = parsed;
+        return Ok(());
+    }
     let (section, field) = match key.split_once('.') {
         Some((sec, f)) => (sec.to_string(), f.to_string()),
         None => {
@@ -321,10 +352,17 @@ mod tests {
         assert_eq!(run.train.max_steps, 50, "--set comes after the flags");
         assert_eq!(run.data.root, PathBuf::from("/data"));
         assert_eq!(run.model.engram.unwrap().layer_ids, [1, 3]);
+        let v4 = ConfigSources {
+            preset: Some("v4-tiny".into()),
+            ..sets(&["v4.num_nextn_predict_layers=0", "model.v4.index_topk=8"])
+        };
+        let v = resolve(&v4).unwrap().0.model.v4.unwrap();
+        assert_eq!((v.num_nextn_predict_layers, v.index_topk), (0, 8));
         for (s, needle) in [
             ("d_modle=3", "no config field named `d_modle`"),
             ("train.nope=1", "no config field `train.nope`"),
             ("dsa.nope=1", "no DSA config field `nope`"),
+            ("v4.nope=1", "no DeepSeek-V4 config field `nope` ("),
             ("n_kv_heads=3", "n_kv_heads"),
             ("novalue", "expected KEY=VALUE"),
             (

@@ -1,7 +1,9 @@
 //! Matrix–vector and small-batch products straight from packed FP8 / FP4 weights (DeepSeek's
 //! block-scaled formats, values in [`super::fp8`]): `y[i, r] (+)= Σ_j W[r, j]·x[i, j]` for
 //! `n` f32 vectors `x: [n, cols]`, `y: [n, rows]`, reading 1 (FP8) or ½ (FP4) byte per weight
-//! plus a scale per block instead of 4 bytes.
+//! plus a scale per block instead of 4 bytes. BF16 weights (`QType::Bf16`, two bytes a value,
+//! scales of 1) run the same way: DeepSeek-V4 stores `wo_a`, the compressors, the indexer's
+//! `weights_proj` and the router in BF16, and a mapped checkpoint multiplies them as stored.
 //!
 //! Weights (a [`QMatrix`] of type `Fp8`/`Fp4`): `data` holds the codes row-major (FP8 one byte
 //! per value; FP4 two per byte, even element in the low nibble), `d` the scales per row and
@@ -66,6 +68,7 @@ fn multipliers(m: &QMatrix, d: &[f32]) -> Vec<f32> {
             .iter()
             .map(|&s| if s <= 128.0 { s * TWO_120 } else { f32::NAN })
             .collect(),
+        QType::Bf16 => d.to_vec(),
         _ => d.iter().map(|&s| s * 0.5).collect(),
     }
 }
@@ -83,6 +86,12 @@ fn decode_chunk(m: &QMatrix, d: &[f32], r: usize, ch: usize, w: &mut [f32; 16]) 
             let row = &m.data[r * m.cols..(r + 1) * m.cols];
             for (o, &b) in w.iter_mut().zip(&row[c0..c0 + n]) {
                 *o = super::fp8::e4m3_to_f32(b) * s;
+            }
+        }
+        QType::Bf16 => {
+            let row = &m.data[2 * r * m.cols..2 * (r + 1) * m.cols];
+            for (o, b) in w.iter_mut().zip(row[2 * c0..2 * (c0 + n)].chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) * s;
             }
         }
         _ => {
@@ -142,18 +151,21 @@ mod x86 {
     use crate::kernels::quant::{QMatrix, QType};
     use std::arch::x86_64::*;
 
-    /// Row-chunk bytes: 16 FP8 bytes or 8 FP4 bytes of chunk `ch` of row `r`, copied into a
-    /// zero-padded buffer when the chunk is the partial last one.
+    /// Row-chunk bytes: 16 FP8 bytes, 8 FP4 bytes or 32 BF16 bytes of chunk `ch` of row `r`,
+    /// copied into a zero-padded buffer when the chunk is the partial last one.
     #[inline(always)]
-    unsafe fn chunk_ptr(m: &QMatrix, r: usize, ch: usize, pad: &mut [u8; 16]) -> *const u8 {
-        let fp8 = m.ty == QType::Fp8;
-        let (rb, cb) = if fp8 { (m.cols, 16) } else { (m.cols / 2, 8) };
+    unsafe fn chunk_ptr(m: &QMatrix, r: usize, ch: usize, pad: &mut [u8; 32]) -> *const u8 {
+        let (rb, cb) = match m.ty {
+            QType::Fp8 => (m.cols, 16),
+            QType::Bf16 => (2 * m.cols, 32),
+            _ => (m.cols / 2, 8),
+        };
         let start = r * rb + ch * cb;
         let end = (r + 1) * rb;
         if start + cb <= end {
             m.data.as_ptr().add(start)
         } else {
-            *pad = [0; 16];
+            *pad = [0; 32];
             pad[..end - start].copy_from_slice(&m.data[start..end]);
             pad.as_ptr()
         }
@@ -199,6 +211,12 @@ mod x86 {
                 let cv = _mm256_set1_ps(c);
                 (_mm256_mul_ps(f0, cv), _mm256_mul_ps(f1, cv))
             }
+        } else if m.ty == QType::Bf16 {
+            let lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            let hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+            let cv = _mm256_set1_ps(c);
+            let f = |v: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            (_mm256_mul_ps(f(lo), cv), _mm256_mul_ps(f(hi), cv))
         } else {
             let v = e2m1_x2_16(p);
             let cv = _mm256_set1_ps(c);
@@ -233,7 +251,7 @@ mod x86 {
         let nch = m.cols.div_ceil(16);
         let bpc = m.block / 16;
         let xp: [*const f32; N] = std::array::from_fn(|i| xs[i].as_ptr());
-        let mut pad = [0u8; 16];
+        let mut pad = [0u8; 32];
         for k in 0..nr {
             let r = r0 + k;
             let mut a0 = [_mm256_setzero_ps(); N];
@@ -297,8 +315,9 @@ mod x86 {
         let nch = m.cols.div_ceil(16);
         let bpc = m.block / 16;
         let xp: [*const f32; N] = std::array::from_fn(|i| xs[i].as_ptr());
-        let mut pad = [0u8; 16];
+        let mut pad = [0u8; 32];
         let fp8 = m.ty == QType::Fp8;
+        let bf16 = m.ty == QType::Bf16;
         let lut = _mm_loadu_si128(E2M1X2.as_ptr() as *const __m128i);
         for k in 0..nr {
             let r = r0 + k;
@@ -319,6 +338,10 @@ mod x86 {
                         } else {
                             _mm512_mul_ps(f, _mm512_set1_ps(c))
                         }
+                    } else if bf16 {
+                        let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                        let f = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                        _mm512_mul_ps(f, _mm512_set1_ps(c))
                     } else {
                         let b = _mm_loadl_epi64(p as *const __m128i);
                         let mask = _mm_set1_epi8(0x0f);
@@ -395,8 +418,8 @@ pub fn matmat(m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool)
 /// [`matmat`] on kernel `isa` (tests force each one the CPU runs).
 pub fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
     assert!(
-        matches!(m.ty, QType::Fp8 | QType::Fp4),
-        "a packed FP8/FP4 matrix"
+        matches!(m.ty, QType::Fp8 | QType::Fp4 | QType::Bf16),
+        "a packed FP8/FP4/BF16 matrix"
     );
     assert_eq!(x.len(), n * m.cols);
     assert_eq!(y.len(), n * m.rows);

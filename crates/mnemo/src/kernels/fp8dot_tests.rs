@@ -60,6 +60,24 @@ fn random_fp4(r: &mut Rng, rows: usize, cols: usize) -> (QMatrix, Vec<f32>) {
     )
 }
 
+/// A random BF16 matrix (values of every magnitude and sign, zeros and subnormals
+/// included), and its f32 values.
+fn random_bf16(r: &mut Rng, rows: usize, cols: usize) -> (QMatrix, Vec<f32>) {
+    let bits: Vec<u16> = (0..rows * cols)
+        .map(|i| match i % 11 {
+            0 => 0x8000,
+            1 => 0x0003,
+            _ => ((r.next_u64() & 0x8000) as u16) | (0x3c00 + (r.next_u64() % 0x0800) as u16),
+        })
+        .collect();
+    let w = bits
+        .iter()
+        .map(|&b| f32::from_bits((b as u32) << 16))
+        .collect();
+    let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    (QMatrix::bf16(rows, cols, bytes.into()).unwrap(), w)
+}
+
 /// `y = X·Wᵀ` in f64 and `Σ|w·x|` per output (the scale of the rounding error).
 fn reference(w: &[f32], x: &[f32], n: usize, rows: usize, cols: usize) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0f64; n * rows];
@@ -98,6 +116,14 @@ fn every_kernel_matches_dequantise_then_f32_and_each_other() {
         {
             let (m, w) = random_fp4(&mut r, 5, 40);
             ("fp4 partial chunk", m, w)
+        },
+        {
+            let (m, w) = random_bf16(&mut r, 130, 200);
+            ("bf16", m, w)
+        },
+        {
+            let (m, w) = random_bf16(&mut r, 5, 40);
+            ("bf16 partial chunk", m, w)
         },
     ];
     for (what, m, w) in &cases {

@@ -97,9 +97,16 @@ pub fn gemm(
     accumulate: bool,
     parallel: bool,
 ) {
-    if super::precision::gemm_precision() == super::precision::Precision::Bf16
-        && bf16_worth_it(a.rows, b.cols, a.cols)
-    {
+    let bf16 = super::precision::gemm_precision() == super::precision::Precision::Bf16
+        && bf16_worth_it(a.rows, b.cols, a.cols);
+    let _log = crate::prof::gemm(crate::prof::GemmShape {
+        m: a.rows,
+        k: a.cols,
+        n: b.cols,
+        parallel,
+        bf16,
+    });
+    if bf16 {
         super::bf16::gemm(c, c_rs, a, b, alpha, accumulate, parallel);
     } else {
         gemm_f32(c, c_rs, a, b, alpha, accumulate, parallel);
@@ -210,6 +217,13 @@ pub unsafe fn gemm_ptr(
     }
     a.check("gemm", "lhs");
     b.check("gemm", "rhs");
+    let _log = crate::prof::gemm(crate::prof::GemmShape {
+        m,
+        k,
+        n,
+        parallel: false,
+        bf16: false,
+    });
     gemm::gemm(
         m,
         n,

@@ -35,6 +35,9 @@ pub enum QType {
     Q6_K,
     Fp8,
     Fp4,
+    /// bfloat16 kept as stored (two bytes a value, no scale): DeepSeek-V4's BF16 weights
+    /// multiplied straight from a mapped checkpoint (a packed float of scale 1).
+    Bf16,
 }
 
 impl QType {
@@ -48,22 +51,23 @@ impl QType {
             QType::Q5_K => 176,
             QType::Q6_K => 210,
             QType::Fp8 | QType::Fp4 => 1,
+            QType::Bf16 => 2,
         }
     }
 
     /// Values per block (packed floats: per byte; their scale blocks are [`QMatrix::block`]).
     pub fn block_elems(self) -> usize {
         match self {
-            QType::Fp8 => 1,
+            QType::Fp8 | QType::Bf16 => 1,
             QType::Fp4 => 2,
             _ if self.is_k() => 256,
             _ => 32,
         }
     }
 
-    /// DeepSeek's packed FP8 / FP4 ([`super::fp8dot`]).
+    /// DeepSeek's packed FP8 / FP4, and BF16 as stored ([`super::fp8dot`]).
     pub fn is_packed_float(self) -> bool {
-        matches!(self, QType::Fp8 | QType::Fp4)
+        matches!(self, QType::Fp8 | QType::Fp4 | QType::Bf16)
     }
 
     /// A 256-value k-quant type.
@@ -81,7 +85,7 @@ impl QType {
             QType::Q2_K => 10,
             QType::Q5_K => 13,
             QType::Q6_K => 14,
-            QType::Fp8 | QType::Fp4 => u32::MAX,
+            QType::Fp8 | QType::Fp4 | QType::Bf16 => u32::MAX,
         }
     }
 }
@@ -139,7 +143,9 @@ impl QMatrix {
                 .map(|b| -8.0 * f16_to_f32(&b[..2]))
                 .collect(),
             QType::Q8_0 | QType::Q6_K => Vec::new(),
-            QType::Fp8 | QType::Fp4 => panic!("packed floats are built by QMatrix::packed"),
+            QType::Fp8 | QType::Fp4 | QType::Bf16 => {
+                panic!("packed floats are built by QMatrix::packed")
+            }
         };
         QMatrix {
             ty,
@@ -213,6 +219,7 @@ impl QMatrix {
     ) -> Result<Self, String> {
         let want = match ty {
             QType::Fp8 => rows * cols,
+            QType::Bf16 => 2 * rows * cols,
             QType::Fp4 if cols.is_multiple_of(2) => rows * cols / 2,
             QType::Fp4 => return Err(format!("FP4 needs an even column count, not {cols}")),
             _ => return Err(format!("{ty:?} is not a packed float type")),
@@ -244,6 +251,21 @@ impl QMatrix {
             d8,
             block,
         })
+    }
+
+    /// A BF16 matrix `[rows, cols]` whose little-endian values `data` (`2·rows·cols` bytes,
+    /// typically a range of a mapped file) are multiplied as stored ([`super::fp8dot`]: a
+    /// packed float with one scale of 1 per row). Errors: a size that does not match.
+    pub fn bf16(rows: usize, cols: usize, data: super::qbytes::QBytes) -> Result<Self, String> {
+        let block = cols.div_ceil(16).max(1) * 16;
+        Self::packed_lazy(
+            QType::Bf16,
+            rows,
+            cols,
+            data,
+            PackedScales::F32(vec![1.0; rows]),
+            block,
+        )
     }
 
     /// The scales of a packed-float matrix as f32 (`d`, or `d8` converted).
@@ -370,7 +392,8 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
                     | QType::Q5_K
                     | QType::Q6_K
                     | QType::Fp8
-                    | QType::Fp4 => {
+                    | QType::Fp4
+                    | QType::Bf16 => {
                         unreachable!("k-quants run in kdot, packed floats in fp8dot")
                     }
                     QType::Q4_0 | QType::Q4_1 => {
@@ -662,7 +685,13 @@ fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
                     wb[j] = d * (blk[2 + j] as i8) as f32;
                 }
             }
-            QType::Q2_K | QType::Q4_K | QType::Q5_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => {
+            QType::Q2_K
+            | QType::Q4_K
+            | QType::Q5_K
+            | QType::Q6_K
+            | QType::Fp8
+            | QType::Fp4
+            | QType::Bf16 => {
                 unreachable!()
             }
             QType::Q4_0 | QType::Q4_1 => {
@@ -838,7 +867,13 @@ pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) ->
     let mut data = Vec::with_capacity(rows * cols / 32 * ty.block_bytes());
     for blk in w.chunks_exact(32) {
         match ty {
-            QType::Q2_K | QType::Q4_K | QType::Q5_K | QType::Q6_K | QType::Fp8 | QType::Fp4 => {
+            QType::Q2_K
+            | QType::Q4_K
+            | QType::Q5_K
+            | QType::Q6_K
+            | QType::Fp8
+            | QType::Fp4
+            | QType::Bf16 => {
                 unimplemented!("quantize_matrix: 32-value types only")
             }
             QType::Q8_0 => {

@@ -48,6 +48,10 @@ pub struct StepBench {
     /// Spans nest: `attn.sublayer.fwd` holds `attn.fwd` (the rest is norm + residual mixing).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile_ms: Option<serde_json::Map<String, serde_json::Value>>,
+    /// With `--profile`: the step's matrix products (balancing sample forward included)
+    /// against their floor, each shape timed alone ([`super::bench_gemm`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemm_floor: Option<super::bench_gemm::GemmFloor>,
 }
 
 /// Run `warmup + steps` full training steps (forward, backward, clip, AdamW) on random tokens.
@@ -281,6 +285,7 @@ pub fn bench_steps_interleaved(
         bwd_t: Vec<f64>,
         opt_t: Vec<f64>,
         prof: Vec<Vec<(&'static str, f64, u64)>>,
+        gemms: Vec<(prof::GemmShape, f64, u64)>,
     }
     let profile = prof::enabled();
     prof::take();
@@ -329,6 +334,7 @@ pub fn bench_steps_interleaved(
             bwd_t: vec![],
             opt_t: vec![],
             prof: vec![],
+            gemms: vec![],
         });
     }
     for i in 0..warmup + steps {
@@ -336,8 +342,10 @@ pub fn bench_steps_interleaved(
             let t0 = Instant::now();
             r.grads.fill(0.0);
             prof::enable(false);
+            prof::log_gemms(false);
             r.model.try_forward(&r.x, b, t, &mut r.ws)?;
             prof::enable(profile);
+            prof::log_gemms(profile);
             let t1 = Instant::now();
             let c1 = crate::util::process_cpu_seconds();
             // forward_backward repeats the forward; time it separately and subtract.
@@ -413,6 +421,7 @@ pub fn bench_steps_interleaved(
             let t3 = Instant::now();
             if i < warmup {
                 prof::take();
+                prof::take_gemms();
             }
             if i >= warmup {
                 let f = (t1 - t0).as_secs_f64() * 1e3;
@@ -423,12 +432,14 @@ pub fn bench_steps_interleaved(
                 r.opt_t.push(o);
                 r.times.push(fb + o);
                 r.prof.push(prof::take());
+                super::bench_gemm::merge(&mut r.gemms, prof::take_gemms());
                 if let (Some(a), Some(b)) = (c1, crate::util::process_cpu_seconds()) {
                     r.cpu.push((b - a) * 1e3);
                 }
             }
         }
     }
+    prof::log_gemms(false);
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -462,6 +473,8 @@ pub fn bench_steps_interleaved(
             achieved_gflops: gflop / (step_ms / 1e3),
             phase_ms: serde_json::json!({"forward": med(&mut r.fwd_t), "backward": med(&mut r.bwd_t), "optimizer": med(&mut r.opt_t)}),
             profile_ms: profile.then(|| profile_medians(&r.prof)),
+            gemm_floor: profile
+                .then(|| super::bench_gemm::floor(&r.gemms, steps, rayon::current_num_threads())),
         });
     }
     Ok(out)

@@ -19,6 +19,7 @@
 //! - `bench`: step-time and Engram offload benchmarks ([`bench_steps`], [`bench_offload`]).
 
 mod bench;
+mod bench_gemm;
 mod log;
 mod save;
 mod start;
