@@ -85,9 +85,9 @@ pub fn run(c: V4ScaleCmd) -> Result<()> {
     }
 }
 
-/// Weight bytes one decoded token reads: every packed matrix but the routed experts, `top_k`
-/// routed experts per layer (their average size), and the f32 parameters the cached
-/// forward multiplies (all but the embedding table, of which one row).
+/// Weight bytes one decoded token reads: every packed matrix but the routed experts and the
+/// embedding, `top_k` routed experts per layer (their average size), one embedding row, and
+/// the f32 parameters the cached forward multiplies.
 fn weight_bytes_per_token(m: &Model) -> (u64, u64) {
     let c = &m.cfg;
     let (mut dense, mut experts) = (0u64, 0u64);
@@ -101,7 +101,9 @@ fn weight_bytes_per_token(m: &Model) -> (u64, u64) {
     for (off, q) in &m.quant {
         let b = (q.data.len() + q.rows * q.cols.div_ceil(q.block)) as u64;
         file_bytes += b;
-        if names.get(off).is_some_and(|n| n.contains(".experts.")) {
+        if *off == m.layout.embed {
+            dense += q.row_bytes() as u64; // a mapped embedding: one row a token
+        } else if names.get(off).is_some_and(|n| n.contains(".experts.")) {
             experts += b;
         } else {
             dense += b;

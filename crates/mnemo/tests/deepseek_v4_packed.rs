@@ -8,7 +8,8 @@
 //! the two models differ only in the order of the f32 sums: logits agree to 2e-5 of the
 //! largest logit at every decoded position (prefill rows too: a packed-only model has no f32
 //! copy to fall back to), greedy decoding gives the same tokens, and both stay within the
-//! 1e-4 of transformers' logits that the f32 model meets. (Bad directories: `deepseek_v4_quantize.rs`.)
+//! 1e-4 of transformers' logits that the f32 model meets. The BF16 weights that decoding
+//! multiplies (`wo_a`, compressors, indexer, router) are mapped as stored too. (Bad directories: `deepseek_v4_quantize.rs`.)
 
 use mnemo::generate::KvCache;
 use mnemo::io::safetensors::TensorFile;
@@ -46,6 +47,16 @@ fn packed_decoding_matches_the_dequantised_model() {
     let n4 = packed.quant.values().filter(|q| q.ty == QType::Fp4).count();
     assert_eq!(n4, c.n_layers * c.n_routed_experts * 3, "routed experts");
     assert!(n8 >= c.n_layers * 4, "FP8 matrices: {n8}");
+    // The BF16 products are mapped as stored: `wo_a` as its 2 diagonal blocks in each of the
+    // 3 layers (6), the 3 routers, the compressors' wkv/wgate of layers 1 (CSA) and 2 (HCA)
+    // (4), layer 1's indexer compressor (2) and weights_proj (1), and the embedding: 17. The
+    // indexer's FP8 wq_b is packed too (in n8).
+    let nb = packed
+        .quant
+        .values()
+        .filter(|q| q.ty == QType::Bf16)
+        .count();
+    assert_eq!(nb, 17, "BF16 matrices kept mapped");
     assert!(packed.quant.values().all(|q| q.data.is_shared()));
     let mut covered = vec![false; packed.params.len()];
     for (&off, q) in &packed.quant {
@@ -105,6 +116,15 @@ fn packed_decoding_matches_the_dequantised_model() {
 
     // Decoding and prefill read the packed copies: zeroed codes (copied on write, the mapped
     // files untouched) change both.
+    // The mapped BF16 copies alone are read as well: zeroing only them changes decoding.
+    let mut bf16_zeroed = mnemo::io::v4_packed::load_dir_packed(&dir).unwrap();
+    bf16_zeroed
+        .quant
+        .values_mut()
+        .filter(|q| q.ty == QType::Bf16)
+        .for_each(|q| q.data.fill(0));
+    let z = decode_all(&bf16_zeroed, &ids[..2]);
+    assert!(max_diff(&z, &a[..z.len()]) > 1e-3 * top);
     let mut zeroed = packed;
     zeroed.quant.values_mut().for_each(|q| q.data.fill(0));
     let z = decode_all(&zeroed, &ids[..2]);

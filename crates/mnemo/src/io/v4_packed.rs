@@ -1,7 +1,8 @@
 //! Running an official DeepSeek-V4 checkpoint from its packed FP8 / FP4 weights
 //! ([`load_dir_packed`]): the weights that cached decoding multiplies through its products
-//! ([`is_product_weight`]: the attention projections `wq_a`, `wq_b`, `wkv`, `wo_b`, the shared
-//! and routed experts' `w1`, `w2`, `w3`, and the output head) become [`QMatrix`]es of type
+//! ([`is_product_weight`]: the attention projections `wq_a`, `wq_b`, `wkv`, `wo_b`, the
+//! indexer's `wq_b`, the shared and routed experts' `w1`, `w2`, `w3`, and the output head)
+//! become [`QMatrix`]es of type
 //! `Fp8`/`Fp4` in [`Model::quant`] (keyed by their offset in the flat parameters) and get
 //! **no f32 copy**: the model's [`crate::model::Params`] is a reserved mapping whose ranges
 //! for them are never written ([`Model::packed_only`]: every row of every product, prefill
@@ -15,8 +16,15 @@
 //! ([`expand_block_scales`]) and are resident (1/32 of their weight's bytes in f32). Checks
 //! that would read every byte are not made for the mapped weights (an FP8 NaN code or an
 //! E8M0 NaN scale gives NaN outputs; `mnemo logits` without `--keep-packed` reads and checks
-//! them all). Everything else (embeddings, norms, router, compressor and indexer weights,
-//! BF16 `wo_a`) is dequantised into the parameters as [`super::v4_official::load_dir`] does.
+//! them all).
+//!
+//! The BF16 weights that decoding multiplies ([`is_bf16_product_weight`]: `wo_a`, split into
+//! its `o_groups` diagonal blocks as the grouped product reads them, the compressors' and the
+//! indexer's projections, the router) are kept mapped as stored too (`QType::Bf16`, two bytes a
+//! value, multiplied by the same packed kernels): at V4-Flash's shapes they are ~210 MB a layer
+//! as f32 copies. So is the BF16 embedding (`embed.weight`: each token decodes its row; 2.1 GB
+//! as f32 at V4-Flash's vocabulary). Everything else (norms, position biases, scales, the MTP
+//! blocks) is dequantised into the parameters as [`super::v4_official::load_dir`] does.
 //!
 //! [`load_dir_packed`] is the loader for commands that run an official directory packed
 //! (`mnemo generate --keep-packed`, `mnemo logits --keep-packed`; serving can call it too).
@@ -32,15 +40,16 @@ use std::path::Path;
 
 /// Official tensor names (suffixes) that cached decoding multiplies through its products
 /// (`Model::lin`, the MoE expert products), so they can run packed without an f32 copy.
-const PRODUCT_SUFFIXES: [&str; 7] = [
+const PRODUCT_SUFFIXES: [&str; 5] = [
     "attn.wq_a.weight",
     "attn.wq_b.weight",
     "attn.wkv.weight",
     "attn.wo_b.weight",
-    ".w1.weight",
-    ".w2.weight",
-    ".w3.weight",
+    "attn.indexer.wq_b.weight",
 ];
+
+/// Expert weight suffixes (routed and shared experts).
+const EXPERT_SUFFIXES: [&str; 3] = [".w1.weight", ".w2.weight", ".w3.weight"];
 
 /// Whether the official tensor `name` is one cached decoding multiplies through its products
 /// (module doc); the MTP blocks' are not (they keep their f32 copies).
@@ -49,9 +58,70 @@ pub fn is_product_weight(name: &str) -> bool {
         return true;
     }
     name.starts_with("layers.")
-        && (PRODUCT_SUFFIXES[..4].iter().any(|s| name.ends_with(s))
+        && (PRODUCT_SUFFIXES.iter().any(|s| name.ends_with(s))
             || ((name.contains(".ffn.experts.") || name.contains(".ffn.shared_experts."))
-                && PRODUCT_SUFFIXES[4..].iter().any(|s| name.ends_with(s))))
+                && EXPERT_SUFFIXES.iter().any(|s| name.ends_with(s))))
+}
+
+/// BF16 tensors (suffixes of `layers.N.`) that cached decoding multiplies through
+/// `Model::lin` or the router product: kept mapped when stored as BF16 (module doc).
+const BF16_SUFFIXES: [&str; 8] = [
+    "attn.wo_a.weight",
+    "attn.compressor.wkv.weight",
+    "attn.compressor.wgate.weight",
+    "attn.indexer.compressor.wkv.weight",
+    "attn.indexer.compressor.wgate.weight",
+    "attn.indexer.wq_b.weight",
+    "attn.indexer.weights_proj.weight",
+    "ffn.gate.weight",
+];
+
+/// Whether the official tensor `name` is one cached decoding multiplies (or, the embedding,
+/// reads by rows) and that may be kept mapped when stored as BF16 (module doc); not the MTP
+/// blocks'.
+pub fn is_bf16_product_weight(name: &str) -> bool {
+    name == "embed.weight"
+        || (name.starts_with("layers.") && BF16_SUFFIXES.iter().any(|s| name.ends_with(s)))
+}
+
+/// The BF16 tensor `name` (model shape `[rows, cols]`) as mapped matrices, `None` when it is
+/// not stored as BF16: `groups` of `rows / groups` rows each (`wo_a`'s diagonal blocks), each
+/// keyed by its offset from the tensor's. Errors name the file and tensor.
+fn read_bf16(
+    src: &Shards,
+    name: &str,
+    shape: &[usize],
+    groups: usize,
+) -> Result<Option<Vec<(usize, QMatrix)>>> {
+    let (raw, file) = src.raw(name)?;
+    if raw.dtype != super::safetensors::Dtype::BF16 {
+        return Ok(None);
+    }
+    let &[rows, cols] = shape else {
+        bail!("{}: tensor `{name}` is not a matrix", file.path().display());
+    };
+    if raw.shape != shape || groups == 0 || !rows.is_multiple_of(groups) {
+        bail!(
+            "{}: tensor `{name}` has shape {:?}, expected {shape:?} in {groups} groups",
+            file.path().display(),
+            raw.shape
+        );
+    }
+    let bytes = src.shared(name)?;
+    let gr = rows / groups;
+    (0..groups)
+        .map(|g| {
+            let part = bytes.slice(2 * g * gr * cols..2 * (g + 1) * gr * cols);
+            let q = QMatrix::bf16(gr, cols, part).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: tensor `{name}` cannot be kept mapped: {e}",
+                    file.path().display()
+                )
+            })?;
+            Ok((g * gr * cols, q))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// Weight `name` (model shape `shape`) as a packed matrix whose codes are a range of the
@@ -106,8 +176,20 @@ pub fn load_dir_packed(dir: &Path) -> Result<Model> {
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", cpath.display()))?;
     let block = fp8_block(&v).with_context(|| format!("{}", cpath.display()))?;
+    let o_groups = v.get("o_groups").and_then(|g| g.as_u64()).unwrap_or(1) as usize;
     let mut got: Vec<(usize, QMatrix)> = Vec::new();
     let mut take = |src: &Shards, spec: &crate::model::TensorSpec, key: &str| -> Result<bool> {
+        if is_bf16_product_weight(key) {
+            let groups = if key.ends_with("attn.wo_a.weight") {
+                o_groups
+            } else {
+                1
+            };
+            if let Some(parts) = read_bf16(src, key, &spec.shape, groups)? {
+                got.extend(parts.into_iter().map(|(o, q)| (spec.offset + o, q)));
+                return Ok(true);
+            }
+        }
         if !is_product_weight(key) {
             return Ok(false);
         }

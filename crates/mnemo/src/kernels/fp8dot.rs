@@ -109,6 +109,18 @@ fn decode_chunk(m: &QMatrix, d: &[f32], r: usize, ch: usize, w: &mut [f32; 16]) 
     }
 }
 
+/// Row `r` of a packed FP8/FP4/BF16 matrix decoded into `out` (`cols` values): the exact
+/// f32 values dequantisation gives (an embedding row read from a mapped checkpoint).
+pub fn decode_row(m: &QMatrix, r: usize, out: &mut [f32]) {
+    assert!(m.ty.is_packed_float() && r < m.rows && out.len() == m.cols);
+    let d = m.scales_f32();
+    let mut w = [0.0f32; 16];
+    for (ch, o) in out.chunks_mut(16).enumerate() {
+        decode_chunk(m, &d, r, ch, &mut w);
+        o.copy_from_slice(&w[..o.len()]);
+    }
+}
+
 /// The fixed 16-lane reduction of the module doc.
 #[inline(always)]
 fn hsum16(a: &[f32; 16]) -> f32 {

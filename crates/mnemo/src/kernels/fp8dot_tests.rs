@@ -128,6 +128,12 @@ fn every_kernel_matches_dequantise_then_f32_and_each_other() {
     ];
     for (what, m, w) in &cases {
         let (rows, cols) = (m.rows, m.cols);
+        // Rows decode to exactly the dequantised values.
+        for rr in [0, rows / 2, rows - 1] {
+            let mut row = vec![f32::NAN; cols];
+            decode_row(m, rr, &mut row);
+            assert_eq!(&row[..], &w[rr * cols..(rr + 1) * cols], "{what} row {rr}");
+        }
         for n in [1usize, 2, 3, 4, 5, 8, 9] {
             let mut x = vec![0.0f32; n * cols];
             r.fill_normal(&mut x, 1.0);

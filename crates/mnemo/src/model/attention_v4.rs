@@ -25,7 +25,7 @@ use super::decode::Plan;
 use super::layout::LayoutBuilder;
 use super::Model;
 use crate::config::{ModelConfig, V4Config, V4LayerType};
-use crate::kernels::matmul::{linear_backward, linear_forward};
+use crate::kernels::matmul::linear_backward;
 use crate::kernels::rmsnorm;
 use crate::kernels::vecops::axpy;
 pub(super) use crate::kernels::vecops::dot;
@@ -403,8 +403,10 @@ impl Model {
         let cw = co.width();
         let mut ckv = vec![0.0f32; t * cw];
         let mut cg = vec![0.0f32; t * cw];
-        linear_forward(&mut ckv, x, self.w(co.wkv, cw * dm), t, dm, cw, false);
-        linear_forward(&mut cg, x, self.w(co.wgate, cw * dm), t, dm, cw, false);
+        // `lin` on `Plan::F32`: f32, or a packed-only model's mapped BF16 weights.
+        use super::decode::profile::QKV;
+        self.lin(&Plan::F32, QKV, &mut ckv, x, co.wkv, t, dm, cw, false);
+        self.lin(&Plan::F32, QKV, &mut cg, x, co.wgate, t, dm, cw, false);
         let ape = self.w(co.ape, m * cw);
         for (r, row) in cg.chunks_mut(cw).enumerate() {
             let j = (pos0 + r) % m;
@@ -578,11 +580,31 @@ impl Model {
         let (hi, di) = (v.index_n_heads, v.index_head_dim);
         let t = x.len() / dm;
         let mut qi = vec![0.0f32; t * hi * di];
-        let wq = self.w(io.wq_b, hi * di * ql);
-        linear_forward(&mut qi, q_res, wq, t, ql, hi * di, false);
+        // `lin` on `Plan::F32`: f32, or a packed-only model's mapped FP8/BF16 weights.
+        use super::decode::profile::QKV;
+        self.lin(
+            &Plan::F32,
+            QKV,
+            &mut qi,
+            q_res,
+            io.wq_b,
+            t,
+            ql,
+            hi * di,
+            false,
+        );
         let mut wts = vec![0.0f32; t * hi];
-        let wp = self.w(io.weights_proj, hi * dm);
-        linear_forward(&mut wts, x, wp, t, dm, hi, false);
+        self.lin(
+            &Plan::F32,
+            QKV,
+            &mut wts,
+            x,
+            io.weights_proj,
+            t,
+            dm,
+            hi,
+            false,
+        );
         (qi, wts)
     }
 

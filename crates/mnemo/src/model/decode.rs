@@ -246,6 +246,22 @@ impl Model {
         })
     }
 
+    /// The embedding rows of `tokens` into `out: [n, d]`: from the f32 table, or from a
+    /// packed-only model's mapped copy of it (the official BF16 `embed.weight`).
+    pub(crate) fn embed_rows(&self, out: &mut [f32], tokens: &[u32]) {
+        let (d, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        let off = self.layout.embed;
+        match self.quant.get(&off) {
+            Some(q) if self.packed_only && q.ty.is_packed_float() && q.cols == d => {
+                use rayon::prelude::*;
+                out.par_chunks_mut(d)
+                    .zip(tokens.par_iter())
+                    .for_each(|(o, &t)| crate::kernels::fp8dot::decode_row(q, t as usize, o));
+            }
+            _ => embedding::forward(out, self.w(off, v * d), tokens, d),
+        }
+    }
+
     /// The output head over the rows `sel` of the last streams `x: [N, w]` (`ssq`: their
     /// per-stream sums of squares, hc/mhc; empty when plain): `logits = rms(collapse(x[sel]);
     /// norm)·Woutᵀ` `[sel.len(), V]`, with the mHC head `hc_head` (the main model's, or an MTP
@@ -407,7 +423,7 @@ impl Model {
         }
         let n = tokens.len();
         let mut x0 = vec![0.0f32; n * d];
-        embedding::forward(&mut x0, self.w(ly.embed, v * d), &tokens, d);
+        self.embed_rows(&mut x0, &tokens);
         // Stream buffers: entering the block, between its sublayers, after it.
         let hc = !matches!(st, Stream::Plain { .. });
         let mut xs: Vec<Vec<f32>> = (0..3).map(|_| vec![0.0f32; n * w]).collect();

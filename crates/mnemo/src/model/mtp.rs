@@ -438,11 +438,12 @@ impl Model {
         sq: &mut [f32],
     ) {
         let c = &self.cfg;
-        let (d, v, eps) = (c.d_model, c.vocab_size, c.norm_eps);
+        let (d, eps) = (c.d_model, c.norm_eps);
         let n = a.u.len();
         let nh = Stream::of(c).width() / d;
         let mo = self.layout.mtp[j];
-        embedding::forward(&mut a.emb, self.w(self.layout.embed, v * d), &a.u, d);
+        a.emb.resize(n * d, 0.0);
+        self.embed_rows(&mut a.emb, &a.u);
         rmsnorm::forward(
             &mut a.en.y,
             &mut a.en.rstd,

@@ -203,16 +203,28 @@ pub fn forward_with(
     } = *spec;
     let n = tokens.len();
     assert_eq!(f.len(), n * d);
-    // Router.
+    // Router (a packed-only model's router may be its mapped BF16 weight).
     acts.scores.resize(n * e, 0.0);
-    gate_logits(
-        &mut acts.scores,
-        f,
-        &params[o.gate..o.gate + e * d],
-        n,
-        d,
-        e,
-    );
+    match packed {
+        Some(p) => packed::product(
+            Some(p),
+            |r| p.rows[r],
+            params,
+            o.gate,
+            (&mut acts.scores, f),
+            (n, d, e),
+            false,
+            true,
+        ),
+        None => gate_logits(
+            &mut acts.scores,
+            f,
+            &params[o.gate..o.gate + e * d],
+            n,
+            d,
+            e,
+        ),
+    }
     acts.scores.par_chunks_mut(e).for_each(|row| {
         for x in row.iter_mut() {
             *x = score_fn(spec.score, *x);
