@@ -21,11 +21,11 @@
 //! difference is bf16 rounding of the operands (relative error ≤ 2⁻⁹ each): tested within a
 //! stated tolerance. Gradient checks run the f32 core.
 
-use super::attention::{
-    finish_rows, probs_block, row_dots, softmax_span, zero_task_columns, AttnDims, Heads,
-    QkvLayout, BLOCK, KEY_SPAN,
-};
+use super::attention::{AttnDims, Heads, QkvLayout, BLOCK, KEY_SPAN};
 use super::attn_pack_bf16::{cols_pairs, rows_pairs, rows_pairs_t};
+use super::attn_rows::{
+    ds_block, finish_rows, probs_block, row_dots, softmax_span, zero_task_columns,
+};
 use super::attn_tile_bf16::{gemm_tile, Isa, PairsA, PairsB};
 use super::matmul::MatRef;
 use super::SendPtr;
@@ -288,7 +288,7 @@ pub fn backward_on(
                         .zip(p[..bq * bk].chunks(2 * bk));
                     for (i2, (rows, prows)) in dss.enumerate() {
                         let (i, r) = (2 * i2, rows.len() / bk);
-                        super::attention::ds_block(rows, prows, bk, &dsum[t0 + i..t0 + i + r]);
+                        ds_block(rows, prows, bk, &dsum[t0 + i..t0 + i + r]);
                         let dsm = MatRef::new(rows, r, bk);
                         rows_pairs(&dsm, &mut ds1[i * bkp..], bkp, vector);
                         cols_pairs(&dsm, &mut dsp[i2 * bk..], bk, vector);

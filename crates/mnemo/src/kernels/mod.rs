@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod attention;
 pub mod attention_bf16;
 pub mod attn_pack_bf16;
+pub mod attn_rows;
 pub mod attn_tile;
 pub mod attn_tile_bf16;
 pub mod bf16;
