@@ -17,9 +17,16 @@
 //! key `s` has position `s`, and `s` is visible to the query iff `s ≤ q_pos0 + i`
 //! (training: `q_pos0 = 0, tq = tk`; decoding with a KV cache: `q_pos0 = cached length`).
 //! Output `o: [batch·tq, H·d_h]`, `lse: [batch, H, tq]`.
+//!
+//! In the `bf16` precision mode ([`precision`](super::precision)) the forward and backward
+//! run [`attention_bf16`](super::attention_bf16): the same loops with bf16 block products.
 
+use super::attn_rows::{
+    ds_block, finish_rows, probs_block, row_dots, softmax_span, zero_task_columns,
+};
 use super::attn_tile::gemm_tile;
 use super::matmul::MatRef;
+use super::precision::{gemm_precision, Precision};
 use super::vexp::exp_sub_sum;
 use super::SendPtr;
 use rayon::prelude::*;
@@ -52,14 +59,21 @@ pub struct Heads<'a> {
 }
 
 impl<'a> Heads<'a> {
-    fn block(&self, row0: usize, rows: usize, head: usize, hd: usize) -> MatRef<'a> {
+    pub(crate) fn block(&self, row0: usize, rows: usize, head: usize, hd: usize) -> MatRef<'a> {
         let start = row0 * self.rs + self.off + head * hd;
         MatRef::strided(&self.data[start..], rows, hd, self.rs)
     }
 
     /// Head `head` of rows `row0..row0 + rows`, transposed into `out: [hd, rows]` (the
     /// row-major `Kᵀ`/`Vᵀ` operand of the block products, see [`gemm_tile`]).
-    fn transpose_into(&self, row0: usize, rows: usize, head: usize, hd: usize, out: &mut [f32]) {
+    pub(crate) fn transpose_into(
+        &self,
+        row0: usize,
+        rows: usize,
+        head: usize,
+        hd: usize,
+        out: &mut [f32],
+    ) {
         for r in 0..rows {
             let src = &self.data[(row0 + r) * self.rs + self.off + head * hd..][..hd];
             for (c, &x) in src.iter().enumerate() {
@@ -86,6 +100,10 @@ pub fn forward_scaled(
     o: &mut [f32],
     lse: &mut [f32],
 ) {
+    if gemm_precision() == Precision::Bf16 {
+        let isa = super::attn_tile_bf16::best_isa();
+        return super::attention_bf16::forward_on(isa, dims, scale, q, k, v, o, lse);
+    }
     let AttnDims {
         batch,
         tq,
@@ -134,26 +152,14 @@ pub fn forward_scaled(
             let vm = v.block(b * tk + s0, bk, g, hd);
             // S = scale · Q Kᵀ  [bq, bk]
             unsafe { gemm_tile(s.as_mut_ptr(), bk, qm, ktm, scale, false) };
-            for i in 0..bq {
-                let pos = q_pos0 + t0 + i;
-                let row = &mut s[i * bk..(i + 1) * bk];
-                let valid = (pos + 1).saturating_sub(s0).min(bk);
-                let mx = super::vecops::max(&row[..valid], m[i]);
-                if mx == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                    continue;
-                }
-                let corr = (m[i] - mx).exp();
-                let sum = exp_sub_sum(&mut row[..valid], mx);
-                row[valid..].fill(0.0);
-                l[i] = l[i] * corr + sum;
-                m[i] = mx;
-                if corr != 1.0 {
-                    for a in &mut acc[i * hd..(i + 1) * hd] {
-                        *a *= corr;
-                    }
-                }
-            }
+            softmax_span(
+                &mut s[..bq * bk],
+                bk,
+                q_pos0 + t0,
+                s0,
+                (&mut m, &mut l),
+                &mut acc,
+            );
             // acc += P V
             unsafe {
                 gemm_tile(
@@ -167,18 +173,12 @@ pub fn forward_scaled(
             };
             s0 += KEY_SPAN;
         }
-        for i in 0..bq {
-            let inv = 1.0 / l[i];
-            let row = b * tq + t0 + i;
-            // SAFETY: (row, head h) columns and lse[b, h, t0+i] belong to this task only.
-            unsafe {
-                let dst = o_ptr.get().add(row * o_rs + h * hd);
-                for c in 0..hd {
-                    *dst.add(c) = acc[i * hd + c] * inv;
-                }
-                *lse_ptr.get().add((b * n_heads + h) * tq + t0 + i) = m[i] + l[i].ln();
-            }
-        }
+        // SAFETY: (row, head h) columns and lse[b, h, t0..] of these rows belong to this task.
+        unsafe {
+            let dst = o_ptr.get().add((b * tq + t0) * o_rs + h * hd);
+            let lse_dst = lse_ptr.get().add((b * n_heads + h) * tq + t0);
+            finish_rows(&acc, &m, &l, hd, dst, o_rs, lse_dst)
+        };
     });
 }
 
@@ -403,6 +403,11 @@ pub fn backward_scaled(
     dout: &[f32],
     dqkv: &mut [f32],
 ) {
+    if gemm_precision() == Precision::Bf16 {
+        let isa = super::attn_tile_bf16::best_isa();
+        let io = (o, lse, dout);
+        return super::attention_bf16::backward_on(isa, dims, scale, qkv, lay, io, dqkv);
+    }
     let AttnDims {
         batch,
         tq,
@@ -438,15 +443,8 @@ pub fn backward_scaled(
         let g = task % n_kv_heads;
         let base = b * t;
         let d = dptr.get();
-        // Zero this task's columns of dq (heads of group g), dk and dv (kv head g).
-        for r in base..base + t {
-            unsafe {
-                let row = d.add(r * lay.rs);
-                std::ptr::write_bytes(row.add(lay.q_off + g * rep * hd), 0, rep * hd);
-                std::ptr::write_bytes(row.add(lay.k_off + g * hd), 0, hd);
-                std::ptr::write_bytes(row.add(lay.v_off + g * hd), 0, hd);
-            }
-        }
+        // SAFETY: these columns of rows base..base + t belong to this task.
+        unsafe { zero_task_columns(d, lay, base, t, g, rep, hd) };
         let mut p = vec![0.0f32; BLOCK * BLOCK];
         let mut dp = vec![0.0f32; BLOCK * BLOCK];
         let mut dsum = vec![0.0f32; t];
@@ -456,11 +454,7 @@ pub fn backward_scaled(
         kv.transpose_into(base, t, g, hd, &mut kt);
         vv.transpose_into(base, t, g, hd, &mut vt);
         for h in g * rep..(g + 1) * rep {
-            for (i, ds) in dsum.iter_mut().enumerate() {
-                let orow = &o[(base + i) * o_rs + h * hd..][..hd];
-                let drow = &dout[(base + i) * o_rs + h * hd..][..hd];
-                *ds = orow.iter().zip(drow).map(|(a, b)| a * b).sum();
-            }
+            row_dots(&mut dsum, o, dout, base * o_rs + h * hd, o_rs, hd);
             let lse_h = &lse[(b * n_heads + h) * t..][..t];
             for kb in 0..nb {
                 let s0 = kb * BLOCK;
@@ -477,25 +471,14 @@ pub fn backward_scaled(
                     let dom = dov.block(base + t0, bq, h, hd);
                     // P = exp(scale·Q Kᵀ − lse), masked.
                     unsafe { gemm_tile(p.as_mut_ptr(), bk, qm, ktm, scale, false) };
-                    for i in 0..bq {
-                        let pos = t0 + i;
-                        let valid = (pos + 1).saturating_sub(s0).min(bk);
-                        let row = &mut p[i * bk..(i + 1) * bk];
-                        exp_sub_sum(&mut row[..valid], lse_h[t0 + i]);
-                        row[valid..].fill(0.0);
-                    }
+                    probs_block(&mut p[..bq * bk], bk, t0, s0, &lse_h[t0..t0 + bq]);
                     let pm = MatRef::new(&p[..bq * bk], bq, bk);
                     // dV += Pᵀ dO
                     unsafe { gemm_tile(dv_ptr, lay.rs, pm.t(), dom, 1.0, true) };
                     // dP = dO Vᵀ
                     unsafe { gemm_tile(dp.as_mut_ptr(), bk, dom, vtm, 1.0, false) };
                     // dS = P ⊙ (dP − D), stored in dp
-                    for i in 0..bq {
-                        let di = dsum[t0 + i];
-                        for j in 0..bk {
-                            dp[i * bk + j] = p[i * bk + j] * (dp[i * bk + j] - di);
-                        }
-                    }
+                    ds_block(&mut dp[..bq * bk], &p[..bq * bk], bk, &dsum[t0..t0 + bq]);
                     let dsm = MatRef::new(&dp[..bq * bk], bq, bk);
                     // dQ += scale · dS K ; dK += scale · dSᵀ Q
                     unsafe {

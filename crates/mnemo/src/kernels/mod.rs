@@ -4,7 +4,11 @@
 pub mod act_quant;
 pub mod adamw;
 pub mod attention;
+pub mod attention_bf16;
+pub mod attn_pack_bf16;
+pub mod attn_rows;
 pub mod attn_tile;
+pub mod attn_tile_bf16;
 pub mod bf16;
 pub mod cross_entropy;
 pub mod embedding;

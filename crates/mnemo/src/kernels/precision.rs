@@ -7,8 +7,9 @@
 //!
 //! What bf16 covers: every product through [`matmul::gemm`](super::matmul::gemm) and the
 //! `linear_*` layers (projections, FFN, output head, MoE experts, and their backward), when
-//! `m, n ≥ 16` (decode GEMVs stay f32). The blockwise products inside fused attention
-//! (`matmul::gemm_ptr`: `QKᵀ`, `PV` and their backward) stay f32.
+//! `m, n ≥ 16` (decode GEMVs stay f32), and the block products of the fused attention core
+//! (`QKᵀ`, `PV` and their backward: [`attention_bf16`](super::attention_bf16)); its softmax
+//! stays f32. Decoding attention (`attention::decode_rows`) stays f32.
 //!
 //! It is a process-wide setting, not a per-call argument, so that the model code needs no
 //! change; a test that sets it must own its process (`tests/bf16_train.rs`).
