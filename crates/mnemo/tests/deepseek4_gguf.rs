@@ -14,11 +14,14 @@
 //!   position's logits by tens of percent. So the bound is on the median per-position relative
 //!   error `‖Δ‖/‖ref‖` (≤ 0.05; measured 0.012–0.017) and the argmax agreement (≥ 90%; measured
 //!   94–96%), with mnemo's distance to llama.cpp no worse than transformers' (same numerics).
-//! - mnemo with llama.cpp's numerics (`io::gguf::deepseek4::use_ggml_numerics`: the routed
-//!   experts' inputs rounded to Q8_0 as ggml does for MXFP4 weights) vs llama.cpp with an f32
-//!   K cache, on the all-F32 (+ MXFP4 experts) file: median ≤ 1e-5 (measured 4.5e-7), max ≤
-//!   1e-2 (1.5e-3), argmax 100%. The f16 file and the f16 K cache add llama.cpp's f16
-//!   roundings, which mnemo does not simulate (printed, not asserted).
+//! - mnemo with llama.cpp's numerics (`io::gguf::deepseek4::use_ggml_numerics`: every
+//!   product's input rounded as ggml converts it for the weight's type: Q8_0 for MXFP4 / Q8_0
+//!   / Q4_0, Q8_K for k-quants, f16 for F16) vs llama.cpp with an f32 K cache: on the F32
+//!   (+ MXFP4 experts) file median ≤ 1e-5 (measured 4.5e-7), max ≤ 1e-2 (1.5e-3), argmax 100%;
+//!   on the Q8_0 file median ≤ 1e-5 (measured 2.7e-7), argmax ≥ 99% (100%). Printed, not
+//!   asserted: the F16 file (2.1e-3: an f16 rounding not yet found), the Q2_K mix (1.7e-2: its
+//!   mHC products' weights are Q2_K, whose Q8_K inputs mnemo does not round yet) and the f16
+//!   K cache (llama.cpp's default; not simulated).
 
 use mnemo::io::safetensors::TensorFile;
 use mnemo::model::Workspace;
@@ -120,7 +123,8 @@ fn deepseek4_gguf_matches_transformers_and_llamacpp() {
         // llama.cpp's numerics (the experts' inputs rounded to Q8_0 as ggml does).
         let mut m = l.model;
         let notes = mnemo::io::gguf::deepseek4::use_ggml_numerics(&path, &mut m).unwrap();
-        assert!(notes.is_empty(), "{notes:?}");
+        // The Q2_K mix quantises the mHC products' weights too (not simulated: noted).
+        assert_eq!(notes.is_empty(), variant != "q2_k", "{variant}: {notes:?}");
         m.forward(&ids, 1, ids.len(), &mut ws);
         for (name, want) in [("f32 K cache", &lc32), ("f16 K cache", &lc)] {
             let (r, a) = rel_errors(&ws.logits, want, v);
@@ -130,6 +134,13 @@ fn deepseek4_gguf_matches_transformers_and_llamacpp() {
                 r[r.len() - 1],
                 100.0 * a
             );
+            if variant == "q8_0" && name == "f32 K cache" {
+                // Every Q8_0 product's input rounded to Q8_0 as ggml does (attention,
+                // compressors, indexer, shared experts, MXFP4 experts): llama.cpp up to the
+                // f32 summation order; a flipped discrete choice may move a position.
+                assert!(median(&r) <= 1e-5, "q8_0 median {}", median(&r));
+                assert!(a >= 0.99, "q8_0 argmax {a}");
+            }
             if variant == "f32" && name == "f32 K cache" {
                 // Every product is llama.cpp's up to the f32 summation order (F32 weights, Q8_0
                 // expert inputs, f32 K cache); an input within rounding of a Q8_0 half-step can

@@ -11,6 +11,9 @@
 //!   ([`super::kdot::quantize_q8k`]): `m` the value of largest magnitude, `d = m/−127`,
 //!   `q = min(round_even(x/d), 127)`, `x' = q·d`.
 //!
+//! - `F16` / `BF16` (the `vec_dot_type` of F16 / BF16 weights): each value rounded to the
+//!   nearest f16 / bf16 (ties to even); the products of those values are exact in f32.
+//!
 //! Shapes: `x` is any number of rows of a length that is a multiple of the block (32 / 256),
 //! blocks never straddling rows; a length that is not is left as it is (ggml refuses such
 //! products).
@@ -22,13 +25,17 @@ use super::kdot::{quantize_q8k, QK_K};
 pub enum ActQuant {
     Q8_0,
     Q8K,
+    F16,
+    Bf16,
 }
 
 impl ActQuant {
     /// The activation type ggml uses for weights of ggml type `t` (`None`: products in f32,
-    /// or a type whose conversion is not simulated, such as F16's).
+    /// or a type whose conversion is not simulated).
     pub fn for_weight_type(t: u32) -> Option<ActQuant> {
         match t {
+            1 => Some(ActQuant::F16),
+            30 => Some(ActQuant::Bf16),
             2 | 3 | 6 | 7 | 8 | 20 | 39 => Some(ActQuant::Q8_0),
             10..=14 => Some(ActQuant::Q8K),
             _ => None,
@@ -38,6 +45,8 @@ impl ActQuant {
     /// Round `x` through this type in place (module doc).
     pub fn round_trip(self, x: &mut [f32]) {
         match self {
+            ActQuant::F16 => x.iter_mut().for_each(|v| *v = f16_round(*v)),
+            ActQuant::Bf16 => x.iter_mut().for_each(|v| *v = super::bf16::round_bf16(*v)),
             ActQuant::Q8_0 => q8_0_round_trip(x),
             ActQuant::Q8K => {
                 if x.len().is_multiple_of(QK_K) {

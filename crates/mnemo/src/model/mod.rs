@@ -113,7 +113,10 @@ pub struct Model {
     /// Per block: the rounding ggml applies to its routed experts' inputs (to `w1|w3`, to `w2`)
     /// when llama.cpp's numerics are asked for (`io::gguf::deepseek4::use_ggml_numerics`);
     /// empty: exact f32 products (the default).
-    pub moe_act_quant: Vec<[Option<crate::kernels::act_quant::ActQuant>; 2]>,
+    pub moe_act_quant: Vec<[Option<crate::kernels::act_quant::ActQuant>; 5]>,
+    /// llama.cpp's numerics: the input rounding of the product whose weight sits at this
+    /// offset (`Model::lin`; empty: exact f32), set with `moe_act_quant`.
+    pub act_quant_at: std::collections::HashMap<usize, crate::kernels::act_quant::ActQuant>,
 }
 
 impl Model {
@@ -192,6 +195,7 @@ impl Model {
             engram_eot: None,
             index_rope,
             moe_act_quant: Vec::new(),
+            act_quant_at: Default::default(),
         })
     }
 

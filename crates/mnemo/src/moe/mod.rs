@@ -51,7 +51,8 @@ pub struct MoeSpec {
     pub limit: f32,
     /// Round the routed experts' inputs (to `w1|w3`, to `w2`) as ggml's products do
     /// (`kernels::act_quant`; llama.cpp's numerics of a quantised GGUF); `None`: exact f32.
-    pub act_quant: [Option<ActQuant>; 2],
+    /// `[2..4]`: the same for the shared experts' two products; `[4]`: the router's.
+    pub act_quant: [Option<ActQuant>; 5],
 }
 
 impl MoeSpec {
@@ -67,7 +68,7 @@ impl MoeSpec {
             norm_topk: c.norm_topk_prob,
             aux_coef: c.seq_aux_loss_coef,
             limit: c.swiglu_limit,
-            act_quant: [None, None],
+            act_quant: [None; 5],
         }
     }
     /// Floats of one routed expert: `w1, w3: [I, d]`, `w2: [d, I]`.
@@ -216,14 +217,26 @@ pub fn forward_with(
             false,
             true,
         ),
-        None => gate_logits(
-            &mut acts.scores,
-            f,
-            &params[o.gate..o.gate + e * d],
-            n,
-            d,
-            e,
-        ),
+        None => {
+            let fq: Vec<f32>;
+            let fin = match spec.act_quant[4] {
+                Some(q) => {
+                    let mut v = f.to_vec();
+                    v.chunks_exact_mut(d).for_each(|r| q.round_trip(r));
+                    fq = v;
+                    &fq[..]
+                }
+                None => f,
+            };
+            gate_logits(
+                &mut acts.scores,
+                fin,
+                &params[o.gate..o.gate + e * d],
+                n,
+                d,
+                e,
+            )
+        }
     }
     acts.scores.par_chunks_mut(e).for_each(|row| {
         for x in row.iter_mut() {
@@ -331,17 +344,30 @@ pub fn forward_with(
         acts.sh13.resize(n * 2 * si, 0.0);
         acts.sg.resize(n * si, 0.0);
         let row_packed = |r: usize| packed.is_some_and(|p| p.rows[r]);
+        let fq: Vec<f32>;
+        let fin = match spec.act_quant[2] {
+            Some(q) => {
+                let mut v = f.to_vec();
+                v.chunks_exact_mut(d).for_each(|r| q.round_trip(r));
+                fq = v;
+                &fq[..]
+            }
+            None => f,
+        };
         packed::product(
             packed,
             row_packed,
             params,
             o.shared_w13,
-            (&mut acts.sh13, f),
+            (&mut acts.sh13, fin),
             (n, d, 2 * si),
             false,
             true,
         );
         swiglu::forward_clamped(&mut acts.sg, &acts.sh13, si, spec.limit);
+        if let Some(q) = spec.act_quant[3] {
+            acts.sg.chunks_exact_mut(si).for_each(|r| q.round_trip(r));
+        }
         packed::product(
             packed,
             row_packed,

@@ -13,7 +13,7 @@ fn router_only(d: usize, e: usize, k: usize) -> (MoeSpec, MoeOffsets) {
         norm_topk: true,
         aux_coef: 0.0,
         limit: 0.0,
-        act_quant: [None, None],
+        act_quant: [None; 5],
     };
     let o = MoeOffsets {
         gate: 0,
@@ -371,7 +371,7 @@ fn moe_layer_gradients_match_finite_differences() {
             norm_topk: norm,
             aux_coef: aux,
             limit,
-            act_quant: [None, None],
+            act_quant: [None; 5],
         };
         let (d, i, e) = (spec.d, spec.inter, spec.n_experts);
         let si = shared * i;

@@ -457,12 +457,14 @@ pub fn load_from(g: &Gguf) -> Result<(Model, std::result::Result<Tokenizer, Stri
     Ok((model, tok))
 }
 
-/// Switch `model` (loaded from the `deepseek4` GGUF at `path`) to llama.cpp's numerics where
-/// they matter most: each routed expert's inputs rounded as ggml converts them for its stored
-/// type (`Q8_0` for MXFP4 and the 32-blocks, `Q8_K` for k-quants; `kernels::act_quant`).
-/// Not simulated (each below 3e-4 of the logits on the fixtures): the f16 K caches, the f16
-/// rounding of activations multiplied by F16 weights, and the conversions of the attention and
-/// shared-expert products. Returns notes on what stays exact, for the user.
+/// Switch `model` (loaded from the `deepseek4` GGUF at `path`) to llama.cpp's numerics: the
+/// input of every product with a quantised or half-precision weight rounded as ggml converts
+/// it for the stored type (`Q8_0` for MXFP4 and the 32-blocks, `Q8_K` for k-quants, f16 / bf16
+/// for F16 / BF16; `kernels::act_quant`): the routed and shared experts, the router, the
+/// attention, compressor and indexer projections (`Model::act_quant_at`, read by
+/// `Model::lin`) and the output head. Not simulated: the f16 K cache (llama.cpp's default;
+/// compare with an f32 one) and the mHC mixing products (`hc_*_fn`; F32 in the converter's
+/// files, quantised only by `llama-quantize` mixes). Returns notes on what stays exact.
 pub fn use_ggml_numerics(path: &Path, model: &mut Model) -> Result<Vec<String>> {
     use crate::kernels::act_quant::ActQuant;
     let g = Gguf::open(path)?;
@@ -507,9 +509,69 @@ pub fn use_ggml_numerics(path: &Path, model: &mut Model) -> Result<Vec<String>> 
                 ));
             }
         }
-        per.push([qg, ActQuant::for_weight_type(td)]);
+        let sh = |p: &str| -> Result<Option<ActQuant>> {
+            let n = b(p);
+            if g.tensors.iter().any(|t| t.name == n) {
+                Ok(ActQuant::for_weight_type(ty(&n)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let (sg, su, sd) = (
+            sh("ffn_gate_shexp")?,
+            sh("ffn_up_shexp")?,
+            sh("ffn_down_shexp")?,
+        );
+        if sg != su {
+            bail!(
+                "{}: `{}` and `{}` take differently converted inputs: mnemo multiplies them as \
+                 one product",
+                path.display(),
+                b("ffn_gate_shexp"),
+                b("ffn_up_shexp")
+            );
+        }
+        per.push([
+            qg,
+            ActQuant::for_weight_type(td),
+            sg,
+            sd,
+            sh("ffn_gate_inp")?,
+        ]);
+        for p in ["hc_attn_fn", "hc_ffn_fn"] {
+            if sh(p)?.is_some() {
+                notes.push(format!(
+                    "layer {l}: `{}` is stored as {}; mnemo's mHC product takes exact f32 inputs",
+                    b(p),
+                    super::type_name(ty(&b(p))?)
+                ));
+            }
+        }
     }
     model.moe_act_quant = per;
+    // Every other product with a weight of its own offset (`Model::lin`, the head).
+    let groups = model.cfg.v4.as_ref().map_or(1, |v| v.o_groups);
+    let mut at = std::collections::HashMap::new();
+    for spec in &model.layout.tensors {
+        let Some((gname, None)) = gguf_name(&official_name(&spec.name)) else {
+            continue;
+        };
+        let Some(t) = g.tensors.iter().find(|t| t.name == gname) else {
+            continue;
+        };
+        if let (Some(q), [rows, cols]) = (ActQuant::for_weight_type(t.ggml_type), &spec.shape[..]) {
+            // `wo_a` runs as its `o_groups` diagonal blocks, each a product of its own.
+            let parts = if spec.name.ends_with("wo_a.weight") {
+                groups
+            } else {
+                1
+            };
+            for gi in 0..parts {
+                at.insert(spec.offset + gi * (rows / parts) * cols, q);
+            }
+        }
+    }
+    model.act_quant_at = at;
     Ok(notes)
 }
 
