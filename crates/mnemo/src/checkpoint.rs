@@ -327,6 +327,15 @@ fn load_inner(
             Err(_) => None,
         };
         Some((model, tokenizer))
+    } else if is_gguf && gguf::deepseek2::is_deepseek2_file(path) {
+        // A DeepSeek-V2 GGUF (llama.cpp's `deepseek2`): its tokenizer only when asked for.
+        let (model, tokenizer) = gguf::deepseek2::load(path, IMPORTED_MAX_SEQ_LEN)?;
+        let tokenizer = match tokenizer {
+            Ok(t) => Some(t),
+            Err(e) if need_tokenizer => bail!("{}: no usable tokenizer: {e}", path.display()),
+            Err(_) => None,
+        };
+        Some((model, tokenizer))
     } else if is_gguf {
         let (model, tokenizer) = gguf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?;
         Some((model, Some(tokenizer)))

@@ -598,6 +598,7 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+pub mod deepseek2;
 pub mod deepseek4;
 
 #[cfg(test)]
