@@ -192,7 +192,89 @@ fn deepseek2_matches_llama_cpp_in_every_driver() {
             "{}: full vs cached {d}",
             case.name
         );
+        if case.name == "v2-F32.gguf" {
+            // The fixture exercises group-limited routing: without it, llama.cpp disagrees.
+            let mut m = l.model;
+            m.cfg.n_group = 0;
+            m.try_forward(ids, 1, t, &mut ws).unwrap();
+            let (worst, _) = compare(&ws.logits, &case.logits);
+            line += &format!("; without groups {worst:.2e}");
+            assert!(worst > 1e-2, "groups make no difference ({worst})");
+        }
         report.push(line);
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// A copy of fixture `src` with the first occurrence of `from` replaced by `to` (same length)
+/// and, when given, the `u32` right after the metadata key `from` (past its type tag) set.
+fn patched(src: &str, from: &str, to: &str, value: Option<u32>, tag: &str) -> PathBuf {
+    assert_eq!(from.len(), to.len());
+    let mut b = std::fs::read(fixture(src)).unwrap();
+    let i = b
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("{from} not in {src}"));
+    b[i..i + from.len()].copy_from_slice(to.as_bytes());
+    if let Some(v) = value {
+        let at = i + from.len() + 4; // the value type (u32), then the value
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    let p = std::env::temp_dir().join(format!("mnemo-ds2-{tag}-{}.gguf", std::process::id()));
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+fn load_err(p: &PathBuf) -> String {
+    let e = match mnemo::io::gguf::deepseek2::load(p, 64) {
+        Ok(_) => panic!("{} loaded", p.display()),
+        Err(e) => format!("{e:#}"),
+    };
+    std::fs::remove_file(p).unwrap();
+    e
+}
+
+/// Bad files name what is wrong: a renamed tensor is listed as missing (with the split pair
+/// that may stand in for `attn_kv_b`) and as unexpected; an unsupported gating function, a
+/// missing metadata key and an unsupported RoPE scaling name the key and the value.
+#[test]
+fn bad_deepseek2_files_name_the_fault() {
+    let p = patched("lite-F32.gguf", "blk.1.attn_v_b", "blk.1.attn_v_x", None, "tensor");
+    let e = load_err(&p);
+    assert!(
+        e.contains("missing: blk.1.attn_v_b.weight (to go with blk.1.attn_k_b.weight)")
+            && e.contains("unexpected: blk.1.attn_k_b.weight, blk.1.attn_v_x.weight"),
+        "{e}"
+    );
+    let p = patched("v2-F32.gguf", "blk.1.ffn_up_exps", "blk.1.ffn_up_expz", None, "exps");
+    let e = load_err(&p);
+    assert!(
+        e.contains("missing: blk.1.ffn_up_exps.weight") && e.contains("blk.1.ffn_up_expz.weight"),
+        "{e}"
+    );
+    let key = "deepseek2.expert_gating_func";
+    let p = patched("v2-F32.gguf", key, key, Some(4), "gating");
+    let e = load_err(&p);
+    assert!(
+        e.contains("metadata `deepseek2.expert_gating_func` = 4 is not supported for deepseek2 (1 = softmax, 2 = sigmoid)"),
+        "{e}"
+    );
+    let p = patched(
+        "lite-F32.gguf",
+        "deepseek2.attention.kv_lora_rank",
+        "deepseek2.attention.kv_lora_rang",
+        None,
+        "meta",
+    );
+    let e = load_err(&p);
+    assert!(
+        e.contains("metadata `deepseek2.attention.kv_lora_rank` is missing"),
+        "{e}"
+    );
+    let p = patched("lite-F32.gguf", "yarn", "linr", None, "rope");
+    let e = load_err(&p);
+    assert!(
+        e.contains("`deepseek2.rope.scaling.type` = \"linr\" is not supported (none, yarn)"),
+        "{e}"
+    );
 }

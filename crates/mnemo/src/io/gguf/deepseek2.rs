@@ -325,9 +325,17 @@ pub fn load(
         } else if spec.name.ends_with("attention.wkv_b.weight") && !has(&gname) {
             let b = gname.trim_end_matches("attn_kv_b.weight");
             let (kb, vb) = (format!("{b}attn_k_b.weight"), format!("{b}attn_v_b.weight"));
-            if !(has(&kb) && has(&vb)) {
-                missing.push(format!("{gname} (or {kb} and {vb})"));
-                continue;
+            match (has(&kb), has(&vb)) {
+                (true, true) => {}
+                (false, false) => {
+                    missing.push(format!("{gname} (or the split {kb} and {vb})"));
+                    continue;
+                }
+                (k_, _) => {
+                    let (miss, got) = if k_ { (&vb, &kb) } else { (&kb, &vb) };
+                    missing.push(format!("{miss} (to go with {got})"));
+                    continue;
+                }
             }
             let w = kv_b_from_split(&g, &kb, &vb, &c, &m)?;
             used.insert(kb);
