@@ -280,18 +280,45 @@ fn gguf_name(ours: &str) -> (String, Option<usize>) {
 
 /// Load a `deepseek2` GGUF (module doc), the context capped at `max_seq_len`, with its
 /// tokenizer when the file carries a usable one (`Err` with the reason otherwise).
-pub fn load(
-    path: &Path,
-    max_seq_len: usize,
-) -> Result<(Model, std::result::Result<Tokenizer, String>)> {
+pub fn load(path: &Path, max_seq_len: usize) -> Result<Loaded> {
+    load_impl(path, max_seq_len, false)
+}
+
+/// [`load`] keeping the quantised matrices packed (module `deepseek2_packed`): no f32 copy,
+/// so only the cached drivers run the model (the full forward refuses it). What makes
+/// DeepSeek-V2-Lite (15.7B parameters, ~63 GB in f32) fit in memory.
+pub fn load_packed(path: &Path, max_seq_len: usize) -> Result<Loaded> {
+    load_impl(path, max_seq_len, true)
+}
+
+/// Bytes of the parameters of the `deepseek2` GGUF at `path` in f32 (what [`load`] allocates).
+pub fn f32_bytes(path: &Path) -> Result<usize> {
+    let g = Gguf::open(path)?;
+    let c = config(&g, 1)?;
+    Ok(4 * crate::model::ParamLayout::new(&c).total)
+}
+
+/// A loaded model and its tokenizer (or why it has none).
+pub type Loaded = (Model, std::result::Result<Tokenizer, String>);
+
+fn load_impl(path: &Path, max_seq_len: usize, packed: bool) -> Result<Loaded> {
     let g = Gguf::open(path)?;
     let p = g.path.display().to_string();
     if !is_deepseek2(&g) {
         bail!("{p}: architecture is not `deepseek2`");
     }
     let cfg = config(&g, max_seq_len)?;
-    let mut model =
-        Model::new(cfg).with_context(|| format!("{p}: inconsistent deepseek2 metadata"))?;
+    let mut model = if packed {
+        Model::new_reserved(cfg)
+    } else {
+        Model::new(cfg).map_err(anyhow::Error::from)
+    }
+    .with_context(|| format!("{p}: inconsistent deepseek2 metadata"))?;
+    let packer = match packed {
+        true => Some(super::deepseek2_packed::Packer::open(&g)?),
+        false => None,
+    };
+    let mut fused_w3: HashSet<usize> = HashSet::new();
     let c = model.cfg.clone();
     let m = c.mla.clone().expect("an MLA config");
     let by_name: HashMap<&str, &super::TensorInfo> =
@@ -311,6 +338,19 @@ pub fn load(
         .collect();
     for spec in model.layout.tensors.clone() {
         let (gname, expert) = gguf_name(&spec.name);
+        if fused_w3.contains(&spec.offset) {
+            continue;
+        }
+        if let Some(pk) = &packer {
+            if let Some((q, srcs)) = pack(pk, &g, &spec, &gname, expert, &model)? {
+                if spec.name.ends_with("feed_forward.w1.weight") {
+                    fused_w3.insert(spec.offset + spec.len());
+                }
+                model.quant.insert(spec.offset, q);
+                used.extend(srcs);
+                continue;
+            }
+        }
         let w: Vec<f32> = if let Some(j) = expert {
             match expert_slice(&g, &mut stacks, &gname, j, c.n_routed_experts, &spec.shape)? {
                 Some((w, src)) => {
@@ -395,6 +435,7 @@ pub fn load(
     if mtp_skipped > 0 {
         tracing::warn!("{p}: skipped {mtp_skipped} tensors of the MTP blocks");
     }
+    model.packed_only = packed;
     let tok = match g.meta.get("tokenizer.ggml.tokens") {
         Some(Value::Array(v)) => {
             let tokens: Vec<String> = v
@@ -406,6 +447,45 @@ pub fn load(
         _ => Err(format!("{p}: no tokenizer.ggml.tokens")),
     };
     Ok((model, tok))
+}
+
+/// The packed copy of parameter `spec` (GGUF tensor `gname`, expert `expert` of its stack)
+/// when it is multiplied through the quantised copies and stored in a type with a quantised
+/// product, and the GGUF tensors it came from; the dense `w1` takes `w3` along (`[W1; W3]`).
+fn pack(
+    pk: &super::deepseek2_packed::Packer,
+    g: &Gguf,
+    spec: &crate::model::TensorSpec,
+    gname: &str,
+    expert: Option<usize>,
+    model: &Model,
+) -> Result<Option<(crate::kernels::quant::QMatrix, Vec<String>)>> {
+    let has = |n: &str| g.tensors.iter().any(|t| t.name == n);
+    if spec.name.ends_with("feed_forward.w1.weight") {
+        let up = gname.replace("ffn_gate", "ffn_up");
+        if !(has(gname) && has(&up)) {
+            return Ok(None);
+        }
+        return Ok(pk
+            .stacked(g, gname, &up)?
+            .filter(|q| q.rows == 2 * spec.shape[0] && q.cols == spec.shape[1])
+            .map(|q| (q, vec![gname.to_string(), up])));
+    }
+    let untied_head = spec.name == "output.weight" && !model.cfg.tied_embeddings;
+    if !(super::deepseek2_packed::packable(&spec.name) || untied_head) || !has(gname) {
+        return Ok(None);
+    }
+    let (rows, cols) = (spec.shape[0], spec.shape[1]);
+    let mut want = vec![cols as u64, rows as u64];
+    if expert.is_some() {
+        want.push(model.cfg.n_routed_experts as u64);
+    }
+    if !g.tensors.iter().any(|t| t.name == gname && t.dims == want) {
+        return Ok(None); // the f32 path names the shape at fault
+    }
+    let q = pk.matrix(g, gname, expert.unwrap_or(0) * rows, rows)?;
+    Ok(q.filter(|q| q.cols == cols)
+        .map(|q| (q, vec![gname.to_string()])))
 }
 
 /// Expert `j`'s `[out, in]` slice of the stacked tensor `name` (`[E, out, in]`; the fused
