@@ -336,3 +336,39 @@ fn packed_deepseek2_runs_on_its_quantised_blocks() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// The `deepseek-llm` and `deepseek-coder` pre-tokenizers (DeepSeek-V2(-Lite) and
+/// Coder-V2(-Lite) files) against llama.cpp's own tokenizer test files
+/// (`models/ggml-vocab-deepseek-{llm,coder}.gguf` with `.inp`/`.out`, not committed: 4 MB and
+/// 1 MB). Ignored: run with `LLAMA_CPP_MODELS=/path/to/llama.cpp/models cargo test --release
+/// -p mnemo --test deepseek2_gguf -- --ignored`.
+#[test]
+#[ignore]
+fn deepseek_pre_tokenizers_match_llama_cpp() {
+    let dir = PathBuf::from(
+        std::env::var("LLAMA_CPP_MODELS").expect("LLAMA_CPP_MODELS: llama.cpp's models/ dir"),
+    );
+    for name in ["deepseek-llm", "deepseek-coder"] {
+        let f = dir.join(format!("ggml-vocab-{name}.gguf"));
+        let tok = mnemo::io::gguf::load_tokenizer(&f).unwrap_or_else(|e| panic!("{e:#}"));
+        let read = |ext: &str| {
+            std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.{ext}"))).unwrap()
+        };
+        let inp = read("inp");
+        let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+        let out = read("out");
+        let want: Vec<&str> = out.lines().collect();
+        let mut ok = 0;
+        for (text, w) in texts.iter().zip(&want) {
+            let got = tok.encode(text).unwrap();
+            let w: Vec<u32> = w.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            if got == w {
+                ok += 1;
+            } else {
+                eprintln!("{name}: {text:?}: {got:?} vs llama.cpp {w:?}");
+            }
+        }
+        eprintln!("{name}: {ok}/{} texts as llama.cpp", want.len());
+        assert_eq!(ok, want.len(), "{name}");
+    }
+}
