@@ -9,8 +9,9 @@
 //! position.
 //!
 //! Every file runs through all three drivers: the full forward (decompressed keys and
-//! values), a cached prefill of the whole sequence, and a prefill of 16 followed by one-token
-//! decoding (both on the latent cache with the absorbed projections), checked against
+//! values), a cached prefill of the whole sequence, and a prefill of 16 followed (through a
+//! saved and reloaded prefix cache) by one-token decoding (both on the latent cache with the
+//! absorbed projections), checked against
 //! llama.cpp and against each other. Bounds (measured in parentheses, largest over drivers):
 //!
 //! - F32 files vs llama.cpp (f32 KV cache): per position max |Δ| ≤ 1e-4 of its largest
@@ -145,10 +146,25 @@ fn deepseek2_matches_llama_cpp_in_every_driver() {
             logits_from: 0,
         }];
         let mut dec = m.forward_batch(&mut seq).unwrap().pop().unwrap();
+        // Through a saved prefix cache (the latent rows round-trip).
+        let saved = std::env::temp_dir().join(format!(
+            "mnemo-ds2-prefix-{}-{}.safetensors",
+            case.name,
+            std::process::id()
+        ));
+        cache.save(&saved, m, &ids[..n0]).unwrap();
+        let (mut cache, toks) = KvCache::load(&saved, m).unwrap();
+        std::fs::remove_file(&saved).unwrap();
+        assert_eq!(toks, ids[..n0]);
         for &id in &ids[n0..] {
             dec.extend(m.forward_cached(&[id], &mut cache).unwrap());
         }
         assert_eq!(dec.len(), t * v);
+        // The cache holds the latent and the RoPE key per token and layer, nothing per head.
+        assert_eq!(
+            cache.kv_bytes(),
+            t * c.n_layers * (mla.kv_lora_rank + c.rope_dim) * 4
+        );
         let mut line = format!("{}:", case.name);
         for (what, got) in [("full", &full), ("prefill", &pre), ("decode", &dec)] {
             let (worst, agree) = compare(got, &case.logits);

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Qwen models add q/k/v biases or per-head q/k RMSNorms between the projection and RoPE
-//! ([`super::attention_qk`]).
+//! ([`super::attention_qk`]). DeepSeek-V4's attention ([`super::attention_v4`]) and DeepSeek-V2's
+//! multi-head latent attention ([`super::attention_mla`]) replace the whole sublayer, driven by
+//! the same [`Kv`].
 //!
 //! `Attn` is dense causal attention, or (DSA) attention over the lightning indexer's top-k
 //! keys (module [`crate::dsa`]). What a driver decides is [`Kv`]: where the keys and values
