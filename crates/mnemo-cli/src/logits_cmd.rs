@@ -23,7 +23,7 @@ pub const LONG_ABOUT: &str =
     MODEL is anything mnemo loads: a run directory, a checkpoint directory, a Hugging Face \
     Llama directory, a DeepSeek-V4 directory (`model_type: deepseek_v4`; transformers' layout \
     or the official one, FP8/FP4 weights dequantised, sharded or not), a Llama-architecture \
-    `.gguf` file or a DeepSeek-V4 one (llama.cpp's `deepseek4`). No text is tokenized: the ids are given, and no tokenizer file is needed \
+    `.gguf` file, a DeepSeek-V2 one (llama.cpp's `deepseek2`: V2, V2-Lite, Coder-V2-Lite;     beyond 4 GiB of f32 parameters its quantised matrices stay packed and only --decode-from     runs it) or a DeepSeek-V4 one (llama.cpp's `deepseek4`). No text is tokenized: the ids are given, and no tokenizer file is needed \
     (an Engram model's aside).\n\n\
     Without --decode-from, the logits come from one full forward over all T ids. With \
     --decode-from N, they come from the cached decoding path: ids[..N] are prefilled on an \

@@ -222,6 +222,10 @@ pub fn locate(path: &Path) -> Result<PathBuf> {
 /// whole context).
 pub const IMPORTED_MAX_SEQ_LEN: usize = 4096;
 
+/// A `deepseek2` GGUF whose parameters would take more than this many bytes in f32 is loaded
+/// with its quantised matrices packed (`io::gguf::deepseek2::load_packed`).
+pub const DEEPSEEK2_F32_MAX: usize = 4 << 30;
+
 /// Load a checkpoint (model, tokenizer, and training state when present) from a run directory,
 /// a Llama-architecture `.gguf` file, a Hugging Face Llama directory (`config.json` +
 /// `model.safetensors` + `tokenizer.json`), or a DeepSeek-V4 directory in transformers' or the
@@ -321,6 +325,22 @@ fn load_inner(
     let imported = if is_gguf && gguf::deepseek4::is_deepseek4_file(path) {
         // A DeepSeek-V4 GGUF (llama.cpp's `deepseek4`): its tokenizer only when asked for.
         let (model, tokenizer) = gguf::deepseek4::load(path)?;
+        let tokenizer = match tokenizer {
+            Ok(t) => Some(t),
+            Err(e) if need_tokenizer => bail!("{}: no usable tokenizer: {e}", path.display()),
+            Err(_) => None,
+        };
+        Some((model, tokenizer))
+    } else if is_gguf && gguf::deepseek2::is_deepseek2_file(path) {
+        // A DeepSeek-V2 GGUF (llama.cpp's `deepseek2`): its tokenizer only when asked for.
+        // Beyond DEEPSEEK2_F32_MAX bytes of f32 parameters its quantised matrices stay packed
+        // (cached drivers only), as they must for V2-Lite (~63 GB in f32).
+        let big = gguf::deepseek2::f32_bytes(path)? > DEEPSEEK2_F32_MAX;
+        let (model, tokenizer) = if big {
+            gguf::deepseek2::load_packed(path, IMPORTED_MAX_SEQ_LEN)?
+        } else {
+            gguf::deepseek2::load(path, IMPORTED_MAX_SEQ_LEN)?
+        };
         let tokenizer = match tokenizer {
             Ok(t) => Some(t),
             Err(e) if need_tokenizer => bail!("{}: no usable tokenizer: {e}", path.display()),

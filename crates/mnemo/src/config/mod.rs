@@ -26,7 +26,9 @@ pub use train::{Precision, RunConfig, TrainConfig, TrainOnly};
 use crate::kernels::rope::{RopeLayout, RopeScaling, RopeTable};
 use serde::{Deserialize, Serialize};
 
+mod mla;
 mod v4;
+pub use mla::MlaConfig;
 pub use v4::{V4Config, V4LayerType, V4Yarn};
 
 /// Shape and hyper-parameters of the dense decoder-only transformer.
@@ -93,7 +95,8 @@ pub struct ModelConfig {
     /// Routed experts per token.
     #[serde(default)]
     pub top_k: usize,
-    /// Router score: `sigmoid` (DeepSeek-V3) or `sqrtsoftplus` (DeepSeek-V4).
+    /// Router score: `sigmoid` (DeepSeek-V3), `sqrtsoftplus` (DeepSeek-V4) or `softmax`
+    /// (DeepSeek-V2).
     #[serde(default)]
     pub score_func: ScoreFunc,
     /// Multiplies the routed gate weights.
@@ -214,6 +217,23 @@ pub struct ModelConfig {
     /// SwiGLU clamp of every expert (DeepSeek-V4's `swiglu_limit`; 0 = none).
     #[serde(default, skip_serializing_if = "is_zero_f32")]
     pub swiglu_limit: f32,
+    // ---- DeepSeek-V2 (see `model::attention_mla`); optional ----
+    /// Multi-head latent attention in every layer instead of GQA (inference only). Not
+    /// written to JSON when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<MlaConfig>,
+    /// Group-limited routing: the routed experts form `n_group` equal groups, and each token
+    /// picks its `top_k` among the `topk_group` groups with the largest sum of their two best
+    /// selection scores (llama.cpp's and DeepSeek-V3's rule). 0 or 1: no groups. Not written to
+    /// JSON when 0.
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub n_group: usize,
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub topk_group: usize,
+}
+
+fn is_zero_usize(x: &usize) -> bool {
+    *x == 0
 }
 
 fn is_false(x: &bool) -> bool {
@@ -275,6 +295,8 @@ pub enum ScoreFunc {
     Sigmoid,
     #[default]
     Sqrtsoftplus,
+    /// Softmax over all routed experts' logits (DeepSeek-V2).
+    Softmax,
 }
 
 fn one() -> f32 {
@@ -600,6 +622,9 @@ impl ModelConfig {
             dsa: None,
             v4: None,
             swiglu_limit: 0.0,
+            mla: None,
+            n_group: 0,
+            topk_group: 0,
         }
     }
 
@@ -682,6 +707,9 @@ impl ModelConfig {
         pos(self.head_dim, "head_dim")?;
         pos(self.ffn_hidden, "ffn_hidden")?;
         pos(self.max_seq_len, "max_seq_len")?;
+        if let Some(m) = &self.mla {
+            self.validate_mla(m)?;
+        }
         if let Some(v) = &self.v4 {
             self.validate_v4(v)?;
             for (on, f) in [(self.qkv_bias, "qkv_bias"), (self.qk_norm, "qk_norm")] {
@@ -880,6 +908,32 @@ impl ModelConfig {
         }
         if self.moe_inter == 0 {
             return Err(err("moe_inter", "must be > 0 for an MoE model"));
+        }
+        if self.n_group > 1 {
+            let g = self.n_group;
+            if !e.is_multiple_of(g) {
+                return Err(err(
+                    "n_group",
+                    format!("({g}) must divide n_routed_experts ({e})"),
+                ));
+            }
+            if self.topk_group == 0 || self.topk_group > g {
+                return Err(err(
+                    "topk_group",
+                    format!("({}) must be in 1..=n_group ({g})", self.topk_group),
+                ));
+            }
+            if self.top_k > self.topk_group * (e / g) {
+                return Err(err(
+                    "top_k",
+                    format!(
+                        "({}) exceeds the experts of the topk_group ({}) groups kept ({} each)",
+                        self.top_k,
+                        self.topk_group,
+                        e / g
+                    ),
+                ));
+            }
         }
         if self.n_dense_layers > self.n_layers {
             return Err(err(

@@ -411,6 +411,7 @@ pub fn config_to_hf(c: &ModelConfig) -> Result<Value> {
     let score = match c.score_func {
         ScoreFunc::Sqrtsoftplus => "sqrtsoftplus",
         ScoreFunc::Sigmoid => "sigmoid",
+        ScoreFunc::Softmax => bail!("DeepSeek-V4 has no softmax router (score_func)"),
     };
     Ok(serde_json::json!({
         "architectures": ["DeepseekV4ForCausalLM"],

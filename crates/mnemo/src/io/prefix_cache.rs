@@ -39,7 +39,8 @@ impl KvCache {
             );
         }
         let c = &model.cfg;
-        let w = c.n_kv_heads * c.head_dim;
+        // Row widths of `k` and `v` (MLA: the latent and RoPE key in `k`, `v` empty).
+        let (w, wv) = (self.w, self.wv);
         let mut t: Vec<(String, Vec<usize>, Data)> = Vec::new();
         let mut meta = std::collections::HashMap::new();
         // DeepSeek-V4: each layer's window rows, compressor tails and entries (`k`, `v` unused;
@@ -63,8 +64,8 @@ impl KvCache {
             ));
             t.push((
                 format!("v.{l}"),
-                vec![self.len, w],
-                Data::F32(&self.v[l][..self.len * w]),
+                vec![self.len, wv],
+                Data::F32(&self.v[l][..self.len * wv]),
             ));
         }
         let ik: Vec<Vec<f32>> = self
@@ -120,7 +121,7 @@ impl KvCache {
             );
         }
         let c = &model.cfg;
-        let w = c.n_kv_heads * c.head_dim;
+        let (w, wv) = (cache.w, cache.wv);
         let n = tokens.len();
         for (l, lc) in cache.v4.iter_mut().enumerate().take(c.n_layers) {
             lc.restore(n, |part, width| {
@@ -141,7 +142,7 @@ impl KvCache {
         cache.reserve(tokens.len());
         for l in (0..c.n_layers).filter(|_| cache.v4.is_empty()) {
             let k = f.f32(&format!("k.{l}"), Some(&[tokens.len(), w]))?;
-            let v = f.f32(&format!("v.{l}"), Some(&[tokens.len(), w]))?;
+            let v = f.f32(&format!("v.{l}"), Some(&[tokens.len(), wv]))?;
             cache.k[l][..k.len()].copy_from_slice(&k);
             cache.v[l][..v.len()].copy_from_slice(&v);
         }

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Qwen models add q/k/v biases or per-head q/k RMSNorms between the projection and RoPE
-//! ([`super::attention_qk`]).
+//! ([`super::attention_qk`]). DeepSeek-V4's attention ([`super::attention_v4`]) and DeepSeek-V2's
+//! multi-head latent attention ([`super::attention_mla`]) replace the whole sublayer, driven by
+//! the same [`Kv`].
 //!
 //! `Attn` is dense causal attention, or (DSA) attention over the lightning indexer's top-k
 //! keys (module [`crate::dsa`]). What a driver decides is [`Kv`]: where the keys and values
@@ -77,6 +79,8 @@ pub(crate) struct AttnActs {
     pub(crate) v4: super::attention_v4::V4Acts,
     /// The q/k norms' pre-norm values (`qk_norm`).
     pub(crate) qk: super::attention_qk::QkActs,
+    /// Multi-head latent attention's scratch (`mla`).
+    pub(crate) mla: super::attention_mla::MlaActs,
 }
 
 impl AttnActs {
@@ -88,6 +92,7 @@ impl AttnActs {
             dsa: DsaActs::default(),
             v4: Default::default(),
             qk: Default::default(),
+            mla: Default::default(),
         }
     }
 }
@@ -134,6 +139,9 @@ impl Model {
     ) {
         if let Some(vo) = &lo.v4 {
             return self.v4_attention_forward(l, vo, a, kv, plan, &mut acts.v4, out, acc);
+        }
+        if let Some(mo) = &lo.mla {
+            return self.mla_attention_forward(l, mo, a, kv, plan, &mut acts.mla, out, acc);
         }
         let c = &self.cfg;
         let n = a.len() / c.d_model;
@@ -314,6 +322,10 @@ impl Model {
         if let Some(vo) = &lo.v4 {
             return self.v4_attention_backward(l, vo, a, (b, t), &acts.v4, (dout, da), grads);
         }
+        assert!(
+            lo.mla.is_none(),
+            "multi-head latent attention (mla) is inference only: it has no backward pass"
+        );
         let c = &self.cfg;
         let n = b * t;
         let (d, h, kv, hd) = (c.d_model, c.n_heads, c.n_kv_heads, c.head_dim);

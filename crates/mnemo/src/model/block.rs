@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! x ← x + Engram(x)                      (blocks in engram.layer_ids; module `engram_layer`)
-//! x ← R(x, Attention ∘ RMSNorm)          (dense | DSA;  module `attention`)
+//! x ← R(x, Attention ∘ RMSNorm)          (dense | DSA | MLA | V4;  module `attention`)
 //! x ← R(x, FeedForward ∘ RMSNorm)        (dense | MoE;  module `ffn`)
 //! ```
 //!

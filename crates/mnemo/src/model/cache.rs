@@ -5,6 +5,7 @@
 //! ```text
 //! k[l], v[l]: [rows ≥ len, KV·d_h]     ik[l]: indexer keys [len, d_I] (DSA, sparse attention)
 //! v4[l]: DeepSeek-V4 models: window ring, compressed entries, indexer keys (instead of k, v)
+//! k[l]: MLA models (`cfg.mla`): [rows, r + d_r], the latent and the RoPE key; v[l] empty
 //! ```
 
 use super::attention_v4_cache::{self as v4c, V4LayerCache};
@@ -19,8 +20,10 @@ pub struct KvCache {
     /// Per layer `[rows, KV·d_h]`, `rows ≥ len` (grown by [`KvCache::reserve`]).
     pub(crate) k: Vec<Vec<f32>>,
     pub(crate) v: Vec<Vec<f32>>,
-    /// Row width `KV·d_h`.
+    /// Row width `KV·d_h` (MLA: `r + d_r`, [`super::attention_mla`]).
     pub(crate) w: usize,
+    /// Row width of `v` (`w`; 0 for MLA, whose values are the latent in `k`).
+    pub(crate) wv: usize,
     /// DSA models: per layer the lightning indexer's keys (empty otherwise, or with dense
     /// attention).
     pub(crate) ik: Vec<KeyStore>,
@@ -93,10 +96,15 @@ impl KvCache {
         };
         // DeepSeek-V4 layers keep their own state instead of per-position K/V rows.
         let kv_layers = if c.v4.is_some() { 0 } else { c.n_layers };
+        let (w, wv) = match &c.mla {
+            Some(m) => (super::attention_mla::MlaDims::of(c, m).cache_width(), 0),
+            None => (c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim),
+        };
         KvCache {
             k: vec![Vec::new(); kv_layers],
             v: vec![Vec::new(); kv_layers],
-            w: c.n_kv_heads * c.head_dim,
+            w,
+            wv,
             ik,
             dense: opts.dense_attention,
             window_prefill: opts.window_prefill,
@@ -117,7 +125,7 @@ impl KvCache {
         let rows = need.max(2 * rows).max(64).min(self.cap.max(need));
         for l in 0..self.k.len() {
             self.k[l].resize(rows * w, 0.0);
-            self.v[l].resize(rows * w, 0.0);
+            self.v[l].resize(rows * self.wv, 0.0);
         }
         for ik in &mut self.ik {
             ik.reserve(rows);
@@ -127,7 +135,7 @@ impl KvCache {
     /// Bytes of K/V rows in use (`len` positions, f32); DeepSeek-V4 models: the window rows
     /// and compressed entries the next token attends to.
     pub fn kv_bytes(&self) -> usize {
-        2 * self.k.len() * self.len * self.w * 4 + v4c::bytes_all(&self.v4, self.len).0
+        self.k.len() * self.len * (self.w + self.wv) * 4 + v4c::bytes_all(&self.v4, self.len).0
     }
 
     /// Attend densely from now on (DSA models): the indexer keys are dropped, so the cache
@@ -172,14 +180,14 @@ impl KvCache {
                 self.cap
             );
         }
-        let w = src.w;
+        let (w, wv) = (src.w, src.wv);
         self.reserve(n);
         if self.ik.len() != src.ik.len() || self.dense != src.dense {
             bail!("cannot copy a prefix between caches with different attention options");
         }
         for l in 0..self.k.len() {
             self.k[l][..n * w].copy_from_slice(&src.k[l][..n * w]);
-            self.v[l][..n * w].copy_from_slice(&src.v[l][..n * w]);
+            self.v[l][..n * wv].copy_from_slice(&src.v[l][..n * wv]);
         }
         for (dst, s) in self.ik.iter_mut().zip(&src.ik) {
             let mut c = s.clone();
@@ -209,12 +217,12 @@ impl KvCache {
         l: usize,
         len: usize,
     ) -> (&[f32], &[f32], Option<(&mut KeyStore, bool)>) {
-        let w = self.w;
+        let (w, wv) = (self.w, self.wv);
         let ik = match (self.dense, self.ik.get_mut(l)) {
             (false, Some(keys)) => Some((keys, self.window_prefill)),
             _ => None,
         };
-        (&self.k[l][..len * w], &self.v[l][..len * w], ik)
+        (&self.k[l][..len * w], &self.v[l][..len * wv], ik)
     }
 
     /// **Benchmark only**: make this (empty) DeepSeek-V4 cache hold `len` positions of random

@@ -52,6 +52,8 @@ pub struct LayerOffsets {
     pub v4: Option<super::attention_v4::V4AttnOffsets>,
     /// The q/k/v biases and the per-head q/k norms (`qkv_bias`, `qk_norm`).
     pub qk: super::attention_qk::QkOffsets,
+    /// Multi-head latent attention (`cfg.mla`) in place of `wqkv`/`wo` (both 0).
+    pub mla: Option<super::attention_mla::MlaOffsets>,
 }
 
 /// The feed-forward of a layer.
@@ -228,7 +230,10 @@ fn add_block(
     let attn_norm = bld.add(p("attention_norm.weight"), vec![d], false);
     let (mut wqkv, mut wo, mut indexer, mut v4) = (0, 0, None, None);
     let mut qk = super::attention_qk::QkOffsets::default();
-    if c.v4.is_some() {
+    let mut mla = None;
+    if let Some(m) = &c.mla {
+        mla = Some(super::attention_mla::MlaOffsets::add(bld, c, m, p));
+    } else if c.v4.is_some() {
         v4 = Some(super::attention_v4::V4AttnOffsets::add(
             bld,
             &p("attn"),
@@ -302,6 +307,7 @@ fn add_block(
         indexer,
         v4,
         qk,
+        mla,
     }
 }
 

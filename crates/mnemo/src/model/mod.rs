@@ -45,6 +45,7 @@
 
 pub mod attention;
 pub mod attention_dsa;
+pub mod attention_mla;
 pub mod attention_qk;
 pub mod attention_v4;
 pub mod attention_v4_cache;

@@ -3,8 +3,10 @@
 //! auxiliary-loss-free load balancing.
 //!
 //! ```text
-//! s      = score(f · W_gᵀ)                  [N, E]   sigmoid (V3) or sqrt(softplus) (V4)
+//! s      = score(f · W_gᵀ)                  [N, E]   sigmoid (V3), sqrt(softplus) (V4) or
+//!                                                    softmax over the E experts (V2)
 //! sel    = top-k(s + b)                     [N, k]   b: per-expert bias, selection only
+//!          (n_group > 1: only among the topk_group groups whose two best s + b sum highest)
 //!        | tid2eid[token]                            (hash layers: a fixed table)
 //! w      = c · s_sel / Σ s_sel              [N, k]   (plain c · s_sel without normalisation)
 //! y      = Σ_shared FFN_i(f) + Σ_j w_j · FFN_{sel_j}(f)        each FFN a SwiGLU of width I
@@ -53,6 +55,9 @@ pub struct MoeSpec {
     /// (`kernels::act_quant`; llama.cpp's numerics of a quantised GGUF); `None`: exact f32.
     /// `[2..4]`: the same for the shared experts' two products; `[4]`: the router's.
     pub act_quant: [Option<ActQuant>; 5],
+    /// Group-limited routing (`ModelConfig::n_group`, `topk_group`; `n_group ≤ 1`: none).
+    pub n_group: usize,
+    pub topk_group: usize,
 }
 
 impl MoeSpec {
@@ -69,6 +74,8 @@ impl MoeSpec {
             aux_coef: c.seq_aux_loss_coef,
             limit: c.swiglu_limit,
             act_quant: [None; 5],
+            n_group: c.n_group,
+            topk_group: c.topk_group,
         }
     }
     /// Floats of one routed expert: `w1, w3: [I, d]`, `w2: [d, I]`.
@@ -142,6 +149,22 @@ fn score_fn(f: ScoreFunc, x: f32) -> f32 {
     match f {
         ScoreFunc::Sigmoid => sigmoid(x),
         ScoreFunc::Sqrtsoftplus => softplus(x).sqrt(),
+        ScoreFunc::Softmax => unreachable!("softmax scores a whole row (score_row)"),
+    }
+}
+
+/// The score function on one token's router logits `[E]`, in place.
+fn score_row(f: ScoreFunc, row: &mut [f32]) {
+    if f == ScoreFunc::Softmax {
+        let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut z = 0.0f32;
+        for x in row.iter_mut() {
+            *x = (*x - m).exp();
+            z += *x;
+        }
+        row.iter_mut().for_each(|x| *x /= z);
+    } else {
+        row.iter_mut().for_each(|x| *x = score_fn(f, *x));
     }
 }
 
@@ -156,6 +179,7 @@ fn score_grad(f: ScoreFunc, x: f32, s: f32) -> f32 {
                 0.0
             }
         }
+        ScoreFunc::Softmax => unreachable!("softmax's Jacobian is not diagonal (backward)"),
     }
 }
 
@@ -238,11 +262,9 @@ pub fn forward_with(
             )
         }
     }
-    acts.scores.par_chunks_mut(e).for_each(|row| {
-        for x in row.iter_mut() {
-            *x = score_fn(spec.score, *x);
-        }
-    });
+    acts.scores
+        .par_chunks_mut(e)
+        .for_each(|row| score_row(spec.score, row));
     // Selection.
     acts.sel.resize(n * k, 0);
     let bias = &params[o.bias..o.bias + e];
@@ -257,7 +279,7 @@ pub fn forward_with(
             acts.sel
                 .par_chunks_mut(k)
                 .zip(acts.scores.par_chunks(e))
-                .for_each(|(sel, s)| top_k(s, bias, sel));
+                .for_each(|(sel, s)| top_k_grouped(spec, s, bias, sel));
         }
     }
     // Gate weights.
@@ -408,11 +430,8 @@ pub fn router_scores(spec: &MoeSpec, params: &[f32], o: &MoeOffsets, f: &[f32]) 
     let n = f.len() / d;
     let mut s = vec![0.0f32; n * e];
     gate_logits(&mut s, f, &params[o.gate..o.gate + e * d], n, d, e);
-    s.par_chunks_mut(e).for_each(|row| {
-        for x in row.iter_mut() {
-            *x = score_fn(spec.score, *x);
-        }
-    });
+    s.par_chunks_mut(e)
+        .for_each(|row| score_row(spec.score, row));
     s
 }
 
@@ -426,6 +445,37 @@ fn gate_logits(out: &mut [f32], f: &[f32], wg: &[f32], n: usize, d: usize, e: us
         false,
         true,
     );
+}
+
+/// [`top_k`], group-limited when `spec.n_group > 1` (llama.cpp's `build_moe_ffn`): the experts
+/// form `n_group` consecutive equal groups, each scored by the sum of its two largest
+/// `s + bias`; only the `topk_group` best groups (ties: lower index) stay selectable.
+fn top_k_grouped(spec: &MoeSpec, s: &[f32], bias: &[f32], sel: &mut [u32]) {
+    let g = spec.n_group;
+    if g <= 1 {
+        return top_k(s, bias, sel);
+    }
+    let per = s.len() / g;
+    let mut score: Vec<(usize, f32)> = (0..g)
+        .map(|gi| {
+            let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+            for x in gi * per..(gi + 1) * per {
+                let v = s[x] + bias[x];
+                if v > a {
+                    (a, b) = (v, a);
+                } else if v > b {
+                    b = v;
+                }
+            }
+            (gi, if per > 1 { a + b } else { a })
+        })
+        .collect();
+    score.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    let mut masked = vec![f32::NEG_INFINITY; s.len()];
+    for &(gi, _) in &score[..spec.topk_group] {
+        masked[gi * per..(gi + 1) * per].copy_from_slice(&bias[gi * per..(gi + 1) * per]);
+    }
+    top_k(s, &masked, sel)
 }
 
 /// The `k` indices with the largest `s + bias` (ties: lower index first), into `sel`.
@@ -705,6 +755,14 @@ pub fn backward(
         .zip(logits.par_chunks(e))
         .zip(acts.scores.par_chunks(e))
         .for_each(|((ds, x), s)| {
+            if spec.score == ScoreFunc::Softmax {
+                // d logit_c = s_c · (ds_c − Σ_j ds_j s_j)
+                let m: f32 = ds.iter().zip(s).map(|(a, b)| a * b).sum();
+                for c in 0..e {
+                    ds[c] = s[c] * (ds[c] - m);
+                }
+                return;
+            }
             for c in 0..e {
                 ds[c] *= score_grad(spec.score, x[c], s[c]);
             }

@@ -14,6 +14,8 @@ fn router_only(d: usize, e: usize, k: usize) -> (MoeSpec, MoeOffsets) {
         aux_coef: 0.0,
         limit: 0.0,
         act_quant: [None; 5],
+        n_group: 0,
+        topk_group: 0,
     };
     let o = MoeOffsets {
         gate: 0,
@@ -356,6 +358,7 @@ fn moe_layer_gradients_match_finite_differences() {
         (ScoreFunc::Sigmoid, true, 0.0, 1),
         (ScoreFunc::Sqrtsoftplus, false, 0.3, 0),
         (ScoreFunc::Sqrtsoftplus, true, 0.3, 2),
+        (ScoreFunc::Softmax, false, 0.0, 1),
     ]
     .into_iter()
     .flat_map(|(s, n, a, sh)| [(s, n, a, sh, 0.0f32), (s, n, a, sh, 2.5)])
@@ -372,6 +375,8 @@ fn moe_layer_gradients_match_finite_differences() {
             aux_coef: aux,
             limit,
             act_quant: [None; 5],
+            n_group: 0,
+            topk_group: 0,
         };
         let (d, i, e) = (spec.d, spec.inter, spec.n_experts);
         let si = shared * i;

@@ -202,6 +202,20 @@ fn type_name(t: u32) -> String {
     }
 }
 
+/// The quantised type mnemo multiplies without dequantising (decoding) of a ggml type.
+fn qtype(t: u32) -> Option<QType> {
+    Some(match t {
+        Q4_0 => QType::Q4_0,
+        Q4_1 => QType::Q4_1,
+        Q8_0 => QType::Q8_0,
+        12 => QType::Q4_K,
+        10 => QType::Q2_K,
+        13 => QType::Q5_K,
+        14 => QType::Q6_K,
+        _ => return None,
+    })
+}
+
 /// The tensor types this reader handles, for error messages.
 fn supported_types() -> String {
     let mut names = vec!["F32", "F16", "Q4_0", "Q4_1", "Q8_0"];
@@ -402,15 +416,8 @@ impl Gguf {
             .iter()
             .find(|t| t.name == name)
             .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
-        let ty = match t.ggml_type {
-            Q4_0 => QType::Q4_0,
-            Q4_1 => QType::Q4_1,
-            Q8_0 => QType::Q8_0,
-            12 => QType::Q4_K,
-            10 => QType::Q2_K,
-            13 => QType::Q5_K,
-            14 => QType::Q6_K,
-            _ => return Ok(None),
+        let Some(ty) = qtype(t.ggml_type) else {
+            return Ok(None);
         };
         if t.dims.len() != 2 {
             return Ok(None);
@@ -598,6 +605,8 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+pub mod deepseek2;
+mod deepseek2_packed;
 pub mod deepseek4;
 
 #[cfg(test)]
