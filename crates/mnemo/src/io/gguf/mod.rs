@@ -402,15 +402,8 @@ impl Gguf {
             .iter()
             .find(|t| t.name == name)
             .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
-        let ty = match t.ggml_type {
-            Q4_0 => QType::Q4_0,
-            Q4_1 => QType::Q4_1,
-            Q8_0 => QType::Q8_0,
-            12 => QType::Q4_K,
-            10 => QType::Q2_K,
-            13 => QType::Q5_K,
-            14 => QType::Q6_K,
-            _ => return Ok(None),
+        let Some(ty) = QType::from_ggml(t.ggml_type) else {
+            return Ok(None);
         };
         if t.dims.len() != 2 {
             return Ok(None);
