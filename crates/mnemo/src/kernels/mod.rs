@@ -24,6 +24,7 @@ pub mod matmul_rows;
 pub mod precision;
 pub mod qbytes;
 pub mod qdot32;
+pub mod qparts;
 pub mod qtype;
 pub mod quant;
 pub mod rmsnorm;
