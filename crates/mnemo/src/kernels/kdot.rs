@@ -1,7 +1,7 @@
-//! Matrix–vector products straight from `Q4_K`, `Q5_K` and `Q6_K` super-blocks (the types
-//! that make up most of llama.cpp's `Q4_K_M` and `Q5_K_M` files), for decoding, as llama.cpp's
-//! `ggml_vec_dot_q{2,4,5,6}_K_q8_K` compute them (`Q5_K`'s and `Q2_K`'s integer sums:
-//! [`super::kdot_q5k`], [`super::kdot_q2k`]). Block layouts: see
+//! Matrix–vector products straight from `Q2_K` … `Q6_K` super-blocks (the types that make up
+//! llama.cpp's k-quant mixes), for decoding, as llama.cpp's `ggml_vec_dot_q{2,3,4,5,6}_K_q8_K`
+//! compute them (`Q5_K`'s, `Q2_K`'s and `Q3_K`'s integer sums: [`super::kdot_q5k`],
+//! [`super::kdot_q2k`], [`super::kdot_q3k`]). Block layouts: see
 //! [`super::kquant`]; weights are `[rows, cols]` row-major runs of 256-value super-blocks
 //! (`cols` a multiple of 256).
 //!
@@ -13,13 +13,16 @@
 //! - `Q4_K` (`w = (d·s_j)·q − (dmin·m_j)`, sub-blocks `j` of 32 values):
 //!   `Σ w·(dy·qy) = d·dy·Σ_j s_j·Σ_{l∈j} q_l·qy_l − dmin·dy·Σ_{k<16} m_{k/2}·bsums_k`.
 //! - `Q6_K` (`w = (d·sc_k)·(q − 32)`, sub-blocks `k` of 16 values):
-//!   `Σ w·(dy·qy) = d·dy·Σ_k sc_k·Σ_{l∈k} (q_l − 32)·qy_l`.
+//!   `Σ w·(dy·qy) = d·dy·Σ_k sc_k·Σ_{l∈k} (q_l − 32)·qy_l`
+//!   `= d·dy·(Σ_k sc_k·Σ_{l∈k} q_l·qy_l − 32·Σ_k sc_k·bsums_k)` (the SIMD form).
 //!
 //! The integer sums (`i32`, no overflow: at most 8·63·32·15·127 and 16·128·16·32·127 in
-//! magnitude) are computed by a portable loop or with AVX2 (`maddubs` of the unsigned weight
-//! codes with `qy`, then `madd` with the scales), chosen at run time; they are identical, and
-//! the float part (`acc += (d·dy)·S`, `acc −= (dmin·dy)·M`, in block order) is the same scalar
-//! code on every path, so the paths agree bit for bit. A VNNI CPU runs the AVX2 path.
+//! magnitude) are computed by a portable loop, with AVX2 (`maddubs` of the unsigned weight
+//! codes with `qy`, then `madd` with the scales) or with AVX-512 VNNI on 256-bit lanes
+//! (`vpdpbusd` of the codes with `qy`, then `mullo` with the scales: `x86::scaled`), chosen at
+//! run time; the three give the same integers, and the float part (`acc += (d·dy)·S`,
+//! `acc −= (dmin·dy)·M`, in block order) is the same scalar code on every path, so the paths
+//! agree bit for bit (tested against each other in `kdot_tests.rs`).
 
 use super::kquant::scale_min_k4;
 use super::quant::{Isa, QMatrix, QType};

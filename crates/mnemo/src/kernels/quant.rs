@@ -2,8 +2,8 @@
 //! pass reads every weight once, so reading 4.5–8.5 bits per weight instead of 32 is what
 //! sets the decode speed.
 //!
-//! Rows are independent runs of 32-value blocks (`Q8_0`, `Q4_0`, `Q4_1`; see `io/gguf/` for
-//! the formats). For a block with scale `d` (and minimum `m` for `Q4_1`):
+//! Rows are independent runs of 32-value blocks (`Q8_0`, `Q4_0`, `Q4_1` here; `Q5_0`, `Q5_1`,
+//! `IQ4_NL` in [`super::qdot32`], k-quants in [`super::kdot`]; formats: [`super::kquant`]). For a block with scale `d` (and minimum `m` for `Q4_1`):
 //! `Σ_j w_j x_j = d · Σ_j q_j x_j + m · Σ_j x_j`, so the block sums of `x` are computed once
 //! per vector. As in llama.cpp, `x` is first quantised to 8 bits per 32-value block
 //! (`x ≈ dx·qx`), so each block is an integer dot product `Σ q_j·qx_j` (AVX2 `maddubs`, or one
