@@ -7,16 +7,18 @@ Dev-time only. Needs llama.cpp's shared libraries and llama-cpp-python 0.3.36 (i
   LLAMA_CPP_LIB_PATH=/path/to/llama.cpp/build/bin PYTHONPATH=$V/gguf-py \\
       venv/bin/python reference/gguf_fixtures.py $V crates/mnemo/tests/fixtures/gguf_arch
 
-For each architecture it writes an F32 GGUF of random weights (d = 256, two layers, FFN 256;
+For each architecture it writes an F32 GGUF of random weights (d = 256, two layers, FFN 384;
 qwen2 with q/k/v biases, qwen3 with per-head q/k norms and head_dim 128 ≠ d / heads) carrying a real
 tokenizer: llama.cpp's Qwen2 vocabulary (`models/ggml-vocab-qwen2.gguf`, pre-tokenizer
 `qwen2`) cut to its first 512 tokens (the 256 bytes and the first 256 merges, whose results
 are exactly those tokens) plus `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` and its chat
 template. `llama_model_quantize` (llama.cpp's own quantizer) turns it into each type of
-`TYPES`. Every row is a multiple of 256 values: the build of issue #21 enables AVX-VNNI
-(VEX `vpdpbusd`), which CPUs with AVX512-VNNI only (Ice Lake) lack, so llama.cpp dies of
-SIGILL in the Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 dot products that the fallback types of rows not a
-multiple of 256 would use. Written to OUT:
+`TYPES`. The FFN width 384 is not a multiple of 256, so `ffn_down` (rows of 384 values) gets
+llama.cpp's fallback types (`Q4_K` → `Q5_0`, `Q5_K` → `Q5_1`, `Q6_K` → `Q8_0`, `Q2_K`/`Q3_K` →
+`Q4_0`) and the fused gate|up / q|k|v mixes differ in type. Use a llama.cpp built without
+AVX-VNNI (VEX `vpdpbusd`) on CPUs that have AVX512-VNNI only: such a build dies of SIGILL in
+the `Q4_0`/`Q4_1`/`Q5_0`/`Q5_1`/`Q8_0` dot products that these fallback types use (this repo's
+fixtures: `-DGGML_AVX_VNNI=OFF`). Written to OUT:
   - `{arch}-{type}.gguf` (the quantised models; the F32 ones are not kept);
   - `logits.json`: per model the token ids and llama.cpp's logits at every position
     (`logits_all`, n_threads = 1, one evaluation of the whole sequence), rounded to 1e-4;
@@ -70,7 +72,7 @@ def tiny_vocab():
 def write_f32(arch, path, rng):
     tokens, types, merges, template = tiny_vocab()
     nv = len(tokens)
-    d, layers, ffn = 256, 2, 256
+    d, layers, ffn = 256, 2, 384
     heads, kv, hd = (2, 1, 128) if arch == "qwen3" else (4, 2, d // 4)
     w = gguf.GGUFWriter(path, arch)
     w.add_context_length(128)
@@ -162,7 +164,8 @@ def main():
                 "logits": [[round(float(x), 4) for x in row] for row in lg],
                 "argmax": [int(i) for i in lg.argmax(1)],
             }
-            print(name, os.path.getsize(dst), ids, logits[name]["argmax"], file=sys.stderr)
+            types = sorted({t.tensor_type.name for t in gguf.GGUFReader(dst).tensors})
+            print(name, os.path.getsize(dst), types, logits[name]["argmax"], file=sys.stderr)
             if tok_out is None:
                 tok_out = {
                     "texts": TEXTS,
@@ -172,7 +175,7 @@ def main():
             del llm
         os.remove(f32)
     os.rmdir(tmp)
-    meta = {"engine": f"llama-cpp-python {llama_cpp.__version__} (vendored llama.cpp), n_threads=1, "
+    meta = {"engine": f"llama-cpp-python {llama_cpp.__version__} (vendored llama.cpp, GGML_AVX_VNNI=OFF), n_threads=1, "
                       "logits_all, one llm.eval of the whole sequence",
             "models": logits}
     with open(os.path.join(OUT, "logits.json"), "w") as f:

@@ -138,11 +138,21 @@ fn smollm2_matches_llama_cpp_fixture() {
         let want = ids(&case["greedy"]);
         let same = out.iter().zip(&want).take_while(|(a, b)| a == b).count();
         eprintln!("{prompt:?}: greedy tokens agree for {same}/8");
-        // Over a short prefix only: a near-tie later on may go either way under quantisation.
-        assert!(
-            same >= 5,
-            "{prompt:?}: greedy {out:?} vs llama.cpp {want:?}"
-        );
+        // Agreement up to the first near-tie: where the paths part, mnemo's logits of its
+        // token and of llama.cpp's differ by less than the logit error (0.27–0.41 above).
+        // ("fn main() …": llama.cpp's own top two differ by 0.023 at step 3, of ~25.)
+        if same < 8 {
+            let mut path = toks.clone();
+            path.extend(&want[..same]);
+            let mut cache = mnemo::generate::KvCache::new(model);
+            let l = model.forward_cached(&path, &mut cache).unwrap();
+            let gap = l[out[same] as usize] - l[want[same] as usize];
+            eprintln!("{prompt:?}: parts at step {same}, mnemo's gap {gap:.3}");
+            assert!(
+                gap < 0.6,
+                "{prompt:?}: greedy {out:?} vs llama.cpp {want:?} (gap {gap})"
+            );
+        }
     }
 }
 

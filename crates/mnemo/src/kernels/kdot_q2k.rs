@@ -38,14 +38,13 @@ pub(super) fn q2k_sum_generic(blk: &[u8], qy: &[i8]) -> i32 {
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    /// [`super::q2k_sum_generic`] with AVX2: the 2-bit codes of 32 elements at a time,
-    /// `maddubs` with `qy` (i16 pairs, at most 2·3·127), `madd` with the two 16-value
-    /// sub-blocks' scales into i32 lanes.
+    /// [`super::q2k_sum_generic`] with AVX2 or VNNI: the 2-bit codes of 32 elements at a
+    /// time, multiplied with `qy` and the two 16-value sub-blocks' scales by `kdot`'s `scaled`.
     ///
     /// # Safety
-    /// AVX2 must be available; `blk` must hold 84 bytes and `qy` 256.
+    /// AVX2 (and for `VNNI` AVX-512 VL + VNNI) must be available; `blk` must hold 84 bytes and `qy` 256.
     #[inline(always)]
-    pub unsafe fn q2k_sum(blk: *const u8, qy: *const i8) -> i32 {
+    pub unsafe fn q2k_sum<const VNNI: bool>(blk: *const u8, qy: *const i8) -> i32 {
         let m3 = _mm256_set1_epi8(3);
         let mut acc = _mm256_setzero_si256();
         for h in 0..2 {
@@ -55,11 +54,9 @@ pub(super) mod x86 {
                 let q = _mm256_and_si256(_mm256_srl_epi16(raw, sh), m3);
                 let y = _mm256_loadu_si256(qy.add(128 * h + 32 * j) as *const __m256i);
                 let k = 8 * h + 2 * j;
-                let s = _mm256_set_m128i(
-                    _mm_set1_epi16((*blk.add(k + 1) & 15) as i16),
-                    _mm_set1_epi16((*blk.add(k) & 15) as i16),
-                );
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), s));
+                let (s0, s1) = ((*blk.add(k) & 15) as i32, (*blk.add(k + 1) & 15) as i32);
+                let p = super::super::kdot::x86::scaled::<VNNI>(q, y, s0, s1);
+                acc = _mm256_add_epi32(acc, p);
             }
         }
         super::super::kdot::hsum_i32(acc)

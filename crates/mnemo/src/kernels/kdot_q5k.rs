@@ -32,14 +32,14 @@ pub(super) fn q5k_sum_generic(blk: &[u8], s: &[u8; 8], qy: &[i8]) -> i32 {
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    /// [`super::q5k_sum_generic`] with AVX2: the 5-bit codes (0..31) rebuilt 32 at a time
-    /// (nibble | fifth bit shifted to bit 4), `maddubs` with `qy` (i16 pairs, at most
-    /// 2·31·127), `madd` with the sub-block's scale into i32 lanes.
+    /// [`super::q5k_sum_generic`] with AVX2 or VNNI: the 5-bit codes (0..31) rebuilt 32 at a
+    /// time (nibble | fifth bit shifted to bit 4), multiplied with `qy` and the sub-block's
+    /// scale by `kdot`'s `scaled` (i16 pairs at most 2·31·127).
     ///
     /// # Safety
-    /// AVX2 must be available; `blk` must hold 176 bytes and `qy` 256.
+    /// AVX2 (and for `VNNI` AVX-512 VL + VNNI) must be available; `blk` must hold 176 bytes and `qy` 256.
     #[inline(always)]
-    pub unsafe fn q5k_sum(blk: *const u8, s: &[u8; 8], qy: *const i8) -> i32 {
+    pub unsafe fn q5k_sum<const VNNI: bool>(blk: *const u8, s: &[u8; 8], qy: *const i8) -> i32 {
         let m4 = _mm256_set1_epi8(0x0f);
         let one = _mm256_set1_epi8(1);
         let qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
@@ -56,14 +56,9 @@ pub(super) mod x86 {
             let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), hh);
             let y0 = _mm256_loadu_si256(qy.add(64 * c) as *const __m256i);
             let y1 = _mm256_loadu_si256(qy.add(64 * c + 32) as *const __m256i);
-            let p0 = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(lo, y0),
-                _mm256_set1_epi16(s[2 * c] as i16),
-            );
-            let p1 = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(hi, y1),
-                _mm256_set1_epi16(s[2 * c + 1] as i16),
-            );
+            let (s0, s1) = (s[2 * c] as i32, s[2 * c + 1] as i32);
+            let p0 = super::super::kdot::x86::scaled::<VNNI>(lo, y0, s0, s0);
+            let p1 = super::super::kdot::x86::scaled::<VNNI>(hi, y1, s1, s1);
             acc = _mm256_add_epi32(acc, _mm256_add_epi32(p0, p1));
         }
         super::super::kdot::hsum_i32(acc)

@@ -2,8 +2,8 @@
 //! pass reads every weight once, so reading 4.5–8.5 bits per weight instead of 32 is what
 //! sets the decode speed.
 //!
-//! Rows are independent runs of 32-value blocks (`Q8_0`, `Q4_0`, `Q4_1`; see `io/gguf/` for
-//! the formats). For a block with scale `d` (and minimum `m` for `Q4_1`):
+//! Rows are independent runs of 32-value blocks (`Q8_0`, `Q4_0`, `Q4_1` here; `Q5_0`, `Q5_1`,
+//! `IQ4_NL` in [`super::qdot32`], k-quants in [`super::kdot`]; formats: [`super::kquant`]). For a block with scale `d` (and minimum `m` for `Q4_1`):
 //! `Σ_j w_j x_j = d · Σ_j q_j x_j + m · Σ_j x_j`, so the block sums of `x` are computed once
 //! per vector. As in llama.cpp, `x` is first quantised to 8 bits per 32-value block
 //! (`x ≈ dx·qx`), so each block is an integer dot product `Σ q_j·qx_j` (AVX2 `maddubs`, or one
@@ -19,76 +19,7 @@
 use super::f16::f16_to_f32;
 use rayon::prelude::*;
 
-/// Block formats: 32 values per block (`Q4_0`, `Q4_1`, `Q8_0`), 256-value k-quant
-/// super-blocks (`Q2_K`, `Q4_K`, `Q5_K`, `Q6_K`; multiplied by [`super::kdot`]), or DeepSeek's packed floats
-/// (`Fp8` e4m3, one byte a value; `Fp4` e2m1, two a byte; a power-of-two scale per `block`
-/// values of a row; multiplied by [`super::fp8dot`], built by [`QMatrix::packed`]).
-#[allow(non_camel_case_types)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QType {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-    Q2_K,
-    Q4_K,
-    Q5_K,
-    Q6_K,
-    Fp8,
-    Fp4,
-    /// bfloat16 kept as stored (two bytes a value, no scale): DeepSeek-V4's BF16 weights
-    /// multiplied straight from a mapped checkpoint (a packed float of scale 1).
-    Bf16,
-}
-
-impl QType {
-    pub fn block_bytes(self) -> usize {
-        match self {
-            QType::Q4_0 => 18,
-            QType::Q4_1 => 20,
-            QType::Q8_0 => 34,
-            QType::Q4_K => 144,
-            QType::Q2_K => 84,
-            QType::Q5_K => 176,
-            QType::Q6_K => 210,
-            QType::Fp8 | QType::Fp4 => 1,
-            QType::Bf16 => 2,
-        }
-    }
-
-    /// Values per block (packed floats: per byte; their scale blocks are [`QMatrix::block`]).
-    pub fn block_elems(self) -> usize {
-        match self {
-            QType::Fp8 | QType::Bf16 => 1,
-            QType::Fp4 => 2,
-            _ if self.is_k() => 256,
-            _ => 32,
-        }
-    }
-
-    /// DeepSeek's packed FP8 / FP4, and BF16 as stored ([`super::fp8dot`]).
-    pub fn is_packed_float(self) -> bool {
-        matches!(self, QType::Fp8 | QType::Fp4 | QType::Bf16)
-    }
-
-    /// A 256-value k-quant type.
-    pub fn is_k(self) -> bool {
-        matches!(self, QType::Q2_K | QType::Q4_K | QType::Q5_K | QType::Q6_K)
-    }
-
-    /// ggml's type id (`u32::MAX` for the packed floats, which ggml does not have).
-    pub fn ggml_type(self) -> u32 {
-        match self {
-            QType::Q4_0 => 2,
-            QType::Q4_1 => 3,
-            QType::Q8_0 => 8,
-            QType::Q4_K => 12,
-            QType::Q2_K => 10,
-            QType::Q5_K => 13,
-            QType::Q6_K => 14,
-            QType::Fp8 | QType::Fp4 | QType::Bf16 => u32::MAX,
-        }
-    }
-}
+pub use super::qtype::QType;
 
 /// A row-major `[rows, cols]` matrix of quantised blocks (`cols` a multiple of the block
 /// size), with the blocks' f16 scales (and minimums) converted to f32 once, at construction
@@ -123,6 +54,7 @@ impl QMatrix {
         let d_at = match ty {
             QType::Q6_K => 208,
             QType::Q2_K => 80,
+            QType::Q3_K => 108,
             _ => 0,
         };
         let d = data
@@ -134,7 +66,7 @@ impl QMatrix {
                 .chunks_exact(bs)
                 .map(|b| f16_to_f32(&b[82..84]))
                 .collect(),
-            QType::Q4_1 | QType::Q4_K | QType::Q5_K => data
+            QType::Q4_1 | QType::Q5_1 | QType::Q4_K | QType::Q5_K => data
                 .chunks_exact(bs)
                 .map(|b| f16_to_f32(&b[2..4]))
                 .collect(),
@@ -142,10 +74,8 @@ impl QMatrix {
                 .chunks_exact(bs)
                 .map(|b| -8.0 * f16_to_f32(&b[..2]))
                 .collect(),
-            QType::Q8_0 | QType::Q6_K => Vec::new(),
-            QType::Fp8 | QType::Fp4 | QType::Bf16 => {
-                panic!("packed floats are built by QMatrix::packed")
-            }
+            _ if ty.is_packed_float() => panic!("packed floats are built by QMatrix::packed"),
+            _ => Vec::new(),
         };
         QMatrix {
             ty,
@@ -291,13 +221,13 @@ pub enum PackedScales {
 
 /// An input vector quantised like llama.cpp's `Q8_1`: per 32-value block a scale `dx`,
 /// 32 signed bytes `qx` with `x ≈ dx·qx`, and `sx = dx·Σ qx` (for the weight minimums).
-struct Q8Vec {
-    qx: Vec<i8>,
-    dx: Vec<f32>,
-    sx: Vec<f32>,
+pub(super) struct Q8Vec {
+    pub(super) qx: Vec<i8>,
+    pub(super) dx: Vec<f32>,
+    pub(super) sx: Vec<f32>,
 }
 
-fn quantize_q8(x: &[f32]) -> Q8Vec {
+pub(super) fn quantize_q8(x: &[f32]) -> Q8Vec {
     let nb = x.len() / 32;
     let mut v = Q8Vec {
         qx: vec![0; x.len()],
@@ -387,15 +317,6 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
                         .zip(qx)
                         .map(|(&w, &q)| (w as i8) as i32 * q as i32)
                         .sum(),
-                    QType::Q2_K
-                    | QType::Q4_K
-                    | QType::Q5_K
-                    | QType::Q6_K
-                    | QType::Fp8
-                    | QType::Fp4
-                    | QType::Bf16 => {
-                        unreachable!("k-quants run in kdot, packed floats in fp8dot")
-                    }
                     QType::Q4_0 | QType::Q4_1 => {
                         let qs = &blk[bs - 16..];
                         (0..16)
@@ -405,6 +326,7 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, g: &Group, out: &mut [f32]) {
                             })
                             .sum()
                     }
+                    _ => unreachable!("k-quants run in kdot, packed floats in fp8dot"),
                 };
                 acc += ds[b] * x.dx[b] * isum as f32;
             }
@@ -628,6 +550,9 @@ fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumu
     if m.ty.is_k() {
         return super::kdot::matmat(isa, m, x, n, y, accumulate);
     }
+    if m.ty.is_dot32() {
+        return super::qdot32::matmat(isa, m, x, n, y, accumulate);
+    }
     assert_eq!(x.len(), n * m.cols);
     assert_eq!(y.len(), n * m.rows);
     assert_eq!(m.data.len(), m.rows * m.row_bytes());
@@ -670,7 +595,7 @@ fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumu
 #[inline(always)]
 fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
     let rb = m.row_bytes();
-    if m.ty.is_k() {
+    if m.ty.is_k() || m.ty.is_dot32() {
         let f = super::kquant::format(m.ty.ggml_type()).expect("a k-quant format");
         return f.dequantize_seq(&m.data[r * rb..(r + 1) * rb], w);
     }
@@ -685,15 +610,6 @@ fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
                     wb[j] = d * (blk[2 + j] as i8) as f32;
                 }
             }
-            QType::Q2_K
-            | QType::Q4_K
-            | QType::Q5_K
-            | QType::Q6_K
-            | QType::Fp8
-            | QType::Fp4
-            | QType::Bf16 => {
-                unreachable!()
-            }
             QType::Q4_0 | QType::Q4_1 => {
                 let mm = m.m[r * nb + b];
                 let qs = if m.ty == QType::Q4_0 {
@@ -706,6 +622,7 @@ fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
                     wb[j + 16] = d * (qs[j] >> 4) as f32 + mm;
                 }
             }
+            _ => unreachable!("dequantised by kquant"),
         }
     }
 }
@@ -867,15 +784,6 @@ pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) ->
     let mut data = Vec::with_capacity(rows * cols / 32 * ty.block_bytes());
     for blk in w.chunks_exact(32) {
         match ty {
-            QType::Q2_K
-            | QType::Q4_K
-            | QType::Q5_K
-            | QType::Q6_K
-            | QType::Fp8
-            | QType::Fp4
-            | QType::Bf16 => {
-                unimplemented!("quantize_matrix: 32-value types only")
-            }
             QType::Q8_0 => {
                 let amax = blk.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
                 let hd = h(amax / 127.0);
@@ -917,6 +825,7 @@ pub(crate) fn quantize_matrix(ty: QType, rows: usize, cols: usize, w: &[f32]) ->
                     data.push(q(blk[j]) | (q(blk[j + 16]) << 4));
                 }
             }
+            _ => unimplemented!("quantize_matrix: Q8_0, Q4_0, Q4_1 only"),
         }
     }
     QMatrix::new(ty, rows, cols, data)

@@ -23,7 +23,7 @@ use super::residual::{NormActs, Stream};
 use super::workspace::LayerActs;
 use super::{KvCache, Model, PREFILL_CHUNK};
 use crate::kernels::matmul::linear_forward;
-use crate::kernels::{embedding, quant, rmsnorm};
+use crate::kernels::{embedding, qparts, rmsnorm};
 use crate::mhc::HcActs;
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -225,12 +225,18 @@ impl Model {
         };
         // A packed-only model's quantised weights have no f32 copy: every row uses them.
         let all = [(0, n, true)];
-        let q = match (plan, self.quant.get(&off)) {
-            (_, Some(q)) if self.packed_only && q.rows == dout && q.cols == din => (&all[..], q),
-            (Plan::Runs(runs), Some(q)) if q.rows == dout && q.cols == din => (&runs[..], q),
+        let parts = match (self.quant.get(&off), self.quant_parts.get(&off)) {
+            (Some(q), _) => std::slice::from_ref(q),
+            (None, Some(p)) => &p[..],
+            (None, None) => &[],
+        };
+        let fits =
+            !parts.is_empty() && qparts::rows(parts) == dout && parts.iter().all(|q| q.cols == din);
+        let runs = match plan {
+            _ if fits && self.packed_only => &all[..],
+            Plan::Runs(runs) if fits => &runs[..],
             _ => return profile::time(part, || f32_rows(y, x, n)),
         };
-        let (runs, qm) = q;
         profile::time(part, || {
             for &(r0, nr, quantised) in runs {
                 let (yr, xr) = (
@@ -247,11 +253,7 @@ impl Model {
                     .zip(xr.chunks(QUANT_FAST_MAX_ROWS * din))
                 {
                     let m = xc.len() / din;
-                    if m <= exact {
-                        quant::matmat(qm, xc, m, yc, acc)
-                    } else {
-                        quant::matmat_fast(qm, xc, m, yc, acc)
-                    }
+                    qparts::matmat(parts, xc, m, yc, acc, m > exact);
                 }
             }
         })

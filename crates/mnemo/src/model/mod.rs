@@ -99,6 +99,10 @@ pub struct Model {
     /// an official DeepSeek-V4 checkpoint's FP8/FP4 weights kept packed, `io::v4_packed`,
     /// which its attention projections and MoE experts read).
     pub quant: std::collections::HashMap<usize, crate::kernels::quant::QMatrix>,
+    /// Quantised copies of fused weights whose parts have different block types (a GGUF
+    /// q|k|v or gate|up quantised part by part: `kernels::qparts`), keyed as `quant`; used
+    /// where `quant` has no entry.
+    pub quant_parts: std::collections::HashMap<usize, Vec<crate::kernels::quant::QMatrix>>,
     /// The weights in `quant` have no f32 copy in `params` (their ranges are never written:
     /// `io::v4_packed`): every row of every product reads the quantised copy, prefill
     /// included, and the f32-only drivers (training, the full forward) refuse the model.
@@ -191,6 +195,7 @@ impl Model {
             cfg,
             hash_tables,
             quant: Default::default(),
+            quant_parts: Default::default(),
             packed_only: false,
             engram,
             engram_eot: None,

@@ -9,9 +9,9 @@
 //!
 //! [`Model::quant`]: crate::model::Model::quant
 
-use super::{qtype, Gguf};
+use super::Gguf;
 use crate::kernels::qbytes::{QBytes, SharedBuf};
-use crate::kernels::quant::QMatrix;
+use crate::kernels::quant::{QMatrix, QType};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
@@ -63,7 +63,7 @@ impl Packer {
             .iter()
             .find(|t| t.name == name)
             .with_context(|| format!("{}: tensor `{name}` is missing", g.path.display()))?;
-        let Some(ty) = qtype(t.ggml_type) else {
+        let Some(ty) = QType::from_ggml(t.ggml_type) else {
             return Ok(None);
         };
         let cols = t.dims[0] as usize;

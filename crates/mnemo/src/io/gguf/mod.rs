@@ -202,20 +202,6 @@ fn type_name(t: u32) -> String {
     }
 }
 
-/// The quantised type mnemo multiplies without dequantising (decoding) of a ggml type.
-fn qtype(t: u32) -> Option<QType> {
-    Some(match t {
-        Q4_0 => QType::Q4_0,
-        Q4_1 => QType::Q4_1,
-        Q8_0 => QType::Q8_0,
-        12 => QType::Q4_K,
-        10 => QType::Q2_K,
-        13 => QType::Q5_K,
-        14 => QType::Q6_K,
-        _ => return None,
-    })
-}
-
 /// The tensor types this reader handles, for error messages.
 fn supported_types() -> String {
     let mut names = vec!["F32", "F16", "Q4_0", "Q4_1", "Q8_0"];
@@ -416,7 +402,7 @@ impl Gguf {
             .iter()
             .find(|t| t.name == name)
             .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
-        let Some(ty) = qtype(t.ggml_type) else {
+        let Some(ty) = QType::from_ggml(t.ggml_type) else {
             return Ok(None);
         };
         if t.dims.len() != 2 {
@@ -472,8 +458,9 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
         }
         model.params[spec.range()].copy_from_slice(&w);
     }
-    // Quantised copies for decoding, one per (possibly fused) linear weight of one block type.
-    let fuse = |names: &[String]| -> Result<Option<QMatrix>> {
+    // Quantised copies for decoding, one per (possibly fused) linear weight: one matrix
+    // where the parts share a block type, else the parts (`kernels::qparts`).
+    let fuse = |names: &[String]| -> Result<Option<Vec<QMatrix>>> {
         let mut parts = Vec::new();
         for n in names {
             match g.qmatrix(n)? {
@@ -482,11 +469,11 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
             }
         }
         let first = &parts[0];
-        if parts
-            .iter()
-            .any(|q| q.ty != first.ty || q.cols != first.cols)
-        {
+        if parts.iter().any(|q| q.cols != first.cols) {
             return Ok(None);
+        }
+        if parts.iter().any(|q| q.ty != first.ty) {
+            return Ok(Some(parts));
         }
         let (ty, cols) = (first.ty, first.cols);
         let rows = parts.iter().map(|q| q.rows).sum();
@@ -494,14 +481,22 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
         for q in &parts {
             data.extend_from_slice(&q.data);
         }
-        Ok(Some(QMatrix::new(ty, rows, cols, data)))
+        Ok(Some(vec![QMatrix::new(ty, rows, cols, data)]))
     };
     let mut quant = std::collections::HashMap::new();
+    let mut quant_parts = std::collections::HashMap::new();
+    let mut put = |off: usize, mut q: Vec<QMatrix>| {
+        if q.len() == 1 {
+            quant.insert(off, q.pop().expect("one part"));
+        } else {
+            quant_parts.insert(off, q);
+        }
+    };
     for (i, lo) in model.layout.layers.iter().enumerate() {
         let b = |s: &str| format!("blk.{i}.{s}.weight");
         let mut add = |off: usize, names: &[&str]| -> Result<()> {
             if let Some(q) = fuse(&names.iter().map(|s| b(s)).collect::<Vec<_>>())? {
-                quant.insert(off, q);
+                put(off, q);
             }
             Ok(())
         };
@@ -518,9 +513,10 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
         "output.weight"
     };
     if let Some(q) = fuse(&[out_name.to_string()])? {
-        quant.insert(model.layout.output, q);
+        put(model.layout.output, q);
     }
     model.quant = quant;
+    model.quant_parts = quant_parts;
     let tok = tokenizer_from_gguf(&g, &tokens)?;
     Ok((model, tok))
 }

@@ -192,9 +192,10 @@ fn llama_meta(d: u64, blocks: u32, ffn: u64, vocab: u64) -> GgufWriter {
 }
 
 /// A one-layer Llama whose linear weights use a llama.cpp-style mix of k-quant and other
-/// block types loads (weights dequantised to f32; of the linear weights only the `Q6_K`
-/// output keeps a quantised decode copy: the others mix types or are not decoded quantised)
-/// and runs.
+/// block types loads (weights dequantised to f32, and a quantised decode copy of every linear
+/// weight: one matrix for `attn_output` (`Q3_K`), `ffn_down` (`IQ4_NL`) and the output
+/// (`Q6_K`), parts of different types for q|k|v and gate|up) and decodes on them as on the
+/// f32 weights up to the 8-bit activation rounding.
 #[test]
 fn llama_with_k_quant_mix_loads() {
     let dir = tmp("kmix");
@@ -221,8 +222,18 @@ fn llama_with_k_quant_mix_loads() {
     }
     w.write(&p, 0);
     let (model, _tok) = load_llama(&p, 64).unwrap();
-    assert_eq!(model.quant.len(), 1);
+    assert_eq!(model.quant.len(), 3);
     assert_eq!(model.quant[&model.layout.output].ty, QType::Q6_K);
+    let lo = &model.layout.layers[0];
+    assert_eq!(model.quant[&lo.wo].ty, QType::Q3_K);
+    let tys = |o: usize| {
+        model.quant_parts[&o]
+            .iter()
+            .map(|q| q.ty)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tys(lo.wqkv), [QType::Q4_K, QType::Q4_K, QType::Q5_K]);
+    assert_eq!(model.quant_parts.len(), 2);
     let g = Gguf::open(&p).unwrap();
     let (_, emb) = g.tensor_f32("token_embd.weight").unwrap();
     let spec = model
@@ -236,6 +247,18 @@ fn llama_with_k_quant_mix_loads() {
     let logits = model.forward_cached(&[1, 2, 3], &mut cache).unwrap();
     assert_eq!(logits.len(), vocab as usize);
     assert!(logits.iter().all(|x| x.is_finite()));
+    let (mut f32_model, _) = load_llama(&p, 64).unwrap();
+    f32_model.quant.clear();
+    f32_model.quant_parts.clear();
+    let mut cache = crate::generate::KvCache::new(&f32_model);
+    let exact = f32_model.forward_cached(&[1, 2, 3], &mut cache).unwrap();
+    let top = exact.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let d = logits
+        .iter()
+        .zip(&exact)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("quantised vs f32 decode: max |Δ| {d} of {top}");
+    assert!(d > 0.0 && d < 0.05 * top, "max |Δ| {d} of {top}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -29,19 +29,22 @@ fn argmax(v: &[f64]) -> (usize, f64) {
 
 /// Every fixture model loads with its architecture's options, and its logits match
 /// llama.cpp's at every position, both for a prefill of the whole sequence (one batch) and
-/// for one-token decode steps: max |Δlogit| ≤ 10% of the largest |logit| of the position,
+/// for one-token decode steps: max |Δlogit| ≤ 5% of the largest |logit| of the position,
 /// and the same argmax wherever llama.cpp's top two differ by more than twice that.
 ///
-/// The error budget is llama.cpp's 8-bit activations: it multiplies every k-quant weight by
-/// `Q8_K` activations (one scale per 256 values), while mnemo does so only for
-/// `Q2_K`/`Q4_K`/`Q5_K`/`Q6_K` weights whose fused parts share a type, the rest in f32. These
-/// random two-layer models amplify that rounding: within mnemo alone, decoding with and
-/// without the quantised copies differs by 0.9e-2 to 3.6e-2 of the largest logit; against
-/// llama.cpp, measured worst 3.4e-2 (llama Q4_K_M, qwen3 Q5_K_M) to 7.8e-2 (llama Q2_K),
-/// already 1.6e-2 to 3.0e-2 at position 0. The same models written in F32 (no activation
-/// quantisation; `reference/gguf_fixtures.py` before quantising) match llama.cpp to 1.4e-3
-/// at every position for all three architectures (llama.cpp's f16 KV cache): the
-/// architectures themselves agree.
+/// The fixtures' FFN width (384) is not a multiple of 256, so `ffn_down` is in llama.cpp's
+/// fallback types (`Q4_0`, `Q5_0`, `Q5_1`, `Q8_0`) and fused q|k|v / gate|up mix types;
+/// every linear weight is multiplied quantised with 8-bit activations, as llama.cpp does.
+/// Measured worst over all positions: 2.6e-2 (qwen3 Q5_K_M) to 4.0e-2 (qwen2 Q3_K_M) of the
+/// largest logit. The kernels are not what is left: a numpy model of llama.cpp's arithmetic
+/// (the same dequantised weights, `Q8_K` activations, llama.cpp's f16 V cache) matches
+/// llama.cpp to 6.5e-6 at position 0 of llama Q4_K_M, and each of mnemo's quantised products
+/// alone, put in the otherwise-f32 model, matches that model to 2e-4 to 2e-3. It is that
+/// llama.cpp keeps K and V in f16 where mnemo keeps f32: these random two-layer models move
+/// some 8-bit activation codes under such differences, and each moved code moves the logits
+/// by its rounding step (within mnemo alone, decoding with and without 8-bit activations
+/// differs by 1e-2 to 4e-2). The same models in F32 (no activation quantisation) match
+/// llama.cpp to 1.4e-3 at every position for all three architectures.
 #[test]
 fn llama_qwen2_qwen3_match_llama_cpp_logits() {
     let j: serde_json::Value =
@@ -100,11 +103,11 @@ fn llama_qwen2_qwen3_match_llama_cpp_logits() {
                 let (d, top) = max_diff(got, w);
                 *worst = worst.max(d / top);
                 assert!(
-                    d <= 0.08 * top,
+                    d <= 0.05 * top,
                     "{name} {what} position {p}: max |Δ| {d} vs {top}"
                 );
                 let (am, gap) = argmax(w);
-                if gap > 0.2 * top {
+                if gap > 0.1 * top {
                     let g: Vec<f64> = got.iter().map(|&x| x as f64).collect();
                     assert_eq!(argmax(&g).0, am, "{name} {what} position {p}");
                 }
