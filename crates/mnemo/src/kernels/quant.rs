@@ -681,6 +681,17 @@ fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
     }
 }
 
+/// The whole matrix dequantised, row-major `[rows, cols]` (what a GGUF loader puts in the f32
+/// parameters), for tests comparing the quantised products with the f32 path.
+#[cfg(test)]
+pub(crate) fn dequantize_matrix(m: &QMatrix) -> Vec<f32> {
+    let mut w = vec![0.0f32; m.rows * m.cols];
+    for (r, wr) in w.chunks_exact_mut(m.cols).enumerate() {
+        dequant_row(m, r, wr);
+    }
+    w
+}
+
 /// `a (+)= w · x` lane-wise (8 lanes), fused multiply-add when `FMA`.
 #[inline(always)]
 fn madd<const FMA: bool>(a: &mut [f32; 8], w: &[f32], x: &[f32]) {
