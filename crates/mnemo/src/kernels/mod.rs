@@ -21,6 +21,7 @@ pub mod kquant;
 pub mod matmul;
 pub mod matmul_rows;
 pub mod precision;
+pub mod q8_act;
 pub mod qbytes;
 pub mod quant;
 pub mod rmsnorm;

@@ -282,18 +282,7 @@ fn quantize_q8(x: &[f32]) -> Q8Vec {
         dx: vec![0.0; nb],
         sx: vec![0.0; nb],
     };
-    for (b, xb) in x.chunks_exact(32).enumerate() {
-        let amax = xb.iter().fold(0.0f32, |a, &t| a.max(t.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut s = 0i32;
-        for (q, &t) in v.qx[b * 32..(b + 1) * 32].iter_mut().zip(xb) {
-            *q = (t * id).round() as i8;
-            s += *q as i32;
-        }
-        v.dx[b] = d;
-        v.sx[b] = d * s as f32;
-    }
+    super::q8_act::quantize(x, &mut v.qx, &mut v.dx, &mut v.sx);
     v
 }
 
