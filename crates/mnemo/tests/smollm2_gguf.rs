@@ -137,13 +137,8 @@ fn smollm2_matches_llama_cpp_fixture() {
         let mut l = logits;
         let mut same = 0;
         for &w in want.iter().take(8) {
-            let (am, top) = (0..l.len()).fold((0, f32::MIN), |b, i| {
-                if l[i] > b.1 {
-                    (i, l[i])
-                } else {
-                    b
-                }
-            });
+            let (am, top) =
+                (0..l.len()).fold((0, f32::MIN), |b, i| if l[i] > b.1 { (i, l[i]) } else { b });
             same += usize::from(am == w as usize);
             assert!(
                 top - l[w as usize] < 0.5,
@@ -257,7 +252,9 @@ fn smollm2_quantised_prefill_equals_token_by_token_decoding() {
     let l = mnemo::checkpoint::load(&path, false).unwrap();
     let (model, tok) = (&l.model, &l.tokenizer);
     let mut f32_model = mnemo::checkpoint::load(&path, false).unwrap().model;
-    f32_model.quant.retain(|&off, _| off == f32_model.layout.output);
+    f32_model
+        .quant
+        .retain(|&off, _| off == f32_model.layout.output);
     for prompt in ["def fibonacci(n):", "fn main() {\n    let v: Vec<u32> = "] {
         let toks = tok.encode(prompt).unwrap();
         let mut c = mnemo::generate::KvCache::new(model);

@@ -100,7 +100,9 @@ mod tests {
     fn simd_and_portable_quantisation_agree() {
         let mut st: u64 = 11;
         let mut rnd = || {
-            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            st = st
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((st >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
         for case in 0..40 {
