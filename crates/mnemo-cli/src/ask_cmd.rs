@@ -235,8 +235,9 @@ pub fn run(a: AskArgs) -> Result<()> {
 }
 
 /// Prefill `tokens` after what `cache` holds without a chunk of a single token (unless
-/// `tokens` is one token): on a quantised model such a chunk runs on the quantised blocks, as
-/// one-token decoding does, and a longer one on the f32 weights (`decode::Plan`). `generate`
+/// `tokens` is one token), the chunk shape of a fresh prefill (every row runs on a quantised
+/// model's quantised blocks whatever the chunk, `decode::Plan`; the shape keeps the attention's
+/// summation order, i.e. f32 rounding, the same too). `generate`
 /// and the server prefill a whole prompt in chunks of `PREFILL_CHUNK` from its start, so a
 /// prompt row ends a one-token chunk there only when it is the prompt's last; `ask`, which
 /// runs its cached part and the rest separately, keeps every other row in a longer chunk and

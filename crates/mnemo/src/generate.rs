@@ -35,20 +35,13 @@ pub fn sample(logits: &[f32], n_valid: usize, s: Sampling, rng: &mut Rng) -> u32
         }
         return best as u32;
     }
-    let dist = distribution(logits, logits.len(), s);
-    let u = rng.next_f64();
-    let mut cum = 0.0;
-    for &(t, p) in &dist {
-        cum += p;
-        if u < cum {
-            return t;
-        }
-    }
-    dist.last().expect("non-empty").0
+    crate::sampler::draw(logits, s.temperature, s.top_k, s.top_p, rng.next_f64())
 }
 
 /// The distribution [`sample`] draws from: `(token, probability)` pairs, most likely first
-/// (temperature, then top-k, then top-p with renormalisation; greedy: the argmax alone).
+/// (temperature, then top-k, then top-p with renormalisation; greedy: the argmax alone). The
+/// sorted reference of [`crate::sampler`] (its module docs give the arithmetic): `sample` draws
+/// the same token without sorting the vocabulary.
 pub fn distribution(logits: &[f32], n_valid: usize, s: Sampling) -> Vec<(u32, f64)> {
     let logits = &logits[..n_valid.min(logits.len())];
     if s.temperature <= 0.0 {
@@ -57,12 +50,13 @@ pub fn distribution(logits: &[f32], n_valid: usize, s: Sampling) -> Vec<(u32, f6
     }
     let mut idx = order_desc(logits, s.top_k);
     let m = logits[idx[0]];
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| (((logits[i] - m) / s.temperature) as f64).exp())
-        .collect();
-    let z: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= z);
+    let e = crate::sampler::weights(logits, m, s.temperature);
+    let last = (s.top_k > 0 && s.top_k < logits.len()).then(|| {
+        let i = idx[idx.len() - 1];
+        crate::sampler::desc_key(i, logits[i])
+    });
+    let z = crate::sampler::normaliser(logits, &e, last);
+    let mut probs: Vec<f64> = idx.iter().map(|&i| e[i] as f64 / z).collect();
     if s.top_p > 0.0 && s.top_p < 1.0 {
         let mut cum = 0.0;
         let mut keep = probs.len();
@@ -90,12 +84,7 @@ fn order_desc(logits: &[f32], top_k: usize) -> Vec<usize> {
     let mut keys: Vec<u64> = logits
         .iter()
         .enumerate()
-        .map(|(i, &x)| {
-            let b = (x + 0.0).to_bits();
-            // Ascending total order of the bits, inverted for descending.
-            let asc = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
-            (u64::from(!asc) << 32) | i as u64
-        })
+        .map(|(i, &x)| crate::sampler::desc_key(i, x))
         .collect();
     if top_k > 0 && top_k < keys.len() {
         keys.select_nth_unstable(top_k - 1);

@@ -47,6 +47,7 @@ pub mod moe;
 pub mod plot;
 pub mod prof;
 pub mod rng;
+pub mod sampler;
 pub mod speculate;
 pub mod tokenizer;
 pub mod train;

@@ -534,8 +534,8 @@ mod tests {
     }
 
     /// A tiny model whose linear layers also have quantised copies (`Q4_1`, `Q4_0`, `Q8_0`),
-    /// as a GGUF model has: one-token decoding and verification rows use the quantised
-    /// products (8-bit activations), prefill the f32 weights.
+    /// as a GGUF model has: every cached row (prefill, one-token decoding, verification) uses
+    /// the quantised products (8-bit activations).
     fn tiny_quantised(seed: u64) -> Model {
         use crate::kernels::quant::{quantize_matrix, QType};
         let cfg = ModelConfig {

@@ -52,8 +52,10 @@ fn smollm2_matches_llama_cpp() {
     eprintln!("top-5 {:?}, logits[0..4] {:?}", &order[..5], &logits[..4]);
     let want = [17.0811f32, 10.8318, 15.9586, 7.4238];
     for (g, w) in logits[..4].iter().zip(want) {
-        // llama.cpp multiplies Q4_1 weights by Q8-quantised activations; we dequantise to f32.
-        assert!((g - w).abs() < 0.25, "logit {g} vs llama.cpp {w}");
+        // Both multiply the Q4_1 weights by Q8-quantised activations (mnemo's prefill too since
+        // the prompt rows run on the quantised blocks: 0.37 measured; 0.25 with f32 prefill);
+        // llama.cpp's f16 K/V cache and summation orders differ.
+        assert!((g - w).abs() < 0.4, "logit {g} vs llama.cpp {w}");
     }
     let top5: std::collections::HashSet<usize> = order[..5].iter().copied().collect();
     let want5: std::collections::HashSet<usize> = [472, 198, 3805, 216, 1004].into_iter().collect();
@@ -118,41 +120,35 @@ fn smollm2_matches_llama_cpp_fixture() {
             );
             worst = worst.max((logits[i] - w).abs());
         }
-        // Quantised activations in llama.cpp's Q4_1 × Q8 dot products vs our f32 products.
+        // Both run Q4_1 × Q8 products; llama.cpp's f16 K/V cache and summation orders differ.
         eprintln!("{prompt:?}: max |logit difference| {worst:.3}");
-        // (0.27–0.41 measured: under 3% of the top logits, which are ~15–20).
+        // (0.27–0.46 measured; 0.27–0.41 when mnemo prefilled on the f32 weights: under 3% of
+        // the top logits, which are ~15–20).
         assert!(worst < 0.6, "{prompt:?}: max |logit difference| {worst}");
         let top1 = case["top20"][0][0].as_u64().unwrap() as usize;
         let argmax = (0..logits.len())
             .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
             .unwrap();
         assert_eq!(argmax, top1, "{prompt:?}");
-        let s = mnemo::generate::Sampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-        };
-        let out =
-            mnemo::generate::generate(model, &toks, 8, s, 0, tok.vocab_size(), None, |_| Ok(()))
-                .unwrap();
+        // llama.cpp's greedy tokens, fed back (teacher forcing): each is mnemo's argmax or
+        // within 0.5 of its top logit (a near-tie that quantisation may tip either way; free
+        // greedy runs then part for good: "fn main…" after 2 tokens, the others agree 8/8).
         let want = ids(&case["greedy"]);
-        let same = out.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        eprintln!("{prompt:?}: greedy tokens agree for {same}/8");
-        // Agreement up to the first near-tie: where the paths part, mnemo's logits of its
-        // token and of llama.cpp's differ by less than the logit error (0.27–0.41 above).
-        // ("fn main() …": llama.cpp's own top two differ by 0.023 at step 3, of ~25.)
-        if same < 8 {
-            let mut path = toks.clone();
-            path.extend(&want[..same]);
-            let mut cache = mnemo::generate::KvCache::new(model);
-            let l = model.forward_cached(&path, &mut cache).unwrap();
-            let gap = l[out[same] as usize] - l[want[same] as usize];
-            eprintln!("{prompt:?}: parts at step {same}, mnemo's gap {gap:.3}");
+        let mut l = logits;
+        let mut same = 0;
+        for &w in want.iter().take(8) {
+            let (am, top) =
+                (0..l.len()).fold((0, f32::MIN), |b, i| if l[i] > b.1 { (i, l[i]) } else { b });
+            same += usize::from(am == w as usize);
             assert!(
-                gap < 0.6,
-                "{prompt:?}: greedy {out:?} vs llama.cpp {want:?} (gap {gap})"
+                top - l[w as usize] < 0.5,
+                "{prompt:?}: llama.cpp's token {w}: logit {} vs top {top} (token {am})",
+                l[w as usize]
             );
+            l = model.forward_cached(&[w], &mut cache).unwrap();
         }
+        eprintln!("{prompt:?}: llama.cpp's greedy token is the argmax for {same}/8");
+        assert!(same >= 6, "{prompt:?}: {same}/8");
     }
 }
 
@@ -243,4 +239,41 @@ fn smollm2_greedy_lookup_equals_plain_greedy() {
         tok.decode(&want).unwrap()
     );
     assert!(st.accepted > 10 && st.passes < n, "{st:?}");
+}
+
+/// A prompt's prefill runs on the quantised weights as one-token decoding does
+/// (`decode::Plan`): its logits equal those of feeding the prompt one token at a time (up to
+/// the attention's summation order), and are close to the f32 products on the dequantised
+/// weights (the prefill rule before) — the printed numbers are in docs/serving.md.
+#[test]
+#[ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf: run scripts/fetch-smollm2.sh, then cargo test --release -p mnemo --test smollm2_gguf -- --ignored"]
+fn smollm2_quantised_prefill_equals_token_by_token_decoding() {
+    let path = model_path();
+    let l = mnemo::checkpoint::load(&path, false).unwrap();
+    let (model, tok) = (&l.model, &l.tokenizer);
+    let mut f32_model = mnemo::checkpoint::load(&path, false).unwrap().model;
+    f32_model
+        .quant
+        .retain(|&off, _| off == f32_model.layout.output);
+    for prompt in ["def fibonacci(n):", "fn main() {\n    let v: Vec<u32> = "] {
+        let toks = tok.encode(prompt).unwrap();
+        let mut c = mnemo::generate::KvCache::new(model);
+        let chunk = model.forward_cached(&toks, &mut c).unwrap();
+        let mut c = mnemo::generate::KvCache::new(model);
+        let mut one = Vec::new();
+        for &t in &toks {
+            one = model.forward_cached(&[t], &mut c).unwrap();
+        }
+        let mut c = mnemo::generate::KvCache::new(&f32_model);
+        let f = f32_model.forward_cached(&toks, &mut c).unwrap();
+        let max = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        };
+        let (d1, df) = (max(&chunk, &one), max(&chunk, &f));
+        eprintln!("{prompt:?}: prefill vs one token at a time {d1:e}, vs f32 prefill {df:.3}");
+        assert!(d1 < 1e-3, "{prompt:?}: {d1}");
+        assert!(df < 1.0, "{prompt:?}: {df}");
+    }
 }

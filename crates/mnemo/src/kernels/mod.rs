@@ -26,6 +26,7 @@ pub mod kquant;
 pub mod matmul;
 pub mod matmul_rows;
 pub mod precision;
+pub mod q8_act;
 pub mod qbytes;
 pub mod qdot32;
 pub mod qparts;

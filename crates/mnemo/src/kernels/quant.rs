@@ -234,18 +234,7 @@ pub(super) fn quantize_q8(x: &[f32]) -> Q8Vec {
         dx: vec![0.0; nb],
         sx: vec![0.0; nb],
     };
-    for (b, xb) in x.chunks_exact(32).enumerate() {
-        let amax = xb.iter().fold(0.0f32, |a, &t| a.max(t.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut s = 0i32;
-        for (q, &t) in v.qx[b * 32..(b + 1) * 32].iter_mut().zip(xb) {
-            *q = (t * id).round() as i8;
-            s += *q as i32;
-        }
-        v.dx[b] = d;
-        v.sx[b] = d * s as f32;
-    }
+    super::q8_act::quantize(x, &mut v.qx, &mut v.dx, &mut v.sx);
     v
 }
 
@@ -625,6 +614,17 @@ fn dequant_row(m: &QMatrix, r: usize, w: &mut [f32]) {
             _ => unreachable!("dequantised by kquant"),
         }
     }
+}
+
+/// The whole matrix dequantised, row-major `[rows, cols]` (what a GGUF loader puts in the f32
+/// parameters), for tests comparing the quantised products with the f32 path.
+#[cfg(test)]
+pub(crate) fn dequantize_matrix(m: &QMatrix) -> Vec<f32> {
+    let mut w = vec![0.0f32; m.rows * m.cols];
+    for (r, wr) in w.chunks_exact_mut(m.cols).enumerate() {
+        dequant_row(m, r, wr);
+    }
+    w
 }
 
 /// `a (+)= w · x` lane-wise (8 lanes), fused multiply-add when `FMA`.

@@ -9,9 +9,8 @@
 //! logits = RMSNorm(collapse(x^L[requested rows]))·Woutᵀ      [M, V]
 //! ```
 //!
-//! Every linear layer is a single product over all stacked rows (for quantised weights and
-//! few rows, one pass over the quantised blocks for all rows, see
-//! [`crate::kernels::quant::matmat`]); RoPE, the cache writes and attention run per sequence.
+//! Every linear layer is a single product over all stacked rows (for quantised weights, one
+//! pass over the quantised blocks per 8 rows, see [`crate::kernels::quant::matmat`]); RoPE, the cache writes and attention run per sequence.
 //! A row's logits do not depend on the other rows up to f32 rounding (≈1e-6), and for a
 //! quantised model's weights every row is computed exactly as one-token decoding computes it
 //! (see [`set_quant_max_rows`]).
@@ -40,7 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// selects the fast product.
 static QUANT_MAX_ROWS: AtomicUsize = AtomicUsize::new(QUANT_FAST_MAX_ROWS);
 
-/// Up to this many rows, quantised weights are used directly (beyond, the f32 GEMM: prefill).
+/// Quantised products run on at most this many rows at a time (more rows: several products).
 pub const QUANT_FAST_MAX_ROWS: usize = 64;
 
 /// See [`QUANT_MAX_ROWS`]: rows up to `n` use the exact quantised product (default: all).
@@ -140,12 +139,14 @@ pub struct BatchSeq<'a> {
 }
 
 /// Which rows of a forward pass run their products on the model's quantised weights
-/// (GGUF models; f32 models have none). The rule is per sequence, so a row's numerics never
-/// depend on what else is in the batch:
-/// - rows whose logits are all wanted (one-token decoding, draft verification) use the
-///   quantised products, each row exactly as one-token decoding computes it (module docs);
-/// - a prompt chunk (more than one row, logits of its last row only) uses the f32 weights;
-/// - the output head, which runs only on wanted rows, always uses the quantised products.
+/// (GGUF models; f32 models have none). A cached forward (prefill chunks, one-token decoding,
+/// draft verification, batched serving) runs every row on the quantised products, each row
+/// exactly as one-token decoding computes it (8-bit activations per 32-value block, integer
+/// block sums, as llama.cpp's CPU batch path; module docs), so a row's numerics never depend
+/// on what else is in the batch or on how a prompt is chunked. Prompt rows used the f32
+/// (dequantised) weights before: reading those (4 bytes a weight) made a short prompt's
+/// prefill cost as much as ~10 decode steps; the logits of the two paths differ by the 8-bit
+/// activation rounding (see the `quantised_prefill` tests).
 ///
 /// `generate`, `serve`, `ask` and lookup decoding all run this one rule, so they agree token
 /// for token at temperature 0.
@@ -158,21 +159,9 @@ pub(crate) enum Plan {
 }
 
 impl Plan {
-    /// The plan of a cached forward over `seqs`: one run per sequence (adjacent runs of the
-    /// same kind merged).
-    fn of(seqs: &[BatchSeq<'_>]) -> Plan {
-        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-        let mut r0 = 0;
-        for s in seqs {
-            let n = s.tokens.len();
-            let q = s.logits_from == 0;
-            match runs.last_mut() {
-                Some(last) if last.2 == q => last.1 += n,
-                _ => runs.push((r0, n, q)),
-            }
-            r0 += n;
-        }
-        Plan::Runs(runs)
+    /// The plan of a cached forward over `n` stacked rows: all on the quantised weights.
+    pub(crate) fn cached(n: usize) -> Plan {
+        Plan::Runs(vec![(0, n, true)])
     }
 
     /// Per row of `n`, whether it uses the quantised weights (`None`: none does).
@@ -309,7 +298,7 @@ impl Model {
         let mut nf = NormActs::new(m, d);
         rmsnorm::forward(&mut nf.y, &mut nf.rstd, y, self.w(norm, d), d, c.norm_eps);
         let mut logits = vec![0.0f32; m * v];
-        let head_plan = Plan::Runs(vec![(0, m, true)]);
+        let head_plan = Plan::cached(m);
         self.lin(
             &head_plan,
             profile::HEAD,
@@ -420,7 +409,7 @@ impl Model {
             sel.extend((s.logits_from..s.tokens.len()).map(|r| r0 + r));
             r0 += s.tokens.len();
         }
-        let plan = Plan::of(seqs);
+        let plan = Plan::cached(n_rows(seqs));
         let mut tokens = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
@@ -506,4 +495,9 @@ impl Model {
         profile::stop(profile::TOTAL, t_total);
         Ok(out)
     }
+}
+
+/// The number of stacked rows of `seqs`.
+fn n_rows(seqs: &[BatchSeq<'_>]) -> usize {
+    seqs.iter().map(|s| s.tokens.len()).sum()
 }

@@ -67,6 +67,8 @@ pub(crate) mod tests;
 mod tests_compose;
 #[cfg(test)]
 mod tests_mtp;
+#[cfg(test)]
+mod tests_quant_prefill;
 pub mod training;
 pub mod workspace;
 

@@ -103,9 +103,9 @@ impl Model {
                 p0,
                 cache: &mut *cache,
             }];
-            // The main model's rule (`Plan`): rows whose logits are all wanted run on the
-            // quantised weights where there are any.
-            let plan = Plan::Runs(vec![(0, n, logits_from == 0)]);
+            // The main model's rule (`Plan`): every row runs on the quantised weights where
+            // there are any.
+            let plan = Plan::cached(n);
             let mut la = LayerActs::new(c, l, n);
             let mut rows = BlockRows {
                 kv: Kv::Cache(&mut spans),

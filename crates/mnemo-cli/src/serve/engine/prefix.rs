@@ -5,13 +5,14 @@
 //! the longest common prefix with any of them and prefills only the rest.
 //!
 //! Every prompt row keeps the arithmetic of a fresh prefill (`decode::Plan`, the one rule of
-//! docs/model-block.md): a chunk of one row runs on a quantised model's quantised blocks (as
-//! one-token decoding does), a longer one on the f32 weights. A fresh prefill (`generate`,
-//! `ask`: chunks of `PREFILL_CHUNK` from position 0) has a chunk of one row only at the end,
-//! when `(len − 1) mod PREFILL_CHUNK = 0`. The engine prefills in chunks of any length
-//! (bounded per step, [`next_chunk`]) with the same property: every chunk has at least two
-//! rows, except the last, which has one exactly when the fresh prefill's has. Chunk lengths
-//! otherwise change a row only by f32 rounding.
+//! docs/model-block.md): on a quantised model every row, prompt or decode, runs on the
+//! quantised blocks exactly as one-token decoding does, so chunk lengths change a row only by
+//! f32 rounding (the attention's summation order). The schedule still reproduces a fresh
+//! prefill's chunk shape (`generate`, `ask`: chunks of `PREFILL_CHUNK` from position 0 have a
+//! chunk of one row only at the end, when `(len − 1) mod PREFILL_CHUNK = 0`): the engine
+//! prefills in chunks of any length (bounded per step, [`next_chunk`]) with the same property,
+//! every chunk at least two rows except the last, which has one exactly when the fresh
+//! prefill's has.
 //!
 //! A DeepSeek-V4 state forgets window rows as it moves on, so it can be cut back only
 //! `V4_ROLLBACK` positions: a prompt that leaves a cached one earlier cannot reuse it. When
