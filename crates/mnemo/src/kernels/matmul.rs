@@ -99,7 +99,7 @@ pub fn gemm(
 ) {
     let bf16 = super::precision::gemm_precision() == super::precision::Precision::Bf16
         && bf16_worth_it(a.rows, b.cols, a.cols);
-    let _log = crate::prof::gemm(crate::prof::GemmShape {
+    let _log = super::gemm_log::gemm(super::gemm_log::GemmShape {
         m: a.rows,
         k: a.cols,
         n: b.cols,
@@ -217,7 +217,7 @@ pub unsafe fn gemm_ptr(
     }
     a.check("gemm", "lhs");
     b.check("gemm", "rhs");
-    let _log = crate::prof::gemm(crate::prof::GemmShape {
+    let _log = super::gemm_log::gemm(super::gemm_log::GemmShape {
         m,
         k,
         n,

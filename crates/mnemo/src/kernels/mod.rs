@@ -15,6 +15,7 @@ pub mod embedding;
 pub mod f16;
 pub mod fp8;
 pub mod fp8dot;
+pub mod gemm_log;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod indexer;
