@@ -177,6 +177,15 @@ mod tests {
         }
         assert_eq!(ActQuant::for_weight_type(39), Some(ActQuant::Q8_0));
         assert_eq!(ActQuant::for_weight_type(10), Some(ActQuant::Q8K));
-        assert_eq!(ActQuant::for_weight_type(1), None);
+        assert_eq!(ActQuant::for_weight_type(1), Some(ActQuant::F16));
+        assert_eq!(ActQuant::for_weight_type(30), Some(ActQuant::Bf16));
+        assert_eq!(ActQuant::for_weight_type(0), None, "F32: products in f32");
+        // F16 / BF16: each value to the nearest half / bfloat (ties to even).
+        let mut h = vec![1.0 + 1.0 / 4096.0, 1.0 + 3.0 / 4096.0, 65504.0, 1e-8];
+        ActQuant::F16.round_trip(&mut h);
+        assert_eq!(h, [1.0, 1.0 + 4.0 / 4096.0, 65504.0, 0.0]);
+        let mut b = vec![1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0];
+        ActQuant::Bf16.round_trip(&mut b);
+        assert_eq!(b, [1.0, 1.0 + 4.0 / 256.0]);
     }
 }
