@@ -8,7 +8,9 @@
 # Usage: scripts/bf16-quality.sh [PRESET=tiny]
 # Env: DATA (data/corpus, from scripts/fetch-corpus.sh), STEPS (600), SEED (1), EVAL (50),
 #      TOKENIZER (a tokenizer.json to reuse; default: the f32 run trains one and bf16 reuses it),
-#      PYTHON (with matplotlib for the plot).
+#      PYTHON (with matplotlib for the plot), PRECISIONS ("f32 bf16"; e.g. "bf16" to rerun one
+#      arm after a change to it, keeping the other's results in results/; pass the other run's
+#      TOKENIZER, runs/bf16q-PRESET-f32/tokenizer.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset=${1:-tiny}
@@ -20,7 +22,7 @@ mnemo=target/release/mnemo
 res=results/bf16-quality/$preset
 mkdir -p "$res" runs
 tok=${TOKENIZER:-}
-for prec in f32 bf16; do
+for prec in ${PRECISIONS:-f32 bf16}; do
   run=runs/bf16q-$preset-$prec
   rm -rf "$run"
   echo "== $preset $prec: $steps steps, seed $seed" >&2
