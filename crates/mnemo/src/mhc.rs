@@ -170,6 +170,9 @@ pub struct HcOffsets {
     pub fn_: usize,
     pub scale: usize,
     pub stat: usize,
+    /// llama.cpp's numerics (a GGUF mix that quantises `fn`): the coefficient product's input
+    /// rounded as ggml converts it (`kernels::act_quant`); `None`: exact f32.
+    pub in_quant: Option<crate::kernels::act_quant::ActQuant>,
 }
 
 /// Offsets of the mHC head (`fn [n, nd]`, `scale [1]`, `base [n]`).
@@ -527,6 +530,16 @@ pub fn coeffs_forward(
     let width = dm.width();
     let tokens = acts.tokens(n);
     let rows = tokens * dm.rows_per_token();
+    let xq: Vec<f32>;
+    let x = match o.in_quant {
+        Some(q) => {
+            let mut v = x.to_vec();
+            v.chunks_exact_mut(width).for_each(|r| q.round_trip(r));
+            xq = v;
+            &xq[..]
+        }
+        None => x,
+    };
     linear_forward(
         &mut acts.raw,
         x,
@@ -1028,6 +1041,7 @@ mod tests {
             fn_: offs[0],
             scale: offs[1],
             stat: offs[2],
+            in_quant: None,
         };
         let mut r = Rng::new(11);
         let mut p = vec![0.0f32; off];
@@ -1073,6 +1087,7 @@ mod tests {
             fn_: 0,
             scale: n * n * d,
             stat: n * n * d + 1,
+            in_quant: None,
         };
         let mut r = Rng::new(2);
         let mut p = vec![0.0f32; n * n * d + 1 + n];

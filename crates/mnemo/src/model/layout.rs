@@ -124,6 +124,7 @@ impl LayoutBuilder {
             fn_: offs[0],
             scale: offs[1],
             stat: offs[2],
+            in_quant: None,
         }
     }
 }
@@ -160,6 +161,7 @@ impl ParamLayout {
                 fn_: f,
                 scale: sc,
                 stat: b,
+                in_quant: None,
             }
         });
         let norm = bld.add("norm.weight".into(), vec![d], false);
@@ -185,6 +187,7 @@ impl ParamLayout {
                     fn_: bld.add(p("hc_head_fn"), vec![n, n * d], true),
                     scale: bld.add(p("hc_head_scale"), vec![1], false),
                     stat: bld.add(p("hc_head_base"), vec![n], false),
+                    in_quant: None,
                 }
             });
             let norm = bld.add(p("norm.weight"), vec![d], false);

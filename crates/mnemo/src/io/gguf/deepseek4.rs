@@ -462,9 +462,10 @@ pub fn load_from(g: &Gguf) -> Result<(Model, std::result::Result<Tokenizer, Stri
 /// it for the stored type (`Q8_0` for MXFP4 and the 32-blocks, `Q8_K` for k-quants, f16 / bf16
 /// for F16 / BF16; `kernels::act_quant`): the routed and shared experts, the router, the
 /// attention, compressor and indexer projections (`Model::act_quant_at`, read by
-/// `Model::lin`) and the output head. Not simulated: the f16 K cache (llama.cpp's default;
-/// compare with an f32 one) and the mHC mixing products (`hc_*_fn`; F32 in the converter's
-/// files, quantised only by `llama-quantize` mixes). Returns notes on what stays exact.
+/// `Model::lin`), the output head and the mHC coefficient products (`HcOffsets::in_quant`;
+/// `hc_*_fn` are F32 in the converter's files, quantised by `llama-quantize` mixes). Not
+/// simulated: the f16 K cache (llama.cpp's default; compare with an f32 one). Returns notes on
+/// what stays exact.
 pub fn use_ggml_numerics(path: &Path, model: &mut Model) -> Result<Vec<String>> {
     use crate::kernels::act_quant::ActQuant;
     let g = Gguf::open(path)?;
@@ -538,15 +539,6 @@ pub fn use_ggml_numerics(path: &Path, model: &mut Model) -> Result<Vec<String>> 
             sd,
             sh("ffn_gate_inp")?,
         ]);
-        for p in ["hc_attn_fn", "hc_ffn_fn"] {
-            if sh(p)?.is_some() {
-                notes.push(format!(
-                    "layer {l}: `{}` is stored as {}; mnemo's mHC product takes exact f32 inputs",
-                    b(p),
-                    super::type_name(ty(&b(p))?)
-                ));
-            }
-        }
     }
     model.moe_act_quant = per;
     // Every other product with a weight of its own offset (`Model::lin`, the head).
@@ -571,6 +563,17 @@ pub fn use_ggml_numerics(path: &Path, model: &mut Model) -> Result<Vec<String>> 
             }
         }
     }
+    // The mHC coefficient products (`hc_*_fn`, quantised by `llama-quantize` mixes).
+    let fq = |o: &mut Option<crate::mhc::HcOffsets>| {
+        if let Some(o) = o.as_mut() {
+            o.in_quant = at.get(&o.fn_).copied();
+        }
+    };
+    for lo in model.layout.layers.iter_mut() {
+        fq(&mut lo.attn_hc);
+        fq(&mut lo.ffn_hc);
+    }
+    fq(&mut model.layout.hc_head);
     model.act_quant_at = at;
     Ok(notes)
 }
