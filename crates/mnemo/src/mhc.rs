@@ -530,16 +530,8 @@ pub fn coeffs_forward(
     let width = dm.width();
     let tokens = acts.tokens(n);
     let rows = tokens * dm.rows_per_token();
-    let xq: Vec<f32>;
-    let x = match o.in_quant {
-        Some(q) => {
-            let mut v = x.to_vec();
-            v.chunks_exact_mut(width).for_each(|r| q.round_trip(r));
-            xq = v;
-            &xq[..]
-        }
-        None => x,
-    };
+    let xq = crate::kernels::act_quant::rounded_rows(o.in_quant, x, width);
+    let x = &xq[..];
     linear_forward(
         &mut acts.raw,
         x,

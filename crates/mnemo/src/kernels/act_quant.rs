@@ -62,6 +62,19 @@ impl ActQuant {
     }
 }
 
+/// `x` (rows of `width`) as a product with a weight of rounding `q` reads it: borrowed when
+/// `q` is `None`, else a copy with every row rounded ([`ActQuant::round_trip`]).
+pub fn rounded_rows(q: Option<ActQuant>, x: &[f32], width: usize) -> std::borrow::Cow<'_, [f32]> {
+    match q {
+        None => std::borrow::Cow::Borrowed(x),
+        Some(q) => {
+            let mut v = x.to_vec();
+            v.chunks_exact_mut(width).for_each(|r| q.round_trip(r));
+            std::borrow::Cow::Owned(v)
+        }
+    }
+}
+
 /// `x` rounded to the nearest f16 (ties to even), as an f32.
 pub fn f16_round(x: f32) -> f32 {
     if x == 0.0 || !x.is_finite() {

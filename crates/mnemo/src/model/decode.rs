@@ -199,16 +199,9 @@ impl Model {
         acc: bool,
     ) {
         // llama.cpp's numerics: the input rounded as ggml converts it for this weight's type.
-        let xq: Vec<f32>;
-        let x = match self.act_quant_at.get(&off) {
-            Some(q) => {
-                let mut v = x.to_vec();
-                v.chunks_exact_mut(din).for_each(|r| q.round_trip(r));
-                xq = v;
-                &xq[..]
-            }
-            None => x,
-        };
+        let xq =
+            crate::kernels::act_quant::rounded_rows(self.act_quant_at.get(&off).copied(), x, din);
+        let x = &xq[..];
         let f32_rows = |y: &mut [f32], x: &[f32], n: usize| {
             linear_forward(y, x, self.w(off, din * dout), n, din, dout, acc)
         };

@@ -158,13 +158,9 @@ impl Model {
         rmsnorm::forward(&mut nf.y, &mut nf.rstd, y, w, d, c.norm_eps);
         let out = self.w(self.layout.output, v * d);
         // llama.cpp's numerics (a GGUF's quantised head): its input rounded as ggml does.
-        if let Some(q) = self.act_quant_at.get(&self.layout.output) {
-            let mut y = nf.y.clone();
-            y.chunks_exact_mut(d).for_each(|r| q.round_trip(r));
-            linear_forward(&mut ws.logits, &y, out, n, d, v, false);
-        } else {
-            linear_forward(&mut ws.logits, &nf.y, out, n, d, v, false);
-        }
+        let q = self.act_quant_at.get(&self.layout.output).copied();
+        let y = crate::kernels::act_quant::rounded_rows(q, &nf.y, d);
+        linear_forward(&mut ws.logits, &y, out, n, d, v, false);
         Ok(())
     }
 

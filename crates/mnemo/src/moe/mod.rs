@@ -31,7 +31,7 @@ mod packed;
 pub use packed::PackedRows;
 
 use crate::config::{ModelConfig, ScoreFunc};
-use crate::kernels::act_quant::ActQuant;
+use crate::kernels::act_quant::{self, ActQuant};
 use crate::kernels::matmul::{gemm, MatRef};
 use crate::kernels::{swiglu, SendPtr};
 use rayon::prelude::*;
@@ -242,19 +242,10 @@ pub fn forward_with(
             true,
         ),
         None => {
-            let fq: Vec<f32>;
-            let fin = match spec.act_quant[4] {
-                Some(q) => {
-                    let mut v = f.to_vec();
-                    v.chunks_exact_mut(d).for_each(|r| q.round_trip(r));
-                    fq = v;
-                    &fq[..]
-                }
-                None => f,
-            };
+            let fin = act_quant::rounded_rows(spec.act_quant[4], f, d);
             gate_logits(
                 &mut acts.scores,
-                fin,
+                &fin,
                 &params[o.gate..o.gate + e * d],
                 n,
                 d,
@@ -366,22 +357,13 @@ pub fn forward_with(
         acts.sh13.resize(n * 2 * si, 0.0);
         acts.sg.resize(n * si, 0.0);
         let row_packed = |r: usize| packed.is_some_and(|p| p.rows[r]);
-        let fq: Vec<f32>;
-        let fin = match spec.act_quant[2] {
-            Some(q) => {
-                let mut v = f.to_vec();
-                v.chunks_exact_mut(d).for_each(|r| q.round_trip(r));
-                fq = v;
-                &fq[..]
-            }
-            None => f,
-        };
+        let fin = act_quant::rounded_rows(spec.act_quant[2], f, d);
         packed::product(
             packed,
             row_packed,
             params,
             o.shared_w13,
-            (&mut acts.sh13, fin),
+            (&mut acts.sh13, &fin),
             (n, d, 2 * si),
             false,
             true,
