@@ -63,6 +63,16 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         gen: usize,
     },
+    /// Memory read bandwidth (the bound of memory-bound decoding): a buffer far larger than
+    /// the caches read `--reps` times by `--threads` threads; prints JSON (GB/s per pass,
+    /// median, best).
+    Membw {
+        /// Buffer size in GiB.
+        #[arg(long, default_value_t = 1.0)]
+        gib: f64,
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+    },
     /// Lookup-first decoding vs plain greedy decoding on one prompt: tokens/s, identical
     /// output, lossy thresholds; prints JSON.
     Lookup(lookup_cmd::BenchLookupArgs),
@@ -176,6 +186,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             prompt_tokens,
             gen,
         } => decode(&model, prompt_tokens, gen),
+        BenchCmd::Membw { gib, reps } => {
+            if !(gib > 0.0 && gib.is_finite()) {
+                bail!("--gib must be a positive number of GiB, got {gib}");
+            }
+            let m = mnemo::bench::membw::measure((gib * (1u64 << 30) as f64) as usize, reps);
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
         BenchCmd::Lookup(a) => lookup_cmd::bench(a),
         BenchCmd::Speculate(a) => crate::speculate_cmd::bench(a),
         BenchCmd::Rows {

@@ -222,9 +222,11 @@ pub fn locate(path: &Path) -> Result<PathBuf> {
 /// whole context).
 pub const IMPORTED_MAX_SEQ_LEN: usize = 4096;
 
-/// A `deepseek2` GGUF whose parameters would take more than this many bytes in f32 is loaded
-/// with its quantised matrices packed (`io::gguf::deepseek2::load_packed`).
-pub const DEEPSEEK2_F32_MAX: usize = 4 << 30;
+/// A GGUF (`deepseek2`, or Llama-family) whose parameters would take more than this many bytes
+/// in f32 is loaded with its quantised matrices packed (`io::gguf::deepseek2::load_packed`,
+/// `io::gguf::load_llama_packed`): only the cached drivers (generate, serve, ask, `logits
+/// --decode-from 0`) run it.
+pub const GGUF_F32_MAX: usize = 4 << 30;
 
 /// Load a checkpoint (model, tokenizer, and training state when present) from a run directory,
 /// a Llama-architecture `.gguf` file, a Hugging Face Llama directory (`config.json` +
@@ -333,9 +335,9 @@ fn load_inner(
         Some((model, tokenizer))
     } else if is_gguf && gguf::deepseek2::is_deepseek2_file(path) {
         // A DeepSeek-V2 GGUF (llama.cpp's `deepseek2`): its tokenizer only when asked for.
-        // Beyond DEEPSEEK2_F32_MAX bytes of f32 parameters its quantised matrices stay packed
+        // Beyond GGUF_F32_MAX bytes of f32 parameters its quantised matrices stay packed
         // (cached drivers only), as they must for V2-Lite (~63 GB in f32).
-        let big = gguf::deepseek2::f32_bytes(path)? > DEEPSEEK2_F32_MAX;
+        let big = gguf::deepseek2::f32_bytes(path)? > GGUF_F32_MAX;
         let (model, tokenizer) = if big {
             gguf::deepseek2::load_packed(path, IMPORTED_MAX_SEQ_LEN)?
         } else {
@@ -348,7 +350,12 @@ fn load_inner(
         };
         Some((model, tokenizer))
     } else if is_gguf {
-        let (model, tokenizer) = gguf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?;
+        // Llama-family: packed beyond GGUF_F32_MAX bytes of f32 parameters, as above.
+        let (model, tokenizer) = if gguf::llama_f32_bytes(path)? > GGUF_F32_MAX {
+            gguf::load_llama_packed(path, IMPORTED_MAX_SEQ_LEN)?
+        } else {
+            gguf::load_llama(path, IMPORTED_MAX_SEQ_LEN)?
+        };
         Some((model, Some(tokenizer)))
     } else if path.is_dir() && crate::io::hf_v4::is_v4_dir(path) {
         // A DeepSeek-V4 directory (before the Llama check, which it also passes).

@@ -3,5 +3,7 @@
 //!
 //! - [`long_context`]: prefill and decode time of a DSA model at growing context lengths,
 //!   sparse against dense attention (`mnemo bench long-context`).
+//! - [`membw`]: memory read bandwidth, the bound of a memory-bound decode (`mnemo bench membw`).
 
 pub mod long_context;
+pub mod membw;

@@ -395,6 +395,25 @@ impl Gguf {
         Ok((t.dims.iter().rev().map(|&d| d as usize).collect(), out))
     }
 
+    /// [`Gguf::tensor_f32`] straight into `out` (no temporary copy), the tensor's shape
+    /// checked against `shape` first.
+    pub fn tensor_f32_into(&self, name: &str, shape: &[usize], out: &mut [f32]) -> Result<()> {
+        let t = self
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let got: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        if got != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {got:?}, expected {shape:?}",
+                self.path.display()
+            );
+        }
+        dequantize(t.ggml_type, self.tensor_bytes(t)?, out)
+            .with_context(|| format!("{}: tensor `{name}`", self.path.display()))
+    }
+
     /// The raw blocks of a quantised 2-D tensor as a [`QMatrix`] (`None` for F32/F16).
     fn qmatrix(&self, name: &str) -> Result<Option<QMatrix>> {
         let t = self
@@ -429,6 +448,38 @@ impl Gguf {
 /// Load a Llama-family GGUF (`llama`, `qwen2`, `qwen3`: [`arch`]) as a mnemo model (weights
 /// dequantised to f32, plus quantised copies for decoding) and its tokenizer. `max_seq_len` caps the context (KV cache and RoPE table sizes).
 pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> {
+    load_llama_impl(path, max_seq_len, false)
+}
+
+/// [`load_llama`] keeping the quantised matrices packed: the attention and FFN projections and
+/// the output head, where every part of one has a type with a quantised product, stay ranges
+/// of the memory-mapped file with no f32 copy (what one-token decoding reads anyway), and the
+/// model runs through its cache only (prefill, decoding, serving; the full forward refuses
+/// it). The embedding, norms and biases are dequantised as usual. A model of P parameters then
+/// takes its file size plus ~4 bytes per embedding and norm weight, not 4·P bytes: what lets a
+/// 7B Q4_K_M file (~28 GB in f32) run in a few GB.
+pub fn load_llama_packed(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)> {
+    load_llama_impl(path, max_seq_len, true)
+}
+
+/// Bytes of the parameters of the Llama-family GGUF at `path` in f32 (what [`load_llama`]
+/// allocates).
+pub fn llama_f32_bytes(path: &Path) -> Result<usize> {
+    let g = Gguf::open(path)?;
+    let arch = g
+        .meta
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let vocab = match g.meta.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(v)) => v.len(),
+        _ => bail!("{}: no tokenizer.ggml.tokens", path.display()),
+    };
+    let cfg = arch::llama_family_config(&g, arch, vocab, 1)?;
+    Ok(4 * crate::model::ParamLayout::new(&cfg).total)
+}
+
+fn load_llama_impl(path: &Path, max_seq_len: usize, packed: bool) -> Result<(Model, Tokenizer)> {
     let g = Gguf::open(path)?;
     let arch = g
         .meta
@@ -443,20 +494,75 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
         _ => bail!("{}: no tokenizer.ggml.tokens", path.display()),
     };
     let cfg = arch::llama_family_config(&g, arch, tokens.len(), max_seq_len)?;
-    let mut model = Model::new(cfg)
-        .with_context(|| format!("{}: inconsistent {arch} metadata", path.display()))?;
+    let mut model = if packed {
+        Model::new_reserved(cfg)
+    } else {
+        Model::new(cfg).map_err(anyhow::Error::from)
+    }
+    .with_context(|| format!("{}: inconsistent {arch} metadata", path.display()))?;
+    // The products and the GGUF tensors they read (q|k|v and gate|up fused in mnemo).
+    let mut products: Vec<(usize, Vec<String>)> = Vec::new();
+    for (i, lo) in model.layout.layers.iter().enumerate() {
+        let b = |s: &[&str]| s.iter().map(|s| format!("blk.{i}.{s}.weight")).collect();
+        products.push((lo.wqkv, b(&["attn_q", "attn_k", "attn_v"])));
+        products.push((lo.wo, b(&["attn_output"])));
+        if let Ffn::Dense { w13, w2 } = lo.ffn {
+            products.push((w13, b(&["ffn_gate", "ffn_up"])));
+            products.push((w2, b(&["ffn_down"])));
+        }
+    }
+    let out_name = if model.cfg.tied_embeddings {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    };
+    products.push((model.layout.output, vec![out_name.to_string()]));
+    // Packed: the products whose parts all have a quantised product keep the mapped blocks.
+    let mut kept: Vec<std::ops::Range<usize>> = Vec::new();
+    if packed {
+        let pk = deepseek2_packed::Packer::open(&g)?;
+        for (off, names) in &products {
+            let mut parts = Vec::new();
+            for n in names {
+                let rows = g
+                    .tensors
+                    .iter()
+                    .find(|t| &t.name == n)
+                    .and_then(|t| t.dims.get(1))
+                    .with_context(|| format!("{}: 2-D tensor `{n}` is missing", path.display()))?;
+                match pk.matrix(&g, n, 0, *rows as usize)? {
+                    Some(q) => parts.push(q),
+                    None => break,
+                }
+            }
+            if parts.len() != names.len() {
+                continue;
+            }
+            // A tied head is the embedding too, whose rows are still read in f32.
+            if *off != model.layout.embed {
+                let n: usize = parts.iter().map(|q| q.rows * q.cols).sum();
+                kept.push(*off..*off + n);
+            }
+            if parts.len() == 1 {
+                model.quant.insert(*off, parts.pop().expect("one part"));
+            } else {
+                model.quant_parts.insert(*off, parts);
+            }
+        }
+        model.packed_only = true;
+    }
     let name_of = arch::gguf_name;
     for spec in model.layout.tensors.clone() {
-        let gname = name_of(&spec.name);
-        let (shape, w) = g.tensor_f32(&gname)?;
-        if shape != spec.shape {
-            bail!(
-                "{}: tensor `{gname}` has shape {shape:?}, expected {:?}",
-                path.display(),
-                spec.shape
-            );
+        // Every parameter of a packed product (q, k and v; gate and up) has no f32 copy.
+        if kept.iter().any(|r| r.contains(&spec.offset)) {
+            continue;
         }
-        model.params[spec.range()].copy_from_slice(&w);
+        let gname = name_of(&spec.name);
+        g.tensor_f32_into(&gname, &spec.shape, &mut model.params[spec.range()])?;
+    }
+    if packed {
+        let tok = tokenizer_from_gguf(&g, &tokens)?;
+        return Ok((model, tok));
     }
     // Quantised copies for decoding, one per (possibly fused) linear weight: one matrix
     // where the parts share a block type, else the parts (`kernels::qparts`).
@@ -485,35 +591,16 @@ pub fn load_llama(path: &Path, max_seq_len: usize) -> Result<(Model, Tokenizer)>
     };
     let mut quant = std::collections::HashMap::new();
     let mut quant_parts = std::collections::HashMap::new();
-    let mut put = |off: usize, mut q: Vec<QMatrix>| {
-        if q.len() == 1 {
-            quant.insert(off, q.pop().expect("one part"));
-        } else {
-            quant_parts.insert(off, q);
-        }
-    };
-    for (i, lo) in model.layout.layers.iter().enumerate() {
-        let b = |s: &str| format!("blk.{i}.{s}.weight");
-        let mut add = |off: usize, names: &[&str]| -> Result<()> {
-            if let Some(q) = fuse(&names.iter().map(|s| b(s)).collect::<Vec<_>>())? {
-                put(off, q);
+    for (off, names) in &products {
+        match fuse(names)? {
+            Some(mut q) if q.len() == 1 => {
+                quant.insert(*off, q.pop().expect("one part"));
             }
-            Ok(())
-        };
-        add(lo.wqkv, &["attn_q", "attn_k", "attn_v"])?;
-        add(lo.wo, &["attn_output"])?;
-        if let Ffn::Dense { w13, w2 } = lo.ffn {
-            add(w13, &["ffn_gate", "ffn_up"])?;
-            add(w2, &["ffn_down"])?;
+            Some(q) => {
+                quant_parts.insert(*off, q);
+            }
+            None => {}
         }
-    }
-    let out_name = if model.cfg.tied_embeddings {
-        "token_embd.weight"
-    } else {
-        "output.weight"
-    };
-    if let Some(q) = fuse(&[out_name.to_string()])? {
-        put(model.layout.output, q);
     }
     model.quant = quant;
     model.quant_parts = quant_parts;

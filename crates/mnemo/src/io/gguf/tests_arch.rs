@@ -170,3 +170,69 @@ fn qwen2_full_vocab_matches_llama_cpp_test_cases() {
     }
     eprintln!("{} cases", texts.len());
 }
+
+/// A packed load (`load_llama_packed`: the projections and the head kept as mapped blocks, no
+/// f32 copy) decodes and prefills every fixture model exactly as the f32-plus-copies load
+/// does (the cached drivers read the same quantised blocks either way; the fixtures mix types
+/// within q|k|v and gate|up, so the packed products run part by part), keeps no f32 copy of
+/// the packed weights, and refuses the full forward with an error that says why.
+#[test]
+fn packed_llama_load_decodes_like_the_f32_load() {
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("logits.json")).unwrap()).unwrap();
+    for (name, case) in j["models"].as_object().unwrap() {
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let (full, _) = load_llama(&fixture(name), 64).unwrap();
+        let (packed, _) = load_llama_packed(&fixture(name), 64).unwrap();
+        assert!(packed.packed_only && !full.packed_only, "{name}");
+        let n_packed = packed.quant.len() + packed.quant_parts.len();
+        assert_eq!(
+            n_packed,
+            full.quant.len() + full.quant_parts.len(),
+            "{name}: the same products are quantised"
+        );
+        // The packed weights' f32 ranges are never written (the reserved mapping stays 0),
+        // every part of a fused product included (k, v after q; up after gate).
+        let products = packed.quant.iter().map(|(o, q)| (*o, vec![q])).chain(
+            packed
+                .quant_parts
+                .iter()
+                .map(|(o, p)| (*o, p.iter().collect())),
+        );
+        for (off, q) in products {
+            if off == packed.layout.embed {
+                continue; // a tied head: the embedding, kept in f32 too
+            }
+            let n: usize = q.iter().map(|q| q.rows * q.cols).sum();
+            assert!(
+                packed.params[off..off + n].iter().all(|&x| x == 0.0),
+                "{name}"
+            );
+            assert!(
+                full.params[off + n - 64..off + n].iter().any(|&x| x != 0.0),
+                "{name}"
+            );
+        }
+        let (mut c_full, mut c_packed) = (KvCache::new(&full), KvCache::new(&packed));
+        let half = ids.len() / 2;
+        let a = full.forward_cached(&ids[..half], &mut c_full).unwrap();
+        let b = packed.forward_cached(&ids[..half], &mut c_packed).unwrap();
+        assert_eq!(a, b, "{name}: prefill");
+        for &t in &ids[half..] {
+            let a = full.forward_cached(&[t], &mut c_full).unwrap();
+            let b = packed.forward_cached(&[t], &mut c_packed).unwrap();
+            assert_eq!(a, b, "{name}: decode");
+        }
+        let mut ws = crate::model::Workspace::default();
+        let err = packed
+            .try_forward(&ids, 1, ids.len(), &mut ws)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("packed"), "{name}: {err}");
+    }
+}
