@@ -37,6 +37,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod sparse_attention;
 pub mod swiglu;
+pub mod torch_topk;
 pub mod vecops;
 pub mod vexp;
 

@@ -27,6 +27,7 @@ use super::Model;
 use crate::config::{ModelConfig, V4Config, V4LayerType};
 use crate::kernels::matmul::linear_backward;
 use crate::kernels::rmsnorm;
+use crate::kernels::torch_topk::torch_topk_set;
 use crate::kernels::vecops::axpy;
 pub(super) use crate::kernels::vecops::dot;
 use rayon::prelude::*;
@@ -611,13 +612,19 @@ impl Model {
     /// The entries query `tq` attends on a CSA layer: all `visible` ones while at most
     /// `index_topk` are, else the `index_topk` best by
     /// `I[w] = Σ_h ω[h]·ReLU(qᴵ[h]·Kᴵ[w])/√(Hi·dᴵ)`, ascending (`qi: [Hi·di]` is roped here).
+    /// Ties are broken as `torch.topk` breaks them on the row transformers builds: the
+    /// scores of all `total` entries of the forward, the not-yet-visible ones at −∞
+    /// ([`torch_topk_set`]). The full forward passes the entries of the whole sequence (as
+    /// transformers' full forward); the cached drivers pass `visible` (as transformers'
+    /// one-token decoding), so that their result does not depend on how a prompt is
+    /// chunked. Only exact ties at the k-th place tell the two apart (docs/deepseek-v4.md).
     pub(super) fn v4_topk(
         &self,
         rope: &V4Rope,
         tq: usize,
         (qi, wts): (&mut [f32], &[f32]),
         keys: &[f32],
-        visible: usize,
+        (visible, total): (usize, usize),
     ) -> Vec<usize> {
         let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
         let (di, k) = (v.index_head_dim, v.index_topk);
@@ -629,9 +636,9 @@ impl Model {
         }
         rope.rotate_at(tq, qi, di, false);
         let qi = &*qi;
-        let score = |w: usize| (index_score(qi, wts, &keys[w * di..(w + 1) * di]), w);
+        let score = |w: usize| index_score(qi, wts, &keys[w * di..(w + 1) * di]);
         // Long contexts (one decoding query over many entries): score in parallel chunks.
-        let mut scored: Vec<(f32, usize)> = if visible >= 4096 {
+        let mut row: Vec<f32> = if visible >= 4096 {
             (0..visible)
                 .into_par_iter()
                 .with_min_len(1024)
@@ -640,13 +647,8 @@ impl Model {
         } else {
             (0..visible).map(score).collect()
         };
-        // Best first; ties to the lower entry (torch leaves them unspecified). The order is
-        // total, so the k best are one set: partition them off (O(n)) instead of sorting all.
-        let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        scored.select_nth_unstable_by(k - 1, order);
-        let mut sel: Vec<usize> = scored[..k].iter().map(|s| s.1).collect();
-        sel.sort_unstable();
-        sel
+        row.resize(total.max(visible), f32::NEG_INFINITY);
+        torch_topk_set(&row, k)
     }
 
     /// The CSA indexer's selection for one sequence: per query `t`, the visible entries it
@@ -662,11 +664,12 @@ impl Model {
         let (hi, di) = (v.index_n_heads, v.index_head_dim);
         let m = io.comp.ratio;
         let keys = self.v4_compress(&io.comp, x, rope, &mut CompActs::default());
+        let total = keys.len() / di;
         let (mut qi, wts) = self.v4_index_queries(io, x, q_res);
         qi.chunks_mut(hi * di)
             .zip(wts.chunks(hi))
             .enumerate()
-            .map(|(tq, (q, w))| self.v4_topk(rope, tq, (q, w), &keys, (tq + 1) / m))
+            .map(|(tq, (q, w))| self.v4_topk(rope, tq, (q, w), &keys, ((tq + 1) / m, total)))
             .collect()
     }
 

@@ -403,7 +403,10 @@ impl Model {
                         .enumerate()
                         .map(|(i, (q, w))| {
                             let tq = p0 + i;
-                            self.v4_topk(rope, tq, (q, w), keys, (tq + 1) / m)
+                            // Ties broken on the row of the entries visible to `tq`, as
+                            // transformers' one-token decoding has it, whatever the chunking.
+                            let visible = (tq + 1) / m;
+                            self.v4_topk(rope, tq, (q, w), keys, (visible, visible))
                         })
                         .collect(),
                 )
@@ -441,12 +444,18 @@ mod tests {
 
     /// `v4-tiny` with a short window and top-k, so sequences of a few hundred tokens slide the
     /// window, complete many entries and make the indexer select; every vector parameter
-    /// (sinks, position biases, norms, hc bases) moved away from its init.
+    /// (sinks, position biases, norms, hc bases) moved away from its init. With 16 indexer
+    /// heads no entry has every head ReLU-zeroed, so no two scores tie at the top-k boundary
+    /// (ties are broken per forward as transformers breaks them: `Model::v4_topk`).
     fn model() -> Model {
+        model_with_index_heads(16)
+    }
+
+    fn model_with_index_heads(hi: usize) -> Model {
         let mut c = ModelConfig::preset("v4-tiny").unwrap();
         c.max_seq_len = 512;
         let v = c.v4.as_mut().unwrap();
-        (v.sliding_window, v.index_topk) = (8, 5);
+        (v.sliding_window, v.index_topk, v.index_n_heads) = (8, 5, hi);
         let mut m = Model::new(c).unwrap();
         m.init(7);
         let mut r = Rng::new(8);
@@ -506,6 +515,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// With 4 indexer heads, entries whose every head is ReLU-zeroed score exactly 0 and tie
+    /// at the top-k boundary. The cached drivers break such ties on the entries visible to
+    /// each query (transformers' one-token decoding), so any chunking of the same tokens
+    /// gives the same logits; the full forward breaks them on the whole sequence's row
+    /// (transformers' full forward), which here differs: the ties are really there.
+    #[test]
+    fn tied_scores_do_not_make_cached_decoding_depend_on_the_chunking() {
+        let m = model_with_index_heads(4);
+        let t = 300;
+        let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919 + 13) % 500).collect();
+        let runs: Vec<Vec<f32>> = [1, 37, 256]
+            .iter()
+            .map(|&chunk| {
+                let mut cache = KvCache::new(&m);
+                ids.chunks(chunk)
+                    .flat_map(|c| feed(&m, &mut cache, c))
+                    .collect()
+            })
+            .collect();
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .fold(0.0f32, |w, (x, y)| w.max((x - y).abs()))
+        };
+        let top = runs[0].iter().fold(0.0f32, |a, &b| a.max(b.abs()));
+        for r in &runs[1..] {
+            assert!(diff(&runs[0], r) <= 1e-4 * top);
+        }
+        let mut ws = Workspace::default();
+        m.forward(&ids, 1, t, &mut ws);
+        assert!(
+            diff(&runs[0], &ws.logits) > 1e-2 * top,
+            "no tie changed a selection: the test no longer tests ties"
+        );
     }
 
     /// A prefix-cache file (`KvCache::save` / `KvCache::load`) holds the whole decode state:

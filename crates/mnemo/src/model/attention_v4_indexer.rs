@@ -61,6 +61,7 @@ impl Model {
         ia.keys = self.v4_compress(&io.comp, xs, rope, &mut ia.comp);
         (ia.qi, ia.wts) = self.v4_index_queries(io, xs, q_res);
         let keys = &ia.keys;
+        let total = keys.len() / di;
         let rows: Vec<(Vec<f32>, Vec<usize>)> = ia
             .qi
             .par_chunks_mut(hi * di)
@@ -72,7 +73,7 @@ impl Model {
                 let scores: Vec<f32> = (0..visible)
                     .map(|e| index_score(q, w, &keys[e * di..(e + 1) * di]))
                     .collect();
-                let top = top_k(&scores, k);
+                let top = top_k(&scores, k, total);
                 (scores, top)
             })
             .collect();
@@ -255,16 +256,16 @@ impl Model {
     }
 }
 
-/// The `k` best of `scores` (all while at most `k`), ascending; ties to the lower entry.
-fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+/// The `k` best of `scores` (the visible entries; all while at most `k`), ascending; ties
+/// broken as `torch.topk` breaks them on transformers' row of all `total` entries, the
+/// invisible ones at −∞ (`Model::v4_topk`).
+fn top_k(scores: &[f32], k: usize, total: usize) -> Vec<usize> {
     if scores.len() <= k {
         return (0..scores.len()).collect();
     }
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let mut sel = idx[..k].to_vec();
-    sel.sort_unstable();
-    sel
+    let mut row = scores.to_vec();
+    row.resize(total.max(scores.len()), f32::NEG_INFINITY);
+    crate::kernels::torch_topk::torch_topk_set(&row, k)
 }
 
 #[cfg(test)]
