@@ -30,8 +30,16 @@ fn is_float(t: u32) -> bool {
     matches!(t, 0 | 1 | 30)
 }
 
-/// The per-tensor plan: `(name, dims, input type, output type)` in llama.cpp's order.
-pub fn plan(g: &Gguf, mix: Mix) -> Result<Vec<(String, Vec<u64>, u32, u32)>> {
+/// One tensor of the plan: name, GGUF dims, input and output ggml types.
+pub struct Planned {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub cur: u32,
+    pub ty: u32,
+}
+
+/// The per-tensor plan, in llama.cpp's order.
+pub fn plan(g: &Gguf, mix: Mix) -> Result<Vec<Planned>> {
     let p = g.path.display();
     let arch = g
         .meta
@@ -51,7 +59,7 @@ pub fn plan(g: &Gguf, mix: Mix) -> Result<Vec<(String, Vec<u64>, u32, u32)>> {
     let n_head_kv = get("attention.head_count_kv").unwrap_or(n_head);
     let facts = ModelFacts {
         n_layer,
-        n_gqa: if n_head_kv > 0 { n_head / n_head_kv } else { 0 },
+        n_gqa: n_head.checked_div(n_head_kv).unwrap_or(0),
         n_expert: get("expert_count").unwrap_or(0),
     };
     let mut names: Vec<String> = g.tensors.iter().map(|t| t.name.clone()).collect();
@@ -65,7 +73,12 @@ pub fn plan(g: &Gguf, mix: Mix) -> Result<Vec<(String, Vec<u64>, u32, u32)>> {
             .find(|t| t.name == n)
             .expect("name from the list");
         let ty = planner.choose(&n, &t.dims, t.ggml_type)?;
-        out.push((n, t.dims.clone(), t.ggml_type, ty));
+        out.push(Planned {
+            name: n,
+            dims: t.dims.clone(),
+            cur: t.ggml_type,
+            ty,
+        });
     }
     Ok(out)
 }
@@ -83,9 +96,8 @@ pub fn quantize_gguf(
     let p = input.display();
     let plan = plan(&g, mix)?;
     if !allow_requantize {
-        if let Some((n, _, cur, _)) = plan
-            .iter()
-            .find(|(_, _, cur, new)| cur != new && !is_float(*cur))
+        if let Some(Planned { name: n, cur, .. }) =
+            plan.iter().find(|p| p.cur != p.ty && !is_float(p.cur))
         {
             let ft = g
                 .meta
@@ -104,7 +116,13 @@ pub fn quantize_gguf(
     }
     // Output tensor infos (sizes known up front).
     let mut infos = Vec::with_capacity(plan.len());
-    for (name, dims, cur, ty) in &plan {
+    for Planned {
+        name,
+        dims,
+        cur,
+        ty,
+    } in &plan
+    {
         let n: u64 = dims.iter().product();
         let bytes = match block_geometry(*ty) {
             Some((_, be, bb)) if cur != ty => n as usize / be * bb,
@@ -146,7 +164,13 @@ pub fn quantize_gguf(
         tensors: Vec::with_capacity(plan.len()),
         bytes: 0,
     };
-    for (name, dims, cur, ty) in &plan {
+    for Planned {
+        name,
+        dims,
+        cur,
+        ty,
+    } in &plan
+    {
         let t = g
             .tensors
             .iter()
