@@ -3,7 +3,8 @@
 
 Sources are the committed tiny GGUFs: `gguf_arch/{llama,qwen2,qwen3}-*.gguf` (quantised; the F32
 input is made from each by `llama-quantize --allow-requantize IN F32`, which dequantises with
-ggml's `dequantize_row_*`, so mnemo can rebuild the same F32 file in the test) and the F32
+ggml's `dequantize_row_*`, so mnemo can rebuild the same F32 file in the test; for llama also
+F16 and BF16 inputs made from that F32 by `llama-quantize … F16|BF16`) and the F32
 `gguf_deepseek2/{lite,v2}-F32.gguf` as they are (not `deepseek4_gguf/ds4-f32.gguf`: its
 experts are MXFP4, which llama-quantize will not requantise). Each F32
 model is quantised by `llama-quantize` (1 thread, no imatrix) into every mix of `MIXES`. For
@@ -33,13 +34,16 @@ BIN = os.environ.get("BIN", "/work/llama/build2/bin")
 FIX = "crates/mnemo/tests/fixtures"
 OUT = f"{FIX}/gguf_quantize/llamacpp.json"
 MIXES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
-# name: (source file, whether it is quantised and needs an F32 made first)
+# name: (source file, types to convert it to first (the last one is the input of the mixes),
+# mixes). The quantised fixtures are made F32 with --allow-requantize.
 SOURCES = {
-    "llama": ("gguf_arch/llama-Q4_K_M.gguf", True),
-    "qwen2": ("gguf_arch/qwen2-Q4_K_M.gguf", True),
-    "qwen3": ("gguf_arch/qwen3-Q5_K_M.gguf", True),
-    "deepseek2-lite": ("gguf_deepseek2/lite-F32.gguf", False),
-    "deepseek2-v2": ("gguf_deepseek2/v2-F32.gguf", False),
+    "llama": ("gguf_arch/llama-Q4_K_M.gguf", ["F32"], MIXES),
+    "qwen2": ("gguf_arch/qwen2-Q4_K_M.gguf", ["F32"], MIXES),
+    "qwen3": ("gguf_arch/qwen3-Q5_K_M.gguf", ["F32"], MIXES),
+    "deepseek2-lite": ("gguf_deepseek2/lite-F32.gguf", [], MIXES),
+    "deepseek2-v2": ("gguf_deepseek2/v2-F32.gguf", [], MIXES),
+    "llama-f16": ("gguf_arch/llama-Q4_K_M.gguf", ["F32", "F16"], ["Q4_K_M", "Q8_0"]),
+    "llama-bf16": ("gguf_arch/llama-Q4_K_M.gguf", ["F32", "BF16"], ["Q4_K_M", "Q6_K"]),
 }
 
 FNV_OFFSET = 0xCBF29CE484222325
@@ -80,19 +84,19 @@ def describe(path):
 def main():
     out = {"mixes": MIXES, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (src, needs_f32) in SOURCES.items():
+        for name, (src, chain, mixes) in SOURCES.items():
             src = os.path.join(FIX, src)
-            if needs_f32:
-                f32 = os.path.join(tmp, f"{name}-F32.gguf")
-                quantize(src, f32, "F32", allow_requantize=True)
-            else:
-                f32 = src
-            with open(f32, "rb") as f:
-                entry = {"source": os.path.relpath(src, FIX), "f32_from_requantize": needs_f32,
-                         "f32_fnv": fnv1a64(f.read()), "mixes": {}}
-            for mix in MIXES:
+            inp = src
+            for i, ty in enumerate(chain):
+                nxt = os.path.join(tmp, f"{name}-{ty}.gguf")
+                quantize(inp, nxt, ty, allow_requantize=i == 0)
+                inp = nxt
+            with open(inp, "rb") as f:
+                entry = {"source": os.path.relpath(src, FIX), "chain": chain,
+                         "input_fnv": fnv1a64(f.read()), "mixes": {}}
+            for mix in mixes:
                 dst = os.path.join(tmp, f"{name}-{mix}.gguf")
-                quantize(f32, dst, mix)
+                quantize(inp, dst, mix)
                 entry["mixes"][mix] = describe(dst)
                 print(name, mix, entry["mixes"][mix]["bytes"], flush=True)
             out["models"][name] = entry

@@ -6,7 +6,8 @@
 //! layout, alignment). Each output then loads in mnemo.
 //!
 //! The llama / qwen2 / qwen3 sources are quantised fixtures; their F32 inputs are rebuilt here
-//! by mnemo (`--type F32 --allow-requantize`) and must equal llama.cpp's F32 files too.
+//! by mnemo (`--type F32 --allow-requantize`) and must equal llama.cpp's F32 files too, as must
+//! the F16 and BF16 inputs made from llama's F32 (each then quantised to two mixes).
 
 use mnemo::gguf::mix::Mix;
 use mnemo::gguf::quantize::quantize_gguf;
@@ -45,20 +46,22 @@ fn mixes_match_llama_quantize() {
     .unwrap();
     let d = tmpdir("mixes");
     let models = want["models"].as_object().unwrap();
-    assert!(models.len() >= 5);
+    assert!(models.len() >= 7);
     for (name, m) in models {
         let src = fx.join(m["source"].as_str().unwrap());
-        let f32_path = if m["f32_from_requantize"].as_bool().unwrap() {
-            let p = d.join(format!("{name}-F32.gguf"));
-            quantize_gguf(&src, &p, Mix::parse("F32").unwrap(), true).unwrap();
-            p
-        } else {
-            src
-        };
+        // The conversions that make the input (F32 from a quantised fixture, then F16/BF16).
+        let mut input = src;
+        for (i, ty) in m["chain"].as_array().unwrap().iter().enumerate() {
+            let ty = ty.as_str().unwrap();
+            let p = d.join(format!("{name}-{ty}.gguf"));
+            quantize_gguf(&input, &p, Mix::parse(ty).unwrap(), i == 0).unwrap();
+            input = p;
+        }
+        let f32_path = input;
         assert_eq!(
             file_fnv(&f32_path),
-            m["f32_fnv"].as_str().unwrap(),
-            "{name}: F32 file"
+            m["input_fnv"].as_str().unwrap(),
+            "{name}: input file"
         );
         for (mix, w) in m["mixes"].as_object().unwrap() {
             let out = d.join(format!("{name}-{mix}.gguf"));
