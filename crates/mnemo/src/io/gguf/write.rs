@@ -31,11 +31,12 @@ fn put_str(w: &mut Vec<u8>, s: &str) {
     w.extend_from_slice(s.as_bytes());
 }
 
-/// A GGUF file being written to `<path>.tmp`, renamed to `path` by [`GgufOut::finish`].
+/// A GGUF file being written to `<path>.tmp`, renamed to `path` by [`GgufOut::finish`]; the
+/// temporary file is removed if it is dropped unfinished (an error on the way).
 pub struct GgufOut {
     path: PathBuf,
     tmp: PathBuf,
-    f: std::io::BufWriter<std::fs::File>,
+    f: Option<std::io::BufWriter<std::fs::File>>,
     tensors: Vec<OutTensor>,
     align: usize,
     /// Index of the next tensor whose data [`GgufOut::tensor_data`] expects.
@@ -87,7 +88,7 @@ impl GgufOut {
         Ok(GgufOut {
             path: path.to_path_buf(),
             tmp,
-            f,
+            f: Some(f),
             tensors,
             align,
             next: 0,
@@ -109,9 +110,9 @@ impl GgufOut {
             );
         }
         let pad = self.pos.div_ceil(self.align) * self.align - self.pos;
-        let w = |f: &mut std::io::BufWriter<std::fs::File>, b: &[u8]| f.write_all(b);
-        w(&mut self.f, &vec![0u8; pad])
-            .and_then(|_| w(&mut self.f, data))
+        let f = self.f.as_mut().expect("open until finish");
+        f.write_all(&vec![0u8; pad])
+            .and_then(|_| f.write_all(data))
             .with_context(|| format!("writing {}", self.tmp.display()))?;
         self.pos += pad + data.len();
         self.next += 1;
@@ -123,16 +124,31 @@ impl GgufOut {
         if self.next != self.tensors.len() {
             bail!("{} of {} tensors written", self.next, self.tensors.len());
         }
-        self.f
+        let mut f = self.f.take().expect("open until finish");
+        let r = f
             .flush()
-            .with_context(|| format!("writing {}", self.tmp.display()))?;
-        drop(self.f);
-        std::fs::rename(&self.tmp, &self.path).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                self.tmp.display(),
-                self.path.display()
-            )
-        })
+            .with_context(|| format!("writing {}", self.tmp.display()))
+            .and_then(|_| {
+                drop(f);
+                std::fs::rename(&self.tmp, &self.path).with_context(|| {
+                    format!(
+                        "cannot rename {} to {}",
+                        self.tmp.display(),
+                        self.path.display()
+                    )
+                })
+            });
+        if r.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        r
+    }
+}
+
+impl Drop for GgufOut {
+    fn drop(&mut self) {
+        if self.f.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
