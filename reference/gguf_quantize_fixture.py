@@ -34,10 +34,12 @@ BIN = os.environ.get("BIN", "/work/llama/build2/bin")
 FIX = "crates/mnemo/tests/fixtures"
 OUT = f"{FIX}/gguf_quantize/llamacpp.json"
 MIXES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+# the other mixes, on llama only (fixture size)
+MORE_MIXES = ["Q3_K_S", "Q3_K_L", "Q4_K_S", "Q5_K_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 # name: (source file, types to convert it to first (the last one is the input of the mixes),
 # mixes). The quantised fixtures are made F32 with --allow-requantize.
 SOURCES = {
-    "llama": ("gguf_arch/llama-Q4_K_M.gguf", ["F32"], MIXES),
+    "llama": ("gguf_arch/llama-Q4_K_M.gguf", ["F32"], MIXES + MORE_MIXES),
     "qwen2": ("gguf_arch/qwen2-Q4_K_M.gguf", ["F32"], MIXES),
     "qwen3": ("gguf_arch/qwen3-Q5_K_M.gguf", ["F32"], MIXES),
     "deepseek2-lite": ("gguf_deepseek2/lite-F32.gguf", [], MIXES),

@@ -1,6 +1,7 @@
 //! `mnemo::gguf::quantize` against llama.cpp's `llama-quantize` (`reference/gguf_quantize_fixture.py`):
 //! for tiny llama / qwen2 / qwen3 / deepseek2 (Lite and V2 shapes) GGUFs and the
-//! mixes Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K and Q8_0, mnemo's output has the same tensors in
+//! mixes Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K and Q8_0 (llama also Q3_K_S, Q3_K_L, Q4_K_S, Q5_K_S,
+//! Q4_0, Q4_1, Q5_0, Q5_1), mnemo's output has the same tensors in
 //! the same order with the same types (the mix policy, fallbacks included) and the same data
 //! bytes (the quantisers), and the whole file is byte-identical (metadata copied, file type,
 //! layout, alignment). Each output then loads in mnemo.
