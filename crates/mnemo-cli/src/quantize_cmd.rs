@@ -1,15 +1,32 @@
-//! `mnemo quantize IN_DIR OUT_DIR --type fp8+fp4|fp8`: a float DeepSeek-V4 checkpoint (a mnemo
-//! run or checkpoint directory, or a transformers `save_pretrained` directory) written in the
-//! official release layout with FP8 / FP4 weights (`mnemo::io::v4_quantize`).
+//! `mnemo quantize`, two paths chosen by the input and `--type`:
+//! - `IN.gguf OUT.gguf --type Q4_K_M|Q5_K_M|…`: a GGUF model quantised into one of llama.cpp's
+//!   mixes (`mnemo::gguf::quantize`);
+//! - `IN_DIR OUT_DIR --type fp8+fp4|fp8`: a float DeepSeek-V4 checkpoint (a mnemo run or
+//!   checkpoint directory, or a transformers `save_pretrained` directory) written in the
+//!   official release layout with FP8 / FP4 weights (`mnemo::io::v4_quantize`).
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
+use mnemo::gguf::mix::{Mix, MIXES};
 use mnemo::io::v4_quantize::{write_official, QuantMix};
 use std::path::PathBuf;
 
 /// The long `--help` text of `mnemo quantize`.
-pub const LONG_ABOUT: &str = "Write a float DeepSeek-V4 model as a checkpoint in the official \
-    release layout (the tensor names of DeepSeek's inference/model.py, FP8 e4m3 weights with \
+pub const LONG_ABOUT: &str = "Quantise a model. Two kinds of input:\n\n\
+    1. A GGUF file (IN ends in .gguf, or --type names a GGUF mix): OUT is a GGUF file in \
+    llama.cpp's quantisation mix --type (Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, \
+    Q5_K_M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, F32), as llama.cpp's own \
+    `llama-quantize` (without an importance matrix) writes it: the same type per tensor (e.g. \
+    Q4_K_M: Q4_K, with output.weight Q6_K and attn_v / ffn_down of every third layer plus the \
+    first and last eighth Q6_K; rows that are not whole 256-value blocks fall back to Q5_0, \
+    Q5_1 or Q8_0; 1-D tensors and norms stay as they are) and the same bytes (ggml's reference \
+    quantisers). Metadata (architecture, tokenizer, chat template) is copied; \
+    general.file_type is set to the mix. Any architecture with llama.cpp's tensor names \
+    (llama, qwen2, qwen3, deepseek2, ...). The input should be F32, F16 or BF16; an input \
+    already quantised is refused unless --allow-requantize (then its values are dequantised \
+    and quantised again, which loses more than quantising the original).\n\n\
+    2. A DeepSeek-V4 directory (--type fp8+fp4 or fp8): write the float model as a checkpoint \
+    in the official release layout (the tensor names of DeepSeek's inference/model.py, FP8 e4m3 weights with \
     128x128 ue8m0 block scales, FP4 e2m1 experts with one ue8m0 scale per 32 values, `.scale` \
     tensors beside them), which `mnemo` loads (dequantised, or packed with `mnemo logits \
     --keep-packed`) and transformers loads too (it dequantises FP8/FP4 on CPU).\n\n\
@@ -23,12 +40,12 @@ pub const LONG_ABOUT: &str = "Write a float DeepSeek-V4 model as a checkpoint in
     Scales are powers of two: the smallest 2^k with the block's largest magnitude at most \
     448·2^k (FP8) or 6·2^k (FP4); values round to the nearest code, ties to even. MTP blocks \
     are not written.\n\n\
-    Example:\n  mnemo quantize runs/v4-small runs/v4-small-fp8 --type fp8+fp4";
+    Examples:\n  mnemo quantize SmolLM2-F32.gguf SmolLM2-Q4_K_M.gguf --type Q4_K_M\n  \
+    mnemo quantize runs/v4-small runs/v4-small-fp8 --type fp8+fp4";
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug)]
 pub enum QType {
     /// FP8 attention and shared experts, FP4 routed experts (the official mix).
-    #[value(name = "fp8+fp4")]
     Fp8Fp4,
     /// FP8 for every quantised weight, routed experts included.
     Fp8,
@@ -36,17 +53,50 @@ pub enum QType {
 
 #[derive(Args)]
 pub struct QuantizeArgs {
-    /// The float model: a mnemo run or checkpoint directory, or a transformers DeepSeek-V4
-    /// directory.
+    /// The model: a GGUF file (F32/F16/BF16), or for fp8+fp4/fp8 a mnemo run or checkpoint
+    /// directory or a transformers DeepSeek-V4 directory.
     pub input: PathBuf,
-    /// Output directory (created; config.json and model.safetensors replaced atomically).
+    /// Output: a GGUF file (replaced atomically), or for fp8+fp4/fp8 a directory (created;
+    /// config.json and model.safetensors replaced atomically).
     pub output: PathBuf,
-    /// Which weights become FP8 and which FP4.
-    #[arg(long = "type", value_enum)]
-    pub ty: QType,
+    /// GGUF mix (Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0,
+    /// Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, F32; case-insensitive) or DeepSeek-V4 layout
+    /// (fp8+fp4, fp8).
+    #[arg(long = "type")]
+    pub ty: String,
+    /// GGUF input only: accept an input that is already quantised (dequantise, quantise
+    /// again).
+    #[arg(long)]
+    pub allow_requantize: bool,
+}
+
+fn is_gguf_file(p: &std::path::Path) -> bool {
+    p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        || p.is_file()
 }
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
+    let v4 = match a.ty.as_str() {
+        "fp8+fp4" => Some(QType::Fp8Fp4),
+        "fp8" => Some(QType::Fp8),
+        _ => None,
+    };
+    let Some(ty) = v4 else {
+        let mix = Mix::parse(&a.ty).map_err(|e| {
+            anyhow::anyhow!("--type: {e}; or fp8+fp4, fp8 for a DeepSeek-V4 directory")
+        })?;
+        return run_gguf(&a, mix);
+    };
+    if is_gguf_file(&a.input) {
+        bail!(
+            "--type {}: is the DeepSeek-V4 directory layout; for the GGUF file {} name a GGUF \
+             mix: {}",
+            a.ty,
+            a.input.display(),
+            MIXES.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        );
+    }
     if a.output.exists() && !a.output.is_dir() {
         bail!(
             "OUT_DIR {}: exists and is not a directory",
@@ -68,7 +118,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             a.input.display()
         );
     }
-    let mix = match a.ty {
+    let mix = match ty {
         QType::Fp8Fp4 => QuantMix::Fp8Fp4,
         QType::Fp8 => QuantMix::Fp8,
     };
@@ -77,7 +127,48 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     eprintln!(
         "wrote {} ({n} tensors, official DeepSeek-V4 layout, {:?})",
         a.output.display(),
-        a.ty
+        ty
+    );
+    Ok(())
+}
+
+fn run_gguf(a: &QuantizeArgs, mix: Mix) -> Result<()> {
+    if !a.input.is_file() {
+        bail!(
+            "IN {}: not a GGUF file (--type {} is a GGUF mix; a DeepSeek-V4 directory takes \
+             --type fp8+fp4 or fp8)",
+            a.input.display(),
+            a.ty
+        );
+    }
+    if a.output.is_dir() {
+        bail!(
+            "OUT {}: is a directory; name the GGUF file to write",
+            a.output.display()
+        );
+    }
+    if a.output.canonicalize().ok() == a.input.canonicalize().ok() && a.output.exists() {
+        bail!(
+            "OUT is IN ({}): write the quantised model elsewhere",
+            a.input.display()
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let r = mnemo::gguf::quantize::quantize_gguf(&a.input, &a.output, mix, a.allow_requantize)
+        .with_context(|| format!("quantising {} to {}", a.input.display(), mix.name))?;
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, _, t) in &r.tensors {
+        *counts.entry(t.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    eprintln!(
+        "wrote {} ({} tensors: {}; {:.1} MiB, {mix}, {:.1} s)",
+        a.output.display(),
+        r.tensors.len(),
+        counts.join(", "),
+        r.bytes as f64 / (1 << 20) as f64,
+        t0.elapsed().as_secs_f64(),
+        mix = mix.name
     );
     Ok(())
 }

@@ -37,6 +37,43 @@ pub fn bf16_to_f32(b: &[u8]) -> f32 {
     f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
 }
 
+/// f32 → IEEE half-precision bits, rounded to nearest (ties to even), subnormals kept,
+/// overflow to infinity, NaN to the quiet NaN `0x7e00`: ggml's `ggml_compute_fp32_to_fp16`
+/// (the FP16 library's branch-free form), step for step, so GGUF block scales written here
+/// equal ggml's bit for bit.
+#[inline]
+pub fn f32_to_f16_bits(f: f32) -> u16 {
+    let scale_to_inf = f32::from_bits(0x7780_0000); // 2^112
+    let scale_to_zero = f32::from_bits(0x0880_0000); // 2^-110
+    let mut base = (f.abs() * scale_to_inf) * scale_to_zero;
+    let w = f.to_bits();
+    let shl1_w = w.wrapping_add(w);
+    let sign = w & 0x8000_0000;
+    let bias = (shl1_w & 0xff00_0000).max(0x7100_0000);
+    base += f32::from_bits((bias >> 1) + 0x0780_0000);
+    let bits = base.to_bits();
+    let exp_bits = (bits >> 13) & 0x0000_7c00;
+    let mantissa_bits = bits & 0x0000_0fff;
+    let nonsign = exp_bits + mantissa_bits;
+    ((sign >> 16)
+        | if shl1_w > 0xff00_0000 {
+            0x7e00
+        } else {
+            nonsign
+        }) as u16
+}
+
+/// f32 → bfloat16 bits, rounded to nearest (ties to even), NaN kept quiet: ggml's
+/// `ggml_compute_fp32_to_bf16`.
+#[inline]
+pub fn f32_to_bf16_bits(f: f32) -> u16 {
+    let u = f.to_bits();
+    if (u & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((u >> 16) | 64) as u16;
+    }
+    ((u + (0x7fff + ((u >> 16) & 1))) >> 16) as u16
+}
+
 /// f32 → f16 bytes for the normal range, mantissa truncated (tiny values flush to zero, large
 /// ones saturate the exponent): enough to build quantised test matrices.
 #[cfg(test)]

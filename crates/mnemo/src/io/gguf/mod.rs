@@ -81,6 +81,9 @@ pub struct Gguf {
     pub meta: HashMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
     data_start: usize,
+    /// Each metadata key with the byte range of its encoded `(type: u32, value)` in the file,
+    /// in file order: what [`quantize`] copies verbatim into the files it writes.
+    meta_raw: Vec<(String, std::ops::Range<usize>)>,
 }
 
 struct Reader<'a> {
@@ -305,10 +308,13 @@ impl Gguf {
         let n_tensors = r.u64()? as usize;
         let n_kv = r.u64()? as usize;
         let mut meta = HashMap::new();
+        let mut meta_raw = Vec::with_capacity(n_kv.min(1 << 16));
         for _ in 0..n_kv {
             let k = r.string()?;
+            let start = r.pos;
             let ty = r.u32()?;
             let v = r.value(ty, 0)?;
+            meta_raw.push((k.clone(), start..r.pos));
             meta.insert(k, v);
         }
         let mut tensors = Vec::with_capacity(n_tensors.min(1 << 20));
@@ -339,6 +345,7 @@ impl Gguf {
             meta,
             tensors,
             data_start,
+            meta_raw,
         };
         for t in &g.tensors {
             g.tensor_bytes(t)?;
@@ -379,6 +386,16 @@ impl Gguf {
             );
         }
         Ok(&self.mmap[start..start + len])
+    }
+
+    /// A tensor's stored bytes, as in the file.
+    pub fn tensor_data(&self, name: &str) -> Result<&[u8]> {
+        let t = self
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", self.path.display()))?;
+        self.tensor_bytes(t)
     }
 
     /// A tensor dequantised to f32 (row-major, GGUF `dims` reversed).
@@ -691,6 +708,9 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
 pub mod deepseek2;
 mod deepseek2_packed;
 pub mod deepseek4;
+pub mod mix;
+pub mod quantize;
+mod write;
 
 #[cfg(test)]
 mod tests;
