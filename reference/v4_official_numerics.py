@@ -399,7 +399,7 @@ def build(spec, out_root, log):
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "safetensors": safetensors.__version__, "python": sys.version.split()[0]},
         "numerics": "official inference/model.py round trips on transformers 5.23.0 (module doc); "
-                    "float32 elsewhere; weights BF16-rounded",
+                    "float32 elsewhere, on the dequantised FP8/FP4/BF16 weight values",
         "hook_calls": counts,
         "margins": {"moe_topk_gap": info["moe_gap"], "indexer_topk_gap": info["index_gap"],
                     "indexer_rows_that_select": info["index_rows_selecting"],

@@ -144,6 +144,15 @@ fn official_numerics_cached_decoding_matches_the_full_forward() {
         );
         assert!(max < 1e-5 && median(&o) < 1e-5, "chunk {chunk}: {max}");
     }
+    // The FP8/FP4 weights kept packed (memory-mapped codes, f32 activations): the same
+    // rounded inputs reach the packed products, so the same logits.
+    let mut packed = mnemo::io::v4_packed::load_dir_packed(&fixture()).unwrap();
+    packed.use_official_numerics().unwrap();
+    let got = cached(&packed, &ids, 7);
+    let r = rel_errors(&got, &full, v);
+    let max = r.iter().cloned().fold(0.0, f64::max);
+    eprintln!("packed, chunks of 7: vs full forward max {max:.2e}");
+    assert!(max < 1e-5, "packed: {max}");
 }
 
 #[test]
