@@ -67,8 +67,7 @@ impl Model {
         );
         let csa = v
             .layer_types
-            .iter()
-            .any(|t| *t == crate::config::V4LayerType::CompressedSparseAttention);
+            .contains(&crate::config::V4LayerType::CompressedSparseAttention);
         if csa {
             need("index_head_dim", v.index_head_dim, INDEX_BLOCK);
             if !v.index_head_dim.is_power_of_two() {
