@@ -10,7 +10,8 @@
 //! index keys       Kᴵ ← fp4(H(Kᴵ), 32)                         indexer compressor, after rope
 //! index queries    qᴵ[h] ← fp4(H(qᴵ[h]), 32)                   per head, after rope
 //! product inputs   x ← fp8(x, 128)   before wq_a, wq_b, wkv, wo_b, indexer wq_b, shared
-//!                                    experts w1|w3 and w2, routed experts w1|w3 and w2
+//!                                    experts w1|w3 and w2, routed experts w1|w3 and w2,
+//!                                    the MTP blocks' e_proj and h_proj
 //! routed experts   w2's input is fp8(route weight · swiglu(..)): the weight before w2
 //! ```
 //!
@@ -94,6 +95,10 @@ impl Model {
                     at.insert(io.wq_b, ActQuant::Fp8);
                 }
             }
+        }
+        for mo in &self.layout.mtp {
+            at.insert(mo.e_proj, ActQuant::Fp8);
+            at.insert(mo.h_proj, ActQuant::Fp8);
         }
         let f = Some(ActQuant::Fp8);
         self.moe_act_quant = vec![[f, f, f, f, None]; self.cfg.n_blocks()];
