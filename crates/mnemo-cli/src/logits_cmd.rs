@@ -34,10 +34,18 @@ pub const LONG_ABOUT: &str =
     quantisation error. With --keep-packed, an official DeepSeek-V4 directory's cached path \
     (prefill and decoding) multiplies from its FP8/FP4 codes, memory-mapped, with no \
     dequantised copy (the same weight values as the dequantised ones).\n\n\
-    --numerics ggml (DeepSeek-V4 `.gguf` only) reproduces llama.cpp's arithmetic where it \
-    departs from transformers': the routed experts' inputs are rounded as ggml converts them \
-    for the stored type (Q8_0 for MXFP4); the default, exact, is transformers' f32 arithmetic, \
-    which every other command uses.\n\n\
+    --numerics picks the arithmetic of a DeepSeek-V4 model. `exact` (the default, and what \
+    every other command uses: generate, eval, serve, ask) is transformers' f32 arithmetic on \
+    the (dequantised) weights. `ggml` (DeepSeek-V4 `.gguf` only) reproduces llama.cpp's: the \
+    inputs of its quantised products rounded as ggml converts them for the stored type. \
+    `official` (any DeepSeek-V4 model whose widths are whole blocks: hidden, q_lora_rank, \
+    o_groups·o_lora_rank, moe_intermediate_size multiples of 128, head_dim − rope a multiple \
+    of 64, index_head_dim a power of 2) reproduces DeepSeek's own inference code \
+    (inference/model.py), which the model was trained to expect: FP8 round trips of the \
+    K = V rows and compressed entries (blocks of 64, the rope channels exact), the indexer's \
+    queries and keys Hadamard-rotated and FP4-rounded (blocks of 32), FP8 inputs (blocks of \
+    128) to every product whose official weight is FP8 or FP4, routed experts weighted before \
+    w2. On the tiny test models it moves the logits by ~7% per position against `exact`.\n\n\
     The output is written to a temporary file beside OUT and renamed into place, so OUT is \
     either the old file or the complete new one. A one-line summary goes to stderr.\n\n\
     Example:\n  echo '[1, 15, 27, 3]' > ids.json\n  \
@@ -64,12 +72,15 @@ pub struct LogitsArgs {
     /// weights).
     #[arg(long, requires = "decode_from")]
     keep_packed: bool,
-    /// `exact` (default, every command): f32 products on the dequantised weights, as
-    /// transformers computes. `ggml`: a DeepSeek-V4 `.gguf` only: round the routed experts'
-    /// inputs as llama.cpp's CPU products do for their stored type (Q8_0 for MXFP4 and the
-    /// 32-value blocks, Q8_K for k-quants), which is what moves llama.cpp's logits away from
-    /// transformers' (~1% per position); f16 K caches and f16 inputs of F16 weights stay exact.
-    #[arg(long, value_name = "exact|ggml", default_value = "exact", value_parser = ["exact", "ggml"])]
+    /// `exact` (default; generate, eval, serve and ask always use it): f32 products on the
+    /// dequantised weights, as transformers computes. `ggml`: a DeepSeek-V4 `.gguf` only: round
+    /// the products' inputs as llama.cpp's CPU products do for their stored type (Q8_0 for
+    /// MXFP4 and the 32-value blocks, Q8_K for k-quants), which is what moves llama.cpp's
+    /// logits away from transformers' (~1% per position). `official`: any DeepSeek-V4 model
+    /// with whole blocks: DeepSeek's inference/model.py arithmetic (FP8 round trip of the KV
+    /// and compressed entries, Hadamard + FP4 indexer, FP8 inputs to the FP8/FP4 products,
+    /// route weight before w2; see the long help).
+    #[arg(long, value_name = "exact|ggml|official", default_value = "exact", value_parser = ["exact", "ggml", "official"])]
     numerics: String,
 }
 
@@ -108,10 +119,16 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     } else {
         load(&a.model)?
     };
-    if a.numerics == "ggml" {
-        for note in mnemo::io::gguf::deepseek4::use_ggml_numerics(&a.model, &mut model)? {
-            eprintln!("logits: {note}");
+    match a.numerics.as_str() {
+        "ggml" => {
+            for note in mnemo::io::gguf::deepseek4::use_ggml_numerics(&a.model, &mut model)? {
+                eprintln!("logits: {note}");
+            }
         }
+        "official" => model
+            .use_official_numerics()
+            .with_context(|| format!("{}", a.model.display()))?,
+        _ => {}
     }
     let load_s = t0.elapsed().as_secs_f64();
     let (v, max_len) = (model.cfg.vocab_size, model.cfg.max_seq_len);

@@ -389,3 +389,48 @@ fn quantize_then_keep_packed_logits() {
     );
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `--numerics official`: DeepSeek's inference arithmetic (tests/deepseek_v4_numerics.rs has
+/// the tolerance): the oracle's logits from the full forward and the decoding path; a model
+/// whose widths are not whole blocks is refused with the widths named.
+#[test]
+fn official_numerics_logits_match_the_oracle() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../mnemo/tests/fixtures/deepseek_v4_numerics/official_csa_hca");
+    let exp = TensorFile::open(&dir.join("expected.safetensors")).unwrap();
+    let ids = exp.u32("input_ids").unwrap();
+    let want = exp.f32("logits", None).unwrap();
+    let d = tmpdir("v4num");
+    let ids_file = d.join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+    let out = d.join("out.safetensors");
+    for extra in [
+        &["--numerics", "official"][..],
+        &["--numerics", "official", "--decode-from", "100"],
+    ] {
+        let (got, _) = logits(&dir, &ids_file, &out, extra);
+        let (diff, top) = max_diff(&got, &want);
+        eprintln!("{extra:?}: max |Δlogit| {diff:.2e} (largest logit {top:.2})");
+        assert!(diff <= 1e-3 * top, "{extra:?}: {diff} (largest {top})");
+    }
+    // The default is transformers' arithmetic: far from the official numbers.
+    let (got, _) = logits(&dir, &ids_file, &out, &[]);
+    let (diff, top) = max_diff(&got, &want);
+    assert!(diff > 1e-2 * top, "exact mode vs official: {diff}");
+    assert_fails(
+        &[
+            "logits",
+            s(&v4_fixture()),
+            "--ids-file",
+            s(&ids_file),
+            "--out",
+            s(&out),
+            "--numerics",
+            "official",
+        ],
+        &[
+            "--numerics official",
+            "hidden_size = 32 (a multiple of 128)",
+        ],
+    );
+}

@@ -14,6 +14,10 @@
 //! - `F16` / `BF16` (the `vec_dot_type` of F16 / BF16 weights): each value rounded to the
 //!   nearest f16 / bf16 (ties to even); the products of those values are exact in f32.
 //!
+//! - `Fp8` (DeepSeek's official `act_quant(x, 128, "ue8m0")` before each FP8/FP4 weight
+//!   product, `--numerics official`): the FP8 `e4m3` round trip of every block of 128 with a
+//!   power-of-two scale ([`super::fp_round::fp8_round_trip`]).
+//!
 //! Shapes: `x` is any number of rows of a length that is a multiple of the block (32 / 256),
 //! blocks never straddling rows; a length that is not is left as it is (ggml refuses such
 //! products).
@@ -27,6 +31,8 @@ pub enum ActQuant {
     Q8K,
     F16,
     Bf16,
+    /// FP8 `e4m3`, one power-of-two scale per 128 values (not a ggml type: DeepSeek's).
+    Fp8,
 }
 
 impl ActQuant {
@@ -48,6 +54,11 @@ impl ActQuant {
             ActQuant::F16 => x.iter_mut().for_each(|v| *v = f16_round(*v)),
             ActQuant::Bf16 => x.iter_mut().for_each(|v| *v = super::bf16::round_bf16(*v)),
             ActQuant::Q8_0 => q8_0_round_trip(x),
+            ActQuant::Fp8 => {
+                if x.len().is_multiple_of(128) {
+                    super::fp_round::fp8_round_trip(x, 128)
+                }
+            }
             ActQuant::Q8K => {
                 if x.len().is_multiple_of(QK_K) {
                     let q = quantize_q8k(x);

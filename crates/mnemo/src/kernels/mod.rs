@@ -15,9 +15,11 @@ pub mod embedding;
 pub mod f16;
 pub mod fp8;
 pub mod fp8dot;
+pub mod fp_round;
 pub mod gemm_log;
 #[cfg(test)]
 pub mod gradcheck;
+pub mod hadamard;
 pub mod indexer;
 pub mod kdot;
 pub mod kdot_q2k;

@@ -48,6 +48,8 @@ pub struct CompressorOffsets {
     pub ratio: usize,
     /// CSA: entries pool two windows (the second half of the projection the current one).
     pub overlap: bool,
+    /// The indexer's compressor (its entries are the index keys `Kᴵ`), not the attention's.
+    pub index_keys: bool,
 }
 
 impl CompressorOffsets {
@@ -102,7 +104,7 @@ fn add_compressor(
     d_model: usize,
     dim: usize,
     ratio: usize,
-    overlap: bool,
+    (overlap, index_keys): (bool, bool),
 ) -> CompressorOffsets {
     let cw = if overlap { 2 * dim } else { dim };
     CompressorOffsets {
@@ -113,6 +115,7 @@ fn add_compressor(
         dim,
         ratio,
         overlap,
+        index_keys,
     }
 }
 
@@ -134,11 +137,12 @@ impl V4AttnOffsets {
         let kind = v.layer_types[l];
         let m = v.ratio(l);
         let csa = kind == V4LayerType::CompressedSparseAttention;
-        let compressor = (m > 0).then(|| add_compressor(bld, &p("compressor"), dm, d, m, csa));
+        let compressor =
+            (m > 0).then(|| add_compressor(bld, &p("compressor"), dm, d, m, (csa, false)));
         let indexer = csa.then(|| {
             let (hi, di) = (v.index_n_heads, v.index_head_dim);
             IndexerV4Offsets {
-                comp: add_compressor(bld, &p("indexer.compressor"), dm, di, m, true),
+                comp: add_compressor(bld, &p("indexer.compressor"), dm, di, m, (true, true)),
                 wq_b: bld.add(p("indexer.wq_b.weight"), vec![hi * di, q], true),
                 weights_proj: bld.add(p("indexer.weights_proj.weight"), vec![hi, dm], true),
             }
@@ -444,6 +448,7 @@ impl Model {
             rope.table((w0 + i) * co.ratio, &mut cs);
             V4Rope::rotate(&cs, row, dim, false);
         }
+        self.official_entries(co, &mut out);
         (out, rstd)
     }
 
@@ -635,6 +640,7 @@ impl Model {
             return Vec::new();
         }
         rope.rotate_at(tq, qi, di, false);
+        self.official_index_query(qi);
         let qi = &*qi;
         let score = |w: usize| index_score(qi, wts, &keys[w * di..(w + 1) * di]);
         // Long contexts (one decoding query over many entries): score in parallel chunks.
@@ -813,6 +819,7 @@ impl Model {
                 V4Rope::rotate(&cs, qr, d, false);
                 V4Rope::rotate(&cs, kr, d, false);
             });
+        self.official_kv(&mut acts.kv);
         acts.o = z(n * h * d);
         match kv {
             Kv::Batch { b, t, dsa } => {

@@ -93,6 +93,7 @@ impl Model {
                 if let Some(q) = self.moe_act_quant.get(l) {
                     spec.act_quant = *q;
                 }
+                spec.weight_before_w2 = self.official_numerics;
                 let table = self.hash_tables[l].as_deref();
                 let qrows = match (self.quant.is_empty(), self.packed_only) {
                     (true, _) => None,

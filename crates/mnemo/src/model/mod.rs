@@ -59,6 +59,7 @@ pub mod layout;
 mod moe_balance;
 pub mod mtp;
 pub mod mtp_decode;
+pub mod numerics;
 pub mod params;
 pub mod residual;
 #[cfg(test)]
@@ -124,6 +125,10 @@ pub struct Model {
     /// llama.cpp's numerics: the input rounding of the product whose weight sits at this
     /// offset (`Model::lin`; empty: exact f32), set with `moe_act_quant`.
     pub act_quant_at: std::collections::HashMap<usize, crate::kernels::act_quant::ActQuant>,
+    /// DeepSeek's official inference numerics (`--numerics official`, module [`numerics`]):
+    /// FP8 round trips of the K = V rows and entries, the indexer's Hadamard + FP4, routed
+    /// experts weighted before `w2` (with `act_quant_at` / `moe_act_quant` set to FP8).
+    pub official_numerics: bool,
 }
 
 impl Model {
@@ -204,6 +209,7 @@ impl Model {
             index_rope,
             moe_act_quant: Vec::new(),
             act_quant_at: Default::default(),
+            official_numerics: false,
         })
     }
 

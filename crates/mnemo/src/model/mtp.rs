@@ -43,6 +43,7 @@ use super::residual::{NormActs, Stream};
 use super::workspace::block_stream;
 use super::{Model, Workspace};
 use crate::config::ModelConfig;
+use crate::kernels::act_quant::rounded_rows;
 use crate::kernels::cross_entropy::{self, IGNORE};
 use crate::kernels::matmul::{linear_backward, linear_forward};
 use crate::kernels::{embedding, rmsnorm};
@@ -452,10 +453,14 @@ impl Model {
             d,
             eps,
         );
-        linear_forward(&mut a.ep, &a.en.y, self.w(mo.e_proj, d * d), n, d, d, false);
+        // The official numerics round both products' inputs (`Model::act_quant_at`).
+        let q = |off: usize| self.act_quant_at.get(&off).copied();
+        let en = rounded_rows(q(mo.e_proj), &a.en.y, d);
+        linear_forward(&mut a.ep, &en, self.w(mo.e_proj, d * d), n, d, d, false);
         let hn = &mut a.hn;
         rmsnorm::forward(&mut hn.y, &mut hn.rstd, h, self.w(mo.hnorm, d), d, eps);
-        linear_forward(y, &hn.y, self.w(mo.h_proj, d * d), n * nh, d, d, false);
+        let hy = rounded_rows(q(mo.h_proj), &hn.y, d);
+        linear_forward(y, &hy, self.w(mo.h_proj, d * d), n * nh, d, d, false);
         // Y[i, k] += e_proj(e)[i], and the per-stream sums of squares of Y (hc/mhc).
         add_to_streams(y, sq, &a.ep, nh, d);
     }

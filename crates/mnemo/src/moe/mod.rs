@@ -55,6 +55,10 @@ pub struct MoeSpec {
     /// (`kernels::act_quant`; llama.cpp's numerics of a quantised GGUF); `None`: exact f32.
     /// `[2..4]`: the same for the shared experts' two products; `[4]`: the router's.
     pub act_quant: [Option<ActQuant>; 5],
+    /// Multiply each routed expert's SwiGLU output by its route weight BEFORE `w2` (and round
+    /// that product for `w2`, `act_quant[1]`), as DeepSeek's official inference code does;
+    /// `false`: after `w2` (transformers). Equal in exact arithmetic.
+    pub weight_before_w2: bool,
     /// Group-limited routing (`ModelConfig::n_group`, `topk_group`; `n_group ≤ 1`: none).
     pub n_group: usize,
     pub topk_group: usize,
@@ -74,6 +78,7 @@ impl MoeSpec {
             aux_coef: c.seq_aux_loss_coef,
             limit: c.swiglu_limit,
             act_quant: [None; 5],
+            weight_before_w2: false,
             n_group: c.n_group,
             topk_group: c.topk_group,
         }
@@ -304,6 +309,7 @@ pub fn forward_with(
     acts.load = acts.experts.iter().map(|x| x.slots.len() as u64).collect();
     // Routed experts, in parallel.
     let el = spec.expert_len();
+    let w_route = &acts.w;
     acts.experts
         .par_iter_mut()
         .enumerate()
@@ -337,6 +343,12 @@ pub fn forward_with(
                 false,
             );
             swiglu::forward_clamped(&mut ex.g, &ex.h13, i, spec.limit);
+            if spec.weight_before_w2 {
+                for (g, &slot) in ex.g.chunks_exact_mut(i).zip(slots) {
+                    let wj = w_route[slot as usize];
+                    g.iter_mut().for_each(|v| *v *= wj);
+                }
+            }
             if let Some(q) = spec.act_quant[1] {
                 ex.g.chunks_exact_mut(i).for_each(|r| q.round_trip(r));
             }
@@ -390,7 +402,7 @@ pub fn forward_with(
             let slot = r * k + j;
             let ex = &exs[sel[slot] as usize];
             let row = slot_row[slot] as usize;
-            let wj = w[slot];
+            let wj = if spec.weight_before_w2 { 1.0 } else { w[slot] };
             for (a, b) in yr.iter_mut().zip(&ex.out[row * d..(row + 1) * d]) {
                 *a += wj * b;
             }

@@ -14,6 +14,7 @@ fn router_only(d: usize, e: usize, k: usize) -> (MoeSpec, MoeOffsets) {
         aux_coef: 0.0,
         limit: 0.0,
         act_quant: [None; 5],
+        weight_before_w2: false,
         n_group: 0,
         topk_group: 0,
     };
@@ -375,6 +376,7 @@ fn moe_layer_gradients_match_finite_differences() {
             aux_coef: aux,
             limit,
             act_quant: [None; 5],
+            weight_before_w2: false,
             n_group: 0,
             topk_group: 0,
         };
