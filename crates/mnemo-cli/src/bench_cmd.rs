@@ -169,6 +169,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             profile,
         } => {
             mnemo::prof::enable(profile);
+            // As `mnemo train` does: steps reuse the heap pages of the step before.
+            mnemo::heap::keep_freed_memory();
             if vs_no_mtp {
                 train_step_vs_no_mtp(&cfg, iters, warmup)
             } else {

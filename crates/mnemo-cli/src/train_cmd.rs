@@ -39,6 +39,9 @@ pub struct TrainArgs {
 /// `mnemo train`: a fresh run, an `--init` run (memory-only fine-tuning with `--train-only`), or
 /// `--resume`; Ctrl-C saves a checkpoint and exits with 130.
 pub fn run(a: TrainArgs) -> Result<()> {
+    // Every step frees and re-allocates the same large buffers: keep them mapped
+    // (`mnemo::heap`), instead of page-faulting the step's working set back in each step.
+    mnemo::heap::keep_freed_memory();
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();

@@ -20,6 +20,7 @@
 //! - [`io`]: every file format (safetensors, checkpoint files, Engram files and deltas, prefix
 //!   caches, GGUF, Hugging Face); `model` and everything below it import none of it.
 //! - [`checkpoint`], [`train`], [`generate`]: runs, resumption, sampling.
+//! - [`heap`]: glibc allocator settings for training (freed steps' memory kept mapped).
 //!
 //! Tools built on the engine live in their own crates: `mnemo-pack` (a repository packed into
 //! a model's context) and `mnemo-eval` (HumanEval pass@k, with the sandbox generated code
@@ -36,6 +37,7 @@ pub mod dsa;
 pub mod engram;
 pub mod finetune;
 pub mod generate;
+pub mod heap;
 pub mod io;
 pub mod kernels;
 pub mod longctx;

@@ -11,8 +11,9 @@
 //!                                           dK += scale·bf16(dS)ᵀ·bf16(Q)
 //! ```
 //!
-//! Softmax (row max, `exp`, row sums, the rescaling), `D = rowsum(dO ⊙ O)`, `dS` and every
-//! accumulator stay f32; only the product operands are rounded (to nearest even). K and V are
+//! Softmax (row max, `exp`, row sums, the rescaling), `D = rowsum(dO ⊙ O)` (summed in 16
+//! lanes, [`row_dots_lanes`](super::attn_rows::row_dots_lanes)), `dS` and every accumulator
+//! stay f32; only the product operands are rounded (to nearest even). K and V are
 //! packed into bf16 pairs once per (sequence, kv head), Q and dO once per (sequence, head)
 //! (forward: per query block), P and dS once per block
 //! ([`attn_pack_bf16`](super::attn_pack_bf16)).
@@ -24,7 +25,7 @@
 use super::attention::{AttnDims, Heads, QkvLayout, BLOCK, KEY_SPAN};
 use super::attn_pack_bf16::{cols_pairs, rows_pairs, rows_pairs_t};
 use super::attn_rows::{
-    ds_block, finish_rows, probs_block, row_dots, softmax_span, zero_task_columns,
+    ds_block, finish_rows, probs_block, row_dots_lanes, softmax_span, zero_task_columns,
 };
 use super::attn_tile_bf16::{gemm_tile, Isa, PairsA, PairsB};
 use super::matmul::MatRef;
@@ -100,7 +101,9 @@ pub fn forward_on(
             rows_pairs_t(&k.block(b * tk, tk, g, hd), kt, tk, vector);
             cols_pairs(&v.block(b * tk, tk, g, hd), vp, hd, vector);
         });
-    (0..batch * n_heads * nqb).into_par_iter().for_each(|task| {
+    // Each worker's scratch, reused from task to task.
+    let tasks = (0..batch * n_heads * nqb).into_par_iter();
+    tasks.for_each_init(FwdScratch::default, |sc, task| {
         let qb = task % nqb;
         let h = (task / nqb) % n_heads;
         let b = task / (nqb * n_heads);
@@ -108,15 +111,10 @@ pub fn forward_on(
         let t0 = qb * BLOCK;
         let bq = BLOCK.min(tq - t0);
         let last_pos = q_pos0 + t0 + bq - 1;
-        let mut q1 = vec![0u32; bq * hp];
-        rows_pairs(&q.block(b * tq + t0, bq, h, hd), &mut q1, hp, vector);
-        let mut acc = vec![0.0f32; bq * hd];
-        let mut m = vec![f32::NEG_INFINITY; bq];
-        let mut l = vec![0.0f32; bq];
-        // Scratch for the widest span this block reaches (KEY_SPAN is even).
+        // The widest span this block reaches (KEY_SPAN is even).
         let span = KEY_SPAN.min((last_pos + 1).next_multiple_of(2));
-        let mut s = vec![0.0f32; bq * span];
-        let mut p1 = vec![0u32; bq * span / 2];
+        let (q1, acc, m, l, s, p1) = sc.take(bq, hp, hd, span);
+        rows_pairs(&q.block(b * tq + t0, bq, h, hd), q1, hp, vector);
         let mut s0 = 0;
         while s0 <= last_pos {
             let bk = KEY_SPAN.min(tk - s0).min(last_pos + 1 - s0);
@@ -128,24 +126,21 @@ pub fn forward_on(
                     isa,
                     s.as_mut_ptr(),
                     bk,
-                    rows_a(&q1, bq, hp),
+                    rows_a(q1, bq, hp),
                     ktm,
                     scale,
                     false,
                 )
             };
-            // Softmax and P's pairs row by row, while the row is in L1.
-            for (i, row) in s[..bq * bk].chunks_exact_mut(bk).enumerate() {
-                let ml = (&mut m[i..i + 1], &mut l[i..i + 1]);
-                softmax_span(
-                    row,
-                    bk,
-                    q_pos0 + t0 + i,
-                    s0,
-                    ml,
-                    &mut acc[i * hd..(i + 1) * hd],
-                );
-                rows_pairs(&MatRef::new(row, 1, bk), &mut p1[i * bkp..], bkp, vector);
+            // Softmax and P's pairs a few rows at a time, while the rows are in L1.
+            for i0 in (0..bq).step_by(SOFTMAX_ROWS) {
+                let i1 = (i0 + SOFTMAX_ROWS).min(bq);
+                let rows = &mut s[i0 * bk..i1 * bk];
+                let ml = (&mut m[i0..i1], &mut l[i0..i1]);
+                let pos = q_pos0 + t0 + i0;
+                softmax_span(rows, bk, pos, s0, ml, &mut acc[i0 * hd..i1 * hd]);
+                let pm = MatRef::new(rows, i1 - i0, bk);
+                rows_pairs(&pm, &mut p1[i0 * bkp..], bkp, vector);
             }
             // acc += P V (KEY_SPAN is even, so s0 starts a pair)
             let vm = b_op(&vp[(bg * tkp + s0 / 2) * hd..], bkp, hd, hd);
@@ -154,7 +149,7 @@ pub fn forward_on(
                     isa,
                     acc.as_mut_ptr(),
                     hd,
-                    rows_a(&p1, bq, bkp),
+                    rows_a(p1, bq, bkp),
                     vm,
                     1.0,
                     true,
@@ -166,9 +161,58 @@ pub fn forward_on(
         unsafe {
             let dst = o_ptr.get().add((b * tq + t0) * o_rs + h * hd);
             let lse_dst = lse_ptr.get().add((b * n_heads + h) * tq + t0);
-            finish_rows(&acc, &m, &l, hd, dst, o_rs, lse_dst)
+            finish_rows(acc, m, l, hd, dst, o_rs, lse_dst)
         };
     });
+}
+
+/// Query rows whose softmax and P pairs are done together in the forward pass (`bq × bk`
+/// scores: 4 rows of 256 keys are 4 KiB, in L1 from the softmax to the packing).
+const SOFTMAX_ROWS: usize = 4;
+
+/// A forward worker's scratch: Q pairs `[bq, hp]`, the output accumulator `[bq, hd]`, the
+/// running max and sum `[bq]`, scores `[bq, span]` and P pairs `[bq, span/2]`.
+#[derive(Default)]
+struct FwdScratch {
+    q1: Vec<u32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    s: Vec<f32>,
+    p1: Vec<u32>,
+}
+
+type FwdBufs<'a> = (
+    &'a mut [u32],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [u32],
+);
+
+impl FwdScratch {
+    /// The buffers for one query block: `acc` zeroed, `m = −∞`, `l = 0`; Q pairs, scores and P
+    /// pairs are written before they are read.
+    fn take(&mut self, bq: usize, hp: usize, hd: usize, span: usize) -> FwdBufs<'_> {
+        self.q1.resize(bq * hp, 0);
+        self.acc.clear();
+        self.acc.resize(bq * hd, 0.0);
+        self.m.clear();
+        self.m.resize(bq, f32::NEG_INFINITY);
+        self.l.clear();
+        self.l.resize(bq, 0.0);
+        self.s.resize(bq * span, 0.0);
+        self.p1.resize(bq * span / 2, 0);
+        (
+            &mut self.q1[..bq * hp],
+            &mut self.acc,
+            &mut self.m,
+            &mut self.l,
+            &mut self.s[..bq * span],
+            &mut self.p1[..bq * span / 2],
+        )
+    }
 }
 
 /// [`attention::backward_scaled`](super::attention::backward_scaled) with bf16 block products
@@ -242,7 +286,7 @@ pub fn backward_on(
             cols_pairs(&qv.block(base, t, h, hd), &mut qp, hd, vector);
             rows_pairs(&dov.block(base, t, h, hd), &mut do1, hp, vector);
             cols_pairs(&dov.block(base, t, h, hd), &mut dop, hd, vector);
-            row_dots(&mut dsum, o, dout, base * o_rs + h * hd, o_rs, hd);
+            row_dots_lanes(&mut dsum, o, dout, base * o_rs + h * hd, o_rs, hd);
             let lse_h = &lse[(b * n_heads + h) * t..][..t];
             for kb in 0..nb {
                 let s0 = kb * BLOCK;

@@ -10,10 +10,12 @@
 //! ```
 //!
 //! `x < −87.34` (where 2ⁿ would leave the normal range, and `−∞` of masked scores) gives 0,
-//! `x > 88` is clamped to 88 (`exp(88) ≈ 1.65e38`), NaN stays NaN. The AVX2+FMA path (chosen
-//! at run time) and the portable path run the same operations with fused multiply-adds in the
-//! same order, and sum in the same sixteen lanes (element `i` into lane `i mod 16`, the lanes
-//! added 0 to 15 at the end): both give the same bits.
+//! `x > 88` is clamped to 88 (`exp(88) ≈ 1.65e38`), NaN stays NaN. The AVX-512F and AVX2+FMA
+//! paths (chosen at run time) and the portable path run the same operations with fused
+//! multiply-adds in the same order, and sum in the same sixteen lanes (element `i` into lane
+//! `i mod 16`, the lanes added 0 to 15 at the end): all three give the same bits.
+//! [`exp_sub`] is [`exp_sub_sum`] without the sum (attention's backward `P = exp(S − lse)`),
+//! the same values.
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -52,20 +54,70 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((fx as i32 + 127) as u32) << 23)
 }
 
+/// The instruction sets of the row kernels, best first (tests pick each one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// The best path this CPU runs.
+fn best() -> Path {
+    if super::has_avx512f() {
+        Path::Avx512
+    } else if super::has_avx2_fma() {
+        Path::Avx2
+    } else {
+        Path::Portable
+    }
+}
+
 /// `xᵢ ← exp(xᵢ − m)` for every element; returns `Σ exp(xᵢ − m)` (module docs for the order).
 pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    exp_sub_sum_on(best(), x, m)
+}
+
+/// [`exp_sub_sum`] on `path` (which the CPU must run).
+fn exp_sub_sum_on(path: Path, x: &mut [f32], m: f32) -> f32 {
     let mut lanes = [0.0f32; LANES];
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if !x.is_empty() && super::has_avx2_fma() {
-        // SAFETY: AVX2 and FMA were detected; the kernel reads and writes only inside `x`.
-        done = unsafe { exp_sub_sum_avx2(x, m, &mut lanes) };
+    if !x.is_empty() {
+        match path {
+            // SAFETY: the feature was detected; the kernels read and write only inside `x`.
+            Path::Avx512 => done = unsafe { exp_sub_sum_avx512(x, m, &mut lanes) },
+            Path::Avx2 => done = unsafe { exp_sub_sum_avx2(x, m, &mut lanes) },
+            Path::Portable => {}
+        }
     }
+    let _ = path;
     for (i, v) in x.iter_mut().enumerate().skip(done) {
         *v = exp(*v - m);
         lanes[i % LANES] += *v;
     }
     lanes.iter().sum()
+}
+
+/// `xᵢ ← exp(xᵢ − m)` for every element: [`exp_sub_sum`]'s values, without the sum.
+pub fn exp_sub(x: &mut [f32], m: f32) {
+    exp_sub_on(best(), x, m)
+}
+
+/// [`exp_sub`] on `path` (which the CPU must run).
+fn exp_sub_on(path: Path, x: &mut [f32], m: f32) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    match path {
+        // SAFETY: the feature was detected; the kernels read and write only inside `x`.
+        Path::Avx512 => done = unsafe { exp_sub_avx512(x, m) },
+        Path::Avx2 => done = unsafe { exp_sub_avx2(x, m) },
+        Path::Portable => {}
+    }
+    let _ = path;
+    for v in &mut x[done..] {
+        *v = exp(*v - m);
+    }
 }
 
 /// The portable path of [`exp_sub_sum`] (the reference the SIMD path is tested against).
@@ -146,6 +198,100 @@ unsafe fn exp8(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_blendv_ps(y, v, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v))
 }
 
+/// Whole blocks of 8 of [`exp_sub`]; returns the elements done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sub_avx2(x: &mut [f32], m: f32) -> usize {
+    use std::arch::x86_64::*;
+    let n = x.len() / 8 * 8;
+    let p = x.as_mut_ptr();
+    let mv = _mm256_set1_ps(m);
+    let mut i = 0;
+    while i < n {
+        _mm256_storeu_ps(p.add(i), exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv)));
+        i += 8;
+    }
+    n
+}
+
+/// Every element of [`exp_sub`] (the tail under a mask); returns the elements done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sub_avx512(x: &mut [f32], m: f32) -> usize {
+    use std::arch::x86_64::*;
+    let p = x.as_mut_ptr();
+    let mv = _mm512_set1_ps(m);
+    let mut i = 0;
+    while i + LANES <= x.len() {
+        _mm512_storeu_ps(
+            p.add(i),
+            exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv)),
+        );
+        i += LANES;
+    }
+    if i < x.len() {
+        let k: __mmask16 = (1u16 << (x.len() - i)) - 1;
+        let v = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
+        _mm512_mask_storeu_ps(p.add(i), k, v);
+    }
+    x.len()
+}
+
+/// [`exp_sub_sum_avx2`] sixteen lanes at a time: the same lane sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sub_sum_avx512(x: &mut [f32], m: f32, lanes: &mut [f32; LANES]) -> usize {
+    use std::arch::x86_64::*;
+    let n = x.len() / LANES * LANES;
+    let p = x.as_mut_ptr();
+    let mv = _mm512_set1_ps(m);
+    let mut s = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < n {
+        let a = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+        _mm512_storeu_ps(p.add(i), a);
+        s = _mm512_add_ps(s, a);
+        i += LANES;
+    }
+    let mut done = n;
+    // The tail padded with −∞ (as in the AVX2 path): +0 in the lanes past the end.
+    if n < x.len() && m.is_finite() {
+        let k: __mmask16 = (1u16 << (x.len() - n)) - 1;
+        let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), k, p.add(n));
+        let a = exp16(_mm512_sub_ps(v, mv));
+        _mm512_mask_storeu_ps(p.add(n), k, a);
+        s = _mm512_add_ps(s, a);
+        done = x.len();
+    }
+    _mm512_storeu_ps(lanes.as_mut_ptr(), s);
+    done
+}
+
+/// Sixteen lanes of [`exp`], the same operations as [`exp8`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(HI)), _mm512_set1_ps(LO));
+    let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+    );
+    let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(LN2_LO), r);
+    let z = _mm512_mul_ps(r, r);
+    let mut p = _mm512_set1_ps(P[0]);
+    for &c in &P[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_fmadd_ps(p, z, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    let n = _mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127));
+    let y = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(n)));
+    // Below LO: 0 (a NaN compares false and is put back next).
+    let y = _mm512_maskz_mov_ps(!_mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(LO)), y);
+    _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v), v)
+}
+
 /// `out[i] = σ(x[i]) = 1 / (1 + exp(−x[i]))` over the common length, with [`exp`] (the AVX2
 /// path and the portable one give the same bits).
 pub fn sigmoid(out: &mut [f32], x: &[f32]) {
@@ -201,6 +347,18 @@ mod tests {
         assert!(exp(1e30).is_finite() && exp(1e30) > 1e38);
     }
 
+    /// The paths this CPU can run.
+    fn paths() -> Vec<Path> {
+        let mut v = vec![Path::Portable];
+        if crate::kernels::has_avx2_fma() {
+            v.push(Path::Avx2);
+        }
+        if crate::kernels::has_avx512f() {
+            v.push(Path::Avx512);
+        }
+        v
+    }
+
     #[test]
     fn the_row_paths_agree_bit_for_bit() {
         let mut rng = crate::rng::Rng::new(3);
@@ -219,6 +377,23 @@ mod tests {
                 a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
                 "len {len}"
             );
+            // Every path this CPU runs, with and without the sum; a finite and a −∞ shift.
+            for path in paths() {
+                for shift in [m, f32::NEG_INFINITY] {
+                    let (mut c, mut d, mut e) = (x.clone(), x.clone(), x.clone());
+                    let sc = exp_sub_sum_on(path, &mut c, shift);
+                    let sd = exp_sub_sum_on(Path::Portable, &mut d, shift);
+                    exp_sub_on(path, &mut e, shift);
+                    let same = |u: &[f32], v: &[f32]| {
+                        u.iter().zip(v).all(|(p, q)| p.to_bits() == q.to_bits())
+                    };
+                    assert!(same(&c, &d) && same(&e, &d), "{path:?} len {len}");
+                    assert!(
+                        sc.to_bits() == sd.to_bits() || (sc.is_nan() && sd.is_nan()),
+                        "{path:?} len {len}: {sc} vs {sd}"
+                    );
+                }
+            }
             let want: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
             assert!(
                 (sa as f64 - want).abs() <= 1e-5 * want.max(1.0),
