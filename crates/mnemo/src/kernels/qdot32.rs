@@ -98,6 +98,37 @@ impl Acts {
     }
 }
 
+/// A group of `n ≤ GROUP` vectors interleaved block by block for the SIMD kernels: block `b`
+/// of vector `i` at `qx[(b·n + i)·32..]`, its lane offsets at `off[(b·n + i)·8..]` (zeros for
+/// `Q5_1`) and its scale at `dx[b·n + i]`, so a block's loads for every vector are adjacent.
+struct Packed {
+    qx: Vec<i8>,
+    off: Vec<i32>,
+    dx: Vec<f32>,
+}
+
+impl Packed {
+    fn new(xs: &[Q8Vec], off: &[Vec<i32>]) -> Packed {
+        let (n, nb) = (xs.len(), xs[0].dx.len());
+        let mut p = Packed {
+            qx: Vec::with_capacity(nb * n * 32),
+            off: Vec::with_capacity(nb * n * 8),
+            dx: Vec::with_capacity(nb * n),
+        };
+        for b in 0..nb {
+            for (x, o) in xs.iter().zip(off) {
+                p.qx.extend_from_slice(&x.qx[b * 32..(b + 1) * 32]);
+                match o.is_empty() {
+                    true => p.off.extend_from_slice(&[0; 8]),
+                    false => p.off.extend_from_slice(&o[b * 8..(b + 1) * 8]),
+                }
+                p.dx.push(x.dx[b]);
+            }
+        }
+        p
+    }
+}
+
 /// Rows `r0..r0 + nr` of `m` against the vectors `xs` (`n ≤ GROUP`) into `out[k·n + i]`,
 /// portable (the reference the SIMD kernels are tested against).
 fn rows_generic(m: &QMatrix, r0: usize, nr: usize, xs: &[Q8Vec], out: &mut [f32]) {
@@ -177,85 +208,113 @@ mod x86 {
     pub(super) const Q51: u8 = 1;
     pub(super) const IQ4: u8 = 2;
 
-    /// [`super::rows_generic`] for `N` vectors of block type `T` with AVX2 (`VNNI`: with
-    /// AVX-512 VNNI's `vpdpbusd`): the same lane integers and float operations.
+    /// [`super::rows_generic`] for the `N` vectors of `p` (`xs`: the same vectors, for
+    /// `Q5_1`'s minimum term) of block type `T` with AVX2 (`VNNI`: with AVX-512 VNNI's
+    /// `vpdpbusd`): the same lane integers and float operations. `R` rows at a time share each
+    /// vector's loads.
     ///
     /// # Safety
-    /// AVX2 and FMA (and, for `VNNI`, AVX-512 VL + VNNI) must be available; `xs`/`off` hold
-    /// `N` vectors of `m.cols` values, rows `r0..r0 + nr` are in `m`, `out` holds `nr·N`.
+    /// AVX2 and FMA (and, for `VNNI`, AVX-512 VL + VNNI) must be available; `p` holds `N`
+    /// vectors of `m.cols` values, rows `r0..r0 + nr` are in `m`, `out` holds `nr·N`.
     #[inline(always)]
-    pub(super) unsafe fn rows<const T: u8, const N: usize, const VNNI: bool>(
+    pub(super) unsafe fn rows<const T: u8, const N: usize, const VNNI: bool, const R: usize>(
         m: &QMatrix,
         r0: usize,
         nr: usize,
+        p: &Packed,
         xs: &[Q8Vec],
-        off: &[Vec<i32>],
         out: &mut [f32],
     ) {
+        let mut k = 0;
+        while k < nr {
+            if R > 1 && k + R <= nr {
+                tile::<T, N, VNNI, R>(m, r0 + k, p, xs, out.as_mut_ptr().add(k * N));
+                k += R;
+            } else {
+                tile::<T, N, VNNI, 1>(m, r0 + k, p, xs, out.as_mut_ptr().add(k * N));
+                k += 1;
+            }
+        }
+    }
+
+    /// Rows `r..r + R` against the `N` vectors of `p` into `out[rr·N + i]`.
+    #[inline(always)]
+    unsafe fn tile<const T: u8, const N: usize, const VNNI: bool, const R: usize>(
+        m: &QMatrix,
+        r: usize,
+        p: &Packed,
+        xs: &[Q8Vec],
+        out: *mut f32,
+    ) {
         let (bs, nb) = (m.ty.block_bytes(), m.cols / 32);
-        let xq: [*const i8; N] = std::array::from_fn(|i| xs[i].qx.as_ptr());
-        let xd: [*const f32; N] = std::array::from_fn(|i| xs[i].dx.as_ptr());
-        let xo: [*const i32; N] = std::array::from_fn(|i| match T {
-            Q51 => std::ptr::null(),
-            _ => off[i].as_ptr(),
-        });
         let ones = _mm256_set1_epi16(1);
         let lv = _mm_loadu_si128(IQ4_NL_LEVELS.as_ptr() as *const __m128i);
         let lv = _mm256_set_m128i(lv, lv);
-        for k in 0..nr {
-            let r = r0 + k;
-            let row = m.data.as_ptr().add(r * nb * bs);
-            let ds = m.d.as_ptr().add(r * nb);
-            let mut acc = [_mm256_setzero_ps(); N];
-            let mut mt = [0.0f32; N];
-            for b in 0..nb {
-                let blk = row.add(b * bs);
-                let sd = _mm256_set1_ps(*ds.add(b));
-                // `u` (unsigned codes) and, for `IQ4_NL` without VNNI, the signed levels.
-                let (u, l) = match T {
+        let rowp: [*const u8; R] = std::array::from_fn(|rr| m.data.as_ptr().add((r + rr) * nb * bs));
+        let dsp: [*const f32; R] = std::array::from_fn(|rr| m.d.as_ptr().add((r + rr) * nb));
+        let (mut xp, mut op, mut dp) = (p.qx.as_ptr(), p.off.as_ptr(), p.dx.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut mt = [[0.0f32; N]; R];
+        for b in 0..nb {
+            // Per row: `u` (unsigned codes), `l` (for `IQ4_NL`: the signed levels), `d`.
+            let mut u = [_mm256_setzero_si256(); R];
+            let mut l = [_mm256_setzero_si256(); R];
+            let mut sd = [_mm256_setzero_ps(); R];
+            for rr in 0..R {
+                let blk = rowp[rr].add(b * bs);
+                sd[rr] = _mm256_set1_ps(*dsp[rr].add(b));
+                match T {
                     Q50 | Q51 => {
                         let at = if T == Q50 { 2 } else { 4 };
                         let qh = u32::from_le((blk.add(at) as *const u32).read_unaligned());
-                        let u = _mm256_or_si256(nibbles(blk.add(at + 4)), high_bits(qh));
-                        (u, u)
+                        u[rr] = _mm256_or_si256(nibbles(blk.add(at + 4)), high_bits(qh));
                     }
                     _ => {
-                        let l = _mm256_shuffle_epi8(lv, nibbles(blk.add(2)));
-                        (_mm256_xor_si256(l, _mm256_set1_epi8(-128)), l)
-                    }
-                };
-                let al = _mm256_sign_epi8(l, l);
-                for i in 0..N {
-                    let x = _mm256_loadu_si256(xq[i].add(b * 32) as *const __m256i);
-                    let base = match T {
-                        Q51 => _mm256_setzero_si256(),
-                        _ => _mm256_loadu_si256(xo[i].add(b * 8) as *const __m256i),
-                    };
-                    let p = if VNNI {
-                        _mm256_dpbusd_epi32(base, u, x)
-                    } else if T == IQ4 {
-                        // Σ L·qx as Σ |L|·(qx·sign L): i16 pairs within 2·127·127.
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(al, _mm256_sign_epi8(x, l)), ones)
-                    } else {
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
-                        _mm256_add_epi32(p, base)
-                    };
-                    let sc = _mm256_mul_ps(sd, _mm256_set1_ps(*xd[i].add(b)));
-                    acc[i] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[i]);
-                    if T == Q51 {
-                        mt[i] += *m.m.as_ptr().add(r * nb + b) * *xs[i].sx.as_ptr().add(b);
+                        l[rr] = _mm256_shuffle_epi8(lv, nibbles(blk.add(2)));
+                        u[rr] = _mm256_xor_si256(l[rr], _mm256_set1_epi8(-128));
                     }
                 }
             }
             for i in 0..N {
-                let s = hsum(acc[i]);
-                out[k * N + i] = if T == Q51 { s + mt[i] } else { s };
+                let x = _mm256_loadu_si256(xp.add(i * 32) as *const __m256i);
+                let base = match T {
+                    Q51 => _mm256_setzero_si256(),
+                    _ => _mm256_loadu_si256(op.add(i * 8) as *const __m256i),
+                };
+                let dx = _mm256_set1_ps(*dp.add(i));
+                for rr in 0..R {
+                    let p = if VNNI {
+                        _mm256_dpbusd_epi32(base, u[rr], x)
+                    } else if T == IQ4 {
+                        // Σ L·qx as Σ |L|·(qx·sign L): i16 pairs within 2·127·127.
+                        let al = _mm256_sign_epi8(l[rr], l[rr]);
+                        let sx = _mm256_sign_epi8(x, l[rr]);
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(al, sx), ones)
+                    } else {
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u[rr], x), ones);
+                        _mm256_add_epi32(p, base)
+                    };
+                    let sc = _mm256_mul_ps(sd[rr], dx);
+                    acc[rr][i] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[rr][i]);
+                    if T == Q51 {
+                        mt[rr][i] += *m.m.as_ptr().add((r + rr) * nb + b) * xs[i].sx[b];
+                    }
+                }
+            }
+            xp = xp.add(N * 32);
+            op = op.add(N * 8);
+            dp = dp.add(N);
+        }
+        for rr in 0..R {
+            for i in 0..N {
+                let s = hsum(acc[rr][i]);
+                *out.add(rr * N + i) = if T == Q51 { s + mt[rr][i] } else { s };
             }
         }
     }
 
     macro_rules! dispatch {
-        ($name:ident, $vnni:expr, $feat:literal) => {
+        ($name:ident, $vnni:expr, $rows:expr, $feat:literal) => {
             /// [`rows`] for this CPU level, dispatched on the block type and vector count.
             ///
             /// # Safety
@@ -265,21 +324,22 @@ mod x86 {
                 m: &QMatrix,
                 r0: usize,
                 nr: usize,
+                p: &Packed,
                 xs: &[Q8Vec],
-                off: &[Vec<i32>],
                 out: &mut [f32],
             ) {
+                const R: usize = $rows;
                 macro_rules! by_n {
                     ($t:expr) => {
                         match xs.len() {
-                            1 => rows::<$t, 1, $vnni>(m, r0, nr, xs, off, out),
-                            2 => rows::<$t, 2, $vnni>(m, r0, nr, xs, off, out),
-                            3 => rows::<$t, 3, $vnni>(m, r0, nr, xs, off, out),
-                            4 => rows::<$t, 4, $vnni>(m, r0, nr, xs, off, out),
-                            5 => rows::<$t, 5, $vnni>(m, r0, nr, xs, off, out),
-                            6 => rows::<$t, 6, $vnni>(m, r0, nr, xs, off, out),
-                            7 => rows::<$t, 7, $vnni>(m, r0, nr, xs, off, out),
-                            _ => rows::<$t, 8, $vnni>(m, r0, nr, xs, off, out),
+                            1 => rows::<$t, 1, $vnni, R>(m, r0, nr, p, xs, out),
+                            2 => rows::<$t, 2, $vnni, R>(m, r0, nr, p, xs, out),
+                            3 => rows::<$t, 3, $vnni, R>(m, r0, nr, p, xs, out),
+                            4 => rows::<$t, 4, $vnni, R>(m, r0, nr, p, xs, out),
+                            5 => rows::<$t, 5, $vnni, R>(m, r0, nr, p, xs, out),
+                            6 => rows::<$t, 6, $vnni, R>(m, r0, nr, p, xs, out),
+                            7 => rows::<$t, 7, $vnni, R>(m, r0, nr, p, xs, out),
+                            _ => rows::<$t, 8, $vnni, R>(m, r0, nr, p, xs, out),
                         }
                     };
                 }
@@ -291,8 +351,9 @@ mod x86 {
             }
         };
     }
-    dispatch!(rows_avx2, false, "avx2,fma");
-    dispatch!(rows_vnni, true, "avx2,fma,avx512vl,avx512vnni");
+    // Two rows at a time where AVX-512 gives 32 vector registers (2·8 accumulators).
+    dispatch!(rows_avx2, false, 1, "avx2,fma");
+    dispatch!(rows_vnni, true, 2, "avx2,fma,avx512vl,avx512vnni");
 }
 
 /// Rows `r0..r0 + nr` of `m` against the vectors `xs` (with their offsets `off`) into
@@ -303,21 +364,25 @@ fn rows(
     r0: usize,
     nr: usize,
     xs: &[Q8Vec],
-    off: &[Vec<i32>],
+    p: Option<&Packed>,
     o: &mut [f32],
 ) {
     assert!(!xs.is_empty() && xs.len() <= GROUP && o.len() >= nr * xs.len());
     assert!(r0 + nr <= m.rows && xs.iter().all(|x| x.qx.len() == m.cols));
-    assert!(m.ty == QType::Q5_1 || off.iter().all(|v| v.len() == m.cols / 4));
     #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: the features were detected at run time (tests force lower ones only); the
-        // sizes were checked above.
-        Isa::Vnni => return unsafe { x86::rows_vnni(m, r0, nr, xs, off, o) },
-        Isa::Avx2 => return unsafe { x86::rows_avx2(m, r0, nr, xs, off, o) },
-        Isa::Generic => {}
+    if let Some(p) = p {
+        let nb = m.cols / 32;
+        let n = xs.len();
+        assert!(p.qx.len() == nb * n * 32 && p.off.len() == nb * n * 8 && p.dx.len() == nb * n);
+        match isa {
+            // SAFETY: the features were detected at run time (tests force lower ones only);
+            // the sizes were checked above.
+            Isa::Vnni => return unsafe { x86::rows_vnni(m, r0, nr, p, xs, o) },
+            Isa::Avx2 => return unsafe { x86::rows_avx2(m, r0, nr, p, xs, o) },
+            Isa::Generic => {}
+        }
     }
-    let _ = (isa, off);
+    let _ = (isa, p);
     rows_generic(m, r0, nr, xs, o)
 }
 
@@ -335,6 +400,15 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
         return;
     }
     let a = Acts::new(m.ty, x, m.cols);
+    let packed: Vec<Packed> = match isa {
+        Isa::Generic => Vec::new(),
+        _ => a
+            .xs
+            .chunks(GROUP)
+            .zip(a.off.chunks(GROUP))
+            .map(|(xs, off)| Packed::new(xs, off))
+            .collect(),
+    };
     let nrows = m.rows;
     const ROWS: usize = 16;
     let yp = SendPtr(y.as_mut_ptr());
@@ -343,8 +417,8 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
         let mut buf = [0.0f32; ROWS * GROUP];
         for g0 in (0..n).step_by(GROUP) {
             let gn = GROUP.min(n - g0);
-            let (xs, off) = (&a.xs[g0..g0 + gn], &a.off[g0..g0 + gn]);
-            rows(isa, m, r0, nr, xs, off, &mut buf[..nr * gn]);
+            let p = packed.get(g0 / GROUP);
+            rows(isa, m, r0, nr, &a.xs[g0..g0 + gn], p, &mut buf[..nr * gn]);
             for i in 0..gn {
                 // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
                 // inside y (n · rows elements).
