@@ -250,7 +250,8 @@ mod x86 {
         let ones = _mm256_set1_epi16(1);
         let lv = _mm_loadu_si128(IQ4_NL_LEVELS.as_ptr() as *const __m128i);
         let lv = _mm256_set_m128i(lv, lv);
-        let rowp: [*const u8; R] = std::array::from_fn(|rr| m.data.as_ptr().add((r + rr) * nb * bs));
+        let rowp: [*const u8; R] =
+            std::array::from_fn(|rr| m.data.as_ptr().add((r + rr) * nb * bs));
         let dsp: [*const f32; R] = std::array::from_fn(|rr| m.d.as_ptr().add((r + rr) * nb));
         let (mut xp, mut op, mut dp) = (p.qx.as_ptr(), p.off.as_ptr(), p.dx.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); N]; R];
@@ -402,12 +403,12 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
     let a = Acts::new(m.ty, x, m.cols);
     let packed: Vec<Packed> = match isa {
         Isa::Generic => Vec::new(),
-        _ => a
-            .xs
-            .chunks(GROUP)
-            .zip(a.off.chunks(GROUP))
-            .map(|(xs, off)| Packed::new(xs, off))
-            .collect(),
+        _ => {
+            a.xs.chunks(GROUP)
+                .zip(a.off.chunks(GROUP))
+                .map(|(xs, off)| Packed::new(xs, off))
+                .collect()
+        }
     };
     let nrows = m.rows;
     const ROWS: usize = 16;
