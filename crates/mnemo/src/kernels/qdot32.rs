@@ -100,7 +100,8 @@ impl Acts {
 
 /// A group of `n ≤ GROUP` vectors interleaved block by block for the SIMD kernels: block `b`
 /// of vector `i` at `qx[(b·n + i)·32..]`, its lane offsets at `off[(b·n + i)·8..]` (zeros for
-/// `Q5_1`) and its scale at `dx[b·n + i]`, so a block's loads for every vector are adjacent.
+/// `Q5_1`) and its scale 8 times at `dx[(b·n + i)·8..]` (a full vector, so that the kernel
+/// multiplies by it from memory), so a block's loads for every vector are adjacent.
 struct Packed {
     qx: Vec<i8>,
     off: Vec<i32>,
@@ -113,7 +114,7 @@ impl Packed {
         let mut p = Packed {
             qx: Vec::with_capacity(nb * n * 32),
             off: Vec::with_capacity(nb * n * 8),
-            dx: Vec::with_capacity(nb * n),
+            dx: Vec::with_capacity(nb * n * 8),
         };
         for b in 0..nb {
             for (x, o) in xs.iter().zip(off) {
@@ -122,7 +123,7 @@ impl Packed {
                     true => p.off.extend_from_slice(&[0; 8]),
                     false => p.off.extend_from_slice(&o[b * 8..(b + 1) * 8]),
                 }
-                p.dx.push(x.dx[b]);
+                p.dx.extend_from_slice(&[x.dx[b]; 8]);
             }
         }
         p
@@ -282,7 +283,12 @@ mod x86 {
                     Q51 => _mm256_setzero_si256(),
                     _ => _mm256_loadu_si256(op.add(i * 8) as *const __m256i),
                 };
-                let dx = _mm256_set1_ps(*dp.add(i));
+                // (Measured: one vector runs faster with a broadcast, several with the
+                // full-vector load; the same value either way.)
+                let dx = match N {
+                    1 => _mm256_set1_ps(*dp.add(i * 8)),
+                    _ => _mm256_loadu_ps(dp.add(i * 8)),
+                };
                 for rr in 0..R {
                     let p = if VNNI {
                         _mm256_dpbusd_epi32(base, u[rr], x)
@@ -304,7 +310,7 @@ mod x86 {
             }
             xp = xp.add(N * 32);
             op = op.add(N * 8);
-            dp = dp.add(N);
+            dp = dp.add(N * 8);
         }
         for rr in 0..R {
             for i in 0..N {
@@ -374,7 +380,7 @@ fn rows(
     if let Some(p) = p {
         let nb = m.cols / 32;
         let n = xs.len();
-        assert!(p.qx.len() == nb * n * 32 && p.off.len() == nb * n * 8 && p.dx.len() == nb * n);
+        assert!(p.qx.len() == nb * n * 32 && p.off.len() == nb * n * 8 && p.dx.len() == nb * n * 8);
         match isa {
             // SAFETY: the features were detected at run time (tests force lower ones only);
             // the sizes were checked above.
