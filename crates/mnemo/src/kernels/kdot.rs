@@ -19,10 +19,13 @@
 //! The integer sums (`i32`, no overflow: at most 8·63·32·15·127 and 16·128·16·32·127 in
 //! magnitude) are computed by a portable loop, with AVX2 (`maddubs` of the unsigned weight
 //! codes with `qy`, then `madd` with the scales) or with AVX-512 VNNI on 256-bit lanes
-//! (`vpdpbusd` of the codes with `qy`, then `mullo` with the scales: `x86::scaled`), chosen at
-//! run time; the three give the same integers, and the float part (`acc += (d·dy)·S`,
-//! `acc −= (dmin·dy)·M`, in block order) is the same scalar code on every path, so the paths
-//! agree bit for bit (tested against each other in `kdot_tests.rs`).
+//! (the same `maddubs`, then `vpdpwssd` with the scales, accumulating: `x86::scaled_add`),
+//! chosen at run time; the three give the same integers, and the float part (`acc +=
+//! (d·dy)·S`, `acc −= (dmin·dy)·M`, in block order) is the same scalar code on every path, so
+//! the paths agree bit for bit (tested against each other in `kdot_tests.rs`). Several vectors
+//! (prefill rows, a decode batch) go in groups of 8: a super-block's scales (and, for `Q4_K`
+//! and `Q6_K`, its unpacked codes: `x86::Q4kBlock`, `x86::Q6kBlock`) are prepared once per
+//! group; every output is computed exactly as for one vector.
 
 use super::kquant::scale_min_k4;
 use super::quant::{Isa, QMatrix, QType};
