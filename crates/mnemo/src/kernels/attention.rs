@@ -343,19 +343,30 @@ unsafe fn decode_head_avx2(a: &DecodeHead, sc: &mut [f32], acc: &mut [f32]) {
     for r in 0..nq {
         inv[r] = softmax_row(&mut sc[r * tk..r * tk + pos0 + r + 1]);
     }
-    acc.fill(0.0);
+    // Row by row, 32 columns at a time in registers: each element still accumulates its
+    // keys in order from 0 (the portable path's key-major loop gives the same operations).
     let ap = acc.as_mut_ptr();
-    for s in 0..tk {
-        let vs = vp.add(s * a.kv_rs);
-        for r in s.saturating_sub(pos0)..nq {
-            let p = _mm256_set1_ps(*sc.get_unchecked(r * tk + s));
-            let ar = ap.add(r * hd);
-            let mut c = 0;
-            while c < hd {
-                let o = _mm256_fmadd_ps(p, _mm256_loadu_ps(vs.add(c)), _mm256_loadu_ps(ar.add(c)));
-                _mm256_storeu_ps(ar.add(c), o);
-                c += 8;
+    for r in 0..nq {
+        let (ar, scr, ns) = (ap.add(r * hd), sc.as_ptr().add(r * tk), pos0 + r + 1);
+        let mut c = 0;
+        while c < hd {
+            let w = if hd - c >= 32 { 4 } else { 1 };
+            let mut o = [_mm256_setzero_ps(); 4];
+            for s in 0..ns {
+                let p = _mm256_set1_ps(*scr.add(s));
+                let vs = vp.add(s * a.kv_rs + c);
+                if w == 4 {
+                    for (t, ot) in o.iter_mut().enumerate() {
+                        *ot = _mm256_fmadd_ps(p, _mm256_loadu_ps(vs.add(8 * t)), *ot);
+                    }
+                } else {
+                    o[0] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vs), o[0]);
+                }
             }
+            for (t, ot) in o.iter().enumerate().take(w) {
+                _mm256_storeu_ps(ar.add(c + 8 * t), *ot);
+            }
+            c += 8 * w;
         }
     }
     for r in 0..nq {
@@ -598,93 +609,96 @@ mod tests {
     #[test]
     fn decode_rows_match_one_row_at_a_time_bit_for_bit_and_the_reference() {
         let mut r = Rng::new(12);
-        let (h, kv, hd, pos0, nq) = (6, 2, 16, 37, 5);
-        let (qrs, kvrs) = (h * hd + 3, kv * hd + 1);
-        let tk = pos0 + nq;
-        let mut q = vec![0.0f32; nq * qrs];
-        let mut k = vec![0.0f32; tk * kvrs];
-        let mut v = vec![0.0f32; tk * kvrs];
-        r.fill_normal(&mut q, 1.0);
-        r.fill_normal(&mut k, 1.0);
-        r.fill_normal(&mut v, 1.0);
-        let mut all = vec![0.0f32; nq * h * hd];
-        let sc = 1.0 / (hd as f32).sqrt();
-        decode_rows(&q, qrs, &k, &v, kvrs, nq, pos0, h, kv, hd, sc, &mut all);
-        for row in 0..nq {
-            let mut one = vec![0.0f32; h * hd];
-            let p = pos0 + row;
-            decode_rows(
-                &q[row * qrs..],
-                qrs,
-                &k[..(p + 1) * kvrs],
-                &v[..(p + 1) * kvrs],
-                kvrs,
-                1,
-                p,
-                h,
-                kv,
-                hd,
-                sc,
-                &mut one,
-            );
-            assert_eq!(
-                &all[row * h * hd..(row + 1) * h * hd],
-                &one[..],
-                "row {row}"
-            );
-        }
-        // Portable and AVX2 paths agree bit for bit; both match the naive reference.
-        let dims = AttnDims {
-            batch: 1,
-            tq: nq,
-            tk,
-            q_pos0: pos0,
-            n_heads: h,
-            n_kv_heads: kv,
-            head_dim: hd,
-        };
-        let want = naive_forward(
-            dims,
-            Heads {
-                data: &q,
-                rs: qrs,
-                off: 0,
-            },
-            Heads {
-                data: &k,
-                rs: kvrs,
-                off: 0,
-            },
-            Heads {
-                data: &v,
-                rs: kvrs,
-                off: 0,
-            },
-        );
-        for (a, b) in all.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
-        for hh in 0..h {
-            let g = hh / (h / kv);
-            let args = DecodeHead {
-                q: &q[hh * hd..],
-                q_rs: qrs,
-                k: &k[g * hd..],
-                v: &v[g * hd..],
-                kv_rs: kvrs,
-                nq,
-                pos0,
-                hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
-            let (mut sc, mut acc) = (vec![0.0f32; nq * tk], vec![0.0f32; nq * hd]);
-            decode_head_generic(&args, &mut sc, &mut acc);
+        // hd 40: the AVX2 value loop's 32-column and 8-column steps.
+        for hd in [16usize, 40] {
+            let (h, kv, pos0, nq) = (6, 2, 37, 5);
+            let (qrs, kvrs) = (h * hd + 3, kv * hd + 1);
+            let tk = pos0 + nq;
+            let mut q = vec![0.0f32; nq * qrs];
+            let mut k = vec![0.0f32; tk * kvrs];
+            let mut v = vec![0.0f32; tk * kvrs];
+            r.fill_normal(&mut q, 1.0);
+            r.fill_normal(&mut k, 1.0);
+            r.fill_normal(&mut v, 1.0);
+            let mut all = vec![0.0f32; nq * h * hd];
+            let sc = 1.0 / (hd as f32).sqrt();
+            decode_rows(&q, qrs, &k, &v, kvrs, nq, pos0, h, kv, hd, sc, &mut all);
             for row in 0..nq {
-                assert_eq!(
-                    &acc[row * hd..(row + 1) * hd],
-                    &all[row * h * hd + hh * hd..][..hd],
-                    "generic head {hh} row {row}"
+                let mut one = vec![0.0f32; h * hd];
+                let p = pos0 + row;
+                decode_rows(
+                    &q[row * qrs..],
+                    qrs,
+                    &k[..(p + 1) * kvrs],
+                    &v[..(p + 1) * kvrs],
+                    kvrs,
+                    1,
+                    p,
+                    h,
+                    kv,
+                    hd,
+                    sc,
+                    &mut one,
                 );
+                assert_eq!(
+                    &all[row * h * hd..(row + 1) * h * hd],
+                    &one[..],
+                    "row {row}"
+                );
+            }
+            // Portable and AVX2 paths agree bit for bit; both match the naive reference.
+            let dims = AttnDims {
+                batch: 1,
+                tq: nq,
+                tk,
+                q_pos0: pos0,
+                n_heads: h,
+                n_kv_heads: kv,
+                head_dim: hd,
+            };
+            let want = naive_forward(
+                dims,
+                Heads {
+                    data: &q,
+                    rs: qrs,
+                    off: 0,
+                },
+                Heads {
+                    data: &k,
+                    rs: kvrs,
+                    off: 0,
+                },
+                Heads {
+                    data: &v,
+                    rs: kvrs,
+                    off: 0,
+                },
+            );
+            for (a, b) in all.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+            for hh in 0..h {
+                let g = hh / (h / kv);
+                let args = DecodeHead {
+                    q: &q[hh * hd..],
+                    q_rs: qrs,
+                    k: &k[g * hd..],
+                    v: &v[g * hd..],
+                    kv_rs: kvrs,
+                    nq,
+                    pos0,
+                    hd,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                };
+                let (mut sc, mut acc) = (vec![0.0f32; nq * tk], vec![0.0f32; nq * hd]);
+                decode_head_generic(&args, &mut sc, &mut acc);
+                for row in 0..nq {
+                    assert_eq!(
+                        &acc[row * hd..(row + 1) * hd],
+                        &all[row * h * hd + hh * hd..][..hd],
+                        "generic head {hh} row {row}"
+                    );
+                }
             }
         }
     }

@@ -19,10 +19,13 @@
 //! The integer sums (`i32`, no overflow: at most 8·63·32·15·127 and 16·128·16·32·127 in
 //! magnitude) are computed by a portable loop, with AVX2 (`maddubs` of the unsigned weight
 //! codes with `qy`, then `madd` with the scales) or with AVX-512 VNNI on 256-bit lanes
-//! (`vpdpbusd` of the codes with `qy`, then `mullo` with the scales: `x86::scaled`), chosen at
-//! run time; the three give the same integers, and the float part (`acc += (d·dy)·S`,
-//! `acc −= (dmin·dy)·M`, in block order) is the same scalar code on every path, so the paths
-//! agree bit for bit (tested against each other in `kdot_tests.rs`).
+//! (the same `maddubs`, then `vpdpwssd` with the scales, accumulating: `x86::scaled_add`),
+//! chosen at run time; the three give the same integers, and the float part (`acc +=
+//! (d·dy)·S`, `acc −= (dmin·dy)·M`, in block order) is the same scalar code on every path, so
+//! the paths agree bit for bit (tested against each other in `kdot_tests.rs`). Several vectors
+//! (prefill rows, a decode batch) go in groups of 8: a super-block's scales (and, for `Q4_K`
+//! and `Q6_K`, its unpacked codes: `x86::Q4kBlock`, `x86::Q6kBlock`) are prepared once per
+//! group; every output is computed exactly as for one vector.
 
 use super::kquant::scale_min_k4;
 use super::quant::{Isa, QMatrix, QType};
@@ -43,8 +46,23 @@ pub(crate) struct Q8K {
 
 /// Quantise `x` (length a multiple of 256) to `Q8_K` as ggml's `quantize_row_q8_K_ref`
 /// does: `d = m/−127` for the block's value `m` of largest magnitude, `q = round(x/d)` (ties
-/// to even) capped at 127.
+/// to even) capped at 127. (The same code compiled for AVX2 where the CPU has it, so that
+/// the rounding is one instruction instead of a `rintf` call: the same bits.)
 pub(crate) fn quantize_q8k(x: &[f32]) -> Q8K {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn q8k_avx2(x: &[f32]) -> Q8K {
+            quantize_q8k_impl(x)
+        }
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { q8k_avx2(x) };
+    }
+    quantize_q8k_impl(x)
+}
+
+#[inline(always)]
+fn quantize_q8k_impl(x: &[f32]) -> Q8K {
     assert!(x.len().is_multiple_of(QK_K));
     let nb = x.len() / QK_K;
     let mut v = Q8K {
@@ -151,9 +169,7 @@ pub(super) mod x86 {
     }
 
     /// i32 lanes whose total is `s0·Σ_{l<16} u_l·y_l + s1·Σ_{l≥16} u_l·y_l` (`u`: 32 unsigned
-    /// codes, each `u·y` pair sum within i16). AVX2: `maddubs` (u8·i8 → i16 pairs) then
-    /// `madd` with the scales; `VNNI`: AVX-512 VNNI `vpdpbusd` (u8·i8 → i32 quads) then
-    /// `mullo` with the scales. Both totals are the same integer.
+    /// codes, each `u·y` pair sum within i16): [`scaled_add`] from zero.
     #[inline(always)]
     pub(in crate::kernels) unsafe fn scaled<const VNNI: bool>(
         u: __m256i,
@@ -161,73 +177,163 @@ pub(super) mod x86 {
         s0: i32,
         s1: i32,
     ) -> __m256i {
+        scaled_add::<VNNI>(_mm256_setzero_si256(), u, y, scales16(s0, s1))
+    }
+
+    /// `s0` in the low 8 i16 lanes, `s1` in the high 8.
+    #[inline(always)]
+    unsafe fn scales16(s0: i32, s1: i32) -> __m256i {
+        _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16))
+    }
+
+    /// `acc` plus i32 lanes whose total is `Σ_l s_l·u_l·y_l` (`s`: an i16 scale per pair of
+    /// values, [`scales16`]): `maddubs` (u8·i8 → i16 pairs, exact when each pair sum is within
+    /// i16), then AVX2 `madd` with the scales and an add, or with `VNNI` AVX-512 VNNI's
+    /// `vpdpwssd` (the same i16·i16 pair products added into `acc`). The same integers.
+    #[inline(always)]
+    pub(in crate::kernels) unsafe fn scaled_add<const VNNI: bool>(
+        acc: __m256i,
+        u: __m256i,
+        y: __m256i,
+        s: __m256i,
+    ) -> __m256i {
+        let p = _mm256_maddubs_epi16(u, y);
         if VNNI {
-            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y);
-            _mm256_mullo_epi32(p, _mm256_set_m128i(_mm_set1_epi32(s1), _mm_set1_epi32(s0)))
+            _mm256_dpwssd_epi32(acc, p, s)
         } else {
-            let s = _mm256_set_m128i(_mm_set1_epi16(s1 as i16), _mm_set1_epi16(s0 as i16));
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), s)
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
         }
     }
 
-    /// [`super::q4k_sum_generic`] with AVX2 or VNNI ([`scaled`]; nibbles 0..15).
-    #[inline(always)]
-    pub unsafe fn q4k_sum<const VNNI: bool>(qs: *const u8, s: &[u8; 8], qy: *const i8) -> i32 {
-        let m4 = _mm256_set1_epi8(0x0f);
-        let mut acc = _mm256_setzero_si256();
-        for c in 0..4 {
-            let raw = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-            let lo = _mm256_and_si256(raw, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-            let y0 = _mm256_loadu_si256(qy.add(64 * c) as *const __m256i);
-            let y1 = _mm256_loadu_si256(qy.add(64 * c + 32) as *const __m256i);
-            let (s0, s1) = (s[2 * c] as i32, s[2 * c + 1] as i32);
-            let p0 = scaled::<VNNI>(lo, y0, s0, s0);
-            let p1 = scaled::<VNNI>(hi, y1, s1, s1);
-            acc = _mm256_add_epi32(acc, _mm256_add_epi32(p0, p1));
-        }
-        hsum_i32(acc)
+    /// A `Q4_K` super-block unpacked once for several vectors: code vector `j` holds elements
+    /// `32j..32j + 32` (chunk `c = j/2`: low nibbles for even `j`, high for odd), `s[j]` its
+    /// scale `s_j` in every i16 lane, `mins` lane `k` the minimum `m_{k/2}`.
+    pub struct Q4kBlock {
+        q: [__m256i; 8],
+        s: [__m256i; 8],
+        mins: __m256i,
     }
 
-    /// [`super::q6k_sum_generic`] with AVX2 or VNNI: the 6-bit codes `q` (0..63) rebuilt 32
-    /// at a time, `Σ_k sc_k·Σ q·qy` by [`scaled`], less `32·Σ_k sc_k·bsums_k`.
+    impl Q4kBlock {
+        /// # Safety
+        /// AVX2; `qs` must hold the block's 128 code bytes.
+        #[inline(always)]
+        pub unsafe fn new(qs: *const u8, s: &[u8; 8], mn: &[u8; 8]) -> Q4kBlock {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for c in 0..4 {
+                let raw = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                q[2 * c] = _mm256_and_si256(raw, m4);
+                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            }
+            let s = std::array::from_fn(|j| _mm256_set1_epi16(s[j] as i16));
+            let m = |k: usize| mn[k / 2] as i16;
+            let mins = _mm256_setr_epi16(
+                m(0),
+                m(1),
+                m(2),
+                m(3),
+                m(4),
+                m(5),
+                m(6),
+                m(7),
+                m(8),
+                m(9),
+                m(10),
+                m(11),
+                m(12),
+                m(13),
+                m(14),
+                m(15),
+            );
+            Q4kBlock { q, s, mins }
+        }
+    }
+
+    /// `(S, M)` of an unpacked `Q4_K` super-block against a vector's 256 codes `qy` and 16
+    /// sums `bsums` (as [`super::q4k_sum_generic`] and [`super::q4k_min_sum`]).
+    ///
+    /// # Safety
+    /// AVX2 (and for `VNNI` AVX-512 VL + VNNI); `qy` must hold 256 codes, `bsums` 16 sums.
     #[inline(always)]
-    pub unsafe fn q6k_sum<const VNNI: bool>(blk: *const u8, qy: *const i8, bsums: &[i16]) -> i32 {
-        let (ql, qh, sc) = (blk, blk.add(128), blk.add(192) as *const i8);
-        let m4 = _mm256_set1_epi8(0x0f);
-        let m3 = _mm256_set1_epi8(0x30);
+    pub unsafe fn q4k_dot<const VNNI: bool>(
+        b: &Q4kBlock,
+        qy: *const i8,
+        bsums: *const i16,
+    ) -> (i32, i32) {
         let mut acc = _mm256_setzero_si256();
-        for h in 0..2 {
-            let l0 = _mm256_loadu_si256(ql.add(64 * h) as *const __m256i);
-            let l1 = _mm256_loadu_si256(ql.add(64 * h + 32) as *const __m256i);
-            let hb = _mm256_loadu_si256(qh.add(32 * h) as *const __m256i);
-            let q = [
-                _mm256_or_si256(
+        for j in 0..8 {
+            let y = _mm256_loadu_si256(qy.add(32 * j) as *const __m256i);
+            acc = scaled_add::<VNNI>(acc, b.q[j], y, b.s[j]);
+        }
+        let mv = _mm256_madd_epi16(b.mins, _mm256_loadu_si256(bsums as *const __m256i));
+        // Both totals at once (integer sums: any order is exact).
+        let h = _mm256_hadd_epi32(acc, mv);
+        let h = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        let h = _mm_hadd_epi32(h, h);
+        (_mm_cvtsi128_si32(h), _mm_extract_epi32(h, 1))
+    }
+
+    /// A `Q6_K` super-block unpacked once for several vectors: code vector `j` (6-bit codes
+    /// 0..63) holds elements `32j..32j + 32`, `s[j]` the scales of its two 16-value
+    /// sub-blocks (low and high i16 lanes), `sc` lane `k` the scale `sc_k`.
+    pub struct Q6kBlock {
+        q: [__m256i; 8],
+        s: [__m256i; 8],
+        sc: __m256i,
+    }
+
+    impl Q6kBlock {
+        /// # Safety
+        /// AVX2; `blk` must hold the block's 210 bytes.
+        #[inline(always)]
+        pub unsafe fn new(blk: *const u8) -> Q6kBlock {
+            let (ql, qh, sc) = (blk, blk.add(128), blk.add(192) as *const i8);
+            let m4 = _mm256_set1_epi8(0x0f);
+            let m3 = _mm256_set1_epi8(0x30);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for h in 0..2 {
+                let l0 = _mm256_loadu_si256(ql.add(64 * h) as *const __m256i);
+                let l1 = _mm256_loadu_si256(ql.add(64 * h + 32) as *const __m256i);
+                let hb = _mm256_loadu_si256(qh.add(32 * h) as *const __m256i);
+                q[4 * h] = _mm256_or_si256(
                     _mm256_and_si256(l0, m4),
                     _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3),
-                ),
-                _mm256_or_si256(
+                );
+                q[4 * h + 1] = _mm256_or_si256(
                     _mm256_and_si256(l1, m4),
                     _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3),
-                ),
-                _mm256_or_si256(
+                );
+                q[4 * h + 2] = _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
                     _mm256_and_si256(hb, m3),
-                ),
-                _mm256_or_si256(
+                );
+                q[4 * h + 3] = _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                     _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3),
-                ),
-            ];
-            for (g, &qg) in q.iter().enumerate() {
-                let y = _mm256_loadu_si256(qy.add(128 * h + 32 * g) as *const __m256i);
-                let k = 8 * h + 2 * g;
-                let (s0, s1) = (*sc.add(k) as i32, *sc.add(k + 1) as i32);
-                acc = _mm256_add_epi32(acc, scaled::<VNNI>(qg, y, s0, s1));
+                );
             }
+            let s =
+                std::array::from_fn(|j| scales16(*sc.add(2 * j) as i32, *sc.add(2 * j + 1) as i32));
+            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
+            Q6kBlock { q, s, sc }
         }
-        let off: i32 = (0..16).map(|k| *sc.add(k) as i32 * bsums[k] as i32).sum();
-        hsum_i32(acc) - 32 * off
+    }
+
+    /// `S = Σ_k sc_k·Σ q·qy − 32·Σ_k sc_k·bsums_k` of an unpacked `Q6_K` super-block (as
+    /// [`super::q6k_sum_generic`]).
+    ///
+    /// # Safety
+    /// AVX2 (and for `VNNI` AVX-512 VL + VNNI); `qy` must hold 256 codes, `bsums` 16 sums.
+    #[inline(always)]
+    pub unsafe fn q6k_dot<const VNNI: bool>(b: &Q6kBlock, qy: *const i8, bsums: *const i16) -> i32 {
+        let mut acc = _mm256_setzero_si256();
+        for j in 0..8 {
+            let y = _mm256_loadu_si256(qy.add(32 * j) as *const __m256i);
+            acc = scaled_add::<VNNI>(acc, b.q[j], y, b.s[j]);
+        }
+        let off = _mm256_madd_epi16(b.sc, _mm256_loadu_si256(bsums as *const __m256i));
+        hsum_i32(_mm256_sub_epi32(acc, _mm256_slli_epi32(off, 5)))
     }
 }
 
@@ -254,74 +360,127 @@ macro_rules! simd {
     }};
 }
 
-/// Row `r` of `m` against `x`: `Σ_b (d_b·dy_b)·S_b − (dmin_b·dy_b)·M_b`, in block order
-/// (the integer sums by row kernel level `V`, the caller having checked the CPU).
+/// Vectors per group: each super-block's scales are unpacked once for up to this many.
+const GROUP: usize = 8;
+
+/// Block `b`'s codes and 16-value sums of `x`.
 #[inline(always)]
-fn row_dot<const V: u8>(m: &QMatrix, r: usize, x: &Q8K) -> f32 {
+fn block_of(x: &Q8K, b: usize) -> (&[i8], &[i16]) {
+    (
+        &x.qs[b * QK_K..(b + 1) * QK_K],
+        &x.bsums[b * 16..(b + 1) * 16],
+    )
+}
+
+/// Row `r` of `m` against each vector `x` of `xs` (at most [`GROUP`]) into `out[i]`:
+/// `Σ_b (d_b·dy_b)·S_b − (dmin_b·dy_b)·M_b`, in block order (the integer sums by row kernel
+/// level `V`, the caller having checked the CPU). A vector's arithmetic does not depend on
+/// the others.
+#[inline(always)]
+fn row_dots<const V: u8>(m: &QMatrix, r: usize, xs: &[Q8K], out: &mut [f32]) {
     let bs = m.ty.block_bytes();
     let nb = m.cols / QK_K;
     let row = &m.data[r * nb * bs..(r + 1) * nb * bs];
     let ds = &m.d[r * nb..(r + 1) * nb];
-    let mut acc = 0.0f32;
+    let mut acc = [0.0f32; GROUP];
+    let acc = &mut acc[..xs.len()];
     for (b, blk) in row.chunks_exact(bs).enumerate() {
-        let qy = &x.qs[b * QK_K..(b + 1) * QK_K];
-        let bsums = &x.bsums[b * 16..(b + 1) * 16];
-        let dy = x.d[b];
         match m.ty {
             QType::Q4_K | QType::Q5_K => {
                 let (s, mn) = q4k_scales(&blk[4..16]);
-                let si = match (V, m.ty) {
-                    (GENERIC, QType::Q4_K) => q4k_sum_generic(&blk[16..144], &s, qy),
-                    (GENERIC, _) => super::kdot_q5k::q5k_sum_generic(blk, &s, qy),
-                    (_, QType::Q4_K) => simd!(V, x86::q4k_sum(blk[16..].as_ptr(), &s, qy.as_ptr())),
-                    _ => simd!(
-                        V,
-                        super::kdot_q5k::x86::q5k_sum(blk.as_ptr(), &s, qy.as_ptr())
-                    ),
-                };
-                let mi = q4k_min_sum(&mn, bsums);
-                acc += (ds[b] * dy) * si as f32;
-                acc -= (m.m[r * nb + b] * dy) * mi as f32;
+                let dmin = m.m[r * nb + b];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller checked the CPU for level V; the block's 128 code bytes
+                // follow its 16 header bytes.
+                let q4 = (V != GENERIC && m.ty == QType::Q4_K)
+                    .then(|| unsafe { x86::Q4kBlock::new(blk[16..144].as_ptr(), &s, &mn) });
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    let (qy, bsums) = block_of(x, b);
+                    let (si, mi) = match (V, m.ty) {
+                        (GENERIC, QType::Q4_K) => (
+                            q4k_sum_generic(&blk[16..144], &s, qy),
+                            q4k_min_sum(&mn, bsums),
+                        ),
+                        (GENERIC, _) => (
+                            super::kdot_q5k::q5k_sum_generic(blk, &s, qy),
+                            q4k_min_sum(&mn, bsums),
+                        ),
+                        #[cfg(target_arch = "x86_64")]
+                        (_, QType::Q4_K) => match &q4 {
+                            Some(u) => simd!(V, x86::q4k_dot(u, qy.as_ptr(), bsums.as_ptr())),
+                            None => unreachable!(),
+                        },
+                        _ => (
+                            simd!(
+                                V,
+                                super::kdot_q5k::x86::q5k_sum(blk.as_ptr(), &s, qy.as_ptr())
+                            ),
+                            q4k_min_sum(&mn, bsums),
+                        ),
+                    };
+                    *a += (ds[b] * x.d[b]) * si as f32;
+                    *a -= (dmin * x.d[b]) * mi as f32;
+                }
             }
             QType::Q2_K => {
                 use super::kdot_q2k as k2;
-                let si = match V {
-                    GENERIC => k2::q2k_sum_generic(blk, qy),
-                    _ => simd!(V, k2::x86::q2k_sum(blk.as_ptr(), qy.as_ptr())),
-                };
-                let mi = k2::q2k_min_sum(&blk[..16], bsums);
-                acc += (ds[b] * dy) * si as f32;
-                acc -= (m.m[r * nb + b] * dy) * mi as f32;
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    let (qy, bsums) = block_of(x, b);
+                    let si = match V {
+                        GENERIC => k2::q2k_sum_generic(blk, qy),
+                        _ => simd!(V, k2::x86::q2k_sum(blk.as_ptr(), qy.as_ptr())),
+                    };
+                    let mi = k2::q2k_min_sum(&blk[..16], bsums);
+                    *a += (ds[b] * x.d[b]) * si as f32;
+                    *a -= (m.m[r * nb + b] * x.d[b]) * mi as f32;
+                }
             }
             QType::Q3_K => {
                 use super::kdot_q3k as k3;
                 let sc = k3::q3k_scales(&blk[96..108]);
-                let si = match V {
-                    GENERIC => k3::q3k_sum_generic(blk, &sc, qy, bsums),
-                    _ => simd!(V, k3::x86::q3k_sum(blk.as_ptr(), &sc, qy.as_ptr(), bsums)),
-                };
-                acc += (ds[b] * dy) * si as f32;
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    let (qy, bsums) = block_of(x, b);
+                    let si = match V {
+                        GENERIC => k3::q3k_sum_generic(blk, &sc, qy, bsums),
+                        _ => simd!(V, k3::x86::q3k_sum(blk.as_ptr(), &sc, qy.as_ptr(), bsums)),
+                    };
+                    *a += (ds[b] * x.d[b]) * si as f32;
+                }
             }
             QType::Q6_K => {
-                let si = match V {
-                    GENERIC => q6k_sum_generic(blk, qy),
-                    _ => simd!(V, x86::q6k_sum(blk.as_ptr(), qy.as_ptr(), bsums)),
-                };
-                acc += (ds[b] * dy) * si as f32;
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller checked the CPU for level V; `blk` is one block.
+                let q6 = (V != GENERIC).then(|| unsafe { x86::Q6kBlock::new(blk.as_ptr()) });
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    let (qy, bsums) = block_of(x, b);
+                    let si = match V {
+                        GENERIC => q6k_sum_generic(blk, qy),
+                        #[cfg(target_arch = "x86_64")]
+                        _ => match &q6 {
+                            Some(u) => simd!(V, x86::q6k_dot(u, qy.as_ptr(), bsums.as_ptr())),
+                            None => unreachable!(),
+                        },
+                        #[cfg(not(target_arch = "x86_64"))]
+                        _ => unreachable!(),
+                    };
+                    *a += (ds[b] * x.d[b]) * si as f32;
+                }
             }
             _ => unreachable!("not a k-quant type"),
         }
     }
-    acc
+    out[..xs.len()].copy_from_slice(acc);
 }
 
-/// Rows `r0..r0 + nr` of `m` against every vector of `xs` into `out[k·n + i]`.
+/// Rows `r0..r0 + nr` of `m` against every vector of `xs` into `out[k·n + i]`, the vectors in
+/// groups of [`GROUP`].
 #[inline(always)]
 fn rows_impl<const V: u8>(m: &QMatrix, r0: usize, nr: usize, xs: &[Q8K], out: &mut [f32]) {
     let n = xs.len();
     for k in 0..nr {
-        for (i, x) in xs.iter().enumerate() {
-            out[k * n + i] = row_dot::<V>(m, r0 + k, x);
+        for (g, xg) in xs.chunks(GROUP).enumerate() {
+            let o = k * n + g * GROUP;
+            row_dots::<V>(m, r0 + k, xg, &mut out[o..o + xg.len()]);
         }
     }
 }

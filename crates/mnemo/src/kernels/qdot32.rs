@@ -1,21 +1,31 @@
 //! Matrix–vector products straight from `Q5_0`, `Q5_1` and `IQ4_NL` blocks (32 values each:
 //! the types llama.cpp's k-quant mixes fall back to for rows that are not a multiple of 256),
-//! for decoding, as ggml's `ggml_vec_dot_{q5_0_q8_0, q5_1_q8_1, iq4_nl_q8_0}` compute them.
-//! Byte layouts: see [`super::kquant`].
+//! as ggml's `ggml_vec_dot_{q5_0_q8_0, q5_1_q8_1, iq4_nl_q8_0}` compute them. Byte layouts:
+//! see [`super::kquant`].
 //!
 //! The activation `x: [cols]` is quantised per 32-value block to `x ≈ dx·qx`, `qx ∈ [−127,
 //! 127]` ([`super::quant`]'s `Q8_0`/`Q8_1` quantiser; `sx = dx·Σ qx`). Per block `b` of a
 //! weight row, with the block's codes as unsigned bytes `u` and an offset `o`:
 //! - `Q5_0` (`w = d·(q − 16)`, `q ∈ 0..32`): `u = q`, `o = 16`;
 //! - `Q5_1` (`w = d·q + m`): `u = q`, `o = 0`, plus `m·sx`;
-//! - `IQ4_NL` (`w = d·L[q]`, `L` its 16 levels in −127..113): `u = L[q] + 128`, `o = 128`;
+//! - `IQ4_NL` (`w = d·L[q]`, `L` its 16 levels in −127..113): `u = L[q] + 128`, `o = 128`.
 //!
-//! `Σ w·(dx·qx) = (d·dx)·S (+ m·sx)` with the integer `S = Σ u·qx − o·Σ qx = Σ (u − o)·qx`
-//! (at most 32·128·127 in magnitude). `S` is computed by a portable loop, with AVX2
-//! (`maddubs`; for `IQ4_NL` of `|L|` with `qx` carrying `L`'s sign, since `u·qx` pairs could
-//! overflow i16) or with AVX-512 VNNI (`vpdpbusd` of `u` with `qx` on 256-bit lanes), chosen at
-//! run time; all three give the same `S`, and the float part is the same scalar code on every
-//! path, so the paths agree bit for bit.
+//! As ggml's AVX2 kernels, a row keeps 8 f32 lanes per vector and sums them once at the end:
+//! lane `j` of block `b` holds the integer `S_bj = Σ_{t<4} (u − o)_{4j+t}·qx_{4j+t}` (at most
+//! 4·128·127 in magnitude, exact in f32), and
+//!
+//! ```text
+//! acc_j ← fma(d_b·dx_b, S_bj, acc_j)   for b = 0, 1, …      y = hsum(acc) (+ Σ_b m_b·sx_b)
+//! hsum(a) = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+//! ```
+//!
+//! `S_bj` is computed by a portable loop, with AVX2 (`maddubs` then `madd` with ones; for
+//! `IQ4_NL` of `|L|` with `qx` carrying `L`'s sign, since `u·qx` pairs could overflow i16) or
+//! with AVX-512 VNNI (`vpdpbusd` of `u` with `qx` on 256-bit lanes), chosen at run time; the
+//! offset `−o·Σ_{t<4} qx_{4j+t}` is computed once per vector (`Acts::off`). All three give the
+//! same integers and run the same float operations in the same order, so the paths agree bit
+//! for bit. Several vectors (prefill rows, a decode batch) share each unpacked weight block:
+//! up to 8 at a time, one accumulator each, every output computed exactly as for one vector.
 
 use super::kquant::IQ4_NL_LEVELS;
 use super::quant::{quantize_q8, Isa, Q8Vec, QMatrix, QType};
@@ -48,12 +58,110 @@ fn codes(ty: QType, blk: &[u8]) -> ([u8; 32], i32) {
     }
 }
 
-/// `S` of one block, portable (`qsum = Σ qx` of the block).
+/// The sum of 8 lanes in the order of the SIMD kernels' horizontal sum (module doc).
 #[inline(always)]
-fn block_sum_generic(ty: QType, blk: &[u8], qx: &[i8], qsum: i32) -> i32 {
-    let (u, o) = codes(ty, blk);
-    let p: i32 = u.iter().zip(qx).map(|(&a, &b)| a as i32 * b as i32).sum();
-    p - o * qsum
+fn hsum8(a: &[f32; 8]) -> f32 {
+    let s: [f32; 4] = std::array::from_fn(|k| a[k] + a[k + 4]);
+    (s[0] + s[2]) + (s[1] + s[3])
+}
+
+/// Vectors per group: each weight block is unpacked once for up to this many vectors.
+const GROUP: usize = 8;
+
+/// The quantised vectors of a product and, per vector, the lane offsets `off[b·8 + j] =
+/// −o·Σ_{t<4} qx_{32b+4j+t}` (empty for `Q5_1`, whose `o` is 0).
+struct Acts {
+    xs: Vec<Q8Vec>,
+    off: Vec<Vec<i32>>,
+}
+
+impl Acts {
+    fn new(ty: QType, x: &[f32], cols: usize) -> Acts {
+        let o = match ty {
+            QType::Q5_0 => 16,
+            QType::IQ4_NL => 128,
+            _ => 0,
+        };
+        let xs: Vec<Q8Vec> = x.chunks_exact(cols).map(quantize_q8).collect();
+        let off = xs
+            .iter()
+            .map(|v| match o {
+                0 => Vec::new(),
+                _ => {
+                    v.qx.chunks_exact(4)
+                        .map(|c| -o * c.iter().map(|&q| q as i32).sum::<i32>())
+                        .collect()
+                }
+            })
+            .collect();
+        Acts { xs, off }
+    }
+}
+
+/// A group of `n ≤ GROUP` vectors interleaved block by block for the SIMD kernels: block `b`
+/// of vector `i` at `qx[(b·n + i)·32..]`, its lane offsets at `off[(b·n + i)·8..]` (zeros for
+/// `Q5_1`) and its scale 8 times at `dx[(b·n + i)·8..]` (a full vector, so that the kernel
+/// multiplies by it from memory), so a block's loads for every vector are adjacent.
+struct Packed {
+    qx: Vec<i8>,
+    off: Vec<i32>,
+    dx: Vec<f32>,
+}
+
+impl Packed {
+    fn new(xs: &[Q8Vec], off: &[Vec<i32>]) -> Packed {
+        let (n, nb) = (xs.len(), xs[0].dx.len());
+        let mut p = Packed {
+            qx: Vec::with_capacity(nb * n * 32),
+            off: Vec::with_capacity(nb * n * 8),
+            dx: Vec::with_capacity(nb * n * 8),
+        };
+        for b in 0..nb {
+            for (x, o) in xs.iter().zip(off) {
+                p.qx.extend_from_slice(&x.qx[b * 32..(b + 1) * 32]);
+                match o.is_empty() {
+                    true => p.off.extend_from_slice(&[0; 8]),
+                    false => p.off.extend_from_slice(&o[b * 8..(b + 1) * 8]),
+                }
+                p.dx.extend_from_slice(&[x.dx[b]; 8]);
+            }
+        }
+        p
+    }
+}
+
+/// Rows `r0..r0 + nr` of `m` against the vectors `xs` (`n ≤ GROUP`) into `out[k·n + i]`,
+/// portable (the reference the SIMD kernels are tested against).
+fn rows_generic(m: &QMatrix, r0: usize, nr: usize, xs: &[Q8Vec], out: &mut [f32]) {
+    let (n, bs, nb) = (xs.len(), m.ty.block_bytes(), m.cols / 32);
+    let q51 = m.ty == QType::Q5_1;
+    for k in 0..nr {
+        let r = r0 + k;
+        let row = &m.data[r * nb * bs..(r + 1) * nb * bs];
+        let mut acc = [[0.0f32; 8]; GROUP];
+        let mut mt = [0.0f32; GROUP];
+        for (b, blk) in row.chunks_exact(bs).enumerate() {
+            let (u, o) = codes(m.ty, blk);
+            let d = m.d[r * nb + b];
+            for (i, x) in xs.iter().enumerate() {
+                let qx = &x.qx[b * 32..(b + 1) * 32];
+                let sc = d * x.dx[b];
+                for (j, a) in acc[i].iter_mut().enumerate() {
+                    let s: i32 = (4 * j..4 * j + 4)
+                        .map(|t| (u[t] as i32 - o) * qx[t] as i32)
+                        .sum();
+                    *a = sc.mul_add(s as f32, *a);
+                }
+                if q51 {
+                    mt[i] += m.m[r * nb + b] * x.sx[b];
+                }
+            }
+        }
+        for i in 0..n {
+            let s = hsum8(&acc[i]);
+            out[k * n + i] = if q51 { s + mt[i] } else { s };
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -87,139 +195,208 @@ mod x86 {
         )
     }
 
-    /// [`super::block_sum_generic`] with AVX2 (`VNNI`: with AVX-512 VNNI's `vpdpbusd`).
+    /// [`super::hsum8`] of 8 f32 lanes, in the same order.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Block types, as const parameters.
+    pub(super) const Q50: u8 = 0;
+    pub(super) const Q51: u8 = 1;
+    pub(super) const IQ4: u8 = 2;
+
+    /// [`super::rows_generic`] for the `N` vectors of `p` (`xs`: the same vectors, for
+    /// `Q5_1`'s minimum term) of block type `T` with AVX2 (`VNNI`: with AVX-512 VNNI's
+    /// `vpdpbusd`): the same lane integers and float operations. `R` rows at a time share each
+    /// vector's loads.
     ///
     /// # Safety
-    /// AVX2 (and, for `VNNI`, AVX-512 VL + VNNI) must be available; `blk` must hold one
-    /// block and `qx` 32 bytes.
+    /// AVX2 and FMA (and, for `VNNI`, AVX-512 VL + VNNI) must be available; `p` holds `N`
+    /// vectors of `m.cols` values, rows `r0..r0 + nr` are in `m`, `out` holds `nr·N`.
     #[inline(always)]
-    pub(super) unsafe fn block_sum<const VNNI: bool>(
-        ty: QType,
-        blk: *const u8,
-        qx: *const i8,
-        qsum: i32,
-    ) -> i32 {
-        let y = _mm256_loadu_si256(qx as *const __m256i);
-        let zero = _mm256_setzero_si256();
-        let (u, o) = match ty {
-            QType::Q5_0 | QType::Q5_1 => {
-                let at = if ty == QType::Q5_0 { 2 } else { 4 };
-                let qh = (blk.add(at) as *const u32).read_unaligned();
-                let u = _mm256_or_si256(nibbles(blk.add(at + 4)), high_bits(u32::from_le(qh)));
-                (u, if ty == QType::Q5_0 { 16 } else { 0 })
+    pub(super) unsafe fn rows<const T: u8, const N: usize, const VNNI: bool, const R: usize>(
+        m: &QMatrix,
+        r0: usize,
+        nr: usize,
+        p: &Packed,
+        xs: &[Q8Vec],
+        out: &mut [f32],
+    ) {
+        let mut k = 0;
+        while k < nr {
+            if R > 1 && k + R <= nr {
+                tile::<T, N, VNNI, R>(m, r0 + k, p, xs, out.as_mut_ptr().add(k * N));
+                k += R;
+            } else {
+                tile::<T, N, VNNI, 1>(m, r0 + k, p, xs, out.as_mut_ptr().add(k * N));
+                k += 1;
             }
-            _ => {
-                let nib = nibbles(blk.add(2));
-                let lv = _mm_loadu_si128(IQ4_NL_LEVELS.as_ptr() as *const __m128i);
-                let lv = _mm256_set_m128i(lv, lv);
-                let l = _mm256_shuffle_epi8(lv, nib);
-                if !VNNI {
-                    // Σ L·qx as Σ |L|·(qx·sign L): i16 pairs within 2·127·127.
-                    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(l, l), _mm256_sign_epi8(y, l));
-                    let s = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-                    return super::super::kdot::hsum_i32(s);
-                }
-                (_mm256_xor_si256(l, _mm256_set1_epi8(-128)), 128)
-            }
-        };
-        let s = if VNNI {
-            _mm256_dpbusd_epi32(zero, u, y)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
-        };
-        super::super::kdot::hsum_i32(s) - o * qsum
-    }
-}
-
-/// Row kernels: 0 portable, 1 AVX2, 2 AVX-512 VNNI.
-const GENERIC: u8 = 0;
-const AVX2: u8 = 1;
-const VNNI: u8 = 2;
-
-/// Rows `r0..r0 + nr` of `m` against every vector of `xs` (with their block sums `qs`) into
-/// `out[k·n + i]`: `Σ_b (d_b·dx_b)·S_b (+ m_b·sx_b)` in block order.
-#[inline(always)]
-fn rows_impl<const V: u8>(
-    m: &QMatrix,
-    r0: usize,
-    nr: usize,
-    xs: &[Q8Vec],
-    qs: &[Vec<i32>],
-    out: &mut [f32],
-) {
-    let (n, bs, nb) = (xs.len(), m.ty.block_bytes(), m.cols / 32);
-    for k in 0..nr {
-        let r = r0 + k;
-        let row = &m.data[r * nb * bs..(r + 1) * nb * bs];
-        for (i, (x, q)) in xs.iter().zip(qs).enumerate() {
-            let mut acc = 0.0f32;
-            for (b, blk) in row.chunks_exact(bs).enumerate() {
-                let qx = &x.qx[b * 32..(b + 1) * 32];
-                let s = match V {
-                    GENERIC => block_sum_generic(m.ty, blk, qx, q[b]),
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the caller checked the CPU; `blk` is one block, `qx` 32 codes.
-                    AVX2 => unsafe {
-                        x86::block_sum::<false>(m.ty, blk.as_ptr(), qx.as_ptr(), q[b])
-                    },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: as above.
-                    _ => unsafe { x86::block_sum::<true>(m.ty, blk.as_ptr(), qx.as_ptr(), q[b]) },
-                    #[cfg(not(target_arch = "x86_64"))]
-                    _ => unreachable!(),
-                };
-                acc += (m.d[r * nb + b] * x.dx[b]) * s as f32;
-                if m.ty == QType::Q5_1 {
-                    acc += m.m[r * nb + b] * x.sx[b];
-                }
-            }
-            out[k * n + i] = acc;
         }
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn rows_avx2(
-    m: &QMatrix,
-    r0: usize,
-    nr: usize,
-    xs: &[Q8Vec],
-    qs: &[Vec<i32>],
-    o: &mut [f32],
-) {
-    rows_impl::<AVX2>(m, r0, nr, xs, qs, o)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512vl,avx512vnni")]
-unsafe fn rows_vnni(
-    m: &QMatrix,
-    r0: usize,
-    nr: usize,
-    xs: &[Q8Vec],
-    qs: &[Vec<i32>],
-    o: &mut [f32],
-) {
-    rows_impl::<VNNI>(m, r0, nr, xs, qs, o)
-}
-
-fn rows(isa: Isa, m: &QMatrix, r0: usize, nr: usize, xs: &[Q8Vec], qs: &[Vec<i32>], o: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: the features were detected at run time (tests force lower ones only).
-        Isa::Vnni => return unsafe { rows_vnni(m, r0, nr, xs, qs, o) },
-        Isa::Avx2 => return unsafe { rows_avx2(m, r0, nr, xs, qs, o) },
-        Isa::Generic => {}
+    /// Rows `r..r + R` against the `N` vectors of `p` into `out[rr·N + i]`.
+    #[inline(always)]
+    unsafe fn tile<const T: u8, const N: usize, const VNNI: bool, const R: usize>(
+        m: &QMatrix,
+        r: usize,
+        p: &Packed,
+        xs: &[Q8Vec],
+        out: *mut f32,
+    ) {
+        let (bs, nb) = (m.ty.block_bytes(), m.cols / 32);
+        let ones = _mm256_set1_epi16(1);
+        let lv = _mm_loadu_si128(IQ4_NL_LEVELS.as_ptr() as *const __m128i);
+        let lv = _mm256_set_m128i(lv, lv);
+        let rowp: [*const u8; R] =
+            std::array::from_fn(|rr| m.data.as_ptr().add((r + rr) * nb * bs));
+        let dsp: [*const f32; R] = std::array::from_fn(|rr| m.d.as_ptr().add((r + rr) * nb));
+        let (mut xp, mut op, mut dp) = (p.qx.as_ptr(), p.off.as_ptr(), p.dx.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut mt = [[0.0f32; N]; R];
+        for b in 0..nb {
+            // Per row: `u` (unsigned codes), `l` (for `IQ4_NL`: the signed levels), `d`.
+            let mut u = [_mm256_setzero_si256(); R];
+            let mut l = [_mm256_setzero_si256(); R];
+            let mut sd = [_mm256_setzero_ps(); R];
+            for rr in 0..R {
+                let blk = rowp[rr].add(b * bs);
+                sd[rr] = _mm256_set1_ps(*dsp[rr].add(b));
+                match T {
+                    Q50 | Q51 => {
+                        let at = if T == Q50 { 2 } else { 4 };
+                        let qh = u32::from_le((blk.add(at) as *const u32).read_unaligned());
+                        u[rr] = _mm256_or_si256(nibbles(blk.add(at + 4)), high_bits(qh));
+                    }
+                    _ => {
+                        l[rr] = _mm256_shuffle_epi8(lv, nibbles(blk.add(2)));
+                        u[rr] = _mm256_xor_si256(l[rr], _mm256_set1_epi8(-128));
+                    }
+                }
+            }
+            for i in 0..N {
+                let x = _mm256_loadu_si256(xp.add(i * 32) as *const __m256i);
+                let base = match T {
+                    Q51 => _mm256_setzero_si256(),
+                    _ => _mm256_loadu_si256(op.add(i * 8) as *const __m256i),
+                };
+                // (Measured: one vector runs faster with a broadcast, several with the
+                // full-vector load; the same value either way.)
+                let dx = match N {
+                    1 => _mm256_set1_ps(*dp.add(i * 8)),
+                    _ => _mm256_loadu_ps(dp.add(i * 8)),
+                };
+                for rr in 0..R {
+                    let p = if VNNI {
+                        _mm256_dpbusd_epi32(base, u[rr], x)
+                    } else if T == IQ4 {
+                        // Σ L·qx as Σ |L|·(qx·sign L): i16 pairs within 2·127·127.
+                        let al = _mm256_sign_epi8(l[rr], l[rr]);
+                        let sx = _mm256_sign_epi8(x, l[rr]);
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(al, sx), ones)
+                    } else {
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u[rr], x), ones);
+                        _mm256_add_epi32(p, base)
+                    };
+                    let sc = _mm256_mul_ps(sd[rr], dx);
+                    acc[rr][i] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[rr][i]);
+                    if T == Q51 {
+                        mt[rr][i] += *m.m.as_ptr().add((r + rr) * nb + b) * xs[i].sx[b];
+                    }
+                }
+            }
+            xp = xp.add(N * 32);
+            op = op.add(N * 8);
+            dp = dp.add(N * 8);
+        }
+        for rr in 0..R {
+            for i in 0..N {
+                let s = hsum(acc[rr][i]);
+                *out.add(rr * N + i) = if T == Q51 { s + mt[rr][i] } else { s };
+            }
+        }
     }
-    let _ = isa;
-    rows_impl::<GENERIC>(m, r0, nr, xs, qs, o)
+
+    macro_rules! dispatch {
+        ($name:ident, $vnni:expr, $rows:expr, $feat:literal) => {
+            /// [`rows`] for this CPU level, dispatched on the block type and vector count.
+            ///
+            /// # Safety
+            /// The CPU features named must be available; sizes as [`rows`].
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name(
+                m: &QMatrix,
+                r0: usize,
+                nr: usize,
+                p: &Packed,
+                xs: &[Q8Vec],
+                out: &mut [f32],
+            ) {
+                const R: usize = $rows;
+                macro_rules! by_n {
+                    ($t:expr) => {
+                        match xs.len() {
+                            1 => rows::<$t, 1, $vnni, R>(m, r0, nr, p, xs, out),
+                            2 => rows::<$t, 2, $vnni, R>(m, r0, nr, p, xs, out),
+                            3 => rows::<$t, 3, $vnni, R>(m, r0, nr, p, xs, out),
+                            4 => rows::<$t, 4, $vnni, R>(m, r0, nr, p, xs, out),
+                            5 => rows::<$t, 5, $vnni, R>(m, r0, nr, p, xs, out),
+                            6 => rows::<$t, 6, $vnni, R>(m, r0, nr, p, xs, out),
+                            7 => rows::<$t, 7, $vnni, R>(m, r0, nr, p, xs, out),
+                            _ => rows::<$t, 8, $vnni, R>(m, r0, nr, p, xs, out),
+                        }
+                    };
+                }
+                match m.ty {
+                    QType::Q5_0 => by_n!(Q50),
+                    QType::Q5_1 => by_n!(Q51),
+                    _ => by_n!(IQ4),
+                }
+            }
+        };
+    }
+    // Two rows at a time where AVX-512 gives 32 vector registers (2·8 accumulators).
+    dispatch!(rows_avx2, false, 1, "avx2,fma");
+    dispatch!(rows_vnni, true, 2, "avx2,fma,avx512vl,avx512vnni");
+}
+
+/// Rows `r0..r0 + nr` of `m` against the vectors `xs` (with their offsets `off`) into
+/// `out[k·n + i]`.
+fn rows(
+    isa: Isa,
+    m: &QMatrix,
+    r0: usize,
+    nr: usize,
+    xs: &[Q8Vec],
+    p: Option<&Packed>,
+    o: &mut [f32],
+) {
+    assert!(!xs.is_empty() && xs.len() <= GROUP && o.len() >= nr * xs.len());
+    assert!(r0 + nr <= m.rows && xs.iter().all(|x| x.qx.len() == m.cols));
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = p {
+        let nb = m.cols / 32;
+        let n = xs.len();
+        assert!(p.qx.len() == nb * n * 32 && p.off.len() == nb * n * 8 && p.dx.len() == nb * n * 8);
+        match isa {
+            // SAFETY: the features were detected at run time (tests force lower ones only);
+            // the sizes were checked above.
+            Isa::Vnni => return unsafe { x86::rows_vnni(m, r0, nr, p, xs, o) },
+            Isa::Avx2 => return unsafe { x86::rows_avx2(m, r0, nr, p, xs, o) },
+            Isa::Generic => {}
+        }
+    }
+    let _ = (isa, p);
+    rows_generic(m, r0, nr, xs, o)
 }
 
 /// `y[n, rows] (+)= X[n, cols] · Mᵀ` for a `Q5_0`/`Q5_1`/`IQ4_NL` matrix (each vector
 /// quantised to 8 bits per 32 values first), parallel over chunks of weight rows; what
-/// [`super::quant::matmat`] runs for these types. Each output is computed as for one vector,
-/// whatever `n`.
+/// [`super::quant::matmat`] runs for these types. Vectors go in groups of up to 8, each weight
+/// block unpacked once per group; each output is computed as for one vector, whatever `n`.
 pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
     assert!(m.ty.is_dot32());
     assert_eq!(x.len(), n * m.cols);
@@ -229,32 +406,39 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
     if n == 0 {
         return;
     }
-    let xq: Vec<Q8Vec> = x.chunks_exact(m.cols).map(quantize_q8).collect();
-    let qs: Vec<Vec<i32>> = xq
-        .iter()
-        .map(|v| {
-            v.qx.chunks_exact(32)
-                .map(|c| c.iter().map(|&q| q as i32).sum())
+    let a = Acts::new(m.ty, x, m.cols);
+    let packed: Vec<Packed> = match isa {
+        Isa::Generic => Vec::new(),
+        _ => {
+            a.xs.chunks(GROUP)
+                .zip(a.off.chunks(GROUP))
+                .map(|(xs, off)| Packed::new(xs, off))
                 .collect()
-        })
-        .collect();
+        }
+    };
     let nrows = m.rows;
     const ROWS: usize = 16;
     let yp = SendPtr(y.as_mut_ptr());
     (0..nrows.div_ceil(ROWS)).into_par_iter().for_each(|c| {
         let (r0, nr) = (c * ROWS, ROWS.min(nrows - c * ROWS));
-        let mut buf = vec![0.0f32; nr * n];
-        rows(isa, m, r0, nr, &xq, &qs, &mut buf);
-        for i in 0..n {
-            // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
-            // inside y (n · rows elements).
-            let yi = unsafe { std::slice::from_raw_parts_mut(yp.get().add(i * nrows + r0), nr) };
-            for (k, o) in yi.iter_mut().enumerate() {
-                let v = buf[k * n + i];
-                if accumulate {
-                    *o += v;
-                } else {
-                    *o = v;
+        let mut buf = [0.0f32; ROWS * GROUP];
+        for g0 in (0..n).step_by(GROUP) {
+            let gn = GROUP.min(n - g0);
+            let p = packed.get(g0 / GROUP);
+            rows(isa, m, r0, nr, &a.xs[g0..g0 + gn], p, &mut buf[..nr * gn]);
+            for i in 0..gn {
+                // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
+                // inside y (n · rows elements).
+                let yi = unsafe {
+                    std::slice::from_raw_parts_mut(yp.get().add((g0 + i) * nrows + r0), nr)
+                };
+                for (k, o) in yi.iter_mut().enumerate() {
+                    let v = buf[k * gn + i];
+                    if accumulate {
+                        *o += v;
+                    } else {
+                        *o = v;
+                    }
                 }
             }
         }
@@ -294,7 +478,7 @@ mod tests {
     /// The product equals `Σ w·(dx·qx)` over the dequantised weights and the quantised
     /// activation in f64 within `4e-6 · Σ|w·dx·qx|`; the portable, AVX2 and VNNI paths agree
     /// bit for bit, also with extreme codes (`qx = ±127` everywhere), and several vectors at
-    /// once equal one-vector products bit for bit.
+    /// once (11: a full group of 8 and a partial one) equal one-vector products bit for bit.
     #[test]
     fn qdot32_equals_reference_and_paths_agree() {
         let mut r = Rng::new(32);
@@ -338,9 +522,10 @@ mod tests {
                 for y in &outs[1..] {
                     assert_eq!(y, &outs[0], "{ty:?} {rows}x{cols}: SIMD vs portable");
                 }
-                let n = 3;
+                let n = 11;
                 let mut xs = vec![0.0f32; n * cols];
                 r.fill_normal(&mut xs, 1.0);
+                let mut first: Option<Vec<f32>> = None;
                 for isa in isas() {
                     let mut yb = vec![0.0f32; n * rows];
                     matmat(isa, &m, &xs, n, &mut yb, false);
@@ -348,6 +533,10 @@ mod tests {
                         let mut yi = vec![0.0f32; rows];
                         matmat(isa, &m, &xs[i * cols..(i + 1) * cols], 1, &mut yi, false);
                         assert_eq!(&yb[i * rows..(i + 1) * rows], &yi[..]);
+                    }
+                    match &first {
+                        Some(f) => assert_eq!(f, &yb, "{ty:?} {isa:?}: {n} vectors vs portable"),
+                        None => first = Some(yb),
                     }
                 }
             }
