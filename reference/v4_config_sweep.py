@@ -185,6 +185,25 @@ def main():
     os.makedirs(os.path.dirname(out), exist_ok=True)
     json.dump(dict(summary=summary, rows=rows), open(out, "w"), indent=1)
     print(json.dumps(summary, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = [x["i"] for x in ran]
+    ax.semilogy(xs, [x["full_rel"] for x in ran], "o", label="full forward vs transformers full")
+    ax.semilogy(xs, [x["decode_vs_transformers_cached_rel"] for x in ran], "x",
+                label="cached decoding vs transformers cached")
+    ax.semilogy(xs, [x["decode_rel"] for x in ran], ".", alpha=0.5,
+                label="cached decoding vs transformers full (ties differ)")
+    ax.axhline(TOL, color="k", lw=0.8, ls="--", label="tolerance")
+    ax.set_xlabel("random configuration")
+    ax.set_ylabel("max |Δlogit| / max |logit|")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.replace(".json", ".png"), dpi=110)
 
 
 if __name__ == "__main__":
