@@ -514,6 +514,14 @@ pub fn merge_backward(
 // Coefficients
 // ---------------------------------------------------------------------------------------------
 
+/// ggml's `rms_norm` factor of one row: `1/sqrtf(mean + eps)`, the squares (f32) summed in
+/// f64 in order, the mean rounded to f32 (`ggml_compute_forward_rms_norm_f32`).
+fn ggml_rms_scale(row: &[f32], eps: f32) -> f32 {
+    let sum: f64 = row.iter().map(|&t| (t * t) as f64).sum();
+    let mean = (sum / row.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
 /// Compute one layer's coefficients (`head`: the mHC collapse weights, into `acts.pre`) from
 /// the streams `x` and their sums of squares.
 pub fn coeffs_forward(
@@ -530,7 +538,23 @@ pub fn coeffs_forward(
     let width = dm.width();
     let tokens = acts.tokens(n);
     let rows = tokens * dm.rows_per_token();
-    let xq = crate::kernels::act_quant::rounded_rows(o.in_quant, x, width);
+    // llama.cpp's numerics (a quantised `fn`): ggml normalises the streams first
+    // (`ggml_rms_norm`) and rounds `x·r` for the product, not `x`; the rounding is
+    // scale-invariant only up to float rounding, and embeddings on a 4-bit grid put many
+    // values exactly on a Q8_K half-step, where that rounding decides.
+    let prenorm = o.in_quant.is_some() && dm.mhc();
+    let xq = if prenorm {
+        let mut v = x.to_vec();
+        for row in v.chunks_exact_mut(width) {
+            let r = ggml_rms_scale(row, dm.norm_eps);
+            row.iter_mut().for_each(|t| *t *= r);
+        }
+        v.chunks_exact_mut(width)
+            .for_each(|row| o.in_quant.iter().for_each(|q| q.round_trip(row)));
+        std::borrow::Cow::Owned(v)
+    } else {
+        crate::kernels::act_quant::rounded_rows(o.in_quant, x, width)
+    };
     let x = &xq[..];
     linear_forward(
         &mut acts.raw,
@@ -576,9 +600,11 @@ pub fn coeffs_forward(
                 let s: f32 = ssq.iter().sum();
                 let r = 1.0 / (s / (n * d) as f32 + dm.norm_eps).sqrt();
                 rstd[0] = r;
+                // `raw` is already normalised where `prenorm`.
+                let rr = if prenorm { 1.0 } else { r };
                 for i in 0..m {
                     let g = (if head { 0 } else { i / n }).min(2);
-                    act[i] = raw[i] * r * scale[g] + stat[i];
+                    act[i] = raw[i] * rr * scale[g] + stat[i];
                 }
                 for j in 0..n {
                     pre[j] = sigmoid(act[j]) + dm.eps;

@@ -18,10 +18,15 @@
 //!   product's input rounded as ggml converts it for the weight's type: Q8_0 for MXFP4 / Q8_0
 //!   / Q4_0, Q8_K for k-quants, f16 for F16) vs llama.cpp with an f32 K cache: on the F32
 //!   (+ MXFP4 experts) file median ≤ 1e-5 (measured 4.5e-7), max ≤ 1e-2 (1.5e-3), argmax 100%;
-//!   on the Q8_0 file median ≤ 1e-5 (measured 2.7e-7), argmax ≥ 99% (100%). Printed, not
-//!   asserted: the F16 file (2.1e-3: an f16 rounding not yet found), the Q2_K mix (1.5e-2,
-//!   its mHC products' Q8_K inputs rounded too; the rest not found yet) and the f16 K cache
-//!   (llama.cpp's default; not simulated).
+//!   on the Q8_0 file median ≤ 1e-5 (measured 2.5e-7), argmax ≥ 99% (100%). The F16 file
+//!   (2.1e-3, argmax 100%) and the Q2_K mix (1.41e-2, 98.1%; 1.49e-2 before the mHC products
+//!   rounded `x·r` as ggml does) have no missing rounding left: ggml and mnemo round the
+//!   same products, but inputs that differ by float summation order (~1e-7) land on the
+//!   other side of an f16 / Q8_0 half-step at a few values (F16 `wo_a` of layer 0: 61 of
+//!   20480; Q4_0 embeddings put many values exactly on Q8_0 half-steps), and every later
+//!   quantised product amplifies that (`results/ds4-gguf/REPORT.md`, session 14). Their
+//!   bounds guard against a lost rounding, not against float order. The f16 K cache
+//!   (llama.cpp's default) is not simulated.
 
 use mnemo::io::safetensors::TensorFile;
 use mnemo::model::Workspace;
@@ -139,6 +144,18 @@ fn deepseek4_gguf_matches_transformers_and_llamacpp() {
                 // f32 summation order; a flipped discrete choice may move a position.
                 assert!(median(&r) <= 1e-5, "q8_0 median {}", median(&r));
                 assert!(a >= 0.99, "q8_0 argmax {a}");
+            }
+            if variant == "f16" && name == "f32 K cache" {
+                // Every F16 product's input rounded to f16 (5.5e-3 without): the rest is
+                // float order flipping f16 roundings (module doc).
+                assert!(median(&r) <= 4e-3, "f16 median {}", median(&r));
+                assert!(a >= 0.99, "f16 argmax {a}");
+            }
+            if variant == "q2_k" && name == "f32 K cache" {
+                // Q4_0 attention / experts, Q8_0 head, Q2_K mHC products (their input x·r
+                // rounded to Q8_K after ggml's rms_norm: 1.49e-2 when x is rounded instead).
+                assert!(median(&r) <= 1.45e-2, "q2_k median {}", median(&r));
+                assert!(a >= 0.97, "q2_k argmax {a}");
             }
             if variant == "f32" && name == "f32 K cache" {
                 // Every product is llama.cpp's up to the f32 summation order (F32 weights, Q8_0

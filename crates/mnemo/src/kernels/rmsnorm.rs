@@ -17,7 +17,9 @@ pub fn forward(y: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], d: usize, 
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(d))
         .for_each(|((y, r), x)| {
-            let ms = x.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+            // The squares summed in f64 and the mean rounded once, as ggml's `rms_norm`
+            // (llama.cpp's numerics reproduce its rounding decisions bit for bit).
+            let ms = (x.iter().map(|&v| (v * v) as f64).sum::<f64>() / d as f64) as f32;
             let s = 1.0 / (ms + eps).sqrt();
             *r = s;
             for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
