@@ -412,6 +412,14 @@ impl Gguf {
         Ok((t.dims.iter().rev().map(|&d| d as usize).collect(), out))
     }
 
+    /// `general.architecture` (`?` when absent).
+    fn arch(&self) -> &str {
+        self.meta
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+    }
+
     /// [`Gguf::tensor_f32`] straight into `out` (no temporary copy), the tensor's shape
     /// checked against `shape` first.
     pub fn tensor_f32_into(&self, name: &str, shape: &[usize], out: &mut [f32]) -> Result<()> {
@@ -483,11 +491,7 @@ pub fn load_llama_packed(path: &Path, max_seq_len: usize) -> Result<(Model, Toke
 /// allocates).
 pub fn llama_f32_bytes(path: &Path) -> Result<usize> {
     let g = Gguf::open(path)?;
-    let arch = g
-        .meta
-        .get("general.architecture")
-        .and_then(Value::as_str)
-        .unwrap_or("?");
+    let arch = g.arch();
     let vocab = match g.meta.get("tokenizer.ggml.tokens") {
         Some(Value::Array(v)) => v.len(),
         _ => bail!("{}: no tokenizer.ggml.tokens", path.display()),
@@ -498,11 +502,7 @@ pub fn llama_f32_bytes(path: &Path) -> Result<usize> {
 
 fn load_llama_impl(path: &Path, max_seq_len: usize, packed: bool) -> Result<(Model, Tokenizer)> {
     let g = Gguf::open(path)?;
-    let arch = g
-        .meta
-        .get("general.architecture")
-        .and_then(Value::as_str)
-        .unwrap_or("?");
+    let arch = g.arch();
     let tokens = match g.meta.get("tokenizer.ggml.tokens") {
         Some(Value::Array(v)) => v
             .iter()
