@@ -23,13 +23,17 @@ pub const LONG_ABOUT: &str =
     MODEL is anything mnemo loads: a run directory, a checkpoint directory, a Hugging Face \
     Llama directory, a DeepSeek-V4 directory (`model_type: deepseek_v4`; transformers' layout \
     or the official one, FP8/FP4 weights dequantised, sharded or not), a Llama-architecture \
-    `.gguf` file, a DeepSeek-V2 one (llama.cpp's `deepseek2`: V2, V2-Lite, Coder-V2-Lite;     beyond 4 GiB of f32 parameters its quantised matrices stay packed and only --decode-from     runs it) or a DeepSeek-V4 one (llama.cpp's `deepseek4`). No text is tokenized: the ids are given, and no tokenizer file is needed \
+    `.gguf` file, a DeepSeek-V2 one (llama.cpp's `deepseek2`: V2, V2-Lite, Coder-V2-Lite) or \
+    a DeepSeek-V4 one (llama.cpp's `deepseek4`); a Llama-family or DeepSeek-V2 GGUF beyond \
+    4 GiB of f32 parameters keeps its quantised matrices packed, and only --decode-from runs \
+    it. No text is tokenized: the ids are given, and no tokenizer file is needed \
     (an Engram model's aside).\n\n\
     Without --decode-from, the logits come from one full forward over all T ids. With \
     --decode-from N, they come from the cached decoding path: ids[..N] are prefilled on an \
     empty KV cache (every row's logits kept), then ids[N..] are decoded one token at a time, \
     each decoding step giving its position's logits. The two agree to float rounding on f32 \
-    models. A quantised GGUF runs the cached path (every row's logits wanted) on its quantised \
+    models (a DeepSeek-V4 indexer's exactly tied scores aside: each path breaks such ties as \
+    transformers' own full forward and one-token decoding do). A quantised GGUF runs the cached path (every row's logits wanted) on its quantised \
     weights and the full forward on the dequantised f32 ones, so there they differ by the \
     quantisation error. With --keep-packed, an official DeepSeek-V4 directory's cached path \
     (prefill and decoding) multiplies from its FP8/FP4 codes, memory-mapped, with no \
