@@ -536,7 +536,9 @@ fn row_dots<const V: u8>(m: &QMatrix, r: usize, xs: &[Q8K], out: &mut [f32]) {
 /// Row `r` of `m` against one vector `x` (decoding): [`row_dots`]' arithmetic, the same
 /// integers and the same float steps, but each super-block's codes unpacked in place
 /// rather than into a group's registers, which costs a one-vector product ~25% (1.5B
-/// Q4_K_M model, 1 thread: 11.3–11.6 vs 8.7–9.2 tok/s, alternating runs).
+/// Q4_K_M model, 1 thread: 11.3–11.6 vs 8.7–9.2 tok/s, alternating runs). Choosing the
+/// in-place unpacking inside [`row_dots`] for one vector instead was measured too and keeps
+/// most of the loss (10.0–11.2 here vs 7.7–8.6): the group loop itself costs it.
 #[inline(always)]
 fn row_dot1<const V: u8>(m: &QMatrix, r: usize, x: &Q8K) -> f32 {
     let bs = m.ty.block_bytes();

@@ -47,6 +47,18 @@ pub fn torch_topk_set(row: &[f32], k: usize) -> Vec<usize> {
     sel
 }
 
+/// [`torch_topk_set`] of the row `scores` (the `visible` entries) followed by −∞ up to
+/// `total` entries: what `torch.topk` picks from a row whose not-yet-visible entries are
+/// masked (all visible ones while at most `k` are).
+pub fn torch_topk_visible(scores: &[f32], k: usize, total: usize) -> Vec<usize> {
+    if scores.len() <= k {
+        return (0..scores.len()).collect();
+    }
+    let mut row = scores.to_vec();
+    row.resize(total.max(scores.len()), f32::NEG_INFINITY);
+    torch_topk_set(&row, k)
+}
+
 /// `std::__introselect(first, nth, last, depth)` on `q[first..last]`.
 fn introselect(q: &mut [Pair], mut first: usize, nth: usize, mut last: usize, mut depth: usize) {
     while last - first > 3 {

@@ -27,7 +27,7 @@ use super::Model;
 use crate::config::{ModelConfig, V4Config, V4LayerType};
 use crate::kernels::matmul::linear_backward;
 use crate::kernels::rmsnorm;
-use crate::kernels::torch_topk::torch_topk_set;
+use crate::kernels::torch_topk::torch_topk_visible;
 use crate::kernels::vecops::axpy;
 pub(super) use crate::kernels::vecops::dot;
 use rayon::prelude::*;
@@ -619,7 +619,7 @@ impl Model {
     /// `I[w] = Σ_h ω[h]·ReLU(qᴵ[h]·Kᴵ[w])/√(Hi·dᴵ)`, ascending (`qi: [Hi·di]` is roped here).
     /// Ties are broken as `torch.topk` breaks them on the row transformers builds: the
     /// scores of all `total` entries of the forward, the not-yet-visible ones at −∞
-    /// ([`torch_topk_set`]). The full forward passes the entries of the whole sequence (as
+    /// ([`torch_topk_visible`]). The full forward passes the entries of the whole sequence (as
     /// transformers' full forward); the cached drivers pass `visible` (as transformers'
     /// one-token decoding), so that their result does not depend on how a prompt is
     /// chunked. Only exact ties at the k-th place tell the two apart (docs/deepseek-v4.md).
@@ -644,7 +644,7 @@ impl Model {
         let qi = &*qi;
         let score = |w: usize| index_score(qi, wts, &keys[w * di..(w + 1) * di]);
         // Long contexts (one decoding query over many entries): score in parallel chunks.
-        let mut row: Vec<f32> = if visible >= 4096 {
+        let scores: Vec<f32> = if visible >= 4096 {
             (0..visible)
                 .into_par_iter()
                 .with_min_len(1024)
@@ -653,8 +653,7 @@ impl Model {
         } else {
             (0..visible).map(score).collect()
         };
-        row.resize(total.max(visible), f32::NEG_INFINITY);
-        torch_topk_set(&row, k)
+        torch_topk_visible(&scores, k, total)
     }
 
     /// The CSA indexer's selection for one sequence: per query `t`, the visible entries it

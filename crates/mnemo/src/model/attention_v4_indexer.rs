@@ -73,7 +73,7 @@ impl Model {
                 let scores: Vec<f32> = (0..visible)
                     .map(|e| index_score(q, w, &keys[e * di..(e + 1) * di]))
                     .collect();
-                let top = top_k(&scores, k, total);
+                let top = crate::kernels::torch_topk::torch_topk_visible(&scores, k, total);
                 (scores, top)
             })
             .collect();
@@ -254,18 +254,6 @@ impl Model {
     pub(super) fn v4_index_norm(&self, n: usize) -> f32 {
         1.0 / (self.cfg.n_indexer_layers().max(1) * n) as f32
     }
-}
-
-/// The `k` best of `scores` (the visible entries; all while at most `k`), ascending; ties
-/// broken as `torch.topk` breaks them on transformers' row of all `total` entries, the
-/// invisible ones at −∞ (`Model::v4_topk`).
-fn top_k(scores: &[f32], k: usize, total: usize) -> Vec<usize> {
-    if scores.len() <= k {
-        return (0..scores.len()).collect();
-    }
-    let mut row = scores.to_vec();
-    row.resize(total.max(scores.len()), f32::NEG_INFINITY);
-    crate::kernels::torch_topk::torch_topk_set(&row, k)
 }
 
 #[cfg(test)]
