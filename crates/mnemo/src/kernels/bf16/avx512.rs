@@ -91,37 +91,45 @@ fn lanes(n: usize) -> __mmask16 {
     }
 }
 
-/// One `W`-wide panel when the lines are contiguous (`x.ls == 1`: A = a transposed matrix, or
-/// B row-major): for each pair, the two depth rows are loaded `W` lines at a time, rounded
-/// and interleaved.
+/// `np` consecutive `W`-wide panels (lines `l0..l0 + np·W`) when the lines are contiguous
+/// (`x.ls == 1`: A = a transposed matrix, or B row-major): for each depth pair, the two depth
+/// rows are read across all `np·W` lines (one sequential stretch of each row, rather than `W`
+/// lines of every row per panel, which strides through the whole matrix once per panel),
+/// rounded, interleaved and written to the `np` panels.
 ///
 /// # Safety
-/// AVX-512 BF16/F/BW/VL present; `x` a bounds-checked view with `x.ls == 1`; `dst` the panel
-/// (`kp·W` entries, all written: lines past the matrix get zeros).
+/// AVX-512 BF16/F/BW/VL present; `x` a bounds-checked view with `x.ls == 1`, `l0 < x.lines`;
+/// `dst` the `np` panels (`np·kp·W` entries, all written: lines past the matrix get zeros).
 #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn pack_lines_contiguous<const W: usize>(
     x: &Lines,
     l0: usize,
+    np: usize,
     kp: usize,
     dst: &mut [u32],
 ) {
-    let nl = W.min(x.lines - l0);
+    assert!(dst.len() >= np * kp * W);
     let base = x.data.as_ptr();
     for q in 0..kp {
         let (p0, p1) = (2 * q, 2 * q + 1);
-        for c0 in (0..W).step_by(16) {
-            let m = lanes(nl.saturating_sub(c0));
-            // Masked lanes are not read, so the pointer may run past the view (wrapping_add).
-            let lo = _mm512_maskz_loadu_ps(m, base.wrapping_add(p0 * x.ds + l0 + c0));
-            let hi = if p1 < x.depth {
-                _mm512_maskz_loadu_ps(m, base.wrapping_add(p1 * x.ds + l0 + c0))
-            } else {
-                _mm512_setzero_ps()
-            };
-            let v = _mm512_or_si512(to_bf16_u32(lo), _mm512_slli_epi32::<16>(to_bf16_u32(hi)));
-            // Lanes past the matrix were loaded as zeros: store the whole panel width.
-            let all = lanes(W - c0);
-            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(q * W + c0) as *mut i32, all, v);
+        for pi in 0..np {
+            let lp = l0 + pi * W;
+            let nl = W.min(x.lines.saturating_sub(lp));
+            let out = dst.as_mut_ptr().add(pi * kp * W + q * W);
+            for c0 in (0..W).step_by(16) {
+                let m = lanes(nl.saturating_sub(c0));
+                // Masked lanes are not read, so the pointer may run past the view
+                // (wrapping_add).
+                let lo = _mm512_maskz_loadu_ps(m, base.wrapping_add(p0 * x.ds + lp + c0));
+                let hi = if p1 < x.depth {
+                    _mm512_maskz_loadu_ps(m, base.wrapping_add(p1 * x.ds + lp + c0))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let v = _mm512_or_si512(to_bf16_u32(lo), _mm512_slli_epi32::<16>(to_bf16_u32(hi)));
+                // Lanes past the matrix were loaded as zeros: store the whole panel width.
+                _mm512_mask_storeu_epi32(out.add(c0) as *mut i32, lanes(W - c0), v);
+            }
         }
     }
 }

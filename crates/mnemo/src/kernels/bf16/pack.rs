@@ -55,35 +55,59 @@ pub(crate) fn pack_b(b: &MatRef, kp: usize, par: bool, out: &mut Vec<u32>) {
     pack::<NR>(x, kp, par, out)
 }
 
+/// Lines packed together by the contiguous-lines packer: one sequential stretch of 256 f32
+/// (1 KiB) of each depth row per pass, instead of `W` (48 or 128 bytes) per panel.
+const GROUP_LINES: usize = 256;
+
 /// Every panel of width `W` (see the module doc) into `out`, in parallel when `par`. The
 /// buffer is reused from call to call (no fresh pages to fault in), so each panel writer
-/// writes all its entries, padding included.
+/// writes all its entries, padding included. With contiguous lines the panels go in groups
+/// of `GROUP_LINES / W` (see [`GROUP_LINES`]); the bits are the same either way.
 pub(crate) fn pack<const W: usize>(x: Lines, kp: usize, par: bool, out: &mut Vec<u32>) {
     let panels = x.lines.div_ceil(W);
     out.resize(panels * kp * W, 0);
-    let one = |(pi, dst): (usize, &mut [u32])| panel::<W>(&x, pi * W, kp, dst);
-    if par {
-        out.par_chunks_mut(kp * W).enumerate().for_each(one);
+    let group = if x.ls == 1 && x.ds != 1 {
+        // At least four groups per thread when parallel, so that the threads share evenly.
+        let share = if par {
+            panels.div_ceil(4 * rayon::current_num_threads())
+        } else {
+            panels
+        };
+        (GROUP_LINES / W).min(share).max(1)
     } else {
-        out.chunks_mut(kp * W).enumerate().for_each(one);
+        1
+    };
+    let one = |(gi, dst): (usize, &mut [u32])| {
+        panels_into::<W>(&x, gi * group * W, dst.len() / (kp * W), kp, dst)
+    };
+    if par {
+        out.par_chunks_mut(group * kp * W).enumerate().for_each(one);
+    } else {
+        out.chunks_mut(group * kp * W).enumerate().for_each(one);
     }
 }
 
-/// One panel (lines `l0..l0+W`) into `dst` (`kp·W` entries, all written).
-fn panel<const W: usize>(x: &Lines, l0: usize, kp: usize, dst: &mut [u32]) {
+/// `np` consecutive panels (lines `l0..l0 + np·W`) into `dst` (`np·kp·W` entries, all
+/// written).
+fn panels_into<const W: usize>(x: &Lines, l0: usize, np: usize, kp: usize, dst: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx512_bf16() && (x.ls == 1 || x.ds == 1) {
-        // SAFETY: the feature was detected; the view was bounds-checked by the caller.
+        // SAFETY: the feature was detected; the view was bounds-checked by the caller, and
+        // `l0 < x.lines` (one chunk per group of panels that holds at least one line).
         unsafe {
             if x.ls == 1 {
-                super::avx512::pack_lines_contiguous::<W>(x, l0, kp, dst);
+                super::avx512::pack_lines_contiguous::<W>(x, l0, np, kp, dst);
             } else {
-                super::avx512::pack_depth_contiguous::<W>(x, l0, kp, dst);
+                for (pi, d) in dst.chunks_mut(kp * W).enumerate() {
+                    super::avx512::pack_depth_contiguous::<W>(x, l0 + pi * W, kp, d);
+                }
             }
         }
         return;
     }
-    panel_scalar::<W>(x, l0, kp, dst);
+    for (pi, d) in dst.chunks_mut(kp * W).enumerate() {
+        panel_scalar::<W>(x, l0 + pi * W, kp, d);
+    }
 }
 
 /// The scalar packer (any strides): the reference the vector packers are tested against.

@@ -79,7 +79,7 @@ fn vector_packers_match_the_scalar_packer() {
                 // SAFETY: the feature was detected; the view covers `data`.
                 unsafe {
                     if ls == 1 {
-                        avx512::pack_lines_contiguous::<MR>(&x, l0, kp, &mut got);
+                        avx512::pack_lines_contiguous::<MR>(&x, l0, 1, kp, &mut got);
                     } else {
                         avx512::pack_depth_contiguous::<MR>(&x, l0, kp, &mut got);
                     }
@@ -92,7 +92,7 @@ fn vector_packers_match_the_scalar_packer() {
                 // SAFETY: as above.
                 unsafe {
                     if ls == 1 {
-                        avx512::pack_lines_contiguous::<NR>(&x, l0, kp, &mut got);
+                        avx512::pack_lines_contiguous::<NR>(&x, l0, 1, kp, &mut got);
                     } else {
                         avx512::pack_depth_contiguous::<NR>(&x, l0, kp, &mut got);
                     }
@@ -100,6 +100,64 @@ fn vector_packers_match_the_scalar_packer() {
                 assert_eq!(got, want, "NR panel at {l0}, {lines}x{depth}, ls {ls}");
             }
         }
+        // Contiguous lines, several panels in one pass (from the first and from the
+        // second panel), and the whole `pack` (groups of panels, serial and parallel).
+        let x = Lines {
+            data: &data,
+            lines,
+            depth,
+            ls: 1,
+            ds: lines,
+        };
+        let panels = lines.div_ceil(MR);
+        let mut want = vec![7u32; panels * kp * MR];
+        for (pi, d) in want.chunks_mut(kp * MR).enumerate() {
+            panel_scalar::<MR>(&x, pi * MR, kp, d);
+        }
+        for first in 0..panels.min(2) {
+            let mut got = vec![0xdead_beef_u32; (panels - first) * kp * MR];
+            // SAFETY: the feature was detected; the view covers `data`.
+            unsafe {
+                avx512::pack_lines_contiguous::<MR>(&x, first * MR, panels - first, kp, &mut got)
+            };
+            assert_eq!(
+                got,
+                want[first * kp * MR..],
+                "{panels} MR panels from {first}"
+            );
+        }
+        for par in [false, true] {
+            let mut got = vec![0xdead_beef_u32; 3];
+            super::pack::pack::<MR>(x, kp, par, &mut got);
+            assert_eq!(got, want, "pack, {lines}x{depth}, par {par}");
+        }
+    }
+}
+
+/// Contiguous lines wider than one group of panels: `pack` writes the same panels as the
+/// scalar packer, panel by panel.
+#[test]
+fn grouped_lines_packing_matches_the_scalar_packer() {
+    let mut r = Rng::new(9);
+    let (lines, depth) = (600, 9);
+    let data = special_values(&mut r, lines * depth);
+    let kp = depth.div_ceil(2);
+    let x = Lines {
+        data: &data,
+        lines,
+        depth,
+        ls: 1,
+        ds: lines,
+    };
+    let panels = lines.div_ceil(NR);
+    let mut want = vec![0u32; panels * kp * NR];
+    for (pi, d) in want.chunks_mut(kp * NR).enumerate() {
+        panel_scalar::<NR>(&x, pi * NR, kp, d);
+    }
+    for par in [false, true] {
+        let mut got = vec![0xdead_beef_u32; 5];
+        super::pack::pack::<NR>(x, kp, par, &mut got);
+        assert_eq!(got, want, "par {par}");
     }
 }
 
