@@ -227,7 +227,10 @@ fn bad_inputs_are_named() {
     let f = std::fs::OpenOptions::new().write(true).open(&st).unwrap();
     f.set_len(len - 100).unwrap();
     let e = err(&d);
-    assert!(e.contains("model-00002-of-00003.safetensors"), "{e}");
+    assert!(
+        e.contains("model-00002-of-00003.safetensors") && e.contains("past the data's end"),
+        "{e}"
+    );
     // Not a Hugging Face directory.
     let e = err(&root);
     assert!(e.contains("config.json"), "{e}");
