@@ -152,6 +152,22 @@ def values(name, n, dtype):
     return v.astype(np.float32)
 
 
+def with_template(tok):
+    """The tokenizer with a Llama-3-style TemplateProcessing post-processor (BOS before each
+    sequence, a pair template), as DeepSeek's and Llama 3's tokenizers have."""
+    t = dict(tok)
+    bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+    t["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing",
+         "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, dict(bos, SpecialToken={"id": "<|im_start|>", "type_id": 1}),
+                  {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}},
+    ]}
+    return t
+
+
 MODELS = {
     # name: (architecture, dtype, config overrides, shards)
     "tiny-llama-bf16": ("llama", "bf16", dict(tie_word_embeddings=True), 1),
@@ -161,7 +177,10 @@ MODELS = {
     "tiny-llama576-f16": ("llama", "f16", dict(hidden_size=576, num_attention_heads=9,
                                                num_key_value_heads=3, head_dim=64,
                                                tie_word_embeddings=False), 1),
+    # A TemplateProcessing tokenizer (BOS added; tokenizer_config add_bos_token true): BF16 only.
+    "tiny-qwen2-bos-f32": ("qwen2", "f32", dict(tie_word_embeddings=False), 1),
 }
+TEMPLATE_MODELS = {"tiny-qwen2-bos-f32": ["BF16"]}
 
 
 def make_model(arch, dtype, over):
@@ -250,8 +269,10 @@ def write_dir(d, name, tok):
         kw["max_shard_size"] = total // shards + 1
     m.save_pretrained(d, **kw)
     json.dump(tok, open(f"{d}/tokenizer.json", "w"), ensure_ascii=False)
-    json.dump(tokenizer_config(tok), open(f"{d}/tokenizer_config.json", "w"), indent=2,
-              ensure_ascii=False)
+    tc = tokenizer_config(tok)
+    if name in TEMPLATE_MODELS:
+        tc["add_bos_token"] = True
+    json.dump(tc, open(f"{d}/tokenizer_config.json", "w"), indent=2, ensure_ascii=False)
 
 
 def manifest(d):
@@ -279,18 +300,20 @@ def main():
     for name in MODELS:
         d = f"{work}/{name}"
         shutil.rmtree(d, ignore_errors=True)
-        write_dir(d, name, cut)
+        tmpl = name in TEMPLATE_MODELS
+        write_dir(d, name, with_template(cut) if tmpl else cut)
         h = chkhsh(d)
-        result["chkhsh_cut"] = h
+        if not tmpl:
+            result["chkhsh_cut"] = h
         files = {}
-        for ot in PLAIN:
+        for ot in TEMPLATE_MODELS.get(name, PLAIN):
             out = f"{work}/{name}-{ot}.gguf"
             convert(d, ot.lower(), out, patch_hash=h)
             files[ot] = sha256(out)
         # The source dtype, losslessly (`--outtype auto` would take f32 weights to f16).
         src = f"{work}/{name}-src.gguf"
         convert(d, MODELS[name][1], src, patch_hash=h)
-        for mix in MIXES:
+        for mix in [] if tmpl else MIXES:
             out = f"{work}/{name}-{mix}.gguf"
             run([f"{BIN}/llama-quantize", src, out, mix, "1"])
             files[mix] = sha256(out)

@@ -11,8 +11,11 @@ on a full-size Hugging Face directory with SmolLM2-135M-Instruct's real weights 
    shapes are the real model's.
 2. For F32, F16, BF16 (convert_hf_to_gguf.py `--outtype`) and the mixes (convert to bf16, then
    `llama-quantize`, 2 threads): mnemo's file (no --tokenizer-pre) must be byte-identical;
-   a difference is located (metadata key or tensor). Times both sides (wall, min of 1).
-3. llama.cpp (llama-cpp-python, `logits_all`) loads mnemo's BF16, Q8_0 and Q4_K_M files and
+   a difference is located (metadata key or tensor). Times both sides (wall, one run each:
+   `s_mnemo` is the whole `mnemo quantize` from the directory; `s_llama` is
+   convert_hf_to_gguf.py for F32/F16/BF16 and llama-quantize alone for a mix, the BF16
+   conversion before it being `s_convert_bf16`).
+3. llama.cpp (llama-cpp-python, `logits_all`) loads mnemo's F32, BF16, Q8_0 and Q4_K_M files and
    computes the logits of every position of 2 prompts; compared with transformers' f32
    forward on the HF directory (median relative error ‖a − b‖/‖b‖ over positions, argmax
    agreement).
@@ -46,7 +49,7 @@ OUT = os.environ.get("OUT", "results/gguf-quantize")
 MNEMO = "target/release/mnemo"
 PLAIN = ["F32", "F16", "BF16"]
 MIXES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
-LOGIT_FILES = ["BF16", "Q8_0", "Q4_K_M"]
+LOGIT_FILES = ["F32", "BF16", "Q8_0", "Q4_K_M"]
 PROMPTS = [
     "<|im_start|>user\nWrite a Python function that reverses a string.<|im_end|>\n"
     "<|im_start|>assistant\n",
@@ -165,13 +168,15 @@ def main():
     t_conv = run([sys.executable, f"{LLAMA}/convert_hf_to_gguf.py", d, "--outtype", "bf16",
                   "--outfile", src], env=env)
     res["pre"] = gguf.GGUFReader(src).fields["tokenizer.ggml.pre"].contents()
+    # llama.cpp's side of a mix: this conversion (once) + llama-quantize (per mix, s_llama).
+    res["s_convert_bf16"] = round(t_conv, 2)
     for ty in PLAIN + MIXES:
         ref, mine = f"{WORK}/llama-{ty}.gguf", f"{WORK}/mnemo-{ty}.gguf"
         if ty in PLAIN:
             t_ref = run([sys.executable, f"{LLAMA}/convert_hf_to_gguf.py", d, "--outtype",
                          ty.lower(), "--outfile", ref], env=env)
         else:
-            t_ref = t_conv + run([f"{BIN}/llama-quantize", src, ref, ty, "2"])
+            t_ref = run([f"{BIN}/llama-quantize", src, ref, ty, "2"])
         t_mine = run([MNEMO, "quantize", d, mine, "--type", ty],
                      env=dict(os.environ, RAYON_NUM_THREADS="2"))
         same = sha(ref) == sha(mine)

@@ -2,10 +2,11 @@
 //! `convert_hf_to_gguf.py` (+ `llama-quantize` for the mixes), `reference/hf_quantize_fixture.py`:
 //! tiny LlamaForCausalLM (tied embeddings; bf16, and f32 in 3 shards), Qwen2ForCausalLM (q/k/v
 //! biases, f32), Qwen3ForCausalLM (q/k norms, bf16) and a 576-wide Llama (f16: the k-quant
-//! fallbacks) with SmolLM2's tokenizer cut to 1024 tokens. The committed directories hold
+//! fallbacks) with SmolLM2's tokenizer cut to 1024 tokens, and a Qwen2 whose tokenizer has a
+//! TemplateProcessing post-processor (BOS added, a pair template; its BF16 conversion). The committed directories hold
 //! everything but the weights, which are regenerated here bit for bit (`weights` below is the
 //! generator of the Python script) and written as safetensors in the same files. Every output
-//! (F32, F16, BF16 conversions; Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0) must have the SHA-256
+//! (F32, F16, BF16 conversions; Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0: 46 files) must have the SHA-256
 //! of llama.cpp's file. Also: the tokenizer check hash equals the one transformers gives, and
 //! bad inputs are refused with the file, field or tensor named.
 
@@ -135,7 +136,7 @@ fn files_match_convert_hf_to_gguf_and_llama_quantize() {
     let w = want();
     let root = tmpdir("all");
     let models = w["models"].as_object().unwrap();
-    assert_eq!(models.len(), 5);
+    assert_eq!(models.len(), 6);
     for (name, m) in models {
         let d = build(&root, name);
         for (ty, sha) in m["files"].as_object().unwrap() {

@@ -293,7 +293,7 @@ impl HfModel {
         let Some(nh) = t.permute else { return Ok(x) };
         let rows = t.shape[0];
         let cols = x.len() / rows.max(1);
-        if rows % (2 * nh) != 0 {
+        if !rows.is_multiple_of(2 * nh) {
             bail!(
                 "{}: tensor `{}` has {rows} rows, not a multiple of 2 × {nh} heads",
                 self.dir.display(),

@@ -232,7 +232,7 @@ fn special_vocab(
     let mut bos = s(&tc, "bos_token");
     let mut cls = s(&tc, "cls_token");
     let mut eos = s(&tc, "eos_token");
-    let sep = s(&tc, "sep_token");
+    let mut sep = s(&tc, "sep_token");
     if bos.is_none() && cls.is_some() {
         if let Some(m) = tc.as_mut() {
             m.insert("bos_token".into(), cls.clone().into());
@@ -270,10 +270,9 @@ fn special_vocab(
                     let sp = |v: &Value| v["SpecialToken"]["id"].as_str().map(String::from);
                     if single.len() > 1 {
                         if let Some(first) = single.first().and_then(sp) {
-                            if tc.is_none() {
-                                bos = Some(first.clone());
-                            } else if Some(&first) != bos.as_ref() && Some(&first) != cls.as_ref() {
-                                let m = tc.as_mut().expect("checked");
+                            if let Some(m) = tc.as_mut().filter(|_| {
+                                Some(&first) != bos.as_ref() && Some(&first) != cls.as_ref()
+                            }) {
                                 if bos.is_none() {
                                     m.insert("bos_token".into(), first.clone().into());
                                     bos = Some(first.clone());
@@ -282,6 +281,8 @@ fn special_vocab(
                                     m.insert("cls_token".into(), first.clone().into());
                                     cls = Some(first.clone());
                                 }
+                            } else if tc.is_none() {
+                                bos = Some(first.clone());
                             }
                             let is = Some(&first) == bos.as_ref() || Some(&first) == cls.as_ref();
                             set_add(&mut add, "bos", is, false);
@@ -289,8 +290,9 @@ fn special_vocab(
                         if let Some(last) = single.last().and_then(sp) {
                             if tc.is_none() {
                                 eos = Some(last.clone());
-                            } else if Some(&last) != eos.as_ref() {
-                                let m = tc.as_mut().expect("checked");
+                            } else if let Some(m) =
+                                tc.as_mut().filter(|_| Some(&last) != eos.as_ref())
+                            {
                                 let old = eos.clone().map(Value::from).unwrap_or(Value::Null);
                                 if !types.contains(&"eot") {
                                     types.push("eot");
@@ -305,12 +307,48 @@ fn special_vocab(
                             set_add(&mut add, "eos", Some(&last) == eos.as_ref(), false);
                         }
                     }
-                    if pr["pair"].as_array().is_some_and(|p| !p.is_empty()) {
-                        bail!(
-                            "{}: a TemplateProcessing post-processor with a `pair` template is \
-                             not supported yet",
-                            dir.display()
-                        );
+                    let pair = pr["pair"].as_array().cloned().unwrap_or_default();
+                    if !pair.is_empty() {
+                        let first = (single.len() > 1)
+                            .then(|| single.first().and_then(sp))
+                            .flatten();
+                        let last = (single.len() > 1)
+                            .then(|| single.last().and_then(sp))
+                            .flatten();
+                        let start =
+                            usize::from(first.is_some() && pair.first().and_then(sp) == first);
+                        let stop = pair.len()
+                            - usize::from(last.is_some() && pair.last().and_then(sp) == last);
+                        let mid = pair.get(start..stop.max(start)).unwrap_or_default();
+                        let seq = |v: &Value| v["Sequence"]["id"].as_str().map(String::from);
+                        if mid.len() > 2
+                            && mid.first().and_then(seq).as_deref() == Some("A")
+                            && mid.last().and_then(seq).as_deref() == Some("B")
+                        {
+                            let inner = &mid[1..mid.len() - 1];
+                            let is_sep = |t: &Option<String>| {
+                                t.is_some()
+                                    && (t.as_ref() == sep.as_ref() || t.as_ref() == eos.as_ref())
+                            };
+                            let mut add_sep = false;
+                            let e0 = inner.first().and_then(sp);
+                            if is_sep(&e0) && last.is_none() {
+                                add_sep = true;
+                            }
+                            if inner.len() == 2 && is_sep(&inner[1..].first().and_then(sp)) {
+                                add_sep = true;
+                            }
+                            set_add(&mut add, "sep", add_sep, false);
+                            if add_sep && sep.is_none() {
+                                if let Some(m) = tc.as_mut() {
+                                    m.insert(
+                                        "sep_token".into(),
+                                        eos.clone().map(Value::from).unwrap_or(Value::Null),
+                                    );
+                                    sep = eos.clone();
+                                }
+                            }
+                        }
                     }
                 }
                 _ => {}
