@@ -1,6 +1,9 @@
-//! `mnemo quantize`, two paths chosen by the input and `--type`:
+//! `mnemo quantize`, three paths chosen by the input and `--type`:
 //! - `IN.gguf OUT.gguf --type Q4_K_M|Q5_K_M|…`: a GGUF model quantised into one of llama.cpp's
 //!   mixes (`mnemo::gguf::quantize`);
+//! - `HF_DIR OUT.gguf --type Q4_K_M|…|F32|F16|BF16`: a Hugging Face Llama / Qwen2 / Qwen3
+//!   directory converted as convert_hf_to_gguf.py does (then quantised as by llama-quantize)
+//!   (`mnemo::gguf::hf`);
 //! - `IN_DIR OUT_DIR --type fp8+fp4|fp8`: a float DeepSeek-V4 checkpoint (a mnemo run or
 //!   checkpoint directory, or a transformers `save_pretrained` directory) written in the
 //!   official release layout with FP8 / FP4 weights (`mnemo::io::v4_quantize`).
@@ -12,7 +15,7 @@ use mnemo::io::v4_quantize::{write_official, QuantMix};
 use std::path::PathBuf;
 
 /// The long `--help` text of `mnemo quantize`.
-pub const LONG_ABOUT: &str = "Quantise a model. Two kinds of input:\n\n\
+pub const LONG_ABOUT: &str = "Quantise a model. Three kinds of input:\n\n\
     1. A GGUF file (IN ends in .gguf, or --type names a GGUF mix): OUT is a GGUF file in \
     llama.cpp's quantisation mix --type (Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, \
     Q5_K_M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, F32), as llama.cpp's own \
@@ -25,7 +28,21 @@ pub const LONG_ABOUT: &str = "Quantise a model. Two kinds of input:\n\n\
     (llama, qwen2, qwen3, deepseek2, ...). The input should be F32, F16 or BF16; an input \
     already quantised is refused unless --allow-requantize (then its values are dequantised \
     and quantised again, which loses more than quantising the original).\n\n\
-    2. A DeepSeek-V4 directory (--type fp8+fp4 or fp8): write the float model as a checkpoint \
+    2. A Hugging Face directory (config.json, model.safetensors or model-0000x-of-0000y \
+    shards with model.safetensors.index.json, tokenizer.json, tokenizer_config.json; f32, f16 \
+    or bf16 weights) of LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM, with --type \
+    a GGUF mix: OUT is the file llama.cpp's convert_hf_to_gguf.py followed by llama-quantize \
+    writes (the same bytes): tensors renamed to llama.cpp's names (Llama's q/k rows permuted \
+    for its rotary layout), metadata (context length, widths, head counts, RoPE base and \
+    scaling, norm epsilon, name and size label from the directory name), the tokenizer \
+    (tokens, token types, merges, special tokens, chat template; the pre-tokenizer named by \
+    convert_hf_to_gguf.py's table of tokenizer hashes), then the mix, quantised from the \
+    source values (the conversion to the source dtype is lossless). --type F32, F16 or BF16 \
+    is the plain conversion (convert_hf_to_gguf.py --outtype f32|f16|bf16). Tensors are \
+    streamed one at a time. A tokenizer convert_hf_to_gguf.py would not recognise is refused \
+    with its hash; --tokenizer-pre NAME (e.g. smollm, qwen2, llama-bpe) names llama.cpp's \
+    pre-tokenizer for it. Only byte-level BPE tokenizers (tokenizer.json) are read.\n\n\
+    3. A DeepSeek-V4 directory (--type fp8+fp4 or fp8): write the float model as a checkpoint \
     in the official release layout (the tensor names of DeepSeek's inference/model.py, FP8 e4m3 weights with \
     128x128 ue8m0 block scales, FP4 e2m1 experts with one ue8m0 scale per 32 values, `.scale` \
     tensors beside them), which `mnemo` loads (dequantised, or packed with `mnemo logits \
@@ -41,6 +58,7 @@ pub const LONG_ABOUT: &str = "Quantise a model. Two kinds of input:\n\n\
     448·2^k (FP8) or 6·2^k (FP4); values round to the nearest code, ties to even. MTP blocks \
     are not written.\n\n\
     Examples:\n  mnemo quantize SmolLM2-F32.gguf SmolLM2-Q4_K_M.gguf --type Q4_K_M\n  \
+    mnemo quantize ./SmolLM2-135M-Instruct SmolLM2-Q4_K_M.gguf --type Q4_K_M\n  \
     mnemo quantize runs/v4-small runs/v4-small-fp8 --type fp8+fp4";
 
 #[derive(Clone, Copy, Debug)]
@@ -53,8 +71,9 @@ pub enum QType {
 
 #[derive(Args)]
 pub struct QuantizeArgs {
-    /// The model: a GGUF file (F32/F16/BF16), or for fp8+fp4/fp8 a mnemo run or checkpoint
-    /// directory or a transformers DeepSeek-V4 directory.
+    /// The model: a GGUF file (F32/F16/BF16), a Hugging Face Llama/Qwen2/Qwen3 directory, or
+    /// for fp8+fp4/fp8 a mnemo run or checkpoint directory or a transformers DeepSeek-V4
+    /// directory.
     pub input: PathBuf,
     /// Output: a GGUF file (replaced atomically), or for fp8+fp4/fp8 a directory (created;
     /// config.json and model.safetensors replaced atomically).
@@ -68,6 +87,11 @@ pub struct QuantizeArgs {
     /// again).
     #[arg(long)]
     pub allow_requantize: bool,
+    /// Hugging Face input only: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre, e.g.
+    /// smollm, qwen2, llama-bpe) for a tokenizer whose check hash convert_hf_to_gguf.py does
+    /// not know (e.g. a cut or edited vocabulary).
+    #[arg(long)]
+    pub tokenizer_pre: Option<String>,
 }
 
 fn is_gguf_file(p: &std::path::Path) -> bool {
@@ -132,11 +156,62 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_hf(a: &QuantizeArgs, mix: Mix) -> Result<()> {
+    if a.allow_requantize {
+        bail!("--allow-requantize: only for a GGUF input (a Hugging Face directory is float)");
+    }
+    if a.output.is_dir() {
+        bail!(
+            "OUT {}: is a directory; name the GGUF file to write",
+            a.output.display()
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let pre = a.tokenizer_pre.as_deref();
+    let r = match mix.name {
+        "F32" => mnemo::gguf::hf::convert_hf(&a.input, &a.output, 0, pre),
+        "F16" => mnemo::gguf::hf::convert_hf(&a.input, &a.output, 1, pre),
+        "BF16" => mnemo::gguf::hf::convert_hf(&a.input, &a.output, 30, pre),
+        _ => mnemo::gguf::hf::quantize_hf(&a.input, &a.output, mix, pre),
+    }
+    .with_context(|| format!("converting {} to {}", a.input.display(), mix.name))?;
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, t) in &r.tensors {
+        *counts.entry(t.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    eprintln!(
+        "wrote {} ({} tensors: {}; {:.1} MiB, {mix}, {:.1} s)",
+        a.output.display(),
+        r.tensors.len(),
+        counts.join(", "),
+        r.bytes as f64 / (1 << 20) as f64,
+        t0.elapsed().as_secs_f64(),
+        mix = mix.name
+    );
+    Ok(())
+}
+
+/// A DeepSeek-V4 directory (mnemo run/checkpoint or transformers `deepseek_v4`), which takes
+/// --type fp8+fp4 / fp8 rather than a GGUF mix.
+fn is_v4_dir(d: &std::path::Path) -> bool {
+    std::fs::read_to_string(d.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("v4").is_some() || v["model_type"].as_str() == Some("deepseek_v4"))
+}
+
 fn run_gguf(a: &QuantizeArgs, mix: Mix) -> Result<()> {
+    if a.input.is_dir() && a.input.join("config.json").is_file() && !is_v4_dir(&a.input) {
+        return run_hf(a, mix);
+    }
+    if a.tokenizer_pre.is_some() {
+        bail!("--tokenizer-pre: only for a Hugging Face directory input");
+    }
     if !a.input.is_file() {
         bail!(
-            "IN {}: not a GGUF file (--type {} is a GGUF mix; a DeepSeek-V4 directory takes \
-             --type fp8+fp4 or fp8)",
+            "IN {}: not a GGUF file or a Hugging Face directory with config.json (--type {} is \
+             a GGUF mix; a DeepSeek-V4 directory takes --type fp8+fp4 or fp8)",
             a.input.display(),
             a.ty
         );

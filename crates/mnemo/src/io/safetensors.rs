@@ -23,6 +23,38 @@ pub struct RawTensor<'a> {
     pub data: &'a [u8],
 }
 
+/// For a truncated file: `"; tensor `NAME` ends at byte E, past the data's end D"` naming the
+/// first tensor (by offset) whose bytes are not all there, else "".
+fn past_end(b: &[u8]) -> String {
+    let Some(n) = b
+        .get(..8)
+        .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")) as usize)
+    else {
+        return String::new();
+    };
+    let Some(h) = b
+        .get(8..8usize.saturating_add(n))
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok())
+    else {
+        return String::new();
+    };
+    let have = b.len().saturating_sub(8 + n) as u64;
+    let mut bad: Vec<(u64, &str)> = h
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((v["data_offsets"][1].as_u64()?, k.as_str())))
+        .filter(|(end, _)| *end > have)
+        .collect();
+    bad.sort();
+    match bad.first() {
+        Some((end, k)) => {
+            format!("; tensor `{k}` ends at data byte {end}, past the data's end {have}")
+        }
+        None => String::new(),
+    }
+}
+
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
         let f =
@@ -35,8 +67,9 @@ impl TensorFile {
         // shape, and that the data section fills the file.
         let (n, meta) = SafeTensors::read_metadata(&mmap).with_context(|| {
             format!(
-                "{} is not a valid safetensors file (corrupt or truncated?)",
-                path.display()
+                "{} is not a valid safetensors file (corrupt or truncated?){}",
+                path.display(),
+                past_end(&mmap)
             )
         })?;
         Ok(TensorFile {

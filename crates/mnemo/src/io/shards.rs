@@ -35,12 +35,14 @@ impl Shards {
     pub fn open(dir: &Path) -> Result<Self> {
         let ipath = dir.join(INDEX_FILE);
         if !ipath.is_file() {
-            let f = TensorFile::open(&dir.join("model.safetensors")).with_context(|| {
-                format!(
+            let single = dir.join("model.safetensors");
+            if !single.is_file() {
+                bail!(
                     "{}: no model.safetensors and no {INDEX_FILE}",
                     dir.display()
-                )
-            })?;
+                );
+            }
+            let f = TensorFile::open(&single)?;
             let at = f.names().into_iter().map(|n| (n, 0)).collect();
             return Ok(Shards {
                 dir: dir.to_path_buf(),

@@ -708,6 +708,7 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<Tokenizer> {
 pub mod deepseek2;
 mod deepseek2_packed;
 pub mod deepseek4;
+pub mod hf;
 pub mod mix;
 pub mod quantize;
 mod write;
