@@ -4,6 +4,7 @@
 
 use super::{Ffn, Model, Workspace};
 use crate::moe::{self, MoeSpec};
+use rayon::prelude::*;
 
 impl Model {
     /// layer's selection bias moves toward equal load (`loads` from the step's batches).
@@ -69,19 +70,29 @@ impl Model {
             self.cfg.top_k,
             self.cfg.bias_fit_hard_rounds,
         );
-        for (lo, sc) in self.layout.layers.iter().zip(scores) {
-            if let Ffn::Moe(mo) = lo.ffn {
-                if !mo.hash && !sc.is_empty() {
-                    moe::refit_bias(
-                        &mut self.params[mo.bias..mo.bias + e],
-                        sc,
-                        k,
-                        iters,
-                        hard,
-                        rate,
-                    );
-                }
-            }
+        // The layers' fits are independent: one layer per task (each fit's own parallel loops
+        // nest inside), the same bits as one after another (every fit is deterministic).
+        let jobs: Vec<(usize, &[f32])> = self
+            .layout
+            .layers
+            .iter()
+            .zip(scores)
+            .filter_map(|(lo, sc)| match lo.ffn {
+                Ffn::Moe(mo) if !mo.hash && !sc.is_empty() => Some((mo.bias, *sc)),
+                _ => None,
+            })
+            .collect();
+        let params = &self.params;
+        let fitted: Vec<Vec<f32>> = jobs
+            .par_iter()
+            .map(|&(at, sc)| {
+                let mut b = params[at..at + e].to_vec();
+                moe::refit_bias(&mut b, sc, k, iters, hard, rate);
+                b
+            })
+            .collect();
+        for ((at, _), b) in jobs.iter().zip(fitted) {
+            self.params[*at..*at + e].copy_from_slice(&b);
         }
     }
 
