@@ -251,8 +251,8 @@ mod tests {
         let routed = m.routed_moe_layers();
         assert_eq!(routed, vec![1, 2], "layer 0 routes by hash");
         let spec = MoeSpec::new(&m.cfg);
-        for l in 0..m.cfg.n_layers {
-            let load = loads[l].expect("every layer is MoE");
+        for (l, load) in loads.iter().enumerate() {
+            let load = load.expect("every layer is MoE");
             assert_eq!(load.iter().sum::<u64>(), (b * t * k) as u64, "layer {l}");
             if let Ffn::Moe(mo) = m.layout.layers[l].ffn {
                 if mo.hash {

@@ -81,24 +81,24 @@ pub fn fit_bias_in(
     let soft = crate::prof::span("moe.fit.soft");
     for _ in 0..iters {
         let chunk_col = |chunk: &[f32]| {
-                let mut col = vec![0.0f64; e];
-                let mut z = vec![0.0f64; e];
-                for row in chunk.chunks_exact(e) {
-                    let mut zmax = f64::NEG_INFINITY;
-                    for j in 0..e {
-                        z[j] = (row[j] as f64 + b[j]) / tau;
-                        zmax = zmax.max(z[j]);
-                    }
-                    let mut sum = 0.0;
-                    for zj in z.iter_mut() {
-                        *zj = (*zj - zmax).exp();
-                        sum += *zj;
-                    }
-                    for j in 0..e {
-                        col[j] += k as f64 * z[j] / sum;
-                    }
+            let mut col = vec![0.0f64; e];
+            let mut z = vec![0.0f64; e];
+            for row in chunk.chunks_exact(e) {
+                let mut zmax = f64::NEG_INFINITY;
+                for j in 0..e {
+                    z[j] = (row[j] as f64 + b[j]) / tau;
+                    zmax = zmax.max(z[j]);
                 }
-                col
+                let mut sum = 0.0;
+                for zj in z.iter_mut() {
+                    *zj = (*zj - zmax).exp();
+                    sum += *zj;
+                }
+                for j in 0..e {
+                    col[j] += k as f64 * z[j] / sum;
+                }
+            }
+            col
         };
         let cols: Vec<Vec<f64>> = if par {
             scores.par_chunks(e * 256).map(chunk_col).collect()
