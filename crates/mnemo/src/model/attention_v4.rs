@@ -452,22 +452,50 @@ impl Model {
         (out, rstd)
     }
 
-    /// The compressed entries `[⌊t/m⌋, dim]` of one sequence `x: [t, D]` (§3.6, §3.7), keeping
-    /// in `ca` what the backward pass needs.
-    pub(super) fn v4_compress(
+    /// A compressor's projections ([`Model::v4_comp_project`]) of the rows `x: [b·t, D]` of
+    /// `b` sequences of `t` rows at once (one product per weight; each row's position is its
+    /// index in its sequence).
+    pub(super) fn v4_comp_project_seqs(
         &self,
         co: &CompressorOffsets,
         x: &[f32],
+        t: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let dm = self.cfg.d_model;
+        let n = x.len() / dm;
+        let (m, cw) = (co.ratio, co.width());
+        let mut ckv = vec![0.0f32; n * cw];
+        let mut cg = vec![0.0f32; n * cw];
+        use super::decode::profile::QKV;
+        self.lin(&Plan::F32, QKV, &mut ckv, x, co.wkv, n, dm, cw, false);
+        self.lin(&Plan::F32, QKV, &mut cg, x, co.wgate, n, dm, cw, false);
+        let ape = self.w(co.ape, m * cw);
+        for (r, row) in cg.chunks_mut(cw).enumerate() {
+            let j = (r % t) % m;
+            row.iter_mut()
+                .zip(&ape[j * cw..(j + 1) * cw])
+                .for_each(|(g, b)| *g += b);
+        }
+        (ckv, cg)
+    }
+
+    /// The compressed entries `[⌊t/m⌋, dim]` of one sequence (§3.6, §3.7) from its
+    /// projections `(ckv, cg)` (`[t, cw]` each, [`Model::v4_comp_project`]), keeping in `ca`
+    /// what the backward pass needs.
+    pub(super) fn v4_compress_projected(
+        &self,
+        co: &CompressorOffsets,
+        (ckv, cg): (Vec<f32>, Vec<f32>),
         rope: &V4Rope,
         ca: &mut CompActs,
     ) -> Vec<f32> {
-        let t = x.len() / self.cfg.d_model;
+        let t = ckv.len() / co.width().max(1);
         let (dim, n_e) = (co.dim, t / co.ratio);
         if n_e == 0 {
             *ca = CompActs::default();
             return Vec::new();
         }
-        (ca.ckv, ca.cg) = self.v4_comp_project(co, x, 0);
+        (ca.ckv, ca.cg) = (ckv, cg);
         ca.e = vec![0.0f32; n_e * dim];
         for (w, e) in ca.e.chunks_mut(dim).enumerate() {
             pool_entry(co, w, (&ca.ckv, &ca.cg), 0, e);
@@ -477,7 +505,7 @@ impl Model {
         out
     }
 
-    /// Backward of [`Model::v4_compress`]: from `dc = dL/d(entries)` into `dx` (added) and the
+    /// Backward of [`Model::v4_compress_projected`]: from `dc = dL/d(entries)` into `dx` (added) and the
     /// compressor's parameter gradients.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn v4_compress_backward(
@@ -661,16 +689,14 @@ impl Model {
     fn v4_select(
         &self,
         io: &IndexerV4Offsets,
-        x: &[f32],
-        q_res: &[f32],
+        (kproj, (mut qi, wts)): IndexProj,
         rope: &V4Rope,
     ) -> Vec<Vec<usize>> {
         let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
         let (hi, di) = (v.index_n_heads, v.index_head_dim);
         let m = io.comp.ratio;
-        let keys = self.v4_compress(&io.comp, x, rope, &mut CompActs::default());
+        let keys = self.v4_compress_projected(&io.comp, kproj, rope, &mut CompActs::default());
         let total = keys.len() / di;
-        let (mut qi, wts) = self.v4_index_queries(io, x, q_res);
         qi.chunks_mut(hi * di)
             .zip(wts.chunks(hi))
             .enumerate()
@@ -869,48 +895,98 @@ impl Model {
         acts: &mut V4Acts,
     ) {
         let c = &self.cfg;
-        let (dm, h, d) = (c.d_model, c.n_heads, c.head_dim);
-        let ql = c.v4.as_ref().expect("a DeepSeek-V4 config").q_lora_rank;
-        acts.comp = vec![CompActs::default(); b];
-        acts.entries = vec![Vec::new(); b];
-        acts.sel = vec![None; b];
-        acts.index = Vec::new();
+        let (h, d) = (c.n_heads, c.head_dim);
         let sparse = db.as_ref().is_none_or(|db| db.run.stage.is_sparse());
         let measure = db.as_ref().is_some_and(|db| db.run.kl || db.run.recall);
-        for s in 0..b {
-            let rows = s * t..(s + 1) * t;
-            let xs = &a[rows.start * dm..rows.end * dm];
-            if let Some(co) = &vo.compressor {
-                acts.entries[s] = self.v4_compress(co, xs, rope, &mut acts.comp[s]);
-            }
-            let q_res = &acts.q_res[rows.start * ql..rows.end * ql];
-            match (&vo.indexer, measure) {
-                (Some(io), true) => {
-                    let ia = self.v4_index_forward(io, rope, xs, q_res);
-                    acts.sel[s] = sparse.then(|| ia.topk.clone());
-                    acts.index.push(ia);
+        let run = db.as_ref().map(|db| db.run);
+        let norm = self.v4_index_norm(b * t);
+        // The sequences are independent: one task per sequence (compressor, indexer, its
+        // rows, its indexer loss), so that the small per-sequence products and the serial
+        // pooling and selection loops of different sequences run side by side instead of
+        // each product being split (or not) across the pool. Every sequence computes what it
+        // computed alone, and the loss sums are added in sequence order: the same bits.
+        use super::attention_v4_indexer::IndexActs;
+        type Seq = (
+            Vec<f32>,
+            CompActs,
+            Option<Vec<Vec<usize>>>,
+            Option<IndexActs>,
+            (f64, f64),
+        );
+        let (q_all, kv_all) = (&acts.q, &acts.kv);
+        let (q_res_all, o_all) = (&acts.q_res, &mut acts.o);
+        // The row-wise projections of every sequence at once: one product per weight (the
+        // weights are packed once, not once per sequence); each row's values are those of its
+        // sequence's own product.
+        let comp = vo
+            .compressor
+            .as_ref()
+            .map(|co| (co.width(), self.v4_comp_project_seqs(co, a, t)));
+        let index = vo.indexer.as_ref().map(|io| {
+            (
+                io.comp.width(),
+                self.v4_comp_project_seqs(&io.comp, a, t),
+                self.v4_index_queries(io, a, q_res_all),
+            )
+        });
+        let v = c.v4.as_ref().expect("a DeepSeek-V4 config");
+        let (hi, di) = (v.index_n_heads, v.index_head_dim);
+        let rows_of = |all: &[f32], s: usize, w: usize| all[s * t * w..(s + 1) * t * w].to_vec();
+        let seqs: Vec<Seq> = o_all
+            .par_chunks_mut(t * h * d)
+            .enumerate()
+            .map(|(s, o)| {
+                let rows = s * t..(s + 1) * t;
+                let mut ca = CompActs::default();
+                let entries = match (&vo.compressor, &comp) {
+                    (Some(co), Some((cw, (ckv, cg)))) => {
+                        let proj = (rows_of(ckv, s, *cw), rows_of(cg, s, *cw));
+                        self.v4_compress_projected(co, proj, rope, &mut ca)
+                    }
+                    _ => Vec::new(),
+                };
+                let (mut sel, mut ia_s) = (None, None);
+                if let (Some(io), Some((cw, (ckv, cg), (qi, wts)))) = (&vo.indexer, &index) {
+                    let proj = (
+                        (rows_of(ckv, s, *cw), rows_of(cg, s, *cw)),
+                        (rows_of(qi, s, hi * di), rows_of(wts, s, hi)),
+                    );
+                    if measure {
+                        let ia = self.v4_index_forward(io, rope, proj);
+                        sel = sparse.then(|| ia.topk.clone());
+                        ia_s = Some(ia);
+                    } else {
+                        sel = sparse.then(|| self.v4_select(io, proj, rope));
+                    }
                 }
-                (Some(io), false) => {
-                    acts.sel[s] = sparse.then(|| self.v4_select(io, xs, q_res, rope));
-                }
-                _ => {}
-            }
-            let kvs = &acts.kv[rows.start * d..rows.end * d];
-            let qs = &acts.q[rows.start * h * d..rows.end * h * d];
-            let (entries, sel) = (&acts.entries[s], acts.sel[s].as_ref());
-            acts.o[rows.start * h * d..rows.end * h * d]
-                .par_chunks_mut(h * d)
-                .enumerate()
-                .for_each(|(tq, orow)| {
+                let kvs = &kv_all[rows.start * d..rows.end * d];
+                let qs = &q_all[rows.start * h * d..rows.end * h * d];
+                o.par_chunks_mut(h * d).enumerate().for_each(|(tq, orow)| {
                     let qrow = &qs[tq * h * d..(tq + 1) * h * d];
-                    let sel = sel.map(|s| &s[tq][..]);
-                    self.v4_attend_row(vo, rope, tq, qrow, (kvs, 0), entries, sel, orow);
+                    let sel = sel.as_ref().map(|s: &Vec<Vec<usize>>| &s[tq][..]);
+                    self.v4_attend_row(vo, rope, tq, qrow, (kvs, 0), &entries, sel, orow);
                 });
-            if let (Some(db), Some(ia)) = (db.as_deref_mut(), acts.index.last_mut()) {
-                let norm = self.v4_index_norm(b * t);
-                let (kl, recall) = self.v4_index_loss(vo, (qs, kvs), entries, ia, db.run, norm);
-                db.kl += kl;
-                db.recall += recall;
+                let mut loss = (0.0, 0.0);
+                if let (Some(run), Some(ia)) = (run, ia_s.as_mut()) {
+                    loss = self.v4_index_loss(vo, (qs, kvs), &entries, ia, run, norm);
+                }
+                (entries, ca, sel, ia_s, loss)
+            })
+            .collect();
+        acts.comp = Vec::with_capacity(b);
+        acts.entries = Vec::with_capacity(b);
+        acts.sel = Vec::with_capacity(b);
+        acts.index = Vec::new();
+        for (entries, comp, sel, index, (kl, recall)) in seqs {
+            acts.entries.push(entries);
+            acts.comp.push(comp);
+            acts.sel.push(sel);
+            if let Some(ia) = index {
+                acts.index.push(ia);
+                if let Some(db) = db.as_deref_mut() {
+                    db.kl += kl;
+                    db.recall += recall;
+                }
             }
         }
     }
@@ -1138,6 +1214,11 @@ fn scatter_cols(dst: &mut [f32], src: &[f32], width: usize, c0: usize) {
         d[c0..c0 + w].copy_from_slice(s);
     }
 }
+
+/// One sequence's indexer projections: its compressor's values and logits `[t, cw]` each
+/// (position bias added), then its queries `[t, Hi·dᴵ]` (not yet roped) and head weights
+/// `[t, Hi]` ([`Model::v4_index_queries`]).
+pub(super) type IndexProj = ((Vec<f32>, Vec<f32>), (Vec<f32>, Vec<f32>));
 
 /// The indexer's score of one entry key `kw: [dᴵ]` for a query `qi: [Hi·dᴵ]` (roped) with head
 /// weights `wts: [Hi]`: `Σ_h ω_h·Hi^-½·ReLU(qᴵ_h·kw)·dᴵ^-½`.

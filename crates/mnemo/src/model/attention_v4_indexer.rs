@@ -21,7 +21,7 @@
 //! visible entries that falls in `TopK(t)` (1 where no entry is visible).
 
 use super::attention_v4::{
-    dot, index_score, probs, CompActs, IndexerV4Offsets, V4Acts, V4AttnOffsets, V4Rope,
+    dot, index_score, probs, CompActs, IndexProj, IndexerV4Offsets, V4Acts, V4AttnOffsets, V4Rope,
 };
 use super::Model;
 use crate::dsa::DsaRun;
@@ -45,21 +45,22 @@ pub(crate) struct IndexActs {
 }
 
 impl Model {
-    /// The indexer of one sequence `xs: [t, D]` (with its q residuals): keys, roped queries,
-    /// weights, every row's scores of its visible entries and its top-k.
+    /// The indexer of one sequence from its row-wise projections (`[IndexProj]`: its
+    /// compressor's values and logits, its queries and head weights, computed for the whole
+    /// batch at once): keys, roped queries, weights, every row's scores of its visible entries
+    /// and its top-k.
     pub(super) fn v4_index_forward(
         &self,
         io: &IndexerV4Offsets,
         rope: &V4Rope,
-        xs: &[f32],
-        q_res: &[f32],
+        (kproj, (qi, wts)): IndexProj,
     ) -> IndexActs {
         let v = self.cfg.v4.as_ref().expect("a DeepSeek-V4 config");
         let (hi, di, k) = (v.index_n_heads, v.index_head_dim, v.index_topk);
         let m = io.comp.ratio;
         let mut ia = IndexActs::default();
-        ia.keys = self.v4_compress(&io.comp, xs, rope, &mut ia.comp);
-        (ia.qi, ia.wts) = self.v4_index_queries(io, xs, q_res);
+        ia.keys = self.v4_compress_projected(&io.comp, kproj, rope, &mut ia.comp);
+        (ia.qi, ia.wts) = (qi, wts);
         let keys = &ia.keys;
         let total = keys.len() / di;
         let rows: Vec<(Vec<f32>, Vec<usize>)> = ia

@@ -4,6 +4,7 @@
 
 use super::{Ffn, Model, Workspace};
 use crate::moe::{self, MoeSpec};
+use rayon::prelude::*;
 
 impl Model {
     /// layer's selection bias moves toward equal load (`loads` from the step's batches).
@@ -69,19 +70,32 @@ impl Model {
             self.cfg.top_k,
             self.cfg.bias_fit_hard_rounds,
         );
-        for (lo, sc) in self.layout.layers.iter().zip(scores) {
-            if let Ffn::Moe(mo) = lo.ffn {
-                if !mo.hash && !sc.is_empty() {
-                    moe::refit_bias(
-                        &mut self.params[mo.bias..mo.bias + e],
-                        sc,
-                        k,
-                        iters,
-                        hard,
-                        rate,
-                    );
-                }
-            }
+        // The layers' fits are independent: one layer per task, the same bits as one after
+        // another (every fit is deterministic).
+        let jobs: Vec<(usize, &[f32])> = self
+            .layout
+            .layers
+            .iter()
+            .zip(scores)
+            .filter_map(|(lo, sc)| match lo.ffn {
+                Ffn::Moe(mo) if !mo.hash && !sc.is_empty() => Some((mo.bias, *sc)),
+                _ => None,
+            })
+            .collect();
+        let params = &self.params;
+        // With several layers the layers are the parallel tasks (each fit's token loops run
+        // on its thread: no pool synchronisation per Sinkhorn round and per expert sweep).
+        let inner = jobs.len() < 2;
+        let fitted: Vec<Vec<f32>> = jobs
+            .par_iter()
+            .map(|&(at, sc)| {
+                let mut b = params[at..at + e].to_vec();
+                moe::refit_bias_in(&mut b, sc, k, iters, hard, rate, inner);
+                b
+            })
+            .collect();
+        for ((at, _), b) in jobs.iter().zip(fitted) {
+            self.params[*at..*at + e].copy_from_slice(&b);
         }
     }
 
@@ -180,6 +194,75 @@ impl Model {
                 ))
             }
             Ffn::Dense { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{ModelConfig, V4LayerType};
+    use crate::dsa::DsaRun;
+    use crate::model::{Ffn, Model, Workspace};
+    use crate::moe::{self, MoeSpec};
+    use crate::rng::Rng;
+
+    /// The expert loads the balancing's sign step uses are counted where the training
+    /// forward's router picks the experts: they equal a separate count of the same batch's
+    /// routing (its router inputs scored again, top-k on score + bias), for every routed
+    /// layer of a DeepSeek-V4 model (a hash layer first), with a bias that moves selections.
+    #[test]
+    fn training_forward_loads_equal_a_recount_of_the_batch_routing() {
+        let mut c = ModelConfig::preset("v4-tiny").unwrap();
+        (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.head_dim) = (50, 16, 3, 2, 8);
+        (c.n_routed_experts, c.top_k, c.moe_inter, c.hc_mult) = (6, 2, 8, 2);
+        c.max_seq_len = 32;
+        let v = c.v4.as_mut().unwrap();
+        (v.q_lora_rank, v.o_lora_rank, v.o_groups, v.sliding_window) = (8, 4, 2, 4);
+        v.layer_types = vec![
+            V4LayerType::SlidingAttention,
+            V4LayerType::CompressedSparseAttention,
+            V4LayerType::HeavilyCompressedAttention,
+        ];
+        v.num_nextn_predict_layers = 0;
+        (v.compress_rate_hca, v.index_n_heads, v.index_head_dim) = (8, 2, 4);
+        (v.index_topk, v.qk_rope_head_dim) = (3, 4);
+        let mut m = Model::new(c).unwrap();
+        m.init(5);
+        let (e, k) = (m.cfg.n_routed_experts, m.cfg.top_k);
+        let mut r = Rng::new(6);
+        for lo in m.layout.layers.clone() {
+            if let Ffn::Moe(mo) = lo.ffn {
+                for b in &mut m.params[mo.bias..mo.bias + e] {
+                    *b = 0.05 * r.normal() as f32;
+                }
+            }
+        }
+        let (b, t) = (2, 24);
+        let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 17 + 3) % 50).collect();
+        let mut grads = vec![0.0f32; m.layout.total];
+        let mut ws = Workspace::default();
+        let run = DsaRun {
+            stage: crate::config::DsaStage::Sparse,
+            kl: true,
+            recall: false,
+        };
+        m.forward_backward_dsa(&ids, &ids, b, t, &mut grads, 1.0, &mut ws, run);
+        let loads = ws.moe_loads();
+        let routed = m.routed_moe_layers();
+        assert_eq!(routed, vec![1, 2], "layer 0 routes by hash");
+        let spec = MoeSpec::new(&m.cfg);
+        for (l, load) in loads.iter().enumerate() {
+            let load = load.expect("every layer is MoE");
+            assert_eq!(load.iter().sum::<u64>(), (b * t * k) as u64, "layer {l}");
+            if let Ffn::Moe(mo) = m.layout.layers[l].ffn {
+                if mo.hash {
+                    continue;
+                }
+                let scores = moe::router_scores(&spec, &m.params, &mo, ws.ffn_input(l));
+                let recount = moe::topk_load(&scores, &m.params[mo.bias..mo.bias + e], k);
+                assert_eq!(load, &recount[..], "layer {l}");
+                assert!(load.iter().any(|&x| x != load[0]), "layer {l}: {load:?}");
+            }
         }
     }
 }

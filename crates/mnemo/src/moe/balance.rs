@@ -39,6 +39,20 @@ pub fn update_bias(bias: &mut [f32], load: &[u64], speed: f32) {
 /// scale. It only ever uses the batch already routed, so no token's routing depends on
 /// tokens of its own batch.
 pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_rounds: usize) {
+    fit_bias_in(bias, scores, k, iters, hard_rounds, true)
+}
+
+/// [`fit_bias`], its loops over tokens in parallel (`par`) or on the calling thread (for
+/// callers that fit several layers side by side). The same bits either way: the per-chunk
+/// sums are added in chunk order, and the per-token work does not depend on the split.
+pub fn fit_bias_in(
+    bias: &mut [f32],
+    scores: &[f32],
+    k: usize,
+    iters: usize,
+    hard_rounds: usize,
+    par: bool,
+) {
     let e = bias.len();
     if e == 0 || iters == 0 {
         return;
@@ -66,29 +80,32 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_r
     let mut b: Vec<f64> = bias.iter().map(|&x| x as f64).collect();
     let soft = crate::prof::span("moe.fit.soft");
     for _ in 0..iters {
-        let col = scores
-            .par_chunks(e * 256)
-            .map(|chunk| {
-                let mut col = vec![0.0f64; e];
-                let mut z = vec![0.0f64; e];
-                for row in chunk.chunks_exact(e) {
-                    let mut zmax = f64::NEG_INFINITY;
-                    for j in 0..e {
-                        z[j] = (row[j] as f64 + b[j]) / tau;
-                        zmax = zmax.max(z[j]);
-                    }
-                    let mut sum = 0.0;
-                    for zj in z.iter_mut() {
-                        *zj = (*zj - zmax).exp();
-                        sum += *zj;
-                    }
-                    for j in 0..e {
-                        col[j] += k as f64 * z[j] / sum;
-                    }
+        let chunk_col = |chunk: &[f32]| {
+            let mut col = vec![0.0f64; e];
+            let mut z = vec![0.0f64; e];
+            for row in chunk.chunks_exact(e) {
+                let mut zmax = f64::NEG_INFINITY;
+                for j in 0..e {
+                    z[j] = (row[j] as f64 + b[j]) / tau;
+                    zmax = zmax.max(z[j]);
                 }
-                col
-            })
-            .collect::<Vec<_>>()
+                let mut sum = 0.0;
+                for zj in z.iter_mut() {
+                    *zj = (*zj - zmax).exp();
+                    sum += *zj;
+                }
+                for j in 0..e {
+                    col[j] += k as f64 * z[j] / sum;
+                }
+            }
+            col
+        };
+        let cols: Vec<Vec<f64>> = if par {
+            scores.par_chunks(e * 256).map(chunk_col).collect()
+        } else {
+            scores.chunks(e * 256).map(chunk_col).collect()
+        };
+        let col = cols
             // Summed in chunk order: a rayon `reduce` groups the chunks by how the work was
             // split, which depends on the thread count and on stealing, and the f64 sums (so
             // the bias, so resume) would not be bit-reproducible.
@@ -108,7 +125,7 @@ pub fn fit_bias(bias: &mut [f32], scores: &[f32], k: usize, iters: usize, hard_r
     bias.iter_mut().zip(&b).for_each(|(x, &v)| *x = v as f32);
     drop(soft);
     let _s = crate::prof::span("moe.fit.hard");
-    hard_correct(bias, scores, k, hard_rounds, 1e-3 * tau as f32);
+    hard_correct(bias, scores, k, hard_rounds, 1e-3 * tau as f32, par);
     let mean = bias.iter().map(|&x| x as f64).sum::<f64>() / e as f64;
     bias.iter_mut().for_each(|x| *x = (*x as f64 - mean) as f32);
 }
@@ -127,7 +144,7 @@ type RowsFn<'a> = dyn Fn(&mut [(f32, u32)], &[f32], &mut [f32]) + Sync + 'a;
 /// expert-specific gap that these sweeps close. Unlike a gradient step on `ln(load)`, an
 /// exact update cannot overshoot when an expert's load is near zero, which is common early
 /// in training when every token's scores are almost the same.
-fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: f32) {
+fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: f32, par: bool) {
     let e = bias.len();
     let n = scores.len() / e.max(1);
     if e == 0 || n == 0 || k == 0 || k >= e {
@@ -142,7 +159,7 @@ fn hard_correct(bias: &mut [f32], scores: &[f32], k: usize, sweeps: usize, tol: 
     let mut top = vec![(f32::NEG_INFINITY, u32::MAX); n * kk];
     let rows = |f: &RowsFn, top: &mut [(f32, u32)], gap: &mut [f32]| {
         const ROWS: usize = 1024;
-        if n <= ROWS {
+        if n <= ROWS || !par {
             f(top, scores, gap);
         } else {
             top.par_chunks_mut(ROWS * kk)
@@ -268,11 +285,24 @@ pub fn refit_bias(
     hard_rounds: usize,
     rate: f32,
 ) {
+    refit_bias_in(bias, scores, k, iters, hard_rounds, rate, true)
+}
+
+/// [`refit_bias`] with [`fit_bias_in`]'s choice of parallel (`par`) or serial token loops.
+pub fn refit_bias_in(
+    bias: &mut [f32],
+    scores: &[f32],
+    k: usize,
+    iters: usize,
+    hard_rounds: usize,
+    rate: f32,
+    par: bool,
+) {
     if rate >= 1.0 {
-        return fit_bias(bias, scores, k, iters, hard_rounds);
+        return fit_bias_in(bias, scores, k, iters, hard_rounds, par);
     }
     let old = bias.to_vec();
-    fit_bias(bias, scores, k, iters, hard_rounds);
+    fit_bias_in(bias, scores, k, iters, hard_rounds, par);
     for (b, o) in bias.iter_mut().zip(old) {
         *b = o + rate * (*b - o);
     }
@@ -477,7 +507,7 @@ mod tests {
             let mut bias = vec![0.0f32; e];
             rng.fill_normal(&mut bias, 0.3);
             let (mut fast, mut scan) = (bias.clone(), bias);
-            hard_correct(&mut fast, &scores, k, 8, 0.0);
+            hard_correct(&mut fast, &scores, k, 8, 0.0, true);
             hard_correct_by_scan(&mut scan, &scores, k, 8, 0.0);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(

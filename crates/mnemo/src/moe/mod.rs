@@ -785,4 +785,6 @@ mod balance;
 #[cfg(test)]
 mod tests;
 
-pub use balance::{fit_bias, load_stats, refit_bias, update_bias, BiasPool};
+pub use balance::{
+    fit_bias, fit_bias_in, load_stats, refit_bias, refit_bias_in, update_bias, BiasPool,
+};
