@@ -653,6 +653,10 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
     if n == 0 {
         return;
     }
+    if n == 1 && super::kdot_dec::handles(m.ty) {
+        // Decoding: ggml's one-vector form (f32 lanes across the row's super-blocks).
+        return super::kdot_dec::matvec(isa, m, x, y, accumulate);
+    }
     let xq: Vec<Q8K> = x.chunks_exact(m.cols).map(quantize_q8k).collect();
     let nrows = m.rows;
     const ROWS: usize = 16;
