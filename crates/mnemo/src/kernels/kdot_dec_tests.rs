@@ -67,7 +67,7 @@ fn one_vector_products_equal_reference_and_paths_agree() {
             let m = random_kmatrix(&mut r, ty, rows, cols);
             let mut x = vec![0.0f32; cols];
             r.fill_normal(&mut x, 1.0);
-            let want = reference(&m, &Act::new(&x));
+            let want = reference(&m, &Act::new(&x, false));
             let outs: Vec<Vec<f32>> = isas()
                 .into_iter()
                 .map(|isa| {
@@ -114,7 +114,7 @@ fn one_vector_extremes() {
         let x: Vec<f32> = (0..cols)
             .map(|j| if j == 0 { -1.0 } else { -0.999 })
             .collect();
-        let a = Act::new(&x);
+        let a = Act::new(&x, false);
         assert!(a.x.qs.iter().all(|&v| v == -127));
         let want = reference(&m, &a);
         let mut first: Option<Vec<f32>> = None;
@@ -143,7 +143,7 @@ fn one_vector_matches_group_kernel() {
         let m = random_kmatrix(&mut r, ty, rows, cols);
         let mut x = vec![0.0f32; 2 * cols];
         r.fill_normal(&mut x, 1.0);
-        let want = reference(&m, &Act::new(&x[..cols]));
+        let want = reference(&m, &Act::new(&x[..cols], false));
         for isa in isas() {
             let mut y1 = vec![0.0f32; rows];
             crate::kernels::kdot::matmat(isa, &m, &x[..cols], 1, &mut y1, false);
@@ -166,31 +166,36 @@ fn one_vector_matches_group_kernel() {
 fn bench_tiles() {
     let mut r = Rng::new(1);
     for ty in [QType::Q4_K, QType::Q6_K] {
-        let (rows, cols) = (24576, 2048);
+      for rows in [65536usize] {
+        let cols = 2048;
         let m = random_kmatrix(&mut r, ty, rows, cols);
         let mut x = vec![0.0f32; cols];
         r.fill_normal(&mut x, 1.0);
-        let a = Act::new(&x);
         let mut y = vec![0.0f32; rows];
         let gb = m.data.len() as f64 / 1e9;
         type F = unsafe fn(&QMatrix, usize, &Act, &mut [f32]);
-        let fs: [(&str, F); 4] = [
-            ("r1", x86::rows_vnni_r::<1>),
-            ("r2", x86::rows_vnni_r::<2>),
-            ("r4", x86::rows_vnni_r::<4>),
-            ("avx2", x86::rows_avx2),
+        let a = Act::new(&x, true);
+        let fs: [(&str, F); 6] = [
+            ("z", x86::rows_512_pf::<0>),
+            ("zpf1024", x86::rows_512_pf::<1024>),
+            ("zpf2048", x86::rows_512_pf::<2048>),
+            ("zpf4096", x86::rows_512_pf::<4096>),
+            ("zpf8192", x86::rows_512_pf::<8192>),
+            ("avx2pf4096", x86::rows_avx2_pf::<4096>),
         ];
+        let reps = if rows < 1000 { 200 } else { 5 };
         for _round in 0..3 {
             for (name, f) in fs {
                 let t = std::time::Instant::now();
-                for _ in 0..5 {
+                for _ in 0..reps {
                     for c in 0..rows / 32 {
                         unsafe { f(&m, c * 32, &a, &mut y[c * 32..c * 32 + 32]) };
                     }
                 }
-                let s = t.elapsed().as_secs_f64() / 5.0;
-                eprintln!("{ty:?} {name}: {:.2} ms, {:.1} GB/s", s * 1e3, gb / s);
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                eprintln!("{ty:?} {rows} {name}: {:.3} ms, {:.1} GB/s", s * 1e3, gb / s);
             }
         }
+      }
     }
 }
