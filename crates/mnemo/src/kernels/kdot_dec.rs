@@ -14,9 +14,9 @@
 //!   M_bu = m_{2u}·Y_{2u} + m_{2u+1}·Y_{2u+1}   (u < 4; Y_j = bsums_{2j} + bsums_{2j+1})
 //!   acc_t ← fma(dy_b·d_b, S_bt, acc_t)    accm_u ← fma(−dy_b·dmin_b, M_bu, accm_u)
 //!   y = hsum8(acc) + ((accm_0 + accm_2) + (accm_1 + accm_3))
-//! Q6_K (w = d·sc_k·(q − 32), sub-blocks k of 16, q ∈ 0..64; register g = 8h + 2·(g mod 4)
-//!   of half h holds sub-blocks k_g (low 16 values) and k_g + 1 (high 16)):
-//!   S_bt = Σ_g sc_{k_g + ⌊t/4⌋}·Σ_{i<4} q_{32g+4t+i}·qy_{32g+4t+i}
+//! Q6_K (w = d·sc_k·(q − 32), sub-blocks k of 16, q ∈ 0..64; the 32-value register g < 8
+//!   holds sub-blocks 2g (its low 16 values) and 2g + 1 (its high 16)):
+//!   S_bt = Σ_g sc_{2g + ⌊t/4⌋}·Σ_{i<4} q_{32g+4t+i}·qy_{32g+4t+i}
 //!          − 32·(sc_{2t}·bsums_{2t} + sc_{2t+1}·bsums_{2t+1})
 //!   acc_t ← fma(dy_b·d_b, S_bt, acc_t)    y = hsum8(acc)
 //! hsum8(a) = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
@@ -25,13 +25,19 @@
 //! (`|S_bt| < 2^25`: its conversion to f32 rounds to nearest, the same on every path.) The
 //! integer lanes come from a portable loop, from AVX2 (`maddubs` of the unsigned codes with
 //! `qy`, then `madd` with the scale broadcast to the register's i16 lanes) or from AVX-512
-//! VNNI on 256-bit registers (the same `maddubs`, then `vpdpwssd` accumulating), chosen at
-//! run time; the float steps are the same operations in the same order on every path, so the
-//! three agree bit for bit (`kdot_dec_tests.rs`). Unlike [`super::kdot`]'s group kernels the
-//! `Q4_K` scales are decoded with shifts and masks on 32-bit words (as ggml), the scales
-//! reach the vector unit as broadcast loads, the minimum term is one `madd` per block
-//! against `Y` (computed once per product), and `R` rows (4 with AVX-512's 32 registers, 2
-//! with AVX2) share each activation load.
+//! BW + VNNI on 512-bit registers (two 32-value registers' work per instruction, `maddubs`
+//! then `vpdpwssd`, the 16 lanes folded to 8: lane `t` plus lane `t + 8`), chosen at run
+//! time; the float steps are the same operations in the same order on every path, so the
+//! three agree bit for bit (`kdot_dec_tests.rs`). Unlike [`super::kdot`]'s group kernels
+//! (prefill), the `Q4_K` scales are decoded with shifts and masks on 32-bit words (as
+//! ggml), the minimum term is one `madd` per block against `Y` (computed once per product),
+//! no horizontal sum is taken per block, and `Q4_K` rows are prefetched 2 KiB ahead.
+//!
+//! Measured (1.5B Llama-shaped Q4_K_M, 1 thread, `mnemo bench rows --rows 1`, process CPU
+//! ms per token): 82 before (`kdot`'s one-vector loop: a horizontal integer sum and scalar
+//! float steps per block, scales unpacked byte by byte), 51 with the AVX2
+//! form, 49–50 with the 512-bit one. Tried and dropped: 2 and 4 rows per pass sharing the
+//! activation loads (faster in cache, 2–3× slower streaming from memory).
 
 use super::kdot::{Q8K, QK_K};
 use super::quant::{Isa, QMatrix, QType};
@@ -54,13 +60,13 @@ impl Act {
         let y32 = x.bsums.chunks_exact(2).map(|p| p[0] + p[1]).collect();
         let qs4 = match qs4 {
             false => Vec::new(),
-            true => x
-                .qs
-                .chunks_exact(QK_K)
-                .flat_map(|blk| [0, 2, 1, 3, 4, 6, 5, 7].map(|j| &blk[32 * j..32 * j + 32]))
-                .flatten()
-                .copied()
-                .collect(),
+            true => {
+                x.qs.chunks_exact(QK_K)
+                    .flat_map(|blk| [0, 2, 1, 3, 4, 6, 5, 7].map(|j| &blk[32 * j..32 * j + 32]))
+                    .flatten()
+                    .copied()
+                    .collect()
+            }
         };
         Act { x, y32, qs4 }
     }
@@ -122,7 +128,8 @@ fn q4k_row_generic(m: &QMatrix, r: usize, a: &Act) -> f32 {
         let sd = dy * m.d[r * nb + b];
         let md = -dy * m.m[r * nb + b];
         for u in 0..4 {
-            let mi = mn[2 * u] as i32 * y32[2 * u] as i32 + mn[2 * u + 1] as i32 * y32[2 * u + 1] as i32;
+            let mi =
+                mn[2 * u] as i32 * y32[2 * u] as i32 + mn[2 * u + 1] as i32 * y32[2 * u + 1] as i32;
             accm[u] = md.mul_add(mi as f32, accm[u]);
         }
         for (t, at) in acc.iter_mut().enumerate() {
@@ -262,7 +269,8 @@ mod x86 {
                 let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                 let y0 = _mm256_loadu_si256(qy.add(64 * c) as *const __m256i);
                 let y1 = _mm256_loadu_si256(qy.add(64 * c + 32) as *const __m256i);
-                let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi32(sw[2 * c]));
+                let pl =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi32(sw[2 * c]));
                 let ph = _mm256_madd_epi16(
                     _mm256_maddubs_epi16(hi, y1),
                     _mm256_set1_epi32(sw[2 * c + 1]),
@@ -331,11 +339,11 @@ mod x86 {
                 _mm256_permute4x64_epi64(s16, 0xee),
             ];
             let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), off);
-            for h in 0..2 {
+            for (h, &sch) in sc.iter().enumerate() {
                 let q = q6k_half(p.add(64 * h), p.add(128 + 32 * h));
                 for g in 0..4 {
                     let y = _mm256_loadu_si256(qy.add(128 * h + 32 * g) as *const __m256i);
-                    let s = _mm256_shuffle_epi8(sc[h], pick[g]);
+                    let s = _mm256_shuffle_epi8(sch, pick[g]);
                     let pr = _mm256_madd_epi16(_mm256_maddubs_epi16(q[g], y), s);
                     sumi = _mm256_add_epi32(sumi, pr);
                 }
@@ -363,7 +371,11 @@ mod x86 {
         let bs = 144;
         let m4 = _mm512_set1_epi8(0x0f);
         let half = |x: i32, y: i32| {
-            _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(x)), _mm256_set1_epi32(y), 1)
+            _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set1_epi32(x)),
+                _mm256_set1_epi32(y),
+                1,
+            )
         };
         let idx = [half(0, 2), half(1, 3), half(4, 6), half(5, 7)];
         let row = m.data.as_ptr().add(r * nb * bs);
@@ -408,7 +420,11 @@ mod x86 {
         let m4 = _mm512_set1_epi8(0x0f);
         let m3 = _mm512_set1_epi8(0x30);
         let cnt = |x: i16, y: i16| {
-            _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(x)), _mm256_set1_epi16(y), 1)
+            _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set1_epi16(x)),
+                _mm256_set1_epi16(y),
+                1,
+            )
         };
         let (shl, shr) = (cnt(4, 2), cnt(0, 2));
         // Register (h, k) of the block: its 128-bit lane q takes scale 8h + 4k + q.
@@ -434,7 +450,9 @@ mod x86 {
             let mut sumi = _mm512_setzero_si512();
             for h in 0..2 {
                 let l = _mm512_loadu_si512(p.add(64 * h) as *const _);
-                let hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i));
+                let hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    p.add(128 + 32 * h) as *const __m256i
+                ));
                 let qa = _mm512_or_si512(
                     _mm512_and_si512(l, m4),
                     _mm512_and_si512(_mm512_sllv_epi16(hb, shl), m3),
@@ -459,7 +477,12 @@ mod x86 {
 
     /// Rows `r0..r0 + out.len()`, one at a time.
     #[inline(always)]
-    unsafe fn rows<const Z: bool, const PF4: usize, const PF6: usize>(m: &QMatrix, r0: usize, a: &Act, out: &mut [f32]) {
+    unsafe fn rows<const Z: bool, const PF4: usize, const PF6: usize>(
+        m: &QMatrix,
+        r0: usize,
+        a: &Act,
+        out: &mut [f32],
+    ) {
         for (k, o) in out.iter_mut().enumerate() {
             *o = match (Z, m.ty == QType::Q4_K) {
                 (false, true) => q4k_row_avx2::<PF4>(m, r0 + k, a),
@@ -487,14 +510,24 @@ mod x86 {
     /// (Timing experiments: the prefetch distance.)
     #[cfg(test)]
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn rows_512_pf<const PF: usize>(m: &QMatrix, r0: usize, a: &Act, out: &mut [f32]) {
+    pub(super) unsafe fn rows_512_pf<const PF: usize>(
+        m: &QMatrix,
+        r0: usize,
+        a: &Act,
+        out: &mut [f32],
+    ) {
         rows::<true, PF, PF>(m, r0, a, out)
     }
 
     /// (Timing experiments: the prefetch distance.)
     #[cfg(test)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rows_avx2_pf<const PF: usize>(m: &QMatrix, r0: usize, a: &Act, out: &mut [f32]) {
+    pub(super) unsafe fn rows_avx2_pf<const PF: usize>(
+        m: &QMatrix,
+        r0: usize,
+        a: &Act,
+        out: &mut [f32],
+    ) {
         rows::<false, PF, PF>(m, r0, a, out)
     }
 }

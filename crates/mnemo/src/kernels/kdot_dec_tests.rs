@@ -122,7 +122,11 @@ fn one_vector_extremes() {
             let mut y = vec![0.0f32; rows];
             matvec(isa, &m, &x, &mut y, false);
             for (i, &(w, s)) in want.iter().enumerate() {
-                assert!((y[i] as f64 - w).abs() < 4e-6 * s, "{ty:?} {isa:?}: {} vs {w}", y[i]);
+                assert!(
+                    (y[i] as f64 - w).abs() < 4e-6 * s,
+                    "{ty:?} {isa:?}: {} vs {w}",
+                    y[i]
+                );
             }
             match &first {
                 Some(f) => assert_eq!(f, &y, "{ty:?} {isa:?} vs portable"),
@@ -154,7 +158,10 @@ fn one_vector_matches_group_kernel() {
             crate::kernels::kdot::matmat(isa, &m, &x, 2, &mut yg, false);
             for i in 0..rows {
                 let tol = 4e-6 * want[i].1;
-                assert!((y1[i] as f64 - yg[i] as f64).abs() < tol, "{ty:?} {isa:?} row {i}");
+                assert!(
+                    (y1[i] as f64 - yg[i] as f64).abs() < tol,
+                    "{ty:?} {isa:?} row {i}"
+                );
             }
         }
     }
@@ -166,36 +173,40 @@ fn one_vector_matches_group_kernel() {
 fn bench_tiles() {
     let mut r = Rng::new(1);
     for ty in [QType::Q4_K, QType::Q6_K] {
-      for rows in [65536usize] {
-        let cols = 2048;
-        let m = random_kmatrix(&mut r, ty, rows, cols);
-        let mut x = vec![0.0f32; cols];
-        r.fill_normal(&mut x, 1.0);
-        let mut y = vec![0.0f32; rows];
-        let gb = m.data.len() as f64 / 1e9;
-        type F = unsafe fn(&QMatrix, usize, &Act, &mut [f32]);
-        let a = Act::new(&x, true);
-        let fs: [(&str, F); 6] = [
-            ("z", x86::rows_512_pf::<0>),
-            ("zpf1024", x86::rows_512_pf::<1024>),
-            ("zpf2048", x86::rows_512_pf::<2048>),
-            ("zpf4096", x86::rows_512_pf::<4096>),
-            ("zpf8192", x86::rows_512_pf::<8192>),
-            ("avx2pf4096", x86::rows_avx2_pf::<4096>),
-        ];
-        let reps = if rows < 1000 { 200 } else { 5 };
-        for _round in 0..3 {
-            for (name, f) in fs {
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    for c in 0..rows / 32 {
-                        unsafe { f(&m, c * 32, &a, &mut y[c * 32..c * 32 + 32]) };
+        for rows in [65536usize] {
+            let cols = 2048;
+            let m = random_kmatrix(&mut r, ty, rows, cols);
+            let mut x = vec![0.0f32; cols];
+            r.fill_normal(&mut x, 1.0);
+            let mut y = vec![0.0f32; rows];
+            let gb = m.data.len() as f64 / 1e9;
+            type F = unsafe fn(&QMatrix, usize, &Act, &mut [f32]);
+            let a = Act::new(&x, true);
+            let fs: [(&str, F); 6] = [
+                ("z", x86::rows_512_pf::<0>),
+                ("zpf1024", x86::rows_512_pf::<1024>),
+                ("zpf2048", x86::rows_512_pf::<2048>),
+                ("zpf4096", x86::rows_512_pf::<4096>),
+                ("zpf8192", x86::rows_512_pf::<8192>),
+                ("avx2pf4096", x86::rows_avx2_pf::<4096>),
+            ];
+            let reps = if rows < 1000 { 200 } else { 5 };
+            for _round in 0..3 {
+                for (name, f) in fs {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        for c in 0..rows / 32 {
+                            unsafe { f(&m, c * 32, &a, &mut y[c * 32..c * 32 + 32]) };
+                        }
                     }
+                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    eprintln!(
+                        "{ty:?} {rows} {name}: {:.3} ms, {:.1} GB/s",
+                        s * 1e3,
+                        gb / s
+                    );
                 }
-                let s = t.elapsed().as_secs_f64() / reps as f64;
-                eprintln!("{ty:?} {rows} {name}: {:.3} ms, {:.1} GB/s", s * 1e3, gb / s);
             }
         }
-      }
     }
 }
