@@ -25,7 +25,9 @@
 //! the paths agree bit for bit (tested against each other in `kdot_tests.rs`). Several vectors
 //! (prefill rows, a decode batch) go in groups of 8: a super-block's scales (and, for `Q4_K`
 //! and `Q6_K`, its unpacked codes: `x86::Q4kBlock`, `x86::Q6kBlock`) are prepared once per
-//! group; every output is computed exactly as for one vector.
+//! group; every output is computed exactly as for one vector. (One vector of `Q4_K`/`Q6_K`,
+//! i.e. decoding, runs [`super::kdot_dec`] instead: ggml's f32 lanes across the row, the same
+//! integers summed in another float order.)
 
 use super::kquant::scale_min_k4;
 use super::quant::{Isa, QMatrix, QType};
@@ -652,6 +654,10 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
     assert_eq!(m.d.len(), m.rows * (m.cols / QK_K));
     if n == 0 {
         return;
+    }
+    if n == 1 && super::kdot_dec::handles(m.ty) {
+        // Decoding: ggml's one-vector form (f32 lanes across the row's super-blocks).
+        return super::kdot_dec::matvec(isa, m, x, y, accumulate);
     }
     let xq: Vec<Q8K> = x.chunks_exact(m.cols).map(quantize_q8k).collect();
     let nrows = m.rows;

@@ -22,6 +22,7 @@ pub mod gradcheck;
 pub mod hadamard;
 pub mod indexer;
 pub mod kdot;
+pub mod kdot_dec;
 pub mod kdot_q2k;
 pub mod kdot_q3k;
 pub mod kdot_q5k;
