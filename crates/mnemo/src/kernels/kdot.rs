@@ -270,9 +270,9 @@ pub(super) mod x86 {
     /// `32j..32j + 32` (chunk `c = j/2`: low nibbles for even `j`, high for odd), `s[j]` its
     /// scale `s_j` in every i16 lane, `mins` lane `k` the minimum `m_{k/2}`.
     pub struct Q4kBlock {
-        q: [__m256i; 8],
-        s: [__m256i; 8],
-        mins: __m256i,
+        pub(in crate::kernels) q: [__m256i; 8],
+        pub(in crate::kernels) s: [__m256i; 8],
+        pub(in crate::kernels) mins: __m256i,
     }
 
     impl Q4kBlock {
@@ -339,9 +339,9 @@ pub(super) mod x86 {
     /// 0..63) holds elements `32j..32j + 32`, `s[j]` the scales of its two 16-value
     /// sub-blocks (low and high i16 lanes), `sc` lane `k` the scale `sc_k`.
     pub struct Q6kBlock {
-        q: [__m256i; 8],
-        s: [__m256i; 8],
-        sc: __m256i,
+        pub(in crate::kernels) q: [__m256i; 8],
+        pub(in crate::kernels) s: [__m256i; 8],
+        pub(in crate::kernels) sc: __m256i,
     }
 
     impl Q6kBlock {
@@ -653,14 +653,32 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
     if n == 0 {
         return;
     }
-    let xq: Vec<Q8K> = x.chunks_exact(m.cols).map(quantize_q8k).collect();
+    // Several vectors are quantised in parallel (each one's bits do not depend on it).
+    let xq: Vec<Q8K> = match n {
+        1 => vec![quantize_q8k(x)],
+        _ => x.par_chunks_exact(m.cols).map(quantize_q8k).collect(),
+    };
+    // Several `Q4_K`/`Q6_K` vectors: one f32 lane per vector (`kdot_rows`, same bits).
+    let lanes = n > 1 && isa != Isa::Generic && matches!(m.ty, QType::Q4_K | QType::Q6_K);
+    let dyt = match lanes {
+        true => super::kdot_rows::transposed_scales(&xq, m.cols / QK_K),
+        false => Vec::new(),
+    };
     let nrows = m.rows;
     const ROWS: usize = 16;
     let yp = SendPtr(y.as_mut_ptr());
     (0..nrows.div_ceil(ROWS)).into_par_iter().for_each(|c| {
         let (r0, nr) = (c * ROWS, ROWS.min(nrows - c * ROWS));
         let mut buf = vec![0.0f32; nr * n];
-        rows(isa, m, r0, nr, &xq, &mut buf);
+        match lanes {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` (AVX2 or VNNI) was detected at run time (tests force lower ones
+            // only); the sizes are checked inside.
+            true => unsafe {
+                super::kdot_rows::rows(isa == Isa::Vnni, m, r0, nr, &xq, &dyt, &mut buf)
+            },
+            _ => rows(isa, m, r0, nr, &xq, &mut buf),
+        }
         for i in 0..n {
             // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
             // inside y (n · rows elements).

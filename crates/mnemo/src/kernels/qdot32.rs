@@ -82,7 +82,11 @@ impl Acts {
             QType::IQ4_NL => 128,
             _ => 0,
         };
-        let xs: Vec<Q8Vec> = x.chunks_exact(cols).map(quantize_q8).collect();
+        // Several vectors are quantised in parallel (each one's bits do not depend on it).
+        let xs: Vec<Q8Vec> = match x.len() / cols {
+            1 => vec![quantize_q8(x)],
+            _ => x.par_chunks_exact(cols).map(quantize_q8).collect(),
+        };
         let off = xs
             .iter()
             .map(|v| match o {
@@ -106,6 +110,9 @@ struct Packed {
     qx: Vec<i8>,
     off: Vec<i32>,
     dx: Vec<f32>,
+    /// The scales transposed, one lane per vector: `dxt[b·8 + i]` (zero-padded), so that
+    /// the scale products of a weight block and all the vectors are one multiply.
+    dxt: Vec<f32>,
 }
 
 impl Packed {
@@ -115,6 +122,7 @@ impl Packed {
             qx: Vec::with_capacity(nb * n * 32),
             off: Vec::with_capacity(nb * n * 8),
             dx: Vec::with_capacity(nb * n * 8),
+            dxt: vec![0.0; nb * 8],
         };
         for b in 0..nb {
             for (x, o) in xs.iter().zip(off) {
@@ -124,6 +132,9 @@ impl Packed {
                     false => p.off.extend_from_slice(&o[b * 8..(b + 1) * 8]),
                 }
                 p.dx.extend_from_slice(&[x.dx[b]; 8]);
+            }
+            for (i, x) in xs.iter().enumerate() {
+                p.dxt[b * 8 + i] = x.dx[b];
             }
         }
         p
@@ -257,7 +268,24 @@ mod x86 {
         let (mut xp, mut op, mut dp) = (p.qx.as_ptr(), p.off.as_ptr(), p.dx.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); N]; R];
         let mut mt = [[0.0f32; N]; R];
+        // Several vectors: the scale products `d_b·dx_ib` of a chunk of blocks, one multiply
+        // per row and block (`sct[(c·R + rr)·8 + i]`), read back as broadcasts: the inner loop
+        // then has no multiply (the same products as one multiply per row and vector).
+        const CH: usize = 8;
+        let mut sct = [0.0f32; CH * 4 * 8];
+        debug_assert!(R <= 4);
         for b in 0..nb {
+            let c = b % CH;
+            if N > 1 && c == 0 {
+                for cc in 0..CH.min(nb - b) {
+                    let dxv = _mm256_loadu_ps(p.dxt.as_ptr().add((b + cc) * 8));
+                    for rr in 0..R {
+                        let sd = _mm256_set1_ps(*dsp[rr].add(b + cc));
+                        let t = _mm256_mul_ps(sd, dxv);
+                        _mm256_storeu_ps(sct.as_mut_ptr().add((cc * R + rr) * 8), t);
+                    }
+                }
+            }
             // Per row: `u` (unsigned codes), `l` (for `IQ4_NL`: the signed levels), `d`.
             let mut u = [_mm256_setzero_si256(); R];
             let mut l = [_mm256_setzero_si256(); R];
@@ -283,12 +311,7 @@ mod x86 {
                     Q51 => _mm256_setzero_si256(),
                     _ => _mm256_loadu_si256(op.add(i * 8) as *const __m256i),
                 };
-                // (Measured: one vector runs faster with a broadcast, several with the
-                // full-vector load; the same value either way.)
-                let dx = match N {
-                    1 => _mm256_set1_ps(*dp.add(i * 8)),
-                    _ => _mm256_loadu_ps(dp.add(i * 8)),
-                };
+                let dx = _mm256_set1_ps(*dp.add(i * 8));
                 for rr in 0..R {
                     let p = if VNNI {
                         _mm256_dpbusd_epi32(base, u[rr], x)
@@ -301,7 +324,10 @@ mod x86 {
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u[rr], x), ones);
                         _mm256_add_epi32(p, base)
                     };
-                    let sc = _mm256_mul_ps(sd[rr], dx);
+                    let sc = match N {
+                        1 => _mm256_mul_ps(sd[rr], dx),
+                        _ => _mm256_set1_ps(*sct.as_ptr().add((c * R + rr) * 8 + i)),
+                    };
                     acc[rr][i] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[rr][i]);
                     if T == Q51 {
                         mt[rr][i] += *m.m.as_ptr().add((r + rr) * nb + b) * xs[i].sx[b];
@@ -410,8 +436,8 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
     let packed: Vec<Packed> = match isa {
         Isa::Generic => Vec::new(),
         _ => {
-            a.xs.chunks(GROUP)
-                .zip(a.off.chunks(GROUP))
+            a.xs.par_chunks(GROUP)
+                .zip(a.off.par_chunks(GROUP))
                 .map(|(xs, off)| Packed::new(xs, off))
                 .collect()
         }
