@@ -683,6 +683,16 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
             // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
             // inside y (n · rows elements).
             let yi = unsafe { std::slice::from_raw_parts_mut(yp.get().add(i * nrows + r0), nr) };
+            if lanes {
+                // `kdot_rows`' vector-major layout: a contiguous copy.
+                let bi = &buf[i * nr..(i + 1) * nr];
+                if accumulate {
+                    yi.iter_mut().zip(bi).for_each(|(o, &v)| *o += v);
+                } else {
+                    yi.copy_from_slice(bi);
+                }
+                continue;
+            }
             for (k, o) in yi.iter_mut().enumerate() {
                 let v = buf[k * n + i];
                 if accumulate {

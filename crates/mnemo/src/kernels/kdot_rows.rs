@@ -19,7 +19,7 @@
 //! on 8 lanes at once with separate IEEE multiplies and adds (no FMA), as the scalar code does.
 //! `dy` comes transposed (`dyt[(g·nb + b)·8 + i]`: group `g`, zero-padded), so a group's scales
 //! are one load. Shapes: `m: [rows, cols]` (`cols` a multiple of 256), `xs: n` vectors,
-//! `out[k·n + i]` for rows `r0 + k`.
+//! `out[i·nr + k]` for rows `r0 + k` (vector-major, so that the caller's copy is contiguous).
 
 #[cfg(target_arch = "x86_64")]
 pub(super) use x86::rows;
@@ -133,7 +133,7 @@ mod x86 {
     }
 
     /// Rows `r0..r0 + nr` of a `Q4_K` / `Q6_K` matrix `m` against every vector of `xs` (`n ≥
-    /// 1`) into `out[k·n + i]`; `dyt`: [`super::transposed_scales`] of `xs`.
+    /// 1`) into `out[i·nr + k]`; `dyt`: [`super::transposed_scales`] of `xs`.
     #[inline(always)]
     unsafe fn rows_impl<const VNNI: bool, const Q4: bool>(
         m: &QMatrix,
@@ -206,8 +206,9 @@ mod x86 {
                 for (g, a) in acc[..ng].iter().enumerate() {
                     _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
                     let v0 = s0 + g * LANES;
-                    let gn = LANES.min(n - v0);
-                    out[k * n + v0..k * n + v0 + gn].copy_from_slice(&lanes[..gn]);
+                    for (i, &v) in lanes[..LANES.min(n - v0)].iter().enumerate() {
+                        out[(v0 + i) * nr + k] = v;
+                    }
                 }
             }
         }
@@ -243,7 +244,7 @@ mod x86 {
         }
     }
 
-    /// Rows `r0..r0 + nr` of a `Q4_K`/`Q6_K` matrix against `xs` into `out[k·n + i]` with
+    /// Rows `r0..r0 + nr` of a `Q4_K`/`Q6_K` matrix against `xs` into `out[i·nr + k]` with
     /// AVX2 (`vnni`: AVX-512 VNNI's `vpdpwssd`).
     ///
     /// # Safety

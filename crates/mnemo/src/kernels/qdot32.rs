@@ -141,7 +141,7 @@ impl Packed {
     }
 }
 
-/// Rows `r0..r0 + nr` of `m` against the vectors `xs` (`n ≤ GROUP`) into `out[k·n + i]`,
+/// Rows `r0..r0 + nr` of `m` against the vectors `xs` (`n ≤ GROUP`) into `out[i·nr + k]`,
 /// portable (the reference the SIMD kernels are tested against).
 fn rows_generic(m: &QMatrix, r0: usize, nr: usize, xs: &[Q8Vec], out: &mut [f32]) {
     let (n, bs, nb) = (xs.len(), m.ty.block_bytes(), m.cols / 32);
@@ -170,7 +170,7 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, xs: &[Q8Vec], out: &mut [f32]
         }
         for i in 0..n {
             let s = hsum8(&acc[i]);
-            out[k * n + i] = if q51 { s + mt[i] } else { s };
+            out[i * nr + k] = if q51 { s + mt[i] } else { s };
         }
     }
 }
@@ -227,7 +227,8 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2 and FMA (and, for `VNNI`, AVX-512 VL + VNNI) must be available; `p` holds `N`
-    /// vectors of `m.cols` values, rows `r0..r0 + nr` are in `m`, `out` holds `nr·N`.
+    /// vectors of `m.cols` values, rows `r0..r0 + nr` are in `m`, `out` holds `nr·N`
+    /// (`out[i·nr + k]`: vector-major, so that the caller's copy is contiguous).
     #[inline(always)]
     pub(super) unsafe fn rows<const T: u8, const N: usize, const VNNI: bool, const R: usize>(
         m: &QMatrix,
@@ -240,16 +241,16 @@ mod x86 {
         let mut k = 0;
         while k < nr {
             if R > 1 && k + R <= nr {
-                tile::<T, N, VNNI, R>(m, r0 + k, p, xs, out.as_mut_ptr().add(k * N));
+                tile::<T, N, VNNI, R>(m, r0 + k, p, xs, out.as_mut_ptr().add(k), nr);
                 k += R;
             } else {
-                tile::<T, N, VNNI, 1>(m, r0 + k, p, xs, out.as_mut_ptr().add(k * N));
+                tile::<T, N, VNNI, 1>(m, r0 + k, p, xs, out.as_mut_ptr().add(k), nr);
                 k += 1;
             }
         }
     }
 
-    /// Rows `r..r + R` against the `N` vectors of `p` into `out[rr·N + i]`.
+    /// Rows `r..r + R` against the `N` vectors of `p` into `out[i·vs + rr]`.
     #[inline(always)]
     unsafe fn tile<const T: u8, const N: usize, const VNNI: bool, const R: usize>(
         m: &QMatrix,
@@ -257,6 +258,7 @@ mod x86 {
         p: &Packed,
         xs: &[Q8Vec],
         out: *mut f32,
+        vs: usize,
     ) {
         let (bs, nb) = (m.ty.block_bytes(), m.cols / 32);
         let ones = _mm256_set1_epi16(1);
@@ -341,7 +343,7 @@ mod x86 {
         for rr in 0..R {
             for i in 0..N {
                 let s = hsum(acc[rr][i]);
-                *out.add(rr * N + i) = if T == Q51 { s + mt[rr][i] } else { s };
+                *out.add(i * vs + rr) = if T == Q51 { s + mt[rr][i] } else { s };
             }
         }
     }
@@ -452,19 +454,16 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
             let gn = GROUP.min(n - g0);
             let p = packed.get(g0 / GROUP);
             rows(isa, m, r0, nr, &a.xs[g0..g0 + gn], p, &mut buf[..nr * gn]);
-            for i in 0..gn {
+            for (i, bi) in buf[..nr * gn].chunks_exact(nr).enumerate() {
                 // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
                 // inside y (n · rows elements).
                 let yi = unsafe {
                     std::slice::from_raw_parts_mut(yp.get().add((g0 + i) * nrows + r0), nr)
                 };
-                for (k, o) in yi.iter_mut().enumerate() {
-                    let v = buf[k * gn + i];
-                    if accumulate {
-                        *o += v;
-                    } else {
-                        *o = v;
-                    }
+                if accumulate {
+                    yi.iter_mut().zip(bi).for_each(|(o, &v)| *o += v);
+                } else {
+                    yi.copy_from_slice(bi);
                 }
             }
         }
