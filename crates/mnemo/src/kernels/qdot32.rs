@@ -281,8 +281,8 @@ mod x86 {
             if N > 1 && c == 0 {
                 for cc in 0..CH.min(nb - b) {
                     let dxv = _mm256_loadu_ps(p.dxt.as_ptr().add((b + cc) * 8));
-                    for rr in 0..R {
-                        let sd = _mm256_set1_ps(*dsp[rr].add(b + cc));
+                    for (rr, ds) in dsp.iter().enumerate() {
+                        let sd = _mm256_set1_ps(*ds.add(b + cc));
                         let t = _mm256_mul_ps(sd, dxv);
                         _mm256_storeu_ps(sct.as_mut_ptr().add((cc * R + rr) * 8), t);
                     }
