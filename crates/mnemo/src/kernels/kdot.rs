@@ -25,7 +25,9 @@
 //! the paths agree bit for bit (tested against each other in `kdot_tests.rs`). Several vectors
 //! (prefill rows, a decode batch) go in groups of 8: a super-block's scales (and, for `Q4_K`
 //! and `Q6_K`, its unpacked codes: `x86::Q4kBlock`, `x86::Q6kBlock`) are prepared once per
-//! group; every output is computed exactly as for one vector.
+//! group; every output is computed exactly as for one vector. On the SIMD paths several
+//! `Q4_K`/`Q6_K` vectors go to [`super::kdot_rows`] instead (one f32 lane per vector, the
+//! same bits), so the group form serves `Q2_K`/`Q3_K`/`Q5_K` and the portable path.
 
 use super::kquant::scale_min_k4;
 use super::quant::{Isa, QMatrix, QType};
