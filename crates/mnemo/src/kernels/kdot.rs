@@ -25,9 +25,12 @@
 //! the paths agree bit for bit (tested against each other in `kdot_tests.rs`). Several vectors
 //! (prefill rows, a decode batch) go in groups of 8: a super-block's scales (and, for `Q4_K`
 //! and `Q6_K`, its unpacked codes: `x86::Q4kBlock`, `x86::Q6kBlock`) are prepared once per
-//! group; every output is computed exactly as for one vector. (One vector of `Q4_K`/`Q6_K`,
-//! i.e. decoding, runs [`super::kdot_dec`] instead: ggml's f32 lanes across the row, the same
-//! integers summed in another float order.)
+//! group; every output is computed exactly as for one vector. On the SIMD paths several
+//! `Q4_K`/`Q6_K` vectors go to [`super::kdot_rows`] instead (one f32 lane per vector, the
+//! same bits as this module's per-vector arithmetic), so the group form serves
+//! `Q2_K`/`Q3_K`/`Q5_K` and the portable path. One vector of `Q4_K`/`Q6_K`, i.e. decoding,
+//! runs [`super::kdot_dec`]: ggml's f32 lanes across the row's super-blocks, the same integers
+//! summed in another float order.
 
 use super::kquant::scale_min_k4;
 use super::quant::{Isa, QMatrix, QType};
@@ -272,9 +275,9 @@ pub(super) mod x86 {
     /// `32j..32j + 32` (chunk `c = j/2`: low nibbles for even `j`, high for odd), `s[j]` its
     /// scale `s_j` in every i16 lane, `mins` lane `k` the minimum `m_{k/2}`.
     pub struct Q4kBlock {
-        q: [__m256i; 8],
-        s: [__m256i; 8],
-        mins: __m256i,
+        pub(in crate::kernels) q: [__m256i; 8],
+        pub(in crate::kernels) s: [__m256i; 8],
+        pub(in crate::kernels) mins: __m256i,
     }
 
     impl Q4kBlock {
@@ -341,9 +344,9 @@ pub(super) mod x86 {
     /// 0..63) holds elements `32j..32j + 32`, `s[j]` the scales of its two 16-value
     /// sub-blocks (low and high i16 lanes), `sc` lane `k` the scale `sc_k`.
     pub struct Q6kBlock {
-        q: [__m256i; 8],
-        s: [__m256i; 8],
-        sc: __m256i,
+        pub(in crate::kernels) q: [__m256i; 8],
+        pub(in crate::kernels) s: [__m256i; 8],
+        pub(in crate::kernels) sc: __m256i,
     }
 
     impl Q6kBlock {
@@ -645,7 +648,8 @@ fn rows(isa: Isa, m: &QMatrix, r0: usize, nr: usize, xs: &[Q8K], out: &mut [f32]
 
 /// `y[n, rows] (+)= X[n, cols] · Mᵀ` for a k-quant matrix (`x` quantised to `Q8_K`
 /// first), parallel over chunks of weight rows; what [`super::quant::matmat`] runs for these
-/// types. Each output is computed as for one vector, whatever `n`.
+/// types. Each output is computed as for one vector, whatever `n`, except that one vector
+/// of `Q4_K`/`Q6_K` (decoding) runs [`super::kdot_dec`]: the same integers, another float order.
 pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
     assert!(m.ty.is_k());
     assert_eq!(x.len(), n * m.cols);
@@ -659,18 +663,46 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
         // Decoding: ggml's one-vector form (f32 lanes across the row's super-blocks).
         return super::kdot_dec::matvec(isa, m, x, y, accumulate);
     }
-    let xq: Vec<Q8K> = x.chunks_exact(m.cols).map(quantize_q8k).collect();
+    // Several vectors are quantised in parallel (each one's bits do not depend on it).
+    let xq: Vec<Q8K> = match n {
+        1 => vec![quantize_q8k(x)],
+        _ => x.par_chunks_exact(m.cols).map(quantize_q8k).collect(),
+    };
+    // Several `Q4_K`/`Q6_K` vectors: one f32 lane per vector (`kdot_rows`, same bits).
+    let lanes = n > 1 && isa != Isa::Generic && matches!(m.ty, QType::Q4_K | QType::Q6_K);
+    let dyt = match lanes {
+        true => super::kdot_rows::transposed_scales(&xq, m.cols / QK_K),
+        false => Vec::new(),
+    };
     let nrows = m.rows;
     const ROWS: usize = 16;
     let yp = SendPtr(y.as_mut_ptr());
     (0..nrows.div_ceil(ROWS)).into_par_iter().for_each(|c| {
         let (r0, nr) = (c * ROWS, ROWS.min(nrows - c * ROWS));
         let mut buf = vec![0.0f32; nr * n];
-        rows(isa, m, r0, nr, &xq, &mut buf);
+        match lanes {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` (AVX2 or VNNI) was detected at run time (tests force lower ones
+            // only); the sizes are checked inside.
+            true => unsafe {
+                super::kdot_rows::rows(isa == Isa::Vnni, m, r0, nr, &xq, &dyt, &mut buf)
+            },
+            _ => rows(isa, m, r0, nr, &xq, &mut buf),
+        }
         for i in 0..n {
             // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
             // inside y (n · rows elements).
             let yi = unsafe { std::slice::from_raw_parts_mut(yp.get().add(i * nrows + r0), nr) };
+            if lanes {
+                // `kdot_rows`' vector-major layout: a contiguous copy.
+                let bi = &buf[i * nr..(i + 1) * nr];
+                if accumulate {
+                    yi.iter_mut().zip(bi).for_each(|(o, &v)| *o += v);
+                } else {
+                    yi.copy_from_slice(bi);
+                }
+                continue;
+            }
             for (k, o) in yi.iter_mut().enumerate() {
                 let v = buf[k * n + i];
                 if accumulate {

@@ -230,3 +230,42 @@ fn kquant_matmat_fast_equals_dequantised_product() {
         }
     }
 }
+
+/// The several-vector `Q4_K`/`Q6_K` kernel (`kdot_rows`: one lane per vector, up to 64
+/// vectors per pass): 2, 9 and 70 vectors (partial groups, a second pass of 64) against 19
+/// rows (a partial chunk of 16), with and without accumulation, equal the per-vector
+/// products (`row_dot1`) bit for bit on every path, and the paths agree.
+#[test]
+fn kquant_lanes_kernel_equals_one_vector_products() {
+    let mut r = Rng::new(21);
+    for ty in [QType::Q4_K, QType::Q6_K] {
+        let (rows, cols) = (19, 768);
+        let m = random_kmatrix(&mut r, ty, rows, cols);
+        for n in [2usize, 9, 70] {
+            let mut xs = vec![0.0f32; n * cols];
+            r.fill_normal(&mut xs, 1.0);
+            let mut first: Option<Vec<f32>> = None;
+            for isa_ in isas() {
+                let mut y = vec![0.5f32; n * rows];
+                matmat(isa_, &m, &xs, n, &mut y, true);
+                for i in 0..n {
+                    // The per-vector arithmetic (`row_dot1`; `matmat` sends one vector of
+                    // these types to `kdot_dec`, another float order).
+                    let mut yi = vec![0.0f32; rows];
+                    let xi = quantize_q8k(&xs[i * cols..(i + 1) * cols]);
+                    super::rows(isa_, &m, 0, rows, std::slice::from_ref(&xi), &mut yi);
+                    let want: Vec<f32> = yi.iter().map(|v| 0.5 + v).collect();
+                    assert_eq!(
+                        &y[i * rows..(i + 1) * rows],
+                        &want[..],
+                        "{ty:?} {isa_:?} n={n}"
+                    );
+                }
+                match &first {
+                    Some(f) => assert_eq!(f, &y, "{ty:?} {isa_:?}: {n} vectors vs portable"),
+                    None => first = Some(y),
+                }
+            }
+        }
+    }
+}

@@ -26,6 +26,7 @@ pub mod kdot_dec;
 pub mod kdot_q2k;
 pub mod kdot_q3k;
 pub mod kdot_q5k;
+mod kdot_rows;
 pub mod kquant;
 pub mod matmul;
 pub mod matmul_rows;

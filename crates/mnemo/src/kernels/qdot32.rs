@@ -82,7 +82,11 @@ impl Acts {
             QType::IQ4_NL => 128,
             _ => 0,
         };
-        let xs: Vec<Q8Vec> = x.chunks_exact(cols).map(quantize_q8).collect();
+        // Several vectors are quantised in parallel (each one's bits do not depend on it).
+        let xs: Vec<Q8Vec> = match x.len() / cols {
+            1 => vec![quantize_q8(x)],
+            _ => x.par_chunks_exact(cols).map(quantize_q8).collect(),
+        };
         let off = xs
             .iter()
             .map(|v| match o {
@@ -106,6 +110,9 @@ struct Packed {
     qx: Vec<i8>,
     off: Vec<i32>,
     dx: Vec<f32>,
+    /// The scales transposed, one lane per vector: `dxt[b·8 + i]` (zero-padded), so that
+    /// the scale products of a weight block and all the vectors are one multiply.
+    dxt: Vec<f32>,
 }
 
 impl Packed {
@@ -115,6 +122,7 @@ impl Packed {
             qx: Vec::with_capacity(nb * n * 32),
             off: Vec::with_capacity(nb * n * 8),
             dx: Vec::with_capacity(nb * n * 8),
+            dxt: vec![0.0; nb * 8],
         };
         for b in 0..nb {
             for (x, o) in xs.iter().zip(off) {
@@ -125,12 +133,15 @@ impl Packed {
                 }
                 p.dx.extend_from_slice(&[x.dx[b]; 8]);
             }
+            for (i, x) in xs.iter().enumerate() {
+                p.dxt[b * 8 + i] = x.dx[b];
+            }
         }
         p
     }
 }
 
-/// Rows `r0..r0 + nr` of `m` against the vectors `xs` (`n ≤ GROUP`) into `out[k·n + i]`,
+/// Rows `r0..r0 + nr` of `m` against the vectors `xs` (`n ≤ GROUP`) into `out[i·nr + k]`,
 /// portable (the reference the SIMD kernels are tested against).
 fn rows_generic(m: &QMatrix, r0: usize, nr: usize, xs: &[Q8Vec], out: &mut [f32]) {
     let (n, bs, nb) = (xs.len(), m.ty.block_bytes(), m.cols / 32);
@@ -159,7 +170,7 @@ fn rows_generic(m: &QMatrix, r0: usize, nr: usize, xs: &[Q8Vec], out: &mut [f32]
         }
         for i in 0..n {
             let s = hsum8(&acc[i]);
-            out[k * n + i] = if q51 { s + mt[i] } else { s };
+            out[i * nr + k] = if q51 { s + mt[i] } else { s };
         }
     }
 }
@@ -216,7 +227,8 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2 and FMA (and, for `VNNI`, AVX-512 VL + VNNI) must be available; `p` holds `N`
-    /// vectors of `m.cols` values, rows `r0..r0 + nr` are in `m`, `out` holds `nr·N`.
+    /// vectors of `m.cols` values, rows `r0..r0 + nr` are in `m`, `out` holds `nr·N`
+    /// (`out[i·nr + k]`: vector-major, so that the caller's copy is contiguous).
     #[inline(always)]
     pub(super) unsafe fn rows<const T: u8, const N: usize, const VNNI: bool, const R: usize>(
         m: &QMatrix,
@@ -229,16 +241,16 @@ mod x86 {
         let mut k = 0;
         while k < nr {
             if R > 1 && k + R <= nr {
-                tile::<T, N, VNNI, R>(m, r0 + k, p, xs, out.as_mut_ptr().add(k * N));
+                tile::<T, N, VNNI, R>(m, r0 + k, p, xs, out.as_mut_ptr().add(k), nr);
                 k += R;
             } else {
-                tile::<T, N, VNNI, 1>(m, r0 + k, p, xs, out.as_mut_ptr().add(k * N));
+                tile::<T, N, VNNI, 1>(m, r0 + k, p, xs, out.as_mut_ptr().add(k), nr);
                 k += 1;
             }
         }
     }
 
-    /// Rows `r..r + R` against the `N` vectors of `p` into `out[rr·N + i]`.
+    /// Rows `r..r + R` against the `N` vectors of `p` into `out[i·vs + rr]`.
     #[inline(always)]
     unsafe fn tile<const T: u8, const N: usize, const VNNI: bool, const R: usize>(
         m: &QMatrix,
@@ -246,6 +258,7 @@ mod x86 {
         p: &Packed,
         xs: &[Q8Vec],
         out: *mut f32,
+        vs: usize,
     ) {
         let (bs, nb) = (m.ty.block_bytes(), m.cols / 32);
         let ones = _mm256_set1_epi16(1);
@@ -257,7 +270,24 @@ mod x86 {
         let (mut xp, mut op, mut dp) = (p.qx.as_ptr(), p.off.as_ptr(), p.dx.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); N]; R];
         let mut mt = [[0.0f32; N]; R];
+        // Several vectors: the scale products `d_b·dx_ib` of a chunk of blocks, one multiply
+        // per row and block (`sct[(c·R + rr)·8 + i]`), read back as broadcasts: the inner loop
+        // then has no multiply (the same products as one multiply per row and vector).
+        const CH: usize = 8;
+        let mut sct = [0.0f32; CH * 4 * 8];
+        debug_assert!(R <= 4);
         for b in 0..nb {
+            let c = b % CH;
+            if N > 1 && c == 0 {
+                for cc in 0..CH.min(nb - b) {
+                    let dxv = _mm256_loadu_ps(p.dxt.as_ptr().add((b + cc) * 8));
+                    for (rr, ds) in dsp.iter().enumerate() {
+                        let sd = _mm256_set1_ps(*ds.add(b + cc));
+                        let t = _mm256_mul_ps(sd, dxv);
+                        _mm256_storeu_ps(sct.as_mut_ptr().add((cc * R + rr) * 8), t);
+                    }
+                }
+            }
             // Per row: `u` (unsigned codes), `l` (for `IQ4_NL`: the signed levels), `d`.
             let mut u = [_mm256_setzero_si256(); R];
             let mut l = [_mm256_setzero_si256(); R];
@@ -283,12 +313,7 @@ mod x86 {
                     Q51 => _mm256_setzero_si256(),
                     _ => _mm256_loadu_si256(op.add(i * 8) as *const __m256i),
                 };
-                // (Measured: one vector runs faster with a broadcast, several with the
-                // full-vector load; the same value either way.)
-                let dx = match N {
-                    1 => _mm256_set1_ps(*dp.add(i * 8)),
-                    _ => _mm256_loadu_ps(dp.add(i * 8)),
-                };
+                let dx = _mm256_set1_ps(*dp.add(i * 8));
                 for rr in 0..R {
                     let p = if VNNI {
                         _mm256_dpbusd_epi32(base, u[rr], x)
@@ -301,7 +326,10 @@ mod x86 {
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u[rr], x), ones);
                         _mm256_add_epi32(p, base)
                     };
-                    let sc = _mm256_mul_ps(sd[rr], dx);
+                    let sc = match N {
+                        1 => _mm256_mul_ps(sd[rr], dx),
+                        _ => _mm256_set1_ps(*sct.as_ptr().add((c * R + rr) * 8 + i)),
+                    };
                     acc[rr][i] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[rr][i]);
                     if T == Q51 {
                         mt[rr][i] += *m.m.as_ptr().add((r + rr) * nb + b) * xs[i].sx[b];
@@ -315,7 +343,7 @@ mod x86 {
         for rr in 0..R {
             for i in 0..N {
                 let s = hsum(acc[rr][i]);
-                *out.add(rr * N + i) = if T == Q51 { s + mt[rr][i] } else { s };
+                *out.add(i * vs + rr) = if T == Q51 { s + mt[rr][i] } else { s };
             }
         }
     }
@@ -410,8 +438,8 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
     let packed: Vec<Packed> = match isa {
         Isa::Generic => Vec::new(),
         _ => {
-            a.xs.chunks(GROUP)
-                .zip(a.off.chunks(GROUP))
+            a.xs.par_chunks(GROUP)
+                .zip(a.off.par_chunks(GROUP))
                 .map(|(xs, off)| Packed::new(xs, off))
                 .collect()
         }
@@ -426,19 +454,16 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
             let gn = GROUP.min(n - g0);
             let p = packed.get(g0 / GROUP);
             rows(isa, m, r0, nr, &a.xs[g0..g0 + gn], p, &mut buf[..nr * gn]);
-            for i in 0..gn {
+            for (i, bi) in buf[..nr * gn].chunks_exact(nr).enumerate() {
                 // SAFETY: chunk c alone writes rows r0..r0 + nr of every output vector, all
                 // inside y (n · rows elements).
                 let yi = unsafe {
                     std::slice::from_raw_parts_mut(yp.get().add((g0 + i) * nrows + r0), nr)
                 };
-                for (k, o) in yi.iter_mut().enumerate() {
-                    let v = buf[k * gn + i];
-                    if accumulate {
-                        *o += v;
-                    } else {
-                        *o = v;
-                    }
+                if accumulate {
+                    yi.iter_mut().zip(bi).for_each(|(o, &v)| *o += v);
+                } else {
+                    yi.copy_from_slice(bi);
                 }
             }
         }

@@ -549,7 +549,10 @@ fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumu
     if n == 0 {
         return;
     }
-    let xq: Vec<Q8Vec> = x.chunks_exact(m.cols).map(quantize_q8).collect();
+    let xq: Vec<Q8Vec> = match n {
+        1 => vec![quantize_q8(x)],
+        _ => x.par_chunks_exact(m.cols).map(quantize_q8).collect(),
+    };
     let groups: Vec<Group> = xq.chunks(GROUP).map(|v| Group::new(v, m.ty, isa)).collect();
     let nrows = m.rows;
     const ROWS: usize = 32;
