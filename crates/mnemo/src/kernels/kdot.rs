@@ -23,11 +23,11 @@
 //! chosen at run time; the three give the same integers, and the float part (`acc +=
 //! (d·dy)·S`, `acc −= (dmin·dy)·M`, in block order) is the same scalar code on every path, so
 //! the paths agree bit for bit (tested against each other in `kdot_tests.rs`). Several vectors
-//! (prefill rows, a decode batch) go in groups of 8: a super-block's scales (and, for `Q4_K`
-//! and `Q6_K`, its unpacked codes: `x86::Q4kBlock`, `x86::Q6kBlock`) are prepared once per
-//! group; every output is computed exactly as for one vector. On the SIMD paths several
+//! (prefill rows, a decode batch) go in groups of 8: a super-block's scales are prepared once
+//! per group; every output is computed exactly as for one vector. On the SIMD paths several
 //! `Q4_K`/`Q6_K` vectors go to [`super::kdot_rows`] instead (one f32 lane per vector, the
-//! same bits as this module's per-vector arithmetic), so the group form serves
+//! super-block's codes unpacked once per row: `x86::Q4kBlock`, `x86::Q6kBlock`; the same bits
+//! as this module's per-vector arithmetic), so the group form serves
 //! `Q2_K`/`Q3_K`/`Q5_K` and the portable path. One vector of `Q4_K`/`Q6_K`, i.e. decoding,
 //! runs [`super::kdot_dec`]: ggml's f32 lanes across the row's super-blocks, the same integers
 //! summed in another float order.
@@ -211,7 +211,7 @@ pub(super) mod x86 {
     }
 
     /// One vector's `S` of a `Q4_K` super-block, the codes unpacked in place (the
-    /// one-vector path: [`super::row_dot1`]; [`Q4kBlock`] + [`q4k_dot`] for groups).
+    /// one-vector path: [`super::row_dot1`]; [`Q4kBlock`] for `kdot_rows`).
     #[inline(always)]
     pub unsafe fn q4k_sum<const VNNI: bool>(qs: *const u8, s: &[u8; 8], qy: *const i8) -> i32 {
         let m4 = _mm256_set1_epi8(0x0f);
@@ -231,7 +231,7 @@ pub(super) mod x86 {
     }
 
     /// One vector's `S` of a `Q6_K` super-block, the codes rebuilt in place (the one-vector
-    /// path; [`Q6kBlock`] + [`q6k_dot`] for groups).
+    /// path; [`Q6kBlock`] for `kdot_rows`).
     #[inline(always)]
     pub unsafe fn q6k_sum<const VNNI: bool>(blk: *const u8, qy: *const i8, bsums: &[i16]) -> i32 {
         let (ql, qh, sc) = (blk, blk.add(128), blk.add(192) as *const i8);
@@ -316,30 +316,6 @@ pub(super) mod x86 {
         }
     }
 
-    /// `(S, M)` of an unpacked `Q4_K` super-block against a vector's 256 codes `qy` and 16
-    /// sums `bsums` (as [`super::q4k_sum_generic`] and [`super::q4k_min_sum`]).
-    ///
-    /// # Safety
-    /// AVX2 (and for `VNNI` AVX-512 VL + VNNI); `qy` must hold 256 codes, `bsums` 16 sums.
-    #[inline(always)]
-    pub unsafe fn q4k_dot<const VNNI: bool>(
-        b: &Q4kBlock,
-        qy: *const i8,
-        bsums: *const i16,
-    ) -> (i32, i32) {
-        let mut acc = _mm256_setzero_si256();
-        for j in 0..8 {
-            let y = _mm256_loadu_si256(qy.add(32 * j) as *const __m256i);
-            acc = scaled_add::<VNNI>(acc, b.q[j], y, b.s[j]);
-        }
-        let mv = _mm256_madd_epi16(b.mins, _mm256_loadu_si256(bsums as *const __m256i));
-        // Both totals at once (integer sums: any order is exact).
-        let h = _mm256_hadd_epi32(acc, mv);
-        let h = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        let h = _mm_hadd_epi32(h, h);
-        (_mm_cvtsi128_si32(h), _mm_extract_epi32(h, 1))
-    }
-
     /// A `Q6_K` super-block unpacked once for several vectors: code vector `j` (6-bit codes
     /// 0..63) holds elements `32j..32j + 32`, `s[j]` the scales of its two 16-value
     /// sub-blocks (low and high i16 lanes), `sc` lane `k` the scale `sc_k`.
@@ -384,22 +360,6 @@ pub(super) mod x86 {
             let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
             Q6kBlock { q, s, sc }
         }
-    }
-
-    /// `S = Σ_k sc_k·Σ q·qy − 32·Σ_k sc_k·bsums_k` of an unpacked `Q6_K` super-block (as
-    /// [`super::q6k_sum_generic`]).
-    ///
-    /// # Safety
-    /// AVX2 (and for `VNNI` AVX-512 VL + VNNI); `qy` must hold 256 codes, `bsums` 16 sums.
-    #[inline(always)]
-    pub unsafe fn q6k_dot<const VNNI: bool>(b: &Q6kBlock, qy: *const i8, bsums: *const i16) -> i32 {
-        let mut acc = _mm256_setzero_si256();
-        for j in 0..8 {
-            let y = _mm256_loadu_si256(qy.add(32 * j) as *const __m256i);
-            acc = scaled_add::<VNNI>(acc, b.q[j], y, b.s[j]);
-        }
-        let off = _mm256_madd_epi16(b.sc, _mm256_loadu_si256(bsums as *const __m256i));
-        hsum_i32(_mm256_sub_epi32(acc, _mm256_slli_epi32(off, 5)))
     }
 }
 
@@ -455,11 +415,6 @@ fn row_dots<const V: u8>(m: &QMatrix, r: usize, xs: &[Q8K], out: &mut [f32]) {
             QType::Q4_K | QType::Q5_K => {
                 let (s, mn) = q4k_scales(&blk[4..16]);
                 let dmin = m.m[r * nb + b];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the caller checked the CPU for level V; the block's 128 code bytes
-                // follow its 16 header bytes.
-                let q4 = (V != GENERIC && m.ty == QType::Q4_K)
-                    .then(|| unsafe { x86::Q4kBlock::new(blk[16..144].as_ptr(), &s, &mn) });
                 for (a, x) in acc.iter_mut().zip(xs) {
                     let (qy, bsums) = block_of(x, b);
                     let (si, mi) = match (V, m.ty) {
@@ -471,11 +426,12 @@ fn row_dots<const V: u8>(m: &QMatrix, r: usize, xs: &[Q8K], out: &mut [f32]) {
                             super::kdot_q5k::q5k_sum_generic(blk, &s, qy),
                             q4k_min_sum(&mn, bsums),
                         ),
-                        #[cfg(target_arch = "x86_64")]
-                        (_, QType::Q4_K) => match &q4 {
-                            Some(u) => simd!(V, x86::q4k_dot(u, qy.as_ptr(), bsums.as_ptr())),
-                            None => unreachable!(),
-                        },
+                        // (On the SIMD paths `matmat` sends several Q4_K vectors to
+                        // `kdot_rows`; this in-place form keeps `rows` complete.)
+                        (_, QType::Q4_K) => (
+                            simd!(V, x86::q4k_sum(blk[16..].as_ptr(), &s, qy.as_ptr())),
+                            q4k_min_sum(&mn, bsums),
+                        ),
                         _ => (
                             simd!(
                                 V,
@@ -514,20 +470,12 @@ fn row_dots<const V: u8>(m: &QMatrix, r: usize, xs: &[Q8K], out: &mut [f32]) {
                 }
             }
             QType::Q6_K => {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the caller checked the CPU for level V; `blk` is one block.
-                let q6 = (V != GENERIC).then(|| unsafe { x86::Q6kBlock::new(blk.as_ptr()) });
                 for (a, x) in acc.iter_mut().zip(xs) {
                     let (qy, bsums) = block_of(x, b);
                     let si = match V {
                         GENERIC => q6k_sum_generic(blk, qy),
-                        #[cfg(target_arch = "x86_64")]
-                        _ => match &q6 {
-                            Some(u) => simd!(V, x86::q6k_dot(u, qy.as_ptr(), bsums.as_ptr())),
-                            None => unreachable!(),
-                        },
-                        #[cfg(not(target_arch = "x86_64"))]
-                        _ => unreachable!(),
+                        // (Several Q6_K vectors on SIMD paths run `kdot_rows`, as for Q4_K.)
+                        _ => simd!(V, x86::q6k_sum(blk.as_ptr(), qy.as_ptr(), bsums)),
                     };
                     *a += (ds[b] * x.d[b]) * si as f32;
                 }

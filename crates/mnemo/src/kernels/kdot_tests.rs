@@ -261,6 +261,19 @@ fn kquant_lanes_kernel_equals_one_vector_products() {
                         "{ty:?} {isa_:?} n={n}"
                     );
                 }
+                // The group form (`row_dots`, what `rows` runs for several vectors) too.
+                let xq: Vec<Q8K> = xs.chunks_exact(cols).map(quantize_q8k).collect();
+                let mut g = vec![0.0f32; rows * n];
+                super::rows(isa_, &m, 0, rows, &xq, &mut g);
+                for (k, gk) in g.chunks_exact(n).enumerate() {
+                    for (i, &v) in gk.iter().enumerate() {
+                        assert_eq!(
+                            y[i * rows + k],
+                            0.5 + v,
+                            "{ty:?} {isa_:?} n={n}: group form"
+                        );
+                    }
+                }
                 match &first {
                     Some(f) => assert_eq!(f, &y, "{ty:?} {isa_:?}: {n} vectors vs portable"),
                     None => first = Some(y),
