@@ -435,6 +435,10 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
         return;
     }
     let a = Acts::new(m.ty, x, m.cols);
+    if n == 1 && isa == Isa::Vnni && m.ty == QType::Q5_0 && super::qdot_dec::available() {
+        // One vector: the decode kernel (same integers and float operations, same bits).
+        return super::qdot_dec::matvec(m, &a.xs[0], &a.off[0], y, accumulate);
+    }
     let packed: Vec<Packed> = match isa {
         Isa::Generic => Vec::new(),
         _ => {
