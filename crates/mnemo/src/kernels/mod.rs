@@ -34,6 +34,7 @@ pub mod precision;
 pub mod q8_act;
 pub mod qbytes;
 pub mod qdot32;
+mod qdot_dec;
 pub mod qparts;
 pub mod qtype;
 pub mod quant;

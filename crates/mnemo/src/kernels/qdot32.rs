@@ -26,6 +26,8 @@
 //! same integers and run the same float operations in the same order, so the paths agree bit
 //! for bit. Several vectors (prefill rows, a decode batch) share each unpacked weight block:
 //! up to 8 at a time, one accumulator each, every output computed exactly as for one vector.
+//! One `Q5_0` vector on AVX-512 BW/VL/VNNI machines runs in [`super::qdot_dec`] (the same
+//! integers and float operations, fewer instructions per block).
 
 use super::kquant::IQ4_NL_LEVELS;
 use super::quant::{quantize_q8, Isa, Q8Vec, QMatrix, QType};
@@ -435,6 +437,10 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
         return;
     }
     let a = Acts::new(m.ty, x, m.cols);
+    if n == 1 && isa == Isa::Vnni && m.ty == QType::Q5_0 && super::qdot_dec::available() {
+        // One vector: the decode kernel (same integers and float operations, same bits).
+        return super::qdot_dec::matvec(m, &a.xs[0], &a.off[0], y, accumulate);
+    }
     let packed: Vec<Packed> = match isa {
         Isa::Generic => Vec::new(),
         _ => {

@@ -553,6 +553,11 @@ fn matmat_with(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], accumu
         1 => vec![quantize_q8(x)],
         _ => x.par_chunks_exact(m.cols).map(quantize_q8).collect(),
     };
+    if n == 1 && isa == Isa::Vnni && m.ty == QType::Q8_0 && super::qdot_dec::available() {
+        // One vector: the decode kernel (same integers and float operations, same bits).
+        let off = super::qdot_dec::offsets(m.ty, &xq[0]);
+        return super::qdot_dec::matvec(m, &xq[0], &off, y, accumulate);
+    }
     let groups: Vec<Group> = xq.chunks(GROUP).map(|v| Group::new(v, m.ty, isa)).collect();
     let nrows = m.rows;
     const ROWS: usize = 32;
