@@ -175,20 +175,8 @@ fn run_hf(a: &QuantizeArgs, mix: Mix) -> Result<()> {
         _ => mnemo::gguf::hf::quantize_hf(&a.input, &a.output, mix, pre),
     }
     .with_context(|| format!("converting {} to {}", a.input.display(), mix.name))?;
-    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
-    for (_, t) in &r.tensors {
-        *counts.entry(t.as_str()).or_default() += 1;
-    }
-    let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
-    eprintln!(
-        "wrote {} ({} tensors: {}; {:.1} MiB, {mix}, {:.1} s)",
-        a.output.display(),
-        r.tensors.len(),
-        counts.join(", "),
-        r.bytes as f64 / (1 << 20) as f64,
-        t0.elapsed().as_secs_f64(),
-        mix = mix.name
-    );
+    let types = r.tensors.iter().map(|(_, t)| t.as_str());
+    report(&a.output, types, r.bytes, mix.name, t0);
     Ok(())
 }
 
@@ -231,19 +219,31 @@ fn run_gguf(a: &QuantizeArgs, mix: Mix) -> Result<()> {
     let t0 = std::time::Instant::now();
     let r = mnemo::gguf::quantize::quantize_gguf(&a.input, &a.output, mix, a.allow_requantize)
         .with_context(|| format!("quantising {} to {}", a.input.display(), mix.name))?;
+    let types = r.tensors.iter().map(|(_, _, t)| t.as_str());
+    report(&a.output, types, r.bytes, mix.name, t0);
+    Ok(())
+}
+
+/// The closing line: the output, its tensor count by type, size, mix and time.
+fn report<'a>(
+    out: &std::path::Path,
+    types: impl Iterator<Item = &'a str>,
+    bytes: u64,
+    mix: &str,
+    t0: std::time::Instant,
+) {
     let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
-    for (_, _, t) in &r.tensors {
-        *counts.entry(t.as_str()).or_default() += 1;
+    let mut total = 0;
+    for t in types {
+        *counts.entry(t).or_default() += 1;
+        total += 1;
     }
     let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
     eprintln!(
-        "wrote {} ({} tensors: {}; {:.1} MiB, {mix}, {:.1} s)",
-        a.output.display(),
-        r.tensors.len(),
+        "wrote {} ({total} tensors: {}; {:.1} MiB, {mix}, {:.1} s)",
+        out.display(),
         counts.join(", "),
-        r.bytes as f64 / (1 << 20) as f64,
+        bytes as f64 / (1 << 20) as f64,
         t0.elapsed().as_secs_f64(),
-        mix = mix.name
     );
-    Ok(())
 }

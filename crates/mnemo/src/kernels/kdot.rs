@@ -230,36 +230,46 @@ pub(super) mod x86 {
         hsum_i32(acc)
     }
 
+    /// The 6-bit codes (0..63) of `Q6_K` half `h` (4 registers of 32 values, element order
+    /// `128h + 32g ..`) from its 64 low-nibble bytes `ql` and 32 high-bit bytes `qh`.
+    ///
+    /// # Safety
+    /// AVX2; `ql` must hold 64 bytes, `qh` 32.
+    #[inline(always)]
+    pub(in crate::kernels) unsafe fn q6k_codes(ql: *const u8, qh: *const u8) -> [__m256i; 4] {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let m3 = _mm256_set1_epi8(0x30);
+        let l0 = _mm256_loadu_si256(ql as *const __m256i);
+        let l1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+        let hb = _mm256_loadu_si256(qh as *const __m256i);
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(l0, m4),
+                _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(l1, m4),
+                _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                _mm256_and_si256(hb, m3),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3),
+            ),
+        ]
+    }
+
     /// One vector's `S` of a `Q6_K` super-block, the codes rebuilt in place (the one-vector
     /// path; [`Q6kBlock`] for `kdot_rows`).
     #[inline(always)]
     pub unsafe fn q6k_sum<const VNNI: bool>(blk: *const u8, qy: *const i8, bsums: &[i16]) -> i32 {
         let (ql, qh, sc) = (blk, blk.add(128), blk.add(192) as *const i8);
-        let m4 = _mm256_set1_epi8(0x0f);
-        let m3 = _mm256_set1_epi8(0x30);
         let mut acc = _mm256_setzero_si256();
         for h in 0..2 {
-            let l0 = _mm256_loadu_si256(ql.add(64 * h) as *const __m256i);
-            let l1 = _mm256_loadu_si256(ql.add(64 * h + 32) as *const __m256i);
-            let hb = _mm256_loadu_si256(qh.add(32 * h) as *const __m256i);
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(l0, m4),
-                    _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(l1, m4),
-                    _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                    _mm256_and_si256(hb, m3),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                    _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3),
-                ),
-            ];
+            let q = q6k_codes(ql.add(64 * h), qh.add(32 * h));
             for (g, &qg) in q.iter().enumerate() {
                 let y = _mm256_loadu_si256(qy.add(128 * h + 32 * g) as *const __m256i);
                 let k = 8 * h + 2 * g;
@@ -331,30 +341,8 @@ pub(super) mod x86 {
         #[inline(always)]
         pub unsafe fn new(blk: *const u8) -> Q6kBlock {
             let (ql, qh, sc) = (blk, blk.add(128), blk.add(192) as *const i8);
-            let m4 = _mm256_set1_epi8(0x0f);
-            let m3 = _mm256_set1_epi8(0x30);
-            let mut q = [_mm256_setzero_si256(); 8];
-            for h in 0..2 {
-                let l0 = _mm256_loadu_si256(ql.add(64 * h) as *const __m256i);
-                let l1 = _mm256_loadu_si256(ql.add(64 * h + 32) as *const __m256i);
-                let hb = _mm256_loadu_si256(qh.add(32 * h) as *const __m256i);
-                q[4 * h] = _mm256_or_si256(
-                    _mm256_and_si256(l0, m4),
-                    _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3),
-                );
-                q[4 * h + 1] = _mm256_or_si256(
-                    _mm256_and_si256(l1, m4),
-                    _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3),
-                );
-                q[4 * h + 2] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                    _mm256_and_si256(hb, m3),
-                );
-                q[4 * h + 3] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                    _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3),
-                );
-            }
+            let (h0, h1) = (q6k_codes(ql, qh), q6k_codes(ql.add(64), qh.add(32)));
+            let q = [h0[0], h0[1], h0[2], h0[3], h1[0], h1[1], h1[2], h1[3]];
             let s =
                 std::array::from_fn(|j| scales16(*sc.add(2 * j) as i32, *sc.add(2 * j + 1) as i32));
             let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));

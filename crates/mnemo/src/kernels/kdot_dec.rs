@@ -283,35 +283,6 @@ mod x86 {
         hsum8(acc) + hsum4(accm)
     }
 
-    /// The 6-bit codes of `Q6_K` half `h` (4 registers of 32 values, element order) from its
-    /// 64 low-nibble bytes `ql` and 32 high-bit bytes `qh`.
-    #[inline(always)]
-    unsafe fn q6k_half(ql: *const u8, qh: *const u8) -> [__m256i; 4] {
-        let m4 = _mm256_set1_epi8(0x0f);
-        let m3 = _mm256_set1_epi8(0x30);
-        let l0 = _mm256_loadu_si256(ql as *const __m256i);
-        let l1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-        let hb = _mm256_loadu_si256(qh as *const __m256i);
-        [
-            _mm256_or_si256(
-                _mm256_and_si256(l0, m4),
-                _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(l1, m4),
-                _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                _mm256_and_si256(hb, m3),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3),
-            ),
-        ]
-    }
-
     /// Row `r` of a `Q6_K` matrix against `a`, AVX2.
     #[inline(always)]
     unsafe fn q6k_row_avx2<const PF: usize>(m: &QMatrix, r: usize, a: &Act) -> f32 {
@@ -340,7 +311,7 @@ mod x86 {
             ];
             let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), off);
             for (h, &sch) in sc.iter().enumerate() {
-                let q = q6k_half(p.add(64 * h), p.add(128 + 32 * h));
+                let q = crate::kernels::kdot::x86::q6k_codes(p.add(64 * h), p.add(128 + 32 * h));
                 for g in 0..4 {
                     let y = _mm256_loadu_si256(qy.add(128 * h + 32 * g) as *const __m256i);
                     let s = _mm256_shuffle_epi8(sch, pick[g]);
