@@ -653,4 +653,4 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
 
 #[cfg(test)]
 #[path = "kdot_tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -3,32 +3,10 @@
 //! 4 and 2 rows and single rows: odd and partial row counts), extreme codes, and against the
 //! group kernels of [`crate::kernels::kdot`].
 use super::*;
+use crate::kernels::kdot::tests::random_kmatrix;
 use crate::kernels::kquant;
+use crate::kernels::quant::isas;
 use crate::rng::Rng;
-
-/// Random valid super-blocks: random bytes, the f16 scales (`d`, `dmin`) 2^-10..2^-3 with
-/// random sign and mantissa.
-fn random_kmatrix(r: &mut Rng, ty: QType, rows: usize, cols: usize) -> QMatrix {
-    let bb = ty.block_bytes();
-    let mut data: Vec<u8> = (0..rows * cols / QK_K * bb)
-        .map(|_| (r.next_u64() & 0xff) as u8)
-        .collect();
-    let offs: &[usize] = if ty == QType::Q6_K { &[208] } else { &[0, 2] };
-    for blk in data.chunks_exact_mut(bb) {
-        for &o in offs {
-            blk[o + 1] = ((blk[o + 1] as u16 & 0x83) | ((5 + (blk[o] as u16 & 7)) << 2)) as u8;
-        }
-    }
-    QMatrix::new(ty, rows, cols, data)
-}
-
-fn isas() -> Vec<Isa> {
-    match crate::kernels::quant::isa() {
-        Isa::Vnni => vec![Isa::Generic, Isa::Avx2, Isa::Vnni],
-        Isa::Avx2 => vec![Isa::Generic, Isa::Avx2],
-        Isa::Generic => vec![Isa::Generic],
-    }
-}
 
 /// `Σ w·(dy·qy)` over the dequantised weights and the quantised activation, in f64, and
 /// `Σ|w·dy·qy|`, per row.

@@ -2,11 +2,17 @@
 //! portable, AVX2 and AVX-512 VNNI paths against each other, extremes, several vectors.
 use super::*;
 use crate::kernels::kquant;
+use crate::kernels::quant::isas;
 use crate::rng::Rng;
 
 /// Random valid super-blocks: random bytes, the f16 scales (`d`, `dmin`) set to
 /// 2^-10..2^-3 with random sign and mantissa.
-fn random_kmatrix(r: &mut Rng, ty: QType, rows: usize, cols: usize) -> QMatrix {
+pub(in crate::kernels) fn random_kmatrix(
+    r: &mut Rng,
+    ty: QType,
+    rows: usize,
+    cols: usize,
+) -> QMatrix {
     let bb = ty.block_bytes();
     let mut data: Vec<u8> = (0..rows * cols / QK_K * bb)
         .map(|_| (r.next_u64() & 0xff) as u8)
@@ -30,14 +36,6 @@ fn ggml_id(ty: QType) -> u32 {
 }
 
 /// The portable product and those of the SIMD levels this CPU has (AVX2, AVX-512 VNNI).
-fn isas() -> Vec<Isa> {
-    match crate::kernels::quant::isa() {
-        Isa::Vnni => vec![Isa::Generic, Isa::Avx2, Isa::Vnni],
-        Isa::Avx2 => vec![Isa::Generic, Isa::Avx2],
-        Isa::Generic => vec![Isa::Generic],
-    }
-}
-
 #[test]
 fn q8k_quantisation_is_ggmls() {
     let mut r = Rng::new(1);

@@ -480,6 +480,7 @@ pub(crate) fn matmat(isa: Isa, m: &QMatrix, x: &[f32], n: usize, y: &mut [f32], 
 mod tests {
     use super::*;
     use crate::kernels::kquant;
+    use crate::kernels::quant::isas;
     use crate::rng::Rng;
 
     /// Random blocks: random bytes, the f16 scale (and `Q5_1`'s minimum) 2^-10..2^-3 with
@@ -496,14 +497,6 @@ mod tests {
             }
         }
         QMatrix::new(ty, rows, cols, data)
-    }
-
-    fn isas() -> Vec<Isa> {
-        match crate::kernels::quant::isa() {
-            Isa::Vnni => vec![Isa::Generic, Isa::Avx2, Isa::Vnni],
-            Isa::Avx2 => vec![Isa::Generic, Isa::Avx2],
-            Isa::Generic => vec![Isa::Generic],
-        }
     }
 
     /// The product equals `Σ w·(dx·qx)` over the dequantised weights and the quantised

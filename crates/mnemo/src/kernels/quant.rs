@@ -481,6 +481,16 @@ pub(crate) enum Isa {
     Vnni,
 }
 
+/// Every kernel level this CPU runs, lowest first: tests run each path and compare them.
+#[cfg(test)]
+pub(crate) fn isas() -> Vec<Isa> {
+    match isa() {
+        Isa::Vnni => vec![Isa::Generic, Isa::Avx2, Isa::Vnni],
+        Isa::Avx2 => vec![Isa::Generic, Isa::Avx2],
+        Isa::Generic => vec![Isa::Generic],
+    }
+}
+
 pub(crate) fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
@@ -911,14 +921,6 @@ mod tests {
     }
 
     /// The ISAs this CPU can run.
-    fn isas() -> Vec<Isa> {
-        match isa() {
-            Isa::Vnni => vec![Isa::Generic, Isa::Avx2, Isa::Vnni],
-            Isa::Avx2 => vec![Isa::Generic, Isa::Avx2],
-            Isa::Generic => vec![Isa::Generic],
-        }
-    }
-
     #[test]
     fn matmat_equals_matvec_bit_for_bit() {
         // Every vector of a multi-vector product (1..=19 vectors: partial and several groups
