@@ -50,6 +50,7 @@ pub mod attention_qk;
 pub mod attention_v4;
 pub mod attention_v4_cache;
 pub mod attention_v4_indexer;
+pub mod attention_v4_rope;
 pub mod block;
 pub mod cache;
 pub mod decode;
